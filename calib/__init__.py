@@ -1,0 +1,1 @@
+"""qexport.calib: observers, forward hooks on the sampling loop, the .qstats store (to come)."""

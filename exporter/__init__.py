@@ -1,0 +1,1 @@
+"""qexport.exporter: torch -> ONNX export, build orchestration, emission, verification (to come)."""

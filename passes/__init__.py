@@ -1,0 +1,1 @@
+"""qexport.passes: ONNX graph transforms ``(graph, config, target) -> graph``; never imports torch."""

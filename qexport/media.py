@@ -1,0 +1,49 @@
+"""Write clips and images as GIF / PNG, atomically (temp file, then rename)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _atomic_save(path: Path, save: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        save(tmp)  # type: ignore[operator]
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _upscale(frame: np.ndarray, scale: int) -> Image.Image:
+    image = Image.fromarray(frame)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def strip(clip: np.ndarray) -> np.ndarray:
+    """Frames [F, H, W, 3] side by side as one image [H, F*W, 3]."""
+    return np.concatenate(list(clip), axis=1)
+
+
+def save_gif(path: Path, clip: np.ndarray, scale: int = 4, fps: int = 8) -> None:
+    """An animated GIF of a uint8 clip [F, H, W, 3], frames enlarged by scale."""
+    frames = [_upscale(f, scale) for f in clip]
+    _atomic_save(
+        path,
+        lambda p: frames[0].save(
+            p, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0
+        ),
+    )
+
+
+def save_png(path: Path, image: np.ndarray, scale: int = 4) -> None:
+    """A PNG of a uint8 image [H, W, 3], enlarged by scale."""
+    picture = _upscale(image, scale)
+    _atomic_save(path, lambda p: picture.save(p, format="PNG"))

@@ -1,0 +1,204 @@
+"""Find and load models by name: built-ins (trained, shipped in the package), a user's
+diffusers folder (``diffusers:/path``), or a named full-size config with random weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qexport.errors import QexportError
+from qexport.models import architectures
+from qexport.models.adapter import SCHEDULER_CONFIG, ModelAdapter
+from qexport.models.conditioning import (
+    CaptionConditioner,
+    Conditioner,
+    LabelConditioner,
+    MissingCaptionEncoder,
+    SyntheticCaptionConditioner,
+)
+from qexport.models.text_encoder import CaptionEncoder, is_caption_encoder
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTINS = ("tiny-latte", "tiny-dit")
+SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """One row of ``qexport models``."""
+
+    name: str
+    class_name: str
+    parameters: int | None
+    size_bytes: int | None
+    description: str
+    random_init: bool
+
+
+def model_names() -> list[str]:
+    return [*BUILTINS, *architectures.FULL_SIZE]
+
+
+def load_model(name: str) -> ModelAdapter:
+    """Load a model by name.
+
+    Args:
+        name: a built-in name, ``diffusers:/path/to/folder``, or a full-size config name.
+
+    Raises:
+        QexportError: unknown name, missing folder or weights, unsupported class.
+    """
+    if name in BUILTINS:
+        folder = BUILTIN_DIR / name
+        if not (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
+            raise QexportError(
+                f"built-in model {name!r} has no weights at {folder}; reinstall qexport or train them with "
+                f"`python -m qexport.models.train --model {name} --out {folder}`"
+            )
+        return load_folder(folder, model_id=name)
+    if name.startswith("diffusers:"):
+        return load_folder(Path(name.removeprefix("diffusers:")).expanduser(), model_id=name)
+    if name in architectures.FULL_SIZE:
+        return _full_size(name)
+    raise QexportError(f"unknown model {name!r}; choose one of {', '.join(model_names())} or diffusers:/path/to/folder")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QexportError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise QexportError(f"{path} is not a JSON object")
+    return data
+
+
+def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
+    """Load a diffusers pipeline folder (with transformer/) or a bare transformer folder."""
+    if not folder.is_dir():
+        raise QexportError(f"model folder {folder} does not exist; pass diffusers:/path/to/a/saved/model")
+    tdir = folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
+    if not (tdir / "config.json").is_file():
+        raise QexportError(
+            f"{folder} holds no diffusers transformer (no config.json in it or in transformer/); "
+            "save one with save_pretrained"
+        )
+    config = _read_json(tdir / "config.json")
+    class_name = config.get("_class_name", "")
+    if class_name not in architectures.FAMILIES:
+        raise QexportError(
+            f"{tdir / 'config.json'} is a {class_name or 'unnamed'} model; "
+            f"supported: {', '.join(architectures.FAMILIES)}"
+        )
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    meta = index.get("qexport", {})
+    try:
+        transformer = architectures.FAMILIES[class_name].from_pretrained(str(tdir), torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise QexportError(f"cannot load {class_name} from {tdir}: {exc}") from exc
+    transformer.eval()
+    cfg = dict(transformer.config)
+    conditioner = _conditioner(folder, class_name, cfg, meta)
+    scheduler = dict(SCHEDULER_CONFIG)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    if sched_path.is_file():
+        user = _read_json(sched_path)
+        scheduler.update({k: user[k] for k in SCHEDULER_KEYS if k in user})
+    vae = None
+    if (folder / "vae" / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32).eval()
+    return ModelAdapter(
+        model_id=model_id,
+        class_name=class_name,
+        transformer=transformer,
+        conditioner=conditioner,
+        latent_shape=_latent_shape(class_name, cfg),
+        description=meta.get("description", f"{class_name} from {folder}"),
+        pixel_latents=bool(meta.get("pixel_latents", False)),
+        vae=vae,
+        scheduler_config=scheduler,
+    )
+
+
+def _latent_shape(class_name: str, cfg: dict[str, Any]) -> tuple[int, ...]:
+    c, s = int(cfg["in_channels"]), int(cfg["sample_size"])
+    if class_name == "LatteTransformer3DModel":
+        return (c, int(cfg["video_length"]), s, s)
+    return (c, s, s)
+
+
+def _conditioner(folder: Path, class_name: str, cfg: dict[str, Any], meta: dict[str, Any]) -> Conditioner:
+    if class_name == "DiTTransformer2DModel":
+        return LabelConditioner(list(meta.get("class_names", [])), int(cfg["num_embeds_ada_norm"]))
+    if is_caption_encoder(folder / "text_encoder"):
+        return CaptionConditioner(CaptionEncoder.load(folder / "text_encoder"))
+    return MissingCaptionEncoder(str(folder))
+
+
+def _full_size(name: str) -> ModelAdapter:
+    class_name, config, description = architectures.FULL_SIZE[name]
+    log.info("building %s with random weights (no checkpoint can be downloaded here)", name)
+    torch.manual_seed(0)
+    transformer = architectures.build(class_name, config).eval()
+    conditioner: Conditioner
+    if class_name == "DiTTransformer2DModel":
+        conditioner = LabelConditioner([], int(config["num_embeds_ada_norm"]))
+    else:
+        conditioner = SyntheticCaptionConditioner(
+            architectures.CAPTION_TOKENS_FULL_SIZE, int(config["caption_channels"])
+        )
+    return ModelAdapter(
+        model_id=name,
+        class_name=class_name,
+        transformer=transformer,
+        conditioner=conditioner,
+        latent_shape=_latent_shape(class_name, config),
+        description=f"{description} [random-init]",
+        random_init=True,
+    )
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+def list_models() -> list[ModelInfo]:
+    """Built-ins with parameter counts and sizes on disk, then the full-size configs."""
+    rows = []
+    for name in BUILTINS:
+        folder = BUILTIN_DIR / name
+        index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+        meta = index.get("qexport", {})
+        rows.append(
+            ModelInfo(
+                name=name,
+                class_name=str(index.get("transformer", ["", "?"])[1]),
+                parameters=meta.get("parameters"),
+                size_bytes=_folder_bytes(folder) if folder.is_dir() else None,
+                description=meta.get("description", "weights missing"),
+                random_init=False,
+            )
+        )
+    for name, (class_name, config, description) in architectures.FULL_SIZE.items():
+        with torch.device("meta"):  # counts parameters without allocating them
+            count = sum(p.numel() for p in architectures.build(class_name, config).parameters())
+        rows.append(
+            ModelInfo(
+                name=name,
+                class_name=class_name,
+                parameters=count,
+                size_bytes=None,
+                description=description,
+                random_init=True,
+            )
+        )
+    return rows

@@ -1,0 +1,34 @@
+"""Word-level caption tokenizer for the moving-shapes vocabulary (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qexport.errors import QexportError
+from qexport.models.shapes import COLOURS, DIRECTIONS, SHAPES
+
+PAD = "<pad>"
+VOCAB: tuple[str, ...] = (PAD, "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
+MAX_TOKENS = 8
+
+
+def tokenize(prompts: list[str], max_tokens: int = MAX_TOKENS) -> np.ndarray:
+    """Token ids, int64 [len(prompts), max_tokens], right-padded with <pad> (id 0).
+
+    The empty prompt "" is the null caption used for classifier-free guidance.
+
+    Raises:
+        QexportError: a word outside the vocabulary, or a caption longer than max_tokens.
+    """
+    index = {w: i for i, w in enumerate(VOCAB)}
+    ids = np.zeros((len(prompts), max_tokens), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        words = prompt.lower().split()
+        if len(words) > max_tokens:
+            raise QexportError(f"prompt {prompt!r} has {len(words)} words; at most {max_tokens} are allowed")
+        for col, word in enumerate(words):
+            if word not in index:
+                vocab = " ".join(VOCAB[1:])
+                raise QexportError(f"unknown word {word!r} in prompt {prompt!r}; the vocabulary is: {vocab}")
+            ids[row, col] = index[word]
+    return ids

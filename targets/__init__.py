@@ -1,0 +1,1 @@
+"""qexport.targets: NPU/runtime profiles as plain data, and legality checks (to come)."""
