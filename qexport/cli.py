@@ -117,6 +117,138 @@ def judge(model_name: str, seeds: str, steps: int, cfg: float, full: bool, batch
         click.echo(f"  {'temporal consistency':<22}{r.temporal_consistency:.3f}")
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise QexportError(f"--shard must look like i/n (e.g. 0/2), got {text!r}") from None
+    return i, n
+
+
+def _prompts(prompts_file: Path | None, labels: str | None) -> list[str]:
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise QexportError(f"prompts file {prompts_file} does not exist")
+        lines = [line.strip() for line in prompts_file.read_text().splitlines()]
+        return [line for line in lines if line and not line.startswith("#")]
+    if labels is not None:
+        return [label.strip() for label in labels.split(",") if label.strip()]
+    raise QexportError("give --prompts FILE (one caption per line) or --labels 'red circle,blue square'")
+
+
+@cli.command()
+@click.option("--model", "model_name", required=True)
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Captions, one per line.")
+@click.option("--labels", help="Comma-separated class labels (class-conditional models).")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--cfg", type=float, default=7.0, show_default=True)
+@click.option("--seeds", default="0", show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Prompts per sampling batch (x2 for CFG).")
+@click.option("--include", multiple=True, help="Layer name pattern to hook (fnmatch); repeatable.")
+@click.option("--exclude", multiple=True, help="Layer name pattern to leave in FP (fnmatch); repeatable.")
+@click.option("--histograms", is_flag=True, help="Also collect histograms (percentile / MSE observers).")
+@click.option("--shard", help="Calibrate only shard i of n (i/n); merge shards with qexport merge.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+def calibrate(
+    model_name: str,
+    prompts_file: Path | None,
+    labels: str | None,
+    steps: int,
+    cfg: float,
+    seeds: str,
+    batch_size: int,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    histograms: bool,
+    shard: str | None,
+    device: str,
+    output: Path,
+) -> None:
+    """Collect per-layer, per-step activation statistics from the FP sampling loop."""
+    from qexport.calib.run import CalibConfig
+    from qexport.calib.run import calibrate as run_calibration
+    from qexport.calib.selection import DEFAULT_INCLUDE, LayerSelection
+    from qexport.calib.store import save
+    from qexport.models.registry import load_model
+    from qexport.models.sampler import SamplingConfig
+
+    config = CalibConfig(
+        prompts=tuple(_prompts(prompts_file, labels)),
+        seeds=tuple(_seeds(seeds)),
+        sampling=SamplingConfig(steps=steps, cfg=cfg),
+        batch_size=batch_size,
+        selection=LayerSelection(include=include or DEFAULT_INCLUDE, exclude=exclude),
+        histograms=histograms,
+        shard=_shard(shard),
+        device=device,
+    )
+    adapter = load_model(model_name)
+    pairs = len(config.prompts) * len(config.seeds)
+    total = steps * -(-pairs // batch_size)
+    with click.progressbar(length=total, label="calibrating (steps x batches)", file=sys.stderr) as bar:
+        result = run_calibration(adapter, config, progress=bar.update)
+    if result.rank != 0:
+        return
+    size = save(result.stats, output)
+    h = result.stats.header
+    click.echo(f"wrote {output} ({size / 1024:.0f} KiB) in {result.seconds:.1f}s")
+    click.echo(f"  model      {h['model_id']} (config {h['config_hash']})")
+    click.echo(
+        f"  layers     {result.hooked} hooked, {len(result.excluded)} kept in FP: {', '.join(result.excluded[:6])}"
+        + (" ..." if len(result.excluded) > 6 else "")
+    )
+    click.echo(
+        f"  sampling   {steps} steps, CFG {cfg}, {h['samples']} samples ({len(config.prompts)} prompts x "
+        f"{len(config.seeds)} seeds), shard {h['shard'] or 'all'}"
+    )
+
+
+@cli.command()
+@click.argument("stats_file", type=click.Path(path_type=Path))
+@click.option("--top", type=int, default=10, show_default=True, help="Widest layers to list.")
+@click.option("--plot", "plot_layer", help="Plot this layer's range across steps ...")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="... to this PNG.")
+def inspect(stats_file: Path, top: int, plot_layer: str | None, output: Path | None) -> None:
+    """Summarise a .qstats file; optionally plot one layer's range across steps."""
+    from qexport.calib.inspect import layer_ranges
+    from qexport.calib.inspect import plot_layer as plot
+    from qexport.calib.store import load
+
+    stats = load(stats_file)
+    h = stats.header
+    rows = layer_ranges(stats)
+    click.echo(
+        f"{stats_file}: {h['model_id']} (config {h['config_hash']}), {len(rows)} layers x {h['steps']} steps, "
+        f"{h['samples']} samples, CFG {h['cfg']}, qstats v{h['version']} by qexport {h['tool_version']}"
+    )
+    click.echo(f"{'layer':<48}{'C':>6}{'min':>10}{'max':>10}{'widest step':>13}{'widest/narrowest':>18}")
+    for r in rows[:top]:
+        click.echo(f"{r.name:<48}{r.channels:>6}{r.lo:>10.3f}{r.hi:>10.3f}{r.widest_step:>13}{r.spread:>18.2f}")
+    if plot_layer:
+        if output is None:
+            raise QexportError("--plot needs -o FILE.png")
+        plot(stats, plot_layer, output)
+        click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+def merge(parts: tuple[Path, ...], output: Path) -> None:
+    """Merge .qstats shards exactly (min of mins, max of maxes, count-weighted means)."""
+    from qexport.calib.store import load, merge_all, save
+
+    merged = merge_all([load(p) for p in parts])
+    size = save(merged, output)
+    click.echo(
+        f"wrote {output} ({size / 1024:.0f} KiB): {len(parts)} parts, {merged.header['samples']} samples, "
+        f"shard {merged.header['shard'] or 'all'}"
+    )
+
+
 def main() -> None:
     """Entry point: one clear error line and a non-zero exit; tracebacks only with --debug."""
     try:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 
-def _atomic_save(path: Path, save: object) -> None:
+def atomic_write(path: Path, save: Callable[[str], object]) -> None:
+    """Call save(temp_path) in path's folder, then rename onto path; nothing is left on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        save(tmp)  # type: ignore[operator]
+        save(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -35,7 +37,7 @@ def strip(clip: np.ndarray) -> np.ndarray:
 def save_gif(path: Path, clip: np.ndarray, scale: int = 4, fps: int = 8) -> None:
     """An animated GIF of a uint8 clip [F, H, W, 3], frames enlarged by scale."""
     frames = [_upscale(f, scale) for f in clip]
-    _atomic_save(
+    atomic_write(
         path,
         lambda p: frames[0].save(
             p, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0
@@ -46,4 +48,4 @@ def save_gif(path: Path, clip: np.ndarray, scale: int = 4, fps: int = 8) -> None
 def save_png(path: Path, image: np.ndarray, scale: int = 4) -> None:
     """A PNG of a uint8 image [H, W, 3], enlarged by scale."""
     picture = _upscale(image, scale)
-    _atomic_save(path, lambda p: picture.save(p, format="PNG"))
+    atomic_write(path, lambda p: picture.save(p, format="PNG"))

@@ -26,7 +26,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": False,  # keeps each DDIM step affine in (x, eps)
     "set_alpha_to_one": True,
     "timestep_spacing": "trailing",
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",  # built-ins; a user folder's scheduler config overrides
 }
 
 

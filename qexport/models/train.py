@@ -76,12 +76,24 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def _zero_init(transformer: nn.Module) -> None:
+    """DiT-style start: the output projection and the adaLN-Zero modulation begin at zero."""
+    for name, module in transformer.named_modules():
+        zero = name in ("proj_out", "proj_out_2") or (name.endswith("norm1.linear") and isinstance(module, nn.Linear))
+        if zero and isinstance(module, nn.Linear):
+            nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train and save; returns the training record written to training.json."""
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     class_name = CLASS_NAMES[cfg.model]
-    transformer = architectures.build(class_name, CONFIGS[cfg.model]).to(device).train()
+    transformer = architectures.build(class_name, CONFIGS[cfg.model])
+    _zero_init(transformer)
+    transformer = transformer.to(device).train()
     modules: dict[str, nn.Module] = {"transformer": transformer}
     if cfg.model == "tiny-latte":
         modules["text_encoder"] = CaptionEncoder(CaptionEncoderConfig()).to(device).train()
@@ -110,7 +122,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if "text_encoder" in modules:
                 drop = torch.rand(cfg.batch_size, device=device) < cfg.null_prob
                 cond = modules["text_encoder"](torch.where(drop[:, None], 0, cond))  # all <pad> = null caption
-            loss = nn.functional.mse_loss(denoiser(xt, t, cond).float(), noise)
+            target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v-prediction
+            loss = nn.functional.mse_loss(denoiser(xt, t, cond).float(), target)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)

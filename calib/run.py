@@ -1,0 +1,165 @@
+"""``calibrate``: run the FP sampling loop over prompts x seeds with hooks on the chosen layers,
+optionally one shard of the work, or split across torch.distributed ranks and reduced."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from qexport.calib.collect import Collector
+from qexport.calib.distributed import reduce_layers
+from qexport.calib.selection import LayerSelection, select_layers
+from qexport.calib.stats import HIST_BINS, MOMENTUM
+from qexport.calib.store import FORMAT, VERSION, QStats
+
+from qexport import __version__
+from qexport.errors import QexportError
+from qexport.models.adapter import ModelAdapter
+from qexport.models.sampler import SamplingConfig, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibConfig:
+    """What to calibrate on: prompts x seeds, the sampling setup, batching and sharding."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    batch_size: int = 4
+    selection: LayerSelection = field(default_factory=LayerSelection)
+    histograms: bool = False
+    shard: tuple[int, int] | None = None  # (index, count)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise QexportError("no calibration prompts given")
+        if not self.seeds:
+            raise QexportError("no seeds given")
+        if self.batch_size < 1:
+            raise QexportError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise QexportError(f"--shard must be i/n with 0 <= i < n, got {self.shard[0]}/{self.shard[1]}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibResult:
+    stats: QStats
+    hooked: int
+    excluded: list[str]
+    batches: int
+    seconds: float
+    rank: int = 0
+
+
+def _my_batches(n_batches: int, index: int, count: int) -> range:
+    """Contiguous batches for shard/rank index of count (sampling order is kept when merged in order)."""
+    return range(index * n_batches // count, (index + 1) * n_batches // count)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("QEXPORT_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Callable[[int], None] | None = None) -> CalibResult:
+    """Collect per-layer, per-step activation statistics from the FP sampling loop.
+
+    Args:
+        adapter: the model.
+        config: prompts, seeds, sampling, batching, shard.
+        progress: called with 1 after each (batch, step).
+
+    Returns:
+        The statistics (reduced over ranks under torchrun) and a summary.
+
+    Raises:
+        QexportError: bad prompts or patterns, before any sampling.
+    """
+    start = time.perf_counter()
+    selected = select_layers(adapter.transformer, config.selection)
+    cond_all = adapter.conditioner.encode(list(config.prompts))  # validates every prompt first
+    pairs = [(i, s) for s in config.seeds for i in range(len(config.prompts))]
+    batches = [pairs[i : i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
+    rank, world = _distributed()
+    index, count = config.shard if config.shard else (rank, world)
+    mine = _my_batches(len(batches), index, count)
+    device = torch.device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    adapter.transformer.to(device)
+    steps = config.sampling.steps
+    collector = Collector(selected.layers, steps, config.histograms, device)
+
+    def on_step(i: int, t: int) -> None:
+        collector.step = i
+        if progress is not None and i > 0:
+            progress(1)
+
+    try:
+        for b in mine:
+            batch = batches[b]
+            collector.samples = 2 * len(batch)  # cond + uncond halves
+            cond = cond_all[[i for i, _ in batch]]
+            sample(adapter, cond, [s for _, s in batch], config.sampling, on_step=on_step, device=device)
+            if progress is not None:
+                progress(1)
+    finally:
+        layers = collector.close()
+    if world > 1 and config.shard is None:
+        layers = reduce_layers(layers, device)
+    samples = len(pairs) if world > 1 and config.shard is None else sum(len(batches[b]) for b in mine)
+    header = _header(adapter, config, selected.layers, selected.excluded, samples)
+    if config.shard is None and world > 1:
+        header["shard"] = None
+    stats = QStats(header=header, layers=layers)
+    return CalibResult(
+        stats=stats,
+        hooked=len(selected.layers),
+        excluded=selected.excluded,
+        batches=len(mine),
+        seconds=time.perf_counter() - start,
+        rank=rank,
+    )
+
+
+def _header(adapter: ModelAdapter, config: CalibConfig, layers: dict, excluded: list[str], samples: int) -> dict:
+    scheduler = adapter.make_scheduler()
+    scheduler.set_timesteps(config.sampling.steps)
+    prompts_hash = hashlib.sha256("\n".join(config.prompts).encode()).hexdigest()[:16]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "tool_version": __version__,
+        "model_id": adapter.model_id,
+        "class_name": adapter.class_name,
+        "config_hash": adapter.config_hash(),
+        "steps": config.sampling.steps,
+        "timesteps": [int(t) for t in scheduler.timesteps],
+        "scheduler": {"class": type(scheduler).__name__, "config": {k: v for k, v in adapter.scheduler_config.items()}},
+        "cfg": config.sampling.cfg,
+        "prompts_hash": prompts_hash,
+        "prompts": len(config.prompts),
+        "seeds": list(config.seeds),
+        "batch_size": config.batch_size,
+        "samples": samples,
+        "shard": list(config.shard) if config.shard else None,
+        "momentum": MOMENTUM,
+        "histograms": config.histograms,
+        "hist_bins": HIST_BINS if config.histograms else 0,
+        "layers": {n: {"in_features": m.in_features, "out_features": m.out_features} for n, m in layers.items()},
+        "excluded": excluded,
+    }
