@@ -53,6 +53,7 @@ class TrainConfig:
     ema: float = 0.999
     null_prob: float = 0.1
     seed: int = 0
+    init: str | None = None  # continue from a folder written by this script
 
 
 def _data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,12 +92,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     class_name = CLASS_NAMES[cfg.model]
-    transformer = architectures.build(class_name, CONFIGS[cfg.model])
-    _zero_init(transformer)
+    history: list[dict[str, Any]] = []
+    if cfg.init:
+        init = Path(cfg.init)
+        transformer = architectures.FAMILIES[class_name].from_pretrained(str(init / "transformer"), torch_dtype=torch.float32)
+        previous = json.loads((init / "training.json").read_text())
+        history = [*previous.pop("history", []), previous]
+    else:
+        transformer = architectures.build(class_name, CONFIGS[cfg.model])
+        _zero_init(transformer)
     transformer = transformer.to(device).train()
     modules: dict[str, nn.Module] = {"transformer": transformer}
     if cfg.model == "tiny-latte":
-        modules["text_encoder"] = CaptionEncoder(CaptionEncoderConfig()).to(device).train()
+        encoder = CaptionEncoder.load(Path(cfg.init) / "text_encoder") if cfg.init else CaptionEncoder(CaptionEncoderConfig())
+        modules["text_encoder"] = encoder.to(device).train()
     ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -149,6 +158,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "train_config": asdict(cfg),
         "transformer_config": CONFIGS[cfg.model],
         "steps": step,
+        "total_steps": step + sum(int(h["steps"]) for h in history),
+        "history": history,
         "final_loss": float(np.mean(losses[-100:])) if losses else None,
         "seconds": round(time.time() - start, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -198,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=20000)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="continue training from this model folder")
+    parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few clips (CPU test of the script)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -213,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         max_steps=args.max_steps,
         minutes=args.minutes,
         seed=args.seed,
-        warmup=min(300, max(1, args.max_steps // 10)),
+        init=args.init,
+        warmup=min(args.warmup, max(1, args.max_steps // 10)),
     )
     record = train(cfg)
     log.info(
