@@ -28,9 +28,10 @@ class _Accumulator:
 
     def observe(self, x: torch.Tensor, step: int, samples: int) -> None:
         xs = x.detach().reshape(samples, -1, self.channels).float()
-        self.minimum[step] = torch.minimum(self.minimum[step], xs.amin())
-        self.maximum[step] = torch.maximum(self.maximum[step], xs.amax())
-        per_sample = xs.abs().amax(dim=1).double()  # [samples, C]
+        lo, hi = xs.amin(dim=1), xs.amax(dim=1)  # [samples, C] each (faster than aminmax on CPU)
+        self.minimum[step] = torch.minimum(self.minimum[step], lo.amin())
+        self.maximum[step] = torch.maximum(self.maximum[step], hi.amax())
+        per_sample = torch.maximum(hi, -lo).double()  # max over tokens of |x|: [samples, C]
         self.absmax_sum[step] += per_sample.sum(0)
         self.count[step] += samples
         self.asq_z.mul_(MOMENTUM).add_(per_sample.mean(0), alpha=1 - MOMENTUM)

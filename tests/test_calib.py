@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.selection import LayerSelection
 from qexport.calib.stats import HIST_BINS
 from qexport.calib.store import check_matches, load, merge_all, save
+
 from qexport.errors import QexportError
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig
@@ -84,8 +84,9 @@ def test_two_process_gloo_calibration_equals_single_process(smoke_models, single
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS))
     env = {**os.environ, "QEXPORT_BACKEND": "gloo", "OMP_NUM_THREADS": "2"}
+    model = f"diffusers:{smoke_models / 'tiny-latte'}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "-m", "qexport", "calibrate", "--model", f"diffusers:{smoke_models / 'tiny-latte'}", "--prompts", str(prompts),
+           "-m", "qexport", "calibrate", "--model", model, "--prompts", str(prompts),
            "--steps", "4", "--seeds", "0,1", "--batch-size", "2", "--histograms", "-o", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,6 +96,7 @@ def test_two_process_gloo_calibration_equals_single_process(smoke_models, single
 def test_memory_does_not_grow_with_calibration_data(latte):
     from qexport.calib.collect import Collector
     from qexport.calib.selection import select_layers
+
     from qexport.models.sampler import sample
 
     layers = select_layers(latte.transformer, LayerSelection()).layers
@@ -103,7 +105,13 @@ def test_memory_does_not_grow_with_calibration_data(latte):
         collector = Collector(layers, SAMPLING.steps, False, latte.transformer.device)
         collector.samples = 2
         for _ in range(n_batches):
-            sample(latte, latte.conditioner.encode(PROMPTS[:1]), [0], SAMPLING, on_step=lambda i, t: setattr(collector, "step", i))
+            sample(
+                latte,
+                latte.conditioner.encode(PROMPTS[:1]),
+                [0],
+                SAMPLING,
+                on_step=lambda i, t, c=collector: setattr(c, "step", i),
+            )
         held = sum(a.absmax_sum.nbytes + a.minimum.nbytes + a.asq_z.nbytes for a in collector.acc.values())
         sizes.append(held)
         collector.close()
@@ -118,7 +126,7 @@ def test_bad_files_are_clear_errors(single, tmp_path):
         load(truncated)
     garbage = tmp_path / "g.qstats"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(QexportError, match="not a .qstats file"):
+    with pytest.raises(QexportError, match=r"not a \.qstats file"):
         load(garbage)
     with pytest.raises(QexportError, match="does not exist"):
         load(tmp_path / "missing.qstats")
@@ -132,7 +140,9 @@ def test_bad_files_are_clear_errors(single, tmp_path):
 def test_stats_from_another_model_are_refused(single, smoke_models):
     stats = load(single)
     dit = load_model(f"diffusers:{smoke_models / 'tiny-dit'}")
-    with pytest.raises(QexportError, match=r"calibrated on model 'diffusers:.*tiny-latte'.*not on 'diffusers:.*tiny-dit'"):
+    with pytest.raises(
+        QexportError, match=r"calibrated on model 'diffusers:.*tiny-latte'.*not on 'diffusers:.*tiny-dit'"
+    ):
         check_matches(stats, dit.model_id, dit.config_hash())
 
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -31,10 +31,11 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 class Denoiser(nn.Module):
-    """Uniform step signature over diffusers transformers: (latents, timestep, cond) -> eps.
+    """Uniform step signature over diffusers transformers: (latents, timestep, cond) -> model output
+    (eps or v, as the scheduler's prediction_type says).
 
     cond is caption embeddings [B, tokens, dim] (Latte, PixArt) or class ids [B] (DiT).
-    Models that learn sigma (out_channels = 2 x in_channels) return the eps half only.
+    Models that learn sigma (out_channels = 2 x in_channels) return the prediction half only.
     """
 
     def __init__(self, transformer: nn.Module, class_name: str, in_channels: int) -> None:
@@ -88,7 +89,7 @@ class ModelAdapter:
 
     def config_hash(self) -> str:
         """sha256 of the transformer class and config (the identity a .qstats file records)."""
-        cfg = {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")}
+        cfg = {k: v for k, v in dict(cast(Any, self.transformer).config).items() if not k.startswith("_")}
         text = json.dumps({"class": self.class_name, "config": cfg}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

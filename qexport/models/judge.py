@@ -13,9 +13,8 @@ import numpy as np
 from qexport.models.shapes import COLOURS, DIRECTIONS, SHAPES
 
 FOREGROUND_DISTANCE = 0.22  # max channel distance from the background colour, in [0, 1]
-SQUARE_FILL = 0.93  # a square fills its bounding box; circle 0.69-0.86, triangle 0.5-0.62
-SQUARE_CORNERS_FILL = 0.8  # ... or fills most of it and has 3+ of its box corners set
-TRIANGLE_BOTTOM_TOP = 1.6  # a triangle (apex up) has far more pixels in its lower half
+MIN_PIXELS = 6  # a smaller foreground component is no shape at all
+EDGE_SHARE = 0.2  # box edges: rows/columns holding at least this share of the fullest one
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,22 +42,61 @@ def _foreground(frame: np.ndarray) -> np.ndarray:
     return np.asarray(np.abs(frame - background).max(axis=-1) > FOREGROUND_DISTANCE)
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected foreground component (drops stray pixels)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    height, width = mask.shape
+    for r0, c0 in zip(*np.nonzero(mask), strict=True):
+        if labels[r0, c0]:
+            continue
+        current += 1
+        labels[r0, c0] = current
+        stack, size = [(r0, c0)], 0
+        while stack:
+            r, c = stack.pop()
+            size += 1
+            for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= rr < height and 0 <= cc < width and mask[rr, cc] and not labels[rr, cc]:
+                    labels[rr, cc] = current
+                    stack.append((rr, cc))
+        if size > best_size:
+            best, best_size = current, size
+    return np.asarray(labels == best) if best else mask
+
+
+def _templates(height: int, width: int) -> dict[str, np.ndarray]:
+    """Each shape inscribed in a height x width box, sampled at pixel centres."""
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    u = (u + 0.5) / width * 2 - 1  # -1..1 across the box
+    v = (v + 0.5) / height * 2 - 1
+    return {
+        "circle": u * u + v * v <= 1.0,
+        "square": np.ones((height, width), dtype=bool),
+        "triangle": np.abs(u) <= (v + 1) / 2,  # apex up
+    }
+
+
 def _shape_of(mask: np.ndarray) -> str | None:
-    rows, cols = np.nonzero(mask)
-    if rows.size < 6:
+    """The shape whose template, inscribed in the component's box (full or trimmed), has the highest IoU."""
+    component = _largest_component(mask)
+    rows, cols = np.nonzero(component)
+    if rows.size < MIN_PIXELS:
         return None
-    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
-    box = (bottom - top + 1) * (right - left + 1)
-    fill = rows.size / box
-    corners = sum(int(mask[r, c]) for r in (top, bottom) for c in (left, right))
-    if fill >= SQUARE_FILL or (fill >= SQUARE_CORNERS_FILL and corners >= 3):
-        return "square"
-    middle = (top + bottom) / 2.0
-    upper = int(np.count_nonzero(rows < middle))
-    lower = int(np.count_nonzero(rows > middle))
-    if lower >= TRIANGLE_BOTTOM_TOP * max(upper, 1):
-        return "triangle"
-    return "circle"
+    row_counts, col_counts = component.sum(axis=1), component.sum(axis=0)
+    keep_rows = np.nonzero(row_counts >= EDGE_SHARE * row_counts.max())[0]
+    keep_cols = np.nonzero(col_counts >= EDGE_SHARE * col_counts.max())[0]
+    boxes = [
+        component[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1],
+        # trimmed of thin protrusions, so a chipped square still fills its box
+        component[keep_rows.min() : keep_rows.max() + 1, keep_cols.min() : keep_cols.max() + 1],
+    ]
+    ious: dict[str, float] = {}
+    for box in boxes:
+        for name, template in _templates(*box.shape).items():
+            iou = np.count_nonzero(box & template) / np.count_nonzero(box | template)
+            ious[name] = max(ious.get(name, 0.0), iou)
+    return max(ious, key=lambda k: ious[k])
 
 
 def _vote(values: list[str | None]) -> str | None:

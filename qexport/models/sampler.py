@@ -74,9 +74,9 @@ def sample(
         if on_step is not None:
             on_step(i, int(t))
         tt = torch.full((2 * len(x),), int(t), dtype=torch.long, device=device)
-        eps_c, eps_u = denoiser(torch.cat([x, x]), tt, both).float().chunk(2)
-        eps = eps_u + config.cfg * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x).prev_sample
+        out_c, out_u = denoiser(torch.cat([x, x]), tt, both).float().chunk(2)  # eps or v, per the scheduler
+        guided = out_u + config.cfg * (out_c - out_u)
+        x = scheduler.step(guided, t, x).prev_sample
     return x.float().cpu()
 
 

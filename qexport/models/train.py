@@ -95,7 +95,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     if cfg.init:
         init = Path(cfg.init)
-        transformer = architectures.FAMILIES[class_name].from_pretrained(str(init / "transformer"), torch_dtype=torch.float32)
+        transformer = architectures.FAMILIES[class_name].from_pretrained(
+            str(init / "transformer"), torch_dtype=torch.float32
+        )
         previous = json.loads((init / "training.json").read_text())
         history = [*previous.pop("history", []), previous]
     else:
@@ -104,7 +106,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     transformer = transformer.to(device).train()
     modules: dict[str, nn.Module] = {"transformer": transformer}
     if cfg.model == "tiny-latte":
-        encoder = CaptionEncoder.load(Path(cfg.init) / "text_encoder") if cfg.init else CaptionEncoder(CaptionEncoderConfig())
+        encoder = (
+            CaptionEncoder.load(Path(cfg.init) / "text_encoder") if cfg.init else CaptionEncoder(CaptionEncoderConfig())
+        )
         modules["text_encoder"] = encoder.to(device).train()
     ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
