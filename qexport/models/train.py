@@ -54,6 +54,7 @@ class TrainConfig:
     null_prob: float = 0.1
     seed: int = 0
     init: str | None = None  # continue from a folder written by this script
+    compile: bool = False  # torch.compile the denoiser (falls back to eager if it fails)
 
 
 def _data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +123,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     losses: list[float] = []
     pending: list[torch.Tensor] = []
+    skipped = 0
+    forward = denoiser
+    if cfg.compile:
+        try:
+            forward = torch.compile(denoiser)
+        except Exception as exc:  # compile support differs per platform; eager is always correct
+            log.warning("torch.compile unavailable (%s); training eagerly", exc)
     start, step = time.time(), 0
     while step < cfg.max_steps and time.time() - start < cfg.minutes * 60:
         idx = torch.randint(len(x_all), (cfg.batch_size,), device=device)
@@ -136,12 +144,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 drop = torch.rand(cfg.batch_size, device=device) < cfg.null_prob
                 cond = modules["text_encoder"](torch.where(drop[:, None], 0, cond))  # all <pad> = null caption
             target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v-prediction
-            loss = nn.functional.mse_loss(denoiser(xt, t, cond).float(), target)
+            loss = nn.functional.mse_loss(forward(xt, t, cond).float(), target)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
+        norm = nn.utils.clip_grad_norm_(params, 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):  # a bf16 overflow: skip, keep the weights clean
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            continue
         opt.step()
         decay = 0.0 if step < cfg.warmup else cfg.ema
         with torch.no_grad():
@@ -162,6 +175,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "train_config": asdict(cfg),
         "transformer_config": CONFIGS[cfg.model],
         "steps": step,
+        "skipped_nonfinite_steps": skipped,
         "total_steps": step + sum(int(h["steps"]) for h in history),
         "history": history,
         "final_loss": float(np.mean(losses[-100:])) if losses else None,
@@ -215,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", help="continue training from this model folder")
     parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few clips (CPU test of the script)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -231,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         minutes=args.minutes,
         seed=args.seed,
         init=args.init,
+        compile=args.compile,
         warmup=min(args.warmup, max(1, args.max_steps // 10)),
     )
     record = train(cfg)
