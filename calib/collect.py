@@ -19,6 +19,8 @@ class _Accumulator:
         self.channels = channels
         self.minimum = torch.full((steps,), math.inf, device=device)
         self.maximum = torch.full((steps,), -math.inf, device=device)
+        self.channel_min = torch.full((steps, channels), math.inf, device=device)
+        self.channel_max = torch.full((steps, channels), -math.inf, device=device)
         self.absmax_sum = torch.zeros(steps, channels, dtype=torch.float64, device=device)
         self.count = torch.zeros(steps, dtype=torch.int64, device=device)
         self.asq_z = torch.zeros(channels, dtype=torch.float64, device=device)
@@ -29,8 +31,10 @@ class _Accumulator:
     def observe(self, x: torch.Tensor, step: int, samples: int) -> None:
         xs = x.detach().reshape(samples, -1, self.channels).float()
         lo, hi = xs.amin(dim=1), xs.amax(dim=1)  # [samples, C] each (faster than aminmax on CPU)
-        self.minimum[step] = torch.minimum(self.minimum[step], lo.amin())
-        self.maximum[step] = torch.maximum(self.maximum[step], hi.amax())
+        self.channel_min[step] = torch.minimum(self.channel_min[step], lo.amin(0))
+        self.channel_max[step] = torch.maximum(self.channel_max[step], hi.amax(0))
+        self.minimum[step] = torch.minimum(self.minimum[step], self.channel_min[step].amin())
+        self.maximum[step] = torch.maximum(self.maximum[step], self.channel_max[step].amax())
         per_sample = torch.maximum(hi, -lo).double()  # max over tokens of |x|: [samples, C]
         self.absmax_sum[step] += per_sample.sum(0)
         self.count[step] += samples
@@ -62,6 +66,8 @@ class _Accumulator:
             channels=self.channels,
             minimum=self.minimum.cpu().numpy().astype(np.float32),
             maximum=self.maximum.cpu().numpy().astype(np.float32),
+            channel_min=self.channel_min.cpu().numpy().astype(np.float32),
+            channel_max=self.channel_max.cpu().numpy().astype(np.float32),
             absmax_sum=self.absmax_sum.cpu().numpy(),
             count=self.count.cpu().numpy(),
             asq_z=self.asq_z.cpu().numpy(),

@@ -21,6 +21,9 @@ def reduce_layers(layers: dict[str, LayerStats], device: torch.device) -> dict[s
     for name in sorted(layers):
         s = layers[name]
         mn, mx = _t(s.minimum, device), _t(s.maximum, device)
+        cmn, cmx = _t(s.channel_min, device), _t(s.channel_max, device)
+        dist.all_reduce(cmn, dist.ReduceOp.MIN)
+        dist.all_reduce(cmx, dist.ReduceOp.MAX)
         total, count = _t(s.absmax_sum, device), _t(s.count, device)
         dist.all_reduce(mn, dist.ReduceOp.MIN)
         dist.all_reduce(mx, dist.ReduceOp.MAX)
@@ -47,6 +50,8 @@ def reduce_layers(layers: dict[str, LayerStats], device: torch.device) -> dict[s
             channels=s.channels,
             minimum=mn.cpu().numpy(),
             maximum=mx.cpu().numpy(),
+            channel_min=cmn.cpu().numpy(),
+            channel_max=cmx.cpu().numpy(),
             absmax_sum=total.cpu().numpy(),
             count=count.cpu().numpy(),
             asq_z=z.cpu().numpy(),

@@ -23,6 +23,8 @@ class LayerStats:
     channels: int
     minimum: np.ndarray  # [S] float32
     maximum: np.ndarray  # [S] float32
+    channel_min: np.ndarray  # [S, C] float32: per-channel extremes (ranges of X / s after smoothing)
+    channel_max: np.ndarray  # [S, C] float32
     absmax_sum: np.ndarray  # [S, C] float64: sum over samples of max over tokens |x|
     count: np.ndarray  # [S] int64 samples
     asq_z: np.ndarray  # [C] float64: zero-initialised EMA of the per-step batch means
@@ -81,6 +83,8 @@ def merge(a: LayerStats, b: LayerStats) -> LayerStats:
         channels=a.channels,
         minimum=np.minimum(a.minimum, b.minimum),
         maximum=np.maximum(a.maximum, b.maximum),
+        channel_min=np.minimum(a.channel_min, b.channel_min),
+        channel_max=np.maximum(a.channel_max, b.channel_max),
         absmax_sum=a.absmax_sum + b.absmax_sum,
         count=a.count + b.count,
         asq_z=MOMENTUM**b.asq_n * a.asq_z + b.asq_z,

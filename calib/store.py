@@ -18,7 +18,7 @@ from qexport.media import atomic_write
 
 FORMAT = "qexport.qstats"
 VERSION = 1
-FIELDS = ("min", "max", "absmax_sum", "count", "asq_z", "asq_n")
+FIELDS = ("min", "max", "channel_min", "channel_max", "absmax_sum", "count", "asq_z", "asq_n")
 RUN_KEYS = ("model_id", "config_hash", "steps", "timesteps", "cfg", "histograms")
 
 
@@ -44,6 +44,8 @@ def save(stats: QStats, path: Path) -> int:
     for name, s in stats.layers.items():
         tensors[f"{name}::min"] = s.minimum
         tensors[f"{name}::max"] = s.maximum
+        tensors[f"{name}::channel_min"] = s.channel_min
+        tensors[f"{name}::channel_max"] = s.channel_max
         tensors[f"{name}::absmax_sum"] = s.absmax_sum
         tensors[f"{name}::count"] = s.count
         tensors[f"{name}::asq_z"] = s.asq_z
@@ -110,6 +112,8 @@ def _layer(t: dict[str, np.ndarray], name: str, steps: int, channels: int) -> La
         channels=channels,
         minimum=t[f"{name}::min"],
         maximum=t[f"{name}::max"],
+        channel_min=t[f"{name}::channel_min"],
+        channel_max=t[f"{name}::channel_max"],
         absmax_sum=t[f"{name}::absmax_sum"],
         count=t[f"{name}::count"],
         asq_z=t[f"{name}::asq_z"],
@@ -117,7 +121,8 @@ def _layer(t: dict[str, np.ndarray], name: str, steps: int, channels: int) -> La
         hist=t.get(f"{name}::hist"),
         hist_range=t.get(f"{name}::hist_range"),
     )
-    if s.minimum.shape != (steps,) or s.absmax_sum.shape != (steps, channels) or s.asq_z.shape != (channels,):
+    per_channel = (s.absmax_sum.shape, s.channel_min.shape, s.channel_max.shape)
+    if s.minimum.shape != (steps,) or set(per_channel) != {(steps, channels)} or s.asq_z.shape != (channels,):
         raise ValueError(f"shapes {s.minimum.shape}, {s.absmax_sum.shape}, expected ({steps},), ({steps}, {channels})")
     return s
 

@@ -47,6 +47,9 @@ def test_every_block_linear_and_step_is_covered(latte, single):
     for s in stats.layers.values():
         assert (s.count == 12).all()  # 3 prompts x 2 seeds x (cond + uncond)
         assert (s.minimum <= s.maximum).all() and np.isfinite(s.absmax_mean).all()
+        np.testing.assert_array_equal(s.channel_min.min(1), s.minimum)
+        np.testing.assert_array_equal(s.channel_max.max(1), s.maximum)
+        assert (np.maximum(-s.channel_min, s.channel_max) >= s.absmax_mean - 1e-6).all()
         assert s.asq_n == 3 * 4 and (s.asq > 0).all()  # 3 batches x 4 steps
         assert s.hist is not None and (s.hist.sum(1) > 0).all()
         assert (s.absmax_mean.max(1) <= np.maximum(-s.minimum, s.maximum) + 1e-6).all()
@@ -58,6 +61,8 @@ def _assert_equal(a, b):
         x, y = a.layers[name], b.layers[name]
         np.testing.assert_array_equal(x.minimum, y.minimum)
         np.testing.assert_array_equal(x.maximum, y.maximum)
+        np.testing.assert_array_equal(x.channel_min, y.channel_min)
+        np.testing.assert_array_equal(x.channel_max, y.channel_max)
         np.testing.assert_array_equal(x.count, y.count)
         np.testing.assert_allclose(x.absmax_mean, y.absmax_mean, rtol=1e-5)
         np.testing.assert_allclose(x.asq, y.asq, rtol=1e-5)

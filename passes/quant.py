@@ -1,0 +1,77 @@
+"""Uniform quantizer math shared by the passes and the simulation (numpy only).
+
+Asymmetric: scale = (max - min) / (qmax - qmin), zero point = qmin - round(min / scale), with
+min <= 0 <= max. Symmetric: scale = max|x| / qmax, zero point 0. A restricted bit width (W6, A6,
+W3) keeps its 2^b levels inside the storage type (int8 / int4 / int16 / uint8 / uint16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STORAGE = {  # ONNX storage type -> (numpy dtype, lowest, highest)
+    "int4": (np.int8, -8, 7),
+    "uint4": (np.uint8, 0, 15),
+    "int8": (np.int8, -128, 127),
+    "uint8": (np.uint8, 0, 255),
+    "int16": (np.int16, -32768, 32767),
+    "uint16": (np.uint16, 0, 65535),
+}
+EPS = 1e-12
+
+
+@dataclass(frozen=True, kw_only=True)
+class Grid:
+    """The integer levels one quantizer uses: bits inside a storage type, symmetric or not."""
+
+    bits: int
+    storage: str
+    symmetric: bool
+
+    @property
+    def qmin(self) -> int:
+        lo = STORAGE[self.storage][1]
+        if lo == 0:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+
+    @property
+    def qmax(self) -> int:
+        if STORAGE[self.storage][1] == 0:
+            return 2**self.bits - 1
+        return 2 ** (self.bits - 1) - 1
+
+
+def qparams(lo: np.ndarray, hi: np.ndarray, grid: Grid, pow2: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (storage dtype) for ranges [lo, hi] (any matching shapes).
+
+    pow2 rounds each scale up to a power of two (targets that need shift-only requantization).
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    dtype = STORAGE[grid.storage][0]
+    if grid.symmetric:
+        bound = np.maximum(np.maximum(-lo, hi), EPS)
+        mid = 0 if STORAGE[grid.storage][1] < 0 else (grid.qmax + grid.qmin + 1) // 2  # uint: zero at the middle
+        scale = bound / (grid.qmax - mid)
+        if pow2:
+            scale = 2.0 ** np.ceil(np.log2(scale))
+        zero = np.full_like(scale, mid)
+    else:
+        scale = np.maximum(hi - lo, EPS) / (grid.qmax - grid.qmin)
+        if pow2:
+            scale = 2.0 ** np.ceil(np.log2(scale))
+        zero = np.clip(grid.qmin - np.round(lo / scale), grid.qmin, grid.qmax)
+    return scale.astype(np.float32), zero.astype(dtype)
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: Grid) -> np.ndarray:
+    """ONNX QuantizeLinear semantics: saturate(round_half_even(x / scale) + zero), restricted to the grid."""
+    q = np.rint(np.asarray(x, dtype=np.float32) / scale) + zero.astype(np.float32)
+    return np.clip(q, grid.qmin, grid.qmax).astype(STORAGE[grid.storage][0])
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    return ((q.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
