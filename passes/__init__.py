@@ -1,1 +1,2 @@
-"""qexport.passes: ONNX graph transforms ``(graph, config, target) -> graph``; never imports torch."""
+"""qexport.passes: ONNX graph transforms ``(graph, config, target) -> graph`` over onnx-graphsurgeon,
+with the numpy math they apply (quantizer, smoothing plan). Never imports torch."""

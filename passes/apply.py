@@ -1,0 +1,123 @@
+"""Graph passes that write a RangePlan into an FP graph: fold or insert the smoothing, replace
+weights by integer initializers + DequantizeLinear (per output channel), and put per-tensor
+QuantizeLinear -> DequantizeLinear on each quantized linear's input. Each pass is
+``(graph, config, target) -> graph`` with config = PassConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from qexport.passes.analyze import Group
+from qexport.passes.graph import constant_input, consumers, node_named
+from qexport.passes.plan import RangePlan
+from qexport.targets.profile import TargetProfile
+
+ONNX_TYPES = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassConfig:
+    """What the passes of one range need: its plan, the groups and each layer's MatMul node."""
+
+    plan: RangePlan
+    groups: list[Group]
+    nodes: dict[str, str]  # layer -> MatMul node name
+
+
+def _const(name: str, values: np.ndarray, storage: str | None = None) -> gs.Constant:
+    return gs.Constant(name, np.ascontiguousarray(values), export_dtype=ONNX_TYPES.get(storage or ""))
+
+
+def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Fold 1/s into modulation constants or the value projection; else insert a per-channel Mul."""
+    cons = consumers(graph)
+    constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    for g in config.groups:
+        s = config.plan.smooth.get(g.tensor)
+        if s is None:
+            continue
+        if g.fold == "modulation" and g.scale_const and g.shift_const:
+            for name in (g.scale_const, g.shift_const):
+                const = constants[name]
+                const.values = (np.asarray(const.values, dtype=np.float64) / s).astype(np.float32)
+        elif g.fold == "value" and g.value_layer:
+            bias = config.plan.layers[g.value_layer].bias
+            matmul = node_named(graph, config.nodes[g.value_layer])
+            add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
+            found = constant_input(add) if add is not None else None
+            if bias is not None and found is not None:
+                found[1].values = bias
+        else:
+            x = graph.tensors()[g.tensor]
+            y = gs.Variable(f"{g.tensor}::smoothed", dtype=np.float32)
+            mul = gs.Node("Mul", f"{g.tensor}::smooth", inputs=[x, _const(f"{g.tensor}::inv_s", (1.0 / s).astype(np.float32))],
+                          outputs=[y])  # fmt: skip
+            graph.nodes.append(mul)
+            for layer in g.layers:
+                node_named(graph, config.nodes[layer]).inputs[0] = y
+    return graph
+
+
+def quantize_weights(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Replace each linear's weight by integer W^T + DequantizeLinear(axis=1), per output channel."""
+    for layer, node_name in config.nodes.items():
+        lp = config.plan.layers[layer]
+        node = node_named(graph, node_name)
+        out = gs.Variable(f"{layer}::w_dq", dtype=np.float32)
+        inputs = [
+            _const(f"{layer}::w_q", lp.w_q, lp.w_grid.storage),
+            _const(f"{layer}::w_scale", lp.w_scale),
+            _const(f"{layer}::w_zero", lp.w_zero, lp.w_grid.storage),
+        ]
+        graph.nodes.append(
+            gs.Node("DequantizeLinear", f"{layer}::w_dequant", attrs={"axis": 1}, inputs=inputs, outputs=[out])
+        )
+        node.inputs[1] = out
+    return graph
+
+
+def quantize_activations(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Per-tensor static QuantizeLinear -> DequantizeLinear on each group's (smoothed) input."""
+    for g in config.groups:
+        first = node_named(graph, config.nodes[g.layers[0]])
+        x = first.inputs[0]
+        lp = config.plan.layers[g.layers[0]]
+        scale = _const(f"{g.tensor}::a_scale", np.asarray(lp.a_scale, dtype=np.float32))
+        zero = _const(f"{g.tensor}::a_zero", np.asarray(lp.a_zero), lp.a_grid.storage)
+        q = gs.Variable(f"{g.tensor}::a_q", dtype=lp.a_zero.dtype)
+        dq = gs.Variable(f"{g.tensor}::a_dq", dtype=np.float32)
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{g.tensor}::a_quant", inputs=[x, scale, zero], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{g.tensor}::a_dequant", inputs=[q, scale, zero], outputs=[dq]))
+        for layer in g.layers:
+            node_named(graph, config.nodes[layer]).inputs[0] = dq
+    return graph
+
+
+def legalize_bias(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Reshape each quantized MatMul's 1-D bias to the activation's rank when the target asks."""
+    if not target.bias_full_rank:
+        return graph
+    cons = consumers(graph)
+    for layer, node_name in config.nodes.items():
+        node = node_named(graph, node_name)
+        rank = len(node.outputs[0].shape or [])  # the MatMul output keeps its inferred shape
+        adds = [n for n in cons.get(node.outputs[0].name, []) if n.op == "Add"]
+        found = constant_input(adds[0]) if len(adds) == 1 else None
+        if rank < 3 or found is None:
+            continue
+        values = np.asarray(found[1].values)
+        if values.ndim == 1 and len(cons.get(found[1].name, [])) == 1:
+            found[1].values = values.reshape((1,) * (rank - 1) + values.shape)
+    return graph
+
+
+PASSES = (fold_smoothing, quantize_weights, quantize_activations, legalize_bias)
+
+
+def run_passes(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    for p in PASSES:
+        graph = p(graph, config, target)
+    return graph.cleanup().toposort()

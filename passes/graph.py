@@ -1,0 +1,39 @@
+"""Small onnx-graphsurgeon helpers shared by the passes: producers, consumers, constants."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def producers(graph: gs.Graph) -> dict[str, gs.Node]:
+    return {t.name: n for n in graph.nodes for t in n.outputs}
+
+
+def consumers(graph: gs.Graph) -> dict[str, list[gs.Node]]:
+    out: dict[str, list[gs.Node]] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            out.setdefault(t.name, []).append(n)
+    for t in graph.outputs:
+        out.setdefault(t.name, []).append(gs.Node(op="GraphOutput"))
+    return out
+
+
+def node_named(graph: gs.Graph, name: str) -> gs.Node:
+    for n in graph.nodes:
+        if n.name == name:
+            return n
+    raise KeyError(name)
+
+
+def constant_input(node: gs.Node) -> tuple[int, gs.Constant] | None:
+    """The (index, tensor) of the node's only constant input, if exactly one of two is constant."""
+    found = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)]
+    return found[0] if len(found) == 1 and len(node.inputs) == 2 else None
+
+
+def per_channel(const: gs.Constant, channels: int) -> bool:
+    """True when the constant broadcasts along the last axis with exactly `channels` entries."""
+    shape = np.asarray(const.values).shape
+    return len(shape) >= 1 and shape[-1] == channels

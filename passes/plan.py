@@ -1,0 +1,150 @@
+"""The numbers of one quantized range, computed once in numpy and used both by the graph
+passes and by the torch simulation: smoothing vectors, final (smoothed, folded) weights and
+their per-channel quantization, and per-tensor activation scales from the range's statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from qexport.calib.stats import LayerStats
+from qexport.passes.analyze import Group
+from qexport.passes.quant import Grid, dequantize, qparams, quantize
+from qexport.targets.profile import TargetProfile
+
+from qexport.errors import QexportError
+
+
+class Smooth(str, Enum):
+    NONE = "none"
+    ASQ = "asq"  # one s from the aggregated running average, all steps
+    TSQ = "tsq"  # one s per time range
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Bit widths and smoothing of a build (validated on construction)."""
+
+    w_bits: int = 8
+    a_bits: int = 8
+    smooth: Smooth = Smooth.NONE
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.w_bits <= 8:
+            raise QexportError(f"--w-bits must be in 2..8, got {self.w_bits}")
+        if not 4 <= self.a_bits <= 16:
+            raise QexportError(f"--a-bits must be in 4..16, got {self.a_bits}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise QexportError(f"--alpha must be in (0, 1], got {self.alpha}")
+
+
+@dataclass(kw_only=True)
+class LayerPlan:
+    """One linear, as built: final weight (W^T [in, out]) in integers, and how its input is treated."""
+
+    w_q: np.ndarray
+    w_scale: np.ndarray  # [out]
+    w_zero: np.ndarray  # [out]
+    w_grid: Grid
+    a_scale: np.ndarray  # scalar
+    a_zero: np.ndarray  # scalar
+    a_grid: Grid
+    divisor: np.ndarray | None  # the simulation divides the input by this (explicit or modulation fold)
+    bias: np.ndarray | None = None  # a changed bias (value projection folded by the next linear)
+
+    def weight(self) -> np.ndarray:
+        return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
+
+
+@dataclass(kw_only=True)
+class RangePlan:
+    steps: list[int]
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
+    folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
+
+
+def smoothing_vector(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = a_j^alpha / max_i|W_ij|^(1-alpha), clipped to [1e-4, 1e4]; 1 where a channel is silent."""
+    act = np.asarray(act, dtype=np.float64)
+    s = np.power(np.maximum(act, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1.0 - alpha)
+    s = np.where(act > 0, s, 1.0)
+    return np.clip(s, 1e-4, 1e4)
+
+
+def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth) -> np.ndarray:
+    if smooth == Smooth.ASQ:
+        return stats.asq
+    return stats.absmax_sum[steps].sum(0) / max(int(stats.count[steps].sum()), 1)
+
+
+def plan_range(
+    steps: list[int],
+    groups: list[Group],
+    stats: dict[str, LayerStats],
+    weights: dict[str, np.ndarray],
+    biases: dict[str, np.ndarray | None],
+    config: QuantConfig,
+    target: TargetProfile,
+) -> RangePlan:
+    """Plan one range (a list of step indices).
+
+    Args:
+        steps: the denoising steps this model serves.
+        groups: linears sharing an input, with their fold (from analyze.find_groups).
+        stats: calibration statistics per layer.
+        weights: FP W^T [in, out] per layer.
+        biases: FP bias per layer (None where the linear has none).
+        config: bits, smoothing, alpha.
+        target: storage types, symmetry, power-of-two scales.
+    """
+    w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
+    a_grid = Grid(
+        bits=config.a_bits, storage=target.activation_type(config.a_bits), symmetric=target.activation_symmetric
+    )
+    plan = RangePlan(steps=list(steps))
+    final_w = {k: v.astype(np.float64) for k, v in weights.items()}
+    final_b = {k: (None if v is None else v.astype(np.float64)) for k, v in biases.items()}
+    changed_bias: set[str] = set()
+    divisors: dict[str, np.ndarray | None] = {}
+    ranges: dict[str, tuple[float, float]] = {}
+    for g in groups:
+        first = stats[g.layers[0]]
+        s = None
+        if config.smooth != Smooth.NONE:
+            wmax = np.max([np.abs(weights[layer]).max(axis=1) for layer in g.layers], axis=0)
+            s = smoothing_vector(_act_stat(first, steps, config.smooth), wmax, config.alpha)
+            plan.smooth[g.tensor] = s
+            plan.folds[g.fold] = plan.folds.get(g.fold, 0) + 1
+            for layer in g.layers:
+                final_w[layer] = final_w[layer] * s[:, None]
+            if g.fold == "value" and g.value_layer is not None:
+                final_w[g.value_layer] = final_w[g.value_layer] / s[None, :]
+                if final_b[g.value_layer] is not None:
+                    final_b[g.value_layer] = final_b[g.value_layer] / s
+                    changed_bias.add(g.value_layer)
+        div = 1.0 if s is None else s
+        lo = float((first.channel_min[steps] / div).min())
+        hi = float((first.channel_max[steps] / div).max())
+        for layer in g.layers:
+            divisors[layer] = None if (s is None or g.fold == "value") else s
+            ranges[layer] = (lo, hi)
+    for layer, w in final_w.items():
+        w_scale, w_zero = qparams(w.min(axis=0), w.max(axis=0), w_grid, pow2=target.pow2_scales)
+        a_scale, a_zero = qparams(
+            np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
+        )
+        plan.layers[layer] = LayerPlan(
+            w_q=quantize(w, w_scale[None, :], w_zero[None, :], w_grid),
+            w_scale=w_scale,
+            w_zero=w_zero,
+            w_grid=w_grid,
+            a_scale=a_scale,
+            a_zero=a_zero,
+            a_grid=a_grid,
+            divisor=divisors[layer],
+            bias=final_b[layer].astype(np.float32) if layer in changed_bias and final_b[layer] is not None else None,
+        )
+    return plan
