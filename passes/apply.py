@@ -53,8 +53,8 @@ def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
         else:
             x = graph.tensors()[g.tensor]
             y = gs.Variable(f"{g.tensor}::smoothed", dtype=np.float32)
-            mul = gs.Node("Mul", f"{g.tensor}::smooth", inputs=[x, _const(f"{g.tensor}::inv_s", (1.0 / s).astype(np.float32))],
-                          outputs=[y])  # fmt: skip
+            inv = _const(f"{g.tensor}::inv_s", (1.0 / s).astype(np.float32))
+            mul = gs.Node("Mul", f"{g.tensor}::smooth", inputs=[x, inv], outputs=[y])
             graph.nodes.append(mul)
             for layer in g.layers:
                 node_named(graph, config.nodes[layer]).inputs[0] = y
@@ -101,7 +101,7 @@ def legalize_bias(graph: gs.Graph, config: PassConfig, target: TargetProfile) ->
     if not target.bias_full_rank:
         return graph
     cons = consumers(graph)
-    for layer, node_name in config.nodes.items():
+    for node_name in config.nodes.values():
         node = node_named(graph, node_name)
         rank = len(node.outputs[0].shape or [])  # the MatMul output keeps its inferred shape
         adds = [n for n in cons.get(node.outputs[0].name, []) if n.op == "Add"]

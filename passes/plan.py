@@ -5,7 +5,7 @@ their per-channel quantization, and per-tensor activation scales from the range'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 from qexport.calib.stats import LayerStats
@@ -16,7 +16,7 @@ from qexport.targets.profile import TargetProfile
 from qexport.errors import QexportError
 
 
-class Smooth(str, Enum):
+class Smooth(StrEnum):
     NONE = "none"
     ASQ = "asq"  # one s from the aggregated running average, all steps
     TSQ = "tsq"  # one s per time range
