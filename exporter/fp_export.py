@@ -105,13 +105,14 @@ def export_fp(adapter: ModelAdapter, layers: list[str], timestep: int | None) ->
             do_constant_folding=True,
         )
         model = onnx.load(str(path), load_external_data=True)
-    _stamp(model)
+    stamp(model)
     modules = dict(adapter.transformer.named_modules())
     bindings = {name: _bind(model, name, modules[name]) for name in layers}
     return FPExport(model=model, input_names=names, bindings=bindings, timestep=timestep)
 
 
-def _stamp(model: onnx.ModelProto) -> None:
+def stamp(model: onnx.ModelProto) -> None:
+    """Opset 21 (int4 / int16 QDQ) and an IR version onnxruntime 1.31 loads."""
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = OPSET

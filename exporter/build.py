@@ -1,0 +1,164 @@
+"""``build``: from a .qstats file, export the model per range, run the passes, and emit one QDQ
+ONNX per range (per step for TSW) with shared weights and manifest.json; the output folder
+appears only when everything is written (temp folder, then rename)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qexport.calib.store import QStats, check_matches, load
+from qexport.errors import QexportError
+from qexport.exporter.emit import EmitSummary, write_models
+from qexport.exporter.fp_export import FPExport, export_fp, stamp
+from qexport.exporter.manifest import make_manifest, write_manifest
+from qexport.models.adapter import ModelAdapter
+from qexport.models.registry import load_model
+from qexport.passes.analyze import find_groups
+from qexport.passes.apply import PassConfig, run_passes
+from qexport.passes.plan import QuantConfig, RangePlan, plan_range
+from qexport.passes.specialise import compact_constants, fold_constants
+from qexport.targets.profile import TargetProfile, get_profile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    """What to emit: bits/smoothing, granularity (None = one model per step), target."""
+
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    ranges: int | None = None
+    target: str = "ort-cpu"
+    force: bool = False
+
+
+@dataclass(kw_only=True)
+class BuiltRange:
+    index: int
+    steps: list[int]
+    model_file: str
+    plan: RangePlan
+
+
+@dataclass(kw_only=True)
+class BuildResult:
+    folder: Path
+    adapter: ModelAdapter
+    stats: QStats
+    ranges: list[BuiltRange]
+    emit: EmitSummary
+    manifest: dict
+    seconds: float
+
+
+def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
+    """Contiguous groups of step indices: one per step (None) or `ranges` groups."""
+    if ranges is None:
+        return [[i] for i in range(steps)]
+    if not 1 <= ranges <= steps:
+        raise QexportError(f"--time-ranges must be in 1..{steps} (the calibrated steps), got {ranges}")
+    return [[int(i) for i in chunk] for chunk in np.array_split(np.arange(steps), ranges)]
+
+
+def check_request(config: BuildConfig, out: Path) -> TargetProfile:
+    """Everything that can be refused before loading weights."""
+    target = get_profile(config.target)
+    target.weight_type(config.quant.w_bits)
+    target.activation_type(config.quant.a_bits)
+    if out.exists() and not config.force:
+        raise QexportError(f"output folder {out} exists; pass --force to replace it")
+    return target
+
+
+def build(
+    stats_path: Path, out: Path, config: BuildConfig, progress: Callable[[str], None] | None = None
+) -> BuildResult:
+    """Build the emitted models.
+
+    Raises:
+        QexportError: bad request, statistics from another model, an unmappable layer.
+    """
+    start = time.perf_counter()
+    target = check_request(config, out)
+    stats = load(stats_path)
+    ranges = split_ranges(stats.steps, config.ranges)
+    adapter = load_model(stats.model_id)
+    check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        built, models = [], []
+        shared_fp = None if config.ranges is None else _prepare(export_fp(adapter, list(stats.layers), None))
+        for index, steps in enumerate(ranges):
+            timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
+            fp = shared_fp if shared_fp is not None else _prepare(export_fp(adapter, list(stats.layers), timestep))
+            plan, model = _build_range(fp, steps, adapter, stats, config.quant, target)
+            name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
+            built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
+            models.append((name, model))
+            if progress is not None:
+                progress(name)
+        emit = write_models(models, tmp)
+        manifest = make_manifest(adapter, stats, config, target, built, emit)
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(
+        folder=out,
+        adapter=adapter,
+        stats=stats,
+        ranges=built,
+        emit=emit,
+        manifest=manifest,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _prepare(fp: FPExport) -> FPExport:
+    """Shape inference, then constant folding (the per-step specialisation: t-only paths vanish)."""
+    folded = gs.export_onnx(fold_constants(gs.import_onnx(onnx.shape_inference.infer_shapes(fp.model))))
+    graph = compact_constants(gs.import_onnx(onnx.shape_inference.infer_shapes(folded)))  # shapes known after folding
+    model = gs.export_onnx(graph)
+    stamp(model)
+    return FPExport(model=model, input_names=fp.input_names, bindings=fp.bindings, timestep=fp.timestep)
+
+
+def _build_range(
+    fp: FPExport,
+    steps: list[int],
+    adapter: ModelAdapter,
+    stats: QStats,
+    quant: QuantConfig,
+    target: TargetProfile,
+) -> tuple[RangePlan, onnx.ModelProto]:
+    graph = gs.import_onnx(fp.model)
+    nodes = {layer: b.node for layer, b in fp.bindings.items()}
+    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in fp.bindings.items()})
+    constants = graph.tensors()
+    weights = {layer: np.asarray(constants[b.weight].values) for layer, b in fp.bindings.items()}
+    modules = dict(adapter.transformer.named_modules())
+    biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
+    plan = plan_range(steps, groups, stats.layers, weights, biases, quant, target)
+    graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
+    model = gs.export_onnx(graph)
+    stamp(model)
+    return plan, model
+
+
+def _bias(module: object) -> np.ndarray | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach().float().numpy()

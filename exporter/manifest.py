@@ -1,0 +1,85 @@
+"""Write manifest.json for a build: inputs, steps with their model files and sampler
+coefficients, CFG, the quantization config, the target, the tool version, verification."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qexport import __version__
+from qexport.calib.store import QStats
+from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
+from qexport.media import atomic_write
+from qexport.models.adapter import ModelAdapter
+from qexport.models.sampler import affine_coefficients
+from qexport.runtime.manifest import MANIFEST, SCHEMA_VERSION
+from qexport.targets.profile import TargetProfile
+
+if TYPE_CHECKING:
+    from qexport.exporter.build import BuildConfig, BuiltRange
+
+
+def make_manifest(
+    adapter: ModelAdapter,
+    stats: QStats,
+    config: BuildConfig,
+    target: TargetProfile,
+    ranges: list[BuiltRange],
+    emit: EmitSummary,
+) -> dict[str, Any]:
+    null = adapter.conditioner.null(2)
+    inputs = [
+        {"name": "latents", "shape": [2, *adapter.latent_shape], "dtype": "float32"},
+        {"name": "cond", "shape": list(null.shape), "dtype": str(null.numpy().dtype)},
+    ]
+    if config.ranges is not None:
+        inputs.append({"name": "timestep", "shape": [2], "dtype": "int64"})
+    range_of = {s: r.index for r in ranges for s in r.steps}
+    coefficients = affine_coefficients(adapter, stats.steps)
+    q = config.quant
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": __version__,
+        "model_id": adapter.model_id,
+        "class_name": adapter.class_name,
+        "config_hash": adapter.config_hash(),
+        "prediction_type": adapter.scheduler_config.get("prediction_type", "epsilon"),
+        "latent_shape": list(adapter.latent_shape),
+        "pixel_latents": adapter.pixel_latents,
+        "inputs": inputs,
+        "output": {"name": "output", "shape": [2, *adapter.latent_shape], "dtype": "float32"},
+        "cfg": stats.header["cfg"],
+        "steps": [
+            {"index": i, "timestep": t, "range": range_of[i], "model": ranges[range_of[i]].model_file,
+             "c_x": c_x, "c_out": c_out}  # fmt: skip
+            for i, (t, c_x, c_out) in enumerate(coefficients)
+        ],
+        "ranges": [{"index": r.index, "steps": r.steps, "model": r.model_file} for r in ranges],
+        "quantization": {
+            "w_bits": q.w_bits,
+            "a_bits": q.a_bits,
+            "weights": f"{target.weight_type(q.w_bits)} per output channel, "
+            f"{'symmetric' if target.weight_symmetric else 'asymmetric'}",
+            "activations": f"{target.activation_type(q.a_bits)} per tensor, "
+            f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static",
+            "smooth": q.smooth.value,
+            "alpha": q.alpha,
+            "granularity": "timestep-wise" if config.ranges is None else f"{config.ranges} time ranges",
+            "layers": len(stats.layers),
+            "kept_fp": stats.header.get("excluded", []),
+            "folds": {k: v for r in ranges[:1] for k, v in r.plan.folds.items()},
+        },
+        "target": target.name,
+        "calibration": {k: stats.header[k] for k in ("prompts_hash", "prompts", "seeds", "samples", "config_hash")},
+        "files": {
+            "weights": WEIGHTS_FILE,
+            "weights_bytes": emit.weights_bytes,
+            "weights_bytes_without_sharing": emit.logical_bytes,
+        },
+        "verification": None,
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    atomic_write(Path(folder) / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))

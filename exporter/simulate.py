@@ -1,0 +1,53 @@
+"""Torch fake-quant simulation of exactly the plan a build emits: the same integer weights and
+scales, the same per-tensor activation scale / zero point and round-half-to-even, the same
+smoothing (divided at the linear's input where the graph folds it into the modulation or inserts
+a Mul; already inside the value projection's weights where it folds there)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexport.passes.plan import LayerPlan, RangePlan
+
+
+def fake_quant(x: torch.Tensor, lp: LayerPlan) -> torch.Tensor:
+    scale = float(lp.a_scale)
+    zero = float(lp.a_zero)
+    q = torch.clamp(torch.round(x / scale) + zero, lp.a_grid.qmin, lp.a_grid.qmax)
+    return (q - zero) * scale
+
+
+@contextmanager
+def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
+    """Within the block, the transformer's planned linears compute as the emitted model does."""
+    modules = dict(transformer.named_modules())
+    saved: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]] = []
+    handles: list[Any] = []
+    try:
+        for name, lp in plan.layers.items():
+            m = modules[name]
+            assert isinstance(m, nn.Linear)
+            saved.append((m, m.weight.data, None if m.bias is None else m.bias.data))
+            m.weight.data = torch.from_numpy(lp.weight().T.copy())
+            if lp.bias is not None and m.bias is not None:
+                m.bias.data = torch.from_numpy(lp.bias.reshape(-1).copy())
+            divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32"))
+
+            def hook(module: nn.Module, args: tuple[torch.Tensor, ...], lp: LayerPlan = lp, d: Any = divisor) -> Any:
+                x = args[0] if d is None else args[0] * (1.0 / d)
+                return (fake_quant(x, lp), *args[1:])
+
+            handles.append(m.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, w, b in saved:
+            m.weight.data = w
+            if b is not None and m.bias is not None:
+                m.bias.data = b

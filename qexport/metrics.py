@@ -1,0 +1,40 @@
+"""Fidelity metrics on numpy arrays: SQNR, PSNR, SSIM, cosine similarity."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """10 log10(|ref|^2 / |test - ref|^2); inf when equal."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(((np.asarray(test, dtype=np.float64) - ref) ** 2).sum())
+    return float("inf") if noise == 0 else float(10 * np.log10(float((ref**2).sum()) / noise))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30))
+
+
+def psnr_db(reference: np.ndarray, test: np.ndarray, peak: float = 255.0) -> float:
+    mse = float(((np.asarray(reference, np.float64) - np.asarray(test, np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(peak * peak / mse))
+
+
+def _box(x: np.ndarray, k: int) -> np.ndarray:
+    """Mean over k x k windows of the last two spatial axes (valid region), via cumulative sums."""
+    c = np.cumsum(np.cumsum(np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 0), (1, 0)]), axis=-2), axis=-1)
+    return (c[..., k:, k:] - c[..., :-k, k:] - c[..., k:, :-k] + c[..., :-k, :-k]) / (k * k)
+
+
+def ssim(reference: np.ndarray, test: np.ndarray, peak: float = 255.0, window: int = 7) -> float:
+    """Mean SSIM over uint8-range images [..., H, W, C] (7x7 uniform windows, per channel)."""
+    a = np.moveaxis(np.asarray(reference, np.float64), -1, -3)
+    b = np.moveaxis(np.asarray(test, np.float64), -1, -3)
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    ma, mb = _box(a, window), _box(b, window)
+    va, vb = _box(a * a, window) - ma * ma, _box(b * b, window) - mb * mb
+    cov = _box(a * b, window) - ma * mb
+    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
+    return float(s.mean())

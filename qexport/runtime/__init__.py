@@ -1,0 +1,1 @@
+"""qexport.runtime: the edge loop over emitted models. numpy + onnxruntime only (never torch)."""

@@ -1,0 +1,83 @@
+"""The denoising loop from manifest.json alone: one onnxruntime session per range (loaded once,
+the next range's prefetched in the background), CFG on the batch of 2, and the sampler's affine
+step x <- c_x * x + c_out * guided_output."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from qexport.runtime.manifest import read_manifest
+
+
+def initial_noise(latent_shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """The same noise as the torch sampler: numpy PCG64 seeded with seed, float32."""
+    return np.random.default_rng(seed).standard_normal(latent_shape, dtype=np.float32)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+@dataclass
+class LoopResult:
+    latents: np.ndarray
+    step_seconds: list[float] = field(default_factory=list)
+    swap_seconds: list[float] = field(default_factory=list)  # waiting for a range's session
+
+
+class Pipeline:
+    """Runs the emitted models of one build folder."""
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest: dict[str, Any] = read_manifest(self.folder)
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._sessions: dict[int, Future[ort.InferenceSession]] = {}
+
+    def _load(self, index: int) -> Future[ort.InferenceSession]:
+        if index not in self._sessions:
+            path = str(self.folder / self.manifest["ranges"][index]["model"])
+            opts = session_options(self.threads)
+            self._sessions[index] = self._pool.submit(
+                ort.InferenceSession, path, opts, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[index]
+
+    def run(self, cond: np.ndarray, null: np.ndarray, seed: int) -> LoopResult:
+        """Sample one output. cond / null: this prompt's and the null condition, batch 1 each."""
+        m = self.manifest
+        x = initial_noise(tuple(m["latent_shape"]), seed)[None]
+        both = np.concatenate([cond, null])
+        result = LoopResult(latents=x)
+        self._load(m["steps"][0]["range"])
+        for k, step in enumerate(m["steps"]):
+            wait = time.perf_counter()
+            session = self._load(step["range"]).result()
+            result.swap_seconds.append(time.perf_counter() - wait)
+            if k and m["steps"][k - 1]["range"] != step["range"]:
+                self._sessions.pop(m["steps"][k - 1]["range"], None)  # a finished range frees its memory
+            if k + 1 < len(m["steps"]):
+                self._load(m["steps"][k + 1]["range"])  # prefetch the next range while this step runs
+            start = time.perf_counter()
+            feeds = {"latents": np.concatenate([x, x]).astype(np.float32), "cond": both}
+            if "timestep" in {i["name"] for i in m["inputs"]}:
+                feeds["timestep"] = np.full((2,), step["timestep"], dtype=np.int64)
+            out_c, out_u = session.run(None, feeds)[0]
+            guided = out_u + np.float32(m["cfg"]) * (out_c - out_u)
+            x = (np.float32(step["c_x"]) * x[0] + np.float32(step["c_out"]) * guided)[None].astype(np.float32)
+            result.step_seconds.append(time.perf_counter() - start)
+        result.latents = x
+        return result

@@ -1,0 +1,36 @@
+"""manifest.json: everything an edge app needs to run the emitted models (numpy + json only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qexport.errors import QexportError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Load and check a build's manifest.
+
+    Raises:
+        QexportError: missing or unreadable manifest, a newer schema, a missing model file.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise QexportError(f"{folder} has no {MANIFEST}; point at a folder written by qexport build")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QexportError(f"cannot read {path}: {exc}") from exc
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise QexportError(
+            f"{path} has manifest schema {version}; this qexport reads schema <= {SCHEMA_VERSION}: upgrade qexport"
+        )
+    for r in manifest.get("ranges", []):
+        if not (Path(folder) / r["model"]).is_file():
+            raise QexportError(f"model file {r['model']} named in {path} is missing; rebuild with qexport build")
+    return manifest
