@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from qexport.calib.store import QStats, check_matches, load
-from qexport.errors import QexportError
-from qexport.exporter.emit import EmitSummary, write_models
+from qexport.exporter.emit import EmitSummary, layer_ids, write_models
 from qexport.exporter.fp_export import FPExport, export_fp, stamp
 from qexport.exporter.manifest import make_manifest, write_manifest
-from qexport.models.adapter import ModelAdapter
-from qexport.models.registry import load_model
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import PassConfig, run_passes
 from qexport.passes.plan import QuantConfig, RangePlan, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
 from qexport.targets.profile import TargetProfile, get_profile
+
+from qexport.errors import QexportError
+from qexport.models.adapter import ModelAdapter
+from qexport.models.registry import load_model
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +91,20 @@ def build(
     start = time.perf_counter()
     target = check_request(config, out)
     stats = load(stats_path)
-    ranges = split_ranges(stats.steps, config.ranges)
+    split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     try:
-        built, models = [], []
-        shared_fp = None if config.ranges is None else _prepare(export_fp(adapter, list(stats.layers), None))
-        for index, steps in enumerate(ranges):
-            timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
-            fp = shared_fp if shared_fp is not None else _prepare(export_fp(adapter, list(stats.layers), timestep))
-            plan, model = _build_range(fp, steps, adapter, stats, config.quant, target)
-            name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
-            built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
-            models.append((name, model))
-            if progress is not None:
-                progress(name)
-        emit = write_models(models, tmp)
+        built, models = plan_models(adapter, stats, config, target, progress)
+        ids = layer_ids(list(stats.layers))
+        emit = write_models(models, tmp, ids)
         manifest = make_manifest(adapter, stats, config, target, built, emit)
+        manifest["calibration"]["file"] = str(Path(stats_path).resolve())
+        manifest["layer_ids"] = ids
         write_manifest(tmp, manifest)
+        tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -126,6 +120,29 @@ def build(
         manifest=manifest,
         seconds=time.perf_counter() - start,
     )
+
+
+def plan_models(
+    adapter: ModelAdapter,
+    stats: QStats,
+    config: BuildConfig,
+    target: TargetProfile,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[BuiltRange], list[tuple[str, onnx.ModelProto]]]:
+    """Export, plan and transform every range; returns the plans and the (file name, model) pairs."""
+    built, models = [], []
+    ranges = split_ranges(stats.steps, config.ranges)
+    shared_fp = None if config.ranges is None else _prepare(export_fp(adapter, list(stats.layers), None))
+    for index, steps in enumerate(ranges):
+        timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
+        fp = shared_fp if shared_fp is not None else _prepare(export_fp(adapter, list(stats.layers), timestep))
+        plan, model = _build_range(fp, steps, adapter, stats, config.quant, target)
+        name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
+        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
+        models.append((name, model))
+        if progress is not None:
+            progress(name)
+    return built, models
 
 
 def _prepare(fp: FPExport) -> FPExport:

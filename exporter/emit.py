@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-WEIGHTS_FILE = "weights.bin"
+WEIGHTS_FILE = "w.bin"
 MIN_EXTERNAL_BYTES = 64  # per-channel scales and zero points are shared too
 ALIGN = 64
 
@@ -31,32 +31,45 @@ def _raw(init: onnx.TensorProto) -> bytes:
     return numpy_helper.from_array(numpy_helper.to_array(init)).raw_data
 
 
-def compact_names(model: onnx.ModelProto) -> None:
-    """Drop value_info and give the exporter's intermediate tensors short names (t0, t1, ...).
+def layer_ids(layers: list[str]) -> dict[str, str]:
+    """Short ids for quantized layers (L0, L1, ...); the manifest keeps the table."""
+    return {layer: f"L{i}" for i, layer in enumerate(layers)}
 
-    Graph inputs/outputs, initializers and qexport's own tensors (named ``layer::role``) keep
-    their names; node names lose the exporter's wrapper prefix.
+
+def compact_names(model: onnx.ModelProto, ids: dict[str, str]) -> None:
+    """Make a per-step file small: drop value_info and node names, rename tensors to short ids.
+
+    Graph inputs and outputs keep their names; qexport's own tensors ``layer::role`` become
+    ``L<i>:role`` (see the manifest's layer table); every other tensor becomes t<i>.
     """
     del model.graph.value_info[:]
-    keep = {t.name for t in (*model.graph.input, *model.graph.output, *model.graph.initializer)}
+    keep = {t.name for t in (*model.graph.input, *model.graph.output)}
     renames: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in renames:
+            owner, sep, role = name.partition("::")
+            renames[name] = f"{ids[owner]}:{role}" if sep and owner in ids else f"t{len(renames)}"
+        return renames[name]
+
+    for init in model.graph.initializer:
+        init.name = short(init.name)
     for node in model.graph.node:
-        for name in node.output:
-            if name and name not in keep and "::" not in name:
-                renames[name] = f"t{len(renames)}"
-    for node in model.graph.node:
-        node.name = node.name.replace("/denoiser/transformer/", "").replace("/transformer/", "")
+        node.name = ""
         for field in (node.input, node.output):
             for i, name in enumerate(field):
-                field[i] = renames.get(name, name)
+                field[i] = short(name)
 
 
-def write_models(models: list[tuple[str, onnx.ModelProto]], folder: Path) -> EmitSummary:
+def write_models(models: list[tuple[str, onnx.ModelProto]], folder: Path, ids: dict[str, str]) -> EmitSummary:
     """Save each (file name, model) into folder, initializers of 64 bytes and more in the shared weights file."""
     offsets: dict[str, tuple[int, int]] = {}
     logical = shared = 0
     with open(folder / WEIGHTS_FILE, "wb") as f:
         for name, model in models:
+            compact_names(model, ids)
             for init in model.graph.initializer:
                 raw = _raw(init)
                 if len(raw) < MIN_EXTERNAL_BYTES:
@@ -72,7 +85,6 @@ def write_models(models: list[tuple[str, onnx.ModelProto]], folder: Path) -> Emi
                     f.write(raw)
                 offset, length = offsets[key]
                 _externalize(init, offset, length)
-            compact_names(model)
             onnx.save(model, str(folder / name))
         total = f.tell()
     return EmitSummary(

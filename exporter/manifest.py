@@ -7,14 +7,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qexport import __version__
 from qexport.calib.store import QStats
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
+from qexport.targets.profile import TargetProfile
+
+from qexport import __version__
 from qexport.media import atomic_write
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import affine_coefficients
 from qexport.runtime.manifest import MANIFEST, SCHEMA_VERSION
-from qexport.targets.profile import TargetProfile
 
 if TYPE_CHECKING:
     from qexport.exporter.build import BuildConfig, BuiltRange
@@ -51,8 +52,14 @@ def make_manifest(
         "output": {"name": "output", "shape": [2, *adapter.latent_shape], "dtype": "float32"},
         "cfg": stats.header["cfg"],
         "steps": [
-            {"index": i, "timestep": t, "range": range_of[i], "model": ranges[range_of[i]].model_file,
-             "c_x": c_x, "c_out": c_out}  # fmt: skip
+            {
+                "index": i,
+                "timestep": t,
+                "range": range_of[i],
+                "model": ranges[range_of[i]].model_file,
+                "c_x": c_x,
+                "c_out": c_out,
+            }
             for i, (t, c_x, c_out) in enumerate(coefficients)
         ],
         "ranges": [{"index": r.index, "steps": r.steps, "model": r.model_file} for r in ranges],

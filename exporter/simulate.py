@@ -10,9 +10,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
-
 from qexport.passes.plan import LayerPlan, RangePlan
+from torch import nn
 
 
 def fake_quant(x: torch.Tensor, lp: LayerPlan) -> torch.Tensor:

@@ -74,6 +74,10 @@ def smoothing_vector(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndar
     return np.clip(s, 1e-4, 1e4)
 
 
+def _changed(bias: np.ndarray | None) -> np.ndarray | None:
+    return None if bias is None else bias.astype(np.float32)
+
+
 def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth) -> np.ndarray:
     if smooth == Smooth.ASQ:
         return stats.asq
@@ -145,6 +149,6 @@ def plan_range(
             a_zero=a_zero,
             a_grid=a_grid,
             divisor=divisors[layer],
-            bias=final_b[layer].astype(np.float32) if layer in changed_bias and final_b[layer] is not None else None,
+            bias=_changed(final_b[layer]) if layer in changed_bias else None,
         )
     return plan

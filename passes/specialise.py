@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
 from qexport.passes.graph import consumers
 
 ELEMENTWISE = ("Add", "Mul", "Sub", "Div")

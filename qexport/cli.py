@@ -249,6 +249,83 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
     )
 
 
+@cli.command()
+@click.argument("stats_file", type=click.Path(path_type=Path))
+@click.option("--w-bits", type=int, default=8, show_default=True)
+@click.option("--a-bits", type=int, default=8, show_default=True)
+@click.option("--smooth", type=click.Choice(["none", "asq", "tsq"]), default="none", show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
+@click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
+@click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
+@click.option("--target", default="ort-cpu", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-verify", is_flag=True, help="Skip the verification run at the end.")
+@click.option("--prompt", "verify_prompt", help="Prompt / label for verification (default: a built-in one).")
+def build(
+    stats_file: Path,
+    w_bits: int,
+    a_bits: int,
+    smooth: str,
+    alpha: float,
+    timestep_wise: bool,
+    time_ranges: int | None,
+    target: str,
+    output: Path,
+    force: bool,
+    no_verify: bool,
+    verify_prompt: str | None,
+) -> None:
+    """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range."""
+    from qexport.exporter.build import BuildConfig
+    from qexport.exporter.build import build as run_build
+    from qexport.passes.plan import QuantConfig, Smooth
+    from qexport.summaries import build_lines
+
+    if timestep_wise == (time_ranges is not None):
+        raise QexportError("give exactly one of --timestep-wise or --time-ranges K")
+    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=alpha)
+    config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
+    result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
+    for line in build_lines(result.manifest, result.seconds, str(output)):
+        click.echo(line)
+    if not no_verify:
+        _verify_and_report(output, result.adapter, [r.plan for r in result.ranges], result.manifest, verify_prompt)
+
+
+def _verify_and_report(folder: Path, adapter: object, plans: list, manifest: dict, prompt: str | None) -> None:
+    from qexport.exporter.manifest import write_manifest
+    from qexport.exporter.verify import verify as run_verify
+    from qexport.models.fp_eval import default_prompts
+    from qexport.summaries import verification_table
+    from qexport.targets.profile import get_profile
+
+    if prompt is None:
+        prompt = default_prompts(adapter)[0]  # type: ignore[arg-type]
+    click.echo(f"verifying {len(plans)} model(s) on onnxruntime (prompt {prompt!r}) ...", err=True)
+    v = run_verify(folder, adapter, plans, manifest, get_profile(manifest["target"]), prompt)  # type: ignore[arg-type]
+    manifest["verification"] = {"prompt": prompt, **v.to_json()}
+    write_manifest(folder, manifest)
+    for line in verification_table(manifest["verification"]):
+        click.echo(line)
+    if not v.ok:
+        raise QexportError(f"verification failed for {folder}; see the table above")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--stats", "stats_file", type=click.Path(path_type=Path), help="The .qstats the build used.")
+@click.option("--prompt", help="Prompt / label to verify with.")
+def verify(folder: Path, stats_file: Path | None, prompt: str | None) -> None:
+    """Prove onnxruntime runs integer kernels; compare with the simulation and with FP."""
+    from qexport.exporter.replan import replan
+    from qexport.runtime.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    adapter, plans, _ = replan(manifest, stats_file)
+    _verify_and_report(folder, adapter, plans, manifest, prompt)
+
+
 def main() -> None:
     """Entry point: one clear error line and a non-zero exit; tracebacks only with --debug."""
     try:

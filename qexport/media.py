@@ -18,6 +18,7 @@ def atomic_write(path: Path, save: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         save(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,7 +14,8 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30))
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y) / max(norm, 1e-30)
 
 
 def psnr_db(reference: np.ndarray, test: np.ndarray, peak: float = 255.0) -> float:

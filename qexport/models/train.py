@@ -124,7 +124,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     losses: list[float] = []
     pending: list[torch.Tensor] = []
     skipped = 0
-    forward = denoiser
+    forward: Any = denoiser
     if cfg.compile:
         try:
             forward = torch.compile(denoiser)

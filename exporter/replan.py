@@ -1,0 +1,38 @@
+"""Re-derive the plans of an emitted build (for ``qexport verify out/``): the plan is a pure
+function of the statistics, the model and the build config that the manifest records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qexport.calib.store import check_matches, load
+from qexport.exporter.build import BuildConfig, plan_models
+from qexport.passes.plan import QuantConfig, RangePlan, Smooth
+from qexport.targets.profile import TargetProfile, get_profile
+
+from qexport.errors import QexportError
+from qexport.models.adapter import ModelAdapter
+from qexport.models.registry import load_model
+
+
+def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdapter, list[RangePlan], TargetProfile]:
+    """The adapter, per-range plans and target of a build, from its manifest and statistics.
+
+    Raises:
+        QexportError: statistics not found, or from another model.
+    """
+    path = Path(stats_path or manifest["calibration"].get("file", ""))
+    if not path.is_file():
+        raise QexportError(f"statistics {path} of this build are not found; pass --stats run.qstats")
+    stats = load(path)
+    if stats.header["prompts_hash"] != manifest["calibration"]["prompts_hash"]:
+        raise QexportError(f"{path} is not the calibration this build used (prompts hash differs)")
+    adapter = load_model(manifest["model_id"])
+    check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(path))
+    q = manifest["quantization"]
+    ranges = None if q["granularity"] == "timestep-wise" else len(manifest["ranges"])
+    quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=q["alpha"])
+    target = get_profile(manifest["target"])
+    built, _ = plan_models(adapter, stats, BuildConfig(quant=quant, ranges=ranges, target=target.name), target)
+    return adapter, [b.plan for b in built], target

@@ -1,0 +1,169 @@
+"""Verification of a build: onnx.checker; an onnxruntime CPU session with full optimisation whose
+optimised graph proves which quantized layers run integer kernels; each model's output against
+the torch simulation of the same plan and against FP, on inputs from the FP sampling trajectory;
+and the whole sampling loop through the emitted models against FP from the same noise."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from qexport.exporter.simulate import simulated
+from qexport.passes.plan import RangePlan
+from qexport.targets.profile import TargetProfile
+
+from qexport.metrics import cosine, psnr_db, sqnr_db, ssim
+from qexport.models.adapter import ModelAdapter
+from qexport.models.sampler import SamplingConfig, sample
+from qexport.runtime.loop import Pipeline, session_options
+
+log = logging.getLogger(__name__)
+
+INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul")
+COSINE_FLOOR = 0.999  # ORT vs simulation, W8A8
+PERTURBATION = 1e-6  # relative input change that measures the quantized function's own sensitivity
+# max |ORT - simulation|, in LSBs of an 8-bit grid over the output's range, may be at most
+# LSB_FACTOR x what the simulation itself moves when its input is scaled by (1 + PERTURBATION),
+# plus LSB_FLOOR: static quantization is discontinuous (an activation one ulp off a rounding
+# boundary flips a code), and ORT's float op order differs from torch's by ulps.
+LSB_FACTOR = 2.0
+LSB_FLOOR = 2.0
+
+
+@dataclass(kw_only=True)
+class ModelCheck:
+    model: str
+    steps: list[int]
+    integer: list[str] = field(default_factory=list)
+    emulated: list[str] = field(default_factory=list)  # QDQ the runtime runs in float (not native here)
+    float_: list[str] = field(default_factory=list)  # should be integer but is not: a failure
+    cosine_sim: float = 0.0
+    max_lsb_sim: float = 0.0
+    lsb_bound: float = 0.0  # from the simulation's own sensitivity (see LSB_FACTOR)
+    sqnr_fp_db: float = 0.0
+    sqnr_sim_db: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.float_ and self.cosine_sim >= COSINE_FLOOR and self.max_lsb_sim <= self.lsb_bound
+
+
+@dataclass(kw_only=True)
+class Verification:
+    models: list[ModelCheck]
+    end_to_end: dict[str, float]
+    native: bool
+
+    @property
+    def ok(self) -> bool:
+        return all(m.ok for m in self.models)
+
+    def to_json(self) -> dict[str, Any]:
+        rows = []
+        for m in self.models:
+            row = {k: v for k, v in asdict(m).items() if k not in ("integer", "emulated", "float_")}
+            row.update(integer=len(m.integer), emulated=len(m.emulated), float=m.float_, ok=m.ok)
+            rows.append(row)
+        return {"ok": self.ok, "cosine_floor": COSINE_FLOOR, "lsb_factor": LSB_FACTOR, "models": rows,
+                "end_to_end": self.end_to_end}  # fmt: skip
+
+
+def kernel_report(
+    path: Path, layers: list[str], ids: dict[str, str], native: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """(integer, emulated, float) layers, read off onnxruntime's optimised graph."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = session_options(2)
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.bin")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
+    integer, emulated, floats = [], [], []
+    for layer in layers:
+        if f"{ids[layer]}:w_q" in integer_inputs:
+            integer.append(layer)
+        elif native:
+            floats.append(layer)
+        else:
+            emulated.append(layer)
+    return integer, emulated, floats
+
+
+def trajectory(adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> list[np.ndarray]:
+    """The FP sampler's latents at the start of every step (the inputs each step model sees)."""
+    seen: list[np.ndarray] = []
+
+    def grab(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(args[0][:1].detach().numpy().copy())  # the cond half; uncond is the same x
+
+    handle = adapter.transformer.register_forward_pre_hook(grab)
+    try:
+        sample(adapter, adapter.conditioner.encode([prompt]), [seed], config)
+    finally:
+        handle.remove()
+    return seen
+
+
+def verify(
+    folder: Path,
+    adapter: ModelAdapter,
+    plans: list[RangePlan],
+    manifest: dict[str, Any],
+    target: TargetProfile,
+    prompt: str,
+    seed: int = 0,
+) -> Verification:
+    """Verify every emitted model and the end-to-end loop (see module docstring)."""
+    q = manifest["quantization"]
+    native = target.runs_integer(q["w_bits"], q["a_bits"])
+    config = SamplingConfig(steps=len(manifest["steps"]), cfg=manifest["cfg"])
+    xs = trajectory(adapter, prompt, seed, config)
+    cond = torch.cat([adapter.conditioner.encode([prompt]), adapter.conditioner.null(1)])
+    denoiser = adapter.denoiser()
+    checks = []
+    for r, plan in zip(manifest["ranges"], plans, strict=True):
+        path = Path(folder) / r["model"]
+        onnx.checker.check_model(str(path))
+        check = ModelCheck(model=r["model"], steps=r["steps"])
+        check.integer, check.emulated, check.float_ = kernel_report(
+            path, list(plan.layers), manifest["layer_ids"], native
+        )
+        session = ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
+        step = r["steps"][0]
+        t = manifest["steps"][step]["timestep"]
+        x = torch.from_numpy(np.concatenate([xs[step], xs[step]]))
+        tt = torch.full((2,), t, dtype=torch.long)
+        feeds = {"latents": x.numpy(), "cond": cond.numpy()}
+        if "timestep" in {i["name"] for i in manifest["inputs"]}:
+            feeds["timestep"] = tt.numpy()
+        got = session.run(None, feeds)[0]
+        with torch.no_grad():
+            fp = denoiser(x, tt, cond).numpy()
+            with simulated(adapter.transformer, plan):
+                sim = denoiser(x, tt, cond).numpy()
+                moved = denoiser(x * (1 + PERTURBATION), tt, cond).numpy()
+        lsb = max(float(sim.max() - sim.min()) / 255.0, 1e-12)
+        check.cosine_sim = cosine(sim, got)
+        check.max_lsb_sim = float(np.abs(sim - got).max() / lsb)
+        check.lsb_bound = LSB_FACTOR * float(np.abs(sim - moved).max() / lsb) + LSB_FLOOR
+        check.sqnr_fp_db = sqnr_db(fp, got)
+        check.sqnr_sim_db = sqnr_db(sim, got)
+        checks.append(check)
+    return Verification(models=checks, end_to_end=end_to_end(folder, adapter, prompt, seed, config), native=native)
+
+
+def end_to_end(folder: Path, adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> dict[str, float]:
+    """The sampling loop through the emitted models vs the FP loop, from the same noise."""
+    cond = adapter.conditioner.encode([prompt])
+    fp = adapter.decode(sample(adapter, cond, [seed], config))
+    result = Pipeline(folder, threads=2).run(cond.numpy(), adapter.conditioner.null(1).numpy(), seed)
+    q = adapter.decode(torch.from_numpy(result.latents))
+    return {"psnr_db": psnr_db(fp, q), "ssim": ssim(fp, q), "step_ms": 1e3 * float(np.mean(result.step_seconds))}

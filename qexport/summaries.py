@@ -1,0 +1,56 @@
+"""Plain-text summary tables printed by the CLI (library code logs; the CLI prints these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def verification_table(v: dict[str, Any]) -> list[str]:
+    """The per-model verification table and the verdict, from Verification.to_json()."""
+    lines = [
+        f"{'model':<16}{'steps':>8}{'int8':>6}{'emul':>6}{'float':>6}{'cos(sim)':>10}{'LSB(sim)':>10}"
+        f"{'bound':>7}{'SQNR fp':>9}{'ok':>4}"
+    ]
+    for m in v["models"]:
+        steps = f"{m['steps'][0]}-{m['steps'][-1]}" if len(m["steps"]) > 1 else str(m["steps"][0])
+        lines.append(
+            f"{m['model']:<16}{steps:>8}{m['integer']:>6}{m['emulated']:>6}{len(m['float']):>6}"
+            f"{m['cosine_sim']:>10.6f}{m['max_lsb_sim']:>10.2f}{m['lsb_bound']:>7.1f}{m['sqnr_fp_db']:>8.1f}dB"
+            f"{'yes' if m['ok'] else 'NO':>4}"
+        )
+        for layer in m["float"]:
+            lines.append(f"  FAIL: quantized layer {layer} runs as float MatMul in onnxruntime")
+    e = v["end_to_end"]
+    lines.append(
+        f"end to end vs FP (same noise): PSNR {e['psnr_db']:.2f} dB, SSIM {e['ssim']:.4f}, "
+        f"{e['step_ms']:.0f} ms/step in onnxruntime"
+    )
+    emulated = sum(m["emulated"] for m in v["models"])
+    if emulated:
+        lines.append(
+            f"{emulated} layer-models: QDQ emulated in float on this runtime (no integer kernel for these bits)"
+        )
+    lines.append("verdict: " + ("PASS" if v["ok"] else "FAIL"))
+    return lines
+
+
+def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:
+    q, f = manifest["quantization"], manifest["files"]
+    folds = ", ".join(f"{k} {v}" for k, v in sorted(q["folds"].items())) or "no smoothing"
+    shared = f["weights_bytes"] / 2**20
+    unshared = f["weights_bytes_without_sharing"] / 2**20
+    return [
+        f"built {len(manifest['ranges'])} model(s) in {folder} ({seconds:.1f}s): W{q['w_bits']}A{q['a_bits']}, "
+        f"smooth {q['smooth']} (alpha {q['alpha']}), {q['granularity']}, target {manifest['target']}",
+        f"  weights    {q['weights']}; activations {q['activations']}",
+        f"  layers     {q['layers']} quantized, {len(q['kept_fp'])} kept in FP",
+        f"  smoothing  groups folded/explicit: {folds}",
+        f"  disk       shared weights {shared:.2f} MiB (without sharing {unshared:.2f} MiB)",
+    ] + (
+        [
+            "  note       TSQ gives every range its own smoothing vector s, so its weights W*diag(s) differ "
+            "per range and are stored once per range, not shared"
+        ]
+        if q["smooth"] == "tsq" and len(manifest["ranges"]) > 1
+        else []
+    )
