@@ -20,7 +20,7 @@ from qexport.exporter.emit import EmitSummary, layer_ids, write_models
 from qexport.exporter.fp_export import FPExport, export_fp, stamp
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.passes.analyze import find_groups
-from qexport.passes.apply import PassConfig, run_passes
+from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
 from qexport.passes.plan import QuantConfig, RangePlan, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
 from qexport.targets.profile import TargetProfile, get_profile
@@ -171,7 +171,7 @@ def _build_range(
     biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
     plan = plan_range(steps, groups, stats.layers, weights, biases, quant, target)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
-    model = gs.export_onnx(graph)
+    model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
     return plan, model
 

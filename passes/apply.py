@@ -15,7 +15,7 @@ from qexport.passes.graph import constant_input, consumers, node_named
 from qexport.passes.plan import RangePlan
 from qexport.targets.profile import TargetProfile
 
-ONNX_TYPES = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
+PACKED = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}  # written by pack_low_bit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,8 +27,23 @@ class PassConfig:
     nodes: dict[str, str]  # layer -> MatMul node name
 
 
-def _const(name: str, values: np.ndarray, storage: str | None = None) -> gs.Constant:
-    return gs.Constant(name, np.ascontiguousarray(values), export_dtype=ONNX_TYPES.get(storage or ""))
+def _const(name: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(name, np.require(values, requirements="C"))  # (ascontiguousarray makes scalars 1-D)
+
+
+def pack_low_bit(model: onnx.ModelProto, plan: RangePlan) -> onnx.ModelProto:
+    """Store 4-bit weights and zero points as packed INT4/UINT4 initializers (held as int8 until here)."""
+    names = {
+        f"{layer}::{role}": PACKED[lp.w_grid.storage]
+        for layer, lp in plan.layers.items()
+        if lp.w_grid.storage in PACKED
+        for role in ("w_q", "w_zero")
+    }
+    for init in model.graph.initializer:
+        if init.name in names:
+            values = onnx.numpy_helper.to_array(init)
+            init.CopyFrom(onnx.helper.make_tensor(init.name, names[init.name], values.shape, values.flatten().tolist()))
+    return model
 
 
 def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
@@ -68,9 +83,9 @@ def quantize_weights(graph: gs.Graph, config: PassConfig, target: TargetProfile)
         node = node_named(graph, node_name)
         out = gs.Variable(f"{layer}::w_dq", dtype=np.float32)
         inputs = [
-            _const(f"{layer}::w_q", lp.w_q, lp.w_grid.storage),
+            _const(f"{layer}::w_q", lp.w_q),
             _const(f"{layer}::w_scale", lp.w_scale),
-            _const(f"{layer}::w_zero", lp.w_zero, lp.w_grid.storage),
+            _const(f"{layer}::w_zero", lp.w_zero),
         ]
         graph.nodes.append(
             gs.Node("DequantizeLinear", f"{layer}::w_dequant", attrs={"axis": 1}, inputs=inputs, outputs=[out])
@@ -86,7 +101,7 @@ def quantize_activations(graph: gs.Graph, config: PassConfig, target: TargetProf
         x = first.inputs[0]
         lp = config.plan.layers[g.layers[0]]
         scale = _const(f"{g.tensor}::a_scale", np.asarray(lp.a_scale, dtype=np.float32))
-        zero = _const(f"{g.tensor}::a_zero", np.asarray(lp.a_zero), lp.a_grid.storage)
+        zero = _const(f"{g.tensor}::a_zero", np.asarray(lp.a_zero))
         q = gs.Variable(f"{g.tensor}::a_q", dtype=lp.a_zero.dtype)
         dq = gs.Variable(f"{g.tensor}::a_dq", dtype=np.float32)
         graph.nodes.append(gs.Node("QuantizeLinear", f"{g.tensor}::a_quant", inputs=[x, scale, zero], outputs=[q]))

@@ -53,6 +53,7 @@ class LayerPlan:
     a_grid: Grid
     divisor: np.ndarray | None  # the simulation divides the input by this (explicit or modulation fold)
     bias: np.ndarray | None = None  # a changed bias (value projection folded by the next linear)
+    w_float: np.ndarray | None = None  # the smoothed FP weight before quantization (keep_float only)
 
     def weight(self) -> np.ndarray:
         return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
@@ -92,6 +93,7 @@ def plan_range(
     biases: dict[str, np.ndarray | None],
     config: QuantConfig,
     target: TargetProfile,
+    keep_float: bool = False,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -103,6 +105,7 @@ def plan_range(
         biases: FP bias per layer (None where the linear has none).
         config: bits, smoothing, alpha.
         target: storage types, symmetry, power-of-two scales.
+        keep_float: also keep each smoothed FP weight (to check that folding is exact).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -150,5 +153,6 @@ def plan_range(
             a_grid=a_grid,
             divisor=divisors[layer],
             bias=_changed(final_b[layer]) if layer in changed_bias else None,
+            w_float=w.astype(np.float32) if keep_float else None,
         )
     return plan

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from qexport.errors import QexportError
 
+WEIGHT_WIDTHS = (4, 8)  # W3/W4 live in int4, W5..W8 in int8
+ACTIVATION_WIDTHS = (8, 16)  # A4..A8 in 8-bit types (restricted ranges), A9..A16 in 16-bit
+
 
 @dataclass(frozen=True, kw_only=True)
 class TargetProfile:
@@ -30,21 +33,25 @@ class TargetProfile:
     source: str
 
     def weight_type(self, bits: int) -> str:
-        return self._storage(self.weight_storage, bits, "weight")
+        return self._storage(self.weight_storage, bits, "weight", WEIGHT_WIDTHS)
 
     def activation_type(self, bits: int) -> str:
-        return self._storage(self.activation_storage, bits, "activation")
+        return self._storage(self.activation_storage, bits, "activation", ACTIVATION_WIDTHS)
 
-    def _storage(self, table: dict[int, str], bits: int, what: str) -> str:
-        fits = [b for b in sorted(table) if b >= bits]
-        if not fits:
+    def _storage(self, table: dict[int, str], bits: int, what: str, widths: tuple[int, ...]) -> str:
+        """The storage of the natural width for `bits` (the smallest standard width that holds it)."""
+        width = next((w for w in widths if w >= bits), None)
+        if width is None or width not in table:
             widths = ", ".join(str(b) for b in sorted(table))
-            raise QexportError(f"target {self.name} cannot store {bits}-bit {what}s (storage widths: {widths})")
-        return table[fits[0]]
+            raise QexportError(
+                f"target {self.name} cannot store {bits}-bit {what}s: it has no {width}-bit {what} type "
+                f"(its {what} widths: {widths})"
+            )
+        return table[width]
 
     def runs_integer(self, w_bits: int, a_bits: int) -> bool:
-        w = min(b for b in self.weight_storage if b >= w_bits)
-        a = min(b for b in self.activation_storage if b >= a_bits)
+        w = next(b for b in WEIGHT_WIDTHS if b >= w_bits)
+        a = next(b for b in ACTIVATION_WIDTHS if b >= a_bits)
         return (w, a) in self.native
 
 

@@ -1,0 +1,179 @@
+"""Build on the built-in tiny-latte / tiny-dit with short (4-step) calibrations: emission,
+integer kernels in onnxruntime, QDQ structure, exact smoothing folds, weight sharing, errors."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from qexport.calib.run import CalibConfig, calibrate
+from qexport.calib.store import save
+from qexport.exporter.build import BuildConfig, _prepare, build
+from qexport.exporter.fp_export import export_fp
+from qexport.exporter.verify import verify
+from qexport.passes.analyze import find_groups
+from qexport.passes.apply import PassConfig, fold_smoothing
+from qexport.passes.plan import QuantConfig, Smooth, plan_range
+from qexport.targets.profile import ORT_CPU
+
+from qexport.errors import QexportError
+from qexport.models.registry import load_model
+from qexport.models.sampler import SamplingConfig
+
+STEPS = SamplingConfig(steps=4, cfg=7.0)
+
+
+@pytest.fixture(scope="module")
+def latte_stats(tmp_path_factory):
+    adapter = load_model("tiny-latte")
+    prompts = ("a red circle moving left", "a blue square moving up")
+    path = tmp_path_factory.mktemp("stats") / "latte.qstats"
+    save(calibrate(adapter, CalibConfig(prompts=prompts, sampling=STEPS, batch_size=2)).stats, path)
+    return path
+
+
+def _build(stats, tmp_path, name, **kw):
+    quant = QuantConfig(**{k: v for k, v in kw.items() if k in ("w_bits", "a_bits", "smooth", "alpha")})
+    return build(stats, tmp_path / name, BuildConfig(quant=quant, ranges=kw.get("ranges")))
+
+
+def test_timestep_wise_tsq_emits_one_verified_integer_model_per_step(latte_stats, tmp_path):
+    result = _build(latte_stats, tmp_path, "tsw", smooth=Smooth.TSQ)
+    manifest = json.loads((tmp_path / "tsw" / "manifest.json").read_text())
+    assert [r["model"] for r in manifest["ranges"]] == [f"step_{i:02d}.onnx" for i in range(4)]
+    assert [s["timestep"] for s in manifest["steps"]] == [999, 749, 499, 249]
+    assert all(i["name"] != "timestep" for i in manifest["inputs"])  # t baked in: its path folded away
+    v = verify(result.folder, result.adapter, [r.plan for r in result.ranges], result.manifest, ORT_CPU,
+               "a red circle moving left")  # fmt: skip
+    assert v.ok, v.to_json()
+    assert all(len(m.integer) == 64 and not m.float_ for m in v.models)
+    assert all(m.cosine_sim >= 0.999 for m in v.models)
+    assert v.end_to_end["psnr_db"] > 20
+
+
+@pytest.mark.parametrize("ranges", [1, 2])
+def test_time_ranges_emit_k_models_that_load(latte_stats, tmp_path, ranges):
+    result = _build(latte_stats, tmp_path, f"r{ranges}", smooth=Smooth.ASQ, ranges=ranges)
+    files = sorted(p.name for p in result.folder.glob("*.onnx"))
+    assert files == [f"range_{i:02d}.onnx" for i in range(ranges)]
+    for f in files:
+        model = onnx.load(str(result.folder / f), load_external_data=False)
+        assert model.ir_version <= 13 and model.opset_import[0].version == 21
+        onnx.checker.check_model(str(result.folder / f))
+        ort.InferenceSession(str(result.folder / f), providers=["CPUExecutionProvider"])
+
+
+def test_every_quantized_matmul_reads_dequantized_inputs(latte_stats, tmp_path):
+    result = _build(latte_stats, tmp_path, "q", smooth=Smooth.ASQ, ranges=1)
+    model = onnx.load(str(result.folder / "range_00.onnx"))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    ids = result.manifest["layer_ids"]
+    for layer, lid in ids.items():
+        matmul = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == f"{lid}:w_dq")
+        for which, name in (("activation", matmul.input[0]), ("weight", matmul.input[1])):
+            assert producers[name].op_type == "DequantizeLinear", f"Input {which} of {layer} is not quantized!"
+        w_dq = producers[matmul.input[1]]
+        assert inits[w_dq.input[0]].data_type == onnx.TensorProto.INT8
+        assert list(inits[w_dq.input[1]].dims) == [inits[w_dq.input[0]].dims[1]]  # per output channel
+        assert next(a.i for a in w_dq.attribute if a.name == "axis") == 1
+        a_dq = producers[matmul.input[0]]
+        assert list(inits[a_dq.input[1]].dims) == [] and inits[a_dq.input[2]].data_type == onnx.TensorProto.UINT8
+        assert producers[a_dq.input[0]].op_type == "QuantizeLinear"
+
+
+@pytest.mark.parametrize("ranges", [None, 1])
+def test_folded_smoothing_is_exact_in_fp(latte_stats, ranges):
+    from qexport.calib.store import load
+
+    adapter = load_model("tiny-latte")
+    stats = load(latte_stats)
+    fp = _prepare(export_fp(adapter, list(stats.layers), 749 if ranges is None else None))
+    graph = gs.import_onnx(fp.model)
+    nodes = {n: b.node for n, b in fp.bindings.items()}
+    groups = find_groups(graph, nodes, {n: b.in_features for n, b in fp.bindings.items()})
+    constants = graph.tensors()
+    weights = {n: np.asarray(constants[b.weight].values) for n, b in fp.bindings.items()}
+    modules = dict(adapter.transformer.named_modules())
+    biases = {n: modules[n].bias.detach().numpy() for n in fp.bindings}
+    plan = plan_range(
+        [1], groups, stats.layers, weights, biases, QuantConfig(smooth=Smooth.TSQ), ORT_CPU, keep_float=True
+    )
+    folds = {g.fold for g in groups}
+    assert ("modulation" in folds) == (ranges is None) and "value" in folds and "explicit" in folds
+    smoothed = fold_smoothing(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), ORT_CPU)
+    for n, b in fp.bindings.items():
+        smoothed.tensors()[b.weight].values = plan.layers[n].w_float
+    rng = np.random.default_rng(0)
+    feeds = {"latents": rng.standard_normal((2, 3, 16, 32, 32)).astype(np.float32),
+             "cond": adapter.conditioner.null(2).numpy()}  # fmt: skip
+    if ranges is not None:
+        feeds["timestep"] = np.array([749, 749])
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
+    ref, got = run(fp.model), run(gs.export_onnx(smoothed.cleanup().toposort()))
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() * 10, np.abs(got - ref).max()
+    assert max(np.abs(s - 1).max() for s in plan.smooth.values()) > 0.5  # smoothing really moved scale
+
+
+def test_tsw_without_tsq_costs_about_one_model_of_disk(latte_stats, tmp_path):
+    tsw = _build(latte_stats, tmp_path, "asq_tsw", smooth=Smooth.ASQ)
+    one = _build(latte_stats, tmp_path, "asq_one", smooth=Smooth.ASQ, ranges=1)
+    size = lambda d: sum(p.stat().st_size for p in d.iterdir() if p.name != "manifest.json")  # noqa: E731
+    assert size(tsw.folder) <= 1.15 * size(one.folder), (size(tsw.folder), size(one.folder))
+
+
+def test_w4a8_and_w8a16_build_and_run_as_emulated_qdq(latte_stats, tmp_path):
+    for name, kw, storage in (("w4a8", dict(w_bits=4), onnx.TensorProto.INT4), ("w8a16", dict(a_bits=16), None)):
+        result = _build(latte_stats, tmp_path, name, smooth=Smooth.ASQ, ranges=1, **kw)
+        v = verify(result.folder, result.adapter, [r.plan for r in result.ranges], result.manifest, ORT_CPU,
+                   "a red circle moving left")  # fmt: skip
+        assert v.ok and not v.native and all(len(m.emulated) == 64 for m in v.models), v.to_json()
+        model = onnx.load(str(result.folder / "range_00.onnx"), load_external_data=False)
+        types = {i.data_type for i in model.graph.initializer}
+        assert storage is None or storage in types
+        assert storage is not None or onnx.TensorProto.UINT16 in types
+
+
+def test_dit_labels_build(tmp_path):
+    adapter = load_model("tiny-dit")
+    path = tmp_path / "dit.qstats"
+    save(calibrate(adapter, CalibConfig(prompts=("red circle", "blue square"), sampling=STEPS)).stats, path)
+    result = build(path, tmp_path / "dit", BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ), ranges=2))
+    v = verify(result.folder, result.adapter, [r.plan for r in result.ranges], result.manifest, ORT_CPU, "red circle")
+    assert v.ok and all(len(m.integer) == 36 for m in v.models)
+
+
+def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, smoke_models):
+    out = tmp_path / "out"
+    with pytest.raises(QexportError, match="w-bits"):
+        QuantConfig(w_bits=9)
+    with pytest.raises(QexportError, match="time-ranges must be in 1..4"):
+        build(latte_stats, out, BuildConfig(ranges=5))
+    with pytest.raises(QexportError, match="unknown target"):
+        build(latte_stats, out, BuildConfig(target="nope"))
+    from qexport.targets.profile import PROFILES, TargetProfile
+
+    no_int4 = TargetProfile(**{**ORT_CPU.__dict__, "name": "int8-only", "weight_storage": {8: "int8"}})
+    PROFILES["int8-only"] = no_int4
+    try:
+        with pytest.raises(QexportError, match="cannot store 4-bit weights: it has no 4-bit weight type"):
+            build(latte_stats, out, BuildConfig(quant=QuantConfig(w_bits=4), target="int8-only"))
+    finally:
+        del PROFILES["int8-only"]
+    out.mkdir()
+    with pytest.raises(QexportError, match="exists; pass --force"):
+        build(latte_stats, out, BuildConfig())
+    shutil.rmtree(out)
+    # statistics of another model (same id, different weights/config) are refused naming both
+    from qexport.calib.store import load
+
+    stats = load(latte_stats)
+    stats.header["model_id"] = f"diffusers:{smoke_models / 'tiny-dit'}"
+    other = tmp_path / "other.qstats"
+    save(stats, other)
+    with pytest.raises(QexportError, match="calibrated on model 'diffusers:.*tiny-dit'"):
+        build(other, out, BuildConfig())
+    assert not out.exists() and not list(tmp_path.glob(".out.building-*"))
