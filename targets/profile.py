@@ -42,10 +42,10 @@ class TargetProfile:
         """The storage of the natural width for `bits` (the smallest standard width that holds it)."""
         width = next((w for w in widths if w >= bits), None)
         if width is None or width not in table:
-            widths = ", ".join(str(b) for b in sorted(table))
+            has = ", ".join(str(b) for b in sorted(table))
             raise QexportError(
                 f"target {self.name} cannot store {bits}-bit {what}s: it has no {width}-bit {what} type "
-                f"(its {what} widths: {widths})"
+                f"(its {what} widths: {has})"
             )
         return table[width]
 

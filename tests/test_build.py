@@ -150,7 +150,7 @@ def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, 
     out = tmp_path / "out"
     with pytest.raises(QexportError, match="w-bits"):
         QuantConfig(w_bits=9)
-    with pytest.raises(QexportError, match="time-ranges must be in 1..4"):
+    with pytest.raises(QexportError, match=r"time-ranges must be in 1\.\.4"):
         build(latte_stats, out, BuildConfig(ranges=5))
     with pytest.raises(QexportError, match="unknown target"):
         build(latte_stats, out, BuildConfig(target="nope"))
@@ -174,6 +174,6 @@ def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, 
     stats.header["model_id"] = f"diffusers:{smoke_models / 'tiny-dit'}"
     other = tmp_path / "other.qstats"
     save(stats, other)
-    with pytest.raises(QexportError, match="calibrated on model 'diffusers:.*tiny-dit'"):
+    with pytest.raises(QexportError, match=r"calibrated on model 'diffusers:.*tiny-dit'"):
         build(other, out, BuildConfig())
     assert not out.exists() and not list(tmp_path.glob(".out.building-*"))
