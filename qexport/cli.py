@@ -326,6 +326,31 @@ def verify(folder: Path, stats_file: Path | None, prompt: str | None) -> None:
     _verify_and_report(folder, adapter, plans, manifest, prompt)
 
 
+@cli.command(name="eval")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Captions, one per line.")
+@click.option("--labels", help="Comma-separated class labels.")
+@click.option("--seeds", default="0", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("eval.json"), show_default=True)
+def eval_(folders: tuple[Path, ...], prompts_file: Path | None, labels: str | None, seeds: str, output: Path) -> None:
+    """Accuracy of builds vs FP from the same noise (default prompts: the built-in evaluation set)."""
+    from qexport.exporter.evaluate import evaluate, write_json
+    from qexport.models import shapes
+    from qexport.runtime.manifest import read_manifest
+    from qexport.summaries import eval_table
+
+    if prompts_file is None and labels is None:
+        kind = read_manifest(folders[0])["inputs"][1]["dtype"]
+        prompts = shapes.class_names() if kind == "int64" else shapes.eval_prompts()
+    else:
+        prompts = _prompts(prompts_file, labels)
+    result = evaluate(list(folders), prompts, _seeds(seeds), progress=lambda m: log.info("%s", m))
+    write_json(result, output)
+    for line in eval_table(result.to_json()):
+        click.echo(line)
+    click.echo(f"wrote {output}")
+
+
 def main() -> None:
     """Entry point: one clear error line and a non-zero exit; tracebacks only with --debug."""
     try:

@@ -1,0 +1,173 @@
+"""``eval``: run FP (torch) and each build's emitted models (the numpy + onnxruntime loop) from the
+same noise over prompts x seeds, and measure the difference: final PSNR / SSIM vs FP, judge
+adherence and temporal consistency, per-step SQNR of the denoiser output on the FP trajectory,
+model size and per-step latency."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from qexport.errors import QexportError
+from qexport.metrics import psnr_db, sqnr_db, ssim
+from qexport.models.adapter import ModelAdapter
+from qexport.models.judge import score
+from qexport.models.registry import load_model
+from qexport.models.sampler import SamplingConfig, sample
+from qexport.runtime.loop import Pipeline, session_options
+from qexport.runtime.manifest import read_manifest
+
+
+@dataclass(kw_only=True)
+class Scores:
+    psnr_db: float | None = None
+    ssim: float | None = None
+    adherence: float | None = None
+    accuracy: dict[str, float] = field(default_factory=dict)
+    temporal_consistency: float | None = None
+    step_sqnr_db: list[float] = field(default_factory=list)  # per step, mean over samples
+    model_mib: float | None = None
+    step_ms: float | None = None
+
+
+@dataclass(kw_only=True)
+class EvalResult:
+    model_id: str
+    prompts: list[str]
+    seeds: list[int]
+    fp: Scores
+    builds: dict[str, Scores]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "prompts": self.prompts, "seeds": self.seeds, "fp": asdict(self.fp),
+                "builds": {k: asdict(v) for k, v in self.builds.items()}}  # fmt: skip
+
+
+def _fp_run(adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> tuple[np.ndarray, list, list]:
+    """FP latents, and per step the denoiser's inputs (x) and guided-free raw outputs (batch 2)."""
+    xs: list[np.ndarray] = []
+    outs: list[np.ndarray] = []
+
+    def pre(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        xs.append(args[0].detach().numpy().copy())
+
+    def post(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: Any) -> None:
+        outs.append(out[0][:, : adapter.latent_shape[0]].detach().numpy().copy())  # the eps / v half
+
+    handles = [adapter.transformer.register_forward_pre_hook(pre), adapter.transformer.register_forward_hook(post)]
+    try:
+        latents = sample(adapter, adapter.conditioner.encode([prompt]), [seed], config)
+    finally:
+        for h in handles:
+            h.remove()
+    return latents, xs, outs
+
+
+def evaluate(
+    folders: list[Path],
+    prompts: list[str],
+    seeds: list[int],
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Evaluate builds of one model against its FP sampling.
+
+    Raises:
+        QexportError: builds of different models or step schedules, bad prompts.
+    """
+    manifests = [read_manifest(f) for f in folders]
+    ids = {(m["model_id"], len(m["steps"]), m["cfg"]) for m in manifests}
+    if len(ids) != 1:
+        raise QexportError(f"builds differ in model, steps or CFG: {sorted(ids)}; evaluate one model's builds together")
+    model_id, steps, cfg = ids.pop()
+    adapter = load_model(model_id)
+    adapter.conditioner.encode(prompts)  # validates every prompt before any work
+    config = SamplingConfig(steps=steps, cfg=cfg)
+    pairs = [(p, s) for s in seeds for p in prompts]
+    fp_pixels, trajectories = [], []
+    for p, s in pairs:
+        latents, xs, outs = _fp_run(adapter, p, s, config)
+        fp_pixels.append(adapter.decode(latents)[0])
+        trajectories.append((xs, outs))
+        if progress is not None:
+            progress(f"FP {p!r} seed {s}")
+    captions = [p for p, _ in pairs]
+    fp_report = score(fp_pixels, captions) if adapter.pixel_latents else None
+    result = EvalResult(model_id=model_id, prompts=prompts, seeds=seeds, fp=_judge_scores(fp_report), builds={})
+    for folder, manifest in zip(folders, manifests, strict=True):
+        result.builds[str(folder)] = _eval_build(folder, manifest, adapter, pairs, fp_pixels, trajectories, progress)
+    return result
+
+
+def _judge_scores(report: Any) -> Scores:
+    if report is None:
+        return Scores()
+    return Scores(
+        adherence=report.adherence, accuracy=report.accuracy, temporal_consistency=report.temporal_consistency
+    )
+
+
+def _eval_build(
+    folder: Path,
+    manifest: dict[str, Any],
+    adapter: ModelAdapter,
+    pairs: list[tuple[str, int]],
+    fp_pixels: list[np.ndarray],
+    trajectories: list[tuple[list, list]],
+    progress: Callable[[str], None] | None,
+) -> Scores:
+    pipeline = Pipeline(folder, threads=2)
+    pixels, step_times = [], []
+    null = adapter.conditioner.null(1).numpy()
+    for p, s in pairs:
+        run = pipeline.run(adapter.conditioner.encode([p]).numpy(), null, s)
+        pixels.append(adapter.decode(torch.from_numpy(run.latents))[0])
+        step_times.extend(run.step_seconds)
+        if progress is not None:
+            progress(f"{folder.name} {p!r} seed {s}")
+    scores = _judge_scores(score(pixels, [p for p, _ in pairs]) if adapter.pixel_latents else None)
+    scores.psnr_db = float(np.mean([psnr_db(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]))
+    scores.ssim = float(np.mean([ssim(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]))
+    scores.step_sqnr_db = _step_sqnr(folder, manifest, adapter, pairs, trajectories)
+    scores.model_mib = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".bin")) / 2**20
+    scores.step_ms = 1e3 * float(np.median(step_times))
+    return scores
+
+
+def _step_sqnr(
+    folder: Path,
+    manifest: dict[str, Any],
+    adapter: ModelAdapter,
+    pairs: list[tuple[str, int]],
+    trajectories: list[tuple[list, list]],
+) -> list[float]:
+    """Per step: SQNR of the emitted model's output vs FP's, both fed the FP trajectory's input."""
+    sessions: dict[str, ort.InferenceSession] = {}
+    per_step: list[list[float]] = [[] for _ in manifest["steps"]]
+    with_t = "timestep" in {i["name"] for i in manifest["inputs"]}
+    null = adapter.conditioner.null(1).numpy()
+    for (p, _), (xs, outs) in zip(pairs, trajectories, strict=True):
+        cond = np.concatenate([adapter.conditioner.encode([p]).numpy(), null])
+        for k, step in enumerate(manifest["steps"]):
+            model = step["model"]
+            if model not in sessions:
+                sessions[model] = ort.InferenceSession(
+                    str(folder / model), session_options(2), providers=["CPUExecutionProvider"]
+                )
+            feeds = {"latents": xs[k], "cond": cond}
+            if with_t:
+                feeds["timestep"] = np.full((2,), step["timestep"], dtype=np.int64)
+            per_step[k].append(sqnr_db(outs[k], sessions[model].run(None, feeds)[0]))
+    return [float(np.mean(v)) for v in per_step]
+
+
+def write_json(result: EvalResult, path: Path) -> None:
+    from qexport.media import atomic_write
+
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(result.to_json(), indent=2)))
