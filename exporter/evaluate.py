@@ -50,7 +50,7 @@ class EvalResult:
                 "builds": {k: asdict(v) for k, v in self.builds.items()}}  # fmt: skip
 
 
-def _fp_run(adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> tuple[np.ndarray, list, list]:
+def _fp_run(adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> tuple[torch.Tensor, list, list]:
     """FP latents, and per step the denoiser's inputs (x) and guided-free raw outputs (batch 2)."""
     xs: list[np.ndarray] = []
     outs: list[np.ndarray] = []

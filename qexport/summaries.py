@@ -42,7 +42,7 @@ def eval_table(result: dict[str, Any]) -> list[str]:
 
     lines = [f"{'build':<28}{'PSNR':>7}{'SSIM':>7}{'adher.':>8}{'colour':>8}{'shape':>7}{'dir':>6}{'temp':>6}"
              f"{'SQNR/step':>10}{'MiB':>7}{'ms/step':>8}"]  # fmt: skip
-    rows = [("FP (torch)", result["fp"])] + list(result["builds"].items())
+    rows = [("FP (torch)", result["fp"]), *result["builds"].items()]
     for name, s in rows:
         acc = s["accuracy"]
         sq = s["step_sqnr_db"]
