@@ -16,8 +16,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
+from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, layer_ids, write_models
-from qexport.exporter.fp_export import FPExport, export_fp, stamp
+from qexport.exporter.fp_export import FPExport, export_fp, stamp, with_timestep
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
@@ -101,6 +102,7 @@ def build(
         ids = layer_ids(list(stats.layers))
         emit = write_models(models, tmp, ids)
         manifest = make_manifest(adapter, stats, config, target, built, emit)
+        manifest["conditioning"] = export_conditioning(adapter, tmp)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
         manifest["layer_ids"] = ids
         write_manifest(tmp, manifest)
@@ -132,10 +134,11 @@ def plan_models(
     """Export, plan and transform every range; returns the plans and the (file name, model) pairs."""
     built, models = [], []
     ranges = split_ranges(stats.steps, config.ranges)
-    shared_fp = None if config.ranges is None else _prepare(export_fp(adapter, list(stats.layers), None))
+    exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
+    shared_fp = None if config.ranges is None else _prepare(exported)
     for index, steps in enumerate(ranges):
         timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
-        fp = shared_fp if shared_fp is not None else _prepare(export_fp(adapter, list(stats.layers), timestep))
+        fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
         plan, model = _build_range(fp, steps, adapter, stats, config.quant, target)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))

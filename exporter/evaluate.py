@@ -21,7 +21,8 @@ from qexport.models.adapter import ModelAdapter
 from qexport.models.judge import score
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig, sample
-from qexport.runtime.loop import Pipeline, session_options
+from qexport.runtime.conditioning import Conditioning
+from qexport.runtime.loop import Pipeline, decode_pixels, session_options
 from qexport.runtime.manifest import read_manifest
 
 
@@ -44,6 +45,7 @@ class EvalResult:
     seeds: list[int]
     fp: Scores
     builds: dict[str, Scores]
+    first_samples: dict[str, np.ndarray] = field(default_factory=dict)  # "FP" / build -> first pair's pixels
 
     def to_json(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "prompts": self.prompts, "seeds": self.seeds, "fp": asdict(self.fp),
@@ -100,9 +102,49 @@ def evaluate(
     captions = [p for p, _ in pairs]
     fp_report = score(fp_pixels, captions) if adapter.pixel_latents else None
     result = EvalResult(model_id=model_id, prompts=prompts, seeds=seeds, fp=_judge_scores(fp_report), builds={})
+    result.first_samples["FP"] = fp_pixels[0]
     for folder, manifest in zip(folders, manifests, strict=True):
-        result.builds[str(folder)] = _eval_build(folder, manifest, adapter, pairs, fp_pixels, trajectories, progress)
+        scores, first = _eval_build(folder, manifest, adapter, pairs, fp_pixels, trajectories, progress)
+        result.builds[str(folder)] = scores
+        result.first_samples[str(folder)] = first
     return result
+
+
+def layer_step_sqnr(
+    adapter: ModelAdapter, plans: list[Any], manifest: dict[str, Any], prompt: str, seed: int
+) -> tuple[list[str], np.ndarray]:
+    """SQNR (dB) of every quantized linear's output, simulated vs FP, per step on the FP trajectory.
+
+    Returns the layer names and an array [layers, steps].
+    """
+    from qexport.exporter.simulate import simulated
+
+    config = SamplingConfig(steps=len(manifest["steps"]), cfg=manifest["cfg"])
+    _, xs, _ = _fp_run(adapter, prompt, seed, config)
+    cond = torch.cat([adapter.conditioner.encode([prompt]), adapter.conditioner.null(1)])
+    layers = list(plans[0].layers)
+    modules = dict(adapter.transformer.named_modules())
+    denoiser = adapter.denoiser()
+    table = np.zeros((len(layers), len(manifest["steps"])))
+    for k, step in enumerate(manifest["steps"]):
+        x, t = torch.from_numpy(xs[k]), torch.full((2,), step["timestep"], dtype=torch.long)
+        captured: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+        hooks = [
+            modules[n].register_forward_hook(lambda m, a, o, n=n, c=captured: c[n].append(o.detach().numpy()))
+            for n in layers
+        ]
+        try:
+            with torch.no_grad():
+                denoiser(x, t, cond)
+                with simulated(adapter.transformer, plans[step["range"]]):
+                    denoiser(x, t, cond)
+        finally:
+            for h in hooks:
+                h.remove()
+        for i, name in enumerate(layers):
+            fp, q = captured[name]
+            table[i, k] = sqnr_db(fp, q)
+    return layers, table
 
 
 def _judge_scores(report: Any) -> Scores:
@@ -121,13 +163,13 @@ def _eval_build(
     fp_pixels: list[np.ndarray],
     trajectories: list[tuple[list, list]],
     progress: Callable[[str], None] | None,
-) -> Scores:
+) -> tuple[Scores, np.ndarray]:
     pipeline = Pipeline(folder, threads=2)
+    conditioning = Conditioning(folder, manifest)  # the deployed path: what `qexport run` does
     pixels, step_times = [], []
-    null = adapter.conditioner.null(1).numpy()
     for p, s in pairs:
-        run = pipeline.run(adapter.conditioner.encode([p]).numpy(), null, s)
-        pixels.append(adapter.decode(torch.from_numpy(run.latents))[0])
+        run = pipeline.run(conditioning.encode(p), conditioning.null(), s)
+        pixels.append(decode_pixels(run.latents, manifest))
         step_times.extend(run.step_seconds)
         if progress is not None:
             progress(f"{folder.name} {p!r} seed {s}")
@@ -137,7 +179,7 @@ def _eval_build(
     scores.step_sqnr_db = _step_sqnr(folder, manifest, adapter, pairs, trajectories)
     scores.model_mib = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".bin")) / 2**20
     scores.step_ms = 1e3 * float(np.median(step_times))
-    return scores
+    return scores, pixels[0]
 
 
 def _step_sqnr(
@@ -151,9 +193,9 @@ def _step_sqnr(
     sessions: dict[str, ort.InferenceSession] = {}
     per_step: list[list[float]] = [[] for _ in manifest["steps"]]
     with_t = "timestep" in {i["name"] for i in manifest["inputs"]}
-    null = adapter.conditioner.null(1).numpy()
+    conditioning = Conditioning(folder, manifest)
     for (p, _), (xs, outs) in zip(pairs, trajectories, strict=True):
-        cond = np.concatenate([adapter.conditioner.encode([p]).numpy(), null])
+        cond = np.concatenate([conditioning.encode(p), conditioning.null()])
         for k, step in enumerate(manifest["steps"]):
             model = step["model"]
             if model not in sessions:

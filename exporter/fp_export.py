@@ -111,6 +111,19 @@ def export_fp(adapter: ModelAdapter, layers: list[str], timestep: int | None) ->
     return FPExport(model=model, input_names=names, bindings=bindings, timestep=timestep)
 
 
+def with_timestep(fp: FPExport, timestep: int | None) -> FPExport:
+    """A per-step variant: the `timestep` input becomes a constant [t, t] (folded by _prepare)."""
+    if timestep is None:
+        return fp
+    model = onnx.ModelProto()
+    model.CopyFrom(fp.model)
+    t_input = next(i for i in model.graph.input if i.name == "timestep")
+    model.graph.input.remove(t_input)
+    model.graph.initializer.append(numpy_helper.from_array(np.full((2,), timestep, dtype=np.int64), "timestep"))
+    names = [n for n in fp.input_names if n != "timestep"]
+    return FPExport(model=model, input_names=names, bindings=fp.bindings, timestep=timestep)
+
+
 def stamp(model: onnx.ModelProto) -> None:
     """Opset 21 (int4 / int16 QDQ) and an IR version onnxruntime 1.31 loads."""
     for opset in model.opset_import:

@@ -77,13 +77,13 @@ class Verification:
 
 def kernel_report(
     path: Path, layers: list[str], ids: dict[str, str], native: bool
-) -> tuple[list[str], list[str], list[str]]:
-    """(integer, emulated, float) layers, read off onnxruntime's optimised graph."""
+) -> tuple[ort.InferenceSession, list[str], list[str], list[str]]:
+    """The session, and the (integer, emulated, float) layers read off its optimised graph."""
     with tempfile.TemporaryDirectory() as tmp:
         opts = session_options(2)
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.bin")
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
     integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
     integer, emulated, floats = [], [], []
@@ -94,7 +94,7 @@ def kernel_report(
             floats.append(layer)
         else:
             emulated.append(layer)
-    return integer, emulated, floats
+    return session, integer, emulated, floats
 
 
 def trajectory(adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> list[np.ndarray]:
@@ -133,10 +133,9 @@ def verify(
         path = Path(folder) / r["model"]
         onnx.checker.check_model(str(path))
         check = ModelCheck(model=r["model"], steps=r["steps"])
-        check.integer, check.emulated, check.float_ = kernel_report(
+        session, check.integer, check.emulated, check.float_ = kernel_report(
             path, list(plan.layers), manifest["layer_ids"], native
         )
-        session = ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
         step = r["steps"][0]
         t = manifest["steps"][step]["timestep"]
         x = torch.from_numpy(np.concatenate([xs[step], xs[step]]))

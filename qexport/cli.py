@@ -326,6 +326,40 @@ def verify(folder: Path, stats_file: Path | None, prompt: str | None) -> None:
     _verify_and_report(folder, adapter, plans, manifest, prompt)
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Caption (text-to-video builds).")
+@click.option("--label", help="Class label (class-conditional builds).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="clip.gif or image.png")
+def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads: int | None, output: Path) -> None:
+    """The edge loop: manifest.json + ONNX files, numpy + onnxruntime only."""
+    from qexport.media import save_gif, save_png, strip
+    from qexport.runtime.conditioning import Conditioning
+    from qexport.runtime.loop import Pipeline, decode_pixels
+
+    text = prompt if prompt is not None else label
+    if text is None:
+        raise QexportError("give --prompt (text-to-video builds) or --label (class-conditional builds)")
+    pipeline = Pipeline(folder, threads=threads)
+    conditioning = Conditioning(folder, pipeline.manifest)
+    result = pipeline.run(conditioning.encode(text), conditioning.null(), seed)
+    pixels = decode_pixels(result.latents, pipeline.manifest)
+    if pixels.ndim == 4:
+        save_gif(output.with_suffix(".gif"), pixels)
+        save_png(output.with_suffix(".png"), strip(pixels))
+        written = f"{output.with_suffix('.gif')} and {output.with_suffix('.png')}"
+    else:
+        save_png(output.with_suffix(".png"), pixels)
+        written = str(output.with_suffix(".png"))
+    steps = result.step_seconds
+    click.echo(
+        f"wrote {written}: {len(steps)} steps, {1e3 * sum(steps) / len(steps):.0f} ms/step "
+        f"(first {1e3 * steps[0]:.0f} ms), waiting for sessions {1e3 * sum(result.swap_seconds):.0f} ms in all"
+    )
+
+
 @cli.command(name="eval")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Captions, one per line.")
@@ -349,6 +383,32 @@ def eval_(folders: tuple[Path, ...], prompts_file: Path | None, labels: str | No
     for line in eval_table(result.to_json()):
         click.echo(line)
     click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("qexport-demo"), show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing demo folder.")
+def demo(output: Path, force: bool) -> None:
+    """The whole path on the built-in tiny-latte: calibrate, build, verify, eval, report."""
+    from qexport.exporter.demo import demo as run_demo
+    from qexport.summaries import eval_table, verification_table
+
+    start = time.perf_counter()
+    result = run_demo(output, force=force, progress=lambda message: click.echo(message, err=True))
+    click.echo("")
+    for line in verification_table(result.verification):
+        click.echo(line)
+    click.echo("")
+    for line in eval_table(result.evaluation):
+        click.echo(line)
+    phases = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    int8 = sum(m["integer"] for m in result.verification["models"])
+    click.echo(
+        f"\nsummary: {len(result.verification['models'])} step models, {int8} quantized layer-models on "
+        f"integer kernels (MatMulIntegerToFloat), verdict {'PASS' if result.verification['ok'] else 'FAIL'}"
+    )
+    click.echo(f"time: {time.perf_counter() - start:.0f}s ({phases})")
+    click.echo(f"report: {result.report.resolve()}")
 
 
 def main() -> None:

@@ -13,3 +13,20 @@ def smoke_models(tmp_path_factory):
     for name in ("tiny-latte", "tiny-dit"):
         train.main(["--model", name, "--out", str(root / name), "--smoke"])
     return root
+
+
+@pytest.fixture(scope="session")
+def latte_stats(tmp_path_factory):
+    """A 4-step calibration of the built-in tiny-latte on two prompts."""
+    from qexport.calib.run import CalibConfig, calibrate
+    from qexport.calib.store import save
+
+    from qexport.models.registry import load_model
+    from qexport.models.sampler import SamplingConfig
+
+    adapter = load_model("tiny-latte")
+    prompts = ("a red circle moving left", "a blue square moving up")
+    path = tmp_path_factory.mktemp("stats") / "latte.qstats"
+    config = CalibConfig(prompts=prompts, sampling=SamplingConfig(steps=4, cfg=7.0), batch_size=2)
+    save(calibrate(adapter, config).stats, path)
+    return path

@@ -26,15 +26,6 @@ from qexport.models.sampler import SamplingConfig
 STEPS = SamplingConfig(steps=4, cfg=7.0)
 
 
-@pytest.fixture(scope="module")
-def latte_stats(tmp_path_factory):
-    adapter = load_model("tiny-latte")
-    prompts = ("a red circle moving left", "a blue square moving up")
-    path = tmp_path_factory.mktemp("stats") / "latte.qstats"
-    save(calibrate(adapter, CalibConfig(prompts=prompts, sampling=STEPS, batch_size=2)).stats, path)
-    return path
-
-
 def _build(stats, tmp_path, name, **kw):
     quant = QuantConfig(**{k: v for k, v in kw.items() if k in ("w_bits", "a_bits", "smooth", "alpha")})
     return build(stats, tmp_path / name, BuildConfig(quant=quant, ranges=kw.get("ranges")))

@@ -100,7 +100,9 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     meta = index.get("qexport", {})
     try:
-        transformer = architectures.FAMILIES[class_name].from_pretrained(str(tdir), torch_dtype=torch.float32)
+        transformer = architectures.FAMILIES[class_name].from_pretrained(
+            str(tdir), torch_dtype=torch.float32, low_cpu_mem_usage=False
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise QexportError(f"cannot load {class_name} from {tdir}: {exc}") from exc
     transformer.eval()

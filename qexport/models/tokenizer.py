@@ -12,7 +12,9 @@ VOCAB: tuple[str, ...] = (PAD, "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
 MAX_TOKENS = 8
 
 
-def tokenize(prompts: list[str], max_tokens: int = MAX_TOKENS) -> np.ndarray:
+def tokenize(
+    prompts: list[str], max_tokens: int = MAX_TOKENS, vocab: tuple[str, ...] | list[str] = VOCAB
+) -> np.ndarray:
     """Token ids, int64 [len(prompts), max_tokens], right-padded with <pad> (id 0).
 
     The empty prompt "" is the null caption used for classifier-free guidance.
@@ -20,7 +22,7 @@ def tokenize(prompts: list[str], max_tokens: int = MAX_TOKENS) -> np.ndarray:
     Raises:
         QexportError: a word outside the vocabulary, or a caption longer than max_tokens.
     """
-    index = {w: i for i, w in enumerate(VOCAB)}
+    index = {w: i for i, w in enumerate(vocab)}
     ids = np.zeros((len(prompts), max_tokens), dtype=np.int64)
     for row, prompt in enumerate(prompts):
         words = prompt.lower().split()
@@ -28,7 +30,7 @@ def tokenize(prompts: list[str], max_tokens: int = MAX_TOKENS) -> np.ndarray:
             raise QexportError(f"prompt {prompt!r} has {len(words)} words; at most {max_tokens} are allowed")
         for col, word in enumerate(words):
             if word not in index:
-                vocab = " ".join(VOCAB[1:])
-                raise QexportError(f"unknown word {word!r} in prompt {prompt!r}; the vocabulary is: {vocab}")
+                words_known = " ".join(vocab[1:])
+                raise QexportError(f"unknown word {word!r} in prompt {prompt!r}; the vocabulary is: {words_known}")
             ids[row, col] = index[word]
     return ids

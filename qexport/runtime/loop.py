@@ -81,3 +81,14 @@ class Pipeline:
             result.step_seconds.append(time.perf_counter() - start)
         result.latents = x
         return result
+
+
+def decode_pixels(latents: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
+    """Pixel-space latents [1, C, (F,) H, W] in [-1, 1] -> uint8 [(F,) H, W, 3], as the torch decode does."""
+    if not manifest.get("pixel_latents"):
+        from qexport.errors import QexportError
+
+        raise QexportError("this model's latents need a VAE decoder, which the edge loop does not ship")
+    x = np.clip(latents[0].astype(np.float32), -1, 1)
+    pixels = np.round((x + np.float32(1)) * np.float32(127.5)).astype(np.uint8)
+    return np.moveaxis(pixels, 0, -1)  # channels last; video: [F, H, W, 3]
