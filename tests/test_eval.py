@@ -1,0 +1,58 @@
+"""qexport eval and report.html on a short (4-step) build of the built-in tiny-latte."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qexport.calib.store import load
+from qexport.errors import QexportError
+from qexport.exporter.build import BuildConfig, build
+from qexport.exporter.evaluate import evaluate, layer_step_sqnr, write_json
+from qexport.exporter.report import write_report
+from qexport.passes.plan import QuantConfig, Smooth
+
+
+@pytest.fixture(scope="module")
+def two_builds(latte_stats, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tsq = build(latte_stats, root / "tsq", BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ)))
+    plain = build(latte_stats, root / "plain", BuildConfig(quant=QuantConfig(), ranges=1))
+    return tsq, plain
+
+
+def test_eval_measures_every_build_against_fp_and_reports(two_builds, latte_stats, tmp_path):
+    tsq, plain = two_builds
+    result = evaluate([tsq.folder, plain.folder], ["a red circle moving left", "a green triangle moving up"], [0])
+    fp = result.fp
+    assert fp.adherence is not None and set(fp.accuracy) == {"colour", "shape", "direction"}
+    for folder in (tsq.folder, plain.folder):
+        s = result.builds[str(folder)]
+        assert 10 < s.psnr_db < 80 and 0 < s.ssim <= 1
+        assert len(s.step_sqnr_db) == 4 and all(v > 10 for v in s.step_sqnr_db)
+        assert s.model_mib > 1 and s.step_ms > 0
+    write_json(result, tmp_path / "eval.json")
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert set(data["builds"]) == {str(tsq.folder), str(plain.folder)}
+    layers, table = layer_step_sqnr(
+        tsq.adapter, [r.plan for r in tsq.ranges], tsq.manifest, "a red circle moving left", 0
+    )
+    assert table.shape == (64, 4) and np.isfinite(table).all() and len(layers) == 64
+    write_report(
+        tmp_path / "report.html", data, result.first_samples, load(latte_stats), {str(tsq.folder): (layers, table)}
+    )
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<img src='data:image/png;base64,") == 2 + 1 + 3  # ranges, curves, heatmap, 3 strips
+    assert "PSNR" in page
+
+
+def test_eval_refuses_builds_of_different_schedules(two_builds, tmp_path):
+    tsq, _ = two_builds
+    other = tmp_path / "other"
+    other.mkdir()
+    manifest = json.loads((tsq.folder / "manifest.json").read_text())
+    manifest["steps"] = manifest["steps"][:2]
+    manifest["ranges"] = []
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QexportError, match="builds differ in model, steps or CFG"):
+        evaluate([tsq.folder, other], ["a red circle moving left"], [0])
