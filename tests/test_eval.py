@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
-
 from qexport.calib.store import load
-from qexport.errors import QexportError
 from qexport.exporter.build import BuildConfig, build
 from qexport.exporter.evaluate import evaluate, layer_step_sqnr, write_json
 from qexport.exporter.report import write_report
 from qexport.passes.plan import QuantConfig, Smooth
+
+from qexport.errors import QexportError
 
 
 @pytest.fixture(scope="module")
