@@ -153,6 +153,7 @@ def _header(adapter: ModelAdapter, config: CalibConfig, layers: dict, excluded: 
         "cfg": config.sampling.cfg,
         "prompts_hash": prompts_hash,
         "prompts": len(config.prompts),
+        "prompt_texts": list(config.prompts),
         "seeds": list(config.seeds),
         "batch_size": config.batch_size,
         "samples": samples,

@@ -9,20 +9,21 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
+from qexport.exporter.alpha import AlphaSearch
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, layer_ids, write_models
 from qexport.exporter.fp_export import FPExport, export_fp, stamp, with_timestep
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
-from qexport.passes.plan import QuantConfig, RangePlan, plan_range
+from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
 from qexport.targets.profile import TargetProfile, get_profile
 
@@ -130,16 +131,27 @@ def plan_models(
     config: BuildConfig,
     target: TargetProfile,
     progress: Callable[[str], None] | None = None,
+    alphas: list[float] | None = None,
 ) -> tuple[list[BuiltRange], list[tuple[str, onnx.ModelProto]]]:
-    """Export, plan and transform every range; returns the plans and the (file name, model) pairs."""
+    """Export, plan and transform every range; returns the plans and the (file name, model) pairs.
+
+    alphas, if given, fixes each range's alpha (re-planning a build made with --alpha auto).
+    """
     built, models = [], []
     ranges = split_ranges(stats.steps, config.ranges)
     exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
+    search = None
+    if config.quant.alpha_auto and alphas is None:
+        prompts = list(stats.header.get("prompt_texts", []))[:2]
+        if not prompts:
+            raise QexportError("--alpha auto needs statistics that record their prompts; recalibrate with this qexport")
+        search = AlphaSearch(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
     for index, steps in enumerate(ranges):
         timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
         fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
-        plan, model = _build_range(fp, steps, adapter, stats, config.quant, target)
+        quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
+        plan, model = _build_range(fp, steps, adapter, stats, quant, target, search)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
         models.append((name, model))
@@ -164,6 +176,7 @@ def _build_range(
     stats: QStats,
     quant: QuantConfig,
     target: TargetProfile,
+    search: AlphaSearch | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto]:
     graph = gs.import_onnx(fp.model)
     nodes = {layer: b.node for layer, b in fp.bindings.items()}
@@ -172,7 +185,15 @@ def _build_range(
     weights = {layer: np.asarray(constants[b.weight].values) for layer, b in fp.bindings.items()}
     modules = dict(adapter.transformer.named_modules())
     biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
-    plan = plan_range(steps, groups, stats.layers, weights, biases, quant, target)
+
+    def make(alpha: float) -> RangePlan:
+        config = replace(quant, alpha=alpha)
+        return plan_range(steps, groups, stats.layers, weights, biases, config, target)
+
+    if search is not None and quant.smooth != Smooth.NONE:
+        _, plan, _ = search.best(make)
+    else:
+        plan = make(quant.alpha)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)

@@ -62,7 +62,7 @@ def make_manifest(
             }
             for i, (t, c_x, c_out) in enumerate(coefficients)
         ],
-        "ranges": [{"index": r.index, "steps": r.steps, "model": r.model_file} for r in ranges],
+        "ranges": [{"index": r.index, "steps": r.steps, "model": r.model_file, "alpha": r.plan.alpha} for r in ranges],
         "quantization": {
             "w_bits": q.w_bits,
             "a_bits": q.a_bits,
@@ -71,7 +71,8 @@ def make_manifest(
             "activations": f"{target.activation_type(q.a_bits)} per tensor, "
             f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static",
             "smooth": q.smooth.value,
-            "alpha": q.alpha,
+            "weight_clip": q.weight_clip,
+            "alpha": "auto" if q.alpha_auto else q.alpha,
             "granularity": "timestep-wise" if config.ranges is None else f"{config.ranges} time ranges",
             "layers": len(stats.layers),
             "kept_fp": stats.header.get("excluded", []),

@@ -32,7 +32,10 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(path))
     q = manifest["quantization"]
     ranges = None if q["granularity"] == "timestep-wise" else len(manifest["ranges"])
-    quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=q["alpha"])
+    alphas = [float(r["alpha"]) for r in manifest["ranges"]]
+    quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=alphas[0],
+                        weight_clip=q.get("weight_clip", "minmax"))  # fmt: skip
     target = get_profile(manifest["target"])
-    built, _ = plan_models(adapter, stats, BuildConfig(quant=quant, ranges=ranges, target=target.name), target)
+    config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
+    built, _ = plan_models(adapter, stats, config, target, alphas=alphas)
     return adapter, [b.plan for b in built], target

@@ -10,7 +10,7 @@ from enum import StrEnum
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
-from qexport.passes.quant import Grid, dequantize, qparams, quantize
+from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -30,8 +30,12 @@ class QuantConfig:
     a_bits: int = 8
     smooth: Smooth = Smooth.NONE
     alpha: float = 0.5
+    alpha_auto: bool = False  # search alpha per range (the build does it; alpha is then a start value)
+    weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
 
     def __post_init__(self) -> None:
+        if self.weight_clip not in ("minmax", "mse"):
+            raise QexportError(f"--weight-clip must be minmax or mse, got {self.weight_clip!r}")
         if not 2 <= self.w_bits <= 8:
             raise QexportError(f"--w-bits must be in 2..8, got {self.w_bits}")
         if not 4 <= self.a_bits <= 16:
@@ -63,6 +67,7 @@ class LayerPlan:
 class RangePlan:
     steps: list[int]
     layers: dict[str, LayerPlan] = field(default_factory=dict)
+    alpha: float = 0.5
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
 
@@ -111,7 +116,7 @@ def plan_range(
     a_grid = Grid(
         bits=config.a_bits, storage=target.activation_type(config.a_bits), symmetric=target.activation_symmetric
     )
-    plan = RangePlan(steps=list(steps))
+    plan = RangePlan(steps=list(steps), alpha=config.alpha)
     final_w = {k: v.astype(np.float64) for k, v in weights.items()}
     final_b = {k: (None if v is None else v.astype(np.float64)) for k, v in biases.items()}
     changed_bias: set[str] = set()
@@ -139,7 +144,10 @@ def plan_range(
             divisors[layer] = None if (s is None or g.fold == "value") else s
             ranges[layer] = (lo, hi)
     for layer, w in final_w.items():
-        w_scale, w_zero = qparams(w.min(axis=0), w.max(axis=0), w_grid, pow2=target.pow2_scales)
+        if config.weight_clip == "mse":
+            w_scale, w_zero = mse_clipped_qparams(w, w_grid, pow2=target.pow2_scales)
+        else:
+            w_scale, w_zero = qparams(w.min(axis=0), w.max(axis=0), w_grid, pow2=target.pow2_scales)
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )

@@ -75,3 +75,22 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: Grid) -> 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     return ((q.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
+
+
+CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
+
+
+def mse_clipped_qparams(w: np.ndarray, grid: Grid, pow2: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel (columns of W^T [in, out]): the clip ratio r of the min-max range that
+    minimises the channel's squared quantization error, searched over CLIP_RATIOS."""
+    lo, hi = w.min(axis=0), w.max(axis=0)
+    best_err = np.full(w.shape[1], np.inf)
+    best_scale, best_zero = qparams(lo, hi, grid, pow2)
+    for r in CLIP_RATIOS:
+        scale, zero = qparams(r * lo, r * hi, grid, pow2)
+        err = ((dequantize(quantize(w, scale[None], zero[None], grid), scale[None], zero[None]) - w) ** 2).sum(axis=0)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+    return best_scale.astype(np.float32), best_zero.astype(zero.dtype)

@@ -254,7 +254,8 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option("--w-bits", type=int, default=8, show_default=True)
 @click.option("--a-bits", type=int, default=8, show_default=True)
 @click.option("--smooth", type=click.Choice(["none", "asq", "tsq"]), default="none", show_default=True)
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
+@click.option("--alpha", default="0.5", show_default=True, help="SmoothQuant migration strength, or 'auto'.")
+@click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
 @click.option("--target", default="ort-cpu", show_default=True)
@@ -267,7 +268,8 @@ def build(
     w_bits: int,
     a_bits: int,
     smooth: str,
-    alpha: float,
+    alpha: str,
+    weight_clip: str,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -284,7 +286,13 @@ def build(
 
     if timestep_wise == (time_ranges is not None):
         raise QexportError("give exactly one of --timestep-wise or --time-ranges K")
-    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=alpha)
+    auto = alpha == "auto"
+    try:
+        value = 0.5 if auto else float(alpha)
+    except ValueError:
+        raise QexportError(f"--alpha must be a number in (0, 1] or 'auto', got {alpha!r}") from None
+    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
+                        weight_clip=weight_clip)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in build_lines(result.manifest, result.seconds, str(output)):

@@ -55,6 +55,12 @@ def eval_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _alphas(manifest: dict[str, Any]) -> str:
+    values = sorted({r["alpha"] for r in manifest["ranges"]})
+    auto = " searched" if manifest["quantization"]["alpha"] == "auto" else ""
+    return (", ".join(f"{v:g}" for v in values) if len(values) <= 4 else f"{values[0]:g}..{values[-1]:g}") + auto
+
+
 def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:
     q, f = manifest["quantization"], manifest["files"]
     folds = ", ".join(f"{k} {v}" for k, v in sorted(q["folds"].items())) or "no smoothing"
@@ -62,7 +68,7 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
     unshared = f["weights_bytes_without_sharing"] / 2**20
     return [
         f"built {len(manifest['ranges'])} model(s) in {folder} ({seconds:.1f}s): W{q['w_bits']}A{q['a_bits']}, "
-        f"smooth {q['smooth']} (alpha {q['alpha']}), {q['granularity']}, target {manifest['target']}",
+        f"smooth {q['smooth']} (alpha {_alphas(manifest)}), {q['granularity']}, target {manifest['target']}",
         f"  weights    {q['weights']}; activations {q['activations']}",
         f"  layers     {q['layers']} quantized, {len(q['kept_fp'])} kept in FP",
         f"  smoothing  groups folded/explicit: {folds}",

@@ -168,3 +168,18 @@ def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, 
     with pytest.raises(QexportError, match=r"calibrated on model 'diffusers:.*tiny-dit'"):
         build(other, out, BuildConfig())
     assert not out.exists() and not list(tmp_path.glob(".out.building-*"))
+
+
+def test_alpha_auto_searches_per_range_and_replans(latte_stats, tmp_path):
+    from qexport.exporter.replan import replan
+
+    result = build(
+        latte_stats, tmp_path / "auto", BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ, alpha_auto=True), ranges=2)
+    )
+    alphas = [r["alpha"] for r in result.manifest["ranges"]]
+    assert result.manifest["quantization"]["alpha"] == "auto" and all(0.1 <= a <= 1.0 for a in alphas)
+    _, plans, _ = replan(result.manifest, latte_stats)
+    for old, new in zip(result.ranges, plans, strict=True):
+        assert new.alpha == old.plan.alpha
+        layer = next(iter(old.plan.layers))
+        assert np.array_equal(new.layers[layer].w_q, old.plan.layers[layer].w_q)
