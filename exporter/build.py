@@ -19,7 +19,7 @@ from qexport.calib.store import QStats, check_matches, load
 from qexport.exporter.alpha import AlphaSearch
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, layer_ids, write_models
-from qexport.exporter.fp_export import FPExport, export_fp, stamp, with_timestep
+from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
@@ -162,8 +162,8 @@ def plan_models(
 
 def _prepare(fp: FPExport) -> FPExport:
     """Shape inference, then constant folding (the per-step specialisation: t-only paths vanish)."""
-    folded = gs.export_onnx(fold_constants(gs.import_onnx(onnx.shape_inference.infer_shapes(fp.model))))
-    graph = compact_constants(gs.import_onnx(onnx.shape_inference.infer_shapes(folded)))  # shapes known after folding
+    folded = gs.export_onnx(fold_constants(gs.import_onnx(infer_shapes(fp.model))))
+    graph = compact_constants(gs.import_onnx(infer_shapes(folded)))  # more shapes are known after folding
     model = gs.export_onnx(graph)
     stamp(model)
     return FPExport(model=model, input_names=fp.input_names, bindings=fp.bindings, timestep=fp.timestep)

@@ -124,6 +124,20 @@ def with_timestep(fp: FPExport, timestep: int | None) -> FPExport:
     return FPExport(model=model, input_names=names, bindings=fp.bindings, timestep=timestep)
 
 
+PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, with room for the graph itself
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference; through files with external data when the model is over 2 GB."""
+    if model.ByteSize() < PROTO_LIMIT:
+        return onnx.shape_inference.infer_shapes(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, str(src), save_as_external_data=True, location="in.bin", size_threshold=1024)
+        onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+        return onnx.load(str(dst), load_external_data=True)
+
+
 def stamp(model: onnx.ModelProto) -> None:
     """Opset 21 (int4 / int16 QDQ) and an IR version onnxruntime 1.31 loads."""
     for opset in model.opset_import:
