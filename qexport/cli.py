@@ -419,6 +419,58 @@ def demo(output: Path, force: bool) -> None:
     click.echo(f"report: {result.report.resolve()}")
 
 
+@cli.command()
+@click.argument("stats_file", type=click.Path(path_type=Path))
+@click.option("--methods", default="CW+TW,+TSW,+ASQ,+TSQ+TSW", show_default=True)
+@click.option("--bits", default="W8A8,W4A8", show_default=True, help="e.g. W8A8,W6A8,W4A8,W8A16,W6A6,W4A6,W4A4")
+@click.option("--time-ranges", "ranges", default="", help="e.g. 1,2,4,10,20 (instead of per step)")
+@click.option(
+    "--prompts", "prompts_file", type=click.Path(path_type=Path), help="Evaluation captions (default: built-in set)."
+)
+@click.option("--labels", help="Evaluation class labels.")
+@click.option("--seeds", default="0", show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sweep"), show_default=True)
+def sweep(
+    stats_file: Path,
+    methods: str,
+    bits: str,
+    ranges: str,
+    prompts_file: Path | None,
+    labels: str | None,
+    seeds: str,
+    alpha: float,
+    output: Path,
+) -> None:
+    """Build and evaluate a grid (methods x bits x ranges); writes the paper's table shapes."""
+    from qexport.calib.store import load
+    from qexport.exporter.evaluate import write_json
+    from qexport.exporter.sweep import grid, paper_tables
+    from qexport.exporter.sweep import sweep as run_sweep
+    from qexport.models import shapes
+
+    cells = grid([m for m in methods.split(",") if m], [b for b in bits.split(",") if b],
+                 [int(r) for r in ranges.split(",") if r.strip()])  # fmt: skip
+    if prompts_file is None and labels is None:
+        kind = load(stats_file).header.get("class_name")
+        prompts = shapes.class_names() if kind == "DiTTransformer2DModel" else shapes.eval_prompts()
+    else:
+        prompts = _prompts(prompts_file, labels)
+    result, folders = run_sweep(stats_file, cells, output, prompts, _seeds(seeds), alpha,
+                                progress=lambda m: click.echo(m, err=True))  # fmt: skip
+    write_json(result, output / "sweep.json")
+    data = result.to_json()
+    data["builds"] = {folders[k].name: v for k, v in data["builds"].items()}
+    from qexport.summaries import eval_table
+
+    for line in eval_table(data):
+        click.echo(line)
+    tables = "\n".join(paper_tables(result.to_json(), folders))
+    (output / "tables.md").write_text(tables)
+    click.echo(tables)
+    click.echo(f"wrote {output / 'sweep.json'} and {output / 'tables.md'}")
+
+
 def main() -> None:
     """Entry point: one clear error line and a non-zero exit; tracebacks only with --debug."""
     try:

@@ -56,3 +56,17 @@ def test_eval_refuses_builds_of_different_schedules(two_builds, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(QexportError, match="builds differ in model, steps or CFG"):
         evaluate([tsq.folder, other], ["a red circle moving left"], [0])
+
+
+def test_sweep_builds_the_grid_and_writes_paper_tables(latte_stats, tmp_path):
+    from qexport.exporter.sweep import grid, paper_tables, sweep
+
+    cells = grid(["CW+TW", "+TSQ+TSW"], ["W8A8", "W4A8"], None)
+    result, folders = sweep(latte_stats, cells, tmp_path, ["a red circle moving left"], [0])
+    assert len(folders) == 4 and {c.name for c in folders.values()} == {"W8A8 CW+TW", "W8A8 +TSQ+TSW", "W4A8 CW+TW", "W4A8 +TSQ+TSW"}
+    table = "\n".join(paper_tables(result.to_json(), folders))
+    assert "| CW+TW |" in table and "| +TSQ+TSW |" in table and table.count(" / ") == 4
+    with pytest.raises(QexportError, match="unknown method"):
+        grid(["+XYZ"], ["W8A8"], None)
+    with pytest.raises(QexportError, match="bit widths look like"):
+        grid(["CW+TW"], ["8bit"], None)

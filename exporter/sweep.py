@@ -1,0 +1,103 @@
+"""``sweep``: build and evaluate a grid of methods x bit widths x time ranges from one .qstats,
+all from the same noise, and lay the measurements out as the seed paper's tables."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qexport.exporter.build import BuildConfig, build
+from qexport.exporter.evaluate import EvalResult, evaluate
+from qexport.passes.plan import QuantConfig, Smooth
+
+from qexport.errors import QexportError
+
+# method -> (smoothing, timestep-wise); "ranges" replaces timestep-wise when given
+METHODS: dict[str, tuple[Smooth, bool]] = {
+    "CW+TW": (Smooth.NONE, False),
+    "+TSW": (Smooth.NONE, True),
+    "+ASQ": (Smooth.ASQ, True),
+    "+TSQ+TSW": (Smooth.TSQ, True),
+}
+BITS = ("W8A8", "W6A8", "W4A8", "W8A16", "W6A6", "W4A6", "W4A4")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cell:
+    method: str
+    bits: str
+    ranges: int | None  # None: one per step (or one range for CW+TW)
+
+    @property
+    def name(self) -> str:
+        r = "" if self.ranges is None else f" {self.ranges}R"
+        return f"{self.bits} {self.method}{r}"
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"W(\d+)A(\d+)", text.strip().upper())
+    if not m:
+        raise QexportError(f"bit widths look like W8A8, got {text!r}; e.g. {', '.join(BITS)}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def grid(methods: list[str], bits: list[str], ranges: list[int] | None) -> list[Cell]:
+    """Every requested cell; unknown methods / bits are refused before any work."""
+    for m in methods:
+        if m not in METHODS:
+            raise QexportError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for b in bits:
+        parse_bits(b)
+    if not ranges:
+        return [Cell(method=m, bits=b, ranges=None) for m in methods for b in bits]
+    return [Cell(method=m, bits=b, ranges=r) for m in methods for b in bits for r in ranges]
+
+
+def sweep(
+    stats_path: Path,
+    cells: list[Cell],
+    work: Path,
+    prompts: list[str],
+    seeds: list[int],
+    alpha: float = 0.5,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[EvalResult, dict[str, Cell]]:
+    """Build every cell into work/ and evaluate them together."""
+    folders: dict[str, Cell] = {}
+    for cell in cells:
+        w, a = parse_bits(cell.bits)
+        smooth, tsw = METHODS[cell.method]
+        ranges = cell.ranges if cell.ranges is not None else (None if tsw else 1)
+        out = work / re.sub(r"[^A-Za-z0-9]+", "_", cell.name).strip("_")
+        quant = QuantConfig(w_bits=w, a_bits=a, smooth=smooth, alpha=alpha)
+        build(stats_path, out, BuildConfig(quant=quant, ranges=ranges, force=True))
+        folders[str(out)] = cell
+        if progress is not None:
+            progress(f"built {cell.name}")
+    return evaluate([Path(f) for f in folders], prompts, seeds, progress=progress), folders
+
+
+def paper_tables(result: dict[str, Any], cells: dict[str, Cell]) -> list[str]:
+    """Markdown tables: methods x bits (Tables I/IV) and, when ranges vary, ranges x bits (III)."""
+    fp = result["fp"]
+    lines = []
+    by = {(c.method, c.bits, c.ranges): result["builds"][f] for f, c in cells.items()}
+    methods = list(dict.fromkeys(c.method for c in cells.values()))
+    bits = list(dict.fromkeys(c.bits for c in cells.values()))
+    ranges = list(dict.fromkeys(c.ranges for c in cells.values()))
+    for r in ranges:
+        title = "one model per step (TSW) / one range (CW+TW)" if r is None else f"{r} time ranges"
+        lines += [f"**{title}** — final PSNR vs FP (dB) / judge adherence (FP {fp['adherence']:.3f})", ""]
+        lines.append("| method | " + " | ".join(bits) + " |")
+        lines.append("|---|" + "---|" * len(bits))
+        for m in methods:
+            row = []
+            for b in bits:
+                s = by.get((m, b, r))
+                row.append("–" if s is None else f"{s['psnr_db']:.1f} / {s['adherence']:.3f}")
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
