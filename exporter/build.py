@@ -21,7 +21,7 @@ from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, layer_ids, write_models
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
 from qexport.exporter.manifest import make_manifest, write_manifest
-from qexport.passes.analyze import find_groups
+from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
@@ -178,13 +178,7 @@ def _build_range(
     target: TargetProfile,
     search: AlphaSearch | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto]:
-    graph = gs.import_onnx(fp.model)
-    nodes = {layer: b.node for layer, b in fp.bindings.items()}
-    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in fp.bindings.items()})
-    constants = graph.tensors()
-    weights = {layer: np.asarray(constants[b.weight].values) for layer, b in fp.bindings.items()}
-    modules = dict(adapter.transformer.named_modules())
-    biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
+    graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
 
     def make(alpha: float) -> RangePlan:
         config = replace(quant, alpha=alpha)
@@ -198,6 +192,21 @@ def _build_range(
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
     return plan, model
+
+
+def range_inputs(
+    fp: FPExport, adapter: ModelAdapter
+) -> tuple[gs.Graph, dict[str, str], list[Group], dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    """What planning a range reads off a prepared FP export: the graph, each layer's MatMul node,
+    the input-sharing groups with their folds, FP weights (W^T) and biases."""
+    graph = gs.import_onnx(fp.model)
+    nodes = {layer: b.node for layer, b in fp.bindings.items()}
+    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in fp.bindings.items()})
+    constants = graph.tensors()
+    weights = {layer: np.asarray(constants[b.weight].values) for layer, b in fp.bindings.items()}
+    modules = dict(adapter.transformer.named_modules())
+    biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
+    return graph, nodes, groups, weights, biases
 
 
 def _bias(module: object) -> np.ndarray | None:

@@ -11,10 +11,9 @@ import onnxruntime as ort
 import pytest
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
-from qexport.exporter.build import BuildConfig, _prepare, build
+from qexport.exporter.build import BuildConfig, _prepare, build, range_inputs
 from qexport.exporter.fp_export import export_fp
 from qexport.exporter.verify import verify
-from qexport.passes.analyze import find_groups
 from qexport.passes.apply import PassConfig, fold_smoothing
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.targets.profile import ORT_CPU
@@ -83,13 +82,7 @@ def test_folded_smoothing_is_exact_in_fp(latte_stats, ranges):
     adapter = load_model("tiny-latte")
     stats = load(latte_stats)
     fp = _prepare(export_fp(adapter, list(stats.layers), 749 if ranges is None else None))
-    graph = gs.import_onnx(fp.model)
-    nodes = {n: b.node for n, b in fp.bindings.items()}
-    groups = find_groups(graph, nodes, {n: b.in_features for n, b in fp.bindings.items()})
-    constants = graph.tensors()
-    weights = {n: np.asarray(constants[b.weight].values) for n, b in fp.bindings.items()}
-    modules = dict(adapter.transformer.named_modules())
-    biases = {n: modules[n].bias.detach().numpy() for n in fp.bindings}
+    graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
     plan = plan_range(
         [1], groups, stats.layers, weights, biases, QuantConfig(smooth=Smooth.TSQ), ORT_CPU, keep_float=True
     )

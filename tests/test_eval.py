@@ -63,7 +63,12 @@ def test_sweep_builds_the_grid_and_writes_paper_tables(latte_stats, tmp_path):
 
     cells = grid(["CW+TW", "+TSQ+TSW"], ["W8A8", "W4A8"], None)
     result, folders = sweep(latte_stats, cells, tmp_path, ["a red circle moving left"], [0])
-    assert len(folders) == 4 and {c.name for c in folders.values()} == {"W8A8 CW+TW", "W8A8 +TSQ+TSW", "W4A8 CW+TW", "W4A8 +TSQ+TSW"}
+    assert len(folders) == 4 and {c.name for c in folders.values()} == {
+        "W8A8 CW+TW",
+        "W8A8 +TSQ+TSW",
+        "W4A8 CW+TW",
+        "W4A8 +TSQ+TSW",
+    }
     table = "\n".join(paper_tables(result.to_json(), folders))
     assert "| CW+TW |" in table and "| +TSQ+TSW |" in table and table.count(" / ") == 4
     with pytest.raises(QexportError, match="unknown method"):
