@@ -14,7 +14,7 @@ from qexport.metrics import sqnr_db
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
 
-ALPHAS = tuple(round(a, 1) for a in np.arange(0.1, 1.01, 0.1))
+ALPHAS = tuple(round(float(a), 1) for a in np.arange(0.1, 1.01, 0.1))
 
 
 class AlphaSearch:
