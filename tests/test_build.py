@@ -47,8 +47,9 @@ def test_timestep_wise_tsq_emits_one_verified_integer_model_per_step(latte_stats
 @pytest.mark.parametrize("ranges", [1, 2])
 def test_time_ranges_emit_k_models_that_load(latte_stats, tmp_path, ranges):
     result = _build(latte_stats, tmp_path, f"r{ranges}", smooth=Smooth.ASQ, ranges=ranges)
-    files = sorted(p.name for p in result.folder.glob("*.onnx"))
+    files = sorted(p.name for p in result.folder.glob("range_*.onnx"))
     assert files == [f"range_{i:02d}.onnx" for i in range(ranges)]
+    assert (result.folder / "text_encoder.onnx").is_file()  # the edge loop's caption encoder
     for f in files:
         model = onnx.load(str(result.folder / f), load_external_data=False)
         assert model.ir_version <= 13 and model.opset_import[0].version == 21
