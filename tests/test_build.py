@@ -164,6 +164,7 @@ def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, 
     assert not out.exists() and not list(tmp_path.glob(".out.building-*"))
 
 
+@pytest.mark.slow
 def test_alpha_auto_searches_per_range_and_replans(latte_stats, tmp_path):
     from qexport.exporter.replan import replan
 
