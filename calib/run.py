@@ -21,7 +21,7 @@ from qexport.calib.store import FORMAT, VERSION, QStats
 from qexport import __version__
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
-from qexport.models.sampler import SamplingConfig, sample
+from qexport.models.sampler import SamplingConfig, autocast_dtype, sample
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class CalibConfig:
     histograms: bool = False
     shard: tuple[int, int] | None = None  # (index, count)
     device: str = "cpu"
+    dtype: str = "auto"  # autocast: auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -48,6 +49,7 @@ class CalibConfig:
             raise QexportError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             raise QexportError(f"--shard must be i/n with 0 <= i < n, got {self.shard[0]}/{self.shard[1]}")
+        autocast_dtype(self.dtype, self.device)  # refuses an unknown --dtype
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +73,8 @@ def _distributed() -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("QEXPORT_BACKEND") != "gloo" else "gloo"
+        if backend == "nccl":  # one GPU per rank, before NCCL picks one
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 
@@ -101,6 +105,7 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Callable[[in
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     adapter.transformer.to(device)
+    dtype = autocast_dtype(config.dtype, device)
     steps = config.sampling.steps
     collector = Collector(selected.layers, steps, config.histograms, device)
 
@@ -114,7 +119,7 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Callable[[in
             batch = batches[b]
             collector.samples = 2 * len(batch)  # cond + uncond halves
             cond = cond_all[[i for i, _ in batch]]
-            sample(adapter, cond, [s for _, s in batch], config.sampling, on_step=on_step, device=device)
+            sample(adapter, cond, [s for _, s in batch], config.sampling, on_step=on_step, device=device, dtype=dtype)
             if progress is not None:
                 progress(1)
     finally:
@@ -123,6 +128,7 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Callable[[in
         layers = reduce_layers(layers, device)
     samples = len(pairs) if world > 1 and config.shard is None else sum(len(batches[b]) for b in mine)
     header = _header(adapter, config, selected.layers, selected.excluded, samples)
+    header["autocast"] = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     if config.shard is None and world > 1:
         header["shard"] = None
     stats = QStats(header=header, layers=layers)

@@ -117,7 +117,7 @@ def test_memory_does_not_grow_with_calibration_data(latte):
                 SAMPLING,
                 on_step=lambda i, t, c=collector: setattr(c, "step", i),
             )
-        held = sum(a.absmax_sum.nbytes + a.minimum.nbytes + a.asq_z.nbytes for a in collector.acc.values())
+        held = collector.nbytes()
         sizes.append(held)
         collector.close()
     assert sizes[0] == sizes[1]
@@ -164,3 +164,21 @@ def test_histogram_bins_are_the_documented_count(single):
     s = next(iter(load(single).layers.values()))
     assert s.hist.shape == (4, HIST_BINS)
     assert all(np.log2(r) == round(np.log2(r)) for r in s.hist_range)
+
+
+def test_autocast_dtype_is_recorded_and_close_to_fp32(latte):
+    sampling = SamplingConfig(steps=2, cfg=7.0)
+    base = dict(prompts=PROMPTS[:1], sampling=sampling, batch_size=1)
+    fp32 = calibrate(latte, CalibConfig(**base, dtype="fp32")).stats
+    bf16 = calibrate(latte, CalibConfig(**base, dtype="bf16")).stats
+    assert fp32.header["autocast"] == "float32" and bf16.header["autocast"] == "bfloat16"
+    for name, ref in fp32.layers.items():
+        got = bf16.layers[name]
+        assert np.all(np.isfinite(got.channel_max)) and np.array_equal(got.count, ref.count)
+        scale = np.abs(ref.channel_max).max()
+        assert np.abs(got.channel_max - ref.channel_max).max() <= 0.1 * scale + 1e-3, name
+
+
+def test_unknown_autocast_dtype_is_refused():
+    with pytest.raises(QexportError, match="--dtype must be one of"):
+        CalibConfig(prompts=PROMPTS, dtype="fp8")

@@ -5,6 +5,7 @@ runtime without torch can draw the same noise."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,21 @@ from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 
 StepCallback = Callable[[int, int], None]  # (step index, timestep) before each denoiser call
+
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype choices
+
+
+def autocast_dtype(name: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype for --dtype NAME on DEVICE: "auto" is fp16 on CUDA and fp32 elsewhere.
+
+    Raises:
+        QexportError: an unknown name.
+    """
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else None
+    if name not in AUTOCAST:
+        raise QexportError(f"--dtype must be one of auto, {', '.join(AUTOCAST)}; got {name!r}")
+    return AUTOCAST[name]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +83,7 @@ def sample(
     config: SamplingConfig,
     on_step: StepCallback | None = None,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run the FP sampling loop for a batch of conditions.
 
@@ -77,6 +94,7 @@ def sample(
         config: steps and CFG scale.
         on_step: called with (step index, timestep) before each denoiser call.
         device: where the denoiser runs.
+        dtype: run the denoiser under autocast to this dtype (fp32 weights kept), or None for fp32.
 
     Returns:
         Final latents [B, *latent_shape] on the CPU, float32.
@@ -88,11 +106,14 @@ def sample(
     scheduler.set_timesteps(config.steps)
     x = torch.from_numpy(np.stack([initial_noise(adapter.latent_shape, s) for s in seeds])).to(device)
     both = torch.cat([cond, adapter.conditioner.null(len(cond))]).to(device)
+    kind = torch.device(device).type
     for i, t in enumerate(scheduler.timesteps):
         if on_step is not None:
             on_step(i, int(t))
         tt = torch.full((2 * len(x),), int(t), dtype=torch.long, device=device)
-        out_c, out_u = denoiser(torch.cat([x, x]), tt, both).float().chunk(2)  # eps or v, per the scheduler
+        with torch.autocast(kind, dtype=dtype) if dtype is not None else nullcontext():
+            out = denoiser(torch.cat([x, x]), tt, both)
+        out_c, out_u = out.float().chunk(2)  # eps or v, per the scheduler
         guided = out_u + config.cfg * (out_c - out_u)
         x = scheduler.step(guided, t, x).prev_sample
     return x.float().cpu()
