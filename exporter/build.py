@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
 from qexport.exporter.alpha import AlphaSearch
 from qexport.exporter.conditioning import export_conditioning
-from qexport.exporter.emit import EmitSummary, layer_ids, write_models
+from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.passes.analyze import Group, find_groups
@@ -99,9 +99,12 @@ def build(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     try:
-        built, models = plan_models(adapter, stats, config, target, progress)
         ids = layer_ids(list(stats.layers))
-        emit = write_models(models, tmp, ids)
+        writer = ModelWriter(tmp, ids)
+        try:  # each model is written as soon as it is built: a full-size build never holds them all
+            built, _ = plan_models(adapter, stats, config, target, progress, sink=writer.add)
+        finally:
+            emit = writer.close()
         manifest = make_manifest(adapter, stats, config, target, built, emit)
         manifest["conditioning"] = export_conditioning(adapter, tmp)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
@@ -132,10 +135,13 @@ def plan_models(
     target: TargetProfile,
     progress: Callable[[str], None] | None = None,
     alphas: list[float] | None = None,
+    sink: Callable[[str, onnx.ModelProto], None] | None = None,
 ) -> tuple[list[BuiltRange], list[tuple[str, onnx.ModelProto]]]:
     """Export, plan and transform every range; returns the plans and the (file name, model) pairs.
 
     alphas, if given, fixes each range's alpha (re-planning a build made with --alpha auto).
+    sink, if given, receives each (file name, model) as soon as it is built and the models are
+    not kept (the returned list is then empty): memory stays at about one model.
     """
     built, models = [], []
     ranges = split_ranges(stats.steps, config.ranges)
@@ -154,7 +160,11 @@ def plan_models(
         plan, model = _build_range(fp, steps, adapter, stats, quant, target, search)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
-        models.append((name, model))
+        if sink is not None:
+            sink(name, model)
+        else:
+            models.append((name, model))
+        del fp, model
         if progress is not None:
             progress(name)
     return built, models

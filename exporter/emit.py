@@ -63,37 +63,59 @@ def compact_names(model: onnx.ModelProto, ids: dict[str, str]) -> None:
                 field[i] = short(name)
 
 
+class ModelWriter:
+    """Writes models one at a time into folder, sharing the weights file; nothing is kept in memory
+    but the offsets of the tensors written so far (a full-size build streams its models)."""
+
+    def __init__(self, folder: Path, ids: dict[str, str]) -> None:
+        self.folder, self.ids = folder, ids
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.names: list[str] = []
+        self.logical = self.shared = 0
+        self._file = open(folder / WEIGHTS_FILE, "wb")  # noqa: SIM115 (closed by close())
+
+    def add(self, name: str, model: onnx.ModelProto) -> None:
+        """Save model as folder/name; its initializers of 64 bytes and more go to the shared file."""
+        f = self._file
+        compact_names(model, self.ids)
+        for init in model.graph.initializer:
+            raw = _raw(init)
+            if len(raw) < MIN_EXTERNAL_BYTES:
+                continue
+            self.logical += len(raw)
+            key = hashlib.sha256(raw + bytes(str((init.data_type, list(init.dims))), "ascii")).hexdigest()
+            if key in self.offsets:
+                self.shared += 1
+            else:
+                f.write(b"\0" * ((-f.tell()) % ALIGN))
+                self.offsets[key] = (f.tell(), len(raw))
+                f.write(raw)
+            offset, length = self.offsets[key]
+            _externalize(init, offset, length)
+        onnx.save(model, str(self.folder / name))
+        self.names.append(name)
+
+    def close(self) -> EmitSummary:
+        total = self._file.tell()
+        self._file.close()
+        return EmitSummary(
+            models=list(self.names),
+            weights_bytes=total,
+            logical_bytes=self.logical,
+            shared_tensors=self.shared,
+            unique_tensors=len(self.offsets),
+        )
+
+
 def write_models(models: list[tuple[str, onnx.ModelProto]], folder: Path, ids: dict[str, str]) -> EmitSummary:
     """Save each (file name, model) into folder, initializers of 64 bytes and more in the shared weights file."""
-    offsets: dict[str, tuple[int, int]] = {}
-    logical = shared = 0
-    with open(folder / WEIGHTS_FILE, "wb") as f:
+    writer = ModelWriter(folder, ids)
+    try:
         for name, model in models:
-            compact_names(model, ids)
-            for init in model.graph.initializer:
-                raw = _raw(init)
-                if len(raw) < MIN_EXTERNAL_BYTES:
-                    continue
-                logical += len(raw)
-                key = hashlib.sha256(raw + bytes(str((init.data_type, list(init.dims))), "ascii")).hexdigest()
-                if key in offsets:
-                    shared += 1
-                else:
-                    pad = (-f.tell()) % ALIGN
-                    f.write(b"\0" * pad)
-                    offsets[key] = (f.tell(), len(raw))
-                    f.write(raw)
-                offset, length = offsets[key]
-                _externalize(init, offset, length)
-            onnx.save(model, str(folder / name))
-        total = f.tell()
-    return EmitSummary(
-        models=[n for n, _ in models],
-        weights_bytes=total,
-        logical_bytes=logical,
-        shared_tensors=shared,
-        unique_tensors=len(offsets),
-    )
+            writer.add(name, model)
+    finally:
+        summary = writer.close()
+    return summary
 
 
 def _externalize(init: onnx.TensorProto, offset: int, length: int) -> None:

@@ -124,18 +124,46 @@ def with_timestep(fp: FPExport, timestep: int | None) -> FPExport:
     return FPExport(model=model, input_names=names, bindings=fp.bindings, timestep=timestep)
 
 
-PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, with room for the graph itself
+STUB_BYTES = 1024  # initializers this large enter shape inference as dtype + dims only
+
+
+def _data_bytes(init: onnx.TensorProto) -> int:
+    if init.HasField("raw_data"):
+        return len(init.raw_data)
+    return sum(len(getattr(init, f)) for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"))
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference; through files with external data when the model is over 2 GB."""
-    if model.ByteSize() < PROTO_LIMIT:
-        return onnx.shape_inference.infer_shapes(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save(model, str(src), save_as_external_data=True, location="in.bin", size_threshold=1024)
-        onnx.shape_inference.infer_shapes_path(str(src), str(dst))
-        return onnx.load(str(dst), load_external_data=True)
+    """ONNX shape inference, in place; returns model.
+
+    Inference runs on a skeleton whose large initializers carry only their dtype and dims (shape
+    inference reads no weight values), so no weight is copied and a model over protobuf's 2 GB
+    limit needs no detour through files.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph, src = skeleton.graph, model.graph
+    graph.name = src.name
+    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, part).extend(getattr(src, part))
+    for init in src.initializer:
+        if _data_bytes(init) < STUB_BYTES:
+            graph.initializer.append(init)
+            continue
+        stub = graph.initializer.add()
+        stub.name, stub.data_type = init.name, init.data_type
+        stub.dims.extend(init.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "shape-only"
+    inferred = onnx.shape_inference.infer_shapes(skeleton).graph
+    del src.value_info[:]
+    src.value_info.extend(inferred.value_info)
+    del src.output[:]
+    src.output.extend(inferred.output)
+    return model
 
 
 def stamp(model: onnx.ModelProto) -> None:

@@ -37,5 +37,5 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
                         weight_clip=q.get("weight_clip", "minmax"))  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
-    built, _ = plan_models(adapter, stats, config, target, alphas=alphas)
+    built, _ = plan_models(adapter, stats, config, target, alphas=alphas, sink=lambda name, model: None)
     return adapter, [b.plan for b in built], target

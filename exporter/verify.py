@@ -19,6 +19,7 @@ from qexport.exporter.simulate import simulated
 from qexport.passes.plan import RangePlan
 from qexport.targets.profile import TargetProfile
 
+from qexport.errors import QexportError
 from qexport.metrics import cosine, psnr_db, sqnr_db, ssim
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
@@ -120,8 +121,21 @@ def verify(
     target: TargetProfile,
     prompt: str,
     seed: int = 0,
+    only: list[int] | None = None,
 ) -> Verification:
-    """Verify every emitted model and the end-to-end loop (see module docstring)."""
+    """Verify the emitted models and the end-to-end loop (see module docstring).
+
+    only, if given, names the ranges (indexes into the manifest's ranges, e.g. the first and last
+    step of a full-size build) to verify; the end-to-end loop, which needs every model, is then
+    not run and ``end_to_end`` is empty.
+
+    Raises:
+        QexportError: an index in only that the build does not have.
+    """
+    chosen = range(len(plans)) if only is None else sorted(set(only))
+    bad = [i for i in chosen if not 0 <= i < len(plans)]
+    if bad:
+        raise QexportError(f"no model {bad[0]} in this build; it has models 0..{len(plans) - 1}")
     q = manifest["quantization"]
     native = target.runs_integer(q["w_bits"], q["a_bits"])
     config = SamplingConfig(steps=len(manifest["steps"]), cfg=manifest["cfg"])
@@ -129,7 +143,8 @@ def verify(
     cond = torch.cat([adapter.conditioner.encode([prompt]), adapter.conditioner.null(1)])
     denoiser = adapter.denoiser()
     checks = []
-    for r, plan in zip(manifest["ranges"], plans, strict=True):
+    for index in chosen:
+        r, plan = manifest["ranges"][index], plans[index]
         path = Path(folder) / r["model"]
         onnx.checker.check_model(str(path))
         check = ModelCheck(model=r["model"], steps=r["steps"])
@@ -156,7 +171,8 @@ def verify(
         check.sqnr_fp_db = sqnr_db(fp, got)
         check.sqnr_sim_db = sqnr_db(sim, got)
         checks.append(check)
-    return Verification(models=checks, end_to_end=end_to_end(folder, adapter, prompt, seed, config), native=native)
+    e2e = end_to_end(folder, adapter, prompt, seed, config) if only is None else {}
+    return Verification(models=checks, end_to_end=e2e, native=native)
 
 
 def end_to_end(folder: Path, adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> dict[str, float]:

@@ -15,11 +15,15 @@ from qexport.errors import QexportError
 log = logging.getLogger("qexport")
 
 
-def _seeds(text: str) -> list[int]:
+def _ints(text: str, option: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise QexportError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise QexportError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+def _seeds(text: str) -> list[int]:
+    return _ints(text, "--seeds")
 
 
 @click.group()
@@ -151,6 +155,13 @@ def _prompts(prompts_file: Path | None, labels: str | None) -> list[str]:
 @click.option("--histograms", is_flag=True, help="Also collect histograms (percentile / MSE observers).")
 @click.option("--shard", help="Calibrate only shard i of n (i/n); merge shards with qexport merge.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Autocast of the sampling loop; auto = fp16 on CUDA, fp32 on CPU (statistics are kept in fp32/fp64).",
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 def calibrate(
     model_name: str,
@@ -165,6 +176,7 @@ def calibrate(
     histograms: bool,
     shard: str | None,
     device: str,
+    dtype: str,
     output: Path,
 ) -> None:
     """Collect per-layer, per-step activation statistics from the FP sampling loop."""
@@ -184,6 +196,7 @@ def calibrate(
         histograms=histograms,
         shard=_shard(shard),
         device=device,
+        dtype=dtype,
     )
     adapter = load_model(model_name)
     pairs = len(config.prompts) * len(config.seeds)
@@ -202,7 +215,7 @@ def calibrate(
     )
     click.echo(
         f"  sampling   {steps} steps, CFG {cfg}, {h['samples']} samples ({len(config.prompts)} prompts x "
-        f"{len(config.seeds)} seeds), shard {h['shard'] or 'all'}"
+        f"{len(config.seeds)} seeds), shard {h['shard'] or 'all'}, autocast {h['autocast']}"
     )
 
 
@@ -301,7 +314,9 @@ def build(
         _verify_and_report(output, result.adapter, [r.plan for r in result.ranges], result.manifest, verify_prompt)
 
 
-def _verify_and_report(folder: Path, adapter: object, plans: list, manifest: dict, prompt: str | None) -> None:
+def _verify_and_report(
+    folder: Path, adapter: object, plans: list, manifest: dict, prompt: str | None, only: list[int] | None = None
+) -> None:
     from qexport.exporter.manifest import write_manifest
     from qexport.exporter.verify import verify as run_verify
     from qexport.models.fp_eval import default_prompts
@@ -311,7 +326,7 @@ def _verify_and_report(folder: Path, adapter: object, plans: list, manifest: dic
     if prompt is None:
         prompt = default_prompts(adapter)[0]  # type: ignore[arg-type]
     click.echo(f"verifying {len(plans)} model(s) on onnxruntime (prompt {prompt!r}) ...", err=True)
-    v = run_verify(folder, adapter, plans, manifest, get_profile(manifest["target"]), prompt)  # type: ignore[arg-type]
+    v = run_verify(folder, adapter, plans, manifest, get_profile(manifest["target"]), prompt, only=only)  # type: ignore[arg-type]
     manifest["verification"] = {"prompt": prompt, **v.to_json()}
     write_manifest(folder, manifest)
     for line in verification_table(manifest["verification"]):
@@ -324,14 +339,17 @@ def _verify_and_report(folder: Path, adapter: object, plans: list, manifest: dic
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--stats", "stats_file", type=click.Path(path_type=Path), help="The .qstats the build used.")
 @click.option("--prompt", help="Prompt / label to verify with.")
-def verify(folder: Path, stats_file: Path | None, prompt: str | None) -> None:
+@click.option("--models", "only", help="Verify only these models, by index (e.g. 0,19: first and last step); "
+              "skips the end-to-end loop.")  # fmt: skip
+def verify(folder: Path, stats_file: Path | None, prompt: str | None, only: str | None) -> None:
     """Prove onnxruntime runs integer kernels; compare with the simulation and with FP."""
     from qexport.exporter.replan import replan
     from qexport.runtime.manifest import read_manifest
 
+    indexes = None if only is None else _ints(only, "--models")
     manifest = read_manifest(folder)
     adapter, plans, _ = replan(manifest, stats_file)
-    _verify_and_report(folder, adapter, plans, manifest, prompt)
+    _verify_and_report(folder, adapter, plans, manifest, prompt, indexes)
 
 
 @cli.command()

@@ -24,6 +24,9 @@ class FPEvalResult:
 def default_prompts(adapter: ModelAdapter, full: bool = False) -> list[str]:
     """Captions (video) or class labels (image) of the evaluation set; full = every combination."""
     if adapter.conditioner.kind == "label":
+        names = getattr(adapter.conditioner, "names", None)
+        if names == []:  # a full-size class-conditional config: no class names, labels by index
+            return [str(i) for i in range(min(8, int(getattr(adapter.conditioner, "num_classes", 8))))]
         return shapes.class_names()
     if full:
         return [shapes.caption_of(*c) for c in shapes.all_combinations()]
