@@ -195,3 +195,13 @@ def test_shape_inference_runs_on_a_skeleton_without_weight_data():
     assert [d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == [2, 64]
     assert out.graph.initializer[0].data_location == TensorProto.DEFAULT
     assert numpy_helper.to_array(out.graph.initializer[0]).sum() == 4096  # weights untouched, in memory
+
+
+def test_verify_a_subset_of_models_skips_the_loop_and_refuses_bad_indexes(latte_stats, tmp_path):
+    result = _build(latte_stats, tmp_path, "r2", smooth=Smooth.ASQ, ranges=2)
+    plans = [r.plan for r in result.ranges]
+    v = verify(result.folder, result.adapter, plans, result.manifest, ORT_CPU, "a red circle moving left", only=[1])
+    assert [m.model for m in v.models] == ["range_01.onnx"] and v.ok, v.to_json()
+    assert v.end_to_end == {}
+    with pytest.raises(QexportError, match="no model 2 in this build"):
+        verify(result.folder, result.adapter, plans, result.manifest, ORT_CPU, "a red circle moving left", only=[2])
