@@ -16,13 +16,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
-from qexport.exporter.alpha import AlphaSearch
+from qexport.exporter.alpha import best_alpha
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, layer_ids, write_models
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
 from qexport.exporter.manifest import make_manifest, write_manifest
+from qexport.exporter.replay import CalibrationReplay
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
 from qexport.targets.profile import TargetProfile, get_profile
@@ -72,6 +74,11 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
     return [[int(i) for i in chunk] for chunk in np.array_split(np.arange(steps), ranges)]
 
 
+def needs_replay(quant: QuantConfig) -> bool:
+    """Whether the build replays calibration prompts (alpha search, sample-based observers)."""
+    return quant.alpha_auto or quant.act_observer != Observer.MINMAX
+
+
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     """Everything that can be refused before loading weights."""
     target = get_profile(config.target)
@@ -94,6 +101,11 @@ def build(
     target = check_request(config, out)
     stats = load(stats_path)
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
+    if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
+        raise QexportError(
+            f"{stats_path} does not record its prompts, which --alpha auto and the percentile / mse "
+            "activation observers replay; recalibrate it with this qexport"
+        )
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,18 +152,18 @@ def plan_models(
     built, models = [], []
     ranges = split_ranges(stats.steps, config.ranges)
     exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
-    search = None
-    if config.quant.alpha_auto and alphas is None:
-        prompts = list(stats.header.get("prompt_texts", []))[:2]
-        if not prompts:
-            raise QexportError("--alpha auto needs statistics that record their prompts; recalibrate with this qexport")
-        search = AlphaSearch(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
+    replay = None
+    searching = config.quant.alpha_auto and alphas is None
+    if searching or config.quant.act_observer != Observer.MINMAX:
+        log.info("replaying calibration prompts for %s", "alpha search" if searching else "activation observers")
+        prompts = list(stats.header.get("prompt_texts", []))
+        replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
     for index, steps in enumerate(ranges):
         timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
         fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
-        plan, model = _build_range(fp, steps, adapter, stats, quant, target, search)
+        plan, model = _build_range(fp, steps, adapter, stats, quant, target, replay, searching)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
         models.append((name, model))
@@ -176,16 +188,21 @@ def _build_range(
     stats: QStats,
     quant: QuantConfig,
     target: TargetProfile,
-    search: AlphaSearch | None = None,
+    replay: CalibrationReplay | None = None,
+    search: bool = False,
 ) -> tuple[RangePlan, onnx.ModelProto]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
+    samples = None
+    if quant.act_observer != Observer.MINMAX:
+        assert replay is not None
+        samples = replay.layer_inputs(steps, [g.layers[0] for g in groups])
 
     def make(alpha: float) -> RangePlan:
         config = replace(quant, alpha=alpha)
-        return plan_range(steps, groups, stats.layers, weights, biases, config, target)
+        return plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples)
 
-    if search is not None and quant.smooth != Smooth.NONE:
-        _, plan, _ = search.best(make)
+    if search and replay is not None and quant.smooth != Smooth.NONE:
+        _, plan, _ = best_alpha(replay, make)
     else:
         plan = make(quant.alpha)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)

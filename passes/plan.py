@@ -10,6 +10,7 @@ from enum import StrEnum
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
 from qexport.targets.profile import TargetProfile
 
@@ -32,6 +33,7 @@ class QuantConfig:
     alpha: float = 0.5
     alpha_auto: bool = False  # search alpha per range (the build does it; alpha is then a start value)
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
+    act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -99,6 +101,7 @@ def plan_range(
     config: QuantConfig,
     target: TargetProfile,
     keep_float: bool = False,
+    samples: dict[str, np.ndarray] | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -111,6 +114,8 @@ def plan_range(
         config: bits, smoothing, alpha.
         target: storage types, symmetry, power-of-two scales.
         keep_float: also keep each smoothed FP weight (to check that folding is exact).
+        samples: FP inputs [rows, features] of each group's first layer over the range's steps
+            (needed by the percentile and MSE observers).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -140,6 +145,10 @@ def plan_range(
         div = 1.0 if s is None else s
         lo = float((first.channel_min[steps] / div).min())
         hi = float((first.channel_max[steps] / div).max())
+        if config.act_observer != Observer.MINMAX:
+            if samples is None or g.layers[0] not in samples:
+                raise QexportError(f"the {config.act_observer} observer has no samples of {g.layers[0]}")
+            lo, hi = observe(samples[g.layers[0]] / div, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         for layer in g.layers:
             divisors[layer] = None if (s is None or g.fold == "value") else s
             ranges[layer] = (lo, hi)

@@ -256,6 +256,13 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option("--smooth", type=click.Choice(["none", "asq", "tsq"]), default="none", show_default=True)
 @click.option("--alpha", default="0.5", show_default=True, help="SmoothQuant migration strength, or 'auto'.")
 @click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
+@click.option(
+    "--act-observer",
+    type=click.Choice(["minmax", "percentile", "mse"]),
+    default="minmax",
+    show_default=True,
+    help="Activation range: exact min/max, or percentile / MSE-clipped from replayed calibration prompts.",
+)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
 @click.option("--target", default="ort-cpu", show_default=True)
@@ -270,6 +277,7 @@ def build(
     smooth: str,
     alpha: str,
     weight_clip: str,
+    act_observer: str,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -281,6 +289,7 @@ def build(
     """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range."""
     from qexport.exporter.build import BuildConfig
     from qexport.exporter.build import build as run_build
+    from qexport.passes.observe import Observer
     from qexport.passes.plan import QuantConfig, Smooth
     from qexport.summaries import build_lines
 
@@ -292,7 +301,7 @@ def build(
     except ValueError:
         raise QexportError(f"--alpha must be a number in (0, 1] or 'auto', got {alpha!r}") from None
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
-                        weight_clip=weight_clip)  # fmt: skip
+                        weight_clip=weight_clip, act_observer=Observer(act_observer))  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in build_lines(result.manifest, result.seconds, str(output)):
