@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 from qexport.targets.profile import TargetProfile
 
-TYPE_NAMES = {
+TYPE_NAMES: dict[int, str] = {
     onnx.TensorProto.INT4: "int4",
     onnx.TensorProto.UINT4: "uint4",
     onnx.TensorProto.INT8: "int8",
