@@ -19,7 +19,7 @@ from qexport.exporter.emit import layer_ids, write_models
 from qexport.exporter.fp_export import stamp
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
-from qexport.passes.plan import QuantConfig, plan_range
+from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import STORAGE
 from qexport.targets.catalog import PROFILES, RUNTIMES
 from qexport.targets.legality import check_model
@@ -246,3 +246,32 @@ def test_targets_cli_lists_and_shows_profiles():
         assert profile.source and json.dumps(profile.to_json())
     with pytest.raises(QexportError, match="unknown target 'nope'; choose one of ort-cpu, qnn-htp"):
         get_profile("nope")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_tiny_latte_w8a8_tsw_build_verifies_for_every_target(latte_stats, tmp_path, name):
+    from qexport.exporter.verify import verify
+
+    target = get_profile(name)
+    result = build(latte_stats, tmp_path / name, BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ), target=name))
+    runtime = "openvino" if name == "openvino" else "onnxruntime"
+    plans = [r.plan for r in result.ranges]
+    v = verify(
+        result.folder, result.adapter, plans, result.manifest, target, "a red circle moving left", runtime=runtime
+    )
+    assert v.ok, v.to_json()
+    saved = json.loads((result.folder / "legality.json").read_text())
+    assert [m["model"] for m in saved] == [f"step_{i:02d}.onnx" for i in range(4)]
+    for r in result.legality:
+        assert r.ok and r.totals()["quantized"] == 64 and 0.5 < r.quantized_mac_share() < 1.0
+    for f in sorted(result.folder.glob("step_*.onnx")):  # the files as written, external weights loaded
+        onnx.checker.check_model(str(f))
+        assert check_model(onnx.load(str(f)), target, f.name).ok
+    if target.pow2_scales:
+        for plan in plans:
+            for lp in plan.layers.values():
+                for s in (np.ravel(lp.a_scale), lp.w_scale):
+                    assert (np.frexp(s)[0] == 0.5).all()
+    if runtime == "openvino":
+        assert all(m.second is not None and m.second.integer == 64 for m in v.models)
