@@ -136,7 +136,7 @@ def profile_lines(profile: Any) -> list[str]:
             value = ", ".join(f"{bits}-bit in {storage}" for bits, storage in value.items())
         elif isinstance(value, list):
             value = ", ".join(value)
-        if key != "name":
+        if key != "name" and value != "":
             lines.append(f"  {key:<22}{value}")
     lines += [f"  note                  {n}" for n in notes]
     lines.append(f"  source                {source}")

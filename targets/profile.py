@@ -78,6 +78,8 @@ class TargetProfile:
             "static_shapes": self.static_shapes,
             "float_ops": self.float_ops,
             "bias": self.bias,
+            "integer_kernels": [f"{w} x {a}" for w, a in self.native],  # measured, where qexport runs it
+            "integer_if_shared": [f"{w} x {a}" for w, a in self.native_shared],
             "notes": list(self.notes),
             "source": self.source,
         }
