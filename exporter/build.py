@@ -4,6 +4,7 @@ appears only when everything is written (temp folder, then rename)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
 from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
+from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile, get_profile
 
 from qexport.errors import QexportError
@@ -34,6 +36,7 @@ from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import load_model
 
 log = logging.getLogger(__name__)
+LEGALITY_FILE = "legality.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +66,7 @@ class BuildResult:
     emit: EmitSummary
     manifest: dict
     seconds: float
+    legality: list[LegalityReport] = field(default_factory=list)
 
 
 def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
@@ -112,9 +116,12 @@ def build(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     try:
         built, models = plan_models(adapter, stats, config, target, progress)
+        legality = check_legality(models, target)  # before emission renames nodes and tensors
+        (tmp / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
         ids = layer_ids(list(stats.layers))
         emit = write_models(models, tmp, ids)
         manifest = make_manifest(adapter, stats, config, target, built, emit)
+        manifest["legality"] = {"file": LEGALITY_FILE, "models": [r.to_json(nodes=False) for r in legality]}
         manifest["conditioning"] = export_conditioning(adapter, tmp)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
         manifest["layer_ids"] = ids
@@ -134,7 +141,22 @@ def build(
         emit=emit,
         manifest=manifest,
         seconds=time.perf_counter() - start,
+        legality=legality,
     )
+
+
+def check_legality(models: list[tuple[str, onnx.ModelProto]], target: TargetProfile) -> list[LegalityReport]:
+    """The target's legality report of every model.
+
+    Raises:
+        QexportError: a model breaks a rule of the target (names model, node, tensor and rule).
+    """
+    reports = [check_model(model, target, name) for name, model in models]
+    for r in reports:
+        if r.violations:
+            more = f" (and {len(r.violations) - 1} more)" if len(r.violations) > 1 else ""
+            raise QexportError(f"{r.model} is not legal on {target.name}: {r.violations[0]}{more}")
+    return reports
 
 
 def plan_models(

@@ -92,6 +92,20 @@ def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth) -> np.ndarray
     return stats.absmax_sum[steps].sum(0) / max(int(stats.count[steps].sum()), 1)
 
 
+def _weight_qparams(
+    w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per output channel of W^T [in, out]; a per-tensor target gets one value,
+    repeated per channel (the whole matrix quantized as one column)."""
+    cols = w if target.weight_per_channel else w.reshape(-1, 1)
+    if config.weight_clip == "mse":
+        scale, zero = mse_clipped_qparams(cols, grid, pow2=target.pow2_scales)
+    else:
+        scale, zero = qparams(cols.min(axis=0), cols.max(axis=0), grid, pow2=target.pow2_scales)
+    shape = (w.shape[1],)
+    return np.broadcast_to(scale, shape).copy(), np.broadcast_to(zero, shape).copy()
+
+
 def plan_range(
     steps: list[int],
     groups: list[Group],
@@ -119,7 +133,10 @@ def plan_range(
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
-        bits=config.a_bits, storage=target.activation_type(config.a_bits), symmetric=target.activation_symmetric
+        bits=config.a_bits,
+        storage=target.activation_type(config.a_bits),
+        symmetric=target.activation_symmetric,
+        narrow=False,  # QuantizeLinear saturates activations to the full storage range
     )
     plan = RangePlan(steps=list(steps), alpha=config.alpha)
     final_w = {k: v.astype(np.float64) for k, v in weights.items()}
@@ -153,10 +170,7 @@ def plan_range(
             divisors[layer] = None if (s is None or g.fold == "value") else s
             ranges[layer] = (lo, hi)
     for layer, w in final_w.items():
-        if config.weight_clip == "mse":
-            w_scale, w_zero = mse_clipped_qparams(w, w_grid, pow2=target.pow2_scales)
-        else:
-            w_scale, w_zero = qparams(w.min(axis=0), w.max(axis=0), w_grid, pow2=target.pow2_scales)
+        w_scale, w_zero = _weight_qparams(w, w_grid, config, target)
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )
