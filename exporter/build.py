@@ -4,6 +4,7 @@ appears only when everything is written (temp folder, then rename)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -16,15 +17,18 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
-from qexport.exporter.alpha import AlphaSearch
+from qexport.exporter.alpha import best_alpha
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
 from qexport.exporter.manifest import make_manifest, write_manifest
+from qexport.exporter.replay import CalibrationReplay
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
+from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile, get_profile
 
 from qexport.errors import QexportError
@@ -32,6 +36,7 @@ from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import load_model
 
 log = logging.getLogger(__name__)
+LEGALITY_FILE = "legality.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +66,7 @@ class BuildResult:
     emit: EmitSummary
     manifest: dict
     seconds: float
+    legality: list[LegalityReport] = field(default_factory=list)
 
 
 def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
@@ -70,6 +76,11 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
     if not 1 <= ranges <= steps:
         raise QexportError(f"--time-ranges must be in 1..{steps} (the calibrated steps), got {ranges}")
     return [[int(i) for i in chunk] for chunk in np.array_split(np.arange(steps), ranges)]
+
+
+def needs_replay(quant: QuantConfig) -> bool:
+    """Whether the build replays calibration prompts (alpha search, sample-based observers)."""
+    return quant.alpha_auto or quant.act_observer != Observer.MINMAX
 
 
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
@@ -94,6 +105,11 @@ def build(
     target = check_request(config, out)
     stats = load(stats_path)
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
+    if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
+        raise QexportError(
+            f"{stats_path} does not record its prompts, which --alpha auto and the percentile / mse "
+            "activation observers replay; recalibrate it with this qexport"
+        )
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,11 +117,21 @@ def build(
     try:
         ids = layer_ids(list(stats.layers))
         writer = ModelWriter(tmp, ids)
-        try:  # each model is written as soon as it is built: a full-size build never holds them all
-            built, _ = plan_models(adapter, stats, config, target, progress, sink=writer.add)
+        legality: list[LegalityReport] = []
+
+        def sink(name: str, model: onnx.ModelProto) -> None:
+            # legality before emission renames nodes and tensors; each model is then written at
+            # once, so a full-size build never holds them all
+            legality.extend(check_legality([(name, model)], target))
+            writer.add(name, model)
+
+        try:
+            built, _ = plan_models(adapter, stats, config, target, progress, sink=sink)
         finally:
             emit = writer.close()
+        (tmp / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
         manifest = make_manifest(adapter, stats, config, target, built, emit)
+        manifest["legality"] = {"file": LEGALITY_FILE, "models": [r.to_json(nodes=False) for r in legality]}
         manifest["conditioning"] = export_conditioning(adapter, tmp)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
         manifest["layer_ids"] = ids
@@ -125,7 +151,22 @@ def build(
         emit=emit,
         manifest=manifest,
         seconds=time.perf_counter() - start,
+        legality=legality,
     )
+
+
+def check_legality(models: list[tuple[str, onnx.ModelProto]], target: TargetProfile) -> list[LegalityReport]:
+    """The target's legality report of every model.
+
+    Raises:
+        QexportError: a model breaks a rule of the target (names model, node, tensor and rule).
+    """
+    reports = [check_model(model, target, name) for name, model in models]
+    for r in reports:
+        if r.violations:
+            more = f" (and {len(r.violations) - 1} more)" if len(r.violations) > 1 else ""
+            raise QexportError(f"{r.model} is not legal on {target.name}: {r.violations[0]}{more}")
+    return reports
 
 
 def plan_models(
@@ -146,18 +187,18 @@ def plan_models(
     built, models = [], []
     ranges = split_ranges(stats.steps, config.ranges)
     exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
-    search = None
-    if config.quant.alpha_auto and alphas is None:
-        prompts = list(stats.header.get("prompt_texts", []))[:2]
-        if not prompts:
-            raise QexportError("--alpha auto needs statistics that record their prompts; recalibrate with this qexport")
-        search = AlphaSearch(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
+    replay = None
+    searching = config.quant.alpha_auto and alphas is None
+    if searching or config.quant.act_observer != Observer.MINMAX:
+        log.info("replaying calibration prompts for %s", "alpha search" if searching else "activation observers")
+        prompts = list(stats.header.get("prompt_texts", []))
+        replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
     for index, steps in enumerate(ranges):
         timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
         fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
-        plan, model = _build_range(fp, steps, adapter, stats, quant, target, search)
+        plan, model = _build_range(fp, steps, adapter, stats, quant, target, replay, searching)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
         if sink is not None:
@@ -186,16 +227,21 @@ def _build_range(
     stats: QStats,
     quant: QuantConfig,
     target: TargetProfile,
-    search: AlphaSearch | None = None,
+    replay: CalibrationReplay | None = None,
+    search: bool = False,
 ) -> tuple[RangePlan, onnx.ModelProto]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
+    samples = None
+    if quant.act_observer != Observer.MINMAX:
+        assert replay is not None
+        samples = replay.layer_inputs(steps, [g.layers[0] for g in groups])
 
     def make(alpha: float) -> RangePlan:
         config = replace(quant, alpha=alpha)
-        return plan_range(steps, groups, stats.layers, weights, biases, config, target)
+        return plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples)
 
-    if search is not None and quant.smooth != Smooth.NONE:
-        _, plan, _ = search.best(make)
+    if search and replay is not None and quant.smooth != Smooth.NONE:
+        _, plan, _ = best_alpha(replay, make)
     else:
         plan = make(quant.alpha)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)

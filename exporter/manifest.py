@@ -39,6 +39,8 @@ def make_manifest(
     range_of = {s: r.index for r in ranges for s in r.steps}
     coefficients = affine_coefficients(adapter, stats.steps)
     q = config.quant
+    pow2 = ", power-of-two scales" if target.pow2_scales else ""
+    w_axis = "per output channel" if target.weight_per_channel else "per tensor"
     return {
         "schema_version": SCHEMA_VERSION,
         "tool_version": __version__,
@@ -66,12 +68,13 @@ def make_manifest(
         "quantization": {
             "w_bits": q.w_bits,
             "a_bits": q.a_bits,
-            "weights": f"{target.weight_type(q.w_bits)} per output channel, "
-            f"{'symmetric' if target.weight_symmetric else 'asymmetric'}",
+            "weights": f"{target.weight_type(q.w_bits)} {w_axis}, "
+            f"{'symmetric' if target.weight_symmetric else 'asymmetric'}{pow2}",
             "activations": f"{target.activation_type(q.a_bits)} per tensor, "
-            f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static",
+            f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static{pow2}",
             "smooth": q.smooth.value,
             "weight_clip": q.weight_clip,
+            "act_observer": str(q.act_observer),
             "alpha": "auto" if q.alpha_auto else q.alpha,
             "granularity": "timestep-wise" if config.ranges is None else f"{config.ranges} time ranges",
             "layers": len(stats.layers),

@@ -8,6 +8,7 @@ from typing import Any
 
 from qexport.calib.store import check_matches, load
 from qexport.exporter.build import BuildConfig, plan_models
+from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth
 from qexport.targets.profile import TargetProfile, get_profile
 
@@ -34,7 +35,8 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     ranges = None if q["granularity"] == "timestep-wise" else len(manifest["ranges"])
     alphas = [float(r["alpha"]) for r in manifest["ranges"]]
     quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=alphas[0],
-                        weight_clip=q.get("weight_clip", "minmax"))  # fmt: skip
+                        weight_clip=q.get("weight_clip", "minmax"),
+                        act_observer=Observer(q.get("act_observer", "minmax")))  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
     built, _ = plan_models(adapter, stats, config, target, alphas=alphas, sink=lambda name, model: None)

@@ -15,8 +15,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from qexport.exporter.emitted import shared_input_layers
+from qexport.exporter.openvino_run import run_openvino
 from qexport.exporter.simulate import simulated
 from qexport.passes.plan import RangePlan
+from qexport.targets.catalog import RUNTIMES
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -50,10 +53,31 @@ class ModelCheck:
     lsb_bound: float = 0.0  # from the simulation's own sensitivity (see LSB_FACTOR)
     sqnr_fp_db: float = 0.0
     sqnr_sim_db: float = 0.0
+    second: RuntimeCheck | None = None  # the same model on a second runtime (verify --runtime openvino)
 
     @property
     def ok(self) -> bool:
-        return not self.float_ and self.cosine_sim >= COSINE_FLOOR and self.max_lsb_sim <= self.lsb_bound
+        agrees = not self.float_ and self.cosine_sim >= COSINE_FLOOR and self.max_lsb_sim <= self.lsb_bound
+        return agrees and (self.second is None or self.second.ok(self.lsb_bound))
+
+
+@dataclass(kw_only=True)
+class RuntimeCheck:
+    """One model on a second runtime: its kernels, and its output against the simulation and onnxruntime."""
+
+    runtime: str
+    integer: int = 0
+    emulated: int = 0
+    float_: list[str] = field(default_factory=list)
+    cosine_sim: float = 0.0
+    max_lsb_sim: float = 0.0
+    cosine_ort: float = 0.0
+    max_lsb_ort: float = 0.0
+    sqnr_ort_db: float = 0.0
+
+    def ok(self, bound: float) -> bool:
+        sim = self.cosine_sim >= COSINE_FLOOR and self.max_lsb_sim <= bound
+        return not self.float_ and sim and self.cosine_ort >= COSINE_FLOOR and self.max_lsb_ort <= bound
 
 
 @dataclass(kw_only=True)
@@ -69,17 +93,33 @@ class Verification:
     def to_json(self) -> dict[str, Any]:
         rows = []
         for m in self.models:
-            row = {k: v for k, v in asdict(m).items() if k not in ("integer", "emulated", "float_")}
+            row = {k: v for k, v in asdict(m).items() if k not in ("integer", "emulated", "float_", "second")}
             row.update(integer=len(m.integer), emulated=len(m.emulated), float=m.float_, ok=m.ok)
+            if m.second is not None:
+                second = asdict(m.second)
+                second["float"] = second.pop("float_")
+                row["second"] = second
             rows.append(row)
         return {"ok": self.ok, "cosine_floor": COSINE_FLOOR, "lsb_factor": LSB_FACTOR, "models": rows,
                 "end_to_end": self.end_to_end}  # fmt: skip
 
 
+def expected_integer(
+    path: Path, layers: list[str], ids: dict[str, str], runtime: TargetProfile, types: tuple[str, str]
+) -> set[str]:
+    """The layers `runtime` has an integer kernel for, given the storage types and the graph's shape."""
+    if not runtime.runs_integer(*types):
+        return set()
+    if runtime.runs_integer(*types, shared_input=True):
+        return set(layers)
+    return set(layers) - shared_input_layers(path, layers, ids)
+
+
 def kernel_report(
-    path: Path, layers: list[str], ids: dict[str, str], native: bool
+    path: Path, layers: list[str], ids: dict[str, str], expected: set[str]
 ) -> tuple[ort.InferenceSession, list[str], list[str], list[str]]:
-    """The session, and the (integer, emulated, float) layers read off its optimised graph."""
+    """The session, and the (integer, emulated, float) layers read off its optimised graph: a
+    layer not on an integer kernel is a failure where `expected` holds it, else emulated."""
     with tempfile.TemporaryDirectory() as tmp:
         opts = session_options(2)
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
@@ -91,7 +131,7 @@ def kernel_report(
     for layer in layers:
         if f"{ids[layer]}:w_q" in integer_inputs:
             integer.append(layer)
-        elif native:
+        elif layer in expected:
             floats.append(layer)
         else:
             emulated.append(layer)
@@ -122,22 +162,32 @@ def verify(
     prompt: str,
     seed: int = 0,
     only: list[int] | None = None,
+    runtime: str = "onnxruntime",
 ) -> Verification:
     """Verify the emitted models and the end-to-end loop (see module docstring).
 
-    only, if given, names the ranges (indexes into the manifest's ranges, e.g. the first and last
-    step of a full-size build) to verify; the end-to-end loop, which needs every model, is then
-    not run and ``end_to_end`` is empty.
+    Args:
+        target: the build's target (its storage types); which of them run as integer kernels is
+            a property of the runtime (targets.catalog.RUNTIMES), not of the target.
+        only: the ranges (indexes into the manifest's ranges, e.g. the first and last step of a
+            full-size build) to verify; the end-to-end loop, which needs every model, is then not
+            run and ``end_to_end`` is empty.
+        runtime: "onnxruntime", or "openvino" to also run each model in OpenVINO's CPU runtime and
+            compare it with onnxruntime and the simulation.
 
     Raises:
-        QexportError: an index in only that the build does not have.
+        QexportError: an index in only that the build does not have; an unknown runtime.
     """
+    if runtime not in RUNTIMES:
+        raise QexportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     chosen = range(len(plans)) if only is None else sorted(set(only))
     bad = [i for i in chosen if not 0 <= i < len(plans)]
     if bad:
         raise QexportError(f"no model {bad[0]} in this build; it has models 0..{len(plans) - 1}")
     q = manifest["quantization"]
-    native = target.runs_integer(q["w_bits"], q["a_bits"])
+    types = (target.weight_type(q["w_bits"]), target.activation_type(q["a_bits"]))
+    native = RUNTIMES["onnxruntime"].runs_integer(*types)
+    ids = manifest["layer_ids"]
     config = SamplingConfig(steps=len(manifest["steps"]), cfg=manifest["cfg"])
     xs = trajectory(adapter, prompt, seed, config)
     cond = torch.cat([adapter.conditioner.encode([prompt]), adapter.conditioner.null(1)])
@@ -148,9 +198,9 @@ def verify(
         path = Path(folder) / r["model"]
         onnx.checker.check_model(str(path))
         check = ModelCheck(model=r["model"], steps=r["steps"])
-        session, check.integer, check.emulated, check.float_ = kernel_report(
-            path, list(plan.layers), manifest["layer_ids"], native
-        )
+        layers = list(plan.layers)
+        expected = expected_integer(path, layers, ids, RUNTIMES["onnxruntime"], types)
+        session, check.integer, check.emulated, check.float_ = kernel_report(path, layers, ids, expected)
         step = r["steps"][0]
         t = manifest["steps"][step]["timestep"]
         x = torch.from_numpy(np.concatenate([xs[step], xs[step]]))
@@ -170,6 +220,14 @@ def verify(
         check.lsb_bound = LSB_FACTOR * float(np.abs(sim - moved).max() / lsb) + LSB_FLOOR
         check.sqnr_fp_db = sqnr_db(fp, got)
         check.sqnr_sim_db = sqnr_db(sim, got)
+        if runtime != "onnxruntime":
+            ov = run_openvino(path, feeds, layers, ids, expected_integer(path, layers, ids, RUNTIMES[runtime], types))
+            check.second = RuntimeCheck(runtime=runtime, integer=len(ov.integer), emulated=len(ov.emulated),
+                                        float_=ov.float_, cosine_sim=cosine(sim, ov.output),
+                                        max_lsb_sim=float(np.abs(sim - ov.output).max() / lsb),
+                                        cosine_ort=cosine(got, ov.output),
+                                        max_lsb_ort=float(np.abs(got - ov.output).max() / lsb),
+                                        sqnr_ort_db=sqnr_db(got, ov.output))  # fmt: skip
         checks.append(check)
     e2e = end_to_end(folder, adapter, prompt, seed, config) if only is None else {}
     return Verification(models=checks, end_to_end=e2e, native=native)

@@ -77,18 +77,22 @@ def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
 
 
 def quantize_weights(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
-    """Replace each linear's weight by integer W^T + DequantizeLinear(axis=1), per output channel."""
+    """Replace each linear's weight by integer W^T + DequantizeLinear(axis=1), per output channel
+    (a scalar scale and zero point where the target quantizes weights per tensor)."""
     for layer, node_name in config.nodes.items():
         lp = config.plan.layers[layer]
         node = node_named(graph, node_name)
         out = gs.Variable(f"{layer}::w_dq", dtype=np.float32)
+        per_channel = target.weight_per_channel
+        scale, zero = (lp.w_scale, lp.w_zero) if per_channel else (lp.w_scale[0], lp.w_zero[0])
         inputs = [
             _const(f"{layer}::w_q", lp.w_q),
-            _const(f"{layer}::w_scale", lp.w_scale),
-            _const(f"{layer}::w_zero", lp.w_zero),
+            _const(f"{layer}::w_scale", np.asarray(scale)),
+            _const(f"{layer}::w_zero", np.asarray(zero)),
         ]
+        attrs = {"axis": 1} if per_channel else {}
         graph.nodes.append(
-            gs.Node("DequantizeLinear", f"{layer}::w_dequant", attrs={"axis": 1}, inputs=inputs, outputs=[out])
+            gs.Node("DequantizeLinear", f"{layer}::w_dequant", attrs=attrs, inputs=inputs, outputs=[out])
         )
         node.inputs[1] = out
     return graph

@@ -10,6 +10,7 @@ from enum import StrEnum
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
 from qexport.targets.profile import TargetProfile
 
@@ -32,6 +33,7 @@ class QuantConfig:
     alpha: float = 0.5
     alpha_auto: bool = False  # search alpha per range (the build does it; alpha is then a start value)
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
+    act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -90,6 +92,20 @@ def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth) -> np.ndarray
     return stats.absmax_sum[steps].sum(0) / max(int(stats.count[steps].sum()), 1)
 
 
+def _weight_qparams(
+    w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per output channel of W^T [in, out]; a per-tensor target gets one value,
+    repeated per channel (the whole matrix quantized as one column)."""
+    cols = w if target.weight_per_channel else w.reshape(-1, 1)
+    if config.weight_clip == "mse":
+        scale, zero = mse_clipped_qparams(cols, grid, pow2=target.pow2_scales)
+    else:
+        scale, zero = qparams(cols.min(axis=0), cols.max(axis=0), grid, pow2=target.pow2_scales)
+    shape = (w.shape[1],)
+    return np.broadcast_to(scale, shape).copy(), np.broadcast_to(zero, shape).copy()
+
+
 def plan_range(
     steps: list[int],
     groups: list[Group],
@@ -99,6 +115,7 @@ def plan_range(
     config: QuantConfig,
     target: TargetProfile,
     keep_float: bool = False,
+    samples: dict[str, np.ndarray] | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -111,10 +128,15 @@ def plan_range(
         config: bits, smoothing, alpha.
         target: storage types, symmetry, power-of-two scales.
         keep_float: also keep each smoothed FP weight (to check that folding is exact).
+        samples: FP inputs [rows, features] of each group's first layer over the range's steps
+            (needed by the percentile and MSE observers).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
-        bits=config.a_bits, storage=target.activation_type(config.a_bits), symmetric=target.activation_symmetric
+        bits=config.a_bits,
+        storage=target.activation_type(config.a_bits),
+        symmetric=target.activation_symmetric,
+        narrow=False,  # QuantizeLinear saturates activations to the full storage range
     )
     plan = RangePlan(steps=list(steps), alpha=config.alpha)
     final_w = {k: v.astype(np.float64) for k, v in weights.items()}
@@ -140,14 +162,15 @@ def plan_range(
         div = 1.0 if s is None else s
         lo = float((first.channel_min[steps] / div).min())
         hi = float((first.channel_max[steps] / div).max())
+        if config.act_observer != Observer.MINMAX:
+            if samples is None or g.layers[0] not in samples:
+                raise QexportError(f"the {config.act_observer} observer has no samples of {g.layers[0]}")
+            lo, hi = observe(samples[g.layers[0]] / div, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         for layer in g.layers:
             divisors[layer] = None if (s is None or g.fold == "value") else s
             ranges[layer] = (lo, hi)
     for layer, w in final_w.items():
-        if config.weight_clip == "mse":
-            w_scale, w_zero = mse_clipped_qparams(w, w_grid, pow2=target.pow2_scales)
-        else:
-            w_scale, w_zero = qparams(w.min(axis=0), w.max(axis=0), w_grid, pow2=target.pow2_scales)
+        w_scale, w_zero = _weight_qparams(w, w_grid, config, target)
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )

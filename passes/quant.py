@@ -24,18 +24,23 @@ EPS = 1e-12
 
 @dataclass(frozen=True, kw_only=True)
 class Grid:
-    """The integer levels one quantizer uses: bits inside a storage type, symmetric or not."""
+    """The integer levels one quantizer uses: bits inside a storage type, symmetric or not.
+
+    narrow: a symmetric signed grid drops its lowest code (int8 [-127, 127]); weights use it, while
+    activations at the storage's full width keep [-128, 127], where QuantizeLinear saturates.
+    """
 
     bits: int
     storage: str
     symmetric: bool
+    narrow: bool = True
 
     @property
     def qmin(self) -> int:
         lo = STORAGE[self.storage][1]
         if lo == 0:
             return 0
-        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric and self.narrow else 0)
 
     @property
     def qmax(self) -> int:

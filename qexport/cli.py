@@ -269,9 +269,16 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option("--smooth", type=click.Choice(["none", "asq", "tsq"]), default="none", show_default=True)
 @click.option("--alpha", default="0.5", show_default=True, help="SmoothQuant migration strength, or 'auto'.")
 @click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
+@click.option(
+    "--act-observer",
+    type=click.Choice(["minmax", "percentile", "mse"]),
+    default="minmax",
+    show_default=True,
+    help="Activation range: exact min/max, or percentile / MSE-clipped from replayed calibration prompts.",
+)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
-@click.option("--target", default="ort-cpu", show_default=True)
+@click.option("--target", default="ort-cpu", show_default=True, help="Target profile (qexport targets lists them).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the verification run at the end.")
@@ -283,6 +290,7 @@ def build(
     smooth: str,
     alpha: str,
     weight_clip: str,
+    act_observer: str,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -294,8 +302,9 @@ def build(
     """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range."""
     from qexport.exporter.build import BuildConfig
     from qexport.exporter.build import build as run_build
+    from qexport.passes.observe import Observer
     from qexport.passes.plan import QuantConfig, Smooth
-    from qexport.summaries import build_lines
+    from qexport.summaries import build_lines, legality_lines
 
     if timestep_wise == (time_ranges is not None):
         raise QexportError("give exactly one of --timestep-wise or --time-ranges K")
@@ -305,17 +314,23 @@ def build(
     except ValueError:
         raise QexportError(f"--alpha must be a number in (0, 1] or 'auto', got {alpha!r}") from None
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
-                        weight_clip=weight_clip)  # fmt: skip
+                        weight_clip=weight_clip, act_observer=Observer(act_observer))  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
-    for line in build_lines(result.manifest, result.seconds, str(output)):
+    for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
         click.echo(line)
     if not no_verify:
         _verify_and_report(output, result.adapter, [r.plan for r in result.ranges], result.manifest, verify_prompt)
 
 
 def _verify_and_report(
-    folder: Path, adapter: object, plans: list, manifest: dict, prompt: str | None, only: list[int] | None = None
+    folder: Path,
+    adapter: object,
+    plans: list,
+    manifest: dict,
+    prompt: str | None,
+    only: list[int] | None = None,
+    runtime: str = "onnxruntime",
 ) -> None:
     from qexport.exporter.manifest import write_manifest
     from qexport.exporter.verify import verify as run_verify
@@ -325,9 +340,11 @@ def _verify_and_report(
 
     if prompt is None:
         prompt = default_prompts(adapter)[0]  # type: ignore[arg-type]
-    click.echo(f"verifying {len(plans)} model(s) on onnxruntime (prompt {prompt!r}) ...", err=True)
-    v = run_verify(folder, adapter, plans, manifest, get_profile(manifest["target"]), prompt, only=only)  # type: ignore[arg-type]
-    manifest["verification"] = {"prompt": prompt, **v.to_json()}
+    where = "onnxruntime" + ("" if runtime == "onnxruntime" else f" and {runtime}")
+    click.echo(f"verifying {len(plans)} model(s) on {where} (prompt {prompt!r}) ...", err=True)
+    target = get_profile(manifest["target"])
+    v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime)  # type: ignore[arg-type]
+    manifest["verification"] = {"prompt": prompt, "runtime": runtime, **v.to_json()}
     write_manifest(folder, manifest)
     for line in verification_table(manifest["verification"]):
         click.echo(line)
@@ -341,7 +358,14 @@ def _verify_and_report(
 @click.option("--prompt", help="Prompt / label to verify with.")
 @click.option("--models", "only", help="Verify only these models, by index (e.g. 0,19: first and last step); "
               "skips the end-to-end loop.")  # fmt: skip
-def verify(folder: Path, stats_file: Path | None, prompt: str | None, only: str | None) -> None:
+@click.option(
+    "--runtime",
+    type=click.Choice(["onnxruntime", "openvino"]),
+    default="onnxruntime",
+    show_default=True,
+    help="openvino: also run every model in OpenVINO's CPU runtime and compare it with onnxruntime.",
+)
+def verify(folder: Path, stats_file: Path | None, prompt: str | None, only: str | None, runtime: str) -> None:
     """Prove onnxruntime runs integer kernels; compare with the simulation and with FP."""
     from qexport.exporter.replan import replan
     from qexport.runtime.manifest import read_manifest
@@ -349,7 +373,30 @@ def verify(folder: Path, stats_file: Path | None, prompt: str | None, only: str 
     indexes = None if only is None else _ints(only, "--models")
     manifest = read_manifest(folder)
     adapter, plans, _ = replan(manifest, stats_file)
-    _verify_and_report(folder, adapter, plans, manifest, prompt, indexes)
+    _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime)
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def targets(ctx: click.Context) -> None:
+    """List the target profiles (qexport targets show T prints one)."""
+    from qexport.summaries import targets_table
+    from qexport.targets.catalog import PROFILES
+
+    if ctx.invoked_subcommand is None:
+        for line in targets_table(list(PROFILES.values())):
+            click.echo(line)
+
+
+@targets.command(name="show")
+@click.argument("name")
+def targets_show(name: str) -> None:
+    """Print one target profile: its rules and the documents they come from."""
+    from qexport.summaries import profile_lines
+    from qexport.targets.profile import get_profile
+
+    for line in profile_lines(get_profile(name)):
+        click.echo(line)
 
 
 @cli.command()

@@ -20,6 +20,15 @@ def verification_table(v: dict[str, Any]) -> list[str]:
         )
         for layer in m["float"]:
             lines.append(f"  FAIL: quantized layer {layer} runs as float MatMul in onnxruntime")
+        second = m.get("second")
+        if second:
+            lines.append(
+                f"  {second['runtime']:<14}{second['integer']:>14}{second['emulated']:>6}{len(second['float']):>6}"
+                f"{second['cosine_sim']:>10.6f}{second['max_lsb_sim']:>10.2f}  vs onnxruntime: cos "
+                f"{second['cosine_ort']:.6f}, {second['max_lsb_ort']:.2f} LSB, SQNR {second['sqnr_ort_db']:.1f}dB"
+            )
+            for layer in second["float"]:
+                lines.append(f"  FAIL: quantized layer {layer} runs in float in {second['runtime']}")
     e = v["end_to_end"]
     if e:
         lines.append(
@@ -31,7 +40,8 @@ def verification_table(v: dict[str, Any]) -> list[str]:
     emulated = sum(m["emulated"] for m in v["models"])
     if emulated:
         lines.append(
-            f"{emulated} layer-models: QDQ emulated in float on this runtime (no integer kernel for these bits)"
+            f"{emulated} layer-models: QDQ emulated in float on this runtime (it has no integer kernel for these "
+            "types, or for int8 activations shared by several MatMuls; see docs/targets.md)"
         )
     lines.append("verdict: " + ("PASS" if v["ok"] else "FAIL"))
     return lines
@@ -72,7 +82,8 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
     return [
         f"built {len(manifest['ranges'])} model(s) in {folder} ({seconds:.1f}s): W{q['w_bits']}A{q['a_bits']}, "
         f"smooth {q['smooth']} (alpha {_alphas(manifest)}), {q['granularity']}, target {manifest['target']}",
-        f"  weights    {q['weights']}; activations {q['activations']}",
+        f"  weights    {q['weights']} (clip {q.get('weight_clip', 'minmax')}); activations {q['activations']} "
+        f"(range {q.get('act_observer', 'minmax')})",
         f"  layers     {q['layers']} quantized, {len(q['kept_fp'])} kept in FP",
         f"  smoothing  groups folded/explicit: {folds}",
         f"  disk       shared weights {shared:.2f} MiB (without sharing {unshared:.2f} MiB)",
@@ -84,3 +95,53 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         if q["smooth"] == "tsq" and len(manifest["ranges"]) > 1
         else []
     )
+
+
+def legality_lines(manifest: dict[str, Any]) -> list[str]:
+    """The legality report's summary: nodes per status and the share of MACs run quantized."""
+    legality = manifest.get("legality")
+    if not legality:
+        return []
+    models = legality["models"]
+    first = models[0]
+    t = first["totals"]
+    shares = [m["quantized_mac_share"] for m in models]
+    lo, hi = 100 * min(shares), 100 * max(shares)
+    share = f"{lo:.1f}%" if lo == hi else f"{lo:.1f}-{hi:.1f}%"
+    lines = [
+        f"  legality   {manifest['target']}: 0 violations; per model {t['quantized']} quantized, {t['float']} float, "
+        f"{t['unsupported']} unsupported nodes (+{t['qdq']} Q/DQ)",
+        f"             {share} of MACs run quantized; per node: {legality['file']}",
+    ]
+    unsupported = sorted({op for m in models for op in m["unsupported"]})
+    if unsupported:
+        lines.append(f"  unsupported on {manifest['target']} with quantized inputs: {', '.join(unsupported)}")
+    return lines
+
+
+def targets_table(profiles: list[Any]) -> list[str]:
+    """One line per target profile: weights, activations, scale rule."""
+    lines = [f"{'target':<14}{'weights':<24}{'activations':<30}{'scales':<8}description"]
+    for p in profiles:
+        w = "/".join(p.weight_storage.values()) + (" sym" if p.weight_symmetric else " asym")
+        w += " per-ch" if p.weight_per_channel else " per-tensor"
+        a = "/".join(p.activation_storage.values()) + (" sym" if p.activation_symmetric else " asym") + " per-tensor"
+        lines.append(f"{p.name:<14}{w:<24}{a:<30}{'pow2' if p.pow2_scales else 'float':<8}{p.description}")
+    return lines
+
+
+def profile_lines(profile: Any) -> list[str]:
+    """Every field of one profile, with its sources."""
+    data = profile.to_json()
+    lines = [f"{profile.name}: {data.pop('description')}"]
+    notes, source = data.pop("notes"), data.pop("source")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{bits}-bit in {storage}" for bits, storage in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        if key != "name" and value != "":
+            lines.append(f"  {key:<22}{value}")
+    lines += [f"  note                  {n}" for n in notes]
+    lines.append(f"  source                {source}")
+    return lines

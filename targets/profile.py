@@ -1,9 +1,10 @@
 """Target profiles: what one runtime / NPU accepts, as plain data. Passes ask the profile;
-nothing else branches on a target's name."""
+nothing else branches on a target's name. The profiles themselves live in targets/catalog.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from qexport.errors import QexportError
 
@@ -16,20 +17,28 @@ class TargetProfile:
     """Quantization rules of one target.
 
     weight_storage / activation_storage map a bit width to the ONNX storage type that holds it
-    (a restricted width such as W6 lives inside the next storage type up).
+    (a restricted width such as W6 lives inside the next storage type up). ``native`` lists the
+    (weight storage, activation storage) pairs that this target, used as a runtime qexport runs
+    the models on, executes as integer kernels (measured; empty for targets qexport cannot run).
     """
 
     name: str
     description: str
     weight_storage: dict[int, str]
     weight_symmetric: bool
+    weight_per_channel: bool = True  # one scale per output channel (else one per tensor)
     activation_storage: dict[int, str]
     activation_symmetric: bool
-    pow2_scales: bool
-    opset: int
-    quantized_ops: tuple[str, ...]
-    native: tuple[tuple[int, int], ...]  # (weight storage bits, activation storage bits) run as integer kernels
+    pow2_scales: bool  # every scale an exact power of two (shift-only requantization)
+    opset: int  # the default-domain opset the emitted models carry
+    quantized_ops: tuple[str, ...]  # op types the target runs on integer inputs
+    static_shapes: bool = True  # every graph input and output has fixed dimensions
+    float_ops: str  # where nodes that stay float run on this target
+    bias: str  # how the bias of a quantized linear is handled
     bias_full_rank: bool = False  # give each quantized MatMul's bias Add the activation's rank (see passes)
+    native: tuple[tuple[str, str], ...] = ()
+    native_shared: tuple[tuple[str, str], ...] = ()  # of those, pairs that fuse when several MatMuls share the input
+    notes: tuple[str, ...] = ()
     source: str
 
     def weight_type(self, bits: int) -> str:
@@ -45,41 +54,54 @@ class TargetProfile:
             has = ", ".join(str(b) for b in sorted(table))
             raise QexportError(
                 f"target {self.name} cannot store {bits}-bit {what}s: it has no {width}-bit {what} type "
-                f"(its {what} widths: {has})"
+                f"(its {what} widths: {has}); pick a bit width it has or another target"
             )
         return table[width]
 
-    def runs_integer(self, w_bits: int, a_bits: int) -> bool:
-        w = next(b for b in WEIGHT_WIDTHS if b >= w_bits)
-        a = next(b for b in ACTIVATION_WIDTHS if b >= a_bits)
-        return (w, a) in self.native
+    def runs_integer(self, weight_type: str, activation_type: str, shared_input: bool = False) -> bool:
+        """Whether this runtime runs a MatMul with these storage types as an integer kernel
+        (shared_input: when its quantized input also feeds other MatMuls)."""
+        return (weight_type, activation_type) in (self.native_shared if shared_input else self.native)
 
-
-ORT_CPU = TargetProfile(
-    name="ort-cpu",
-    description="onnxruntime CPU execution provider (MLAS)",
-    weight_storage={4: "int4", 8: "int8"},
-    weight_symmetric=True,
-    activation_storage={8: "uint8", 16: "uint16"},
-    activation_symmetric=False,
-    pow2_scales=False,
-    opset=21,
-    quantized_ops=("MatMul",),
-    native=((8, 8),),
-    # a 1-D bias lets MatMulAddFusion turn MatMul+Add into Gemm before the QDQ fusion runs, and the
-    # DequantizeLinear pair then stays float; a [1, 1, N] bias keeps MatMulIntegerToFloat (measured)
-    bias_full_rank=True,
-    source=(
-        "onnxruntime docs, 'Quantize ONNX models' (QDQ format, U8S8 recommended on x86); measured with "
-        "onnxruntime 1.31: W8A8 QDQ MatMul fuses to MatMulIntegerToFloat, int4 weights and 16-bit "
-        "activations run as DequantizeLinear + float MatMul"
-    ),
-)
-
-PROFILES: dict[str, TargetProfile] = {p.name: p for p in (ORT_CPU,)}
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "weights": {str(k): v for k, v in self.weight_storage.items()},
+            "weight_symmetric": self.weight_symmetric,
+            "weight_per_channel": self.weight_per_channel,
+            "activations": {str(k): v for k, v in self.activation_storage.items()},
+            "activation_symmetric": self.activation_symmetric,
+            "pow2_scales": self.pow2_scales,
+            "opset": self.opset,
+            "quantized_ops": list(self.quantized_ops),
+            "static_shapes": self.static_shapes,
+            "float_ops": self.float_ops,
+            "bias": self.bias,
+            "integer_kernels": [f"{w} x {a}" for w, a in self.native],  # measured, where qexport runs it
+            "integer_if_shared": [f"{w} x {a}" for w, a in self.native_shared],
+            "notes": list(self.notes),
+            "source": self.source,
+        }
 
 
 def get_profile(name: str) -> TargetProfile:
+    """The profile named `name`.
+
+    Raises:
+        QexportError: no such target (the message lists them).
+    """
+    from qexport.targets.catalog import PROFILES
+
     if name not in PROFILES:
-        raise QexportError(f"unknown target {name!r}; choose one of {', '.join(PROFILES)}")
+        raise QexportError(f"unknown target {name!r}; choose one of {', '.join(PROFILES)} (see qexport targets)")
     return PROFILES[name]
+
+
+def __getattr__(name: str) -> Any:
+    """ORT_CPU and PROFILES moved to targets/catalog.py; this keeps the old import path working."""
+    if name in ("ORT_CPU", "PROFILES"):
+        from qexport.targets import catalog
+
+        return getattr(catalog, name)
+    raise AttributeError(name)

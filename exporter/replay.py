@@ -1,0 +1,81 @@
+"""Replay of calibration prompts at build time: the FP trajectories' denoiser inputs per step
+(computed once), the FP outputs, and the inputs of chosen linears at chosen steps. Used by
+``--alpha auto`` (scores plans) and by the percentile / MSE activation observers (samples)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from qexport.errors import QexportError
+from qexport.models.adapter import ModelAdapter
+from qexport.models.sampler import SamplingConfig, sample
+
+PROMPTS = 2  # calibration prompts replayed (each with its unconditional twin)
+MAX_ROWS = 65536  # samples kept per layer and range (evenly strided tokens beyond that)
+
+
+class CalibrationReplay:
+    """FP denoiser inputs per step for the first PROMPTS calibration prompts, seed 0."""
+
+    def __init__(self, adapter: ModelAdapter, prompts: list[str], timesteps: list[int], cfg: float) -> None:
+        if not prompts:
+            raise QexportError("this build option needs statistics that record their prompts; recalibrate")
+        prompts = prompts[:PROMPTS]
+        self.adapter = adapter
+        self.denoiser = adapter.denoiser()
+        self.timesteps = timesteps
+        self.cond = torch.cat([adapter.conditioner.encode(prompts), adapter.conditioner.null(len(prompts))])
+        xs: list[torch.Tensor] = []
+        handle = adapter.transformer.register_forward_pre_hook(lambda m, args: xs.append(args[0].detach().clone()))
+        try:
+            sample(
+                adapter,
+                adapter.conditioner.encode(prompts),
+                [0] * len(prompts),
+                SamplingConfig(steps=len(timesteps), cfg=cfg),
+            )
+        finally:
+            handle.remove()
+        self.inputs = xs
+        self._reference: dict[int, np.ndarray] = {}
+
+    def run(self, k: int) -> np.ndarray:
+        """The denoiser output at step k (as the transformer currently computes)."""
+        t = torch.full((len(self.cond),), self.timesteps[k], dtype=torch.long)
+        with torch.no_grad():
+            return self.denoiser(self.inputs[k], t, self.cond).numpy()
+
+    def reference(self, k: int) -> np.ndarray:
+        """The FP denoiser output at step k (cached)."""
+        if k not in self._reference:
+            self._reference[k] = self.run(k)
+        return self._reference[k]
+
+    def layer_inputs(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
+        """Inputs [rows, features] of the named linears over the given steps, FP."""
+        modules = dict(self.adapter.transformer.named_modules())
+        seen: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+
+        def grab(name: str) -> Any:
+            def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                x = args[0].detach()
+                seen[name].append(x.reshape(-1, x.shape[-1]).numpy().copy())
+
+            return hook
+
+        handles = [modules[name].register_forward_pre_hook(grab(name)) for name in layers]
+        try:
+            for k in steps:
+                self.run(k)
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for name, parts in seen.items():
+            rows = np.concatenate(parts)
+            stride = -(-len(rows) // MAX_ROWS)
+            out[name] = rows[::stride]
+        return out

@@ -1,0 +1,85 @@
+"""Activation observers: MSE and percentile ranges on known distributions, and a build that
+uses them from replayed calibration prompts, re-derived exactly by verify's replan."""
+
+import numpy as np
+import pytest
+from qexport.exporter.build import BuildConfig, build
+from qexport.exporter.replan import replan
+from qexport.passes.observe import Observer, histogram, mse_range, observe, range_error
+from qexport.passes.plan import QuantConfig, Smooth
+from qexport.passes.quant import Grid
+
+from qexport.errors import QexportError
+
+U8 = Grid(bits=8, storage="uint8", symmetric=False)
+S8 = Grid(bits=8, storage="int8", symmetric=True)
+
+
+def _error(values, lo, hi, grid):
+    centres, counts = histogram(values, values.min(), values.max())
+    return range_error(centres, counts, lo, hi, grid, False)
+
+
+def test_mse_clips_a_rare_outlier_and_lowers_the_error():
+    values = np.concatenate([np.random.default_rng(0).uniform(-1.0, 1.0, size=1_000_000), [10.0]])
+    lo, hi = float(values.min()), float(values.max())
+    c_lo, c_hi = mse_range(values, lo, hi, U8)
+    assert c_lo == lo and 1.0 < c_hi < 0.6 * hi  # clipping the outlier costs less than a coarser grid
+    assert _error(values, c_lo, c_hi, U8) < 0.6 * _error(values, lo, hi, U8)
+
+
+def test_mse_keeps_a_heavy_tail_that_clipping_would_cost_more():
+    values = np.random.default_rng(4).standard_t(3, size=200_000)
+    lo, hi = float(values.min()), float(values.max())
+    c_lo, c_hi = mse_range(values, lo, hi, U8)
+    assert c_hi > 0.5 * hi and c_lo < 0.5 * lo
+    assert _error(values, c_lo, c_hi, U8) <= _error(values, lo, hi, U8)
+
+
+def test_mse_keeps_the_full_range_of_a_uniform_tensor():
+    values = np.random.default_rng(1).uniform(-1.0, 3.0, size=100_000)
+    c_lo, c_hi = mse_range(values, float(values.min()), float(values.max()), U8)
+    assert c_lo <= -0.97 and c_hi >= 2.9
+
+
+def test_mse_on_a_symmetric_grid_shrinks_both_ends_alike():
+    values = np.random.default_rng(2).laplace(size=50_000)
+    lo, hi = float(values.min()), float(values.max())
+    c_lo, c_hi = mse_range(values, lo, hi, S8)
+    assert c_lo / lo == pytest.approx(c_hi / hi)
+
+
+def test_percentile_clips_isolated_outliers_only():
+    values = np.concatenate([np.random.default_rng(3).normal(size=100_000), [80.0, -60.0]])
+    c_lo, c_hi = observe(values, -60.0, 80.0, U8, Observer.PERCENTILE)
+    assert -5 < c_lo < -3 and 3 < c_hi < 5
+    assert observe(None, -60.0, 80.0, U8, Observer.MINMAX) == (-60.0, 80.0)
+    with pytest.raises(ValueError, match="needs samples"):
+        observe(None, -1.0, 1.0, U8, Observer.MSE)
+
+
+@pytest.mark.slow
+def test_build_with_mse_observer_narrows_ranges_and_replans_exactly(latte_stats, tmp_path):
+    base = build(latte_stats, tmp_path / "minmax", BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ), ranges=1))
+    quant = QuantConfig(smooth=Smooth.ASQ, act_observer=Observer.MSE)
+    result = build(latte_stats, tmp_path / "mse", BuildConfig(quant=quant, ranges=1))
+    assert result.manifest["quantization"]["act_observer"] == "mse"
+    old, new = base.ranges[0].plan.layers, result.ranges[0].plan.layers
+    narrower = [name for name in new if float(new[name].a_scale) < float(old[name].a_scale)]
+    assert all(float(new[n].a_scale) <= float(old[n].a_scale) * (1 + 1e-6) for n in new)  # never wider
+    assert len(narrower) >= len(new) // 4
+    _, plans, _ = replan(result.manifest, latte_stats)
+    assert all(float(plans[0].layers[n].a_scale) == float(new[n].a_scale) for n in new)
+
+
+def test_observers_need_recorded_prompts(latte_stats, tmp_path):
+    from qexport.calib.store import load, save
+
+    stats = load(latte_stats)
+    stats.header.pop("prompt_texts")
+    bare = tmp_path / "bare.qstats"
+    save(stats, bare)
+    quant = QuantConfig(act_observer=Observer.PERCENTILE)
+    with pytest.raises(QexportError, match="does not record its prompts"):
+        build(bare, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
+    assert not (tmp_path / "out").exists()
