@@ -17,12 +17,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
-from qexport.exporter.alpha import best_alpha
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.replay import CalibrationReplay
+from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
 from qexport.passes.observe import Observer
@@ -176,11 +176,13 @@ def plan_models(
     target: TargetProfile,
     progress: Callable[[str], None] | None = None,
     alphas: list[float] | None = None,
+    shrinks: list[float] | None = None,
     sink: Callable[[str, onnx.ModelProto], None] | None = None,
 ) -> tuple[list[BuiltRange], list[tuple[str, onnx.ModelProto]]]:
     """Export, plan and transform every range; returns the plans and the (file name, model) pairs.
 
-    alphas, if given, fixes each range's alpha (re-planning a build made with --alpha auto).
+    alphas / shrinks, if given, fix each range's alpha and activation shrink (re-planning a build
+    whose searches picked them).
     sink, if given, receives each (file name, model) as soon as it is built and the models are
     not kept (the returned list is then empty): memory stays at about one model.
     """
@@ -188,9 +190,12 @@ def plan_models(
     ranges = split_ranges(stats.steps, config.ranges)
     exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
     replay = None
-    searching = config.quant.alpha_auto and alphas is None
-    if searching or config.quant.act_observer != Observer.MINMAX:
-        log.info("replaying calibration prompts for %s", "alpha search" if searching else "activation observers")
+    searches = (
+        config.quant.alpha_auto and alphas is None,
+        config.quant.act_observer == Observer.SEARCH and not shrinks,
+    )
+    if any(searches) or config.quant.act_observer in (Observer.PERCENTILE, Observer.MSE):
+        log.info("replaying calibration prompts (searches and sample-based observers)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
@@ -198,7 +203,8 @@ def plan_models(
         timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
         fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
-        plan, model = _build_range(fp, steps, adapter, stats, quant, target, replay, searching)
+        quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
+        plan, model = _build_range(fp, steps, adapter, stats, quant, target, replay, searches)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
         if sink is not None:
@@ -228,22 +234,26 @@ def _build_range(
     quant: QuantConfig,
     target: TargetProfile,
     replay: CalibrationReplay | None = None,
-    search: bool = False,
+    searches: tuple[bool, bool] = (False, False),
 ) -> tuple[RangePlan, onnx.ModelProto]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
     samples = None
-    if quant.act_observer != Observer.MINMAX:
+    if quant.act_observer in (Observer.PERCENTILE, Observer.MSE):
         assert replay is not None
         samples = replay.layer_inputs(steps, [g.layers[0] for g in groups])
 
-    def make(alpha: float) -> RangePlan:
-        config = replace(quant, alpha=alpha)
+    def make(alpha: float, shrink: float) -> RangePlan:
+        config = replace(quant, alpha=alpha, act_shrink=shrink)
         return plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples)
 
-    if search and replay is not None and quant.smooth != Smooth.NONE:
-        _, plan, _ = best_alpha(replay, make)
-    else:
-        plan = make(quant.alpha)
+    alpha, shrink = quant.alpha, quant.act_shrink
+    if searches[0] and quant.smooth != Smooth.NONE:
+        assert replay is not None
+        alpha, _, _ = best(replay, ALPHAS, lambda a: make(a, shrink))
+    if searches[1]:
+        assert replay is not None
+        shrink, _, _ = best(replay, SHRINKS, lambda r: make(alpha, r))
+    plan = make(alpha, shrink)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)

@@ -64,7 +64,16 @@ def make_manifest(
             }
             for i, (t, c_x, c_out) in enumerate(coefficients)
         ],
-        "ranges": [{"index": r.index, "steps": r.steps, "model": r.model_file, "alpha": r.plan.alpha} for r in ranges],
+        "ranges": [
+            {
+                "index": r.index,
+                "steps": r.steps,
+                "model": r.model_file,
+                "alpha": r.plan.alpha,
+                "act_shrink": r.plan.act_shrink,
+            }
+            for r in ranges
+        ],
         "quantization": {
             "w_bits": q.w_bits,
             "a_bits": q.a_bits,

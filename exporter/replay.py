@@ -40,7 +40,8 @@ class CalibrationReplay:
         finally:
             handle.remove()
         self.inputs = xs
-        self._reference: dict[int, np.ndarray] = {}
+        # FP outputs, computed now: a lazy cache filled inside a simulation would hold quantized ones
+        self.references = [self.run(k) for k in range(len(timesteps))]
 
     def run(self, k: int) -> np.ndarray:
         """The denoiser output at step k (as the transformer currently computes)."""
@@ -49,10 +50,8 @@ class CalibrationReplay:
             return self.denoiser(self.inputs[k], t, self.cond).numpy()
 
     def reference(self, k: int) -> np.ndarray:
-        """The FP denoiser output at step k (cached)."""
-        if k not in self._reference:
-            self._reference[k] = self.run(k)
-        return self._reference[k]
+        """The FP denoiser output at step k."""
+        return self.references[k]
 
     def layer_inputs(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
         """Inputs [rows, features] of the named linears over the given steps, FP."""

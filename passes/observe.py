@@ -2,6 +2,8 @@
 
 - ``minmax``: the exact extremes of the range's calibration statistics (never clips);
 - ``percentile``: the 0.01 % / 99.99 % quantiles of replayed calibration samples;
+- ``search``: min-max, shrunk by one ratio per range that the build picks by the denoiser's output
+  SQNR on the replayed calibration prompts (exporter.search; the plan applies the ratio);
 - ``mse``: the clipped range that minimises the squared quantization error (rounding plus
   clipping) of the replayed samples: each end of the min-max range is shrunk by a ratio from
   SHRINK, the two ends in turn (coordinate descent, ROUNDS times).
@@ -28,6 +30,7 @@ class Observer(StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     MSE = "mse"
+    SEARCH = "search"
 
 
 def histogram(values: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +85,7 @@ def observe(
         observer: which rule.
         pow2: the target rounds scales up to powers of two (the MSE search scores that).
     """
-    if observer == Observer.MINMAX:
+    if observer in (Observer.MINMAX, Observer.SEARCH):
         return lo, hi
     if values is None or values.size == 0:
         raise ValueError(f"the {observer} observer needs samples of the activation")

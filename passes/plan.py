@@ -34,6 +34,7 @@ class QuantConfig:
     alpha_auto: bool = False  # search alpha per range (the build does it; alpha is then a start value)
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
     act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
+    act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -42,6 +43,8 @@ class QuantConfig:
             raise QexportError(f"--w-bits must be in 2..8, got {self.w_bits}")
         if not 4 <= self.a_bits <= 16:
             raise QexportError(f"--a-bits must be in 4..16, got {self.a_bits}")
+        if not 0.0 < self.act_shrink <= 1.0:
+            raise QexportError(f"the activation range shrink must be in (0, 1], got {self.act_shrink}")
         if not 0.0 < self.alpha <= 1.0:
             raise QexportError(f"--alpha must be in (0, 1], got {self.alpha}")
 
@@ -70,6 +73,7 @@ class RangePlan:
     steps: list[int]
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     alpha: float = 0.5
+    act_shrink: float = 1.0
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
 
@@ -138,7 +142,7 @@ def plan_range(
         symmetric=target.activation_symmetric,
         narrow=False,  # QuantizeLinear saturates activations to the full storage range
     )
-    plan = RangePlan(steps=list(steps), alpha=config.alpha)
+    plan = RangePlan(steps=list(steps), alpha=config.alpha, act_shrink=config.act_shrink)
     final_w = {k: v.astype(np.float64) for k, v in weights.items()}
     final_b = {k: (None if v is None else v.astype(np.float64)) for k, v in biases.items()}
     changed_bias: set[str] = set()
@@ -162,10 +166,11 @@ def plan_range(
         div = 1.0 if s is None else s
         lo = float((first.channel_min[steps] / div).min())
         hi = float((first.channel_max[steps] / div).max())
-        if config.act_observer != Observer.MINMAX:
+        if config.act_observer in (Observer.PERCENTILE, Observer.MSE):
             if samples is None or g.layers[0] not in samples:
                 raise QexportError(f"the {config.act_observer} observer has no samples of {g.layers[0]}")
             lo, hi = observe(samples[g.layers[0]] / div, lo, hi, a_grid, config.act_observer, target.pow2_scales)
+        lo, hi = lo * config.act_shrink, hi * config.act_shrink
         for layer in g.layers:
             divisors[layer] = None if (s is None or g.fold == "value") else s
             ranges[layer] = (lo, hi)

@@ -271,10 +271,11 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
 @click.option(
     "--act-observer",
-    type=click.Choice(["minmax", "percentile", "mse"]),
+    type=click.Choice(["minmax", "percentile", "mse", "search"]),
     default="minmax",
     show_default=True,
-    help="Activation range: exact min/max, or percentile / MSE-clipped from replayed calibration prompts.",
+    help="Activation range: exact min/max; percentile / MSE-clipped from replayed calibration prompts; "
+    "or min-max shrunk by the ratio (per range) with the best output SQNR on them.",
 )
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
