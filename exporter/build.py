@@ -247,13 +247,15 @@ def _build_range(
         return plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples)
 
     alpha, shrink = quant.alpha, quant.act_shrink
+    scores = {}
     if searches[0] and quant.smooth != Smooth.NONE:
         assert replay is not None
-        alpha, _, _ = best(replay, ALPHAS, lambda a: make(a, shrink))
+        alpha, _, scores["alpha"] = best(replay, ALPHAS, lambda a: make(a, shrink))
     if searches[1]:
         assert replay is not None
-        shrink, _, _ = best(replay, SHRINKS, lambda r: make(alpha, r))
+        shrink, _, scores["act_shrink"] = best(replay, SHRINKS, lambda r: make(alpha, r))
     plan = make(alpha, shrink)
+    plan.scores = scores
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)

@@ -71,6 +71,7 @@ def make_manifest(
                 "model": r.model_file,
                 "alpha": r.plan.alpha,
                 "act_shrink": r.plan.act_shrink,
+                "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
             }
             for r in ranges
         ],

@@ -74,6 +74,7 @@ class RangePlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     alpha: float = 0.5
     act_shrink: float = 1.0
+    scores: dict[str, dict[float, float]] = field(default_factory=dict)  # search -> candidate -> SQNR dB
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
 

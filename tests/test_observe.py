@@ -83,3 +83,19 @@ def test_observers_need_recorded_prompts(latte_stats, tmp_path):
     with pytest.raises(QexportError, match="does not record its prompts"):
         build(bare, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_searches_score_quantized_plans_against_fp_and_replan(latte_stats, tmp_path):
+    from qexport.exporter.search import SHRINKS
+
+    quant = QuantConfig(smooth=Smooth.TSQ, alpha_auto=True, act_observer=Observer.SEARCH)
+    result = build(latte_stats, tmp_path / "search", BuildConfig(quant=quant, ranges=2))
+    for r in result.manifest["ranges"]:
+        assert r["act_shrink"] in SHRINKS
+        scores = [v for s in r["search_sqnr_db"].values() for v in s.values()]
+        assert len(scores) == 20 and all(0 < v < 80 for v in scores)  # quantized vs FP: finite, not identical
+    _, plans, _ = replan(result.manifest, latte_stats)
+    for old, new in zip(result.ranges, plans, strict=True):
+        assert (new.alpha, new.act_shrink) == (old.plan.alpha, old.plan.act_shrink)
+        assert all(float(new.layers[n].a_scale) == float(old.plan.layers[n].a_scale) for n in new.layers)
