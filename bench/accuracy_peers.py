@@ -64,7 +64,9 @@ def ort_rows(fp: Path, feeds: list[dict], template: Path, work: Path, w_bits: in
         model = work / "ort_sq" / "q.onnx"
         seconds = ort_quantize(fp, model, feeds, method="minmax", w_bits=w_bits, smooth=True)
         describe = {"tool": "onnxruntime quantize_static", "smooth_quant": 0.5, "w_bits": w_bits, "a_bits": 8}
-        rows.append(("onnxruntime MinMax +SmoothQuant", wrap(template, model, work / "ort_sq_folder", describe), seconds))
+        rows.append(
+            ("onnxruntime MinMax +SmoothQuant", wrap(template, model, work / "ort_sq_folder", describe), seconds)
+        )
     except Exception as exc:  # the peer's own failure is a result to report
         failed["onnxruntime MinMax +SmoothQuant"] = f"{type(exc).__name__}: {exc}"
     return rows, failed

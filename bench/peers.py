@@ -24,8 +24,8 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
-
 from qexport.exporter.fp_export import EXPORT_OPSET, stamp
+
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
 
@@ -134,4 +134,6 @@ def wrap(template: Path, model: Path, folder: Path, describe: dict[str, Any]) ->
 def folder_bytes(folder: Path) -> int:
     """Bytes of the denoiser models in a build folder (ONNX protos and weight files)."""
     skip = {"text_encoder.onnx"}
-    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".bin", ".data") and f.name not in skip)
+    return sum(
+        f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".bin", ".data") and f.name not in skip
+    )
