@@ -50,8 +50,12 @@ def main() -> None:
     weight = Int8Spec(symmetric=True, calibration_method=CalibMethod.MinMax, quant_granularity=QuantGranularity.Channel)
     act = UInt8Spec(symmetric=False, calibration_method=CalibMethod.MinMax)
     algos = [SmoothQuantConfig(alpha=a.smooth_alpha)] if a.smooth_alpha is not None else []
-    config = QConfig(global_config=QLayerConfig(activation=act, weight=weight), algo_config=algos,
-                     use_external_data_format=True, extra_options={"OpTypesToQuantize": ["MatMul", "Gemm"]})  # fmt: skip
+    config = QConfig(
+        global_config=QLayerConfig(activation=act, weight=weight),
+        algo_config=algos,
+        use_external_data_format=True,
+        extra_options={"OpTypesToQuantize": ["MatMul", "Gemm"]},
+    )
     start = time.perf_counter()
     ModelQuantizer(config).quantize_model(a.fp, a.out, Reader(a.feeds))
     print(json.dumps({"seconds": time.perf_counter() - start}))

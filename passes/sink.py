@@ -24,10 +24,11 @@ def _split(node: gs.Node) -> tuple[int, gs.Tensor, gs.Tensor] | None:
     if len(node.inputs) != 2:
         return None
     sizes = [_numel(t) for t in node.inputs]
-    if None in sizes:
+    known = [n for n in sizes if n is not None]
+    if len(known) != 2:
         return None
     for i in (0, 1):
-        if sizes[1 - i] >= SMALL * max(sizes[i], 1):  # type: ignore[operator]
+        if known[1 - i] >= SMALL * max(known[i], 1):
             return i, node.inputs[i], node.inputs[1 - i]
     return None
 
