@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import onnxruntime as ort
+
 from qexport.models import shapes
 
 
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--stats", type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
+    ort.set_default_logger_severity(3)
     if a.child:
         _child(a.stats, Path(a.child[0]), a.child[1], a.smooth)
         return

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 from peers import folder_bytes
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny-latte,tiny-dit,dit-b-2")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qexport-size"))
     a = parser.parse_args()
+    ort.set_default_logger_severity(3)
     shutil.rmtree(a.work, ignore_errors=True)
     bytes_table(a.models.split(","), a.work)
     sharing_table(a.work)
