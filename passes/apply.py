@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from qexport.passes.analyze import Group
 from qexport.passes.graph import constant_input, consumers, node_named
 from qexport.passes.plan import RangePlan
+from qexport.passes.sink import sink_smoothing
 from qexport.targets.profile import TargetProfile
 
 PACKED = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}  # written by pack_low_bit
@@ -133,7 +134,7 @@ def legalize_bias(graph: gs.Graph, config: PassConfig, target: TargetProfile) ->
     return graph
 
 
-PASSES = (fold_smoothing, quantize_weights, quantize_activations, legalize_bias)
+PASSES = (fold_smoothing, sink_smoothing, quantize_weights, quantize_activations, legalize_bias)
 
 
 def run_passes(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:

@@ -16,6 +16,7 @@ from qexport.exporter.fp_export import export_fp
 from qexport.exporter.verify import verify
 from qexport.passes.apply import PassConfig, fold_smoothing
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
+from qexport.passes.sink import sink_smoothing
 from qexport.targets.profile import ORT_CPU
 
 from qexport.errors import QexportError
@@ -89,7 +90,8 @@ def test_folded_smoothing_is_exact_in_fp(latte_stats, ranges):
     )
     folds = {g.fold for g in groups}
     assert ("modulation" in folds) == (ranges is None) and "value" in folds and "explicit" in folds
-    smoothed = fold_smoothing(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), ORT_CPU)
+    config = PassConfig(plan=plan, groups=groups, nodes=nodes)
+    smoothed = sink_smoothing(fold_smoothing(graph, config, ORT_CPU), config, ORT_CPU)  # sinking is exact too
     for n, b in fp.bindings.items():
         smoothed.tensors()[b.weight].values = plan.layers[n].w_float
     rng = np.random.default_rng(0)

@@ -60,6 +60,20 @@ FULL_SIZE: dict[str, tuple[str, dict[str, Any], str]] = {
         },
         "DiT-XL/2, 256 px (4x32x32 latent), class-conditional, adaLN-Zero",
     ),
+    "dit-b-2": (
+        "DiTTransformer2DModel",
+        {
+            "num_attention_heads": 12,
+            "attention_head_dim": 64,
+            "in_channels": 4,
+            "out_channels": 8,
+            "num_layers": 12,
+            "sample_size": 32,
+            "patch_size": 2,
+            "num_embeds_ada_norm": 1000,
+        },
+        "DiT-B/2, 256 px (4x32x32 latent), class-conditional, adaLN-Zero",
+    ),
     "pixart-alpha-512": (
         "PixArtTransformer2DModel",
         {

@@ -1,0 +1,163 @@
+"""Per-step denoiser latency in onnxruntime CPU: fp32 vs qexport int8 vs onnxruntime-quantizer int8
+(and torch FP), measured round-robin in one run; where the time goes per op type (onnxruntime's
+profiler); int8 GEMM throughput against this CPU's int8 peak.
+
+    python bench/speed.py [--models tiny-latte,dit-b-2] [--bits 8,4] [--repeats 10] [--threads 2]
+
+Each model is calibrated on a few prompts / classes and steps, built by qexport (ASQ, one time
+range: the timestep is an input, like the peer's single model) and quantized by onnxruntime's
+``quantize_static`` (QDQ, per-channel, MinMax, MatMul/Gemm) from the same denoiser inputs.
+Targets: qexport int8 >= 2.0x faster than fp32 on dit-b-2; never slower than onnxruntime's
+quantizer at the same bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+from int8_peak import cpu_peak, measured_gops
+from ort_timing import INTEGER_OPS, median_ms, op_profile, round_robin, session
+from peers import export_fp_model, ort_quantize, step_feeds
+from qexport.calib.run import CalibConfig, calibrate
+from qexport.calib.store import save
+from qexport.exporter.build import BuildConfig, build
+from qexport.passes.plan import QuantConfig, Smooth
+
+from qexport.models.adapter import ModelAdapter
+from qexport.models.registry import load_model
+from qexport.models.sampler import SamplingConfig
+
+CALIB = {"tiny-latte": ["a red circle moving left", "a blue square moving up"], "tiny-dit": ["1", "7"],
+         "dit-b-2": ["1", "2"]}  # fmt: skip
+STEPS = 2  # qexport's per-step model of step 1 is timed on step 1's inputs
+
+
+def linear_ops(adapter: ModelAdapter, layers: list[str], feeds: dict) -> float:
+    """2 x M x K x N summed over the quantized linears, for one denoiser call on `feeds`."""
+    modules = dict(adapter.transformer.named_modules())
+    total = [0.0]
+
+    def count(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        total[0] += 2.0 * args[0].numel() * module.out_features
+
+    hooks = [modules[name].register_forward_hook(count) for name in layers]
+    with torch.no_grad():
+        adapter.denoiser()(*(torch.from_numpy(feeds[k]) for k in ("latents", "timestep", "cond")))
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def prepare(name: str, work: Path, bits: list[int]) -> tuple[ModelAdapter, dict[str, Path], dict, list[str]]:
+    """Calibrate, build qexport int8/int4, export FP, quantize with onnxruntime; returns the model files,
+    the feeds of step 1 of the first prompt, and the quantized layers."""
+    adapter = load_model(name)
+    stats = work / "calib.qstats"
+    result = calibrate(adapter, CalibConfig(prompts=tuple(CALIB[name]), sampling=SamplingConfig(steps=STEPS),
+                                            batch_size=2))  # fmt: skip
+    save(result.stats, stats)
+    files = {"onnxruntime fp32": export_fp_model(adapter, work / "fp" / "fp.onnx")}
+    feeds = step_feeds(adapter, CALIB[name], [0], STEPS, SamplingConfig().cfg)
+    for w in bits:
+        quant = QuantConfig(w_bits=w, a_bits=8, smooth=Smooth.ASQ)
+        build(stats, work / f"qexport_w{w}_tsw", BuildConfig(quant=quant, ranges=None))
+        files[f"qexport W{w}A8 per-step"] = work / f"qexport_w{w}_tsw" / "step_01.onnx"
+        if w == 8:
+            build(stats, work / f"qexport_w{w}", BuildConfig(quant=quant, ranges=1))
+            files[f"qexport W{w}A8 1 range"] = work / f"qexport_w{w}" / "range_00.onnx"
+        files[f"onnxruntime-quantizer W{w}A8"] = work / f"ort_w{w}" / "q.onnx"
+        ort_quantize(files["onnxruntime fp32"], files[f"onnxruntime-quantizer W{w}A8"], feeds, method="minmax",
+                     w_bits=w)  # fmt: skip
+    return adapter, files, feeds[1], list(result.stats.layers)
+
+
+def latency_table(name: str, adapter: ModelAdapter, files: dict[str, Path], feeds: dict, a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    denoiser = adapter.denoiser()
+    tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+    def torch_fp(**kw: torch.Tensor) -> None:
+        with torch.no_grad():
+            denoiser(kw["latents"], kw["timestep"], kw["cond"])
+
+    runs: dict[str, tuple[object, dict]] = {}
+    for k, p in files.items():
+        s = session(p, a.threads)
+        runs[k] = (s, {i.name: feeds[i.name] for i in s.get_inputs()})
+    runs["torch fp32"] = (torch_fp, tensors)
+    times = round_robin(runs, a.repeats)
+    fp = median_ms(times["onnxruntime fp32"])
+    print(f"\n{name}: {adapter.num_parameters / 1e6:.1f}M params, batch 2, {a.threads} threads, "
+          f"{a.repeats} round-robin repeats")  # fmt: skip
+    print(f"{'model':<30}{'median ms':>10}{'min ms':>9}{'x vs fp32':>10}")
+    for k, t in times.items():
+        print(f"{k:<30}{median_ms(t):>10.1f}{1e3 * min(t):>9.1f}{fp / median_ms(t):>10.2f}")
+    for w in a.bits:
+        ours, peer = median_ms(times[f"qexport W{w}A8 per-step"]), median_ms(times[f"onnxruntime-quantizer W{w}A8"])
+        print(f"W{w}A8: qexport / onnxruntime-quantizer time = {ours / peer:.2f} (target <= 1.00)")
+
+
+def profile_table(files: dict[str, Path], feeds: dict, threads: int, top: int = 14) -> dict[str, dict[str, float]]:
+    keep = ("onnxruntime fp32", "qexport W8A8 per-step", "qexport W8A8 1 range", "onnxruntime-quantizer W8A8")
+    profiles = {}
+    for k in keep:
+        inputs = {i.name for i in session(files[k], threads).get_inputs()}
+        profiles[k] = op_profile(files[k], {n: v for n, v in feeds.items() if n in inputs}, threads)[0]
+    names = list(profiles)
+    ops = sorted(
+        {op for p in profiles.values() for op in p}, key=lambda op: -max(p.get(op, 0) for p in profiles.values())
+    )
+    short = [n.replace("onnxruntime-quantizer", "ort-q").replace("onnxruntime ", "ort ").replace("qexport ", "")
+             for n in names]  # fmt: skip
+    print(f"\nms per step by op type (onnxruntime profiler, {threads} threads, mean of 3 runs)")
+    print(f"{'op type':<24}" + "".join(f"{s:>16}" for s in short))
+    for op in ops[:top]:
+        print(f"{op:<24}" + "".join(f"{profiles[n].get(op, 0):>16.1f}" for n in names))
+    for label, pick in (
+        ("integer kernels", lambda op: op in INTEGER_OPS),
+        ("float (all other)", lambda op: op not in INTEGER_OPS),
+    ):
+        print(f"{label:<24}" + "".join(f"{sum(v for op, v in profiles[n].items() if pick(op)):>16.1f}" for n in names))
+    return profiles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny-latte,dit-b-2")
+    parser.add_argument("--bits", default="8,4")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qexport-speed"))
+    a = parser.parse_args()
+    a.bits = [int(b) for b in a.bits.split(",")]
+    torch.set_num_threads(a.threads)
+    ort.set_default_logger_severity(3)
+    peak = cpu_peak()
+    gops = measured_gops(a.threads)
+    print(f"CPU: {peak.model}, {peak.cores} cores at {peak.ghz:.2f} GHz, widest int8 unit {peak.unit}")
+    print(f"int8 peak: theoretical {peak.peak_gops:.0f} GOPS; measured MatMulInteger 2048x1024x4096 "
+          f"{gops['int8']:.0f} GOPS (fp32 MatMul {gops['fp32']:.0f} GFLOPS, "
+          f"ratio {gops['int8'] / gops['fp32']:.1f}x)")  # fmt: skip
+    for name in a.models.split(","):
+        work = a.work / name
+        shutil.rmtree(work, ignore_errors=True)
+        start = time.perf_counter()
+        adapter, files, feeds, layers = prepare(name, work, a.bits)
+        print(f"\n[{name}] prepared in {time.perf_counter() - start:.0f}s")
+        latency_table(name, adapter, files, feeds, a)
+        profiles = profile_table(files, feeds, a.threads)
+        int8_ms = sum(v for op, v in profiles["qexport W8A8 per-step"].items() if op in INTEGER_OPS)
+        if 8 in a.bits and int8_ms:
+            ops = linear_ops(adapter, layers, feeds)
+            print(f"qexport W8A8 int8 GEMMs: {ops / 1e9:.1f} GOP per step in {int8_ms:.1f} ms = "
+                  f"{ops / int8_ms / 1e6:.0f} GOPS ({100 * ops / int8_ms / 1e6 / gops['int8']:.0f}% of measured "
+                  f"MatMulInteger, {100 * ops / int8_ms / 1e6 / peak.peak_gops:.0f}% of theoretical peak)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
