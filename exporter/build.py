@@ -24,6 +24,8 @@ from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.replay import CalibrationReplay
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.graph import node_named
+from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
@@ -52,6 +54,7 @@ class BuiltRange:
     steps: list[int]
     model_file: str
     plan: RangePlan
+    lowrank: BranchCost = field(default_factory=lambda: BranchCost(macs=0, linear_macs=0, bytes=0))
 
 
 @dataclass(kw_only=True)
@@ -163,9 +166,9 @@ def plan_models(
         timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
         fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
-        plan, model = _build_range(fp, steps, adapter, stats, quant, target, replay, searching)
+        plan, model, cost = _build_range(fp, steps, adapter, stats, quant, target, replay, searching)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
-        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
+        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost))
         models.append((name, model))
         if progress is not None:
             progress(name)
@@ -190,7 +193,7 @@ def _build_range(
     target: TargetProfile,
     replay: CalibrationReplay | None = None,
     search: bool = False,
-) -> tuple[RangePlan, onnx.ModelProto]:
+) -> tuple[RangePlan, onnx.ModelProto, BranchCost]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
     samples = None
     if quant.act_observer != Observer.MINMAX:
@@ -205,10 +208,22 @@ def _build_range(
         _, plan, _ = best_alpha(replay, make)
     else:
         plan = make(quant.alpha)
+    cost = lowrank_cost(graph, nodes, plan)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
-    return plan, model
+    return plan, model, cost
+
+
+def lowrank_cost(graph: gs.Graph, nodes: dict[str, str], plan: RangePlan) -> BranchCost:
+    """MACs and bytes the low-rank branches add to one model call (rows from the inferred shapes)."""
+    total = BranchCost(macs=0, linear_macs=0, bytes=0)
+    for layer, lp in plan.layers.items():
+        shape = node_named(graph, nodes[layer]).inputs[0].shape or []
+        rows = int(np.prod(shape[:-1])) if shape and all(isinstance(d, int) for d in shape) else 0
+        n_in, n_out = lp.w_q.shape
+        total = total + branch_cost(rows, lp.lowrank_a, lp.lowrank_b, out_features=n_out, in_features=n_in)
+    return total
 
 
 def range_inputs(

@@ -78,6 +78,12 @@ def make_manifest(
             "layers": len(stats.layers),
             "kept_fp": stats.header.get("excluded", []),
             "folds": {k: v for r in ranges[:1] for k, v in r.plan.folds.items()},
+            "lowrank": q.lowrank,
+            "lowrank_cost": {
+                "macs_per_call": ranges[0].lowrank.macs,
+                "linear_macs_per_call": ranges[0].lowrank.linear_macs,
+                "bytes_per_model": ranges[0].lowrank.bytes,
+            },
         },
         "target": target.name,
         "calibration": {k: stats.header[k] for k in ("prompts_hash", "prompts", "seeds", "samples", "config_hash")},

@@ -1,7 +1,7 @@
 """Graph passes that write a RangePlan into an FP graph: fold or insert the smoothing, replace
-weights by integer initializers + DequantizeLinear (per output channel), and put per-tensor
-QuantizeLinear -> DequantizeLinear on each quantized linear's input. Each pass is
-``(graph, config, target) -> graph`` with config = PassConfig."""
+weights by integer initializers + DequantizeLinear (per output channel), put per-tensor
+QuantizeLinear -> DequantizeLinear on each quantized linear's input, and add the optional FP
+low-rank error branches. Each pass is ``(graph, config, target) -> graph`` with config = PassConfig."""
 
 from __future__ import annotations
 
@@ -129,7 +129,33 @@ def legalize_bias(graph: gs.Graph, config: PassConfig, target: TargetProfile) ->
     return graph
 
 
-PASSES = (fold_smoothing, quantize_weights, quantize_activations, legalize_bias)
+def insert_lowrank(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Add ``(x_dq · A) · B`` to each quantized linear's output after its bias Add, if planned.
+
+    The branch reads the same DequantizeLinear output as the quantized MatMul, and the
+    MatMul -> Add(bias) pair stays intact, so onnxruntime still fuses it to an integer kernel.
+    """
+    cons = consumers(graph)
+    for layer, node_name in config.nodes.items():
+        lp = config.plan.layers[layer]
+        if lp.lowrank_a is None or lp.lowrank_b is None:
+            continue
+        matmul = node_named(graph, node_name)
+        adds = [n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"]
+        last = adds[0] if len(adds) == 1 and constant_input(adds[0]) is not None else matmul
+        y = last.outputs[0]
+        before = gs.Variable(f"{layer}::lowrank_in", dtype=np.float32, shape=y.shape)
+        last.outputs[0] = before
+        h = gs.Variable(f"{layer}::lowrank_h", dtype=np.float32)
+        c = gs.Variable(f"{layer}::lowrank_c", dtype=np.float32, shape=y.shape)
+        a, b = _const(f"{layer}::lowrank_a", lp.lowrank_a), _const(f"{layer}::lowrank_b", lp.lowrank_b)
+        graph.nodes.append(gs.Node("MatMul", f"{layer}::lowrank_xa", inputs=[matmul.inputs[0], a], outputs=[h]))
+        graph.nodes.append(gs.Node("MatMul", f"{layer}::lowrank_ab", inputs=[h, b], outputs=[c]))
+        graph.nodes.append(gs.Node("Add", f"{layer}::lowrank_add", inputs=[before, c], outputs=[y]))
+    return graph
+
+
+PASSES = (fold_smoothing, quantize_weights, quantize_activations, legalize_bias, insert_lowrank)
 
 
 def run_passes(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:

@@ -10,6 +10,7 @@ from enum import StrEnum
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
 from qexport.targets.profile import TargetProfile
@@ -34,6 +35,7 @@ class QuantConfig:
     alpha_auto: bool = False  # search alpha per range (the build does it; alpha is then a start value)
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
     act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
+    lowrank: int = 0  # rank of the FP error-compensation branch per linear (0 = none; see passes.lowrank)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -44,6 +46,8 @@ class QuantConfig:
             raise QexportError(f"--a-bits must be in 4..16, got {self.a_bits}")
         if not 0.0 < self.alpha <= 1.0:
             raise QexportError(f"--alpha must be in (0, 1], got {self.alpha}")
+        if not 0 <= self.lowrank <= MAX_RANK:
+            raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 
 
 @dataclass(kw_only=True)
@@ -60,6 +64,8 @@ class LayerPlan:
     divisor: np.ndarray | None  # the simulation divides the input by this (explicit or modulation fold)
     bias: np.ndarray | None = None  # a changed bias (value projection folded by the next linear)
     w_float: np.ndarray | None = None  # the smoothed FP weight before quantization (keep_float only)
+    lowrank_a: np.ndarray | None = None  # [in, r] FP32: output += (x_dq · A) · B (--lowrank)
+    lowrank_b: np.ndarray | None = None  # [r, out] FP32
 
     def weight(self) -> np.ndarray:
         return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
@@ -126,13 +132,15 @@ def plan_range(
     final_b = {k: (None if v is None else v.astype(np.float64)) for k, v in biases.items()}
     changed_bias: set[str] = set()
     divisors: dict[str, np.ndarray | None] = {}
+    magnitudes: dict[str, np.ndarray] = {}  # per input channel |X/s| (weights the low-rank SVD)
     ranges: dict[str, tuple[float, float]] = {}
     for g in groups:
         first = stats[g.layers[0]]
+        act = _act_stat(first, steps, config.smooth)
         s = None
         if config.smooth != Smooth.NONE:
             wmax = np.max([np.abs(weights[layer]).max(axis=1) for layer in g.layers], axis=0)
-            s = smoothing_vector(_act_stat(first, steps, config.smooth), wmax, config.alpha)
+            s = smoothing_vector(act, wmax, config.alpha)
             plan.smooth[g.tensor] = s
             plan.folds[g.fold] = plan.folds.get(g.fold, 0) + 1
             for layer in g.layers:
@@ -151,6 +159,7 @@ def plan_range(
             lo, hi = observe(samples[g.layers[0]] / div, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         for layer in g.layers:
             divisors[layer] = None if (s is None or g.fold == "value") else s
+            magnitudes[layer] = act / div
             ranges[layer] = (lo, hi)
     for layer, w in final_w.items():
         if config.weight_clip == "mse":
@@ -160,8 +169,13 @@ def plan_range(
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )
+        w_q = quantize(w, w_scale[None, :], w_zero[None, :], w_grid)
+        lr_a = lr_b = None
+        if config.lowrank:
+            w_dq = dequantize(w_q, w_scale[None, :], w_zero[None, :])
+            lr_a, lr_b = lowrank_factors(w, w_dq, magnitudes[layer], config.lowrank)
         plan.layers[layer] = LayerPlan(
-            w_q=quantize(w, w_scale[None, :], w_zero[None, :], w_grid),
+            w_q=w_q,
             w_scale=w_scale,
             w_zero=w_zero,
             w_grid=w_grid,
@@ -171,5 +185,7 @@ def plan_range(
             divisor=divisors[layer],
             bias=_changed(final_b[layer]) if layer in changed_bias else None,
             w_float=w.astype(np.float32) if keep_float else None,
+            lowrank_a=lr_a,
+            lowrank_b=lr_b,
         )
     return plan
