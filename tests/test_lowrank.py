@@ -172,3 +172,22 @@ def test_rank_out_of_range_is_one_clear_error(tmp_path):
                            str(tmp_path / "none.qstats"), "--lowrank", "40", "--time-ranges", "1",
                            "-o", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --lowrank must be in 0..32 (0 = off), got 40"
+
+
+@pytest.mark.slow
+def test_tiny_latte_lowrank_build_fuses_verifies_and_replans(latte_stats, tmp_path):
+    from qexport.exporter.build import BuildConfig, build
+    from qexport.exporter.replan import replan
+    from qexport.exporter.verify import verify
+
+    config = BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ, lowrank=4), ranges=1)
+    result = build(latte_stats, tmp_path / "lr", config)
+    q = result.manifest["quantization"]
+    assert q["lowrank"] == 4 and 0 < q["lowrank_cost"]["macs_per_call"] < q["lowrank_cost"]["linear_macs_per_call"]
+    plan = result.ranges[0].plan
+    v = verify(result.folder, result.adapter, [plan], result.manifest, ORT_CPU, "a red circle moving left")
+    assert v.ok and all(len(m.integer) == 64 and not m.float_ for m in v.models), v.to_json()
+    _, plans, _ = replan(result.manifest, latte_stats)
+    for name, lp in plan.layers.items():
+        assert np.array_equal(plans[0].layers[name].lowrank_a, lp.lowrank_a), name
+        assert np.array_equal(plans[0].layers[name].lowrank_b, lp.lowrank_b), name
