@@ -78,8 +78,13 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 
 
 def needs_replay(quant: QuantConfig) -> bool:
-    """Whether the build replays calibration prompts (alpha search, sample-based observers)."""
-    return quant.alpha_auto or quant.act_observer != Observer.MINMAX
+    """Whether the build replays calibration prompts (alpha search, sample-based observers, rotations)."""
+    return quant.alpha_auto or needs_samples(quant)
+
+
+def needs_samples(quant: QuantConfig) -> bool:
+    """Whether planning needs replayed layer inputs (sample-based observers; rotated input ranges)."""
+    return quant.act_observer != Observer.MINMAX or quant.rotate
 
 
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
@@ -106,7 +111,7 @@ def build(
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, which --alpha auto and the percentile / mse "
+            f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse "
             "activation observers replay; recalibrate it with this qexport"
         )
     adapter = load_model(stats.model_id)
@@ -157,8 +162,8 @@ def plan_models(
     exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
     replay = None
     searching = config.quant.alpha_auto and alphas is None
-    if searching or config.quant.act_observer != Observer.MINMAX:
-        log.info("replaying calibration prompts for %s", "alpha search" if searching else "activation observers")
+    if searching or needs_samples(config.quant):
+        log.info("replaying calibration prompts for %s", "alpha search" if searching else "activation samples")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
@@ -196,13 +201,17 @@ def _build_range(
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
     samples = None
-    if quant.act_observer != Observer.MINMAX:
+    if needs_samples(quant):
         assert replay is not None
-        samples = replay.layer_inputs(steps, [g.layers[0] for g in groups])
+        sampled = groups if quant.act_observer != Observer.MINMAX else [g for g in groups if g.fold == "value"]
+        samples = replay.layer_inputs(steps, [g.layers[0] for g in sampled])
+    heads = head_dims(adapter, groups)
 
     def make(alpha: float) -> RangePlan:
         config = replace(quant, alpha=alpha)
-        return plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples)
+        return plan_range(
+            steps, groups, stats.layers, weights, biases, config, target, samples=samples, head_dims=heads
+        )
 
     if search and replay is not None and quant.smooth != Smooth.NONE:
         _, plan, _ = best_alpha(replay, make)
@@ -239,6 +248,19 @@ def range_inputs(
     modules = dict(adapter.transformer.named_modules())
     biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
     return graph, nodes, groups, weights, biases
+
+
+def head_dims(adapter: ModelAdapter, groups: list[Group]) -> dict[str, int]:
+    """Attention-output layer -> head size of its attention (the parent module's ``heads``)."""
+    modules = dict(adapter.transformer.named_modules())
+    out = {}
+    for g in groups:
+        if g.fold == "value":
+            parent = modules.get(g.layers[0].removesuffix(".to_out.0"))
+            heads = getattr(parent, "heads", None)
+            if isinstance(heads, int) and heads > 0:
+                out[g.layers[0]] = g.channels // heads
+    return out
 
 
 def _bias(module: object) -> np.ndarray | None:

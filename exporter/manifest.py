@@ -79,6 +79,8 @@ def make_manifest(
             "kept_fp": stats.header.get("excluded", []),
             "folds": {k: v for r in ranges[:1] for k, v in r.plan.folds.items()},
             "lowrank": q.lowrank,
+            "rotate": q.rotate,
+            "rotated_groups": len(ranges[0].plan.rotations),
             "lowrank_cost": {
                 "macs_per_call": ranges[0].lowrank.macs,
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,

@@ -37,7 +37,7 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=alphas[0],
                         weight_clip=q.get("weight_clip", "minmax"),
                         act_observer=Observer(q.get("act_observer", "minmax")),
-                        lowrank=int(q.get("lowrank", 0)))  # fmt: skip
+                        lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)))  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
     built, _ = plan_models(adapter, stats, config, target, alphas=alphas)

@@ -59,12 +59,7 @@ def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
                 const = constants[name]
                 const.values = (np.asarray(const.values, dtype=np.float64) / s).astype(np.float32)
         elif g.fold == "value" and g.value_layer:
-            bias = config.plan.layers[g.value_layer].bias
-            matmul = node_named(graph, config.nodes[g.value_layer])
-            add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
-            found = constant_input(add) if add is not None else None
-            if bias is not None and found is not None:
-                found[1].values = bias
+            _write_value_bias(graph, config, g.value_layer, cons)
         else:
             x = graph.tensors()[g.tensor]
             y = gs.Variable(f"{g.tensor}::smoothed", dtype=np.float32)
@@ -73,6 +68,26 @@ def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
             graph.nodes.append(mul)
             for layer in g.layers:
                 node_named(graph, config.nodes[layer]).inputs[0] = y
+    return graph
+
+
+def _write_value_bias(graph: gs.Graph, config: PassConfig, value_layer: str, cons: dict[str, list[gs.Node]]) -> None:
+    """Write the plan's changed bias (divided by s, rotated) into the value projection's bias Add."""
+    bias = config.plan.layers[value_layer].bias
+    matmul = node_named(graph, config.nodes[value_layer])
+    add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
+    found = constant_input(add) if add is not None else None
+    if bias is not None and found is not None:
+        found[1].values = bias
+
+
+def fold_rotation(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Rotated attention-output groups: the value projection's bias becomes b_v·R (its weights and
+    the output linear's come rotated from the plan through quantize_weights)."""
+    cons = consumers(graph)
+    for g in config.groups:
+        if g.tensor in config.plan.rotations and g.value_layer:
+            _write_value_bias(graph, config, g.value_layer, cons)
     return graph
 
 
@@ -155,7 +170,7 @@ def insert_lowrank(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
     return graph
 
 
-PASSES = (fold_smoothing, quantize_weights, quantize_activations, legalize_bias, insert_lowrank)
+PASSES = (fold_smoothing, fold_rotation, quantize_weights, quantize_activations, legalize_bias, insert_lowrank)
 
 
 def run_passes(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:

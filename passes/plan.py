@@ -13,6 +13,7 @@ from qexport.passes.analyze import Group
 from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
+from qexport.passes.rotate import head_rotation
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -36,6 +37,7 @@ class QuantConfig:
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
     act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
     lowrank: int = 0  # rank of the FP error-compensation branch per linear (0 = none; see passes.lowrank)
+    rotate: bool = False  # per-head Hadamard folded into value projection / attention output (passes.rotate)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -78,6 +80,7 @@ class RangePlan:
     alpha: float = 0.5
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
+    rotations: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R folded around it
 
 
 def smoothing_vector(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -108,6 +111,7 @@ def plan_range(
     target: TargetProfile,
     keep_float: bool = False,
     samples: dict[str, np.ndarray] | None = None,
+    head_dims: dict[str, int] | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -121,7 +125,8 @@ def plan_range(
         target: storage types, symmetry, power-of-two scales.
         keep_float: also keep each smoothed FP weight (to check that folding is exact).
         samples: FP inputs [rows, features] of each group's first layer over the range's steps
-            (needed by the percentile and MSE observers).
+            (needed by the percentile and MSE observers, and by --rotate for the rotated inputs).
+        head_dims: attention-output layer -> its attention's head size (--rotate).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -153,13 +158,23 @@ def plan_range(
         div = 1.0 if s is None else s
         lo = float((first.channel_min[steps] / div).min())
         hi = float((first.channel_max[steps] / div).max())
-        if config.act_observer != Observer.MINMAX:
+        magnitude = act / div
+        rot = None
+        if config.rotate and g.fold == "value" and g.value_layer is not None:
+            rot = _fold_rotation(g, head_dims or {}, final_w, final_b, changed_bias)
+            plan.rotations[g.tensor] = rot
+        values = None
+        if config.act_observer != Observer.MINMAX or rot is not None:
             if samples is None or g.layers[0] not in samples:
-                raise QexportError(f"the {config.act_observer} observer has no samples of {g.layers[0]}")
-            lo, hi = observe(samples[g.layers[0]] / div, lo, hi, a_grid, config.act_observer, target.pow2_scales)
+                raise QexportError(f"the {config.act_observer} observer or --rotate has no samples of {g.layers[0]}")
+            values = samples[g.layers[0]] / div
+        if rot is not None and values is not None:
+            lo, hi, magnitude, values = _rotated_range(values, rot, lo, hi)
+        if config.act_observer != Observer.MINMAX:
+            lo, hi = observe(values, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         for layer in g.layers:
             divisors[layer] = None if (s is None or g.fold == "value") else s
-            magnitudes[layer] = act / div
+            magnitudes[layer] = magnitude
             ranges[layer] = (lo, hi)
     for layer, w in final_w.items():
         if config.weight_clip == "mse":
@@ -189,3 +204,37 @@ def plan_range(
             lowrank_b=lr_b,
         )
     return plan
+
+
+def _fold_rotation(
+    g: Group,
+    head_dims: dict[str, int],
+    final_w: dict[str, np.ndarray],
+    final_b: dict[str, np.ndarray | None],
+    changed_bias: set[str],
+) -> np.ndarray:
+    """Fold a per-head Hadamard R around an attention-output group: W_v <- W_v·R, b_v <- b_v·R,
+    W_out <- R^T·W_out (W^T [in, out] layout); returns R."""
+    assert g.value_layer is not None
+    if g.layers[0] not in head_dims:
+        raise QexportError(f"--rotate needs the head size of {g.layers[0]}'s attention")
+    rot = head_rotation(g.channels, head_dims[g.layers[0]])
+    for layer in g.layers:
+        final_w[layer] = rot.T @ final_w[layer]
+    final_w[g.value_layer] = final_w[g.value_layer] @ rot
+    bias = final_b[g.value_layer]
+    if bias is not None:
+        final_b[g.value_layer] = bias @ rot
+        changed_bias.add(g.value_layer)
+    return rot
+
+
+def _rotated_range(
+    values: np.ndarray, rot: np.ndarray, lo: float, hi: float
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Range, per-channel magnitude and samples of X·R, from replayed samples X of the unrotated
+    input: the samples' rotated extremes, widened by how much wider the statistics' range of X is
+    than the samples' (the replay sees fewer prompts than the calibration)."""
+    rotated = values @ rot
+    widen = max(1.0, max(hi, -lo) / max(float(np.abs(values).max()), 1e-12))
+    return widen * float(rotated.min()), widen * float(rotated.max()), np.abs(rotated).max(axis=0), rotated

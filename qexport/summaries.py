@@ -73,6 +73,12 @@ def _lowrank(q: dict[str, Any]) -> list[str]:
     ]
 
 
+def _rotation(q: dict[str, Any]) -> list[str]:
+    if not q.get("rotate"):
+        return []
+    return [f"  rotation   per-head Hadamard folded around {q['rotated_groups']} attention outputs (value -> output)"]
+
+
 def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:
     q, f = manifest["quantization"], manifest["files"]
     folds = ", ".join(f"{k} {v}" for k, v in sorted(q["folds"].items())) or "no smoothing"
@@ -86,6 +92,7 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         f"  smoothing  groups folded/explicit: {folds}",
         f"  disk       shared weights {shared:.2f} MiB (without sharing {unshared:.2f} MiB)",
         *_lowrank(q),
+        *_rotation(q),
     ] + (
         [
             "  note       TSQ gives every range its own smoothing vector s, so its weights W*diag(s) differ "
