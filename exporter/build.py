@@ -25,6 +25,8 @@ from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.graph import node_named
+from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
@@ -55,6 +57,7 @@ class BuiltRange:
     steps: list[int]
     model_file: str
     plan: RangePlan
+    lowrank: BranchCost = field(default_factory=lambda: BranchCost(macs=0, linear_macs=0, bytes=0))
 
 
 @dataclass(kw_only=True)
@@ -79,8 +82,13 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 
 
 def needs_replay(quant: QuantConfig) -> bool:
-    """Whether the build replays calibration prompts (alpha search, sample-based observers)."""
-    return quant.alpha_auto or quant.act_observer != Observer.MINMAX
+    """Whether the build replays calibration prompts (alpha search, sample-based observers, rotations)."""
+    return quant.alpha_auto or needs_samples(quant)
+
+
+def needs_samples(quant: QuantConfig) -> bool:
+    """Whether planning needs replayed layer inputs (sample-based observers; rotated input ranges)."""
+    return quant.act_observer in (Observer.PERCENTILE, Observer.MSE) or quant.rotate
 
 
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
@@ -107,7 +115,7 @@ def build(
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, which --alpha auto and the percentile / mse "
+            f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse "
             "activation observers replay; recalibrate it with this qexport"
         )
     adapter = load_model(stats.model_id)
@@ -190,12 +198,10 @@ def plan_models(
     ranges = split_ranges(stats.steps, config.ranges)
     exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
     replay = None
-    searches = (
-        config.quant.alpha_auto and alphas is None,
-        config.quant.act_observer == Observer.SEARCH and not shrinks,
-    )
-    if any(searches) or config.quant.act_observer in (Observer.PERCENTILE, Observer.MSE):
-        log.info("replaying calibration prompts (searches and sample-based observers)")
+    q = config.quant
+    searches = (q.alpha_auto and alphas is None, q.act_observer == Observer.SEARCH and not shrinks)
+    if any(searches) or needs_samples(q):
+        log.info("replaying calibration prompts (searches, sample-based observers, rotations)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
@@ -204,9 +210,9 @@ def plan_models(
         fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
         quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
-        plan, model = _build_range(fp, steps, adapter, stats, quant, target, replay, searches)
+        plan, model, cost = _build_range(fp, steps, adapter, stats, quant, target, replay, searches)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
-        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan))
+        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost))
         if sink is not None:
             sink(name, model)
         else:
@@ -235,16 +241,21 @@ def _build_range(
     target: TargetProfile,
     replay: CalibrationReplay | None = None,
     searches: tuple[bool, bool] = (False, False),
-) -> tuple[RangePlan, onnx.ModelProto]:
+) -> tuple[RangePlan, onnx.ModelProto, BranchCost]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
     samples = None
-    if quant.act_observer in (Observer.PERCENTILE, Observer.MSE):
+    if needs_samples(quant):
         assert replay is not None
-        samples = replay.layer_inputs(steps, [g.layers[0] for g in groups])
+        observed = quant.act_observer in (Observer.PERCENTILE, Observer.MSE)
+        sampled = groups if observed else [g for g in groups if g.fold == "value"]
+        samples = replay.layer_inputs(steps, [g.layers[0] for g in sampled])
+    heads = head_dims(adapter, groups)
 
     def make(alpha: float, shrink: float) -> RangePlan:
         config = replace(quant, alpha=alpha, act_shrink=shrink)
-        return plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples)
+        return plan_range(
+            steps, groups, stats.layers, weights, biases, config, target, samples=samples, head_dims=heads
+        )
 
     alpha, shrink = quant.alpha, quant.act_shrink
     scores = {}
@@ -256,10 +267,22 @@ def _build_range(
         shrink, _, scores["act_shrink"] = best(replay, SHRINKS, lambda r: make(alpha, r))
     plan = make(alpha, shrink)
     plan.scores = scores
+    cost = lowrank_cost(graph, nodes, plan)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
-    return plan, model
+    return plan, model, cost
+
+
+def lowrank_cost(graph: gs.Graph, nodes: dict[str, str], plan: RangePlan) -> BranchCost:
+    """MACs and bytes the low-rank branches add to one model call (rows from the inferred shapes)."""
+    total = BranchCost(macs=0, linear_macs=0, bytes=0)
+    for layer, lp in plan.layers.items():
+        shape = node_named(graph, nodes[layer]).inputs[0].shape or []
+        rows = int(np.prod(shape[:-1])) if shape and all(isinstance(d, int) for d in shape) else 0
+        n_in, n_out = lp.w_q.shape
+        total = total + branch_cost(rows, lp.lowrank_a, lp.lowrank_b, out_features=n_out, in_features=n_in)
+    return total
 
 
 def range_inputs(
@@ -275,6 +298,19 @@ def range_inputs(
     modules = dict(adapter.transformer.named_modules())
     biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
     return graph, nodes, groups, weights, biases
+
+
+def head_dims(adapter: ModelAdapter, groups: list[Group]) -> dict[str, int]:
+    """Attention-output layer -> head size of its attention (the parent module's ``heads``)."""
+    modules = dict(adapter.transformer.named_modules())
+    out = {}
+    for g in groups:
+        if g.fold == "value":
+            parent = modules.get(g.layers[0].removesuffix(".to_out.0"))
+            heads = getattr(parent, "heads", None)
+            if isinstance(heads, int) and heads > 0:
+                out[g.layers[0]] = g.channels // heads
+    return out
 
 
 def _bias(module: object) -> np.ndarray | None:

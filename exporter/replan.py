@@ -36,7 +36,8 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     alphas = [float(r["alpha"]) for r in manifest["ranges"]]
     quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=alphas[0],
                         weight_clip=q.get("weight_clip", "minmax"),
-                        act_observer=Observer(q.get("act_observer", "minmax")))  # fmt: skip
+                        act_observer=Observer(q.get("act_observer", "minmax")),
+                        lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)))  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]

@@ -1,7 +1,8 @@
 """Torch fake-quant simulation of exactly the plan a build emits: the same integer weights and
 scales, the same per-tensor activation scale / zero point and round-half-to-even, the same
 smoothing (divided at the linear's input where the graph folds it into the modulation or inserts
-a Mul; already inside the value projection's weights where it folds there)."""
+a Mul; already inside the value projection's weights where it folds there), and the low-rank
+branch ``(x_dq · A) · B`` added to the output from the same fake-quantized input."""
 
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
                 return (fake_quant(x, lp), *args[1:])
 
             handles.append(m.register_forward_pre_hook(hook))
+            if lp.lowrank_a is not None and lp.lowrank_b is not None:
+                lr = (torch.from_numpy(lp.lowrank_a), torch.from_numpy(lp.lowrank_b))
+
+                def branch(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, lr: Any = lr) -> Any:
+                    return out + (args[0] @ lr[0]) @ lr[1]  # args: the input as the pre-hook left it (x_dq)
+
+                handles.append(m.register_forward_hook(branch))
         yield
     finally:
         for h in handles:

@@ -1,7 +1,7 @@
 """Graph passes that write a RangePlan into an FP graph: fold or insert the smoothing, replace
-weights by integer initializers + DequantizeLinear (per output channel), and put per-tensor
-QuantizeLinear -> DequantizeLinear on each quantized linear's input. Each pass is
-``(graph, config, target) -> graph`` with config = PassConfig."""
+weights by integer initializers + DequantizeLinear (per output channel), put per-tensor
+QuantizeLinear -> DequantizeLinear on each quantized linear's input, and add the optional FP
+low-rank error branches. Each pass is ``(graph, config, target) -> graph`` with config = PassConfig."""
 
 from __future__ import annotations
 
@@ -60,12 +60,7 @@ def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
                 const = constants[name]
                 const.values = (np.asarray(const.values, dtype=np.float64) / s).astype(np.float32)
         elif g.fold == "value" and g.value_layer:
-            bias = config.plan.layers[g.value_layer].bias
-            matmul = node_named(graph, config.nodes[g.value_layer])
-            add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
-            found = constant_input(add) if add is not None else None
-            if bias is not None and found is not None:
-                found[1].values = bias
+            _write_value_bias(graph, config, g.value_layer, cons)
         else:
             x = graph.tensors()[g.tensor]
             y = gs.Variable(f"{g.tensor}::smoothed", dtype=np.float32)
@@ -74,6 +69,26 @@ def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
             graph.nodes.append(mul)
             for layer in g.layers:
                 node_named(graph, config.nodes[layer]).inputs[0] = y
+    return graph
+
+
+def _write_value_bias(graph: gs.Graph, config: PassConfig, value_layer: str, cons: dict[str, list[gs.Node]]) -> None:
+    """Write the plan's changed bias (divided by s, rotated) into the value projection's bias Add."""
+    bias = config.plan.layers[value_layer].bias
+    matmul = node_named(graph, config.nodes[value_layer])
+    add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
+    found = constant_input(add) if add is not None else None
+    if bias is not None and found is not None:
+        found[1].values = bias
+
+
+def fold_rotation(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Rotated attention-output groups: the value projection's bias becomes b_v·R (its weights and
+    the output linear's come rotated from the plan through quantize_weights)."""
+    cons = consumers(graph)
+    for g in config.groups:
+        if g.tensor in config.plan.rotations and g.value_layer:
+            _write_value_bias(graph, config, g.value_layer, cons)
     return graph
 
 
@@ -134,7 +149,41 @@ def legalize_bias(graph: gs.Graph, config: PassConfig, target: TargetProfile) ->
     return graph
 
 
-PASSES = (fold_smoothing, sink_smoothing, quantize_weights, quantize_activations, legalize_bias)
+def insert_lowrank(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Add ``(x_dq · A) · B`` to each quantized linear's output after its bias Add, if planned.
+
+    The branch reads the same DequantizeLinear output as the quantized MatMul, and the
+    MatMul -> Add(bias) pair stays intact, so onnxruntime still fuses it to an integer kernel.
+    """
+    cons = consumers(graph)
+    for layer, node_name in config.nodes.items():
+        lp = config.plan.layers[layer]
+        if lp.lowrank_a is None or lp.lowrank_b is None:
+            continue
+        matmul = node_named(graph, node_name)
+        adds = [n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"]
+        last = adds[0] if len(adds) == 1 and constant_input(adds[0]) is not None else matmul
+        y = last.outputs[0]
+        before = gs.Variable(f"{layer}::lowrank_in", dtype=np.float32, shape=y.shape)
+        last.outputs[0] = before
+        h = gs.Variable(f"{layer}::lowrank_h", dtype=np.float32)
+        c = gs.Variable(f"{layer}::lowrank_c", dtype=np.float32, shape=y.shape)
+        a, b = _const(f"{layer}::lowrank_a", lp.lowrank_a), _const(f"{layer}::lowrank_b", lp.lowrank_b)
+        graph.nodes.append(gs.Node("MatMul", f"{layer}::lowrank_xa", inputs=[matmul.inputs[0], a], outputs=[h]))
+        graph.nodes.append(gs.Node("MatMul", f"{layer}::lowrank_ab", inputs=[h, b], outputs=[c]))
+        graph.nodes.append(gs.Node("Add", f"{layer}::lowrank_add", inputs=[before, c], outputs=[y]))
+    return graph
+
+
+PASSES = (
+    fold_smoothing,
+    fold_rotation,
+    sink_smoothing,
+    quantize_weights,
+    quantize_activations,
+    legalize_bias,
+    insert_lowrank,
+)
 
 
 def run_passes(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:

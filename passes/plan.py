@@ -10,8 +10,10 @@ from enum import StrEnum
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
+from qexport.passes.rotate import head_rotation
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -35,6 +37,8 @@ class QuantConfig:
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
     act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
     act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
+    lowrank: int = 0  # rank of the FP error-compensation branch per linear (0 = none; see passes.lowrank)
+    rotate: bool = False  # per-head Hadamard folded into value projection / attention output (passes.rotate)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -47,6 +51,8 @@ class QuantConfig:
             raise QexportError(f"the activation range shrink must be in (0, 1], got {self.act_shrink}")
         if not 0.0 < self.alpha <= 1.0:
             raise QexportError(f"--alpha must be in (0, 1], got {self.alpha}")
+        if not 0 <= self.lowrank <= MAX_RANK:
+            raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 
 
 @dataclass(kw_only=True)
@@ -63,6 +69,8 @@ class LayerPlan:
     divisor: np.ndarray | None  # the simulation divides the input by this (explicit or modulation fold)
     bias: np.ndarray | None = None  # a changed bias (value projection folded by the next linear)
     w_float: np.ndarray | None = None  # the smoothed FP weight before quantization (keep_float only)
+    lowrank_a: np.ndarray | None = None  # [in, r] FP32: output += (x_dq · A) · B (--lowrank)
+    lowrank_b: np.ndarray | None = None  # [r, out] FP32
 
     def weight(self) -> np.ndarray:
         return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
@@ -77,6 +85,7 @@ class RangePlan:
     scores: dict[str, dict[float, float]] = field(default_factory=dict)  # search -> candidate -> SQNR dB
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
+    rotations: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R folded around it
 
 
 def smoothing_vector(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -121,6 +130,7 @@ def plan_range(
     target: TargetProfile,
     keep_float: bool = False,
     samples: dict[str, np.ndarray] | None = None,
+    head_dims: dict[str, int] | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -134,7 +144,8 @@ def plan_range(
         target: storage types, symmetry, power-of-two scales.
         keep_float: also keep each smoothed FP weight (to check that folding is exact).
         samples: FP inputs [rows, features] of each group's first layer over the range's steps
-            (needed by the percentile and MSE observers).
+            (needed by the percentile and MSE observers, and by --rotate for the rotated inputs).
+        head_dims: attention-output layer -> its attention's head size (--rotate).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -148,13 +159,15 @@ def plan_range(
     final_b = {k: (None if v is None else v.astype(np.float64)) for k, v in biases.items()}
     changed_bias: set[str] = set()
     divisors: dict[str, np.ndarray | None] = {}
+    magnitudes: dict[str, np.ndarray] = {}  # per input channel |X/s| (weights the low-rank SVD)
     ranges: dict[str, tuple[float, float]] = {}
     for g in groups:
         first = stats[g.layers[0]]
+        act = _act_stat(first, steps, config.smooth)
         s = None
         if config.smooth != Smooth.NONE:
             wmax = np.max([np.abs(weights[layer]).max(axis=1) for layer in g.layers], axis=0)
-            s = smoothing_vector(_act_stat(first, steps, config.smooth), wmax, config.alpha)
+            s = smoothing_vector(act, wmax, config.alpha)
             plan.smooth[g.tensor] = s
             plan.folds[g.fold] = plan.folds.get(g.fold, 0) + 1
             for layer in g.layers:
@@ -167,21 +180,37 @@ def plan_range(
         div = 1.0 if s is None else s
         lo = float((first.channel_min[steps] / div).min())
         hi = float((first.channel_max[steps] / div).max())
-        if config.act_observer in (Observer.PERCENTILE, Observer.MSE):
+        magnitude = act / div
+        rot = None
+        if config.rotate and g.fold == "value" and g.value_layer is not None:
+            rot = _fold_rotation(g, head_dims or {}, final_w, final_b, changed_bias)
+            plan.rotations[g.tensor] = rot
+        values = None
+        if config.act_observer in (Observer.PERCENTILE, Observer.MSE) or rot is not None:
             if samples is None or g.layers[0] not in samples:
-                raise QexportError(f"the {config.act_observer} observer has no samples of {g.layers[0]}")
-            lo, hi = observe(samples[g.layers[0]] / div, lo, hi, a_grid, config.act_observer, target.pow2_scales)
+                raise QexportError(f"the {config.act_observer} observer or --rotate has no samples of {g.layers[0]}")
+            values = samples[g.layers[0]] / div
+        if rot is not None and values is not None:
+            lo, hi, magnitude, values = _rotated_range(values, rot, lo, hi)
+        if config.act_observer in (Observer.PERCENTILE, Observer.MSE):
+            lo, hi = observe(values, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         lo, hi = lo * config.act_shrink, hi * config.act_shrink
         for layer in g.layers:
             divisors[layer] = None if (s is None or g.fold == "value") else s
+            magnitudes[layer] = magnitude
             ranges[layer] = (lo, hi)
     for layer, w in final_w.items():
         w_scale, w_zero = _weight_qparams(w, w_grid, config, target)
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )
+        w_q = quantize(w, w_scale[None, :], w_zero[None, :], w_grid)
+        lr_a = lr_b = None
+        if config.lowrank:
+            w_dq = dequantize(w_q, w_scale[None, :], w_zero[None, :])
+            lr_a, lr_b = lowrank_factors(w, w_dq, magnitudes[layer], config.lowrank)
         plan.layers[layer] = LayerPlan(
-            w_q=quantize(w, w_scale[None, :], w_zero[None, :], w_grid),
+            w_q=w_q,
             w_scale=w_scale,
             w_zero=w_zero,
             w_grid=w_grid,
@@ -191,5 +220,41 @@ def plan_range(
             divisor=divisors[layer],
             bias=_changed(final_b[layer]) if layer in changed_bias else None,
             w_float=w.astype(np.float32) if keep_float else None,
+            lowrank_a=lr_a,
+            lowrank_b=lr_b,
         )
     return plan
+
+
+def _fold_rotation(
+    g: Group,
+    head_dims: dict[str, int],
+    final_w: dict[str, np.ndarray],
+    final_b: dict[str, np.ndarray | None],
+    changed_bias: set[str],
+) -> np.ndarray:
+    """Fold a per-head Hadamard R around an attention-output group: W_v <- W_v·R, b_v <- b_v·R,
+    W_out <- R^T·W_out (W^T [in, out] layout); returns R."""
+    assert g.value_layer is not None
+    if g.layers[0] not in head_dims:
+        raise QexportError(f"--rotate needs the head size of {g.layers[0]}'s attention")
+    rot = head_rotation(g.channels, head_dims[g.layers[0]])
+    for layer in g.layers:
+        final_w[layer] = rot.T @ final_w[layer]
+    final_w[g.value_layer] = final_w[g.value_layer] @ rot
+    bias = final_b[g.value_layer]
+    if bias is not None:
+        final_b[g.value_layer] = bias @ rot
+        changed_bias.add(g.value_layer)
+    return rot
+
+
+def _rotated_range(
+    values: np.ndarray, rot: np.ndarray, lo: float, hi: float
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Range, per-channel magnitude and samples of X·R, from replayed samples X of the unrotated
+    input: the samples' rotated extremes, widened by how much wider the statistics' range of X is
+    than the samples' (the replay sees fewer prompts than the calibration)."""
+    rotated = values @ rot
+    widen = max(1.0, max(hi, -lo) / max(float(np.abs(values).max()), 1e-12))
+    return widen * float(rotated.min()), widen * float(rotated.max()), np.abs(rotated).max(axis=0), rotated

@@ -277,6 +277,16 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
     help="Activation range: exact min/max; percentile / MSE-clipped from replayed calibration prompts; "
     "or min-max shrunk by the ratio (per range) with the best output SQNR on them.",
 )
+@click.option(
+    "--lowrank",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Rank (1..32) of an FP branch per linear that compensates its weight-quantization error; 0 = off.",
+)
+@click.option(
+    "--rotate", is_flag=True, help="Per-head Hadamard rotation folded into value projections and attention outputs."
+)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
 @click.option("--target", default="ort-cpu", show_default=True, help="Target profile (qexport targets lists them).")
@@ -292,6 +302,8 @@ def build(
     alpha: str,
     weight_clip: str,
     act_observer: str,
+    lowrank: int,
+    rotate: bool,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -315,7 +327,8 @@ def build(
     except ValueError:
         raise QexportError(f"--alpha must be a number in (0, 1] or 'auto', got {alpha!r}") from None
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
-                        weight_clip=weight_clip, act_observer=Observer(act_observer))  # fmt: skip
+                        weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
+                        rotate=rotate)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:

@@ -74,6 +74,24 @@ def _alphas(manifest: dict[str, Any]) -> str:
     return (", ".join(f"{v:g}" for v in values) if len(values) <= 4 else f"{values[0]:g}..{values[-1]:g}") + auto
 
 
+def _lowrank(q: dict[str, Any]) -> list[str]:
+    rank, cost = q.get("lowrank", 0), q.get("lowrank_cost", {})
+    if not rank:
+        return []
+    macs, linear = cost["macs_per_call"], cost["linear_macs_per_call"]
+    share = f" ({100 * macs / linear:.1f}% of the quantized linears' {linear / 1e6:.1f} M)" if linear else ""
+    return [
+        f"  low-rank   rank {rank} FP32 branch per linear: +{macs / 1e6:.2f} M MACs per model call{share}, "
+        f"+{cost['bytes_per_model'] / 2**10:.0f} KiB per model"
+    ]
+
+
+def _rotation(q: dict[str, Any]) -> list[str]:
+    if not q.get("rotate"):
+        return []
+    return [f"  rotation   per-head Hadamard folded around {q['rotated_groups']} attention outputs (value -> output)"]
+
+
 def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:
     q, f = manifest["quantization"], manifest["files"]
     folds = ", ".join(f"{k} {v}" for k, v in sorted(q["folds"].items())) or "no smoothing"
@@ -87,6 +105,8 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         f"  layers     {q['layers']} quantized, {len(q['kept_fp'])} kept in FP",
         f"  smoothing  groups folded/explicit: {folds}",
         f"  disk       shared weights {shared:.2f} MiB (without sharing {unshared:.2f} MiB)",
+        *_lowrank(q),
+        *_rotation(q),
     ] + (
         [
             "  note       TSQ gives every range its own smoothing vector s, so its weights W*diag(s) differ "
