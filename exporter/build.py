@@ -82,13 +82,14 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 
 
 def needs_replay(quant: QuantConfig) -> bool:
-    """Whether the build replays calibration prompts (alpha search, sample-based observers, rotations)."""
-    return quant.alpha_auto or needs_samples(quant)
+    """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
+    rotations)."""
+    return quant.alpha_auto or quant.act_observer == Observer.SEARCH or needs_samples(quant)
 
 
 def needs_samples(quant: QuantConfig) -> bool:
     """Whether planning needs replayed layer inputs (sample-based observers; rotated input ranges)."""
-    return quant.act_observer in (Observer.PERCENTILE, Observer.MSE) or quant.rotate
+    return quant.act_observer.samples or quant.rotate
 
 
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
@@ -115,7 +116,7 @@ def build(
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse "
+            f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse / search "
             "activation observers replay; recalibrate it with this qexport"
         )
     adapter = load_model(stats.model_id)
@@ -246,7 +247,7 @@ def _build_range(
     samples = None
     if needs_samples(quant):
         assert replay is not None
-        observed = quant.act_observer in (Observer.PERCENTILE, Observer.MSE)
+        observed = quant.act_observer.samples
         sampled = groups if observed else [g for g in groups if g.fold == "value"]
         samples = replay.layer_inputs(steps, [g.layers[0] for g in sampled])
     heads = head_dims(adapter, groups)

@@ -32,6 +32,11 @@ class Observer(StrEnum):
     MSE = "mse"
     SEARCH = "search"
 
+    @property
+    def samples(self) -> bool:
+        """Whether the rule reads samples of the activation (replayed calibration prompts)."""
+        return self in (Observer.PERCENTILE, Observer.MSE)
+
 
 def histogram(values: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
     """Bin centres and counts of values over [lo, hi] (values outside are put in the end bins)."""
@@ -85,7 +90,7 @@ def observe(
         observer: which rule.
         pow2: the target rounds scales up to powers of two (the MSE search scores that).
     """
-    if observer in (Observer.MINMAX, Observer.SEARCH):
+    if not observer.samples:
         return lo, hi
     if values is None or values.size == 0:
         raise ValueError(f"the {observer} observer needs samples of the activation")

@@ -186,13 +186,13 @@ def plan_range(
             rot = _fold_rotation(g, head_dims or {}, final_w, final_b, changed_bias)
             plan.rotations[g.tensor] = rot
         values = None
-        if config.act_observer in (Observer.PERCENTILE, Observer.MSE) or rot is not None:
+        if config.act_observer.samples or rot is not None:
             if samples is None or g.layers[0] not in samples:
                 raise QexportError(f"the {config.act_observer} observer or --rotate has no samples of {g.layers[0]}")
             values = samples[g.layers[0]] / div
         if rot is not None and values is not None:
             lo, hi, magnitude, values = _rotated_range(values, rot, lo, hi)
-        if config.act_observer in (Observer.PERCENTILE, Observer.MSE):
+        if config.act_observer.samples:
             lo, hi = observe(values, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         lo, hi = lo * config.act_shrink, hi * config.act_shrink
         for layer in g.layers:

@@ -33,25 +33,30 @@ def _split(node: gs.Node) -> tuple[int, gs.Tensor, gs.Tensor] | None:
     return None
 
 
+def _sole_producer(
+    t: gs.Tensor, op: str, prod: dict[str, gs.Node], cons: dict[str, list[gs.Node]]
+) -> tuple[gs.Node, tuple[int, gs.Tensor, gs.Tensor]] | None:
+    """The `op` node producing t, read by nothing else, with its small/big operand split."""
+    node = prod.get(t.name)
+    if node is None or node.op != op or len(cons.get(t.name, [])) != 1:
+        return None
+    split = _split(node)
+    return None if split is None else (node, split)
+
+
 def sink_smoothing(graph: gs.Graph, config: object, target: object) -> gs.Graph:
     """Rewrite Mul(Add(Mul(a, m), b), inv) as Add(Mul(a, Mul(m, inv)), Mul(b, inv)) for smoothing Muls."""
     prod, cons = producers(graph), consumers(graph)
     for smooth in [n for n in graph.nodes if n.op == "Mul" and n.name.endswith("::smooth")]:
         x, inv = smooth.inputs
-        add = prod.get(x.name)
-        if add is None or add.op != "Add" or len(cons.get(x.name, [])) != 1:
+        found_add = _sole_producer(x, "Add", prod, cons)
+        if found_add is None:
             continue
-        add_split = _split(add)
-        if add_split is None:
+        add, (b_index, b, p) = found_add
+        found_mul = _sole_producer(p, "Mul", prod, cons)
+        if found_mul is None:
             continue
-        b_index, b, p = add_split
-        mul = prod.get(p.name)
-        if mul is None or mul.op != "Mul" or len(cons.get(p.name, [])) != 1:
-            continue
-        mul_split = _split(mul)
-        if mul_split is None:
-            continue
-        m_index, m, _ = mul_split
+        mul, (m_index, m, _) = found_mul
         for node, index, small in ((mul, m_index, m), (add, b_index, b)):
             scaled = gs.Variable(f"{small.name}::{smooth.name}", dtype=np.float32)
             graph.nodes.append(gs.Node("Mul", f"{scaled.name}::mul", inputs=[small, inv], outputs=[scaled]))

@@ -72,14 +72,15 @@ def test_build_with_mse_observer_narrows_ranges_and_replans_exactly(latte_stats,
     assert all(float(plans[0].layers[n].a_scale) == float(new[n].a_scale) for n in new)
 
 
-def test_observers_need_recorded_prompts(latte_stats, tmp_path):
+@pytest.mark.parametrize("observer", [Observer.PERCENTILE, Observer.SEARCH])
+def test_observers_need_recorded_prompts(latte_stats, tmp_path, observer):
     from qexport.calib.store import load, save
 
     stats = load(latte_stats)
     stats.header.pop("prompt_texts")
     bare = tmp_path / "bare.qstats"
     save(stats, bare)
-    quant = QuantConfig(act_observer=Observer.PERCENTILE)
+    quant = QuantConfig(act_observer=observer)
     with pytest.raises(QexportError, match="does not record its prompts"):
         build(bare, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
     assert not (tmp_path / "out").exists()
