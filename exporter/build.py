@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
+from qexport.exporter.alpha import layer_alphas, shared_alpha
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
@@ -84,7 +85,7 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 def needs_replay(quant: QuantConfig) -> bool:
     """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
     rotations)."""
-    return quant.alpha_auto or quant.act_observer == Observer.SEARCH or needs_samples(quant)
+    return quant.alpha_auto or quant.alpha_layer or quant.act_observer == Observer.SEARCH or needs_samples(quant)
 
 
 def needs_samples(quant: QuantConfig) -> bool:
@@ -187,11 +188,12 @@ def plan_models(
     alphas: list[float] | None = None,
     shrinks: list[float] | None = None,
     sink: Callable[[str, onnx.ModelProto], None] | None = None,
+    group_alphas: list[dict[str, float]] | None = None,
 ) -> tuple[list[BuiltRange], list[tuple[str, onnx.ModelProto]]]:
     """Export, plan and transform every range; returns the plans and the (file name, model) pairs.
 
-    alphas / shrinks, if given, fix each range's alpha and activation shrink (re-planning a build
-    whose searches picked them).
+    alphas / shrinks / group_alphas, if given, fix each range's alpha, activation shrink and
+    per-group alphas (re-planning a build whose searches picked them).
     sink, if given, receives each (file name, model) as soon as it is built and the models are
     not kept (the returned list is then empty): memory stays at about one model.
     """
@@ -200,18 +202,38 @@ def plan_models(
     exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
     replay = None
     q = config.quant
-    searches = (q.alpha_auto and alphas is None, q.act_observer == Observer.SEARCH and not shrinks)
-    if any(searches) or needs_samples(q):
+    shared_alpha_search = q.alpha_auto and alphas is None and q.smooth == Smooth.ASQ  # one alpha for all ranges
+    layer_search = q.alpha_layer and group_alphas is None
+    searches = (
+        q.alpha_auto and alphas is None and not shared_alpha_search,
+        q.act_observer == Observer.SEARCH and not shrinks,
+    )
+    if any(searches) or needs_samples(q) or shared_alpha_search or layer_search:
         log.info("replaying calibration prompts (searches, sample-based observers, rotations)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
+    first_fp = None
+    alpha_scores: dict[float, float] = {}
+    if shared_alpha_search or layer_search:
+        assert replay is not None
+        first_fp = shared_fp or _prepare(with_timestep(exported, stats.header["timesteps"][ranges[0][0]]))
+        alphas, group_alphas, alpha_scores = _choose_alphas(
+            first_fp, adapter, stats, q, target, replay, ranges, progress
+        )
     for index, steps in enumerate(ranges):
         timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
-        fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
+        if index == 0 and first_fp is not None:
+            fp = first_fp
+        else:
+            fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
+        first_fp = None
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
         quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
-        plan, model, cost = _build_range(fp, steps, adapter, stats, quant, target, replay, searches)
+        group_alpha = group_alphas[index] if group_alphas else None
+        plan, model, cost = _build_range(fp, steps, adapter, stats, quant, target, replay, searches, group_alpha)
+        if alpha_scores:
+            plan.scores = {"alpha": alpha_scores, **plan.scores}
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost))
         if sink is not None:
@@ -222,6 +244,49 @@ def plan_models(
         if progress is not None:
             progress(name)
     return built, models
+
+
+def _choose_alphas(
+    fp: FPExport,
+    adapter: ModelAdapter,
+    stats: QStats,
+    quant: QuantConfig,
+    target: TargetProfile,
+    replay: CalibrationReplay,
+    ranges: list[list[int]],
+    progress: Callable[[str], None] | None,
+) -> tuple[list[float] | None, list[dict[str, float]] | None, dict[float, float]]:
+    """The alphas chosen across ranges (exporter.alpha): per-range alphas and scores for ASQ with
+    --alpha auto, per-group alphas for --alpha layer."""
+    _, _, groups, weights, biases = range_inputs(fp, adapter)
+    heads = head_dims(adapter, groups)
+    cache: dict[tuple[int, ...], dict[str, np.ndarray] | None] = {}
+
+    def make(steps: list[int], alpha: float, samples: dict[str, np.ndarray] | None) -> RangePlan:
+        if samples is None and needs_samples(quant):
+            key = tuple(steps)
+            if key not in cache:
+                cache[key] = _samples(replay, steps, groups, quant)
+            samples = cache[key]
+        config = replace(quant, alpha=alpha)
+        return plan_range(steps, groups, stats.layers, weights, biases, config, target, keep_float=quant.alpha_layer,
+                          samples=samples, head_dims=heads)  # fmt: skip
+
+    if quant.alpha_layer:
+        shared = quant.smooth == Smooth.ASQ
+        return None, layer_alphas(replay, ranges, groups, make, shared, progress), {}
+    alpha, scores = shared_alpha(replay, ranges, make)
+    if progress is not None:
+        progress(f"alpha {alpha} for all ranges")
+    return [alpha] * len(ranges), None, scores
+
+
+def _samples(
+    replay: CalibrationReplay, steps: list[int], groups: list[Group], quant: QuantConfig
+) -> dict[str, np.ndarray]:
+    """Replayed inputs of the groups whose planning reads samples (observers, rotated inputs)."""
+    sampled = groups if quant.act_observer.samples else [g for g in groups if g.fold == "value"]
+    return replay.layer_inputs(steps, [g.layers[0] for g in sampled])
 
 
 def _prepare(fp: FPExport) -> FPExport:
@@ -242,21 +307,19 @@ def _build_range(
     target: TargetProfile,
     replay: CalibrationReplay | None = None,
     searches: tuple[bool, bool] = (False, False),
+    group_alpha: dict[str, float] | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
     samples = None
     if needs_samples(quant):
         assert replay is not None
-        observed = quant.act_observer.samples
-        sampled = groups if observed else [g for g in groups if g.fold == "value"]
-        samples = replay.layer_inputs(steps, [g.layers[0] for g in sampled])
+        samples = _samples(replay, steps, groups, quant)
     heads = head_dims(adapter, groups)
 
     def make(alpha: float, shrink: float) -> RangePlan:
         config = replace(quant, alpha=alpha, act_shrink=shrink)
-        return plan_range(
-            steps, groups, stats.layers, weights, biases, config, target, samples=samples, head_dims=heads
-        )
+        return plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
+                          head_dims=heads, group_alpha=group_alpha)  # fmt: skip
 
     alpha, shrink = quant.alpha, quant.act_shrink
     scores = {}

@@ -71,6 +71,7 @@ def make_manifest(
                 "model": r.model_file,
                 "alpha": r.plan.alpha,
                 "act_shrink": r.plan.act_shrink,
+                **({"group_alpha": r.plan.group_alpha} if r.plan.group_alpha else {}),
                 "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
             }
             for r in ranges
@@ -85,7 +86,7 @@ def make_manifest(
             "smooth": q.smooth.value,
             "weight_clip": q.weight_clip,
             "act_observer": str(q.act_observer),
-            "alpha": "auto" if q.alpha_auto else q.alpha,
+            "alpha": "auto" if q.alpha_auto else "layer" if q.alpha_layer else q.alpha,
             "granularity": "timestep-wise" if config.ranges is None else f"{config.ranges} time ranges",
             "layers": len(stats.layers),
             "kept_fp": stats.header.get("excluded", []),

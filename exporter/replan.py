@@ -41,5 +41,9 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]
-    built, _ = plan_models(adapter, stats, config, target, alphas=alphas, shrinks=shrinks, sink=lambda n, m: None)
+    group_alphas = [
+        {k: float(v) for k, v in r["group_alpha"].items()} for r in manifest["ranges"] if "group_alpha" in r
+    ]
+    built, _ = plan_models(adapter, stats, config, target, alphas=alphas, shrinks=shrinks, sink=lambda n, m: None,
+                           group_alphas=group_alphas or None)  # fmt: skip
     return adapter, [b.plan for b in built], target

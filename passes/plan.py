@@ -33,7 +33,8 @@ class QuantConfig:
     a_bits: int = 8
     smooth: Smooth = Smooth.NONE
     alpha: float = 0.5
-    alpha_auto: bool = False  # search alpha per range (the build does it; alpha is then a start value)
+    alpha_auto: bool = False  # search alpha (the build does it; alpha is then a start value)
+    alpha_layer: bool = False  # alpha per input-sharing group, by layer-output error (exporter.alpha)
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
     act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
     act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
@@ -51,6 +52,10 @@ class QuantConfig:
             raise QexportError(f"the activation range shrink must be in (0, 1], got {self.act_shrink}")
         if not 0.0 < self.alpha <= 1.0:
             raise QexportError(f"--alpha must be in (0, 1], got {self.alpha}")
+        if self.alpha_layer and (self.alpha_auto or self.smooth == Smooth.NONE):
+            raise QexportError(
+                "--alpha layer chooses alpha per layer for --smooth asq or tsq; it excludes --alpha auto"
+            )
         if not 0 <= self.lowrank <= MAX_RANK:
             raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 
@@ -83,6 +88,7 @@ class RangePlan:
     alpha: float = 0.5
     act_shrink: float = 1.0
     scores: dict[str, dict[float, float]] = field(default_factory=dict)  # search -> candidate -> SQNR dB
+    group_alpha: dict[str, float] = field(default_factory=dict)  # group tensor -> alpha (--alpha layer)
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
     rotations: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R folded around it
@@ -131,6 +137,7 @@ def plan_range(
     keep_float: bool = False,
     samples: dict[str, np.ndarray] | None = None,
     head_dims: dict[str, int] | None = None,
+    group_alpha: dict[str, float] | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -146,6 +153,7 @@ def plan_range(
         samples: FP inputs [rows, features] of each group's first layer over the range's steps
             (needed by the percentile and MSE observers, and by --rotate for the rotated inputs).
         head_dims: attention-output layer -> its attention's head size (--rotate).
+        group_alpha: group tensor -> alpha, overriding config.alpha for that group (--alpha layer).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -155,6 +163,7 @@ def plan_range(
         narrow=False,  # QuantizeLinear saturates activations to the full storage range
     )
     plan = RangePlan(steps=list(steps), alpha=config.alpha, act_shrink=config.act_shrink)
+    plan.group_alpha = dict(group_alpha or {})
     final_w = {k: v.astype(np.float64) for k, v in weights.items()}
     final_b = {k: (None if v is None else v.astype(np.float64)) for k, v in biases.items()}
     changed_bias: set[str] = set()
@@ -167,7 +176,7 @@ def plan_range(
         s = None
         if config.smooth != Smooth.NONE:
             wmax = np.max([np.abs(weights[layer]).max(axis=1) for layer in g.layers], axis=0)
-            s = smoothing_vector(act, wmax, config.alpha)
+            s = smoothing_vector(act, wmax, plan.group_alpha.get(g.tensor, config.alpha))
             plan.smooth[g.tensor] = s
             plan.folds[g.fold] = plan.folds.get(g.fold, 0) + 1
             for layer in g.layers:

@@ -267,7 +267,13 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option("--w-bits", type=int, default=8, show_default=True)
 @click.option("--a-bits", type=int, default=8, show_default=True)
 @click.option("--smooth", type=click.Choice(["none", "asq", "tsq"]), default="none", show_default=True)
-@click.option("--alpha", default="0.5", show_default=True, help="SmoothQuant migration strength, or 'auto'.")
+@click.option(
+    "--alpha",
+    default="0.5",
+    show_default=True,
+    help="SmoothQuant migration strength; 'auto' (searched; one for all steps with asq); "
+    "'layer' (per layer, by layer-output error).",
+)
 @click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
 @click.option(
     "--act-observer",
@@ -321,12 +327,13 @@ def build(
 
     if timestep_wise == (time_ranges is not None):
         raise QexportError("give exactly one of --timestep-wise or --time-ranges K")
-    auto = alpha == "auto"
+    auto, layer = alpha == "auto", alpha == "layer"
     try:
-        value = 0.5 if auto else float(alpha)
+        value = 0.5 if auto or layer else float(alpha)
     except ValueError:
-        raise QexportError(f"--alpha must be a number in (0, 1] or 'auto', got {alpha!r}") from None
+        raise QexportError(f"--alpha must be a number in (0, 1], 'auto' or 'layer', got {alpha!r}") from None
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
+                        alpha_layer=layer,
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
                         rotate=rotate)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)

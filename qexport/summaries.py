@@ -69,6 +69,9 @@ def eval_table(result: dict[str, Any]) -> list[str]:
 
 
 def _alphas(manifest: dict[str, Any]) -> str:
+    if manifest["quantization"]["alpha"] == "layer":
+        values = sorted({a for r in manifest["ranges"] for a in r.get("group_alpha", {}).values()})
+        return f"{values[0]:g}..{values[-1]:g} per layer" if values else "per layer"
     values = sorted({r["alpha"] for r in manifest["ranges"]})
     auto = " searched" if manifest["quantization"]["alpha"] == "auto" else ""
     return (", ".join(f"{v:g}" for v in values) if len(values) <= 4 else f"{values[0]:g}..{values[-1]:g}") + auto
