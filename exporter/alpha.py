@@ -2,7 +2,9 @@
 
 - ASQ with ``--alpha auto``: one alpha for all ranges. ASQ's smoothing vector comes from the
   aggregated statistics and is shared by every step, so its alpha is too; a per-range alpha would
-  give every step its own weights. Scored by the mean denoiser-output SQNR over all steps.
+  give every step its own weights. Scored end to end: the SQNR of the final latents of the replayed
+  sampling loop, each step simulated with its range's plan (the mean per-step SQNR picked an alpha
+  that gained 0.9 dB per step and lost 0.5 dB of final PSNR on the evaluation prompts).
 - ``--alpha layer``: one alpha per input-sharing group (q/k/v, fc1, ...), the one whose linears'
   outputs are closest to FP (relative squared error of Q(x/s) · Q(s·W) vs (x/s) · (s·W), activation and
   weight quantization together) on the replayed inputs. ASQ: one choice over all steps (weights
@@ -15,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 from qexport.exporter.replay import CalibrationReplay
-from qexport.exporter.search import ALPHAS, score
+from qexport.exporter.search import ALPHAS, final_score
 from qexport.passes.analyze import Group
 from qexport.passes.plan import RangePlan
 from qexport.passes.quant import dequantize, quantize
@@ -28,8 +30,12 @@ MakePlan = Callable[[list[int], float, dict[str, np.ndarray] | None], RangePlan]
 def shared_alpha(
     replay: CalibrationReplay, ranges: list[list[int]], make_plan: MakePlan
 ) -> tuple[float, dict[float, float]]:
-    """One alpha for every range: the best mean SQNR over all steps (first wins ties)."""
-    scores = {a: float(np.mean([score(replay, make_plan(steps, a, None)) for steps in ranges])) for a in ALPHAS}
+    """One alpha for every range: the best final-latent SQNR of the replayed loop (first wins ties)."""
+    range_of = {k: r for r, steps in enumerate(ranges) for k in steps}
+    scores = {}
+    for a in ALPHAS:
+        plans = [make_plan(steps, a, None) for steps in ranges]
+        scores[a] = final_score(replay, lambda k: plans[range_of[k]])  # noqa: B023 (called before the next a)
     return max(scores, key=lambda a: (scores[a], -ALPHAS.index(a))), scores
 
 

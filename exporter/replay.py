@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,20 +29,23 @@ class CalibrationReplay:
         self.denoiser = adapter.denoiser()
         self.timesteps = timesteps
         self.cond = torch.cat([adapter.conditioner.encode(prompts), adapter.conditioner.null(len(prompts))])
+        self.prompts = prompts
+        self.cfg = cfg
         xs: list[torch.Tensor] = []
         handle = adapter.transformer.register_forward_pre_hook(lambda m, args: xs.append(args[0].detach().clone()))
         try:
-            sample(
-                adapter,
-                adapter.conditioner.encode(prompts),
-                [0] * len(prompts),
-                SamplingConfig(steps=len(timesteps), cfg=cfg),
-            )
+            self.final = self.sample().numpy()  # FP final latents
         finally:
             handle.remove()
         self.inputs = xs
         # FP outputs, computed now: a lazy cache filled inside a simulation would hold quantized ones
         self.references = [self.run(k) for k in range(len(timesteps))]
+
+    def sample(self, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The whole sampling loop on the replayed prompts (seed 0), as the transformer computes."""
+        cond = self.adapter.conditioner.encode(self.prompts)
+        config = SamplingConfig(steps=len(self.timesteps), cfg=self.cfg)
+        return sample(self.adapter, cond, [0] * len(self.prompts), config, on_step=on_step)
 
     def run(self, k: int) -> np.ndarray:
         """The denoiser output at step k (as the transformer currently computes)."""

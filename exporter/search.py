@@ -8,6 +8,7 @@ the highest denoiser-output SQNR (torch simulation vs FP) over the range's steps
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import numpy as np
 from qexport.exporter.replay import CalibrationReplay
@@ -24,6 +25,19 @@ def score(replay: CalibrationReplay, plan: RangePlan) -> float:
     """Mean denoiser-output SQNR (dB) of a plan over its range's steps."""
     with simulated(replay.adapter.transformer, plan):
         return float(np.mean([sqnr_db(replay.reference(k), replay.run(k)) for k in plan.steps]))
+
+
+def final_score(replay: CalibrationReplay, plan_of_step: Callable[[int], RangePlan]) -> float:
+    """SQNR (dB) of the final latents of the whole sampling loop on the replay, each step simulated
+    with its plan, vs FP from the same noise: what the end-to-end PSNR measures."""
+    with ExitStack() as stack:
+
+        def switch(k: int, t: int) -> None:
+            stack.close()
+            stack.enter_context(simulated(replay.adapter.transformer, plan_of_step(k)))
+
+        final = replay.sample(on_step=switch).numpy()
+    return sqnr_db(replay.final, final)
 
 
 def best(
