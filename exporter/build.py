@@ -59,6 +59,7 @@ class BuiltRange:
     model_file: str
     plan: RangePlan
     lowrank: BranchCost = field(default_factory=lambda: BranchCost(macs=0, linear_macs=0, bytes=0))
+    rotation_macs: int = 0  # per model call, the online rotations' MatMuls
 
 
 @dataclass(kw_only=True)
@@ -90,7 +91,7 @@ def needs_replay(quant: QuantConfig) -> bool:
 
 def needs_samples(quant: QuantConfig) -> bool:
     """Whether planning needs replayed layer inputs (sample-based observers; rotated input ranges)."""
-    return quant.act_observer.samples or quant.rotate
+    return quant.act_observer.samples or quant.rotate or bool(quant.online_rotation)
 
 
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
@@ -231,11 +232,13 @@ def plan_models(
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
         quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
         group_alpha = group_alphas[index] if group_alphas else None
-        plan, model, cost = _build_range(fp, steps, adapter, stats, quant, target, replay, searches, group_alpha)
+        plan, model, cost, turns = _build_range(fp, steps, adapter, stats, quant, target, replay, searches, group_alpha)
         if alpha_scores:
             plan.scores = {"alpha": alpha_scores, **plan.scores}
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
-        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost))
+        built.append(
+            BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost, rotation_macs=turns)
+        )
         if sink is not None:
             sink(name, model)
         else:
@@ -285,7 +288,8 @@ def _samples(
     replay: CalibrationReplay, steps: list[int], groups: list[Group], quant: QuantConfig
 ) -> dict[str, np.ndarray]:
     """Replayed inputs of the groups whose planning reads samples (observers, rotated inputs)."""
-    sampled = groups if quant.act_observer.samples else [g for g in groups if g.fold == "value"]
+    value, online = quant.rotate, bool(quant.online_rotation)
+    sampled = [g for g in groups if quant.act_observer.samples or (value if g.fold == "value" else online)]
     return replay.layer_inputs(steps, [g.layers[0] for g in sampled])
 
 
@@ -308,7 +312,7 @@ def _build_range(
     replay: CalibrationReplay | None = None,
     searches: tuple[bool, bool] = (False, False),
     group_alpha: dict[str, float] | None = None,
-) -> tuple[RangePlan, onnx.ModelProto, BranchCost]:
+) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
     samples = None
     if needs_samples(quant):
@@ -332,10 +336,22 @@ def _build_range(
     plan = make(alpha, shrink)
     plan.scores = scores
     cost = lowrank_cost(graph, nodes, plan)
+    turns = rotation_macs(graph, nodes, groups, plan)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
-    return plan, model, cost
+    return plan, model, cost, turns
+
+
+def rotation_macs(graph: gs.Graph, nodes: dict[str, str], groups: list[Group], plan: RangePlan) -> int:
+    """MACs one model call spends in online rotations: rows x channels x block per rotated group."""
+    total = 0
+    for g in groups:
+        rot = plan.online.get(g.tensor)
+        shape = node_named(graph, nodes[g.layers[0]]).inputs[0].shape or []
+        if rot is not None and shape and all(isinstance(d, int) for d in shape):
+            total += int(np.prod(shape[:-1])) * rot.shape[0] * int(np.count_nonzero(rot[0]))
+    return total
 
 
 def lowrank_cost(graph: gs.Graph, nodes: dict[str, str], plan: RangePlan) -> BranchCost:

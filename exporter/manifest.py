@@ -72,6 +72,7 @@ def make_manifest(
                 "alpha": r.plan.alpha,
                 "act_shrink": r.plan.act_shrink,
                 **({"group_alpha": r.plan.group_alpha} if r.plan.group_alpha else {}),
+                **({"online_rotated": sorted(r.plan.online)} if r.plan.online else {}),
                 "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
             }
             for r in ranges
@@ -94,6 +95,14 @@ def make_manifest(
             "lowrank": q.lowrank,
             "rotate": q.rotate,
             "rotated_groups": len(ranges[0].plan.rotations),
+            "online_rotation": {
+                "block": q.online_rotation,
+                "choice": q.rotation_choice,
+                "groups_rotated": len(ranges[0].plan.online),
+                "groups_considered": len(ranges[0].plan.online_report),
+                "macs_per_call": ranges[0].rotation_macs,
+                "linear_macs_per_call": ranges[0].lowrank.linear_macs,
+            },
             "lowrank_cost": {
                 "macs_per_call": ranges[0].lowrank.macs,
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,

@@ -37,9 +37,13 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
             if lp.bias is not None and m.bias is not None:
                 m.bias.data = torch.from_numpy(lp.bias.reshape(-1).copy())
             divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32"))
+            rot = None if lp.rotation is None else torch.from_numpy(lp.rotation.astype("float32"))
 
-            def hook(module: nn.Module, args: tuple[torch.Tensor, ...], lp: LayerPlan = lp, d: Any = divisor) -> Any:
+            def hook(
+                module: nn.Module, args: tuple[torch.Tensor, ...], lp: LayerPlan = lp, d: Any = divisor, r: Any = rot
+            ) -> Any:
                 x = args[0] if d is None else args[0] * (1.0 / d)
+                x = x if r is None else x @ r  # online rotation (its weights are already Rᵀ·W)
                 return (fake_quant(x, lp), *args[1:])
 
             handles.append(m.register_forward_pre_hook(hook))

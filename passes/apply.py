@@ -92,6 +92,31 @@ def fold_rotation(graph: gs.Graph, config: PassConfig, target: TargetProfile) ->
     return graph
 
 
+def insert_online_rotation(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """x -> x·R before the quantizer of each group the plan rotates online (its weights come as Rᵀ·W
+    from the plan). R is block-diagonal, so it runs as Reshape(x, [-1, B]) · H_B, reshaped back to
+    x's shape: C·B MACs per row, not C²."""
+    for g in config.groups:
+        rot = config.plan.online.get(g.tensor)
+        if rot is None:
+            continue
+        x = node_named(graph, config.nodes[g.layers[0]]).inputs[0]
+        block = int(np.count_nonzero(rot[0]))
+        name = f"{g.tensor}::rotate"
+        rows, turned = gs.Variable(f"{name}_rows", dtype=np.float32), gs.Variable(f"{name}_out", dtype=np.float32)
+        shape = gs.Variable(f"{name}_shape", dtype=np.int64)
+        y = gs.Variable(f"{g.tensor}::rotated", dtype=np.float32, shape=x.shape)
+        blocks = _const(f"{name}_blocks", np.array([-1, block], dtype=np.int64))
+        h = _const(f"{name}_hadamard", rot[:block, :block].astype(np.float32))
+        graph.nodes.append(gs.Node("Reshape", f"{name}_split", inputs=[x, blocks], outputs=[rows]))
+        graph.nodes.append(gs.Node("MatMul", name, inputs=[rows, h], outputs=[turned]))
+        graph.nodes.append(gs.Node("Shape", f"{name}_of", inputs=[x], outputs=[shape]))
+        graph.nodes.append(gs.Node("Reshape", f"{name}_join", inputs=[turned, shape], outputs=[y]))
+        for layer in g.layers:
+            node_named(graph, config.nodes[layer]).inputs[0] = y
+    return graph
+
+
 def quantize_weights(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
     """Replace each linear's weight by integer W^T + DequantizeLinear(axis=1), per output channel
     (a scalar scale and zero point where the target quantizes weights per tensor)."""
@@ -179,6 +204,7 @@ PASSES = (
     fold_smoothing,
     fold_rotation,
     sink_smoothing,
+    insert_online_rotation,
     quantize_weights,
     quantize_activations,
     legalize_bias,

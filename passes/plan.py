@@ -13,7 +13,7 @@ from qexport.passes.analyze import Group
 from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
-from qexport.passes.rotate import head_rotation
+from qexport.passes.rotate import hadamard, head_rotation
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -40,6 +40,8 @@ class QuantConfig:
     act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
     lowrank: int = 0  # rank of the FP error-compensation branch per linear (0 = none; see passes.lowrank)
     rotate: bool = False  # per-head Hadamard folded into value projection / attention output (passes.rotate)
+    online_rotation: int = 0  # block size of an online block-diagonal Hadamard before other groups (0 = off)
+    rotation_choice: str = "adaptive"  # online rotation: "adaptive" (outliers and lower error) or "all"
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -56,6 +58,10 @@ class QuantConfig:
             raise QexportError(
                 "--alpha layer chooses alpha per layer for --smooth asq or tsq; it excludes --alpha auto"
             )
+        if self.rotation_choice not in ("adaptive", "all"):
+            raise QexportError(f"--rotation-choice must be adaptive or all, got {self.rotation_choice!r}")
+        if self.online_rotation and (self.online_rotation < 2 or self.online_rotation & (self.online_rotation - 1)):
+            raise QexportError(f"--online-rotation must be a power of two >= 2 (e.g. 64), got {self.online_rotation}")
         if not 0 <= self.lowrank <= MAX_RANK:
             raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 
@@ -76,6 +82,7 @@ class LayerPlan:
     w_float: np.ndarray | None = None  # the smoothed FP weight before quantization (keep_float only)
     lowrank_a: np.ndarray | None = None  # [in, r] FP32: output += (x_dq · A) · B (--lowrank)
     lowrank_b: np.ndarray | None = None  # [r, out] FP32
+    rotation: np.ndarray | None = None  # online Hadamard R [in, in]: the input is x·R before quantizing
 
     def weight(self) -> np.ndarray:
         return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
@@ -92,6 +99,8 @@ class RangePlan:
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
     rotations: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R folded around it
+    online: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R applied online
+    online_report: dict[str, dict[str, float]] = field(default_factory=dict)  # group tensor -> criterion, errors
 
 
 def smoothing_vector(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -170,6 +179,7 @@ def plan_range(
     divisors: dict[str, np.ndarray | None] = {}
     magnitudes: dict[str, np.ndarray] = {}  # per input channel |X/s| (weights the low-rank SVD)
     ranges: dict[str, tuple[float, float]] = {}
+    online_of: dict[str, np.ndarray | None] = {}
     for g in groups:
         first = stats[g.layers[0]]
         act = _act_stat(first, steps, config.smooth)
@@ -195,16 +205,28 @@ def plan_range(
             rot = _fold_rotation(g, head_dims or {}, final_w, final_b, changed_bias)
             plan.rotations[g.tensor] = rot
         values = None
-        if config.act_observer.samples or rot is not None:
+        wants_online = bool(config.online_rotation) and rot is None and g.fold != "value"
+        if config.act_observer.samples or rot is not None or wants_online:
             if samples is None or g.layers[0] not in samples:
-                raise QexportError(f"the {config.act_observer} observer or --rotate has no samples of {g.layers[0]}")
+                raise QexportError(f"the {config.act_observer} observer or a rotation has no samples of {g.layers[0]}")
             values = samples[g.layers[0]] / div
         if rot is not None and values is not None:
             lo, hi, magnitude, values = _rotated_range(values, rot, lo, hi)
+        online = None
+        if wants_online and values is not None:
+            ws = [final_w[layer] for layer in g.layers]
+            online, plan.online_report[g.tensor] = choose_online(values, magnitude, ws, (lo, hi), w_grid, a_grid,
+                                                                 config, target)  # fmt: skip
+            if online is not None:
+                plan.online[g.tensor] = online
+                for layer in g.layers:
+                    final_w[layer] = online.T @ final_w[layer]
+                lo, hi, magnitude, values = _rotated_range(values, online, lo, hi)
         if config.act_observer.samples:
             lo, hi = observe(values, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         lo, hi = lo * config.act_shrink, hi * config.act_shrink
         for layer in g.layers:
+            online_of[layer] = online
             divisors[layer] = None if (s is None or g.fold == "value") else s
             magnitudes[layer] = magnitude
             ranges[layer] = (lo, hi)
@@ -231,8 +253,63 @@ def plan_range(
             w_float=w.astype(np.float32) if keep_float else None,
             lowrank_a=lr_a,
             lowrank_b=lr_b,
+            rotation=online_of.get(layer),
         )
     return plan
+
+
+OUTLIER_RATIO = 3.0  # adaptive online rotation: max / median of the per-channel input magnitude
+ERROR_ROWS = 8192  # sample rows used to compare a group's output error with and without rotation
+
+
+def _output_error(
+    x: np.ndarray, lo: float, hi: float, ws: list[np.ndarray], w_grid: Grid, a_grid: Grid, config: QuantConfig,
+    target: TargetProfile,
+) -> float:  # fmt: skip
+    """Relative squared error of the group's outputs, min-max activation and weight quantization."""
+    a_scale, a_zero = qparams(np.asarray(lo), np.asarray(hi), a_grid, target.pow2_scales)
+    xq = dequantize(quantize(x, a_scale, a_zero, a_grid), a_scale, a_zero)
+    err = ref = 0.0
+    for w in ws:
+        w_scale, w_zero = _weight_qparams(w, w_grid, config, target)
+        wq = dequantize(quantize(w, w_scale[None, :], w_zero[None, :], w_grid), w_scale[None, :], w_zero[None, :])
+        y = x @ w
+        err += float(np.square(xq @ wq - y).sum())
+        ref += float(np.square(y).sum())
+    return err / max(ref, 1e-30)
+
+
+def choose_online(
+    values: np.ndarray,
+    magnitude: np.ndarray,
+    ws: list[np.ndarray],
+    bounds: tuple[float, float],
+    w_grid: Grid,
+    a_grid: Grid,
+    config: QuantConfig,
+    target: TargetProfile,
+) -> tuple[np.ndarray | None, dict[str, float]]:
+    """The online rotation of one group's (smoothed) input, or None, and why.
+
+    Adaptive: rotate only where the input has outlier channels (max / median of the per-channel
+    magnitude >= OUTLIER_RATIO) and where rotation lowers the group's output error on the samples.
+    """
+    block, channels = config.online_rotation, values.shape[1]
+    ratio = float(np.max(magnitude) / max(float(np.median(magnitude)), 1e-12))
+    report = {"outlier_ratio": round(ratio, 3)}
+    if channels % block:
+        return None, {**report, "skipped_block": float(block)}
+    if config.rotation_choice == "adaptive" and ratio < OUTLIER_RATIO:
+        return None, report
+    rot = np.kron(np.eye(channels // block), hadamard(block))
+    x = values[:: -(-len(values) // ERROR_ROWS)]
+    plain = _output_error(x, *bounds, ws, w_grid, a_grid, config, target)
+    rlo, rhi, _, xr = _rotated_range(x, rot, *bounds)
+    rotated = _output_error(xr, rlo, rhi, [rot.T @ w for w in ws], w_grid, a_grid, config, target)
+    report.update(error_plain=plain, error_rotated=rotated)
+    if config.rotation_choice == "adaptive" and rotated >= plain:
+        return None, report
+    return rot, report
 
 
 def _fold_rotation(

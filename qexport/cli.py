@@ -293,6 +293,21 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option(
     "--rotate", is_flag=True, help="Per-head Hadamard rotation folded into value projections and attention outputs."
 )
+@click.option(
+    "--online-rotation",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Block size (e.g. 64) of a block-diagonal Hadamard applied online before the quantizer of the "
+    "other linears' inputs; 0 = off.",
+)
+@click.option(
+    "--rotation-choice",
+    type=click.Choice(["adaptive", "all"]),
+    default="adaptive",
+    show_default=True,
+    help="Online rotation: only inputs with outlier channels where it lowers the output error, or all.",
+)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
 @click.option("--target", default="ort-cpu", show_default=True, help="Target profile (qexport targets lists them).")
@@ -310,6 +325,8 @@ def build(
     act_observer: str,
     lowrank: int,
     rotate: bool,
+    online_rotation: int,
+    rotation_choice: str,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -335,7 +352,8 @@ def build(
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
                         alpha_layer=layer,
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
-                        rotate=rotate)  # fmt: skip
+                        rotate=rotate, online_rotation=online_rotation,
+                        rotation_choice=rotation_choice)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:

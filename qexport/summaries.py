@@ -90,9 +90,19 @@ def _lowrank(q: dict[str, Any]) -> list[str]:
 
 
 def _rotation(q: dict[str, Any]) -> list[str]:
-    if not q.get("rotate"):
-        return []
-    return [f"  rotation   per-head Hadamard folded around {q['rotated_groups']} attention outputs (value -> output)"]
+    lines = []
+    if q.get("rotate"):
+        groups = q["rotated_groups"]
+        lines.append(f"  rotation   per-head Hadamard folded around {groups} attention outputs (value -> output)")
+    online = q.get("online_rotation", {})
+    if online.get("block"):
+        share = 100 * online["macs_per_call"] / max(online["linear_macs_per_call"], 1)
+        lines.append(
+            f"  rotation   online Hadamard (block {online['block']}, {online['choice']}) on "
+            f"{online['groups_rotated']} of {online['groups_considered']} inputs (first model): "
+            f"+{online['macs_per_call'] / 1e6:.0f} M FP MACs per call ({share:.1f}% of the quantized linears')"
+        )
+    return lines
 
 
 def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:
