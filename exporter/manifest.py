@@ -73,6 +73,7 @@ def make_manifest(
                 "act_shrink": r.plan.act_shrink,
                 **({"group_alpha": r.plan.group_alpha} if r.plan.group_alpha else {}),
                 **({"online_rotated": sorted(r.plan.online)} if r.plan.online else {}),
+                **({"online_check": r.plan.online_report} if r.plan.online_report else {}),
                 "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
             }
             for r in ranges

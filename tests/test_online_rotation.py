@@ -1,0 +1,108 @@
+"""Online Hadamard rotation (build --online-rotation): exact in FP, integer kernels kept, the
+adaptive choice follows its criterion."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+from qexport.passes.plan import QuantConfig, Smooth, choose_online
+from qexport.passes.quant import Grid
+from qexport.passes.rotate import hadamard
+from qexport.targets.profile import get_profile
+
+from qexport.errors import QexportError
+
+TARGET = get_profile("ort-cpu")
+W8 = Grid(bits=8, storage="int8", symmetric=True)
+A8 = Grid(bits=8, storage="uint8", symmetric=False, narrow=False)
+
+
+def _inputs(outlier: float, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4096, 128)).astype(np.float32)
+    x[:, 5] *= outlier  # one outlier channel
+    return x, [rng.normal(size=(128, 96)) * 0.05]
+
+
+def _choose(x: np.ndarray, ws: list[np.ndarray], choice: str) -> tuple[np.ndarray | None, dict[str, float]]:
+    config = QuantConfig(smooth=Smooth.NONE, online_rotation=64, rotation_choice=choice, a_bits=8)
+    magnitude = np.abs(x).max(axis=0)
+    return choose_online(x, magnitude, ws, (float(x.min()), float(x.max())), W8, A8, config, TARGET)
+
+
+def test_outlier_channel_is_rotated_and_error_falls() -> None:
+    x, ws = _inputs(outlier=40.0)
+    rot, report = _choose(x, ws, "adaptive")
+    assert rot is not None
+    assert report["outlier_ratio"] >= 3.0
+    assert report["error_rotated"] < report["error_plain"]
+    np.testing.assert_allclose(rot @ rot.T, np.eye(128), atol=1e-12)  # orthogonal
+    assert np.count_nonzero(rot[0]) == 64  # block-diagonal, block 64
+
+
+def test_flat_input_is_left_alone_unless_all() -> None:
+    x, ws = _inputs(outlier=1.0)
+    rot, report = _choose(x, ws, "adaptive")
+    assert rot is None and report["outlier_ratio"] < 3.0 and "error_rotated" not in report
+    rot_all, _ = _choose(x, ws, "all")
+    assert rot_all is not None
+
+
+def test_block_must_divide_channels_and_be_a_power_of_two() -> None:
+    x, ws = _inputs(outlier=40.0)
+    config = QuantConfig(online_rotation=256)
+    rot, report = choose_online(x, np.abs(x).max(0), ws, (-1.0, 1.0), W8, A8, config, TARGET)
+    assert rot is None and report["skipped_block"] == 256
+    with pytest.raises(QexportError, match="power of two"):
+        QuantConfig(online_rotation=48)
+    with pytest.raises(QexportError, match="adaptive or all"):
+        QuantConfig(online_rotation=64, rotation_choice="some")
+
+
+def test_rotation_pass_is_exact_in_fp() -> None:
+    """The graph pass computes x·R blockwise: compare with the dense product in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from qexport.passes.analyze import Group
+    from qexport.passes.apply import PassConfig, insert_online_rotation
+    from qexport.passes.plan import RangePlan
+
+    x = gs.Variable("x", dtype=np.float32, shape=(2, 7, 128))
+    w = gs.Constant("w", np.random.default_rng(1).normal(size=(128, 32)).astype(np.float32))
+    y = gs.Variable("y", dtype=np.float32, shape=(2, 7, 32))
+    graph = gs.Graph(nodes=[gs.Node("MatMul", "mm", inputs=[x, w], outputs=[y])], inputs=[x], outputs=[y], opset=21)
+    rot = np.kron(np.eye(2), hadamard(64))
+    plan = RangePlan(steps=[0], online={"x": rot})
+    group = Group(tensor="x", layers=("fc",), channels=128, fold="explicit")
+    graph = insert_online_rotation(graph, PassConfig(plan=plan, groups=[group], nodes={"fc": "mm"}), TARGET)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    xv = np.random.default_rng(2).normal(size=(2, 7, 128)).astype(np.float32)
+    (out,) = sess.run(None, {"x": xv})
+    np.testing.assert_allclose(out, (xv @ rot.astype(np.float32)) @ w.values, rtol=1e-4, atol=1e-4)
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) == 2
+
+
+@pytest.mark.slow
+def test_tiny_latte_online_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path):
+    from qexport.exporter.build import BuildConfig, build
+    from qexport.exporter.replan import replan
+    from qexport.exporter.verify import verify
+    from qexport.targets.profile import ORT_CPU
+
+    quant = QuantConfig(smooth=Smooth.ASQ, online_rotation=64, rotation_choice="all")
+    result = build(latte_stats, tmp_path / "online", BuildConfig(quant=quant, ranges=1))
+    online = result.manifest["quantization"]["online_rotation"]
+    assert online["groups_rotated"] == online["groups_considered"] > 0
+    assert 0 < online["macs_per_call"] < 0.2 * online["linear_macs_per_call"]
+    plan = result.ranges[0].plan
+    v = verify(result.folder, result.adapter, [plan], result.manifest, ORT_CPU, "a red circle moving left")
+    assert v.ok and all(len(m.integer) == 64 and not m.float_ for m in v.models), v.to_json()
+    assert min(m.cosine_sim for m in v.models) >= 0.999
+    _, plans, _ = replan(result.manifest, latte_stats)
+    assert all(np.array_equal(plans[0].layers[n].w_q, lp.w_q) for n, lp in plan.layers.items())
+    assert sorted(plans[0].online) == sorted(plan.online)
