@@ -39,7 +39,7 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
                         act_observer=Observer(q.get("act_observer", "minmax")),
                         lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)))  # fmt: skip
     target = get_profile(manifest["target"])
-    config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
+    config = BuildConfig(quant=quant, ranges=ranges, target=target.name, precompute_kv=bool(manifest.get("kv")))
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]
     built, _ = plan_models(adapter, stats, config, target, alphas=alphas, shrinks=shrinks, sink=lambda n, m: None)
     return adapter, [b.plan for b in built], target

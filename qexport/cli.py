@@ -287,6 +287,9 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option(
     "--rotate", is_flag=True, help="Per-head Hadamard rotation folded into value projections and attention outputs."
 )
+@click.option(
+    "--precompute-kv", is_flag=True, help="Cross-attention K/V computed once per prompt by kv.onnx, not at every step."
+)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
 @click.option("--target", default="ort-cpu", show_default=True, help="Target profile (qexport targets lists them).")
@@ -304,6 +307,7 @@ def build(
     act_observer: str,
     lowrank: int,
     rotate: bool,
+    precompute_kv: bool,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -329,7 +333,7 @@ def build(
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
                         rotate=rotate)  # fmt: skip
-    config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
+    config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
         click.echo(line)
