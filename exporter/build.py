@@ -21,6 +21,7 @@ from qexport.exporter.alpha import layer_alphas, shared_alpha
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
+from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, SHRINKS, best
@@ -37,6 +38,7 @@ from qexport.targets.profile import TargetProfile, get_profile
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import load_model
+from qexport.runtime.manifest import KV_SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 LEGALITY_FILE = "legality.json"
@@ -50,6 +52,7 @@ class BuildConfig:
     ranges: int | None = None
     target: str = "ort-cpu"
     force: bool = False
+    precompute_kv: bool = False  # cross-attention K/V computed once per prompt by kv.onnx (exporter.kv)
 
 
 @dataclass(kw_only=True)
@@ -60,6 +63,7 @@ class BuiltRange:
     plan: RangePlan
     lowrank: BranchCost = field(default_factory=lambda: BranchCost(macs=0, linear_macs=0, bytes=0))
     rotation_macs: int = 0  # per model call, the online rotations' MatMuls
+    kv: BuiltKV | None = None  # --precompute-kv: the kv model every range reads (plan holds its layers too)
 
 
 @dataclass(kw_only=True)
@@ -146,6 +150,8 @@ def build(
         manifest["conditioning"] = export_conditioning(adapter, tmp)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
         manifest["layer_ids"] = ids
+        if built[0].kv is not None:
+            manifest.update(schema_version=KV_SCHEMA_VERSION, kv=kv_manifest(built[0].kv, config.quant))
         write_manifest(tmp, manifest)
         tmp.chmod(0o755)
         if out.exists():
@@ -222,6 +228,14 @@ def plan_models(
         alphas, group_alphas, alpha_scores = _choose_alphas(
             first_fp, adapter, stats, q, target, replay, ranges, progress
         )
+    kv, kv_model = None, None
+
+    def emit(name: str, model: onnx.ModelProto) -> None:
+        if sink is not None:
+            sink(name, model)
+        else:
+            models.append((name, model))
+
     for index, steps in enumerate(ranges):
         timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
         if index == 0 and first_fp is not None:
@@ -229,20 +243,28 @@ def plan_models(
         else:
             fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
         first_fp = None
+        if config.precompute_kv:
+            parts = split_export(fp, adapter.model_id)
+            if kv is None:
+                kv, kv_model = _build_kv(parts, adapter, stats, config.quant, target, replay)
+            fp = parts.step
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
         quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
         group_alpha = group_alphas[index] if group_alphas else None
-        plan, model, cost, turns = _build_range(fp, steps, adapter, stats, quant, target, replay, searches, group_alpha)
+        kv_plan = None if kv is None else kv.plan
+        plan, model, cost, turns = _build_range(
+            fp, steps, adapter, stats, quant, target, replay, searches, kv_plan, group_alpha
+        )
         if alpha_scores:
             plan.scores = {"alpha": alpha_scores, **plan.scores}
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(
-            BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost, rotation_macs=turns)
+            BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost, rotation_macs=turns, kv=kv)
         )
-        if sink is not None:
-            sink(name, model)
-        else:
-            models.append((name, model))
+        emit(name, model)
+        if kv_model is not None:
+            emit(KV_FILE, kv_model)  # after the first range's model: legality's first row stays a step model
+            kv_model = None
         del fp, model
         if progress is not None:
             progress(name)
@@ -293,6 +315,21 @@ def _samples(
     return replay.layer_inputs(steps, [g.layers[0] for g in sampled])
 
 
+def _build_kv(
+    parts: KVExport,
+    adapter: ModelAdapter,
+    stats: QStats,
+    quant: QuantConfig,
+    target: TargetProfile,
+    replay: CalibrationReplay | None,
+) -> tuple[BuiltKV, onnx.ModelProto]:
+    """Plan and transform kv.onnx once, over all calibrated steps (see exporter.kv.kv_quant)."""
+    fp = parts.kv
+    plan, model, cost, _ = _build_range(fp, list(range(stats.steps)), adapter, stats, kv_quant(quant), target, replay)
+    inputs, outputs = io_specs(fp.model.graph.input), io_specs(fp.model.graph.output)
+    return BuiltKV(model_file=KV_FILE, plan=plan, inputs=inputs, outputs=outputs, cost=parts.cost, lowrank=cost), model
+
+
 def _prepare(fp: FPExport) -> FPExport:
     """Shape inference, then constant folding (the per-step specialisation: t-only paths vanish)."""
     folded = gs.export_onnx(fold_constants(gs.import_onnx(infer_shapes(fp.model))))
@@ -311,6 +348,7 @@ def _build_range(
     target: TargetProfile,
     replay: CalibrationReplay | None = None,
     searches: tuple[bool, bool] = (False, False),
+    kv: RangePlan | None = None,
     group_alpha: dict[str, float] | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
@@ -329,10 +367,10 @@ def _build_range(
     scores = {}
     if searches[0] and quant.smooth != Smooth.NONE:
         assert replay is not None
-        alpha, _, scores["alpha"] = best(replay, ALPHAS, lambda a: make(a, shrink))
+        alpha, _, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink), kv))
     if searches[1]:
         assert replay is not None
-        shrink, _, scores["act_shrink"] = best(replay, SHRINKS, lambda r: make(alpha, r))
+        shrink, _, scores["act_shrink"] = best(replay, SHRINKS, lambda r: with_kv(make(alpha, r), kv))
     plan = make(alpha, shrink)
     plan.scores = scores
     cost = lowrank_cost(graph, nodes, plan)
@@ -340,7 +378,7 @@ def _build_range(
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
-    return plan, model, cost, turns
+    return with_kv(plan, kv), model, cost, turns
 
 
 def rotation_macs(graph: gs.Graph, nodes: dict[str, str], groups: list[Group], plan: RangePlan) -> int:

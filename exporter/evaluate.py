@@ -22,6 +22,7 @@ from qexport.models.judge import score
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig, sample
 from qexport.runtime.conditioning import Conditioning
+from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.loop import Pipeline, decode_pixels, session_options
 from qexport.runtime.manifest import read_manifest
 
@@ -194,18 +195,19 @@ def _step_sqnr(
     per_step: list[list[float]] = [[] for _ in manifest["steps"]]
     with_t = "timestep" in {i["name"] for i in manifest["inputs"]}
     conditioning = Conditioning(folder, manifest)
+    prompt_feeds = PromptFeeds(folder, manifest, session_options(2))
     for (p, _), (xs, outs) in zip(pairs, trajectories, strict=True):
-        cond = np.concatenate([conditioning.encode(p), conditioning.null()])
+        prompt = prompt_feeds.feeds(np.concatenate([conditioning.encode(p), conditioning.null()]))
         for k, step in enumerate(manifest["steps"]):
             model = step["model"]
             if model not in sessions:
                 sessions[model] = ort.InferenceSession(
                     str(folder / model), session_options(2), providers=["CPUExecutionProvider"]
                 )
-            feeds = {"latents": xs[k], "cond": cond}
+            feeds = {"latents": xs[k], **prompt}
             if with_t:
                 feeds["timestep"] = np.full((2,), step["timestep"], dtype=np.int64)
-            per_step[k].append(sqnr_db(outs[k], sessions[model].run(None, feeds)[0]))
+            per_step[k].append(sqnr_db(outs[k], sessions[model].run(None, select(sessions[model], feeds))[0]))
     return [float(np.mean(v)) for v in per_step]
 
 

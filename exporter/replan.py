@@ -41,7 +41,7 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
                         online_rotation=int(q.get("online_rotation", {}).get("block", 0)),
                         rotation_choice=q.get("online_rotation", {}).get("choice", "adaptive"))  # fmt: skip
     target = get_profile(manifest["target"])
-    config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
+    config = BuildConfig(quant=quant, ranges=ranges, target=target.name, precompute_kv=bool(manifest.get("kv")))
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]
     group_alphas = [
         {k: float(v) for k, v in r["group_alpha"].items()} for r in manifest["ranges"] if "group_alpha" in r

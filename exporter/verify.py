@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from qexport.exporter.emitted import shared_input_layers
+from qexport.exporter.emitted import expand_kv, shared_input_layers
 from qexport.exporter.openvino_run import run_openvino
 from qexport.exporter.simulate import simulated
 from qexport.passes.plan import RangePlan
@@ -26,6 +26,7 @@ from qexport.errors import QexportError
 from qexport.metrics import cosine, psnr_db, sqnr_db, ssim
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
+from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.loop import Pipeline, session_options
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ def verify(
     config = SamplingConfig(steps=len(manifest["steps"]), cfg=manifest["cfg"])
     xs = trajectory(adapter, prompt, seed, config)
     cond = torch.cat([adapter.conditioner.encode([prompt]), adapter.conditioner.null(1)])
+    prompt_feeds = PromptFeeds(folder, manifest, session_options(2)).feeds(cond.numpy())  # kv.onnx, if any
+    kv_layers = set((manifest.get("kv") or {}).get("layers", []))
     denoiser = adapter.denoiser()
     checks = []
     for index in chosen:
@@ -198,16 +201,17 @@ def verify(
         path = Path(folder) / r["model"]
         onnx.checker.check_model(str(path))
         check = ModelCheck(model=r["model"], steps=r["steps"])
-        layers = list(plan.layers)
+        layers = [layer for layer in plan.layers if layer not in kv_layers]
         expected = expected_integer(path, layers, ids, RUNTIMES["onnxruntime"], types)
         session, check.integer, check.emulated, check.float_ = kernel_report(path, layers, ids, expected)
         step = r["steps"][0]
         t = manifest["steps"][step]["timestep"]
         x = torch.from_numpy(np.concatenate([xs[step], xs[step]]))
         tt = torch.full((2,), t, dtype=torch.long)
-        feeds = {"latents": x.numpy(), "cond": cond.numpy()}
+        feeds = {"latents": x.numpy(), **prompt_feeds}
         if "timestep" in {i["name"] for i in manifest["inputs"]}:
             feeds["timestep"] = tt.numpy()
+        feeds = select(session, feeds)
         got = session.run(None, feeds)[0]
         with torch.no_grad():
             fp = denoiser(x, tt, cond).numpy()
@@ -229,8 +233,70 @@ def verify(
                                         max_lsb_ort=float(np.abs(got - ov.output).max() / lsb),
                                         sqnr_ort_db=sqnr_db(got, ov.output))  # fmt: skip
         checks.append(check)
+    if kv_layers:
+        checks.append(check_kv(Path(folder), adapter, plans[chosen[0]], manifest, cond, types))
     e2e = end_to_end(folder, adapter, prompt, seed, config) if only is None else {}
     return Verification(models=checks, end_to_end=e2e, native=native)
+
+
+def check_kv(
+    folder: Path, adapter: ModelAdapter, plan: RangePlan, manifest: dict[str, Any], cond: torch.Tensor,
+    types: tuple[str, str],
+) -> ModelCheck:  # fmt: skip
+    """kv.onnx (--precompute-kv): onnx.checker, integer kernels for its quantized linears, and all
+    its K/V outputs together against the torch simulation and FP, in the layout the step models use
+    (replicated by the first step model's own nodes)."""
+    spec, ids = manifest["kv"], manifest["layer_ids"]
+    path = folder / spec["model"]
+    onnx.checker.check_model(str(path))
+    layers = list(spec["layers"])
+    check = ModelCheck(model=spec["model"], steps=[s["index"] for s in manifest["steps"]])
+    expected = expected_integer(path, layers, ids, RUNTIMES["onnxruntime"], types)
+    session, check.integer, check.emulated, check.float_ = kernel_report(path, layers, ids, expected)
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"cond": cond.numpy()}), strict=True))
+    full = expand_kv(folder / manifest["ranges"][0]["model"], outputs, ids)
+    got = np.concatenate([full[layer].ravel() for layer in layers])
+    fp, sim, moved = (np.concatenate([v.ravel() for v in kv]) for kv in kv_reference(adapter, plan, cond, layers))
+    lsb = max(float(sim.max() - sim.min()) / 255.0, 1e-12)
+    check.cosine_sim = cosine(sim, got)
+    check.max_lsb_sim = float(np.abs(sim - got).max() / lsb)
+    check.lsb_bound = LSB_FACTOR * float(np.abs(sim - moved).max() / lsb) + LSB_FLOOR
+    check.sqnr_fp_db = sqnr_db(fp, got)
+    check.sqnr_sim_db = sqnr_db(sim, got)
+    return check
+
+
+def kv_reference(
+    adapter: ModelAdapter, plan: RangePlan, cond: torch.Tensor, layers: list[str]
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The named linears' outputs in torch: FP, simulated, and simulated with cond scaled by
+    (1 + PERTURBATION) (their inputs depend on cond alone, so any latents and timestep do)."""
+    modules = dict(adapter.transformer.named_modules())
+    x, t, _ = adapter.example_inputs(batch=len(cond))
+    denoiser = adapter.denoiser()
+
+    def capture(c: torch.Tensor) -> list[np.ndarray]:
+        seen: dict[str, np.ndarray] = {}
+
+        def grab(name: str) -> Any:
+            def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+                seen[name] = out.detach().numpy().copy()
+
+            return hook
+
+        hooks = [modules[n].register_forward_hook(grab(n)) for n in layers]
+        try:
+            with torch.no_grad():
+                denoiser(x, t, c)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [seen[n] for n in layers]
+
+    fp = capture(cond)
+    with simulated(adapter.transformer, plan):
+        return fp, capture(cond), capture(cond * (1 + PERTURBATION))
 
 
 def end_to_end(folder: Path, adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> dict[str, float]:

@@ -308,6 +308,9 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
     show_default=True,
     help="Online rotation: only inputs with outlier channels where it lowers the output error, or all.",
 )
+@click.option(
+    "--precompute-kv", is_flag=True, help="Cross-attention K/V computed once per prompt by kv.onnx, not at every step."
+)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
 @click.option("--target", default="ort-cpu", show_default=True, help="Target profile (qexport targets lists them).")
@@ -327,6 +330,7 @@ def build(
     rotate: bool,
     online_rotation: int,
     rotation_choice: str,
+    precompute_kv: bool,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -354,7 +358,7 @@ def build(
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
                         rotate=rotate, online_rotation=online_rotation,
                         rotation_choice=rotation_choice)  # fmt: skip
-    config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
+    config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
         click.echo(line)

@@ -105,6 +105,19 @@ def _rotation(q: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _kv(manifest: dict[str, Any]) -> list[str]:
+    kv = manifest.get("kv")
+    if not kv:
+        return []
+    removed, left = kv["macs_removed_per_call"], kv["step_macs_per_call"]
+    share = 100 * removed / (removed + left) if removed + left else 0.0
+    return [
+        f"  kv         {kv['model']}: K/V of {len(kv['layers'])} cross-attention linears once per prompt, "
+        f"{kv['macs_per_prompt'] / 1e6:.2f} M MACs; per step model call -{removed / 1e6:.2f} M MACs "
+        f"({share:.1f}% of {(removed + left) / 1e6:.1f} M)"
+    ]
+
+
 def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:
     q, f = manifest["quantization"], manifest["files"]
     folds = ", ".join(f"{k} {v}" for k, v in sorted(q["folds"].items())) or "no smoothing"
@@ -120,6 +133,7 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         f"  disk       shared weights {shared:.2f} MiB (without sharing {unshared:.2f} MiB)",
         *_lowrank(q),
         *_rotation(q),
+        *_kv(manifest),
     ] + (
         [
             "  note       TSQ gives every range its own smoothing vector s, so its weights W*diag(s) differ "

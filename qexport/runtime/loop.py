@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.manifest import read_manifest
 
 
@@ -35,6 +36,7 @@ class LoopResult:
     latents: np.ndarray
     step_seconds: list[float] = field(default_factory=list)
     swap_seconds: list[float] = field(default_factory=list)  # waiting for a range's session
+    prompt_seconds: float = 0.0  # kv.onnx (--precompute-kv builds), once per prompt
 
 
 class Pipeline:
@@ -46,6 +48,7 @@ class Pipeline:
         self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._sessions: dict[int, Future[ort.InferenceSession]] = {}
+        self.prompt = PromptFeeds(self.folder, self.manifest, session_options(threads))
 
     def _load(self, index: int) -> Future[ort.InferenceSession]:
         if index not in self._sessions:
@@ -63,6 +66,9 @@ class Pipeline:
         both = np.concatenate([cond, null])
         result = LoopResult(latents=x)
         self._load(m["steps"][0]["range"])
+        start = time.perf_counter()
+        prompt = self.prompt.feeds(both)
+        result.prompt_seconds = time.perf_counter() - start
         for k, step in enumerate(m["steps"]):
             wait = time.perf_counter()
             session = self._load(step["range"]).result()
@@ -72,10 +78,10 @@ class Pipeline:
             if k + 1 < len(m["steps"]):
                 self._load(m["steps"][k + 1]["range"])  # prefetch the next range while this step runs
             start = time.perf_counter()
-            feeds = {"latents": np.concatenate([x, x]).astype(np.float32), "cond": both}
+            feeds = {"latents": np.concatenate([x, x]).astype(np.float32), **prompt}
             if "timestep" in {i["name"] for i in m["inputs"]}:
                 feeds["timestep"] = np.full((2,), step["timestep"], dtype=np.int64)
-            out_c, out_u = session.run(None, feeds)[0]
+            out_c, out_u = session.run(None, select(session, feeds))[0]
             guided = out_u + np.float32(m["cfg"]) * (out_c - out_u)
             x = (np.float32(step["c_x"]) * x[0] + np.float32(step["c_out"]) * guided)[None].astype(np.float32)
             result.step_seconds.append(time.perf_counter() - start)

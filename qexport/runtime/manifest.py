@@ -8,7 +8,9 @@ from typing import Any
 
 from qexport.errors import QexportError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # what a build writes
+KV_SCHEMA_VERSION = 2  # schema 1 + `kv`: written by --precompute-kv builds only (a schema-1 reader would feed `cond`)
+READABLE_SCHEMA = KV_SCHEMA_VERSION
 MANIFEST = "manifest.json"
 
 
@@ -26,11 +28,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise QexportError(f"cannot read {path}: {exc}") from exc
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or version > READABLE_SCHEMA:
         raise QexportError(
-            f"{path} has manifest schema {version}; this qexport reads schema <= {SCHEMA_VERSION}: upgrade qexport"
+            f"{path} has manifest schema {version}; this qexport reads schema <= {READABLE_SCHEMA}: upgrade qexport"
         )
-    for r in manifest.get("ranges", []):
+    for r in [*manifest.get("ranges", []), *([manifest["kv"]] if manifest.get("kv") else [])]:
         if not (Path(folder) / r["model"]).is_file():
             raise QexportError(f"model file {r['model']} named in {path} is missing; rebuild with qexport build")
     return manifest
