@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
+from qexport.exporter.attention import attention_ids, attention_scopes
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
@@ -25,6 +26,7 @@ from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
@@ -83,8 +85,9 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 
 def needs_replay(quant: QuantConfig) -> bool:
     """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
-    rotations)."""
-    return quant.alpha_auto or quant.act_observer == Observer.SEARCH or needs_samples(quant)
+    rotations, attention ranges)."""
+    searched = quant.alpha_auto or quant.act_observer == Observer.SEARCH
+    return searched or needs_samples(quant) or quant.quantize_attention
 
 
 def needs_samples(quant: QuantConfig) -> bool:
@@ -114,6 +117,11 @@ def build(
     target = check_request(config, out)
     stats = load(stats_path)
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
+    if config.quant.quantize_attention and not stats.header.get("prompt_texts"):
+        raise QexportError(
+            f"{stats_path} does not record its prompts, and --quantize-attention measures the Q/K/V ranges on "
+            "replayed calibration prompts; recalibrate it with this qexport"
+        )
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
             f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse / search "
@@ -125,7 +133,8 @@ def build(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     try:
         ids = layer_ids(list(stats.layers))
-        writer = ModelWriter(tmp, ids)
+        attn_ids = attention_ids(adapter.transformer) if config.quant.quantize_attention else {}
+        writer = ModelWriter(tmp, {**ids, **attn_ids})
         legality: list[LegalityReport] = []
 
         def sink(name: str, model: onnx.ModelProto) -> None:
@@ -144,6 +153,8 @@ def build(
         manifest["conditioning"] = export_conditioning(adapter, tmp)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
         manifest["layer_ids"] = ids
+        if attn_ids:
+            manifest["attention_ids"] = attn_ids
         write_manifest(tmp, manifest)
         tmp.chmod(0o755)
         if out.exists():
@@ -201,8 +212,8 @@ def plan_models(
     replay = None
     q = config.quant
     searches = (q.alpha_auto and alphas is None, q.act_observer == Observer.SEARCH and not shrinks)
-    if any(searches) or needs_samples(q):
-        log.info("replaying calibration prompts (searches, sample-based observers, rotations)")
+    if any(searches) or needs_samples(q) or q.quantize_attention:
+        log.info("replaying calibration prompts (searches, sample-based observers, rotations, attention ranges)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
@@ -251,12 +262,19 @@ def _build_range(
         sampled = groups if observed else [g for g in groups if g.fold == "value"]
         samples = replay.layer_inputs(steps, [g.layers[0] for g in sampled])
     heads = head_dims(adapter, groups)
+    sites = find_attention(graph, attention_scopes(adapter.transformer)) if quant.quantize_attention else {}
 
     def make(alpha: float, shrink: float) -> RangePlan:
         config = replace(quant, alpha=alpha, act_shrink=shrink)
-        return plan_range(
+        plan = plan_range(
             steps, groups, stats.layers, weights, biases, config, target, samples=samples, head_dims=heads
         )
+        if sites:  # Q/K/V ranges as the emitted attention reads them: measured under this plan's linears
+            assert replay is not None
+            ranges = replay.attention_ranges(plan, list(sites))
+            grid = next(iter(plan.layers.values())).a_grid
+            plan.attention = plan_attention(ranges, grid, target.pow2_scales, shrink)
+        return plan
 
     alpha, shrink = quant.alpha, quant.act_shrink
     scores = {}
@@ -269,7 +287,7 @@ def _build_range(
     plan = make(alpha, shrink)
     plan.scores = scores
     cost = lowrank_cost(graph, nodes, plan)
-    graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
+    graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes, attention=sites), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
     return plan, model, cost

@@ -37,7 +37,8 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=alphas[0],
                         weight_clip=q.get("weight_clip", "minmax"),
                         act_observer=Observer(q.get("act_observer", "minmax")),
-                        lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)))  # fmt: skip
+                        lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)),
+                        quantize_attention=bool(q.get("attention", {}).get("quantized", False)))  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]

@@ -10,6 +10,7 @@ from enum import StrEnum
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.attention import AttentionPlan
 from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
@@ -39,6 +40,7 @@ class QuantConfig:
     act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
     lowrank: int = 0  # rank of the FP error-compensation branch per linear (0 = none; see passes.lowrank)
     rotate: bool = False  # per-head Hadamard folded into value projection / attention output (passes.rotate)
+    quantize_attention: bool = False  # Q/DQ on both operands of QK^T and PV (passes.attention)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -86,6 +88,7 @@ class RangePlan:
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
     rotations: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R folded around it
+    attention: dict[str, AttentionPlan] = field(default_factory=dict)  # attention module -> operand quantizers
 
 
 def smoothing_vector(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:

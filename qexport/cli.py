@@ -287,6 +287,11 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option(
     "--rotate", is_flag=True, help="Per-head Hadamard rotation folded into value projections and attention outputs."
 )
+@click.option(
+    "--quantize-attention",
+    is_flag=True,
+    help="Static Q/DQ on Q, K, V and the softmax output: QK^T and PV run in integer too (ranges from replay).",
+)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
 @click.option("--target", default="ort-cpu", show_default=True, help="Target profile (qexport targets lists them).")
@@ -304,6 +309,7 @@ def build(
     act_observer: str,
     lowrank: int,
     rotate: bool,
+    quantize_attention: bool,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -328,7 +334,7 @@ def build(
         raise QexportError(f"--alpha must be a number in (0, 1] or 'auto', got {alpha!r}") from None
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
-                        rotate=rotate)  # fmt: skip
+                        rotate=rotate, quantize_attention=quantize_attention)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
