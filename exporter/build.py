@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
 from qexport.exporter.alpha import layer_alphas, shared_alpha
+from qexport.exporter.attention import attention_ids, attention_scopes
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
@@ -27,6 +28,7 @@ from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
@@ -89,8 +91,9 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 
 def needs_replay(quant: QuantConfig) -> bool:
     """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
-    rotations)."""
-    return quant.alpha_auto or quant.alpha_layer or quant.act_observer == Observer.SEARCH or needs_samples(quant)
+    rotations, attention ranges)."""
+    searched = quant.alpha_auto or quant.alpha_layer or quant.act_observer == Observer.SEARCH
+    return searched or needs_samples(quant) or quant.quantize_attention
 
 
 def needs_samples(quant: QuantConfig) -> bool:
@@ -120,6 +123,11 @@ def build(
     target = check_request(config, out)
     stats = load(stats_path)
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
+    if config.quant.quantize_attention and not stats.header.get("prompt_texts"):
+        raise QexportError(
+            f"{stats_path} does not record its prompts, and --quantize-attention measures the Q/K/V ranges on "
+            "replayed calibration prompts; recalibrate it with this qexport"
+        )
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
             f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse / search "
@@ -131,7 +139,8 @@ def build(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     try:
         ids = layer_ids(list(stats.layers))
-        writer = ModelWriter(tmp, ids)
+        attn_ids = attention_ids(adapter.transformer) if config.quant.quantize_attention else {}
+        writer = ModelWriter(tmp, {**ids, **attn_ids})
         legality: list[LegalityReport] = []
 
         def sink(name: str, model: onnx.ModelProto) -> None:
@@ -152,6 +161,8 @@ def build(
         manifest["layer_ids"] = ids
         if built[0].kv is not None:
             manifest.update(schema_version=KV_SCHEMA_VERSION, kv=kv_manifest(built[0].kv, config.quant))
+        if attn_ids:
+            manifest["attention_ids"] = attn_ids
         write_manifest(tmp, manifest)
         tmp.chmod(0o755)
         if out.exists():
@@ -215,8 +226,8 @@ def plan_models(
         q.alpha_auto and alphas is None and not shared_alpha_search,
         q.act_observer == Observer.SEARCH and not shrinks,
     )
-    if any(searches) or needs_samples(q) or shared_alpha_search or layer_search:
-        log.info("replaying calibration prompts (searches, sample-based observers, rotations)")
+    if any(searches) or needs_samples(q) or shared_alpha_search or layer_search or q.quantize_attention:
+        log.info("replaying calibration prompts (searches, sample-based observers, rotations, attention ranges)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
@@ -357,11 +368,18 @@ def _build_range(
         assert replay is not None
         samples = _samples(replay, steps, groups, quant)
     heads = head_dims(adapter, groups)
+    sites = find_attention(graph, attention_scopes(adapter.transformer)) if quant.quantize_attention else {}
 
     def make(alpha: float, shrink: float) -> RangePlan:
         config = replace(quant, alpha=alpha, act_shrink=shrink)
-        return plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
+        plan = plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
                           head_dims=heads, group_alpha=group_alpha)  # fmt: skip
+        if sites:  # Q/K/V ranges as the emitted attention reads them: measured under this plan's linears
+            assert replay is not None
+            ranges = replay.attention_ranges(plan, list(sites))
+            grid = next(iter(plan.layers.values())).a_grid
+            plan.attention = plan_attention(ranges, grid, target.pow2_scales, shrink)
+        return plan
 
     alpha, shrink = quant.alpha, quant.act_shrink
     scores = {}
@@ -375,7 +393,7 @@ def _build_range(
     plan.scores = scores
     cost = lowrank_cost(graph, nodes, plan)
     turns = rotation_macs(graph, nodes, groups, plan)
-    graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
+    graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes, attention=sites), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
     return with_kv(plan, kv), model, cost, turns

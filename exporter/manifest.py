@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qexport.calib.store import QStats
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
+from qexport.passes.attention import OPERANDS
 from qexport.targets.profile import TargetProfile
 
 from qexport import __version__
@@ -75,6 +76,7 @@ def make_manifest(
                 **({"online_rotated": sorted(r.plan.online)} if r.plan.online else {}),
                 **({"online_check": r.plan.online_report} if r.plan.online_report else {}),
                 "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
+                **_attention_ranges(r),
             }
             for r in ranges
         ],
@@ -104,6 +106,7 @@ def make_manifest(
                 "macs_per_call": ranges[0].rotation_macs,
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,
             },
+            "attention": _attention(ranges),
             "lowrank_cost": {
                 "macs_per_call": ranges[0].lowrank.macs,
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,
@@ -118,6 +121,37 @@ def make_manifest(
             "weights_bytes_without_sharing": emit.logical_bytes,
         },
         "verification": None,
+    }
+
+
+def _attention(ranges: list[BuiltRange]) -> dict[str, Any]:
+    """What --quantize-attention quantized (the same modules in every range)."""
+    modules = sorted(ranges[0].plan.attention)
+    if not modules:
+        return {"quantized": False}
+    return {
+        "quantized": True,
+        "modules": modules,
+        "matmuls": 2 * len(modules),
+        "operands": {
+            "query": "q*sqrt(1/sqrt(d)) as QK^T reads it",
+            "key": "k^T*sqrt(1/sqrt(d)) as QK^T reads it",
+            "probs": "softmax output, fixed range [0, 1]",
+            "value": "v as PV reads it (after the value projection's folds)",
+        },
+        "ranges_from": "per range, min/max on the replayed calibration prompts (seed 0), the range's linears simulated",
+    }
+
+
+def _attention_ranges(r: BuiltRange) -> dict[str, Any]:
+    """Per range: each attention operand's (min, max) behind its scale (absent without --quantize-attention)."""
+    if not r.plan.attention:
+        return {}
+    return {
+        "attention_ranges": {
+            name: {op: [float(f"{ap.operand(op).lo:.6g}"), float(f"{ap.operand(op).hi:.6g}")] for op in OPERANDS}
+            for name, ap in r.plan.attention.items()
+        }
     }
 
 

@@ -39,7 +39,8 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
                         act_observer=Observer(q.get("act_observer", "minmax")),
                         lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)),
                         online_rotation=int(q.get("online_rotation", {}).get("block", 0)),
-                        rotation_choice=q.get("online_rotation", {}).get("choice", "adaptive"))  # fmt: skip
+                        rotation_choice=q.get("online_rotation", {}).get("choice", "adaptive"),
+                        quantize_attention=bool(q.get("attention", {}).get("quantized", False)))  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name, precompute_kv=bool(manifest.get("kv")))
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]

@@ -1,14 +1,19 @@
 """Replay of calibration prompts at build time: the FP trajectories' denoiser inputs per step
-(computed once), the FP outputs, and the inputs of chosen linears at chosen steps. Used by
-``--alpha auto`` (scores plans) and by the percentile / MSE activation observers (samples)."""
+(computed once), the FP outputs, the inputs of chosen linears at chosen steps, and the ranges of
+the attention matmuls' operands under a plan. Used by ``--alpha auto`` (scores plans), the
+percentile / MSE activation observers (samples) and ``--quantize-attention`` (ranges)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
+from qexport.exporter.attention import recording
+from qexport.exporter.simulate import simulated
+from qexport.passes.plan import RangePlan
 
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
@@ -82,3 +87,13 @@ class CalibrationReplay:
             stride = -(-len(rows) // MAX_ROWS)
             out[name] = rows[::stride]
         return out
+
+    def attention_ranges(self, plan: RangePlan, modules: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+        """(min, max) of each attention's matmul operands (query and key scaled by √(1/√d), probs,
+        value) over the plan's steps, with the plan's linears simulated (folds, rotations,
+        quantization): the tensors the emitted graph's attention matmuls read."""
+        transformer = self.adapter.transformer
+        with simulated(transformer, replace(plan, attention={})), recording(transformer, modules) as seen:
+            for k in plan.steps:
+                self.run(k)
+        return {name: {op: (lo, hi) for op, (lo, hi) in ops.items()} for name, ops in seen.items()}

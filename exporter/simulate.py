@@ -1,16 +1,18 @@
 """Torch fake-quant simulation of exactly the plan a build emits: the same integer weights and
 scales, the same per-tensor activation scale / zero point and round-half-to-even, the same
 smoothing (divided at the linear's input where the graph folds it into the modulation or inserts
-a Mul; already inside the value projection's weights where it folds there), and the low-rank
-branch ``(x_dq · A) · B`` added to the output from the same fake-quantized input."""
+a Mul; already inside the value projection's weights where it folds there), the low-rank
+branch ``(x_dq · A) · B`` added to the output from the same fake-quantized input, and, where
+planned, fake-quantized attention matmul operands (exporter.attention)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
+from qexport.exporter.attention import ExportOrderAttention, attention_processors
 from qexport.passes.plan import LayerPlan, RangePlan
 from torch import nn
 
@@ -24,11 +26,16 @@ def fake_quant(x: torch.Tensor, lp: LayerPlan) -> torch.Tensor:
 
 @contextmanager
 def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
-    """Within the block, the transformer's planned linears compute as the emitted model does."""
+    """Within the block, the transformer's planned linears (and attentions) compute as the emitted
+    model does."""
     modules = dict(transformer.named_modules())
     saved: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]] = []
     handles: list[Any] = []
+    stack = ExitStack()
     try:
+        if plan.attention:
+            quantized = {name: ExportOrderAttention(quant=ap) for name, ap in plan.attention.items()}
+            stack.enter_context(attention_processors(transformer, quantized))
         for name, lp in plan.layers.items():
             m = modules[name]
             assert isinstance(m, nn.Linear)
@@ -56,6 +63,7 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
                 handles.append(m.register_forward_hook(branch))
         yield
     finally:
+        stack.close()
         for h in handles:
             h.remove()
         for m, w, b in saved:

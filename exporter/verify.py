@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from qexport.exporter.emitted import expand_kv, shared_input_layers
 from qexport.exporter.openvino_run import run_openvino
 from qexport.exporter.simulate import simulated
+from qexport.passes.attention import AttentionPlan
 from qexport.passes.plan import RangePlan
 from qexport.targets.catalog import RUNTIMES
 from qexport.targets.profile import TargetProfile
@@ -32,6 +34,8 @@ from qexport.runtime.loop import Pipeline, session_options
 log = logging.getLogger(__name__)
 
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul")
+# integer kernels that carry their operands' scales: (operand A, operand B, scale A, scale B) input slots
+ATTENTION_SLOTS = {"MatMulIntegerToFloat": (0, 1, 2, 3), "QLinearMatMul": (0, 3, 1, 4), "QGemm": (0, 3, 1, 4)}
 COSINE_FLOOR = 0.999  # ORT vs simulation, W8A8
 PERTURBATION = 1e-6  # relative input change that measures the quantized function's own sensitivity
 # max |ORT - simulation|, in LSBs of an 8-bit grid over the output's range, may be at most
@@ -49,6 +53,10 @@ class ModelCheck:
     integer: list[str] = field(default_factory=list)
     emulated: list[str] = field(default_factory=list)  # QDQ the runtime runs in float (not native here)
     float_: list[str] = field(default_factory=list)  # should be integer but is not: a failure
+    # attention matmuls (--quantize-attention), "<module> QK^T" / "<module> PV", classified the same way
+    attention_integer: list[str] = field(default_factory=list)
+    attention_emulated: list[str] = field(default_factory=list)
+    attention_float: list[str] = field(default_factory=list)
     cosine_sim: float = 0.0
     max_lsb_sim: float = 0.0
     lsb_bound: float = 0.0  # from the simulation's own sensitivity (see LSB_FACTOR)
@@ -58,7 +66,8 @@ class ModelCheck:
 
     @property
     def ok(self) -> bool:
-        agrees = not self.float_ and self.cosine_sim >= COSINE_FLOOR and self.max_lsb_sim <= self.lsb_bound
+        integer = not self.float_ and not self.attention_float
+        agrees = integer and self.cosine_sim >= COSINE_FLOOR and self.max_lsb_sim <= self.lsb_bound
         return agrees and (self.second is None or self.second.ok(self.lsb_bound))
 
 
@@ -94,8 +103,10 @@ class Verification:
     def to_json(self) -> dict[str, Any]:
         rows = []
         for m in self.models:
-            row = {k: v for k, v in asdict(m).items() if k not in ("integer", "emulated", "float_", "second")}
+            lists = ("integer", "emulated", "float_", "second", "attention_integer", "attention_emulated")
+            row = {k: v for k, v in asdict(m).items() if k not in lists}
             row.update(integer=len(m.integer), emulated=len(m.emulated), float=m.float_, ok=m.ok)
+            row.update(attention_integer=len(m.attention_integer), attention_emulated=len(m.attention_emulated))
             if m.second is not None:
                 second = asdict(m.second)
                 second["float"] = second.pop("float_")
@@ -116,27 +127,80 @@ def expected_integer(
     return set(layers) - shared_input_layers(path, layers, ids)
 
 
-def kernel_report(
-    path: Path, layers: list[str], ids: dict[str, str], expected: set[str]
-) -> tuple[ort.InferenceSession, list[str], list[str], list[str]]:
-    """The session, and the (integer, emulated, float) layers read off its optimised graph: a
-    layer not on an integer kernel is a failure where `expected` holds it, else emulated."""
+def optimized_session(path: Path) -> tuple[ort.InferenceSession, onnx.ModelProto]:
+    """An onnxruntime CPU session (full optimisation) and its optimised graph (initializers of 1 KiB
+    and more not loaded)."""
     with tempfile.TemporaryDirectory() as tmp:
         opts = session_options(2)
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.bin")
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
-    integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
+    return session, optimized
+
+
+def classify(
+    names: list[str], reads: dict[str, list[str]], integer_inputs: set[str], expected: set[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """(integer, emulated, float): a name is integer when all its quantized tensors (`reads`) feed
+    integer kernels; otherwise a failure where `expected` holds it, else emulated."""
     integer, emulated, floats = [], [], []
-    for layer in layers:
-        if f"{ids[layer]}:w_q" in integer_inputs:
-            integer.append(layer)
-        elif layer in expected:
-            floats.append(layer)
+    for name in names:
+        if all(t in integer_inputs for t in reads[name]):
+            integer.append(name)
+        elif name in expected:
+            floats.append(name)
         else:
-            emulated.append(layer)
-    return session, integer, emulated, floats
+            emulated.append(name)
+    return integer, emulated, floats
+
+
+def kernel_report(
+    path: Path, layers: list[str], ids: dict[str, str], expected: set[str]
+) -> tuple[ort.InferenceSession, list[str], list[str], list[str]]:
+    """The session, and the (integer, emulated, float) layers read off its optimised graph: a
+    layer not on an integer kernel is a failure where `expected` holds it, else emulated."""
+    session, optimized = optimized_session(path)
+    integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
+    reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
+    return session, *classify(layers, reads, integer_inputs, expected)
+
+
+def attention_kernels(
+    optimized: onnx.ModelProto, attention: dict[str, AttentionPlan], expected: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """(integer, emulated, float) attention matmuls ("<module> QK^T" / "<module> PV").
+
+    An integer kernel of two activations (neither operand an initializer) is matched to a matmul by
+    the values of its two operand scales: onnxruntime renames quantized tensors (int8 -> uint8
+    conversion) and shares equal scalar initializers, so names do not survive, values do. Matmuls
+    with equal scale pairs are interchangeable: each integer kernel accounts for one of them.
+    """
+    inits = {i.name: i for i in optimized.graph.initializer}
+    kernels: Counter[tuple[float, float]] = Counter()
+    for node in optimized.graph.node:
+        slots = ATTENTION_SLOTS.get(node.op_type)
+        if slots is None or any(node.input[i] in inits for i in slots[:2]):
+            continue
+        a, b = (inits.get(node.input[i]) for i in slots[2:])
+        if a is not None and b is not None and not a.external_data and not b.external_data:
+            kernels[(_scalar(a), _scalar(b))] += 1
+    integer: list[str] = []
+    emulated: list[str] = []
+    floats: list[str] = []
+    for module, ap in attention.items():
+        for label, pair in ((f"{module} QK^T", (ap.query, ap.key)), (f"{module} PV", (ap.probs, ap.value))):
+            key = (float(pair[0].scale), float(pair[1].scale))
+            if kernels[key] > 0:
+                kernels[key] -= 1
+                integer.append(label)
+            else:
+                (floats if expected else emulated).append(label)
+    return integer, emulated, floats
+
+
+def _scalar(t: onnx.TensorProto) -> float:
+    return float(onnx.numpy_helper.to_array(t).reshape(-1)[0])
 
 
 def trajectory(adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> list[np.ndarray]:
@@ -203,7 +267,14 @@ def verify(
         check = ModelCheck(model=r["model"], steps=r["steps"])
         layers = [layer for layer in plan.layers if layer not in kv_layers]
         expected = expected_integer(path, layers, ids, RUNTIMES["onnxruntime"], types)
-        session, check.integer, check.emulated, check.float_ = kernel_report(path, layers, ids, expected)
+        session, optimized = optimized_session(path)
+        integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
+        reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
+        check.integer, check.emulated, check.float_ = classify(layers, reads, integer_inputs, expected)
+        native_attention = RUNTIMES["onnxruntime"].runs_attention_integer(types[1])
+        check.attention_integer, check.attention_emulated, check.attention_float = attention_kernels(
+            optimized, plan.attention, native_attention
+        )
         step = r["steps"][0]
         t = manifest["steps"][step]["timestep"]
         x = torch.from_numpy(np.concatenate([xs[step], xs[step]]))

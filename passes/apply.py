@@ -5,12 +5,13 @@ low-rank error branches. Each pass is ``(graph, config, target) -> graph`` with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from qexport.passes.analyze import Group
+from qexport.passes.attention import AttentionSite, quantize_attention
 from qexport.passes.graph import constant_input, consumers, node_named
 from qexport.passes.plan import RangePlan
 from qexport.passes.sink import sink_smoothing
@@ -26,6 +27,7 @@ class PassConfig:
     plan: RangePlan
     groups: list[Group]
     nodes: dict[str, str]  # layer -> MatMul node name
+    attention: dict[str, AttentionSite] = field(default_factory=dict)  # attention module -> its MatMuls
 
 
 def _const(name: str, values: np.ndarray) -> gs.Constant:
@@ -207,6 +209,7 @@ PASSES = (
     insert_online_rotation,
     quantize_weights,
     quantize_activations,
+    quantize_attention,
     legalize_bias,
     insert_lowrank,
 )

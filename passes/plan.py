@@ -10,6 +10,7 @@ from enum import StrEnum
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.attention import AttentionPlan
 from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
@@ -42,6 +43,7 @@ class QuantConfig:
     rotate: bool = False  # per-head Hadamard folded into value projection / attention output (passes.rotate)
     online_rotation: int = 0  # block size of an online block-diagonal Hadamard before other groups (0 = off)
     rotation_choice: str = "adaptive"  # online rotation: "adaptive" (outliers and lower error) or "all"
+    quantize_attention: bool = False  # Q/DQ on both operands of QK^T and PV (passes.attention)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -101,6 +103,7 @@ class RangePlan:
     rotations: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R folded around it
     online: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R applied online
     online_report: dict[str, dict[str, float]] = field(default_factory=dict)  # group tensor -> criterion, errors
+    attention: dict[str, AttentionPlan] = field(default_factory=dict)  # attention module -> operand quantizers
 
 
 def smoothing_vector(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:

@@ -311,6 +311,11 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option(
     "--precompute-kv", is_flag=True, help="Cross-attention K/V computed once per prompt by kv.onnx, not at every step."
 )
+@click.option(
+    "--quantize-attention",
+    is_flag=True,
+    help="Static Q/DQ on Q, K, V and the softmax output: QK^T and PV run in integer too (ranges from replay).",
+)
 @click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
 @click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
 @click.option("--target", default="ort-cpu", show_default=True, help="Target profile (qexport targets lists them).")
@@ -331,6 +336,7 @@ def build(
     online_rotation: int,
     rotation_choice: str,
     precompute_kv: bool,
+    quantize_attention: bool,
     timestep_wise: bool,
     time_ranges: int | None,
     target: str,
@@ -357,7 +363,7 @@ def build(
                         alpha_layer=layer,
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
                         rotate=rotate, online_rotation=online_rotation,
-                        rotation_choice=rotation_choice)  # fmt: skip
+                        rotation_choice=rotation_choice, quantize_attention=quantize_attention)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:

@@ -20,6 +20,8 @@ def verification_table(v: dict[str, Any]) -> list[str]:
         )
         for layer in m["float"]:
             lines.append(f"  FAIL: quantized layer {layer} runs as float MatMul in onnxruntime")
+        for matmul in m.get("attention_float", []):
+            lines.append(f"  FAIL: quantized attention matmul {matmul} runs as float MatMul in onnxruntime")
         second = m.get("second")
         if second:
             lines.append(
@@ -29,6 +31,15 @@ def verification_table(v: dict[str, Any]) -> list[str]:
             )
             for layer in second["float"]:
                 lines.append(f"  FAIL: quantized layer {layer} runs in float in {second['runtime']}")
+    attention = [m for m in v["models"] if m.get("attention_integer") or m.get("attention_emulated")
+                 or m.get("attention_float")]  # fmt: skip
+    if attention:
+        counts = [sum(m.get(k, 0) for m in attention) for k in ("attention_integer", "attention_emulated")]
+        failed = sum(len(m.get("attention_float", [])) for m in attention)
+        lines.append(
+            f"attention matmuls (QK^T, PV) over {len(attention)} model(s): {counts[0]} int8, {counts[1]} emulated, "
+            f"{failed} float"
+        )
     e = v["end_to_end"]
     if e:
         lines.append(
@@ -89,6 +100,20 @@ def _lowrank(q: dict[str, Any]) -> list[str]:
     ]
 
 
+def _attention(manifest: dict[str, Any]) -> list[str]:
+    a = manifest["quantization"].get("attention", {})
+    if not a.get("quantized"):
+        return []
+    lines = [f"  attention  Q, K, V and softmax output quantized in {len(a['modules'])} attentions"]
+    models = manifest.get("legality", {}).get("models", [])
+    if models:
+        c, total = models[0]["attention"], models[0]["macs"]
+        share = f" ({100 * c['quantized_macs'] / total:.1f}% of all MACs)" if total else ""
+        lines[0] += f": {c['quantized']} of {c['matmuls']} attention matmuls (QK^T, PV) on quantized inputs"
+        lines.append(f"             {c['quantized_macs'] / 1e6:.1f} M MACs per model call moved to integer{share}")
+    return lines
+
+
 def _rotation(q: dict[str, Any]) -> list[str]:
     lines = []
     if q.get("rotate"):
@@ -134,6 +159,7 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         *_lowrank(q),
         *_rotation(q),
         *_kv(manifest),
+        *_attention(manifest),
     ] + (
         [
             "  note       TSQ gives every range its own smoothing vector s, so its weights W*diag(s) differ "

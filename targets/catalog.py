@@ -31,6 +31,10 @@ ORT_CPU = TargetProfile(
     # int8 tensor stay DequantizeLinear + float MatMul; uint8 ones fuse)
     native=(("int8", "uint8"), ("int8", "int8")),
     native_shared=(("int8", "uint8"),),
+    # measured with onnxruntime 1.31.1: a QDQ MatMul of two 8-bit activations (attention's QK^T, PV) fuses
+    # to MatMulIntegerToFloat, or to QLinearMatMul where a QuantizeLinear follows it (PV: QDQ propagation
+    # moves the output linear's QuantizeLinear up through Transpose/Reshape); 16-bit ones stay float
+    native_attention=("uint8", "int8"),
     source=(
         "onnxruntime docs, 'Quantize ONNX models' (onnxruntime.ai/docs/performance/model-optimizations/"
         "quantization.html: QDQ format, U8S8 recommended on x86, int4/uint16 QDQ need opset 21); measured with "

@@ -32,6 +32,7 @@ class NodeReport:
     status: str  # "quantized", "float", "unsupported" (reads quantized inputs the target cannot run), "qdq"
     macs: int = 0
     reason: str = ""
+    role: str = ""  # "attention": a MatMul of two activations (QK^T, PV), else ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,13 @@ class LegalityReport:
             out[n.status] += 1
         return out
 
+    def attention(self) -> dict[str, int]:
+        """The attention matmuls (MatMuls of two activations): how many, how many quantized, their MACs."""
+        nodes = [n for n in self.nodes if n.role == "attention"]
+        quantized = [n for n in nodes if n.status == "quantized"]
+        return {"matmuls": len(nodes), "quantized": len(quantized), "macs": sum(n.macs for n in nodes),
+                "quantized_macs": sum(n.macs for n in quantized)}  # fmt: skip
+
     def quantized_mac_share(self) -> float:
         total = sum(n.macs for n in self.nodes)
         return sum(n.macs for n in self.nodes if n.status == "quantized") / total if total else 0.0
@@ -73,6 +81,7 @@ class LegalityReport:
             "totals": self.totals(),
             "macs": sum(n.macs for n in self.nodes),
             "quantized_mac_share": self.quantized_mac_share(),
+            "attention": self.attention(),
             "unsupported": sorted({n.op for n in self.nodes if n.status == "unsupported"}),
             "violations": [str(v) for v in self.violations],
         }
@@ -116,10 +125,22 @@ def check_model(model: onnx.ModelProto, target: TargetProfile, name: str = "") -
                 status = "quantized"
             else:
                 reason = "only some operands are quantized"
-        report.nodes.append(
-            NodeReport(node=label, op=node.op_type, status=status, macs=_macs(node, shapes), reason=reason)
-        )
+        role = "attention" if _activation_matmul(node, inits, producer) else ""
+        macs = _macs(node, shapes)
+        report.nodes.append(NodeReport(node=label, op=node.op_type, status=status, macs=macs, reason=reason, role=role))
     return report
+
+
+def _activation_matmul(
+    node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], producer: dict[str, onnx.NodeProto]
+) -> bool:
+    """A MatMul whose operands are both activations: neither a weight initializer nor its DequantizeLinear."""
+
+    def weight(t: str) -> bool:
+        source = producer.get(t)
+        return t in inits or (source is not None and source.op_type == "DequantizeLinear" and source.input[0] in inits)
+
+    return node.op_type == "MatMul" and len(node.input) == 2 and not any(weight(t) for t in node.input)
 
 
 def _model_rules(model: onnx.ModelProto, target: TargetProfile) -> list[Violation]:

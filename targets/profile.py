@@ -38,6 +38,7 @@ class TargetProfile:
     bias_full_rank: bool = False  # give each quantized MatMul's bias Add the activation's rank (see passes)
     native: tuple[tuple[str, str], ...] = ()
     native_shared: tuple[tuple[str, str], ...] = ()  # of those, pairs that fuse when several MatMuls share the input
+    native_attention: tuple[str, ...] = ()  # activation storages whose activation x activation MatMul runs integer
     notes: tuple[str, ...] = ()
     source: str
 
@@ -63,6 +64,11 @@ class TargetProfile:
         (shared_input: when its quantized input also feeds other MatMuls)."""
         return (weight_type, activation_type) in (self.native_shared if shared_input else self.native)
 
+    def runs_attention_integer(self, activation_type: str) -> bool:
+        """Whether this runtime runs a MatMul of two activations of this storage (attention's QK^T
+        and PV under --quantize-attention) as an integer kernel."""
+        return activation_type in self.native_attention
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -80,6 +86,7 @@ class TargetProfile:
             "bias": self.bias,
             "integer_kernels": [f"{w} x {a}" for w, a in self.native],  # measured, where qexport runs it
             "integer_if_shared": [f"{w} x {a}" for w, a in self.native_shared],
+            "integer_attention": [f"{a} x {a}" for a in self.native_attention],
             "notes": list(self.notes),
             "source": self.source,
         }
