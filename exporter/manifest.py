@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qexport.calib.store import QStats
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
+from qexport.exporter.mixed import mixed_manifest, raised
 from qexport.targets.profile import TargetProfile
 
 from qexport import __version__
@@ -74,6 +75,7 @@ def make_manifest(
                 **({"group_alpha": r.plan.group_alpha} if r.plan.group_alpha else {}),
                 **({"online_rotated": sorted(r.plan.online)} if r.plan.online else {}),
                 **({"online_check": r.plan.online_report} if r.plan.online_report else {}),
+                **({"w_bits_raised": raised(r.plan, q.w_bits)} if q.mixed_precision else {}),
                 "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
             }
             for r in ranges
@@ -104,6 +106,11 @@ def make_manifest(
                 "macs_per_call": ranges[0].rotation_macs,
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,
             },
+            **(
+                {"mixed_precision": mixed_manifest(ranges, q.w_bits, q.mixed_precision, target)}
+                if q.mixed_precision
+                else {}
+            ),
             "lowrank_cost": {
                 "macs_per_call": ranges[0].lowrank.macs,
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,
