@@ -129,8 +129,8 @@ def build(
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse / search "
-            "activation observers replay; recalibrate it with this qexport"
+            f"{stats_path} does not record its prompts, which --alpha auto, --rotate, --mixed-precision and the "
+            "percentile / mse / search activation observers replay; recalibrate it with this qexport"
         )
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
