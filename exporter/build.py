@@ -24,6 +24,7 @@ from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
 from qexport.exporter.manifest import make_manifest, write_manifest
+from qexport.exporter.mixed import Allocation, choose_bits
 from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
@@ -32,7 +33,7 @@ from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
-from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
+from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range
 from qexport.passes.specialise import compact_constants, fold_constants
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile, get_profile
@@ -66,6 +67,7 @@ class BuiltRange:
     lowrank: BranchCost = field(default_factory=lambda: BranchCost(macs=0, linear_macs=0, bytes=0))
     rotation_macs: int = 0  # per model call, the online rotations' MatMuls
     kv: BuiltKV | None = None  # --precompute-kv: the kv model every range reads (plan holds its layers too)
+    mixed: Allocation | None = None  # --mixed-precision: the measured allocation (None when replanned)
 
 
 @dataclass(kw_only=True)
@@ -91,9 +93,9 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 
 def needs_replay(quant: QuantConfig) -> bool:
     """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
-    rotations, attention ranges)."""
+    rotations, attention ranges, mixed-precision sensitivity)."""
     searched = quant.alpha_auto or quant.alpha_layer or quant.act_observer == Observer.SEARCH
-    return searched or needs_samples(quant) or quant.quantize_attention
+    return searched or needs_samples(quant) or quant.quantize_attention or bool(quant.mixed_precision)
 
 
 def needs_samples(quant: QuantConfig) -> bool:
@@ -106,6 +108,10 @@ def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     target = get_profile(config.target)
     target.weight_type(config.quant.w_bits)
     target.activation_type(config.quant.a_bits)
+    if config.quant.mixed_precision:
+        target.weight_type(MIXED_HIGH_BITS)
+        if config.precompute_kv:
+            raise QexportError("--mixed-precision does not combine with --precompute-kv (kv.onnx is planned apart)")
     if out.exists() and not config.force:
         raise QexportError(f"output folder {out} exists; pass --force to replace it")
     return target
@@ -130,8 +136,8 @@ def build(
         )
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse / search "
-            "activation observers replay; recalibrate it with this qexport"
+            f"{stats_path} does not record its prompts, which --alpha auto, --rotate, --mixed-precision and the "
+            "percentile / mse / search activation observers replay; recalibrate it with this qexport"
         )
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
@@ -207,11 +213,13 @@ def plan_models(
     shrinks: list[float] | None = None,
     sink: Callable[[str, onnx.ModelProto], None] | None = None,
     group_alphas: list[dict[str, float]] | None = None,
+    layer_bits: list[dict[str, int]] | None = None,
 ) -> tuple[list[BuiltRange], list[tuple[str, onnx.ModelProto]]]:
     """Export, plan and transform every range; returns the plans and the (file name, model) pairs.
 
     alphas / shrinks / group_alphas, if given, fix each range's alpha, activation shrink and
-    per-group alphas (re-planning a build whose searches picked them).
+    per-group alphas (re-planning a build whose searches picked them); layer_bits fixes each
+    range's per-layer weight bits (--mixed-precision), which are otherwise measured.
     sink, if given, receives each (file name, model) as soon as it is built and the models are
     not kept (the returned list is then empty): memory stays at about one model.
     """
@@ -226,8 +234,9 @@ def plan_models(
         q.alpha_auto and alphas is None and not shared_alpha_search,
         q.act_observer == Observer.SEARCH and not shrinks,
     )
-    if any(searches) or needs_samples(q) or shared_alpha_search or layer_search or q.quantize_attention:
-        log.info("replaying calibration prompts (searches, sample-based observers, rotations, attention ranges)")
+    mixed = bool(q.mixed_precision) and layer_bits is None
+    if any(searches) or needs_samples(q) or shared_alpha_search or layer_search or q.quantize_attention or mixed:
+        log.info("replaying calibration prompts (searches, observers, rotations, attention ranges, sensitivity)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
@@ -239,6 +248,13 @@ def plan_models(
         alphas, group_alphas, alpha_scores = _choose_alphas(
             first_fp, adapter, stats, q, target, replay, ranges, progress
         )
+    allocations: list[Allocation] | None = None
+    if mixed:
+        assert replay is not None
+        first_fp = first_fp or shared_fp or _prepare(with_timestep(exported, stats.header["timesteps"][ranges[0][0]]))
+        allocations = _choose_mixed(first_fp, adapter, stats, config, target, replay, ranges, alphas, group_alphas,
+                                    progress)  # fmt: skip
+        layer_bits = [a.bits for a in allocations]
     kv, kv_model = None, None
 
     def emit(name: str, model: onnx.ModelProto) -> None:
@@ -263,15 +279,16 @@ def plan_models(
         quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
         group_alpha = group_alphas[index] if group_alphas else None
         kv_plan = None if kv is None else kv.plan
+        bits = layer_bits[index] if layer_bits else None
         plan, model, cost, turns = _build_range(
-            fp, steps, adapter, stats, quant, target, replay, searches, kv_plan, group_alpha
+            fp, steps, adapter, stats, quant, target, replay, searches, kv_plan, group_alpha, bits
         )
         if alpha_scores:
             plan.scores = {"alpha": alpha_scores, **plan.scores}
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
-        built.append(
-            BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost, rotation_macs=turns, kv=kv)
-        )
+        mixed_of = allocations[index] if allocations else None
+        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost,
+                                rotation_macs=turns, kv=kv, mixed=mixed_of))  # fmt: skip
         emit(name, model)
         if kv_model is not None:
             emit(KV_FILE, kv_model)  # after the first range's model: legality's first row stays a step model
@@ -315,6 +332,38 @@ def _choose_alphas(
     if progress is not None:
         progress(f"alpha {alpha} for all ranges")
     return [alpha] * len(ranges), None, scores
+
+
+def _choose_mixed(
+    fp: FPExport,
+    adapter: ModelAdapter,
+    stats: QStats,
+    config: BuildConfig,
+    target: TargetProfile,
+    replay: CalibrationReplay,
+    ranges: list[list[int]],
+    alphas: list[float] | None,
+    group_alphas: list[dict[str, float]] | None,
+    progress: Callable[[str], None] | None,
+) -> list[Allocation]:
+    """Per-range weight widths of --mixed-precision (exporter.mixed), measured with each range's
+    alpha; one allocation for all ranges unless TSQ gives each range its own weights (time ranges)."""
+    q = config.quant
+    _, _, groups, weights, biases = range_inputs(fp, adapter)
+    heads = head_dims(adapter, groups)
+    cache: dict[int, dict[str, np.ndarray] | None] = {}
+
+    def make(index: int, bits: dict[str, int] | None) -> RangePlan:
+        if index not in cache:
+            cache[index] = _samples(replay, ranges[index], groups, q) if needs_samples(q) else None
+        quant = q if alphas is None else replace(q, alpha=alphas[index])
+        group_alpha = group_alphas[index] if group_alphas else None
+        return plan_range(ranges[index], groups, stats.layers, weights, biases, quant, target, samples=cache[index],
+                          head_dims=heads, group_alpha=group_alpha, layer_bits=bits)  # fmt: skip
+
+    params = {layer: int(w.size) for layer, w in weights.items()}
+    shared = config.ranges is None or q.smooth != Smooth.TSQ
+    return choose_bits(replay, ranges, shared, make, params, q.w_bits, q.mixed_precision, target, progress)
 
 
 def _samples(
@@ -361,6 +410,7 @@ def _build_range(
     searches: tuple[bool, bool] = (False, False),
     kv: RangePlan | None = None,
     group_alpha: dict[str, float] | None = None,
+    layer_bits: dict[str, int] | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
     graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
     samples = None
@@ -373,7 +423,7 @@ def _build_range(
     def make(alpha: float, shrink: float) -> RangePlan:
         config = replace(quant, alpha=alpha, act_shrink=shrink)
         plan = plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
-                          head_dims=heads, group_alpha=group_alpha)  # fmt: skip
+                          head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits)  # fmt: skip
         if sites:  # Q/K/V ranges as the emitted attention reads them: measured under this plan's linears
             assert replay is not None
             ranges = replay.attention_ranges(plan, list(sites))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qexport.calib.store import QStats
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
+from qexport.exporter.mixed import mixed_manifest, raised
 from qexport.passes.attention import OPERANDS
 from qexport.targets.profile import TargetProfile
 
@@ -75,6 +76,7 @@ def make_manifest(
                 **({"group_alpha": r.plan.group_alpha} if r.plan.group_alpha else {}),
                 **({"online_rotated": sorted(r.plan.online)} if r.plan.online else {}),
                 **({"online_check": r.plan.online_report} if r.plan.online_report else {}),
+                **({"w_bits_raised": raised(r.plan, q.w_bits)} if q.mixed_precision else {}),
                 "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
                 **_attention_ranges(r),
             }
@@ -107,6 +109,11 @@ def make_manifest(
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,
             },
             "attention": _attention(ranges),
+            **(
+                {"mixed_precision": mixed_manifest(ranges, q.w_bits, q.mixed_precision, target)}
+                if q.mixed_precision
+                else {}
+            ),
             "lowrank_cost": {
                 "macs_per_call": ranges[0].lowrank.macs,
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,

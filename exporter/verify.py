@@ -127,6 +127,20 @@ def expected_integer(
     return set(layers) - shared_input_layers(path, layers, ids)
 
 
+def expected_by_width(
+    path: Path, layers: list[str], ids: dict[str, str], runtime: TargetProfile, plan: RangePlan, activation: str
+) -> set[str]:
+    """expected_integer, each layer by its own weight storage type (--mixed-precision mixes them)."""
+    found: set[str] = set()
+    for storage in sorted({plan.layers[layer].w_grid.storage for layer in layers}):
+        mine = [layer for layer in layers if plan.layers[layer].w_grid.storage == storage]
+        if runtime.runs_integer(storage, activation, shared_input=True):
+            found |= set(mine)
+        elif runtime.runs_integer(storage, activation):
+            found |= set(mine) - shared_input_layers(path, layers, ids)  # readers of all widths count
+    return found
+
+
 def optimized_session(path: Path) -> tuple[ort.InferenceSession, onnx.ModelProto]:
     """An onnxruntime CPU session (full optimisation) and its optimised graph (initializers of 1 KiB
     and more not loaded)."""
@@ -251,7 +265,8 @@ def verify(
         raise QexportError(f"no model {bad[0]} in this build; it has models 0..{len(plans) - 1}")
     q = manifest["quantization"]
     types = (target.weight_type(q["w_bits"]), target.activation_type(q["a_bits"]))
-    native = RUNTIMES["onnxruntime"].runs_integer(*types)
+    widths = {lp.w_grid.storage for plan in plans for lp in plan.layers.values()}
+    native = any(RUNTIMES["onnxruntime"].runs_integer(w, types[1]) for w in widths)
     ids = manifest["layer_ids"]
     config = SamplingConfig(steps=len(manifest["steps"]), cfg=manifest["cfg"])
     xs = trajectory(adapter, prompt, seed, config)
@@ -266,7 +281,7 @@ def verify(
         onnx.checker.check_model(str(path))
         check = ModelCheck(model=r["model"], steps=r["steps"])
         layers = [layer for layer in plan.layers if layer not in kv_layers]
-        expected = expected_integer(path, layers, ids, RUNTIMES["onnxruntime"], types)
+        expected = expected_by_width(path, layers, ids, RUNTIMES["onnxruntime"], plan, types[1])
         session, optimized = optimized_session(path)
         integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
         reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
@@ -296,7 +311,8 @@ def verify(
         check.sqnr_fp_db = sqnr_db(fp, got)
         check.sqnr_sim_db = sqnr_db(sim, got)
         if runtime != "onnxruntime":
-            ov = run_openvino(path, feeds, layers, ids, expected_integer(path, layers, ids, RUNTIMES[runtime], types))
+            ov_expected = expected_by_width(path, layers, ids, RUNTIMES[runtime], plan, types[1])
+            ov = run_openvino(path, feeds, layers, ids, ov_expected)
             check.second = RuntimeCheck(runtime=runtime, integer=len(ov.integer), emulated=len(ov.emulated),
                                         float_=ov.float_, cosine_sim=cosine(sim, ov.output),
                                         max_lsb_sim=float(np.abs(sim - ov.output).max() / lsb),

@@ -4,7 +4,7 @@ their per-channel quantization, and per-tensor activation scales from the range'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import numpy as np
@@ -18,6 +18,8 @@ from qexport.passes.rotate import hadamard, head_rotation
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
+
+MIXED_HIGH_BITS = 8  # --mixed-precision: the width of the layers it raises
 
 
 class Smooth(StrEnum):
@@ -44,6 +46,7 @@ class QuantConfig:
     online_rotation: int = 0  # block size of an online block-diagonal Hadamard before other groups (0 = off)
     rotation_choice: str = "adaptive"  # online rotation: "adaptive" (outliers and lower error) or "all"
     quantize_attention: bool = False  # Q/DQ on both operands of QK^T and PV (passes.attention)
+    mixed_precision: float = 0.0  # budget in weight bits per parameter: layers at w_bits or 8 (0 = off)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -64,6 +67,11 @@ class QuantConfig:
             raise QexportError(f"--rotation-choice must be adaptive or all, got {self.rotation_choice!r}")
         if self.online_rotation and (self.online_rotation < 2 or self.online_rotation & (self.online_rotation - 1)):
             raise QexportError(f"--online-rotation must be a power of two >= 2 (e.g. 64), got {self.online_rotation}")
+        if self.mixed_precision and not (self.w_bits <= 4 and 4.0 <= self.mixed_precision <= MIXED_HIGH_BITS):
+            raise QexportError(
+                "--mixed-precision mixes 4-bit and 8-bit weights under a budget of 4..8 bits per weight; "
+                f"it needs --w-bits 2..4, got --w-bits {self.w_bits} and a budget of {self.mixed_precision}"
+            )
         if not 0 <= self.lowrank <= MAX_RANK:
             raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 
@@ -150,6 +158,7 @@ def plan_range(
     samples: dict[str, np.ndarray] | None = None,
     head_dims: dict[str, int] | None = None,
     group_alpha: dict[str, float] | None = None,
+    layer_bits: dict[str, int] | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -166,6 +175,7 @@ def plan_range(
             (needed by the percentile and MSE observers, and by --rotate for the rotated inputs).
         head_dims: attention-output layer -> its attention's head size (--rotate).
         group_alpha: group tensor -> alpha, overriding config.alpha for that group (--alpha layer).
+        layer_bits: layer -> weight bits, overriding config.w_bits for that layer (--mixed-precision).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -234,11 +244,13 @@ def plan_range(
             magnitudes[layer] = magnitude
             ranges[layer] = (lo, hi)
     for layer, w in final_w.items():
-        w_scale, w_zero = _weight_qparams(w, w_grid, config, target)
+        bits = (layer_bits or {}).get(layer, config.w_bits)
+        grid = w_grid if bits == config.w_bits else replace(w_grid, bits=bits, storage=target.weight_type(bits))
+        w_scale, w_zero = _weight_qparams(w, grid, config, target)
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )
-        w_q = quantize(w, w_scale[None, :], w_zero[None, :], w_grid)
+        w_q = quantize(w, w_scale[None, :], w_zero[None, :], grid)
         lr_a = lr_b = None
         if config.lowrank:
             w_dq = dequantize(w_q, w_scale[None, :], w_zero[None, :])
@@ -247,7 +259,7 @@ def plan_range(
             w_q=w_q,
             w_scale=w_scale,
             w_zero=w_zero,
-            w_grid=w_grid,
+            w_grid=grid,
             a_scale=a_scale,
             a_zero=a_zero,
             a_grid=a_grid,

@@ -291,6 +291,14 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
     help="Rank (1..32) of an FP branch per linear that compensates its weight-quantization error; 0 = off.",
 )
 @click.option(
+    "--mixed-precision",
+    "mixed_precision",
+    type=float,
+    default=0.0,
+    help="Budget in weight bits per parameter (4..8): layers at --w-bits (<= 4) or 8 bits, the 8-bit ones "
+    "chosen by measured sensitivity; 0 = off.",
+)
+@click.option(
     "--rotate", is_flag=True, help="Per-head Hadamard rotation folded into value projections and attention outputs."
 )
 @click.option(
@@ -332,6 +340,7 @@ def build(
     weight_clip: str,
     act_observer: str,
     lowrank: int,
+    mixed_precision: float,
     rotate: bool,
     online_rotation: int,
     rotation_choice: str,
@@ -363,7 +372,8 @@ def build(
                         alpha_layer=layer,
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
                         rotate=rotate, online_rotation=online_rotation,
-                        rotation_choice=rotation_choice, quantize_attention=quantize_attention)  # fmt: skip
+                        rotation_choice=rotation_choice, quantize_attention=quantize_attention,
+                        mixed_precision=mixed_precision)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:

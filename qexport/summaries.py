@@ -130,6 +130,24 @@ def _rotation(q: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mixed(q: dict[str, Any]) -> list[str]:
+    m = q.get("mixed_precision")
+    if not m:
+        return []
+    low, high = m["widths"]
+    rows = m["ranges"]
+    raised = [r["layers_at"].get(str(high), 0) for r in rows]
+    per = f"{raised[0]}" if len(set(raised)) == 1 else f"{min(raised)}..{max(raised)} (per range)"
+    kib = max(r["weight_bytes"] for r in rows) / 2**10
+    total = sum(rows[0]["layers_at"].values())
+    return [
+        f"  mixed      budget {m['budget_bits_per_weight']:g} bits/weight: {per} of {total} "
+        f"layers at W{high} by measured sensitivity, the rest W{low}",
+        f"  mixed      quantized weights {kib:.0f} KiB per model (all W{low} {m['all_low_bytes'] / 2**10:.0f} KiB, "
+        f"all W{high} {m['all_high_bytes'] / 2**10:.0f} KiB)",
+    ]
+
+
 def _kv(manifest: dict[str, Any]) -> list[str]:
     kv = manifest.get("kv")
     if not kv:
@@ -157,6 +175,7 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         f"  smoothing  groups folded/explicit: {folds}",
         f"  disk       shared weights {shared:.2f} MiB (without sharing {unshared:.2f} MiB)",
         *_lowrank(q),
+        *_mixed(q),
         *_rotation(q),
         *_kv(manifest),
         *_attention(manifest),
