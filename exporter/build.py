@@ -25,6 +25,7 @@ from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.gptq import Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
@@ -83,13 +84,18 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 
 def needs_replay(quant: QuantConfig) -> bool:
     """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
-    rotations)."""
-    return quant.alpha_auto or quant.act_observer == Observer.SEARCH or needs_samples(quant)
+    rotations, GPTQ rounding)."""
+    return quant.alpha_auto or quant.act_observer == Observer.SEARCH or needs_samples(quant) or gptq(quant)
 
 
 def needs_samples(quant: QuantConfig) -> bool:
     """Whether planning needs replayed layer inputs (sample-based observers; rotated input ranges)."""
     return quant.act_observer.samples or quant.rotate
+
+
+def gptq(quant: QuantConfig) -> bool:
+    """Whether weights are rounded by GPTQ (needs the replayed inputs' Gram matrices)."""
+    return quant.weight_rounding == Rounding.GPTQ
 
 
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
@@ -116,8 +122,8 @@ def build(
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, which --alpha auto, --rotate and the percentile / mse / search "
-            "activation observers replay; recalibrate it with this qexport"
+            f"{stats_path} does not record its prompts, which --alpha auto, --rotate, --weight-rounding gptq and the "
+            "percentile / mse / search activation observers replay; recalibrate it with this qexport"
         )
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
@@ -201,8 +207,8 @@ def plan_models(
     replay = None
     q = config.quant
     searches = (q.alpha_auto and alphas is None, q.act_observer == Observer.SEARCH and not shrinks)
-    if any(searches) or needs_samples(q):
-        log.info("replaying calibration prompts (searches, sample-based observers, rotations)")
+    if any(searches) or needs_samples(q) or gptq(q):
+        log.info("replaying calibration prompts (searches, sample-based observers, rotations, gptq)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     shared_fp = None if config.ranges is None else _prepare(exported)
@@ -251,11 +257,16 @@ def _build_range(
         sampled = groups if observed else [g for g in groups if g.fold == "value"]
         samples = replay.layer_inputs(steps, [g.layers[0] for g in sampled])
     heads = head_dims(adapter, groups)
+    grams = None
+    if gptq(quant):  # weights shared between ranges unless TSQ: H over every calibrated step keeps them so
+        assert replay is not None
+        h_steps = steps if quant.smooth == Smooth.TSQ else list(range(stats.steps))
+        grams = replay.input_grams(h_steps, [g.layers[0] for g in groups])
 
     def make(alpha: float, shrink: float) -> RangePlan:
         config = replace(quant, alpha=alpha, act_shrink=shrink)
         return plan_range(
-            steps, groups, stats.layers, weights, biases, config, target, samples=samples, head_dims=heads
+            steps, groups, stats.layers, weights, biases, config, target, samples=samples, head_dims=heads, grams=grams
         )
 
     alpha, shrink = quant.alpha, quant.act_shrink

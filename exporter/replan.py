@@ -8,6 +8,7 @@ from typing import Any
 
 from qexport.calib.store import check_matches, load
 from qexport.exporter.build import BuildConfig, plan_models
+from qexport.passes.gptq import Rounding
 from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth
 from qexport.targets.profile import TargetProfile, get_profile
@@ -37,7 +38,8 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=alphas[0],
                         weight_clip=q.get("weight_clip", "minmax"),
                         act_observer=Observer(q.get("act_observer", "minmax")),
-                        lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)))  # fmt: skip
+                        lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)),
+                        weight_rounding=Rounding(q.get("weight_rounding", "nearest")))  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name)
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]

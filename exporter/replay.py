@@ -1,9 +1,11 @@
 """Replay of calibration prompts at build time: the FP trajectories' denoiser inputs per step
 (computed once), the FP outputs, and the inputs of chosen linears at chosen steps. Used by
-``--alpha auto`` (scores plans) and by the percentile / MSE activation observers (samples)."""
+``--alpha auto`` (scores plans), by the percentile / MSE activation observers (samples) and by
+``--weight-rounding gptq`` (the inputs' Gram matrices)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ class CalibrationReplay:
         self.inputs = xs
         # FP outputs, computed now: a lazy cache filled inside a simulation would hold quantized ones
         self.references = [self.run(k) for k in range(len(timesteps))]
+        self._grams: dict[tuple[tuple[int, ...], tuple[str, ...]], dict[str, np.ndarray]] = {}
 
     def run(self, k: int) -> np.ndarray:
         """The denoiser output at step k (as the transformer currently computes)."""
@@ -55,13 +58,38 @@ class CalibrationReplay:
 
     def layer_inputs(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
         """Inputs [rows, features] of the named linears over the given steps, FP."""
-        modules = dict(self.adapter.transformer.named_modules())
         seen: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+        self._watch(steps, layers, lambda name, x: seen[name].append(x.numpy().copy()))
+        out = {}
+        for name, parts in seen.items():
+            rows = np.concatenate(parts)
+            stride = -(-len(rows) // MAX_ROWS)
+            out[name] = rows[::stride]
+        return out
+
+    def input_grams(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
+        """XᵀX [features, features] (float64) of the named linears' FP inputs X, every token row of
+        the given steps; computed once per (steps, layers) and kept."""
+        key = (tuple(steps), tuple(layers))
+        if key not in self._grams:
+            grams = {name: np.zeros((0, 0)) for name in layers}
+
+            def add(name: str, x: torch.Tensor) -> None:
+                gram = (x.T @ x).double().numpy()  # float32 products, summed over steps in float64
+                grams[name] = gram if grams[name].size == 0 else grams[name] + gram
+
+            self._watch(steps, layers, add)
+            self._grams[key] = grams
+        return self._grams[key]
+
+    def _watch(self, steps: list[int], layers: list[str], take: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the given steps, handing each named linear's input [rows, features] to take."""
+        modules = dict(self.adapter.transformer.named_modules())
 
         def grab(name: str) -> Any:
             def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
                 x = args[0].detach()
-                seen[name].append(x.reshape(-1, x.shape[-1]).numpy().copy())
+                take(name, x.reshape(-1, x.shape[-1]))
 
             return hook
 
@@ -72,9 +100,3 @@ class CalibrationReplay:
         finally:
             for h in handles:
                 h.remove()
-        out = {}
-        for name, parts in seen.items():
-            rows = np.concatenate(parts)
-            stride = -(-len(rows) // MAX_ROWS)
-            out[name] = rows[::stride]
-        return out

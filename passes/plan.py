@@ -10,6 +10,7 @@ from enum import StrEnum
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.gptq import Rounding, gptq_quantize, input_hessian, output_clipped_qparams
 from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
@@ -39,6 +40,7 @@ class QuantConfig:
     act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
     lowrank: int = 0  # rank of the FP error-compensation branch per linear (0 = none; see passes.lowrank)
     rotate: bool = False  # per-head Hadamard folded into value projection / attention output (passes.rotate)
+    weight_rounding: Rounding = Rounding.NEAREST  # or GPTQ: error-compensating rounding (passes.gptq)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -107,11 +109,14 @@ def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth) -> np.ndarray
 
 
 def _weight_qparams(
-    w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile
+    w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile, hessian: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per output channel of W^T [in, out]; a per-tensor target gets one value,
-    repeated per channel (the whole matrix quantized as one column)."""
+    repeated per channel (the whole matrix quantized as one column). With GPTQ (a hessian), the MSE
+    clip is scored on the layer output after GPTQ rounding, not on the weight."""
     cols = w if target.weight_per_channel else w.reshape(-1, 1)
+    if config.weight_clip == "mse" and hessian is not None:
+        return output_clipped_qparams(w, hessian, grid, target.pow2_scales, target.weight_per_channel)
     if config.weight_clip == "mse":
         scale, zero = mse_clipped_qparams(cols, grid, pow2=target.pow2_scales)
     else:
@@ -131,6 +136,7 @@ def plan_range(
     keep_float: bool = False,
     samples: dict[str, np.ndarray] | None = None,
     head_dims: dict[str, int] | None = None,
+    grams: dict[str, np.ndarray] | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -146,6 +152,7 @@ def plan_range(
         samples: FP inputs [rows, features] of each group's first layer over the range's steps
             (needed by the percentile and MSE observers, and by --rotate for the rotated inputs).
         head_dims: attention-output layer -> its attention's head size (--rotate).
+        grams: X^T X of each group's first layer's FP input X (--weight-rounding gptq).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -161,6 +168,7 @@ def plan_range(
     divisors: dict[str, np.ndarray | None] = {}
     magnitudes: dict[str, np.ndarray] = {}  # per input channel |X/s| (weights the low-rank SVD)
     ranges: dict[str, tuple[float, float]] = {}
+    hessians: dict[str, np.ndarray] = {}  # per layer, H of the input it quantizes (gptq)
     for g in groups:
         first = stats[g.layers[0]]
         act = _act_stat(first, steps, config.smooth)
@@ -195,20 +203,28 @@ def plan_range(
         if config.act_observer.samples:
             lo, hi = observe(values, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         lo, hi = lo * config.act_shrink, hi * config.act_shrink
+        if config.weight_rounding == Rounding.GPTQ:
+            if grams is None or g.layers[0] not in grams:
+                raise QexportError(f"--weight-rounding gptq has no input Gram matrix of {g.layers[0]}")
+            hessian = input_hessian(grams[g.layers[0]], div, rot)
+            hessians.update(dict.fromkeys(g.layers, hessian))
         for layer in g.layers:
             divisors[layer] = None if (s is None or g.fold == "value") else s
             magnitudes[layer] = magnitude
             ranges[layer] = (lo, hi)
     for layer, w in final_w.items():
-        w_scale, w_zero = _weight_qparams(w, w_grid, config, target)
+        w_scale, w_zero = _weight_qparams(w, w_grid, config, target, hessians.get(layer))
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )
-        w_q = quantize(w, w_scale[None, :], w_zero[None, :], w_grid)
+        if layer in hessians:
+            w_q = gptq_quantize(w, hessians[layer], w_scale, w_zero, w_grid)
+        else:
+            w_q = quantize(w, w_scale[None, :], w_zero[None, :], w_grid)
         lr_a = lr_b = None
         if config.lowrank:
             w_dq = dequantize(w_q, w_scale[None, :], w_zero[None, :])
-            lr_a, lr_b = lowrank_factors(w, w_dq, magnitudes[layer], config.lowrank)
+            lr_a, lr_b = lowrank_factors(w, w_dq, magnitudes[layer], config.lowrank, hessians.get(layer))
         plan.layers[layer] = LayerPlan(
             w_q=w_q,
             w_scale=w_scale,
