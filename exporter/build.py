@@ -30,6 +30,7 @@ from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
+from qexport.passes.gptq import Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
@@ -93,14 +94,20 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
 
 def needs_replay(quant: QuantConfig) -> bool:
     """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
-    rotations, attention ranges, mixed-precision sensitivity)."""
+    rotations, attention ranges, mixed-precision sensitivity, GPTQ rounding)."""
     searched = quant.alpha_auto or quant.alpha_layer or quant.act_observer == Observer.SEARCH
-    return searched or needs_samples(quant) or quant.quantize_attention or bool(quant.mixed_precision)
+    replayed = quant.quantize_attention or bool(quant.mixed_precision) or gptq(quant)
+    return searched or needs_samples(quant) or replayed
 
 
 def needs_samples(quant: QuantConfig) -> bool:
     """Whether planning needs replayed layer inputs (sample-based observers; rotated input ranges)."""
     return quant.act_observer.samples or quant.rotate or bool(quant.online_rotation)
+
+
+def gptq(quant: QuantConfig) -> bool:
+    """Whether weights are rounded by GPTQ (needs the replayed inputs' Gram matrices)."""
+    return quant.weight_rounding == Rounding.GPTQ
 
 
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
@@ -136,7 +143,8 @@ def build(
         )
     if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, which --alpha auto, --rotate, --mixed-precision and the "
+            f"{stats_path} does not record its prompts, which --alpha auto, --rotate, --mixed-precision, "
+            "--weight-rounding gptq and the "
             "percentile / mse / search activation observers replay; recalibrate it with this qexport"
         )
     adapter = load_model(stats.model_id)
@@ -235,7 +243,15 @@ def plan_models(
         q.act_observer == Observer.SEARCH and not shrinks,
     )
     mixed = bool(q.mixed_precision) and layer_bits is None
-    if any(searches) or needs_samples(q) or shared_alpha_search or layer_search or q.quantize_attention or mixed:
+    if (
+        any(searches)
+        or needs_samples(q)
+        or shared_alpha_search
+        or layer_search
+        or q.quantize_attention
+        or mixed
+        or gptq(q)
+    ):
         log.info("replaying calibration prompts (searches, observers, rotations, attention ranges, sensitivity)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
@@ -419,11 +435,16 @@ def _build_range(
         samples = _samples(replay, steps, groups, quant)
     heads = head_dims(adapter, groups)
     sites = find_attention(graph, attention_scopes(adapter.transformer)) if quant.quantize_attention else {}
+    grams = None
+    if gptq(quant):  # weights shared between ranges unless TSQ: H over every calibrated step keeps them so
+        assert replay is not None
+        h_steps = steps if quant.smooth == Smooth.TSQ else list(range(stats.steps))
+        grams = replay.input_grams(h_steps, [g.layers[0] for g in groups])
 
     def make(alpha: float, shrink: float) -> RangePlan:
         config = replace(quant, alpha=alpha, act_shrink=shrink)
         plan = plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
-                          head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits)  # fmt: skip
+                          head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits, grams=grams)  # fmt: skip
         if sites:  # Q/K/V ranges as the emitted attention reads them: measured under this plan's linears
             assert replay is not None
             ranges = replay.attention_ranges(plan, list(sites))

@@ -91,6 +91,7 @@ def make_manifest(
             f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static{pow2}",
             "smooth": q.smooth.value,
             "weight_clip": q.weight_clip,
+            "weight_rounding": q.weight_rounding.value,
             "act_observer": str(q.act_observer),
             "alpha": "auto" if q.alpha_auto else "layer" if q.alpha_layer else q.alpha,
             "granularity": "timestep-wise" if config.ranges is None else f"{config.ranges} time ranges",

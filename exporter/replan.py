@@ -8,6 +8,7 @@ from typing import Any
 
 from qexport.calib.store import check_matches, load
 from qexport.exporter.build import BuildConfig, plan_models
+from qexport.passes.gptq import Rounding
 from qexport.passes.observe import Observer
 from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth
 from qexport.targets.profile import TargetProfile, get_profile
@@ -42,7 +43,8 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
                         online_rotation=int(q.get("online_rotation", {}).get("block", 0)),
                         rotation_choice=q.get("online_rotation", {}).get("choice", "adaptive"),
                         quantize_attention=bool(q.get("attention", {}).get("quantized", False)),
-                        mixed_precision=budget)  # fmt: skip
+                        mixed_precision=budget,
+                        weight_rounding=Rounding(q.get("weight_rounding", "nearest")))  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name, precompute_kv=bool(manifest.get("kv")))
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]

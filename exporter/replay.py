@@ -1,7 +1,8 @@
 """Replay of calibration prompts at build time: the FP trajectories' denoiser inputs per step
 (computed once), the FP outputs, the inputs of chosen linears at chosen steps, and the ranges of
 the attention matmuls' operands under a plan. Used by ``--alpha auto`` (scores plans), the
-percentile / MSE activation observers (samples) and ``--quantize-attention`` (ranges)."""
+percentile / MSE activation observers (samples) and ``--quantize-attention`` (ranges) and ``--weight-rounding gptq``
+(the inputs' Gram matrices)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class CalibrationReplay:
         self.inputs = xs
         # FP outputs, computed now: a lazy cache filled inside a simulation would hold quantized ones
         self.references = [self.run(k) for k in range(len(timesteps))]
+        self._grams: dict[tuple[tuple[int, ...], tuple[str, ...]], dict[str, np.ndarray]] = {}
 
     def sample(self, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """The whole sampling loop on the replayed prompts (seed 0), as the transformer computes."""
@@ -64,13 +66,38 @@ class CalibrationReplay:
 
     def layer_inputs(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
         """Inputs [rows, features] of the named linears over the given steps, FP."""
-        modules = dict(self.adapter.transformer.named_modules())
         seen: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+        self._watch(steps, layers, lambda name, x: seen[name].append(x.numpy().copy()))
+        out = {}
+        for name, parts in seen.items():
+            rows = np.concatenate(parts)
+            stride = -(-len(rows) // MAX_ROWS)
+            out[name] = rows[::stride]
+        return out
+
+    def input_grams(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
+        """XᵀX [features, features] (float64) of the named linears' FP inputs X, every token row of
+        the given steps; computed once per (steps, layers) and kept."""
+        key = (tuple(steps), tuple(layers))
+        if key not in self._grams:
+            grams = {name: np.zeros((0, 0)) for name in layers}
+
+            def add(name: str, x: torch.Tensor) -> None:
+                gram = (x.T @ x).double().numpy()  # float32 products, summed over steps in float64
+                grams[name] = gram if grams[name].size == 0 else grams[name] + gram
+
+            self._watch(steps, layers, add)
+            self._grams[key] = grams
+        return self._grams[key]
+
+    def _watch(self, steps: list[int], layers: list[str], take: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the given steps, handing each named linear's input [rows, features] to take."""
+        modules = dict(self.adapter.transformer.named_modules())
 
         def grab(name: str) -> Any:
             def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
                 x = args[0].detach()
-                seen[name].append(x.reshape(-1, x.shape[-1]).numpy().copy())
+                take(name, x.reshape(-1, x.shape[-1]))
 
             return hook
 
@@ -81,12 +108,6 @@ class CalibrationReplay:
         finally:
             for h in handles:
                 h.remove()
-        out = {}
-        for name, parts in seen.items():
-            rows = np.concatenate(parts)
-            stride = -(-len(rows) // MAX_ROWS)
-            out[name] = rows[::stride]
-        return out
 
     def attention_ranges(self, plan: RangePlan, modules: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
         """(min, max) of each attention's matmul operands (query and key scaled by √(1/√d), probs,

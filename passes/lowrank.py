@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from qexport.passes.gptq import damped
 
 MAX_RANK = 32
 
 
-def lowrank_factors(w: np.ndarray, w_dq: np.ndarray, d: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def lowrank_factors(
+    w: np.ndarray, w_dq: np.ndarray, d: np.ndarray, rank: int, hessian: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The rank-r correction of one layer's weight-quantization error.
 
     Args:
@@ -24,12 +27,18 @@ def lowrank_factors(w: np.ndarray, w_dq: np.ndarray, d: np.ndarray, rank: int) -
         w_dq: the dequantized weight Q(W) [in, out].
         d: [in] per-input-channel activation magnitude of the input the layer reads (X/s).
         rank: r >= 1 (capped at min(in, out)).
+        hessian: [in, in] H = XᵀX of that input, where the build has it (--weight-rounding gptq):
+            the error is then weighted by Lᵀ (H + λI = L·Lᵀ) instead of diag(d), so that A·B
+            minimises ||X·(E − A·B)|| on the inputs H came from.
 
     Returns:
-        A [in, r] and B [r, out], float32, minimising ||diag(d)·(E − A·B)||_F.
+        A [in, r] and B [r, out], float32, minimising ||diag(d)·(E − A·B)||_F (or ||Lᵀ·(E − A·B)||_F).
     """
     err = np.asarray(w, dtype=np.float64) - np.asarray(w_dq, dtype=np.float64)
-    weighted = np.asarray(d, dtype=np.float64)[:, None] * err
+    if hessian is None:
+        weighted = np.asarray(d, dtype=np.float64)[:, None] * err
+    else:
+        weighted = np.linalg.cholesky(damped(hessian)).T @ err
     _, _, vt = np.linalg.svd(weighted, full_matrices=False)
     r = min(rank, vt.shape[0])
     b = vt[:r]  # [r, out], orthonormal rows

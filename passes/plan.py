@@ -11,6 +11,7 @@ import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.attention import AttentionPlan
+from qexport.passes.gptq import Rounding, gptq_quantize, input_hessian, output_clipped_qparams
 from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
@@ -47,6 +48,7 @@ class QuantConfig:
     rotation_choice: str = "adaptive"  # online rotation: "adaptive" (outliers and lower error) or "all"
     quantize_attention: bool = False  # Q/DQ on both operands of QK^T and PV (passes.attention)
     mixed_precision: float = 0.0  # budget in weight bits per parameter: layers at w_bits or 8 (0 = off)
+    weight_rounding: Rounding = Rounding.NEAREST  # or GPTQ: error-compensating rounding (passes.gptq)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -133,11 +135,14 @@ def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth) -> np.ndarray
 
 
 def _weight_qparams(
-    w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile
+    w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile, hessian: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per output channel of W^T [in, out]; a per-tensor target gets one value,
-    repeated per channel (the whole matrix quantized as one column)."""
+    repeated per channel (the whole matrix quantized as one column). With GPTQ (a hessian), the MSE
+    clip is scored on the layer output after GPTQ rounding, not on the weight."""
     cols = w if target.weight_per_channel else w.reshape(-1, 1)
+    if config.weight_clip == "mse" and hessian is not None:
+        return output_clipped_qparams(w, hessian, grid, target.pow2_scales, target.weight_per_channel)
     if config.weight_clip == "mse":
         scale, zero = mse_clipped_qparams(cols, grid, pow2=target.pow2_scales)
     else:
@@ -159,6 +164,7 @@ def plan_range(
     head_dims: dict[str, int] | None = None,
     group_alpha: dict[str, float] | None = None,
     layer_bits: dict[str, int] | None = None,
+    grams: dict[str, np.ndarray] | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -176,6 +182,7 @@ def plan_range(
         head_dims: attention-output layer -> its attention's head size (--rotate).
         group_alpha: group tensor -> alpha, overriding config.alpha for that group (--alpha layer).
         layer_bits: layer -> weight bits, overriding config.w_bits for that layer (--mixed-precision).
+        grams: X^T X of each group's first layer's FP input X (--weight-rounding gptq).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -193,6 +200,7 @@ def plan_range(
     magnitudes: dict[str, np.ndarray] = {}  # per input channel |X/s| (weights the low-rank SVD)
     ranges: dict[str, tuple[float, float]] = {}
     online_of: dict[str, np.ndarray | None] = {}
+    hessians: dict[str, np.ndarray] = {}  # per layer, H of the input it quantizes (gptq)
     for g in groups:
         first = stats[g.layers[0]]
         act = _act_stat(first, steps, config.smooth)
@@ -238,6 +246,11 @@ def plan_range(
         if config.act_observer.samples:
             lo, hi = observe(values, lo, hi, a_grid, config.act_observer, target.pow2_scales)
         lo, hi = lo * config.act_shrink, hi * config.act_shrink
+        if config.weight_rounding == Rounding.GPTQ:
+            if grams is None or g.layers[0] not in grams:
+                raise QexportError(f"--weight-rounding gptq has no input Gram matrix of {g.layers[0]}")
+            hessian = input_hessian(grams[g.layers[0]], div, rot if rot is not None else online)
+            hessians.update(dict.fromkeys(g.layers, hessian))
         for layer in g.layers:
             online_of[layer] = online
             divisors[layer] = None if (s is None or g.fold == "value") else s
@@ -246,15 +259,18 @@ def plan_range(
     for layer, w in final_w.items():
         bits = (layer_bits or {}).get(layer, config.w_bits)
         grid = w_grid if bits == config.w_bits else replace(w_grid, bits=bits, storage=target.weight_type(bits))
-        w_scale, w_zero = _weight_qparams(w, grid, config, target)
+        w_scale, w_zero = _weight_qparams(w, grid, config, target, hessians.get(layer))
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )
-        w_q = quantize(w, w_scale[None, :], w_zero[None, :], grid)
+        if layer in hessians:
+            w_q = gptq_quantize(w, hessians[layer], w_scale, w_zero, grid)
+        else:
+            w_q = quantize(w, w_scale[None, :], w_zero[None, :], grid)
         lr_a = lr_b = None
         if config.lowrank:
             w_dq = dequantize(w_q, w_scale[None, :], w_zero[None, :])
-            lr_a, lr_b = lowrank_factors(w, w_dq, magnitudes[layer], config.lowrank)
+            lr_a, lr_b = lowrank_factors(w, w_dq, magnitudes[layer], config.lowrank, hessians.get(layer))
         plan.layers[layer] = LayerPlan(
             w_q=w_q,
             w_scale=w_scale,

@@ -276,6 +276,13 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 )
 @click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
 @click.option(
+    "--weight-rounding",
+    type=click.Choice(["nearest", "gptq"]),
+    default="nearest",
+    show_default=True,
+    help="Round weights to nearest, or GPTQ: error-compensating, from replayed calibration prompts' inputs.",
+)
+@click.option(
     "--act-observer",
     type=click.Choice(["minmax", "percentile", "mse", "search"]),
     default="minmax",
@@ -338,6 +345,7 @@ def build(
     smooth: str,
     alpha: str,
     weight_clip: str,
+    weight_rounding: str,
     act_observer: str,
     lowrank: int,
     mixed_precision: float,
@@ -357,6 +365,7 @@ def build(
     """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range."""
     from qexport.exporter.build import BuildConfig
     from qexport.exporter.build import build as run_build
+    from qexport.passes.gptq import Rounding
     from qexport.passes.observe import Observer
     from qexport.passes.plan import QuantConfig, Smooth
     from qexport.summaries import build_lines, legality_lines
@@ -373,7 +382,7 @@ def build(
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
                         rotate=rotate, online_rotation=online_rotation,
                         rotation_choice=rotation_choice, quantize_attention=quantize_attention,
-                        mixed_precision=mixed_precision)  # fmt: skip
+                        mixed_precision=mixed_precision, weight_rounding=Rounding(weight_rounding))  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
