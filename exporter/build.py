@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
-from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
+from qexport.exporter.fp_export import LinearBinding, StepGraphs, export_fp, load_graph, prepare, stamp
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, SHRINKS, best
@@ -29,7 +29,7 @@ from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, RangePlan, Smooth, plan_range
-from qexport.passes.specialise import compact_constants, fold_constants
+from qexport.passes.specialise import copy_graph
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile, get_profile
 
@@ -197,7 +197,6 @@ def plan_models(
     """
     built, models = [], []
     ranges = split_ranges(stats.steps, config.ranges)
-    exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
     replay = None
     q = config.quant
     searches = (q.alpha_auto and alphas is None, q.act_observer == Observer.SEARCH and not shrinks)
@@ -205,36 +204,31 @@ def plan_models(
         log.info("replaying calibration prompts (searches, sample-based observers, rotations)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
-    shared_fp = None if config.ranges is None else _prepare(exported)
+    # one export with the timestep an input, folded once; its weights are shared by every range's copy
+    exported = prepare(export_fp(adapter, list(stats.layers)))
+    bindings, base = exported.bindings, load_graph(exported)
+    del exported
+    per_step = StepGraphs(base) if config.ranges is None else None
     for index, steps in enumerate(ranges):
-        timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
-        fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
+        graph = copy_graph(base).toposort() if per_step is None else per_step.at(stats.header["timesteps"][steps[0]])
         quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
         quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
-        plan, model, cost = _build_range(fp, steps, adapter, stats, quant, target, replay, searches)
+        plan, model, cost = _build_range(graph, bindings, steps, adapter, stats, quant, target, replay, searches)
         name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
         built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost))
         if sink is not None:
             sink(name, model)
         else:
             models.append((name, model))
-        del fp, model
+        del graph, model
         if progress is not None:
             progress(name)
     return built, models
 
 
-def _prepare(fp: FPExport) -> FPExport:
-    """Shape inference, then constant folding (the per-step specialisation: t-only paths vanish)."""
-    folded = gs.export_onnx(fold_constants(gs.import_onnx(infer_shapes(fp.model))))
-    graph = compact_constants(gs.import_onnx(infer_shapes(folded)))  # more shapes are known after folding
-    model = gs.export_onnx(graph)
-    stamp(model)
-    return FPExport(model=model, input_names=fp.input_names, bindings=fp.bindings, timestep=fp.timestep)
-
-
 def _build_range(
-    fp: FPExport,
+    graph: gs.Graph,
+    bindings: dict[str, LinearBinding],
     steps: list[int],
     adapter: ModelAdapter,
     stats: QStats,
@@ -243,7 +237,7 @@ def _build_range(
     replay: CalibrationReplay | None = None,
     searches: tuple[bool, bool] = (False, False),
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost]:
-    graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
+    nodes, groups, weights, biases = range_inputs(graph, bindings, adapter)
     samples = None
     if needs_samples(quant):
         assert replay is not None
@@ -287,18 +281,17 @@ def lowrank_cost(graph: gs.Graph, nodes: dict[str, str], plan: RangePlan) -> Bra
 
 
 def range_inputs(
-    fp: FPExport, adapter: ModelAdapter
-) -> tuple[gs.Graph, dict[str, str], list[Group], dict[str, np.ndarray], dict[str, np.ndarray | None]]:
-    """What planning a range reads off a prepared FP export: the graph, each layer's MatMul node,
-    the input-sharing groups with their folds, FP weights (W^T) and biases."""
-    graph = gs.import_onnx(fp.model)
-    nodes = {layer: b.node for layer, b in fp.bindings.items()}
-    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in fp.bindings.items()})
+    graph: gs.Graph, bindings: dict[str, LinearBinding], adapter: ModelAdapter
+) -> tuple[dict[str, str], list[Group], dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    """What planning a range reads off a prepared FP graph: each layer's MatMul node, the
+    input-sharing groups with their folds, FP weights (W^T) and biases."""
+    nodes = {layer: b.node for layer, b in bindings.items()}
+    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in bindings.items()})
     constants = graph.tensors()
-    weights = {layer: np.asarray(constants[b.weight].values) for layer, b in fp.bindings.items()}
+    weights = {layer: np.asarray(constants[b.weight].values) for layer, b in bindings.items()}
     modules = dict(adapter.transformer.named_modules())
-    biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
-    return graph, nodes, groups, weights, biases
+    biases = {layer: _bias(modules[layer]) for layer in bindings}
+    return nodes, groups, weights, biases
 
 
 def head_dims(adapter: ModelAdapter, groups: list[Group]) -> dict[str, int]:
