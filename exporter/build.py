@@ -4,6 +4,7 @@ appears only when everything is written (temp folder, then rename)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -195,7 +196,8 @@ def plan_models(
     sink, if given, receives each (file name, model) as soon as it is built and the models are
     not kept (the returned list is then empty): memory stays at about one model.
     """
-    built, models = [], []
+    built: list[BuiltRange] = []
+    models: list[tuple[str, onnx.ModelProto]] = []
     ranges = split_ranges(stats.steps, config.ranges)
     replay = None
     q = config.quant
@@ -204,26 +206,61 @@ def plan_models(
         log.info("replaying calibration prompts (searches, sample-based observers, rotations)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
-    # one export with the timestep an input, folded once; its weights are shared by every range's copy
+    bindings, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
+    gc.collect()
+    gc.freeze()  # what lives now lives through the build: the collections after each range skip it
+    try:
+        for index, steps in enumerate(ranges):
+            graph = graph_of(steps)
+            quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
+            quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
+            plan, model, cost = _build_range(graph, bindings, steps, adapter, stats, quant, target, replay, searches)
+            share_arrays(plan, built[-1].plan if built else None)
+            name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
+            built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost))
+            if sink is not None:
+                sink(name, model)
+            else:
+                models.append((name, model))
+            del graph, model
+            gc.collect()  # a graph is cycles of gs tensors and nodes: free its arrays now, not generations later
+            if progress is not None:
+                progress(name)
+    finally:
+        gc.unfreeze()
+    return built, models
+
+
+def _range_graphs(
+    adapter: ModelAdapter, stats: QStats, per_step: bool
+) -> tuple[dict[str, LinearBinding], Callable[[list[int]], gs.Graph]]:
+    """One FP export with the timestep an input, folded once; returns its bindings and a function
+    giving a range's graph, a copy that shares the folded graph's weights (per step: the timestep
+    of the range's step fixed)."""
     exported = prepare(export_fp(adapter, list(stats.layers)))
     bindings, base = exported.bindings, load_graph(exported)
     del exported
-    per_step = StepGraphs(base) if config.ranges is None else None
-    for index, steps in enumerate(ranges):
-        graph = copy_graph(base).toposort() if per_step is None else per_step.at(stats.header["timesteps"][steps[0]])
-        quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
-        quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
-        plan, model, cost = _build_range(graph, bindings, steps, adapter, stats, quant, target, replay, searches)
-        name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
-        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost))
-        if sink is not None:
-            sink(name, model)
-        else:
-            models.append((name, model))
-        del graph, model
-        if progress is not None:
-            progress(name)
-    return built, models
+    if not per_step:
+        return bindings, lambda steps: copy_graph(base).toposort()
+    step_graphs = StepGraphs(base)
+    return bindings, lambda steps: step_graphs.at(stats.header["timesteps"][steps[0]])
+
+
+SHARED_FIELDS = ("w_q", "w_scale", "w_zero", "lowrank_a", "lowrank_b")
+
+
+def share_arrays(plan: RangePlan, previous: RangePlan | None) -> None:
+    """Point each layer's weight arrays at the previous range's where they are equal (per-step
+    models without TSQ plan the same integer weights every step), so the plans a build keeps for
+    verification hold one copy of them, not one per step."""
+    if previous is None:
+        return
+    for layer, lp in plan.layers.items():
+        old = previous.layers.get(layer)
+        for name in SHARED_FIELDS if old is not None else ():
+            a, b = getattr(lp, name), getattr(old, name)
+            if a is not None and b is not None and a.dtype == b.dtype and np.array_equal(a, b):
+                setattr(lp, name, b)
 
 
 def _build_range(

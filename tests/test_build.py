@@ -112,6 +112,8 @@ def test_tsw_without_tsq_costs_about_one_model_of_disk(latte_stats, tmp_path):
     one = _build(latte_stats, tmp_path, "asq_one", smooth=Smooth.ASQ, ranges=1)
     size = lambda d: sum(p.stat().st_size for p in d.iterdir() if p.name != "manifest.json")  # noqa: E731
     assert size(tsw.folder) <= 1.15 * size(one.folder), (size(tsw.folder), size(one.folder))
+    first, last = tsw.ranges[0].plan.layers, tsw.ranges[-1].plan.layers
+    assert all(last[k].w_q is first[k].w_q for k in first)  # the plans kept in memory share them too
 
 
 def test_w4a8_and_w8a16_build_and_run_as_emulated_qdq(latte_stats, tmp_path):
