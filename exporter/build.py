@@ -241,7 +241,8 @@ def _range_graphs(
     bindings, base = exported.bindings, load_graph(exported)
     del exported
     if not per_step:
-        return bindings, lambda steps: copy_graph(base).toposort()
+        base.toposort()
+        return bindings, lambda steps: copy_graph(base)
     step_graphs = StepGraphs(base)
     return bindings, lambda steps: step_graphs.at(stats.header["timesteps"][steps[0]])
 
