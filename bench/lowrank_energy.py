@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 from qexport.calib.store import load
-from qexport.exporter.build import _prepare, range_inputs
-from qexport.exporter.fp_export import export_fp
+from qexport.exporter.build import range_inputs
+from qexport.exporter.fp_export import export_fp, load_graph, prepare
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.targets.profile import ORT_CPU
 
@@ -24,8 +24,8 @@ RANKS = (4, 16, 32)
 def main() -> None:
     stats = load(sys.argv[1])
     adapter = load_model(stats.model_id)
-    fp = _prepare(export_fp(adapter, list(stats.layers), None))
-    _, _, groups, weights, biases = range_inputs(fp, adapter)
+    fp = prepare(export_fp(adapter, list(stats.layers)))
+    _, groups, weights, biases = range_inputs(load_graph(fp), fp.bindings, adapter)
     steps = list(range(stats.steps))
     for bits in (4, 8):
         quant = QuantConfig(w_bits=bits, smooth=Smooth.ASQ)

@@ -27,9 +27,15 @@ def _disk(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def _emitted(times: list[float], name: str, start: float) -> None:
     times.append(time.perf_counter() - start)
-    print(f"  emitted {name} at {times[-1]:.1f}s, peak RSS {_peak_rss() / 2**30:.1f} GiB", flush=True)
+    print(f"  emitted {name} at {times[-1]:.1f}s, RSS {_rss() / 2**30:.2f} GiB, peak RSS {_peak_rss() / 2**30:.2f} GiB",
+          flush=True)  # fmt: skip
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ appears only when everything is written (temp folder, then rename)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -21,7 +22,7 @@ from qexport.exporter.alpha import layer_alphas, shared_alpha
 from qexport.exporter.attention import attention_ids, attention_scopes
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
-from qexport.exporter.fp_export import FPExport, export_fp, infer_shapes, stamp, with_timestep
+from qexport.exporter.fp_export import FPExport, LinearBinding, StepGraphs, export_fp, load_graph, prepare, stamp
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits
@@ -35,7 +36,7 @@ from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
 from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range
-from qexport.passes.specialise import compact_constants, fold_constants
+from qexport.passes.specialise import copy_graph
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile, get_profile
 
@@ -231,9 +232,9 @@ def plan_models(
     sink, if given, receives each (file name, model) as soon as it is built and the models are
     not kept (the returned list is then empty): memory stays at about one model.
     """
-    built, models = [], []
+    built: list[BuiltRange] = []
+    models: list[tuple[str, onnx.ModelProto]] = []
     ranges = split_ranges(stats.steps, config.ranges)
-    exported = export_fp(adapter, list(stats.layers), None)  # once; per-step models fix its timestep
     replay = None
     q = config.quant
     shared_alpha_search = q.alpha_auto and alphas is None and q.smooth == Smooth.ASQ  # one alpha for all ranges
@@ -255,22 +256,21 @@ def plan_models(
         log.info("replaying calibration prompts (searches, observers, rotations, attention ranges, sensitivity)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
-    shared_fp = None if config.ranges is None else _prepare(exported)
-    first_fp = None
+    bindings, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
     alpha_scores: dict[float, float] = {}
-    if shared_alpha_search or layer_search:
-        assert replay is not None
-        first_fp = shared_fp or _prepare(with_timestep(exported, stats.header["timesteps"][ranges[0][0]]))
-        alphas, group_alphas, alpha_scores = _choose_alphas(
-            first_fp, adapter, stats, q, target, replay, ranges, progress
-        )
     allocations: list[Allocation] | None = None
-    if mixed:
+    if shared_alpha_search or layer_search or mixed:
         assert replay is not None
-        first_fp = first_fp or shared_fp or _prepare(with_timestep(exported, stats.header["timesteps"][ranges[0][0]]))
-        allocations = _choose_mixed(first_fp, adapter, stats, config, target, replay, ranges, alphas, group_alphas,
-                                    progress)  # fmt: skip
-        layer_bits = [a.bits for a in allocations]
+        first = graph_of(ranges[0])
+        if shared_alpha_search or layer_search:
+            alphas, group_alphas, alpha_scores = _choose_alphas(
+                first, bindings, adapter, stats, q, target, replay, ranges, progress
+            )
+        if mixed:
+            allocations = _choose_mixed(first, bindings, adapter, stats, config, target, replay, ranges, alphas,
+                                        group_alphas, progress)  # fmt: skip
+            layer_bits = [a.bits for a in allocations]
+        del first
     kv, kv_model = None, None
 
     def emit(name: str, model: onnx.ModelProto) -> None:
@@ -279,44 +279,50 @@ def plan_models(
         else:
             models.append((name, model))
 
-    for index, steps in enumerate(ranges):
-        timestep = stats.header["timesteps"][steps[0]] if len(steps) == 1 else None
-        if index == 0 and first_fp is not None:
-            fp = first_fp
-        else:
-            fp = shared_fp if shared_fp is not None else _prepare(with_timestep(exported, timestep))
-        first_fp = None
-        if config.precompute_kv:
-            parts = split_export(fp, adapter.model_id)
-            if kv is None:
-                kv, kv_model = _build_kv(parts, adapter, stats, config.quant, target, replay)
-            fp = parts.step
-        quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
-        quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
-        group_alpha = group_alphas[index] if group_alphas else None
-        kv_plan = None if kv is None else kv.plan
-        bits = layer_bits[index] if layer_bits else None
-        plan, model, cost, turns = _build_range(
-            fp, steps, adapter, stats, quant, target, replay, searches, kv_plan, group_alpha, bits
-        )
-        if alpha_scores:
-            plan.scores = {"alpha": alpha_scores, **plan.scores}
-        name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
-        mixed_of = allocations[index] if allocations else None
-        built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost,
-                                rotation_macs=turns, kv=kv, mixed=mixed_of))  # fmt: skip
-        emit(name, model)
-        if kv_model is not None:
-            emit(KV_FILE, kv_model)  # after the first range's model: legality's first row stays a step model
-            kv_model = None
-        del fp, model
-        if progress is not None:
-            progress(name)
+    gc.collect()
+    gc.freeze()  # what lives now lives through the build: the collections after each range skip it
+    try:
+        for index, steps in enumerate(ranges):
+            graph, range_bindings = graph_of(steps), bindings
+            if config.precompute_kv:
+                whole = FPExport(model=gs.export_onnx(graph), input_names=[t.name for t in graph.inputs],
+                                 bindings=bindings)  # fmt: skip
+                parts = split_export(whole, adapter.model_id)
+                if kv is None:
+                    kv, kv_model = _build_kv(parts, adapter, stats, config.quant, target, replay)
+                graph, range_bindings = load_graph(parts.step), parts.step.bindings
+                graph.toposort()
+                del whole, parts
+            quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
+            quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
+            group_alpha = group_alphas[index] if group_alphas else None
+            kv_plan = None if kv is None else kv.plan
+            bits = layer_bits[index] if layer_bits else None
+            plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
+                                                    replay, searches, kv_plan, group_alpha, bits)  # fmt: skip
+            share_arrays(plan, built[-1].plan if built else None)
+            if alpha_scores:
+                plan.scores = {"alpha": alpha_scores, **plan.scores}
+            name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
+            mixed_of = allocations[index] if allocations else None
+            built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost,
+                                    rotation_macs=turns, kv=kv, mixed=mixed_of))  # fmt: skip
+            emit(name, model)
+            if kv_model is not None:
+                emit(KV_FILE, kv_model)  # after the first range's model: legality's first row stays a step model
+                kv_model = None
+            del graph, model
+            gc.collect()  # a graph is cycles of gs tensors and nodes: free its arrays now, not generations later
+            if progress is not None:
+                progress(name)
+    finally:
+        gc.unfreeze()
     return built, models
 
 
 def _choose_alphas(
-    fp: FPExport,
+    graph: gs.Graph,
+    bindings: dict[str, LinearBinding],
     adapter: ModelAdapter,
     stats: QStats,
     quant: QuantConfig,
@@ -327,7 +333,7 @@ def _choose_alphas(
 ) -> tuple[list[float] | None, list[dict[str, float]] | None, dict[float, float]]:
     """The alphas chosen across ranges (exporter.alpha): per-range alphas and scores for ASQ with
     --alpha auto, per-group alphas for --alpha layer."""
-    _, _, groups, weights, biases = range_inputs(fp, adapter)
+    _, groups, weights, biases = range_inputs(graph, bindings, adapter)
     heads = head_dims(adapter, groups)
     cache: dict[tuple[int, ...], dict[str, np.ndarray] | None] = {}
 
@@ -351,7 +357,8 @@ def _choose_alphas(
 
 
 def _choose_mixed(
-    fp: FPExport,
+    graph: gs.Graph,
+    bindings: dict[str, LinearBinding],
     adapter: ModelAdapter,
     stats: QStats,
     config: BuildConfig,
@@ -365,7 +372,7 @@ def _choose_mixed(
     """Per-range weight widths of --mixed-precision (exporter.mixed), measured with each range's
     alpha; one allocation for all ranges unless TSQ gives each range its own weights (time ranges)."""
     q = config.quant
-    _, _, groups, weights, biases = range_inputs(fp, adapter)
+    _, groups, weights, biases = range_inputs(graph, bindings, adapter)
     heads = head_dims(adapter, groups)
     cache: dict[int, dict[str, np.ndarray] | None] = {}
 
@@ -401,22 +408,50 @@ def _build_kv(
 ) -> tuple[BuiltKV, onnx.ModelProto]:
     """Plan and transform kv.onnx once, over all calibrated steps (see exporter.kv.kv_quant)."""
     fp = parts.kv
-    plan, model, cost, _ = _build_range(fp, list(range(stats.steps)), adapter, stats, kv_quant(quant), target, replay)
+    graph = load_graph(fp)
+    graph.toposort()
+    steps = list(range(stats.steps))
+    plan, model, cost, _ = _build_range(graph, fp.bindings, steps, adapter, stats, kv_quant(quant), target, replay)
     inputs, outputs = io_specs(fp.model.graph.input), io_specs(fp.model.graph.output)
     return BuiltKV(model_file=KV_FILE, plan=plan, inputs=inputs, outputs=outputs, cost=parts.cost, lowrank=cost), model
 
 
-def _prepare(fp: FPExport) -> FPExport:
-    """Shape inference, then constant folding (the per-step specialisation: t-only paths vanish)."""
-    folded = gs.export_onnx(fold_constants(gs.import_onnx(infer_shapes(fp.model))))
-    graph = compact_constants(gs.import_onnx(infer_shapes(folded)))  # more shapes are known after folding
-    model = gs.export_onnx(graph)
-    stamp(model)
-    return FPExport(model=model, input_names=fp.input_names, bindings=fp.bindings, timestep=fp.timestep)
+def _range_graphs(
+    adapter: ModelAdapter, stats: QStats, per_step: bool
+) -> tuple[dict[str, LinearBinding], Callable[[list[int]], gs.Graph]]:
+    """One FP export with the timestep an input, folded once; returns its bindings and a function
+    giving a range's graph, a copy that shares the folded graph's weights (per step: the timestep
+    of the range's step fixed)."""
+    exported = prepare(export_fp(adapter, list(stats.layers)))
+    bindings, base = exported.bindings, load_graph(exported)
+    del exported
+    if not per_step:
+        base.toposort()
+        return bindings, lambda steps: copy_graph(base)
+    step_graphs = StepGraphs(base)
+    return bindings, lambda steps: step_graphs.at(stats.header["timesteps"][steps[0]])
+
+
+SHARED_FIELDS = ("w_q", "w_scale", "w_zero", "lowrank_a", "lowrank_b")
+
+
+def share_arrays(plan: RangePlan, previous: RangePlan | None) -> None:
+    """Point each layer's weight arrays at the previous range's where they are equal (per-step
+    models without TSQ plan the same integer weights every step), so the plans a build keeps for
+    verification hold one copy of them, not one per step."""
+    if previous is None:
+        return
+    for layer, lp in plan.layers.items():
+        old = previous.layers.get(layer)
+        for name in SHARED_FIELDS if old is not None else ():
+            a, b = getattr(lp, name), getattr(old, name)
+            if a is not None and b is not None and a.dtype == b.dtype and np.array_equal(a, b):
+                setattr(lp, name, b)
 
 
 def _build_range(
-    fp: FPExport,
+    graph: gs.Graph,
+    bindings: dict[str, LinearBinding],
     steps: list[int],
     adapter: ModelAdapter,
     stats: QStats,
@@ -428,7 +463,7 @@ def _build_range(
     group_alpha: dict[str, float] | None = None,
     layer_bits: dict[str, int] | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
-    graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
+    nodes, groups, weights, biases = range_inputs(graph, bindings, adapter)
     samples = None
     if needs_samples(quant):
         assert replay is not None
@@ -493,18 +528,17 @@ def lowrank_cost(graph: gs.Graph, nodes: dict[str, str], plan: RangePlan) -> Bra
 
 
 def range_inputs(
-    fp: FPExport, adapter: ModelAdapter
-) -> tuple[gs.Graph, dict[str, str], list[Group], dict[str, np.ndarray], dict[str, np.ndarray | None]]:
-    """What planning a range reads off a prepared FP export: the graph, each layer's MatMul node,
-    the input-sharing groups with their folds, FP weights (W^T) and biases."""
-    graph = gs.import_onnx(fp.model)
-    nodes = {layer: b.node for layer, b in fp.bindings.items()}
-    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in fp.bindings.items()})
+    graph: gs.Graph, bindings: dict[str, LinearBinding], adapter: ModelAdapter
+) -> tuple[dict[str, str], list[Group], dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    """What planning a range reads off a prepared FP graph: each layer's MatMul node, the
+    input-sharing groups with their folds, FP weights (W^T) and biases."""
+    nodes = {layer: b.node for layer, b in bindings.items()}
+    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in bindings.items()})
     constants = graph.tensors()
-    weights = {layer: np.asarray(constants[b.weight].values) for layer, b in fp.bindings.items()}
+    weights = {layer: np.asarray(constants[b.weight].values) for layer, b in bindings.items()}
     modules = dict(adapter.transformer.named_modules())
-    biases = {layer: _bias(modules[layer]) for layer in fp.bindings}
-    return graph, nodes, groups, weights, biases
+    biases = {layer: _bias(modules[layer]) for layer in bindings}
+    return nodes, groups, weights, biases
 
 
 def head_dims(adapter: ModelAdapter, groups: list[Group]) -> dict[str, int]:

@@ -1,8 +1,8 @@
 """torch -> FP ONNX with static shapes (CFG batch 2), and the exact map from each calibrated
 nn.Linear to its ONNX MatMul/Gemm node and weight initializer.
 
-A per-step model bakes its timestep in as a constant, so the exporter's constant folding removes
-the timestep-embedding / adaLN path that depends on t alone.
+The graph is folded once with the timestep an input (``prepare``); a per-step graph fixes the
+timestep and splices in the t-only path's values as constants (``StepGraphs``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import torch
 from onnx import numpy_helper
+from qexport.passes.specialise import compact_constants, fix_inputs, fold_constants, input_cone
 from torch import nn
 
 from qexport.errors import QexportError
@@ -45,19 +48,6 @@ class FPExport:
     model: onnx.ModelProto
     input_names: list[str]
     bindings: dict[str, LinearBinding]
-    timestep: int | None  # baked-in timestep of a per-step model, None if it is an input
-
-
-class _FixedStep(nn.Module):
-    """The denoiser with its timestep as a constant (per-step model)."""
-
-    def __init__(self, denoiser: nn.Module, timestep: int, batch: int) -> None:
-        super().__init__()
-        self.denoiser = denoiser
-        self.register_buffer("t", torch.full((batch,), timestep, dtype=torch.long))
-
-    def forward(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.denoiser(latents, self.t, cond)
 
 
 def scope_of(layer: str) -> str:
@@ -71,32 +61,26 @@ def scope_of(layer: str) -> str:
     return "/transformer/" + "/".join(parts)
 
 
-def export_fp(adapter: ModelAdapter, layers: list[str], timestep: int | None) -> FPExport:
-    """Export the FP denoiser for batch 2 (cond + uncond) and bind the given linears.
+def export_fp(adapter: ModelAdapter, layers: list[str]) -> FPExport:
+    """Export the FP denoiser for batch 2 (cond + uncond), its timestep an input, and bind the
+    given linears.
 
     Args:
         adapter: the model.
         layers: module names of the calibrated linears to bind.
-        timestep: bake this timestep in (per-step model), or None to keep it an input.
 
     Raises:
         QexportError: a calibrated layer has no MatMul/Gemm with its weights in the graph.
     """
     denoiser = adapter.denoiser().float()
     x, t, cond = adapter.example_inputs(batch=2)
-    if timestep is None:
-        module: nn.Module = denoiser
-        args: tuple[torch.Tensor, ...] = (x, t, cond)
-        names = ["latents", "timestep", "cond"]
-    else:
-        module = _FixedStep(denoiser, timestep, 2)
-        args, names = (x, cond), ["latents", "cond"]
+    names = ["latents", "timestep", "cond"]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "fp.onnx"
         torch.onnx.export(
-            module.eval(),
-            args,
+            denoiser.eval(),
+            (x, t, cond),
             str(path),
             dynamo=False,
             opset_version=EXPORT_OPSET,
@@ -108,20 +92,67 @@ def export_fp(adapter: ModelAdapter, layers: list[str], timestep: int | None) ->
     stamp(model)
     modules = dict(adapter.transformer.named_modules())
     bindings = {name: _bind(model, name, modules[name]) for name in layers}
-    return FPExport(model=model, input_names=names, bindings=bindings, timestep=timestep)
+    return FPExport(model=model, input_names=names, bindings=bindings)
 
 
-def with_timestep(fp: FPExport, timestep: int | None) -> FPExport:
-    """A per-step variant: the `timestep` input becomes a constant [t, t] (folded by _prepare)."""
-    if timestep is None:
-        return fp
-    model = onnx.ModelProto()
-    model.CopyFrom(fp.model)
-    t_input = next(i for i in model.graph.input if i.name == "timestep")
-    model.graph.input.remove(t_input)
-    model.graph.initializer.append(numpy_helper.from_array(np.full((2,), timestep, dtype=np.int64), "timestep"))
-    names = [n for n in fp.input_names if n != "timestep"]
-    return FPExport(model=model, input_names=names, bindings=fp.bindings, timestep=timestep)
+def prepare(fp: FPExport) -> FPExport:
+    """Shape inference, then constant folding and compaction (passes.specialise); the nodes keep
+    the export's order (topological; toposort before running passes on a copy)."""
+    folded = gs.export_onnx(fold_constants(gs.import_onnx(infer_shapes(fp.model))))
+    graph = compact_constants(gs.import_onnx(infer_shapes(folded)))  # more shapes are known after folding
+    model = gs.export_onnx(graph)
+    stamp(model)
+    return FPExport(model=model, input_names=fp.input_names, bindings=fp.bindings)
+
+
+def load_graph(fp: FPExport) -> gs.Graph:
+    """fp's graph with every constant loaded, read-only: copies of the graph (graph.copy()) share
+    the arrays, and a pass that changed one in place instead of replacing it would raise."""
+    graph = gs.import_onnx(fp.model)
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            values = np.asarray(tensor.values)
+            values.flags.writeable = False
+            tensor.values = values
+    return graph
+
+
+class StepGraphs:
+    """Per-step graphs of one prepared graph whose timestep is an input.
+
+    The t-only cone (timestep embedding, adaLN-single, ...) is cut out once and runs in one
+    onnxruntime session per build, node by node with the kernels onnxruntime's constant folding
+    uses (no fusions, no pre-packed weights), so its values are bit-identical to folding the
+    whole graph with t fixed. Each step splices them into a copy of the graph as constants
+    (passes.specialise.fix_inputs); the graph's weights are shared, not copied.
+
+    Raises:
+        QexportError: the graph has no input `name` of static shape.
+    """
+
+    def __init__(self, graph: gs.Graph, name: str = "timestep") -> None:
+        t = next((i for i in graph.inputs if i.name == name), None)
+        if t is None or t.shape is None or t.dtype is None or not all(isinstance(d, int) for d in t.shape):
+            raise QexportError(f"the FP graph has no input {name!r} of static shape to fix per step")
+        self.graph, self.name, self.shape, self.dtype = graph, name, tuple(t.shape), np.dtype(t.dtype)
+        cone = input_cone(graph, name)
+        self.outputs = [o.name for o in cone.outputs]
+        self.session = None
+        if self.outputs:
+            model = gs.export_onnx(cone)
+            stamp(model)
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            self.session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
+
+    def at(self, timestep: int) -> gs.Graph:
+        """The graph with its timestep fixed (constants shared with self.graph)."""
+        t = np.full(self.shape, timestep, dtype=self.dtype)
+        values = {self.name: t}
+        if self.session is not None:
+            values.update(zip(self.outputs, self.session.run(self.outputs, {self.name: t}), strict=True))
+        return fix_inputs(self.graph, values)
 
 
 STUB_BYTES = 1024  # initializers this large enter shape inference as dtype + dims only

@@ -69,13 +69,11 @@ def split_export(fp: FPExport, model_id: str) -> KVExport:
         model=step,
         input_names=[i.name for i in step.graph.input],
         bindings={k: b for k, b in fp.bindings.items() if k not in kv_layers},
-        timestep=fp.timestep,
     )
     kv_fp = FPExport(
         model=kv,
         input_names=[i.name for i in kv.graph.input],
         bindings={k: b for k, b in fp.bindings.items() if k in kv_layers},
-        timestep=None,
     )
     after = matmul_macs(gs.import_onnx(step))
     cost = KVCost(removed_per_call=before - after, step_per_call=after, kv_per_prompt=matmul_macs(gs.import_onnx(kv)))

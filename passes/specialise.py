@@ -1,7 +1,8 @@
-"""Per-step specialisation: with the timestep a constant, fold every t-only path to constants,
-then shrink constants that constant folding materialised with repeated rows (the modulation
-vector repeated per frame or per patch) back to broadcast size, so per-step models differ by a
-few small vectors only."""
+"""Specialisation of the FP graph: fold every constant-only path, then shrink constants that
+folding materialised with repeated rows (the modulation vector repeated per frame or per patch)
+back to broadcast size. A per-step model is the folded graph with its timestep fixed: the t-only
+cone is evaluated once per step and spliced in as constants, so per-step models differ by a few
+small vectors only. Leaves every node that reads a non-constant input alone."""
 
 from __future__ import annotations
 
@@ -13,40 +14,114 @@ ELEMENTWISE = ("Add", "Mul", "Sub", "Div")
 
 
 def fold_constants(graph: gs.Graph) -> gs.Graph:
-    return graph.fold_constants().cleanup().toposort()
+    """Fold every constant-only path. The nodes left keep their order (the exporter's, which is
+    topological), so a graph cut from this one sorts (toposort) as if it had been folded whole."""
+    return graph.fold_constants().cleanup()
 
 
 def _aligned(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
     return (1,) * (rank - len(shape)) + tuple(shape)
 
 
-def compact_constants(graph: gs.Graph) -> gs.Graph:
-    """Collapse axes along which a constant repeats, where broadcasting gives the same result."""
+def compact_constants(graph: gs.Graph, names: set[str] | None = None) -> gs.Graph:
+    """Collapse axes along which a constant repeats, where broadcasting gives the same result.
+
+    Args:
+        graph: the graph, shapes inferred.
+        names: look at these constants only (None: all).
+    """
     cons = consumers(graph)
     for tensor in list(graph.tensors().values()):
-        if not isinstance(tensor, gs.Constant):
-            continue
-        values = np.asarray(tensor.values)
-        users = cons.get(tensor.name, [])
-        if values.ndim == 0 or values.size < 2 or not users or any(n.op not in ELEMENTWISE for n in users):
-            continue
-        shapes = []
-        for node in users:
-            other = next((t for t in node.inputs if t is not tensor), None)
-            if other is None or other.shape is None or any(not isinstance(d, int) for d in other.shape):
-                break
-            shapes.append(tuple(other.shape))
-        else:
-            rank = max(values.ndim, *(len(s) for s in shapes))
-            full = _aligned(values.shape, rank)
-            others = [_aligned(s, rank) for s in shapes]
-            compact = values.reshape(full)
-            for axis in range(rank):
-                size = compact.shape[axis]
-                if size > 1 and all(o[axis] == full[axis] for o in others):
-                    first = np.take(compact, [0], axis=axis)
-                    if np.array_equal(compact, np.broadcast_to(first, compact.shape)):
-                        compact = first
-            if compact.size < values.size:
-                tensor.values = np.ascontiguousarray(compact)
+        if isinstance(tensor, gs.Constant) and (names is None or tensor.name in names):
+            _compact(tensor, cons.get(tensor.name, []))
     return graph
+
+
+def _compact(tensor: gs.Constant, users: list[gs.Node]) -> None:
+    values = np.asarray(tensor.values)
+    if values.ndim == 0 or values.size < 2 or not users or any(n.op not in ELEMENTWISE for n in users):
+        return
+    shapes = []
+    for node in users:
+        other = next((t for t in node.inputs if t is not tensor), None)
+        if other is None or other.shape is None or any(not isinstance(d, int) for d in other.shape):
+            return
+        shapes.append(tuple(other.shape))
+    rank = max(values.ndim, *(len(s) for s in shapes))
+    full = _aligned(values.shape, rank)
+    others = [_aligned(s, rank) for s in shapes]
+    compact = values.reshape(full)
+    for axis in range(rank):
+        size = compact.shape[axis]
+        if size > 1 and all(o[axis] == full[axis] for o in others):
+            first = np.take(compact, [0], axis=axis)
+            if np.array_equal(compact, np.broadcast_to(first, compact.shape)):
+                compact = first
+    if compact.size < values.size:
+        tensor.values = np.ascontiguousarray(compact)
+
+
+def copy_graph(graph: gs.Graph) -> gs.Graph:
+    """graph.copy() (new nodes and tensors, the constants' arrays shared) that keeps the producer
+    fields, which onnx-graphsurgeon's copy drops."""
+    copy = graph.copy()
+    copy.producer_name, copy.producer_version = graph.producer_name, graph.producer_version
+    return copy
+
+
+def _cone(graph: gs.Graph, name: str) -> tuple[list[gs.Node], list[gs.Tensor]]:
+    """The nodes whose inputs are constants or depend on input `name` alone (graph in topological
+    order), and the frontier: their outputs that a node outside the cone or the graph's output reads."""
+    only = {name}
+    nodes = []
+    for node in graph.nodes:
+        inputs = [t for t in node.inputs if not t.is_empty()]
+        if any(t.name in only for t in inputs) and all(isinstance(t, gs.Constant) or t.name in only for t in inputs):
+            nodes.append(node)
+            only.update(t.name for t in node.outputs)
+    inside = {id(n) for n in nodes}
+    graph_outputs = {t.name for t in graph.outputs}
+    frontier = [
+        t for n in nodes for t in n.outputs if t.name in graph_outputs or any(id(c) not in inside for c in t.outputs)
+    ]
+    return nodes, frontier
+
+
+def input_cone(graph: gs.Graph, name: str) -> gs.Graph:
+    """The part of a folded graph that depends on its input `name` alone, as its own graph: input
+    `name`, outputs the cone's frontier (its tensors that nodes depending on other inputs read).
+    A copy whose constants share their arrays with graph.
+
+    Raises:
+        KeyError: graph has no input `name`.
+    """
+    cone = graph.copy()
+    t = next((i for i in cone.inputs if i.name == name), None)
+    if t is None:
+        raise KeyError(name)
+    _, frontier = _cone(cone, name)
+    cone.inputs, cone.outputs = [t], frontier
+    return cone.cleanup()
+
+
+def fix_inputs(graph: gs.Graph, values: dict[str, np.ndarray]) -> gs.Graph:
+    """A copy of graph in which the named tensors (inputs, or the frontier of an input's cone) are
+    constants: the nodes that produced them go, the named inputs too, and the constants whose
+    readers changed are compacted again; the copy is then toposorted. Constants share their
+    arrays with graph.
+
+    Args:
+        graph: a folded graph, shapes inferred, its nodes in topological order (fold_constants).
+        values: tensor name -> its value.
+    """
+    step = copy_graph(graph)
+    tensors = step.tensors()
+    for name, value in values.items():
+        tensors[name].to_constant(value)
+        tensors[name].inputs.clear()
+    step.inputs = [t for t in step.inputs if t.name not in values]
+    read = [(n, [t.name for t in n.inputs if isinstance(t, gs.Constant)]) for n in step.nodes]
+    step.cleanup()  # drops the nodes that computed the named tensors (and disconnects them)
+    kept = {id(n) for n in step.nodes}
+    changed = set(values).union(*(names for n, names in read if id(n) not in kept))
+    return compact_constants(step, changed).toposort()

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
-from qexport.exporter.build import BuildConfig, _prepare, build, range_inputs
-from qexport.exporter.fp_export import export_fp
+from qexport.exporter.build import BuildConfig, build, range_inputs
+from qexport.exporter.fp_export import StepGraphs, export_fp, load_graph, prepare
 from qexport.exporter.verify import verify
 from qexport.passes.apply import PassConfig, fold_smoothing
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
@@ -83,8 +83,10 @@ def test_folded_smoothing_is_exact_in_fp(latte_stats, ranges):
 
     adapter = load_model("tiny-latte")
     stats = load(latte_stats)
-    fp = _prepare(export_fp(adapter, list(stats.layers), 749 if ranges is None else None))
-    graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
+    fp = prepare(export_fp(adapter, list(stats.layers)))
+    graph = load_graph(fp) if ranges is not None else StepGraphs(load_graph(fp)).at(749)
+    reference = gs.export_onnx(graph.copy())
+    nodes, groups, weights, biases = range_inputs(graph, fp.bindings, adapter)
     plan = plan_range(
         [1], groups, stats.layers, weights, biases, QuantConfig(smooth=Smooth.TSQ), ORT_CPU, keep_float=True
     )
@@ -100,7 +102,7 @@ def test_folded_smoothing_is_exact_in_fp(latte_stats, ranges):
     if ranges is not None:
         feeds["timestep"] = np.array([749, 749])
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
-    ref, got = run(fp.model), run(gs.export_onnx(smoothed.cleanup().toposort()))
+    ref, got = run(reference), run(gs.export_onnx(smoothed.cleanup().toposort()))
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() * 10, np.abs(got - ref).max()
     assert max(np.abs(s - 1).max() for s in plan.smooth.values()) > 0.5  # smoothing really moved scale
 
@@ -110,6 +112,8 @@ def test_tsw_without_tsq_costs_about_one_model_of_disk(latte_stats, tmp_path):
     one = _build(latte_stats, tmp_path, "asq_one", smooth=Smooth.ASQ, ranges=1)
     size = lambda d: sum(p.stat().st_size for p in d.iterdir() if p.name != "manifest.json")  # noqa: E731
     assert size(tsw.folder) <= 1.15 * size(one.folder), (size(tsw.folder), size(one.folder))
+    first, last = tsw.ranges[0].plan.layers, tsw.ranges[-1].plan.layers
+    assert all(last[k].w_q is first[k].w_q for k in first)  # the plans kept in memory share them too
 
 
 def test_w4a8_and_w8a16_build_and_run_as_emulated_qdq(latte_stats, tmp_path):

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import load, save
-from qexport.exporter.build import BuildConfig, _prepare, build
-from qexport.exporter.fp_export import export_fp, with_timestep
+from qexport.exporter.build import BuildConfig, build
+from qexport.exporter.fp_export import FPExport, StepGraphs, export_fp, load_graph, prepare
 from qexport.exporter.kv import split_export
 from qexport.exporter.replan import replan
 from qexport.exporter.verify import verify
@@ -58,7 +58,11 @@ def kv_build(latte_stats, tmp_path_factory):
 @pytest.mark.parametrize("timestep", [749, None])
 def test_split_is_exact_in_fp(latte_stats, timestep):
     adapter = load_model("tiny-latte")
-    fp = _prepare(with_timestep(export_fp(adapter, list(load(latte_stats).layers), None), timestep))
+    fp = prepare(export_fp(adapter, list(load(latte_stats).layers)))
+    if timestep is not None:  # a per-step graph, as the build makes it
+        graph = StepGraphs(load_graph(fp)).at(timestep)
+        graph.toposort()
+        fp = FPExport(model=gs.export_onnx(graph), input_names=[t.name for t in graph.inputs], bindings=fp.bindings)
     parts = split_export(fp, adapter.model_id)
     assert parts.split.names == KV_LAYERS
     step = gs.import_onnx(parts.step.model)

@@ -68,8 +68,8 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_stats, smooth):
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
     from qexport.calib.store import load
-    from qexport.exporter.build import _prepare, head_dims, range_inputs
-    from qexport.exporter.fp_export import export_fp
+    from qexport.exporter.build import head_dims, range_inputs
+    from qexport.exporter.fp_export import StepGraphs, export_fp, load_graph, prepare
     from qexport.passes.apply import PassConfig, fold_rotation, fold_smoothing
     from qexport.passes.plan import QuantConfig, Smooth, plan_range
     from qexport.targets.profile import ORT_CPU
@@ -78,8 +78,10 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_stats, smooth):
 
     adapter = load_model("tiny-latte")
     stats = load(latte_stats)
-    fp = _prepare(export_fp(adapter, list(stats.layers), 749))
-    graph, nodes, groups, weights, biases = range_inputs(fp, adapter)
+    fp = prepare(export_fp(adapter, list(stats.layers)))
+    graph = StepGraphs(load_graph(fp)).at(749)
+    reference = gs.export_onnx(graph.copy())
+    nodes, groups, weights, biases = range_inputs(graph, fp.bindings, adapter)
     rng = np.random.default_rng(0)
     samples = {g.layers[0]: rng.standard_normal((64, g.channels)) for g in groups if g.fold == "value"}
     config = QuantConfig(smooth=Smooth(smooth), rotate=True)
@@ -93,7 +95,7 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_stats, smooth):
     feeds = {"latents": rng.standard_normal((2, 3, 16, 32, 32)).astype(np.float32),
              "cond": adapter.conditioner.null(2).numpy()}  # fmt: skip
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
-    ref, got = run(fp.model), run(gs.export_onnx(folded.cleanup().toposort()))
+    ref, got = run(reference), run(gs.export_onnx(folded.cleanup().toposort()))
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(got - ref).max()
 
 
