@@ -134,8 +134,8 @@ def test_tiny_latte_step_models_are_bit_identical_to_whole_graph_folding(latte_s
         _assert_same_graph(got, want)
         weight = next(iter(exported.bindings.values())).weight
         assert got.tensors()[weight].values is base.tensors()[weight].values  # shared, not copied
-        plan_got, model_got, _ = _build_range(got, exported.bindings, [index], adapter, stats, quant, ORT_CPU)
-        plan_want, model_want, _ = _build_range(want, exported.bindings, [index], adapter, stats, quant, ORT_CPU)
+        plan_got, model_got, *_ = _build_range(got, exported.bindings, [index], adapter, stats, quant, ORT_CPU)
+        plan_want, model_want, *_ = _build_range(want, exported.bindings, [index], adapter, stats, quant, ORT_CPU)
         assert plan_got.folds == plan_want.folds and plan_got.folds.get("modulation", 0) > 0
         for layer, lp in plan_want.layers.items():
             assert np.array_equal(plan_got.layers[layer].a_scale, lp.a_scale)
