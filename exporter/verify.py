@@ -304,12 +304,7 @@ def verify(
             with simulated(adapter.transformer, plan):
                 sim = denoiser(x, tt, cond).numpy()
                 moved = denoiser(x * (1 + PERTURBATION), tt, cond).numpy()
-        lsb = max(float(sim.max() - sim.min()) / 255.0, 1e-12)
-        check.cosine_sim = cosine(sim, got)
-        check.max_lsb_sim = float(np.abs(sim - got).max() / lsb)
-        check.lsb_bound = LSB_FACTOR * float(np.abs(sim - moved).max() / lsb) + LSB_FLOOR
-        check.sqnr_fp_db = sqnr_db(fp, got)
-        check.sqnr_sim_db = sqnr_db(sim, got)
+        lsb = compare(check, fp, sim, moved, got)
         if runtime != "onnxruntime":
             ov_expected = expected_by_width(path, layers, ids, RUNTIMES[runtime], plan, types[1])
             ov = run_openvino(path, feeds, layers, ids, ov_expected)
@@ -345,13 +340,21 @@ def check_kv(
     full = expand_kv(folder / manifest["ranges"][0]["model"], outputs, ids)
     got = np.concatenate([full[layer].ravel() for layer in layers])
     fp, sim, moved = (np.concatenate([v.ravel() for v in kv]) for kv in kv_reference(adapter, plan, cond, layers))
+    compare(check, fp, sim, moved, got)
+    return check
+
+
+def compare(check: ModelCheck, fp: np.ndarray, sim: np.ndarray, moved: np.ndarray, got: np.ndarray) -> float:
+    """Fill check's numbers: the runtime's output `got` vs the simulation `sim` (cosine, max error
+    in LSBs of sim's range on an 8-bit grid, bounded by how far sim moves when its input moves by
+    PERTURBATION) and vs FP (SQNR); returns the LSB."""
     lsb = max(float(sim.max() - sim.min()) / 255.0, 1e-12)
     check.cosine_sim = cosine(sim, got)
     check.max_lsb_sim = float(np.abs(sim - got).max() / lsb)
     check.lsb_bound = LSB_FACTOR * float(np.abs(sim - moved).max() / lsb) + LSB_FLOOR
     check.sqnr_fp_db = sqnr_db(fp, got)
     check.sqnr_sim_db = sqnr_db(sim, got)
-    return check
+    return lsb
 
 
 def kv_reference(
