@@ -19,7 +19,7 @@ import numpy as np
 from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, final_score
 from qexport.passes.analyze import Group
-from qexport.passes.plan import RangePlan
+from qexport.passes.plan import RangePlan, relative_error
 from qexport.passes.quant import dequantize, quantize
 
 ROWS = 8192  # replayed input rows per group and range used to score --alpha layer
@@ -43,17 +43,14 @@ def group_error(plan: RangePlan, group: Group, x: np.ndarray) -> float:
     """Relative squared output error of a group's quantized linears on FP inputs x [rows, in], against
     the same linears smoothed (and folded) in FP: a plan made with keep_float."""
     xs = x / plan.smooth[group.tensor] if group.tensor in plan.smooth else x
-    if group.tensor in plan.rotations:
-        xs = xs @ plan.rotations[group.tensor]
-    err = ref = 0.0
-    for layer in group.layers:
-        lp = plan.layers[layer]
-        xq = dequantize(quantize(xs, lp.a_scale, lp.a_zero, lp.a_grid), lp.a_scale, lp.a_zero)
-        assert lp.w_float is not None, "plan the candidates with keep_float"
-        y_ref = xs @ lp.w_float
-        err += float(np.square(xq @ lp.weight() - y_ref).sum())
-        ref += float(np.square(y_ref).sum())
-    return err / max(ref, 1e-30)
+    rotation = plan.rotations.get(group.tensor, plan.online.get(group.tensor))  # folded or online: w_float has Rᵀ
+    if rotation is not None:
+        xs = xs @ rotation
+    lp = plan.layers[group.layers[0]]  # the group's linears share one input quantizer
+    xq = dequantize(quantize(xs, lp.a_scale, lp.a_zero, lp.a_grid), lp.a_scale, lp.a_zero)
+    assert all(plan.layers[layer].w_float is not None for layer in group.layers), "plan with keep_float"
+    pairs = [(plan.layers[layer].w_float, plan.layers[layer].weight()) for layer in group.layers]
+    return relative_error(xs, xq, pairs)  # type: ignore[arg-type]
 
 
 def layer_alphas(

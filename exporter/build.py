@@ -97,8 +97,13 @@ def needs_replay(quant: QuantConfig) -> bool:
     """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
     rotations, attention ranges, mixed-precision sensitivity, GPTQ rounding)."""
     searched = quant.alpha_auto or quant.alpha_layer or quant.act_observer == Observer.SEARCH
-    replayed = quant.quantize_attention or bool(quant.mixed_precision) or gptq(quant)
-    return searched or needs_samples(quant) or replayed
+    return searched or bool(quant.mixed_precision) or planning_replays(quant)
+
+
+def planning_replays(quant: QuantConfig) -> bool:
+    """Whether planning a range reads the replay even when the searches' choices are given (a
+    re-plan): layer samples, attention ranges, GPTQ's Gram matrices."""
+    return needs_samples(quant) or quant.quantize_attention or gptq(quant)
 
 
 def needs_samples(quant: QuantConfig) -> bool:
@@ -244,15 +249,7 @@ def plan_models(
         q.act_observer == Observer.SEARCH and not shrinks,
     )
     mixed = bool(q.mixed_precision) and layer_bits is None
-    if (
-        any(searches)
-        or needs_samples(q)
-        or shared_alpha_search
-        or layer_search
-        or q.quantize_attention
-        or mixed
-        or gptq(q)
-    ):
+    if any(searches) or shared_alpha_search or layer_search or mixed or planning_replays(q):
         log.info("replaying calibration prompts (searches, observers, rotations, attention ranges, sensitivity)")
         prompts = list(stats.header.get("prompt_texts", []))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])

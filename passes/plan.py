@@ -300,10 +300,20 @@ def _output_error(
     """Relative squared error of the group's outputs, min-max activation and weight quantization."""
     a_scale, a_zero = qparams(np.asarray(lo), np.asarray(hi), a_grid, target.pow2_scales)
     xq = dequantize(quantize(x, a_scale, a_zero, a_grid), a_scale, a_zero)
-    err = ref = 0.0
+    pairs = []
     for w in ws:
         w_scale, w_zero = _weight_qparams(w, w_grid, config, target)
-        wq = dequantize(quantize(w, w_scale[None, :], w_zero[None, :], w_grid), w_scale[None, :], w_zero[None, :])
+        pairs.append(
+            (w, dequantize(quantize(w, w_scale[None, :], w_zero[None, :], w_grid), w_scale[None, :], w_zero[None, :]))
+        )
+    return relative_error(x, xq, pairs)
+
+
+def relative_error(x: np.ndarray, xq: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Σ‖xq·wq − x·w‖² / Σ‖x·w‖² over a group's (FP weight, dequantized weight) pairs: the relative
+    output error of linears that read one input, x in FP and xq as quantized."""
+    err = ref = 0.0
+    for w, wq in pairs:
         y = x @ w
         err += float(np.square(xq @ wq - y).sum())
         ref += float(np.square(y).sum())
