@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--verify", default="0,-1", help="model indexes to verify (-1: the last)")
     parser.add_argument("--prompt", help="prompt / label for verification (default: a built-in one)")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--device", default="cpu", help="where verify's torch passes run (cuda at full size)")
     parser.add_argument("--keep", action="store_true", help="keep the emitted folder")
     parser.add_argument("--stack-every", type=float, default=0, help="dump the Python stack every N s (0: never)")
     a = parser.parse_args()
@@ -85,9 +86,10 @@ def main() -> None:
     prompt = a.prompt or default_prompts(built.adapter)[0]
     t0 = time.perf_counter()
     plans = [r.plan for r in built.ranges]
-    v = verify(a.out, built.adapter, plans, built.manifest, get_profile(built.manifest["target"]), prompt, only=only)
-    result.update(verify_models=only, verify_seconds=time.perf_counter() - t0, verification=v.to_json(),
-                  peak_rss=_peak_rss())  # fmt: skip
+    profile = get_profile(built.manifest["target"])
+    v = verify(a.out, built.adapter, plans, built.manifest, profile, prompt, only=only, device=a.device)
+    result.update(verify_models=only, verify_device=a.device, verify_seconds=time.perf_counter() - t0,
+                  verification=v.to_json(), peak_rss=_peak_rss())  # fmt: skip
     a.json.write_text(json.dumps(result, indent=1))
     if not a.keep:
         shutil.rmtree(a.out)

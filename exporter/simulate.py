@@ -40,11 +40,12 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
             m = modules[name]
             assert isinstance(m, nn.Linear)
             saved.append((m, m.weight.data, None if m.bias is None else m.bias.data))
-            m.weight.data = torch.from_numpy(lp.weight().T.copy())
+            on = m.weight.device  # the simulation runs where the transformer is (verify --device cuda)
+            m.weight.data = torch.from_numpy(lp.weight().T.copy()).to(on)
             if lp.bias is not None and m.bias is not None:
-                m.bias.data = torch.from_numpy(lp.bias.reshape(-1).copy())
-            divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32"))
-            rot = None if lp.rotation is None else torch.from_numpy(lp.rotation.astype("float32"))
+                m.bias.data = torch.from_numpy(lp.bias.reshape(-1).copy()).to(on)
+            divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32")).to(on)
+            rot = None if lp.rotation is None else torch.from_numpy(lp.rotation.astype("float32")).to(on)
 
             def hook(
                 module: nn.Module, args: tuple[torch.Tensor, ...], lp: LayerPlan = lp, d: Any = divisor, r: Any = rot
@@ -55,7 +56,7 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
 
             handles.append(m.register_forward_pre_hook(hook))
             if lp.lowrank_a is not None and lp.lowrank_b is not None:
-                lr = (torch.from_numpy(lp.lowrank_a), torch.from_numpy(lp.lowrank_b))
+                lr = (torch.from_numpy(lp.lowrank_a).to(on), torch.from_numpy(lp.lowrank_b).to(on))
 
                 def branch(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, lr: Any = lr) -> Any:
                     return out + (args[0] @ lr[0]) @ lr[1]  # args: the input as the pre-hook left it (x_dq)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,16 +219,35 @@ def _scalar(t: onnx.TensorProto) -> float:
     return float(onnx.numpy_helper.to_array(t).reshape(-1)[0])
 
 
-def trajectory(adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> list[np.ndarray]:
+@contextmanager
+def torch_on(adapter: ModelAdapter, device: str) -> Iterator[torch.device]:
+    """Run the transformer on `device` in full fp32 (TF32 off, so a GPU's simulation matches the
+    CPU's), and move it back to the CPU afterwards."""
+    where = torch.device(device)
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise QexportError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    adapter.transformer.to(where)
+    try:
+        yield where
+    finally:
+        adapter.transformer.to("cpu")
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def trajectory(
+    adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig, device: str | torch.device = "cpu"
+) -> list[np.ndarray]:
     """The FP sampler's latents at the start of every step (the inputs each step model sees)."""
     seen: list[np.ndarray] = []
 
     def grab(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        seen.append(args[0][:1].detach().numpy().copy())  # the cond half; uncond is the same x
+        seen.append(args[0][:1].detach().cpu().numpy().copy())  # the cond half; uncond is the same x
 
     handle = adapter.transformer.register_forward_pre_hook(grab)
     try:
-        sample(adapter, adapter.conditioner.encode([prompt]), [seed], config)
+        sample(adapter, adapter.conditioner.encode([prompt]), [seed], config, device=device)
     finally:
         handle.remove()
     return seen
@@ -242,6 +263,7 @@ def verify(
     seed: int = 0,
     only: list[int] | None = None,
     runtime: str = "onnxruntime",
+    device: str = "cpu",
 ) -> Verification:
     """Verify the emitted models and the end-to-end loop (see module docstring).
 
@@ -253,9 +275,13 @@ def verify(
             run and ``end_to_end`` is empty.
         runtime: "onnxruntime", or "openvino" to also run each model in OpenVINO's CPU runtime and
             compare it with onnxruntime and the simulation.
+        device: where torch runs the FP trajectory and the simulation ("cuda" for full-size
+            models, whose CPU simulation takes tens of minutes); the emitted models always run on
+            the runtime's CPU provider.
 
     Raises:
-        QexportError: an index in only that the build does not have; an unknown runtime.
+        QexportError: an index in only that the build does not have; an unknown runtime; a CUDA
+            device that torch cannot see.
     """
     if runtime not in RUNTIMES:
         raise QexportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
@@ -267,13 +293,24 @@ def verify(
     types = (target.weight_type(q["w_bits"]), target.activation_type(q["a_bits"]))
     widths = {lp.w_grid.storage for plan in plans for lp in plan.layers.values()}
     native = any(RUNTIMES["onnxruntime"].runs_integer(w, types[1]) for w in widths)
-    ids = manifest["layer_ids"]
     config = SamplingConfig(steps=len(manifest["steps"]), cfg=manifest["cfg"])
-    xs = trajectory(adapter, prompt, seed, config)
+    with torch_on(adapter, device) as where:
+        checks = _check_models(folder, adapter, plans, manifest, prompt, seed, chosen, runtime, types, where, config)
+    e2e = end_to_end(folder, adapter, prompt, seed, config) if only is None else {}
+    return Verification(models=checks, end_to_end=e2e, native=native)
+
+
+def _check_models(
+    folder: Path, adapter: ModelAdapter, plans: list[RangePlan], manifest: dict[str, Any], prompt: str, seed: int,
+    chosen: Any, runtime: str, types: tuple[str, str], where: torch.device, config: SamplingConfig,
+) -> list[ModelCheck]:  # fmt: skip
+    """verify()'s per-model checks, with torch on `where`."""
+    ids = manifest["layer_ids"]
+    xs = trajectory(adapter, prompt, seed, config, where)
     cond = torch.cat([adapter.conditioner.encode([prompt]), adapter.conditioner.null(1)])
     prompt_feeds = PromptFeeds(folder, manifest, session_options(2)).feeds(cond.numpy())  # kv.onnx, if any
     kv_layers = set((manifest.get("kv") or {}).get("layers", []))
-    denoiser = adapter.denoiser()
+    denoiser = adapter.denoiser().to(where)
     checks = []
     for index in chosen:
         r, plan = manifest["ranges"][index], plans[index]
@@ -299,11 +336,12 @@ def verify(
             feeds["timestep"] = tt.numpy()
         feeds = select(session, feeds)
         got = session.run(None, feeds)[0]
+        x, tt, c = x.to(where), tt.to(where), cond.to(where)
         with torch.no_grad():
-            fp = denoiser(x, tt, cond).numpy()
+            fp = denoiser(x, tt, c).cpu().numpy()
             with simulated(adapter.transformer, plan):
-                sim = denoiser(x, tt, cond).numpy()
-                moved = denoiser(x * (1 + PERTURBATION), tt, cond).numpy()
+                sim = denoiser(x, tt, c).cpu().numpy()
+                moved = denoiser(x * (1 + PERTURBATION), tt, c).cpu().numpy()
         lsb = compare(check, fp, sim, moved, got)
         if runtime != "onnxruntime":
             ov_expected = expected_by_width(path, layers, ids, RUNTIMES[runtime], plan, types[1])
@@ -317,8 +355,7 @@ def verify(
         checks.append(check)
     if kv_layers:
         checks.append(check_kv(Path(folder), adapter, plans[chosen[0]], manifest, cond, types))
-    e2e = end_to_end(folder, adapter, prompt, seed, config) if only is None else {}
-    return Verification(models=checks, end_to_end=e2e, native=native)
+    return checks
 
 
 def check_kv(
@@ -363,15 +400,17 @@ def kv_reference(
     """The named linears' outputs in torch: FP, simulated, and simulated with cond scaled by
     (1 + PERTURBATION) (their inputs depend on cond alone, so any latents and timestep do)."""
     modules = dict(adapter.transformer.named_modules())
-    x, t, _ = adapter.example_inputs(batch=len(cond))
-    denoiser = adapter.denoiser()
+    where = next(adapter.transformer.parameters()).device
+    x, t, _ = (v.to(where) for v in adapter.example_inputs(batch=len(cond)))
+    cond = cond.to(where)
+    denoiser = adapter.denoiser().to(where)
 
     def capture(c: torch.Tensor) -> list[np.ndarray]:
         seen: dict[str, np.ndarray] = {}
 
         def grab(name: str) -> Any:
             def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
-                seen[name] = out.detach().numpy().copy()
+                seen[name] = out.detach().cpu().numpy().copy()
 
             return hook
 

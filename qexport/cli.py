@@ -338,6 +338,8 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the verification run at the end.")
 @click.option("--prompt", "verify_prompt", help="Prompt / label for verification (default: a built-in one).")
+@click.option("--verify-device", default="cpu", show_default=True,
+              help="Where torch runs verification's FP and simulated passes (cuda for full-size models).")  # fmt: skip
 def build(
     stats_file: Path,
     w_bits: int,
@@ -361,6 +363,7 @@ def build(
     force: bool,
     no_verify: bool,
     verify_prompt: str | None,
+    verify_device: str,
 ) -> None:
     """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range."""
     from qexport.exporter.build import BuildConfig
@@ -388,7 +391,8 @@ def build(
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
         click.echo(line)
     if not no_verify:
-        _verify_and_report(output, result.adapter, [r.plan for r in result.ranges], result.manifest, verify_prompt)
+        plans = [r.plan for r in result.ranges]
+        _verify_and_report(output, result.adapter, plans, result.manifest, verify_prompt, device=verify_device)
 
 
 def _verify_and_report(
@@ -399,6 +403,7 @@ def _verify_and_report(
     prompt: str | None,
     only: list[int] | None = None,
     runtime: str = "onnxruntime",
+    device: str = "cpu",
 ) -> None:
     from qexport.exporter.manifest import write_manifest
     from qexport.exporter.verify import verify as run_verify
@@ -411,7 +416,7 @@ def _verify_and_report(
     where = "onnxruntime" + ("" if runtime == "onnxruntime" else f" and {runtime}")
     click.echo(f"verifying {len(plans)} model(s) on {where} (prompt {prompt!r}) ...", err=True)
     target = get_profile(manifest["target"])
-    v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime)  # type: ignore[arg-type]
+    v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime, device=device)  # type: ignore[arg-type]
     manifest["verification"] = {"prompt": prompt, "runtime": runtime, **v.to_json()}
     write_manifest(folder, manifest)
     for line in verification_table(manifest["verification"]):
@@ -433,7 +438,11 @@ def _verify_and_report(
     show_default=True,
     help="openvino: also run every model in OpenVINO's CPU runtime and compare it with onnxruntime.",
 )
-def verify(folder: Path, stats_file: Path | None, prompt: str | None, only: str | None, runtime: str) -> None:
+@click.option("--device", default="cpu", show_default=True,
+              help="Where torch runs the FP and simulated passes (cuda for full-size models).")  # fmt: skip
+def verify(
+    folder: Path, stats_file: Path | None, prompt: str | None, only: str | None, runtime: str, device: str
+) -> None:
     """Prove onnxruntime runs integer kernels; compare with the simulation and with FP."""
     from qexport.exporter.replan import replan
     from qexport.runtime.manifest import read_manifest
@@ -441,7 +450,7 @@ def verify(folder: Path, stats_file: Path | None, prompt: str | None, only: str 
     indexes = None if only is None else _ints(only, "--models")
     manifest = read_manifest(folder)
     adapter, plans, _ = replan(manifest, stats_file)
-    _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime)
+    _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime, device)
 
 
 @cli.group(invoke_without_command=True)

@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
+import torch
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
 from qexport.exporter.build import BuildConfig, build, range_inputs
@@ -211,3 +212,6 @@ def test_verify_a_subset_of_models_skips_the_loop_and_refuses_bad_indexes(latte_
     assert v.end_to_end == {}
     with pytest.raises(QexportError, match="no model 2 in this build"):
         verify(result.folder, result.adapter, plans, result.manifest, ORT_CPU, "a red circle moving left", only=[2])
+    if not torch.cuda.is_available():  # --device cuda on a machine without one: one clear error
+        with pytest.raises(QexportError, match="torch sees no CUDA device here; use --device cpu"):
+            verify(result.folder, result.adapter, plans, result.manifest, ORT_CPU, "a circle", only=[0], device="cuda")
