@@ -31,7 +31,7 @@ from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
-from qexport.passes.gptq import Rounding
+from qexport.passes.gptq import Memo, Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
@@ -256,16 +256,17 @@ def plan_models(
     bindings, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
     alpha_scores: dict[float, float] = {}
     allocations: list[Allocation] | None = None
+    memo = Memo()  # GPTQ integers reused by the plans whose weight and H repeat (shared weights, searches)
     if shared_alpha_search or layer_search or mixed:
         assert replay is not None
         first = graph_of(ranges[0])
         if shared_alpha_search or layer_search:
             alphas, group_alphas, alpha_scores = _choose_alphas(
-                first, bindings, adapter, stats, q, target, replay, ranges, progress
+                first, bindings, adapter, stats, q, target, replay, ranges, progress, memo
             )
         if mixed:
             allocations = _choose_mixed(first, bindings, adapter, stats, config, target, replay, ranges, alphas,
-                                        group_alphas, progress)  # fmt: skip
+                                        group_alphas, progress, memo)  # fmt: skip
             layer_bits = [a.bits for a in allocations]
         del first
     kv, kv_model = None, None
@@ -296,7 +297,7 @@ def plan_models(
             kv_plan = None if kv is None else kv.plan
             bits = layer_bits[index] if layer_bits else None
             plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
-                                                    replay, searches, kv_plan, group_alpha, bits)  # fmt: skip
+                                                    replay, searches, kv_plan, group_alpha, bits, memo)  # fmt: skip
             share_arrays(plan, built[-1].plan if built else None)
             if alpha_scores:
                 plan.scores = {"alpha": alpha_scores, **plan.scores}
@@ -327,6 +328,7 @@ def _choose_alphas(
     replay: CalibrationReplay,
     ranges: list[list[int]],
     progress: Callable[[str], None] | None,
+    memo: Memo,
 ) -> tuple[list[float] | None, list[dict[str, float]] | None, dict[float, float]]:
     """The alphas chosen across ranges (exporter.alpha): per-range alphas and scores for ASQ with
     --alpha auto, per-group alphas for --alpha layer."""
@@ -342,7 +344,8 @@ def _choose_alphas(
             samples = cache[key]
         config = replace(quant, alpha=alpha)
         return plan_range(steps, groups, stats.layers, weights, biases, config, target, keep_float=quant.alpha_layer,
-                          samples=samples, head_dims=heads)  # fmt: skip
+                          samples=samples, head_dims=heads, grams=_grams(replay, quant, steps, groups, stats.steps),
+                          gptq_memo=memo)  # fmt: skip
 
     if quant.alpha_layer:
         shared = quant.smooth == Smooth.ASQ
@@ -365,6 +368,7 @@ def _choose_mixed(
     alphas: list[float] | None,
     group_alphas: list[dict[str, float]] | None,
     progress: Callable[[str], None] | None,
+    memo: Memo,
 ) -> list[Allocation]:
     """Per-range weight widths of --mixed-precision (exporter.mixed), measured with each range's
     alpha; one allocation for all ranges unless TSQ gives each range its own weights (time ranges)."""
@@ -378,8 +382,10 @@ def _choose_mixed(
             cache[index] = _samples(replay, ranges[index], groups, q) if needs_samples(q) else None
         quant = q if alphas is None else replace(q, alpha=alphas[index])
         group_alpha = group_alphas[index] if group_alphas else None
+        grams = _grams(replay, quant, ranges[index], groups, stats.steps)
         return plan_range(ranges[index], groups, stats.layers, weights, biases, quant, target, samples=cache[index],
-                          head_dims=heads, group_alpha=group_alpha, layer_bits=bits)  # fmt: skip
+                          head_dims=heads, group_alpha=group_alpha, layer_bits=bits, grams=grams,
+                          gptq_memo=memo)  # fmt: skip
 
     params = {layer: int(w.size) for layer, w in weights.items()}
     shared = config.ranges is None or q.smooth != Smooth.TSQ
@@ -446,6 +452,19 @@ def share_arrays(plan: RangePlan, previous: RangePlan | None) -> None:
                 setattr(lp, name, b)
 
 
+def _grams(
+    replay: CalibrationReplay | None, quant: QuantConfig, steps: list[int], groups: list[Group], total: int
+) -> dict[str, np.ndarray] | None:
+    """The input Gram matrices GPTQ needs (None without it): over the range's steps with TSQ, else over
+    every calibrated step, so that weights shared between ranges stay shared."""
+    if not gptq(quant):
+        return None
+    assert replay is not None
+    return replay.input_grams(
+        steps if quant.smooth == Smooth.TSQ else list(range(total)), [g.layers[0] for g in groups]
+    )
+
+
 def _build_range(
     graph: gs.Graph,
     bindings: dict[str, LinearBinding],
@@ -459,6 +478,7 @@ def _build_range(
     kv: RangePlan | None = None,
     group_alpha: dict[str, float] | None = None,
     layer_bits: dict[str, int] | None = None,
+    gptq_memo: Memo | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
     nodes, groups, weights, biases = range_inputs(graph, bindings, adapter)
     samples = None
@@ -467,16 +487,13 @@ def _build_range(
         samples = _samples(replay, steps, groups, quant)
     heads = head_dims(adapter, groups)
     sites = find_attention(graph, attention_scopes(adapter.transformer)) if quant.quantize_attention else {}
-    grams = None
-    if gptq(quant):  # weights shared between ranges unless TSQ: H over every calibrated step keeps them so
-        assert replay is not None
-        h_steps = steps if quant.smooth == Smooth.TSQ else list(range(stats.steps))
-        grams = replay.input_grams(h_steps, [g.layers[0] for g in groups])
+    grams = _grams(replay, quant, steps, groups, stats.steps)
 
     def make(alpha: float, shrink: float) -> RangePlan:
         config = replace(quant, alpha=alpha, act_shrink=shrink)
         plan = plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
-                          head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits, grams=grams)  # fmt: skip
+                          head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits, grams=grams,
+                          gptq_memo=gptq_memo)  # fmt: skip
         if sites:  # Q/K/V ranges as the emitted attention reads them: measured under this plan's linears
             assert replay is not None
             ranges = replay.attention_ranges(plan, list(sites))

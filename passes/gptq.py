@@ -10,6 +10,7 @@ change. H comes from the build (replayed calibration inputs); this module sees a
 
 from __future__ import annotations
 
+import hashlib
 from enum import StrEnum
 
 import numpy as np
@@ -24,6 +25,44 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # of the min-max range, tried b
 class Rounding(StrEnum):
     NEAREST = "nearest"
     GPTQ = "gptq"
+
+
+Rounded = tuple[np.ndarray, np.ndarray, np.ndarray]  # per-channel scale, zero point, integers
+
+
+class Memo:
+    """The last GPTQ result of each layer with a digest of everything it depends on (the planned
+    weight, H, the grid, the clip rule). A build with weights shared between ranges (ASQ, no
+    smoothing) plans the same weight and H for every step, and a search plans them for every
+    candidate: those plans get the integers back instead of repeating the rounding. One result per
+    layer is kept (about one model's integers)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[bytes, Rounded]] = {}
+        self.hits = 0
+
+    def get(self, layer: str, key: bytes) -> Rounded | None:
+        last = self._last.get(layer)
+        if last is None or last[0] != key:
+            return None
+        self.hits += 1
+        return last[1]
+
+    def put(self, layer: str, key: bytes, value: Rounded) -> None:
+        self._last[layer] = (key, value)
+
+
+def digest(*parts: np.ndarray | str) -> bytes:
+    """A content digest of arrays (dtype, shape and bytes) and strings."""
+    h = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        if isinstance(part, str):
+            h.update(part.encode())
+        else:
+            a = np.ascontiguousarray(part)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.digest()
 
 
 def input_hessian(gram: np.ndarray, divisor: np.ndarray | float, rotation: np.ndarray | None = None) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.attention import AttentionPlan
-from qexport.passes.gptq import Rounding, gptq_quantize, input_hessian, output_clipped_qparams
+from qexport.passes.gptq import Memo, Rounding, digest, gptq_quantize, input_hessian, output_clipped_qparams
 from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
@@ -134,6 +134,27 @@ def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth) -> np.ndarray
     return stats.absmax_sum[steps].sum(0) / max(int(stats.count[steps].sum()), 1)
 
 
+def _gptq_weight(
+    layer: str,
+    w: np.ndarray,
+    hessian: np.ndarray,
+    grid: Grid,
+    config: QuantConfig,
+    target: TargetProfile,
+    memo: Memo | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale, zero point and GPTQ integers of W^T, from memo where an earlier plan had the same inputs."""
+    key = digest(w, hessian, repr(grid), config.weight_clip, repr((target.pow2_scales, target.weight_per_channel)))
+    found = None if memo is None else memo.get(layer, key)
+    if found is not None:
+        return found
+    scale, zero = _weight_qparams(w, grid, config, target, hessian)
+    result = (scale, zero, gptq_quantize(w, hessian, scale, zero, grid))
+    if memo is not None:
+        memo.put(layer, key, result)
+    return result
+
+
 def _weight_qparams(
     w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile, hessian: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +186,7 @@ def plan_range(
     group_alpha: dict[str, float] | None = None,
     layer_bits: dict[str, int] | None = None,
     grams: dict[str, np.ndarray] | None = None,
+    gptq_memo: Memo | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).
 
@@ -183,6 +205,8 @@ def plan_range(
         group_alpha: group tensor -> alpha, overriding config.alpha for that group (--alpha layer).
         layer_bits: layer -> weight bits, overriding config.w_bits for that layer (--mixed-precision).
         grams: X^T X of each group's first layer's FP input X (--weight-rounding gptq).
+        gptq_memo: GPTQ results of earlier plans of the same build, reused where the weight and H
+            are the same (gptq.Memo).
     """
     w_grid = Grid(bits=config.w_bits, storage=target.weight_type(config.w_bits), symmetric=target.weight_symmetric)
     a_grid = Grid(
@@ -259,13 +283,13 @@ def plan_range(
     for layer, w in final_w.items():
         bits = (layer_bits or {}).get(layer, config.w_bits)
         grid = w_grid if bits == config.w_bits else replace(w_grid, bits=bits, storage=target.weight_type(bits))
-        w_scale, w_zero = _weight_qparams(w, grid, config, target, hessians.get(layer))
         a_scale, a_zero = qparams(
             np.asarray(ranges[layer][0]), np.asarray(ranges[layer][1]), a_grid, target.pow2_scales
         )
         if layer in hessians:
-            w_q = gptq_quantize(w, hessians[layer], w_scale, w_zero, grid)
+            w_scale, w_zero, w_q = _gptq_weight(layer, w, hessians[layer], grid, config, target, gptq_memo)
         else:
+            w_scale, w_zero = _weight_qparams(w, grid, config, target)
             w_q = quantize(w, w_scale[None, :], w_zero[None, :], grid)
         lr_a = lr_b = None
         if config.lowrank:

@@ -13,7 +13,7 @@ from qexport.exporter.fp_export import stamp
 from qexport.exporter.simulate import simulated
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
-from qexport.passes.gptq import Rounding, gptq_quantize, input_hessian, output_clipped_qparams
+from qexport.passes.gptq import Memo, Rounding, gptq_quantize, input_hessian, output_clipped_qparams
 from qexport.passes.lowrank import lowrank_factors
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, quantize
@@ -122,7 +122,7 @@ def test_lowrank_weighted_by_the_hessian_fits_the_layer_output_better():
     assert errors[1] < errors[0], errors
 
 
-def _tiny_plan(rounding, w_bits=4, with_grams=True):
+def _tiny_plan(rounding, w_bits=4, with_grams=True, memo=None, alpha=0.5):
     """Tiny fc1 -> relu -> fc2, ASQ-smoothed, planned with the given rounding; the graph as emitted."""
     torch.manual_seed(0)
     model = Tiny().eval()
@@ -151,8 +151,9 @@ def _tiny_plan(rounding, w_bits=4, with_grams=True):
     groups = find_groups(graph, nodes, {"fc1": 16, "fc2": 32})
     weights = {"fc1": np.asarray(graph.tensors()["w1"].values), "fc2": np.asarray(graph.tensors()["w2"].values)}
     biases = {"fc1": model.fc1.bias.detach().numpy(), "fc2": model.fc2.bias.detach().numpy()}
-    config = QuantConfig(w_bits=w_bits, smooth=Smooth.ASQ, weight_rounding=rounding)
-    plan = plan_range([0], groups, stats, weights, biases, config, ORT_CPU, grams=grams if with_grams else None)
+    config = QuantConfig(w_bits=w_bits, smooth=Smooth.ASQ, weight_rounding=rounding, alpha=alpha)
+    plan = plan_range([0], groups, stats, weights, biases, config, ORT_CPU, grams=grams if with_grams else None,
+                      gptq_memo=memo)  # fmt: skip
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), ORT_CPU)
     emitted = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(emitted)
@@ -186,6 +187,19 @@ def test_tiny_graph_with_gptq_weights_runs_as_simulated_and_nearer_fp(w_bits):
 def test_gptq_plan_without_grams_is_one_clear_error():
     with pytest.raises(QexportError, match="--weight-rounding gptq has no input Gram matrix of fc1"):
         _tiny_plan(Rounding.GPTQ, with_grams=False)
+
+
+def test_gptq_memo_gives_back_the_integers_of_the_same_weight_and_h_only():
+    memo = Memo()
+    _, first, _, _ = _tiny_plan(Rounding.GPTQ, memo=memo)
+    assert memo.hits == 0
+    _, again, _, _ = _tiny_plan(Rounding.GPTQ, memo=memo)  # same seed: the same weight and H
+    assert memo.hits == 2 and all(again.layers[n].w_q is first.layers[n].w_q for n in first.layers)
+    _, fresh, _, _ = _tiny_plan(Rounding.GPTQ)
+    assert all(np.array_equal(fresh.layers[n].w_q, first.layers[n].w_q) for n in first.layers)
+    _, other, _, _ = _tiny_plan(Rounding.GPTQ, memo=memo, alpha=0.9)  # another s, so another weight and H
+    assert memo.hits == 2
+    assert any(not np.array_equal(other.layers[n].w_q, first.layers[n].w_q) for n in first.layers)
 
 
 def test_gptq_build_needs_recorded_prompts(latte_stats, tmp_path):
@@ -236,3 +250,16 @@ def test_tiny_latte_gptq_tsq_plans_each_range_on_its_own_steps(latte_stats, tmp_
     first, second = (r.plan.layers for r in result.ranges)
     assert any((first[n].w_q != second[n].w_q).any() for n in first)
     assert all(lp.w_grid.qmin <= lp.w_q.min() and lp.w_q.max() <= lp.w_grid.qmax for lp in first.values())
+
+
+@pytest.mark.slow
+def test_tiny_latte_gptq_with_asq_alpha_auto_rounds_every_candidate_with_h(latte_stats, tmp_path):
+    from qexport.exporter.build import BuildConfig, build
+    from qexport.exporter.search import ALPHAS
+
+    quant = QuantConfig(smooth=Smooth.ASQ, alpha_auto=True, weight_rounding=Rounding.GPTQ)
+    result = build(latte_stats, tmp_path / "auto", BuildConfig(quant=quant, ranges=2))
+    alphas = {r["alpha"] for r in result.manifest["ranges"]}
+    assert len(alphas) == 1 and alphas <= set(ALPHAS)  # one alpha for all ranges: weights still shared
+    first, second = (r.plan.layers for r in result.ranges)
+    assert all(np.array_equal(first[n].w_q, second[n].w_q) for n in first)
