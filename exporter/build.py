@@ -93,11 +93,22 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
     return [[int(i) for i in chunk] for chunk in np.array_split(np.arange(steps), ranges)]
 
 
-def needs_replay(quant: QuantConfig) -> bool:
-    """Whether the build replays calibration prompts (alpha or shrink search, sample-based observers,
-    rotations, attention ranges, mixed-precision sensitivity, GPTQ rounding)."""
-    searched = quant.alpha_auto or quant.alpha_layer or quant.act_observer == Observer.SEARCH
-    return searched or bool(quant.mixed_precision) or planning_replays(quant)
+def replay_options(quant: QuantConfig) -> list[str]:
+    """The requested options that replay calibration prompts (searches, sample-based observers,
+    rotations, attention ranges, mixed-precision sensitivity, GPTQ rounding), as the command line
+    names them; empty when the build replays nothing."""
+    observer = quant.act_observer == Observer.SEARCH or quant.act_observer.samples
+    asked = {
+        "--alpha auto": quant.alpha_auto,
+        "--alpha layer": quant.alpha_layer,
+        f"--act-observer {quant.act_observer}": observer,
+        "--rotate": quant.rotate,
+        "--online-rotation": bool(quant.online_rotation),
+        "--quantize-attention": quant.quantize_attention,
+        "--mixed-precision": bool(quant.mixed_precision),
+        "--weight-rounding gptq": gptq(quant),
+    }
+    return [name for name, on in asked.items() if on]
 
 
 def planning_replays(quant: QuantConfig) -> bool:
@@ -142,16 +153,11 @@ def build(
     target = check_request(config, out)
     stats = load(stats_path)
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
-    if config.quant.quantize_attention and not stats.header.get("prompt_texts"):
+    replayed = replay_options(config.quant)
+    if replayed and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, and --quantize-attention measures the Q/K/V ranges on "
-            "replayed calibration prompts; recalibrate it with this qexport"
-        )
-    if needs_replay(config.quant) and not stats.header.get("prompt_texts"):
-        raise QexportError(
-            f"{stats_path} does not record its prompts, which --alpha auto, --rotate, --mixed-precision, "
-            "--weight-rounding gptq and the "
-            "percentile / mse / search activation observers replay; recalibrate it with this qexport"
+            f"{stats_path} does not record its prompts, which {', '.join(replayed)} need (they replay "
+            "calibration prompts); recalibrate it with this qexport"
         )
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))

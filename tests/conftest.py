@@ -30,3 +30,15 @@ def latte_stats(tmp_path_factory):
     config = CalibConfig(prompts=prompts, sampling=SamplingConfig(steps=4, cfg=7.0), batch_size=2)
     save(calibrate(adapter, config).stats, path)
     return path
+
+
+@pytest.fixture
+def bare_stats(latte_stats, tmp_path):
+    """latte_stats without its recorded prompts (as written by an older qexport)."""
+    from qexport.calib.store import load, save
+
+    stats = load(latte_stats)
+    stats.header.pop("prompt_texts")
+    bare = tmp_path / "bare.qstats"
+    save(stats, bare)
+    return bare

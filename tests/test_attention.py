@@ -130,16 +130,10 @@ def test_onnxruntime_runs_attention_on_integer_kernels_as_simulated(attention_bu
         assert reader[f"{aid}:probs_q"] == reader[f"{aid}:value_q"] == "QLinearMatMul", module
 
 
-def test_statistics_without_prompts_are_refused(latte_stats, tmp_path):
-    from qexport.calib.store import load, save
-
-    stats = load(latte_stats)
-    stats.header.pop("prompt_texts")
-    bare = tmp_path / "bare.qstats"
-    save(stats, bare)
+def test_statistics_without_prompts_are_refused(bare_stats, tmp_path):
     quant = QuantConfig(quantize_attention=True)
-    with pytest.raises(QexportError, match="does not record its prompts, and --quantize-attention measures"):
-        build(bare, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
+    with pytest.raises(QexportError, match="does not record its prompts, which --quantize-attention need"):
+        build(bare_stats, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
     assert not (tmp_path / "out").exists()
 
 

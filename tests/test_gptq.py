@@ -202,17 +202,12 @@ def test_gptq_memo_gives_back_the_integers_of_the_same_weight_and_h_only():
     assert any(not np.array_equal(other.layers[n].w_q, first.layers[n].w_q) for n in first.layers)
 
 
-def test_gptq_build_needs_recorded_prompts(latte_stats, tmp_path):
-    from qexport.calib.store import load, save
+def test_gptq_build_needs_recorded_prompts(bare_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build
 
-    stats = load(latte_stats)
-    stats.header.pop("prompt_texts")
-    bare = tmp_path / "bare.qstats"
-    save(stats, bare)
     quant = QuantConfig(weight_rounding=Rounding.GPTQ)
     with pytest.raises(QexportError, match=r"does not record its prompts, which .*--weight-rounding gptq"):
-        build(bare, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
+        build(bare_stats, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
     assert not (tmp_path / "out").exists()
 
 

@@ -73,16 +73,10 @@ def test_build_with_mse_observer_narrows_ranges_and_replans_exactly(latte_stats,
 
 
 @pytest.mark.parametrize("observer", [Observer.PERCENTILE, Observer.SEARCH])
-def test_observers_need_recorded_prompts(latte_stats, tmp_path, observer):
-    from qexport.calib.store import load, save
-
-    stats = load(latte_stats)
-    stats.header.pop("prompt_texts")
-    bare = tmp_path / "bare.qstats"
-    save(stats, bare)
+def test_observers_need_recorded_prompts(bare_stats, tmp_path, observer):
     quant = QuantConfig(act_observer=observer)
-    with pytest.raises(QexportError, match="does not record its prompts"):
-        build(bare, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
+    with pytest.raises(QexportError, match=f"does not record its prompts, which --act-observer {observer} need"):
+        build(bare_stats, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
     assert not (tmp_path / "out").exists()
 
 
