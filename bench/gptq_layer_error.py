@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from qexport.calib.store import load
-from qexport.exporter.build import _prepare, range_inputs
-from qexport.exporter.fp_export import export_fp
-from qexport.exporter.replay import CalibrationReplay
+from qexport.exporter.build import _range_graphs, range_inputs
+from qexport.exporter.replay import PROMPTS, CalibrationReplay
 from qexport.passes import gptq, plan
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.targets.profile import ORT_CPU
@@ -31,11 +30,12 @@ def main() -> None:
     args = parser.parse_args()
     stats = load(args.stats)
     adapter = load_model(stats.model_id)
-    _, _, groups, weights, biases = range_inputs(_prepare(export_fp(adapter, list(stats.layers), None)), adapter)
+    bindings, graph_of = _range_graphs(adapter, stats, per_step=False)
+    _, groups, weights, biases = range_inputs(graph_of([0]), bindings, adapter)
     steps, firsts, h = list(range(stats.steps)), [g.layers[0] for g in groups], stats.header
     replay = functools.partial(CalibrationReplay, adapter, timesteps=h["timesteps"], cfg=h["cfg"])
-    calib = replay(h["prompt_texts"]).input_grams(steps, firsts)
-    held_out = replay(args.held_out.read_text().splitlines()).input_grams(steps, firsts)
+    calib = replay(h["prompt_texts"][:PROMPTS]).input_grams(steps, firsts)
+    held_out = replay(args.held_out.read_text().splitlines()[:PROMPTS]).input_grams(steps, firsts)
 
     def sqnr(p: plan.RangePlan, grams: dict[str, np.ndarray]) -> tuple[float, float]:
         values = []

@@ -26,7 +26,7 @@ from qexport.exporter.fp_export import FPExport, LinearBinding, StepGraphs, expo
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits
-from qexport.exporter.replay import CalibrationReplay
+from qexport.exporter.replay import CalibrationReplay, replay_count
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
@@ -159,6 +159,13 @@ def build(
             f"{stats_path} does not record its prompts, which {', '.join(replayed)} need (they replay "
             "calibration prompts); recalibrate it with this qexport"
         )
+    if config.quant.replay_prompts is not None and not replayed:
+        raise QexportError(
+            "--replay-prompts sets how many calibration prompts the replaying options use (--act-observer "
+            "search, --weight-rounding gptq, --alpha auto, ...); none of them is asked for"
+        )
+    recorded = len(stats.header.get("prompt_texts", []))
+    replays = replay_count(config.quant.replay_prompts, recorded, str(stats_path)) if replayed else 0
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +188,7 @@ def build(
             emit = writer.close()
         (tmp / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
         manifest = make_manifest(adapter, stats, config, target, built, emit)
+        manifest["quantization"]["replay_prompts"] = replays
         manifest["legality"] = {"file": LEGALITY_FILE, "models": [r.to_json(nodes=False) for r in legality]}
         manifest["conditioning"] = export_conditioning(adapter, tmp)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
@@ -258,6 +266,7 @@ def plan_models(
     if any(searches) or shared_alpha_search or layer_search or mixed or planning_replays(q):
         log.info("replaying calibration prompts (searches, observers, rotations, attention ranges, sensitivity)")
         prompts = list(stats.header.get("prompt_texts", []))
+        prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     bindings, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
     alpha_scores: dict[float, float] = {}

@@ -44,7 +44,8 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
                         rotation_choice=q.get("online_rotation", {}).get("choice", "adaptive"),
                         quantize_attention=bool(q.get("attention", {}).get("quantized", False)),
                         mixed_precision=budget,
-                        weight_rounding=Rounding(q.get("weight_rounding", "nearest")))  # fmt: skip
+                        weight_rounding=Rounding(q.get("weight_rounding", "nearest")),
+                        replay_prompts=int(q.get("replay_prompts", 0)) or None)  # fmt: skip
     target = get_profile(manifest["target"])
     config = BuildConfig(quant=quant, ranges=ranges, target=target.name, precompute_kv=bool(manifest.get("kv")))
     shrinks = [float(r.get("act_shrink", 1.0)) for r in manifest["ranges"]]

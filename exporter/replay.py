@@ -20,17 +20,33 @@ from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
 
-PROMPTS = 2  # calibration prompts replayed (each with its unconditional twin)
+PROMPTS = 2  # calibration prompts replayed by default (each with its unconditional twin); --replay-prompts
 MAX_ROWS = 65536  # samples kept per layer and range (evenly strided tokens beyond that)
 
 
+def replay_count(asked: int | None, recorded: int, source: str) -> int:
+    """How many calibration prompts a build replays: ``asked`` (--replay-prompts), else up to PROMPTS.
+
+    Raises:
+        QexportError: more prompts asked than the statistics record.
+    """
+    if asked is None:
+        return min(PROMPTS, recorded)
+    if asked > recorded:
+        raise QexportError(
+            f"--replay-prompts {asked} asks for more prompts than {source} records ({recorded}); "
+            f"pass at most {recorded} or calibrate on more prompts"
+        )
+    return asked
+
+
 class CalibrationReplay:
-    """FP denoiser inputs per step for the first PROMPTS calibration prompts, seed 0."""
+    """FP denoiser inputs per step for the given calibration prompts (the build passes the first
+    --replay-prompts of them, PROMPTS by default), seed 0."""
 
     def __init__(self, adapter: ModelAdapter, prompts: list[str], timesteps: list[int], cfg: float) -> None:
         if not prompts:
             raise QexportError("this build option needs statistics that record their prompts; recalibrate")
-        prompts = prompts[:PROMPTS]
         self.adapter = adapter
         self.denoiser = adapter.denoiser()
         self.timesteps = timesteps

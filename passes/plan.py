@@ -49,6 +49,7 @@ class QuantConfig:
     quantize_attention: bool = False  # Q/DQ on both operands of QK^T and PV (passes.attention)
     mixed_precision: float = 0.0  # budget in weight bits per parameter: layers at w_bits or 8 (0 = off)
     weight_rounding: Rounding = Rounding.NEAREST  # or GPTQ: error-compensating rounding (passes.gptq)
+    replay_prompts: int | None = None  # calibration prompts the replaying options replay (None: up to 2)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -74,6 +75,8 @@ class QuantConfig:
                 "--mixed-precision mixes 4-bit and 8-bit weights under a budget of 4..8 bits per weight; "
                 f"it needs --w-bits 2..4, got --w-bits {self.w_bits} and a budget of {self.mixed_precision}"
             )
+        if self.replay_prompts is not None and self.replay_prompts < 1:
+            raise QexportError(f"--replay-prompts must be at least 1, got {self.replay_prompts}")
         if not 0 <= self.lowrank <= MAX_RANK:
             raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 

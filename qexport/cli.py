@@ -291,6 +291,12 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
     "or min-max shrunk by the ratio (per range) with the best output SQNR on them.",
 )
 @click.option(
+    "--replay-prompts",
+    type=int,
+    help="How many calibration prompts the searches, sample-based observers, GPTQ, rotations and attention "
+    "ranges replay (default: up to 2); more fit held-out prompts better and cost build time.",
+)
+@click.option(
     "--lowrank",
     type=int,
     default=0,
@@ -349,6 +355,7 @@ def build(
     weight_clip: str,
     weight_rounding: str,
     act_observer: str,
+    replay_prompts: int | None,
     lowrank: int,
     mixed_precision: float,
     rotate: bool,
@@ -385,7 +392,8 @@ def build(
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
                         rotate=rotate, online_rotation=online_rotation,
                         rotation_choice=rotation_choice, quantize_attention=quantize_attention,
-                        mixed_precision=mixed_precision, weight_rounding=Rounding(weight_rounding))  # fmt: skip
+                        mixed_precision=mixed_precision, weight_rounding=Rounding(weight_rounding),
+                        replay_prompts=replay_prompts)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:

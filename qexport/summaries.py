@@ -175,6 +175,11 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         f"  layers     {q['layers']} quantized, {len(q['kept_fp'])} kept in FP",
         f"  smoothing  groups folded/explicit: {folds}",
         f"  disk       shared weights {shared:.2f} MiB (without sharing {unshared:.2f} MiB)",
+        *(
+            [f"  replay     {q['replay_prompts']} calibration prompt(s) replayed (FP trajectories, seed 0)"]
+            if q.get("replay_prompts")
+            else []
+        ),
         *_lowrank(q),
         *_mixed(q),
         *_rotation(q),
