@@ -264,9 +264,9 @@ def plan_models(
     )
     mixed = bool(q.mixed_precision) and layer_bits is None
     if any(searches) or shared_alpha_search or layer_search or mixed or planning_replays(q):
-        log.info("replaying calibration prompts (searches, observers, rotations, attention ranges, sensitivity)")
         prompts = list(stats.header.get("prompt_texts", []))
         prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
+        log.info("replaying %d calibration prompt(s) (searches, observers, rotations, attention, GPTQ)", len(prompts))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
     bindings, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
     alpha_scores: dict[float, float] = {}

@@ -9,6 +9,7 @@ from qexport.passes.observe import Observer
 from qexport.passes.plan import QuantConfig, Smooth
 
 from qexport.errors import QexportError
+from qexport.summaries import build_lines
 
 
 def test_replay_count_defaults_to_at_most_two_and_refuses_more_than_recorded():
@@ -44,5 +45,6 @@ def test_one_replayed_prompt_gives_other_ranges_and_replans_exactly(latte_stats,
     two, default = ranges(None)
     assert (one.manifest["quantization"]["replay_prompts"], two.manifest["quantization"]["replay_prompts"]) == (1, 2)
     assert sum(scales[n] != default[n] for n in scales) >= len(scales) // 4  # the samples differ
+    assert "  replay     1 calibration prompt(s) replayed" in "\n".join(build_lines(one.manifest, 1.0, "r1"))
     _, plans, _ = replan(one.manifest, latte_stats)
     assert {n: float(lp.a_scale) for n, lp in plans[0].layers.items()} == scales
