@@ -90,6 +90,7 @@ def make_manifest(
             "activations": f"{target.activation_type(q.a_bits)} per tensor, "
             f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static{pow2}",
             "smooth": q.smooth.value,
+            **({"asq_stat": q.asq_stat} if q.smooth.value == "asq" else {}),
             "weight_clip": q.weight_clip,
             "weight_rounding": q.weight_rounding.value,
             "act_observer": str(q.act_observer),

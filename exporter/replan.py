@@ -37,6 +37,7 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     ranges = None if q["granularity"] == "timestep-wise" else len(manifest["ranges"])
     alphas = [float(r["alpha"]) for r in manifest["ranges"]]
     quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=alphas[0],
+                        asq_stat=q.get("asq_stat", "ema"),
                         weight_clip=q.get("weight_clip", "minmax"),
                         act_observer=Observer(q.get("act_observer", "minmax")),
                         lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)),

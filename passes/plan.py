@@ -39,6 +39,7 @@ class QuantConfig:
     alpha: float = 0.5
     alpha_auto: bool = False  # search alpha (the build does it; alpha is then a start value)
     alpha_layer: bool = False  # alpha per input-sharing group, by layer-output error (exporter.alpha)
+    asq_stat: str = "ema"  # ASQ's per-channel activation statistic: the running average, or the max over steps
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
     act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
     act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
@@ -66,6 +67,10 @@ class QuantConfig:
             raise QexportError(
                 "--alpha layer chooses alpha per layer for --smooth asq or tsq; it excludes --alpha auto"
             )
+        if self.asq_stat not in ("ema", "max"):
+            raise QexportError(f"--asq-stat must be ema or max, got {self.asq_stat!r}")
+        if self.asq_stat != "ema" and self.smooth != Smooth.ASQ:
+            raise QexportError(f"--asq-stat {self.asq_stat} chooses how --smooth asq aggregates; it needs --smooth asq")
         if self.rotation_choice not in ("adaptive", "all"):
             raise QexportError(f"--rotation-choice must be adaptive or all, got {self.rotation_choice!r}")
         if self.online_rotation and (self.online_rotation < 2 or self.online_rotation & (self.online_rotation - 1)):
@@ -131,9 +136,12 @@ def _changed(bias: np.ndarray | None) -> np.ndarray | None:
     return None if bias is None else bias.astype(np.float32)
 
 
-def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth) -> np.ndarray:
+def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth, asq_stat: str = "ema") -> np.ndarray:
+    """The per-channel activation magnitude a_j that s is computed from: for ASQ one vector for all
+    steps (the running average of the per-batch means of max|x|, or the largest per-step mean), for
+    TSQ / none the mean over the range's samples."""
     if smooth == Smooth.ASQ:
-        return stats.asq
+        return stats.asq if asq_stat == "ema" else stats.absmax_mean.max(axis=0)
     return stats.absmax_sum[steps].sum(0) / max(int(stats.count[steps].sum()), 1)
 
 
@@ -230,7 +238,7 @@ def plan_range(
     hessians: dict[str, np.ndarray] = {}  # per layer, H of the input it quantizes (gptq)
     for g in groups:
         first = stats[g.layers[0]]
-        act = _act_stat(first, steps, config.smooth)
+        act = _act_stat(first, steps, config.smooth, config.asq_stat)
         s = None
         if config.smooth != Smooth.NONE:
             wmax = np.max([np.abs(weights[layer]).max(axis=1) for layer in g.layers], axis=0)

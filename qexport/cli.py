@@ -274,6 +274,14 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
     help="SmoothQuant migration strength; 'auto' (searched; one for all steps with asq); "
     "'layer' (per layer, by layer-output error).",
 )
+@click.option(
+    "--asq-stat",
+    type=click.Choice(["ema", "max"]),
+    default="ema",
+    show_default=True,
+    help="How --smooth asq aggregates each channel's max |x| over the steps: the running average (momentum "
+    "0.95), or the largest per-step mean.",
+)
 @click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
 @click.option(
     "--weight-rounding",
@@ -352,6 +360,7 @@ def build(
     a_bits: int,
     smooth: str,
     alpha: str,
+    asq_stat: str,
     weight_clip: str,
     weight_rounding: str,
     act_observer: str,
@@ -388,7 +397,7 @@ def build(
     except ValueError:
         raise QexportError(f"--alpha must be a number in (0, 1], 'auto' or 'layer', got {alpha!r}") from None
     quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
-                        alpha_layer=layer,
+                        alpha_layer=layer, asq_stat=asq_stat,
                         weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
                         rotate=rotate, online_rotation=online_rotation,
                         rotation_choice=rotation_choice, quantize_attention=quantize_attention,
