@@ -11,6 +11,7 @@ from qexport.calib.store import QStats
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
 from qexport.exporter.mixed import mixed_manifest, raised
 from qexport.passes.attention import OPERANDS
+from qexport.passes.plan import Smooth
 from qexport.targets.profile import TargetProfile
 
 from qexport import __version__
@@ -90,7 +91,7 @@ def make_manifest(
             "activations": f"{target.activation_type(q.a_bits)} per tensor, "
             f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static{pow2}",
             "smooth": q.smooth.value,
-            **({"asq_stat": q.asq_stat} if q.smooth.value == "asq" else {}),
+            **({"asq_stat": q.asq_stat} if q.smooth == Smooth.ASQ else {}),
             "weight_clip": q.weight_clip,
             "weight_rounding": q.weight_rounding.value,
             "act_observer": str(q.act_observer),
