@@ -93,6 +93,7 @@ def make_manifest(
             "smooth": q.smooth.value,
             **({"asq_stat": q.asq_stat} if q.smooth == Smooth.ASQ else {}),
             "weight_clip": q.weight_clip,
+            "channel_shift": {"on": q.channel_shift, "folds": dict(sorted(ranges[0].plan.shift_folds.items()))},
             "weight_rounding": q.weight_rounding.value,
             "act_observer": str(q.act_observer),
             "alpha": "auto" if q.alpha_auto else "layer" if q.alpha_layer else q.alpha,

@@ -39,6 +39,7 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
     quant = QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], smooth=Smooth(q["smooth"]), alpha=alphas[0],
                         asq_stat=q.get("asq_stat", "ema"),
                         weight_clip=q.get("weight_clip", "minmax"),
+                        channel_shift=bool(q.get("channel_shift", {}).get("on", False)),
                         act_observer=Observer(q.get("act_observer", "minmax")),
                         lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)),
                         online_rotation=int(q.get("online_rotation", {}).get("block", 0)),

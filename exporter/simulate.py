@@ -1,7 +1,8 @@
 """Torch fake-quant simulation of exactly the plan a build emits: the same integer weights and
 scales, the same per-tensor activation scale / zero point and round-half-to-even, the same
 smoothing (divided at the linear's input where the graph folds it into the modulation or inserts
-a Mul; already inside the value projection's weights where it folds there), the low-rank
+a Mul; already inside the value projection's weights where it folds there), the same channel
+shift (subtracted at the input, or already in the value projection's bias), the low-rank
 branch ``(x_dq · A) · B`` added to the output from the same fake-quantized input, and, where
 planned, fake-quantized attention matmul operands (exporter.attention)."""
 
@@ -46,11 +47,18 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
                 m.bias.data = torch.from_numpy(lp.bias.reshape(-1).copy()).to(on)
             divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32")).to(on)
             rot = None if lp.rotation is None else torch.from_numpy(lp.rotation.astype("float32")).to(on)
+            shift = None if lp.shift is None else torch.from_numpy(lp.shift).to(on)
 
             def hook(
-                module: nn.Module, args: tuple[torch.Tensor, ...], lp: LayerPlan = lp, d: Any = divisor, r: Any = rot
+                module: nn.Module,
+                args: tuple[torch.Tensor, ...],
+                lp: LayerPlan = lp,
+                d: Any = divisor,
+                r: Any = rot,
+                z: Any = shift,
             ) -> Any:
                 x = args[0] if d is None else args[0] * (1.0 / d)
+                x = x if z is None else x - z  # channel shift (its bias is already b + z·W)
                 x = x if r is None else x @ r  # online rotation (its weights are already Rᵀ·W)
                 return (fake_quant(x, lp), *args[1:])
 

@@ -14,6 +14,7 @@ from qexport.passes.analyze import Group
 from qexport.passes.attention import AttentionSite, quantize_attention
 from qexport.passes.graph import constant_input, consumers, node_named
 from qexport.passes.plan import RangePlan
+from qexport.passes.shift import insert_shift
 from qexport.passes.sink import sink_smoothing
 from qexport.targets.profile import TargetProfile
 
@@ -205,6 +206,7 @@ def insert_lowrank(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
 PASSES = (
     fold_smoothing,
     fold_rotation,
+    insert_shift,
     sink_smoothing,
     insert_online_rotation,
     quantize_weights,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import numpy as np
-from qexport.calib.stats import LayerStats
+from qexport.calib.stats import MOMENTUM, LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.attention import AttentionPlan
 from qexport.passes.gptq import Memo, Rounding, digest, gptq_quantize, input_hessian, output_clipped_qparams
@@ -16,6 +16,7 @@ from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
 from qexport.passes.rotate import hadamard, head_rotation
+from qexport.passes.shift import can_shift, channel_shift, shift_fold, shifted_range
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -51,6 +52,7 @@ class QuantConfig:
     mixed_precision: float = 0.0  # budget in weight bits per parameter: layers at w_bits or 8 (0 = off)
     weight_rounding: Rounding = Rounding.NEAREST  # or GPTQ: error-compensating rounding (passes.gptq)
     replay_prompts: int | None = None  # calibration prompts the replaying options replay (None: up to 2)
+    channel_shift: bool = False  # centre each input channel before the quantizer (passes.shift)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -67,8 +69,8 @@ class QuantConfig:
             raise QexportError(
                 "--alpha layer chooses alpha per layer for --smooth asq or tsq; it excludes --alpha auto"
             )
-        if self.asq_stat not in ("ema", "max"):
-            raise QexportError(f"--asq-stat must be ema or max, got {self.asq_stat!r}")
+        if self.asq_stat not in ("ema", "max", "range"):
+            raise QexportError(f"--asq-stat must be ema, max or range, got {self.asq_stat!r}")
         if self.asq_stat != "ema" and self.smooth != Smooth.ASQ:
             raise QexportError(f"--asq-stat {self.asq_stat} chooses how --smooth asq aggregates; it needs --smooth asq")
         if self.rotation_choice not in ("adaptive", "all"):
@@ -82,6 +84,11 @@ class QuantConfig:
             )
         if self.replay_prompts is not None and self.replay_prompts < 1:
             raise QexportError(f"--replay-prompts must be at least 1, got {self.replay_prompts}")
+        if self.channel_shift and (self.rotate or self.online_rotation or self.lowrank or self.quantize_attention):
+            raise QexportError(
+                "--channel-shift does not combine with --rotate, --online-rotation, --lowrank or "
+                "--quantize-attention; drop one of them"
+            )
         if not 0 <= self.lowrank <= MAX_RANK:
             raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 
@@ -103,6 +110,7 @@ class LayerPlan:
     lowrank_a: np.ndarray | None = None  # [in, r] FP32: output += (x_dq · A) · B (--lowrank)
     lowrank_b: np.ndarray | None = None  # [r, out] FP32
     rotation: np.ndarray | None = None  # online Hadamard R [in, in]: the input is x·R before quantizing
+    shift: np.ndarray | None = None  # [in]: subtracted from the (smoothed) input before quantizing
 
     def weight(self) -> np.ndarray:
         return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
@@ -122,6 +130,8 @@ class RangePlan:
     online: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R applied online
     online_report: dict[str, dict[str, float]] = field(default_factory=dict)  # group tensor -> criterion, errors
     attention: dict[str, AttentionPlan] = field(default_factory=dict)  # attention module -> operand quantizers
+    shifts: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> z (--channel-shift)
+    shift_folds: dict[str, int] = field(default_factory=dict)  # where z goes (passes.shift) -> groups
 
 
 def smoothing_vector(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -136,11 +146,23 @@ def _changed(bias: np.ndarray | None) -> np.ndarray | None:
     return None if bias is None else bias.astype(np.float32)
 
 
+def running_average(per_step: np.ndarray) -> np.ndarray:
+    """[C]: the bias-corrected running average (momentum 0.95, ASQ's) of per-step rows [S, C], in
+    step order; rows without samples (not finite) are skipped."""
+    z, n = np.zeros(per_step.shape[1]), 0
+    for row in per_step:
+        if np.all(np.isfinite(row)):
+            z, n = MOMENTUM * z + (1.0 - MOMENTUM) * row, n + 1
+    return z / (1.0 - MOMENTUM**n) if n else z
+
+
 def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth, asq_stat: str = "ema") -> np.ndarray:
     """The per-channel activation magnitude a_j that s is computed from: for ASQ one vector for all
     steps (the running average of the per-batch means of max|x|, or the largest per-step mean), for
     TSQ / none the mean over the range's samples."""
     if smooth == Smooth.ASQ:
+        if asq_stat == "range":  # what is left to quantize after --channel-shift: the half-widths
+            return running_average((stats.channel_max - stats.channel_min).astype(np.float64) / 2.0)
         return stats.asq if asq_stat == "ema" else stats.absmax_mean.max(axis=0)
     return stats.absmax_sum[steps].sum(0) / max(int(stats.count[steps].sum()), 1)
 
@@ -236,6 +258,8 @@ def plan_range(
     ranges: dict[str, tuple[float, float]] = {}
     online_of: dict[str, np.ndarray | None] = {}
     hessians: dict[str, np.ndarray] = {}  # per layer, H of the input it quantizes (gptq)
+    shifted: dict[str, np.ndarray] = {}  # per layer, the z subtracted from its input (--channel-shift)
+    in_value: set[str] = set()  # shifted layers whose z is in the value projection's bias, not at the input
     for g in groups:
         first = stats[g.layers[0]]
         act = _act_stat(first, steps, config.smooth, config.asq_stat)
@@ -256,6 +280,19 @@ def plan_range(
         lo = float((first.channel_min[steps] / div).min())
         hi = float((first.channel_max[steps] / div).max())
         magnitude = act / div
+        z = None
+        if config.channel_shift and can_shift(g, final_b):
+            z = channel_shift(first, steps, div)
+            lo, hi = shifted_range(first, steps, div, z)
+            plan.shifts[g.tensor] = z
+            kind = shift_fold(g)
+            plan.shift_folds[kind] = plan.shift_folds.get(kind, 0) + 1
+            if g.fold == "value" and g.value_layer is not None:  # attn·(V - z) = attn·V - z
+                final_b[g.value_layer] = final_b[g.value_layer] - z
+                changed_bias.add(g.value_layer)
+            shifted.update(dict.fromkeys(g.layers, z))
+            if g.fold == "value":
+                in_value.update(g.layers)
         rot = None
         if config.rotate and g.fold == "value" and g.value_layer is not None:
             rot = _fold_rotation(g, head_dims or {}, final_w, final_b, changed_bias)
@@ -265,7 +302,7 @@ def plan_range(
         if config.act_observer.samples or rot is not None or wants_online:
             if samples is None or g.layers[0] not in samples:
                 raise QexportError(f"the {config.act_observer} observer or a rotation has no samples of {g.layers[0]}")
-            values = samples[g.layers[0]] / div
+            values = samples[g.layers[0]] / div if z is None else samples[g.layers[0]] / div - z
         if rot is not None and values is not None:
             lo, hi, magnitude, values = _rotated_range(values, rot, lo, hi)
         online = None
@@ -302,6 +339,9 @@ def plan_range(
         else:
             w_scale, w_zero = _weight_qparams(w, grid, config, target)
             w_q = quantize(w, w_scale[None, :], w_zero[None, :], grid)
+        if layer in shifted:  # (x - z)·Ŵ + (b + z·Ŵ) = x·Ŵ + b
+            final_b[layer] = final_b[layer] + shifted[layer] @ dequantize(w_q, w_scale[None, :], w_zero[None, :])
+            changed_bias.add(layer)
         lr_a = lr_b = None
         if config.lowrank:
             w_dq = dequantize(w_q, w_scale[None, :], w_zero[None, :])
@@ -320,6 +360,7 @@ def plan_range(
             lowrank_a=lr_a,
             lowrank_b=lr_b,
             rotation=online_of.get(layer),
+            shift=shifted[layer].astype(np.float32) if layer in shifted and layer not in in_value else None,
         )
     return plan
 

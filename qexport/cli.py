@@ -276,13 +276,20 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 )
 @click.option(
     "--asq-stat",
-    type=click.Choice(["ema", "max"]),
+    type=click.Choice(["ema", "max", "range"]),
     default="ema",
     show_default=True,
-    help="How --smooth asq aggregates each channel's max |x| over the steps: the running average (momentum "
-    "0.95), or the largest per-step mean.",
+    help="How --smooth asq aggregates each channel's magnitude over the steps: the running average (momentum "
+    "0.95) of max |x|, the largest per-step mean of max |x|, or the running average of the half-width of "
+    "the channel's range (for --channel-shift).",
 )
 @click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
+@click.option(
+    "--channel-shift",
+    is_flag=True,
+    help="Centre each input channel on its calibrated midpoint before the per-tensor quantizer (per range; "
+    "restored by the bias, folded into the adaLN shift or the value bias where exact).",
+)
 @click.option(
     "--weight-rounding",
     type=click.Choice(["nearest", "gptq"]),
@@ -362,6 +369,7 @@ def build(
     alpha: str,
     asq_stat: str,
     weight_clip: str,
+    channel_shift: bool,
     weight_rounding: str,
     act_observer: str,
     replay_prompts: int | None,
@@ -402,7 +410,7 @@ def build(
                         rotate=rotate, online_rotation=online_rotation,
                         rotation_choice=rotation_choice, quantize_attention=quantize_attention,
                         mixed_precision=mixed_precision, weight_rounding=Rounding(weight_rounding),
-                        replay_prompts=replay_prompts)  # fmt: skip
+                        replay_prompts=replay_prompts, channel_shift=channel_shift)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:

@@ -161,6 +161,14 @@ def _kv(manifest: dict[str, Any]) -> list[str]:
     ]
 
 
+def _shift(q: dict[str, Any]) -> list[str]:
+    shift = q.get("channel_shift", {})
+    if not shift.get("on"):
+        return []
+    folds = ", ".join(f"{k} {v}" for k, v in shift["folds"].items()) or "none (no group has the biases it needs)"
+    return [f"  shift      channel shift per range, groups: {folds} (restored by per-range biases; weights shared)"]
+
+
 def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:
     q, f = manifest["quantization"], manifest["files"]
     folds = ", ".join(f"{k} {v}" for k, v in sorted(q["folds"].items())) or "no smoothing"
@@ -180,6 +188,7 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
             if q.get("replay_prompts")
             else []
         ),
+        *_shift(q),
         *_lowrank(q),
         *_mixed(q),
         *_rotation(q),

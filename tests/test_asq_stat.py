@@ -14,7 +14,7 @@ from qexport.errors import QexportError
 def test_asq_stat_is_checked():
     with pytest.raises(QexportError, match="--asq-stat max chooses how --smooth asq aggregates"):
         QuantConfig(smooth=Smooth.TSQ, asq_stat="max")
-    with pytest.raises(QexportError, match="--asq-stat must be ema or max, got 'mean'"):
+    with pytest.raises(QexportError, match="--asq-stat must be ema, max or range, got 'mean'"):
         QuantConfig(smooth=Smooth.ASQ, asq_stat="mean")
 
 

@@ -1,0 +1,98 @@
+"""Channel-wise shift (``--channel-shift``): before the per-tensor quantizer, subtract from each
+input channel the midpoint z_j of its calibrated range, so every channel is centred on zero and
+the one tensor-wide range only has to cover the widest channel's half-width. The linear's output
+is restored exactly by its bias: (x - z)·W + (b + z·W) = x·W + b.
+
+z is computed per range from the statistics' per-channel extremes (after smoothing), so with
+``--timestep-wise`` every step has its own z while the weights stay shared: only biases and the
+per-step modulation constants differ. Where z goes in the graph:
+
+- modulation groups (q/k/v, fc1 of a per-step model): subtracted from the constant adaLN shift;
+- attention-output groups: subtracted from the value projection's bias (each softmax row sums to
+  one, so attn·(V - z) = attn·V - z);
+- anything else: an explicit ``Add(x, -z)`` before the quantizer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from qexport.calib.stats import LayerStats
+from qexport.passes.analyze import Group
+from qexport.passes.graph import constant_input, consumers, node_named
+
+if TYPE_CHECKING:
+    from qexport.passes.apply import PassConfig
+
+
+def channel_shift(stats: LayerStats, steps: list[int], divisor: np.ndarray | float) -> np.ndarray:
+    """z [C]: the midpoint of each channel's range over the steps, in the smoothed domain X / s."""
+    lo = (stats.channel_min[steps] / divisor).min(axis=0).astype(np.float64)
+    hi = (stats.channel_max[steps] / divisor).max(axis=0).astype(np.float64)
+    return np.where(np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2.0, 0.0)
+
+
+def shifted_range(
+    stats: LayerStats, steps: list[int], divisor: np.ndarray | float, z: np.ndarray
+) -> tuple[float, float]:
+    """The per-tensor (min, max) of X / s - z over the steps, from the per-channel extremes."""
+    lo = (stats.channel_min[steps] / divisor).min(axis=0) - z
+    hi = (stats.channel_max[steps] / divisor).max(axis=0) - z
+    return float(lo.min()), float(hi.max())
+
+
+def can_shift(g: Group, biases: dict[str, np.ndarray | None]) -> bool:
+    """A group is shifted only where every restoring bias exists (and, for an attention-output
+    group, the value projection's bias that takes z)."""
+    if any(biases.get(layer) is None for layer in g.layers):
+        return False
+    return g.fold != "value" or (g.value_layer is not None and biases.get(g.value_layer) is not None)
+
+
+def shift_fold(g: Group) -> str:
+    """Where a group's z goes: "modulation" (the constant adaLN shift), "value" (the value bias) or
+    "explicit" (an Add before the quantizer)."""
+    if g.fold == "modulation" and g.scale_const and g.shift_const:
+        return "modulation"
+    return "value" if g.fold == "value" else "explicit"
+
+
+def write_bias(graph: gs.Graph, matmul_name: str, bias: np.ndarray, cons: dict[str, list[gs.Node]]) -> bool:
+    """Write a linear's bias into the constant of the Add after its MatMul; False if there is none."""
+    matmul = node_named(graph, matmul_name)
+    add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
+    found = constant_input(add) if add is not None else None
+    if found is None:
+        return False
+    found[1].values = np.asarray(bias, dtype=np.float32).reshape(np.asarray(found[1].values).shape)
+    return True
+
+
+def insert_shift(graph: gs.Graph, config: PassConfig, target: object) -> gs.Graph:
+    """Put each shifted group's z where it folds (see the module doc) and write the restoring biases."""
+    plan = config.plan
+    if not plan.shifts:
+        return graph
+    constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    for g in config.groups:
+        z = plan.shifts.get(g.tensor)
+        if z is None or shift_fold(g) == "value":  # already in the value projection's bias
+            continue
+        if shift_fold(g) == "modulation" and g.shift_const:
+            const = constants[g.shift_const]
+            values = np.asarray(const.values, dtype=np.float64)
+            const.values = (values - z).astype(np.float32)  # broadcasts over the last (channel) axis
+            continue
+        x = node_named(graph, config.nodes[g.layers[0]]).inputs[0]
+        y = gs.Variable(f"{g.tensor}::shifted", dtype=np.float32)
+        minus_z = gs.Constant(f"{g.tensor}::minus_z", np.ascontiguousarray(-z, dtype=np.float32))
+        graph.nodes.append(gs.Node("Add", f"{g.tensor}::shift", inputs=[x, minus_z], outputs=[y]))
+        for layer in g.layers:
+            node_named(graph, config.nodes[layer]).inputs[0] = y
+    cons = consumers(graph)
+    for layer, lp in plan.layers.items():
+        if lp.bias is not None and not write_bias(graph, config.nodes[layer], lp.bias, cons):
+            raise ValueError(f"{layer} has a planned bias but no bias Add in the graph")
+    return graph

@@ -1,0 +1,125 @@
+"""Channel shift (--channel-shift): the midpoints and the shifted range from per-channel extremes,
+the refusals, the fold is exact in FP on the tiny-latte graph, and a per-step build verifies on
+integer kernels with its weights shared and replans to the same biases."""
+
+import numpy as np
+import pytest
+from qexport.calib.stats import LayerStats
+from qexport.passes.analyze import Group
+from qexport.passes.plan import QuantConfig, Smooth
+from qexport.passes.shift import can_shift, channel_shift, shift_fold, shifted_range
+
+from qexport.errors import QexportError
+
+
+def _stats(lo: np.ndarray, hi: np.ndarray) -> LayerStats:
+    steps, channels = lo.shape
+    return LayerStats(channels=channels, minimum=lo.min(1), maximum=hi.max(1), channel_min=lo, channel_max=hi,
+                      absmax_sum=np.maximum(-lo, hi).astype(np.float64), count=np.ones(steps, dtype=np.int64),
+                      asq_z=np.zeros(channels), asq_n=0)  # fmt: skip
+
+
+def test_midpoints_centre_every_channel_and_narrow_the_tensor_range():
+    lo = np.array([[0.0, -4.0, 2.0], [-1.0, -6.0, 3.0]], dtype=np.float32)
+    hi = np.array([[2.0, -2.0, 8.0], [1.0, -3.0, 9.0]], dtype=np.float32)
+    st = _stats(lo, hi)
+    z = channel_shift(st, [0, 1], 1.0)
+    assert np.allclose(z, [0.5, -4.0, 5.5])  # (min over steps + max over steps) / 2
+    low, high = shifted_range(st, [0, 1], 1.0, z)
+    assert (low, high) == (-3.5, 3.5)  # the widest channel's half-width (channel 2: 2..9)
+    assert high - low < float(hi.max() - lo.min())  # 7 against 15 unshifted
+    z1 = channel_shift(st, [1], np.array([1.0, 2.0, 1.0]))  # per step, in the smoothed domain
+    assert np.allclose(z1, [0.0, -2.25, 6.0])
+    assert shifted_range(st, [1], np.array([1.0, 2.0, 1.0]), z1) == (-3.0, 3.0)
+
+
+def test_groups_without_the_restoring_bias_are_not_shifted():
+    g = Group(tensor="x", layers=("a", "b"), channels=3, fold="explicit")
+    assert can_shift(g, {"a": np.zeros(2), "b": np.zeros(2)})
+    assert not can_shift(g, {"a": np.zeros(2), "b": None})
+    out = Group(tensor="o", layers=("o",), channels=3, fold="value", value_layer="v")
+    assert not can_shift(out, {"o": np.zeros(3), "v": None}) and can_shift(out, {"o": np.zeros(3), "v": np.zeros(3)})
+    assert shift_fold(out) == "value" and shift_fold(g) == "explicit"
+    runtime = Group(tensor="m", layers=("q",), channels=3, fold="modulation")  # modulation computed at run time
+    assert shift_fold(runtime) == "explicit"
+    assert shift_fold(Group(tensor="m", layers=("q",), channels=3, fold="modulation", scale_const="s",
+                            shift_const="t")) == "modulation"  # fmt: skip
+
+
+@pytest.mark.parametrize("other", [{"rotate": True}, {"online_rotation": 64}, {"lowrank": 8},
+                                   {"quantize_attention": True}])  # fmt: skip
+def test_shift_refuses_options_it_does_not_combine_with(other):
+    with pytest.raises(QexportError, match="--channel-shift does not combine"):
+        QuantConfig(smooth=Smooth.ASQ, channel_shift=True, **other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("smooth", ["none", "asq"])
+def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_stats, smooth):
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+    from qexport.calib.store import load
+    from qexport.exporter.build import range_inputs
+    from qexport.exporter.fp_export import StepGraphs, export_fp, load_graph, prepare
+    from qexport.passes.apply import PassConfig, fold_smoothing
+    from qexport.passes.plan import plan_range
+    from qexport.passes.shift import insert_shift
+    from qexport.targets.profile import ORT_CPU
+
+    from qexport.models.registry import load_model
+
+    adapter = load_model("tiny-latte")
+    stats = load(latte_stats)
+    fp = prepare(export_fp(adapter, list(stats.layers)))
+    rng = np.random.default_rng(0)
+    feeds = {"latents": rng.standard_normal((2, 3, 16, 32, 32)).astype(np.float32),
+             "cond": adapter.conditioner.null(2).numpy()}  # fmt: skip
+    outputs = []
+    for shift in (False, True):  # the same plan with and without the shift, weights = dequantized integers
+        graph = StepGraphs(load_graph(fp)).at(749)
+        nodes, groups, weights, biases = range_inputs(graph, fp.bindings, adapter)
+        config = QuantConfig(smooth=Smooth(smooth), channel_shift=shift)
+        plan = plan_range([1], groups, stats.layers, weights, biases, config, ORT_CPU)
+        pc = PassConfig(plan=plan, groups=groups, nodes=nodes)
+        graph = insert_shift(fold_smoothing(graph, pc, ORT_CPU), pc, ORT_CPU)
+        for n, b in fp.bindings.items():
+            graph.tensors()[b.weight].values = plan.layers[n].weight().astype(np.float32)
+        model = gs.export_onnx(graph.cleanup().toposort())
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append((plan, session.run(None, feeds)[0]))
+    (plain, ref), (shifted, got) = outputs
+    assert shifted.shift_folds == {"explicit": 13, "modulation": 16, "value": 12}
+    assert all(np.array_equal(shifted.layers[n].w_q, lp.w_q) for n, lp in plain.layers.items())  # weights kept
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(got - ref).max()
+    narrower = [float(shifted.layers[n].a_scale) <= float(lp.a_scale) * (1 + 1e-6) for n, lp in plain.layers.items()]
+    assert all(narrower)  # centring never widens a tensor's range
+
+
+@pytest.mark.slow
+def test_per_step_shift_build_verifies_shares_weights_and_replans(latte_stats, tmp_path):
+    from qexport.exporter.build import BuildConfig, build
+    from qexport.exporter.replan import replan
+    from qexport.exporter.verify import verify
+    from qexport.targets.profile import ORT_CPU
+
+    from qexport.summaries import build_lines
+
+    config = BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ, channel_shift=True), ranges=None)
+    result = build(latte_stats, tmp_path / "shift", config)
+    q = result.manifest["quantization"]
+    assert q["channel_shift"] == {"on": True, "folds": {"explicit": 13, "modulation": 16, "value": 12}}
+    lines = build_lines(result.manifest, 1.0, "x")
+    assert any(line.startswith("  shift      channel shift per range") for line in lines)
+    plans = [r.plan for r in result.ranges]
+    first, last = plans[0], plans[-1]
+    assert all(np.array_equal(first.layers[n].w_q, lp.w_q) for n, lp in last.layers.items())  # shared weights
+    assert any(not np.allclose(first.shifts[t], z) for t, z in last.shifts.items())  # z differs per step
+    files = result.manifest["files"]
+    assert files["weights_bytes"] < 0.5 * files["weights_bytes_without_sharing"]
+    v = verify(result.folder, result.adapter, plans, result.manifest, ORT_CPU, "a red circle moving left")
+    assert v.ok and all(len(m.integer) == 64 and not m.float_ for m in v.models), v.to_json()
+    _, again, _ = replan(result.manifest, latte_stats)
+    for old, new in zip(plans, again, strict=True):
+        for n, lp in old.layers.items():
+            assert (lp.bias is None) == (new.layers[n].bias is None)
+            assert lp.bias is None or np.array_equal(lp.bias, new.layers[n].bias)
