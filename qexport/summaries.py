@@ -166,7 +166,7 @@ def _shift(q: dict[str, Any]) -> list[str]:
     if not shift.get("on"):
         return []
     folds = ", ".join(f"{k} {v}" for k, v in shift["folds"].items()) or "none (no group has the biases it needs)"
-    return [f"  shift      channel shift per range, groups: {folds} (restored by per-range biases; weights shared)"]
+    return [f"  shift      channel shift per range, groups: {folds} (restored by per-range biases; weights unchanged)"]
 
 
 def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:

@@ -33,6 +33,19 @@ def test_midpoints_centre_every_channel_and_narrow_the_tensor_range():
     assert shifted_range(st, [1], np.array([1.0, 2.0, 1.0]), z1) == (-3.0, 3.0)
 
 
+def test_asq_range_statistic_is_the_running_average_of_half_widths():
+    from qexport.passes.plan import _act_stat, running_average
+
+    lo = np.array([[-1.0, 0.0], [-3.0, 2.0], [np.inf, np.inf]], dtype=np.float32)  # step 2: no samples
+    hi = np.array([[1.0, 4.0], [1.0, 3.0], [-np.inf, -np.inf]], dtype=np.float32)
+    st = _stats(lo, hi)
+    half = np.array([[1.0, 2.0], [2.0, 0.5]])
+    ema = (0.95 * 0.05 * half[0] + 0.05 * half[1]) / (1 - 0.95**2)  # zero-initialised, bias-corrected
+    assert np.allclose(running_average((hi - lo).astype(np.float64) / 2), ema)
+    assert np.allclose(_act_stat(st, [0, 1], Smooth.ASQ, "range"), ema)
+    assert not np.allclose(_act_stat(st, [0, 1], Smooth.ASQ, "range"), half.mean(0))  # later steps weigh more
+
+
 def test_groups_without_the_restoring_bias_are_not_shifted():
     g = Group(tensor="x", layers=("a", "b"), channels=3, fold="explicit")
     assert can_shift(g, {"a": np.zeros(2), "b": np.zeros(2)})
