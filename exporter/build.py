@@ -35,7 +35,7 @@ from qexport.passes.gptq import Memo, Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
-from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range
+from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range, smoothing_steps
 from qexport.passes.specialise import copy_graph
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile, get_profile
@@ -153,6 +153,10 @@ def build(
     target = check_request(config, out)
     stats = load(stats_path)
     split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
+    if config.quant.smooth_ranges:
+        if config.ranges is not None:
+            raise QexportError("--smooth-ranges shares smoothing vectors between step models; it needs --timestep-wise")
+        smoothing_steps([0], stats.steps, config.quant.smooth_ranges)  # refuse K above the calibrated steps
     replayed = replay_options(config.quant)
     if replayed and not stats.header.get("prompt_texts"):
         raise QexportError(
@@ -470,11 +474,14 @@ def share_arrays(plan: RangePlan, previous: RangePlan | None) -> None:
 def _grams(
     replay: CalibrationReplay | None, quant: QuantConfig, steps: list[int], groups: list[Group], total: int
 ) -> dict[str, np.ndarray] | None:
-    """The input Gram matrices GPTQ needs (None without it): over the range's steps with TSQ, else over
-    every calibrated step, so that weights shared between ranges stay shared."""
+    """The input Gram matrices GPTQ needs (None without it): over the steps that share the range's s
+    with TSQ (its own, or its --smooth-ranges range), else over every calibrated step, so that
+    weights shared between ranges stay shared."""
     if not gptq(quant):
         return None
     assert replay is not None
+    if quant.smooth == Smooth.TSQ:
+        steps = smoothing_steps(steps, total, quant.smooth_ranges)
     return replay.input_grams(
         steps if quant.smooth == Smooth.TSQ else list(range(total)), [g.layers[0] for g in groups]
     )

@@ -93,6 +93,7 @@ def make_manifest(
             "smooth": q.smooth.value,
             **({"asq_stat": q.asq_stat} if q.smooth == Smooth.ASQ else {}),
             "weight_clip": q.weight_clip,
+            **({"smooth_ranges": q.smooth_ranges} if q.smooth_ranges else {}),
             "channel_shift": {"on": q.channel_shift, "folds": dict(sorted(ranges[0].plan.shift_folds.items()))},
             "weight_rounding": q.weight_rounding.value,
             "act_observer": str(q.act_observer),

@@ -40,6 +40,7 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
                         asq_stat=q.get("asq_stat", "ema"),
                         weight_clip=q.get("weight_clip", "minmax"),
                         channel_shift=bool(q.get("channel_shift", {}).get("on", False)),
+                        smooth_ranges=int(q.get("smooth_ranges", 0)),
                         act_observer=Observer(q.get("act_observer", "minmax")),
                         lowrank=int(q.get("lowrank", 0)), rotate=bool(q.get("rotate", False)),
                         online_rotation=int(q.get("online_rotation", {}).get("block", 0)),

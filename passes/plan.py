@@ -53,6 +53,7 @@ class QuantConfig:
     weight_rounding: Rounding = Rounding.NEAREST  # or GPTQ: error-compensating rounding (passes.gptq)
     replay_prompts: int | None = None  # calibration prompts the replaying options replay (None: up to 2)
     channel_shift: bool = False  # centre each input channel before the quantizer (passes.shift)
+    smooth_ranges: int = 0  # TSQ: one s per this many contiguous step ranges, not per model (0 = per model)
 
     def __post_init__(self) -> None:
         if self.weight_clip not in ("minmax", "mse"):
@@ -89,6 +90,13 @@ class QuantConfig:
                 "--channel-shift does not combine with --rotate, --online-rotation, --lowrank or "
                 "--quantize-attention; drop one of them"
             )
+        if self.smooth_ranges and (self.smooth != Smooth.TSQ or self.alpha_auto or self.alpha_layer):
+            raise QexportError(
+                "--smooth-ranges K gives --smooth tsq one smoothing vector per K step ranges; it needs --smooth "
+                "tsq and a fixed --alpha (auto and layer choose alphas per model)"
+            )
+        if self.smooth_ranges < 0:
+            raise QexportError(f"--smooth-ranges must be at least 1 (0 = off), got {self.smooth_ranges}")
         if not 0 <= self.lowrank <= MAX_RANK:
             raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 
@@ -154,6 +162,21 @@ def running_average(per_step: np.ndarray) -> np.ndarray:
         if np.all(np.isfinite(row)):
             z, n = MOMENTUM * z + (1.0 - MOMENTUM) * row, n + 1
     return z / (1.0 - MOMENTUM**n) if n else z
+
+
+def smoothing_steps(steps: list[int], total: int, ranges: int) -> list[int]:
+    """The steps whose statistics give a range's s: its own, or with --smooth-ranges K the whole
+    one of K contiguous step ranges that holds its first step (models in it then share weights).
+
+    Raises:
+        QexportError: K above the calibrated steps.
+    """
+    if not ranges:
+        return steps
+    if ranges > total:
+        raise QexportError(f"--smooth-ranges must be in 1..{total} (the calibrated steps), got {ranges}")
+    parts = np.array_split(np.arange(total), ranges)
+    return next([int(i) for i in part] for part in parts if steps[0] in part)
 
 
 def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth, asq_stat: str = "ema") -> np.ndarray:
@@ -262,7 +285,8 @@ def plan_range(
     in_value: set[str] = set()  # shifted layers whose z is in the value projection's bias, not at the input
     for g in groups:
         first = stats[g.layers[0]]
-        act = _act_stat(first, steps, config.smooth, config.asq_stat)
+        act = _act_stat(first, smoothing_steps(steps, first.steps, config.smooth_ranges), config.smooth,
+                        config.asq_stat)  # fmt: skip
         s = None
         if config.smooth != Smooth.NONE:
             wmax = np.max([np.abs(weights[layer]).max(axis=1) for layer in g.layers], axis=0)

@@ -285,6 +285,14 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 )
 @click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
 @click.option(
+    "--smooth-ranges",
+    type=int,
+    default=0,
+    show_default=True,
+    help="With --smooth tsq --timestep-wise: one smoothing vector per K contiguous step ranges, so the step "
+    "models of a range share weights (disk about K models); 0 = one per model.",
+)
+@click.option(
     "--channel-shift",
     is_flag=True,
     help="Centre each input channel on its calibrated midpoint before the per-tensor quantizer (per range; "
@@ -369,6 +377,7 @@ def build(
     alpha: str,
     asq_stat: str,
     weight_clip: str,
+    smooth_ranges: int,
     channel_shift: bool,
     weight_rounding: str,
     act_observer: str,
@@ -410,7 +419,8 @@ def build(
                         rotate=rotate, online_rotation=online_rotation,
                         rotation_choice=rotation_choice, quantize_attention=quantize_attention,
                         mixed_precision=mixed_precision, weight_rounding=Rounding(weight_rounding),
-                        replay_prompts=replay_prompts, channel_shift=channel_shift)  # fmt: skip
+                        replay_prompts=replay_prompts, channel_shift=channel_shift,
+                        smooth_ranges=smooth_ranges)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:

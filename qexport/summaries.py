@@ -194,14 +194,22 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         *_rotation(q),
         *_kv(manifest),
         *_attention(manifest),
-    ] + (
-        [
-            "  note       TSQ gives every range its own smoothing vector s, so its weights W*diag(s) differ "
-            "per range and are stored once per range, not shared"
+        *_tsq_note(q, len(manifest["ranges"])),
+    ]
+
+
+def _tsq_note(q: dict[str, Any], ranges: int) -> list[str]:
+    if q["smooth"] != "tsq" or ranges < 2:
+        return []
+    if q.get("smooth_ranges"):
+        return [
+            f"  note       TSQ with --smooth-ranges {q['smooth_ranges']}: one smoothing vector s per step range, "
+            "so the step models of a range share their weights W*diag(s) and each range stores its own"
         ]
-        if q["smooth"] == "tsq" and len(manifest["ranges"]) > 1
-        else []
-    )
+    return [
+        "  note       TSQ gives every range its own smoothing vector s, so its weights W*diag(s) differ "
+        "per range and are stored once per range, not shared"
+    ]
 
 
 def legality_lines(manifest: dict[str, Any]) -> list[str]:

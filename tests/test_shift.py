@@ -136,3 +136,44 @@ def test_per_step_shift_build_verifies_shares_weights_and_replans(latte_stats, t
         for n, lp in old.layers.items():
             assert (lp.bias is None) == (new.layers[n].bias is None)
             assert lp.bias is None or np.array_equal(lp.bias, new.layers[n].bias)
+
+
+def test_smooth_ranges_are_checked():
+    from qexport.passes.plan import smoothing_steps
+
+    assert (
+        smoothing_steps([3], 4, 0) == [3]
+        and smoothing_steps([1], 4, 2) == [0, 1]
+        and smoothing_steps([2], 4, 2) == [2, 3]
+    )
+    assert smoothing_steps([4], 10, 3) == [4, 5, 6]  # np.array_split: 4, 3, 3
+    with pytest.raises(QexportError, match=r"--smooth-ranges must be in 1\.\.4"):
+        smoothing_steps([0], 4, 5)
+    for bad in ({"smooth": Smooth.ASQ}, {"smooth": Smooth.TSQ, "alpha_auto": True}):
+        with pytest.raises(QexportError, match="--smooth-ranges K gives --smooth tsq"):
+            QuantConfig(smooth_ranges=2, **bad)
+
+
+@pytest.mark.slow
+def test_tsq_smooth_ranges_share_weights_within_a_range_and_replan(latte_stats, tmp_path):
+    from qexport.exporter.build import BuildConfig, build
+    from qexport.exporter.replan import replan
+
+    from qexport.summaries import build_lines
+
+    with pytest.raises(QexportError, match="needs --timestep-wise"):
+        build(
+            latte_stats, tmp_path / "kr", BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ, smooth_ranges=2), ranges=2)
+        )
+    config = BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ, smooth_ranges=2), ranges=None)
+    result = build(latte_stats, tmp_path / "sr", config, progress=None)
+    plans = [r.plan for r in result.ranges]
+    assert len(plans) == 4 and result.manifest["quantization"]["smooth_ranges"] == 2
+    same = lambda a, b: all(np.array_equal(a.layers[n].w_q, lp.w_q) for n, lp in b.layers.items())  # noqa: E731
+    assert same(plans[0], plans[1]) and same(plans[2], plans[3]) and not same(plans[1], plans[2])
+    assert any(not np.array_equal(plans[0].layers[n].a_scale, lp.a_scale) for n, lp in plans[1].layers.items())
+    files = result.manifest["files"]
+    assert files["weights_bytes"] < 0.6 * files["weights_bytes_without_sharing"]  # two weight sets of four
+    assert any("--smooth-ranges 2" in line for line in build_lines(result.manifest, 1.0, "x"))
+    _, again, _ = replan(result.manifest, latte_stats)
+    assert all(same(a, b) for a, b in zip(plans, again, strict=True))
