@@ -181,8 +181,9 @@ def smoothing_steps(steps: list[int], total: int, ranges: int) -> list[int]:
 
 def _act_stat(stats: LayerStats, steps: list[int], smooth: Smooth, asq_stat: str = "ema") -> np.ndarray:
     """The per-channel activation magnitude a_j that s is computed from: for ASQ one vector for all
-    steps (the running average of the per-batch means of max|x|, or the largest per-step mean), for
-    TSQ / none the mean over the range's samples."""
+    steps (the running average of the per-batch means of max|x|, the largest per-step mean, or the
+    running average of the per-step half-widths), for TSQ / none the mean over the given steps'
+    samples (the range's, or its --smooth-ranges range's)."""
     if smooth == Smooth.ASQ:
         if asq_stat == "range":  # what is left to quantize after --channel-shift: the half-widths
             return running_average((stats.channel_max - stats.channel_min).astype(np.float64) / 2.0)
