@@ -480,11 +480,8 @@ def _grams(
     if not gptq(quant):
         return None
     assert replay is not None
-    if quant.smooth == Smooth.TSQ:
-        steps = smoothing_steps(steps, total, quant.smooth_ranges)
-    return replay.input_grams(
-        steps if quant.smooth == Smooth.TSQ else list(range(total)), [g.layers[0] for g in groups]
-    )
+    shared = smoothing_steps(steps, total, quant.smooth_ranges) if quant.smooth == Smooth.TSQ else list(range(total))
+    return replay.input_grams(shared, [g.layers[0] for g in groups])
 
 
 def _build_range(

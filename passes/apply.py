@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from qexport.passes.analyze import Group
 from qexport.passes.attention import AttentionSite, quantize_attention
-from qexport.passes.graph import constant_input, consumers, node_named
+from qexport.passes.graph import constant_input, consumers, node_named, write_bias
 from qexport.passes.plan import RangePlan
 from qexport.passes.shift import insert_shift
 from qexport.passes.sink import sink_smoothing
@@ -78,11 +78,8 @@ def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
 def _write_value_bias(graph: gs.Graph, config: PassConfig, value_layer: str, cons: dict[str, list[gs.Node]]) -> None:
     """Write the plan's changed bias (divided by s, rotated) into the value projection's bias Add."""
     bias = config.plan.layers[value_layer].bias
-    matmul = node_named(graph, config.nodes[value_layer])
-    add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
-    found = constant_input(add) if add is not None else None
-    if bias is not None and found is not None:
-        found[1].values = bias
+    if bias is not None:
+        write_bias(graph, config.nodes[value_layer], bias, cons)
 
 
 def fold_rotation(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:

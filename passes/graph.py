@@ -37,3 +37,14 @@ def per_channel(const: gs.Constant, channels: int) -> bool:
     """True when the constant broadcasts along the last axis with exactly `channels` entries."""
     shape = np.asarray(const.values).shape
     return len(shape) >= 1 and shape[-1] == channels
+
+
+def write_bias(graph: gs.Graph, matmul_name: str, bias: np.ndarray, cons: dict[str, list[gs.Node]]) -> bool:
+    """Write a linear's bias into the constant of the Add after its MatMul; False if there is none."""
+    matmul = node_named(graph, matmul_name)
+    add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
+    found = constant_input(add) if add is not None else None
+    if found is None:
+        return False
+    found[1].values = np.asarray(bias, dtype=np.float32).reshape(np.asarray(found[1].values).shape)
+    return True

@@ -312,11 +312,10 @@ def plan_range(
             plan.shifts[g.tensor] = z
             kind = shift_fold(g)
             plan.shift_folds[kind] = plan.shift_folds.get(kind, 0) + 1
-            if g.fold == "value" and g.value_layer is not None:  # attn·(V - z) = attn·V - z
+            shifted.update(dict.fromkeys(g.layers, z))
+            if kind == "value" and g.value_layer is not None:  # attn·(V - z) = attn·V - z
                 final_b[g.value_layer] = final_b[g.value_layer] - z
                 changed_bias.add(g.value_layer)
-            shifted.update(dict.fromkeys(g.layers, z))
-            if g.fold == "value":
                 in_value.update(g.layers)
         rot = None
         if config.rotate and g.fold == "value" and g.value_layer is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
-from qexport.passes.graph import constant_input, consumers, node_named
+from qexport.passes.graph import consumers, node_named, write_bias
 
 if TYPE_CHECKING:
     from qexport.passes.apply import PassConfig
@@ -59,17 +59,6 @@ def shift_fold(g: Group) -> str:
     return "value" if g.fold == "value" else "explicit"
 
 
-def write_bias(graph: gs.Graph, matmul_name: str, bias: np.ndarray, cons: dict[str, list[gs.Node]]) -> bool:
-    """Write a linear's bias into the constant of the Add after its MatMul; False if there is none."""
-    matmul = node_named(graph, matmul_name)
-    add = next((n for n in cons.get(matmul.outputs[0].name, []) if n.op == "Add"), None)
-    found = constant_input(add) if add is not None else None
-    if found is None:
-        return False
-    found[1].values = np.asarray(bias, dtype=np.float32).reshape(np.asarray(found[1].values).shape)
-    return True
-
-
 def insert_shift(graph: gs.Graph, config: PassConfig, target: object) -> gs.Graph:
     """Put each shifted group's z where it folds (see the module doc) and write the restoring biases."""
     plan = config.plan
@@ -78,9 +67,10 @@ def insert_shift(graph: gs.Graph, config: PassConfig, target: object) -> gs.Grap
     constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
     for g in config.groups:
         z = plan.shifts.get(g.tensor)
-        if z is None or shift_fold(g) == "value":  # already in the value projection's bias
+        kind = None if z is None else shift_fold(g)
+        if z is None or kind == "value":  # value: already in the value projection's bias
             continue
-        if shift_fold(g) == "modulation" and g.shift_const:
+        if kind == "modulation" and g.shift_const:
             const = constants[g.shift_const]
             values = np.asarray(const.values, dtype=np.float64)
             const.values = (values - z).astype(np.float32)  # broadcasts over the last (channel) axis

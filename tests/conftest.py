@@ -32,6 +32,26 @@ def latte_stats(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def latte_fp(latte_stats):
+    """tiny-latte exported to FP ONNX for latte_stats' layers: (adapter, stats, export, feeds), the
+    feeds one step's random latents and null conditioning. Graphs come from
+    ``StepGraphs(load_graph(export)).at(t)``, a fresh one per call."""
+    import numpy as np
+    from qexport.calib.store import load
+    from qexport.exporter.fp_export import export_fp, prepare
+
+    from qexport.models.registry import load_model
+
+    adapter = load_model("tiny-latte")
+    stats = load(latte_stats)
+    fp = prepare(export_fp(adapter, list(stats.layers)))
+    rng = np.random.default_rng(0)
+    feeds = {"latents": rng.standard_normal((2, 3, 16, 32, 32)).astype(np.float32),
+             "cond": adapter.conditioner.null(2).numpy()}  # fmt: skip
+    return adapter, stats, fp, feeds
+
+
 @pytest.fixture
 def bare_stats(latte_stats, tmp_path):
     """latte_stats without its recorded prompts (as written by an older qexport)."""

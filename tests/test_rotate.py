@@ -64,21 +64,16 @@ def test_fold_is_exact_per_head_and_spreads_outliers():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("smooth", ["none", "asq"])
-def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_stats, smooth):
+def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
-    from qexport.calib.store import load
     from qexport.exporter.build import head_dims, range_inputs
-    from qexport.exporter.fp_export import StepGraphs, export_fp, load_graph, prepare
+    from qexport.exporter.fp_export import StepGraphs, load_graph
     from qexport.passes.apply import PassConfig, fold_rotation, fold_smoothing
     from qexport.passes.plan import QuantConfig, Smooth, plan_range
     from qexport.targets.profile import ORT_CPU
 
-    from qexport.models.registry import load_model
-
-    adapter = load_model("tiny-latte")
-    stats = load(latte_stats)
-    fp = prepare(export_fp(adapter, list(stats.layers)))
+    adapter, stats, fp, feeds = latte_fp
     graph = StepGraphs(load_graph(fp)).at(749)
     reference = gs.export_onnx(graph.copy())
     nodes, groups, weights, biases = range_inputs(graph, fp.bindings, adapter)
@@ -92,8 +87,6 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_stats, smooth):
     folded = fold_rotation(fold_smoothing(graph, pc, ORT_CPU), pc, ORT_CPU)
     for n, b in fp.bindings.items():
         folded.tensors()[b.weight].values = plan.layers[n].w_float
-    feeds = {"latents": rng.standard_normal((2, 3, 16, 32, 32)).astype(np.float32),
-             "cond": adapter.conditioner.null(2).numpy()}  # fmt: skip
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
     ref, got = run(reference), run(gs.export_onnx(folded.cleanup().toposort()))
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(got - ref).max()

@@ -68,25 +68,17 @@ def test_shift_refuses_options_it_does_not_combine_with(other):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("smooth", ["none", "asq"])
-def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_stats, smooth):
+def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
-    from qexport.calib.store import load
     from qexport.exporter.build import range_inputs
-    from qexport.exporter.fp_export import StepGraphs, export_fp, load_graph, prepare
+    from qexport.exporter.fp_export import StepGraphs, load_graph
     from qexport.passes.apply import PassConfig, fold_smoothing
     from qexport.passes.plan import plan_range
     from qexport.passes.shift import insert_shift
     from qexport.targets.profile import ORT_CPU
 
-    from qexport.models.registry import load_model
-
-    adapter = load_model("tiny-latte")
-    stats = load(latte_stats)
-    fp = prepare(export_fp(adapter, list(stats.layers)))
-    rng = np.random.default_rng(0)
-    feeds = {"latents": rng.standard_normal((2, 3, 16, 32, 32)).astype(np.float32),
-             "cond": adapter.conditioner.null(2).numpy()}  # fmt: skip
+    adapter, stats, fp, feeds = latte_fp
     outputs = []
     for shift in (False, True):  # the same plan with and without the shift, weights = dequantized integers
         graph = StepGraphs(load_graph(fp)).at(749)
