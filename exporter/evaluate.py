@@ -29,7 +29,9 @@ from qexport.runtime.manifest import read_manifest
 
 @dataclass(kw_only=True)
 class Scores:
-    psnr_db: float | None = None
+    psnr_db: float | None = None  # mean over prompt x seed samples
+    psnr_se_db: float | None = None  # standard error of that mean (None for one sample)
+    psnr_samples: list[float] = field(default_factory=list)  # per sample, prompts within seeds
     ssim: float | None = None
     adherence: float | None = None
     accuracy: dict[str, float] = field(default_factory=dict)
@@ -175,7 +177,10 @@ def _eval_build(
         if progress is not None:
             progress(f"{folder.name} {p!r} seed {s}")
     scores = _judge_scores(score(pixels, [p for p, _ in pairs]) if adapter.pixel_latents else None)
-    scores.psnr_db = float(np.mean([psnr_db(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]))
+    scores.psnr_samples = [psnr_db(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]
+    scores.psnr_db = float(np.mean(scores.psnr_samples))
+    if len(pixels) > 1:
+        scores.psnr_se_db = float(np.std(scores.psnr_samples, ddof=1) / np.sqrt(len(pixels)))
     scores.ssim = float(np.mean([ssim(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]))
     scores.step_sqnr_db = _step_sqnr(folder, manifest, adapter, pairs, trajectories)
     scores.model_mib = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".bin")) / 2**20

@@ -64,14 +64,15 @@ def eval_table(result: dict[str, Any]) -> list[str]:
     def f(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"{'build':<28}{'PSNR':>7}{'SSIM':>7}{'adher.':>8}{'colour':>8}{'shape':>7}{'dir':>6}{'temp':>6}"
-             f"{'SQNR/step':>10}{'MiB':>7}{'ms/step':>8}"]  # fmt: skip
+    lines = [f"{'build':<28}{'PSNR':>7}{'±s.e.':>6}{'SSIM':>7}{'adher.':>8}{'colour':>8}{'shape':>7}{'dir':>6}"
+             f"{'temp':>6}{'SQNR/step':>10}{'MiB':>7}{'ms/step':>8}"]  # fmt: skip
     rows = [("FP (torch)", result["fp"]), *result["builds"].items()]
     for name, s in rows:
         acc = s["accuracy"]
         sq = s["step_sqnr_db"]
         lines.append(
-            f"{name[-28:]:<28}{f(s['psnr_db'], '.2f'):>7}{f(s['ssim'], '.3f'):>7}{f(s['adherence'], '.3f'):>8}"
+            f"{name[-28:]:<28}{f(s['psnr_db'], '.2f'):>7}{f(s.get('psnr_se_db'), '.2f'):>6}{f(s['ssim'], '.3f'):>7}"
+            f"{f(s['adherence'], '.3f'):>8}"
             f"{f(acc.get('colour'), '.3f'):>8}{f(acc.get('shape'), '.3f'):>7}{f(acc.get('direction'), '.3f'):>6}"
             f"{f(s['temporal_consistency'], '.3f'):>6}{f(float(sum(sq) / len(sq)) if sq else None, '.1f'):>10}"
             f"{f(s['model_mib'], '.2f'):>7}{f(s['step_ms'], '.0f'):>8}"

@@ -12,6 +12,7 @@ from qexport.exporter.report import write_report
 from qexport.passes.plan import QuantConfig, Smooth
 
 from qexport.errors import QexportError
+from qexport.summaries import eval_table
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,16 @@ def test_eval_measures_every_build_against_fp_and_reports(two_builds, latte_stat
     for folder in (tsq.folder, plain.folder):
         s = result.builds[str(folder)]
         assert 10 < s.psnr_db < 80 and 0 < s.ssim <= 1
+        assert len(s.psnr_samples) == 2 and s.psnr_db == pytest.approx(np.mean(s.psnr_samples))
+        assert s.psnr_se_db == pytest.approx(abs(s.psnr_samples[0] - s.psnr_samples[1]) / 2)  # sd/sqrt(2), n = 2
         assert len(s.step_sqnr_db) == 4 and all(v > 10 for v in s.step_sqnr_db)
         assert s.model_mib > 1 and s.step_ms > 0
     write_json(result, tmp_path / "eval.json")
     data = json.loads((tmp_path / "eval.json").read_text())
     assert set(data["builds"]) == {str(tsq.folder), str(plain.folder)}
+    header, fp_row, *rows = eval_table(data)
+    assert "±s.e." in header and fp_row.split()[2:4] == ["-", "-"]  # FP has no PSNR vs itself
+    assert f"{result.builds[str(tsq.folder)].psnr_se_db:.2f}" in rows[0]
     layers, table = layer_step_sqnr(
         tsq.adapter, [r.plan for r in tsq.ranges], tsq.manifest, "a red circle moving left", 0
     )
