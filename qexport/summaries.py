@@ -77,6 +77,27 @@ def eval_table(result: dict[str, Any]) -> list[str]:
             f"{f(s['temporal_consistency'], '.3f'):>6}{f(float(sum(sq) / len(sq)) if sq else None, '.1f'):>10}"
             f"{f(s['model_mib'], '.2f'):>7}{f(s['step_ms'], '.0f'):>8}"
         )
+    return lines + _paired(result["builds"])
+
+
+def _paired(builds: dict[str, Any]) -> list[str]:
+    """Each build's PSNR minus the first build's, sample by sample: the mean and its standard error.
+
+    Prompt difficulty cancels in the pairs, so this separates two builds better than their ±s.e.
+    """
+    samples = [(name, s.get("psnr_samples") or []) for name, s in builds.items()]
+    if len(samples) < 2:
+        return []
+    (first, base), others = samples[0], samples[1:]
+    n = len(base)
+    if n < 2 or any(len(v) != n for _, v in others):
+        return []
+    lines = [f"PSNR against {first[-40:]}, paired over {n} samples (mean difference ± s.e.):"]
+    for name, values in others:
+        d = [b - a for a, b in zip(base, values, strict=True)]
+        mean = sum(d) / n
+        se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
+        lines.append(f"  {name[-40:]:<40}{mean:+7.2f} ± {se:.2f} dB")
     return lines
 
 

@@ -41,6 +41,10 @@ def test_eval_measures_every_build_against_fp_and_reports(two_builds, latte_stat
     header, fp_row, *rows = eval_table(data)
     assert "±s.e." in header and fp_row.split()[2:4] == ["-", "-"]  # FP has no PSNR vs itself
     assert f"{result.builds[str(tsq.folder)].psnr_se_db:.2f}" in rows[0]
+    a, b = (result.builds[str(f)].psnr_samples for f in (tsq.folder, plain.folder))
+    d = np.subtract(b, a)
+    assert rows[2].startswith(f"PSNR against {str(tsq.folder)[-40:]}, paired over 2 samples")
+    assert rows[3].split()[-4:] == [f"{d.mean():+.2f}", "±", f"{d.std(ddof=1) / np.sqrt(2):.2f}", "dB"]
     layers, table = layer_step_sqnr(
         tsq.adapter, [r.plan for r in tsq.ranges], tsq.manifest, "a red circle moving left", 0
     )
