@@ -16,7 +16,7 @@ import onnxruntime as ort
 import torch
 
 from qexport.errors import QexportError
-from qexport.metrics import psnr_db, sqnr_db, ssim
+from qexport.metrics import psnr_db, sqnr_db, ssim, standard_error
 from qexport.models.adapter import ModelAdapter
 from qexport.models.judge import score
 from qexport.models.registry import load_model
@@ -179,8 +179,7 @@ def _eval_build(
     scores = _judge_scores(score(pixels, [p for p, _ in pairs]) if adapter.pixel_latents else None)
     scores.psnr_samples = [psnr_db(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]
     scores.psnr_db = float(np.mean(scores.psnr_samples))
-    if len(pixels) > 1:
-        scores.psnr_se_db = float(np.std(scores.psnr_samples, ddof=1) / np.sqrt(len(pixels)))
+    scores.psnr_se_db = standard_error(scores.psnr_samples)
     scores.ssim = float(np.mean([ssim(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]))
     scores.step_sqnr_db = _step_sqnr(folder, manifest, adapter, pairs, trajectories)
     scores.model_mib = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".bin")) / 2**20

@@ -23,6 +23,12 @@ def psnr_db(reference: np.ndarray, test: np.ndarray, peak: float = 255.0) -> flo
     return float("inf") if mse == 0 else float(10 * np.log10(peak * peak / mse))
 
 
+def standard_error(values: list[float] | np.ndarray) -> float | None:
+    """The standard error of the mean of values (sample sd / sqrt(n)); None below two values."""
+    n = len(values)
+    return float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else None
+
+
 def _box(x: np.ndarray, k: int) -> np.ndarray:
     """Mean over k x k windows of the last two spatial axes (valid region), via cumulative sums."""
     c = np.cumsum(np.cumsum(np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 0), (1, 0)]), axis=-2), axis=-1)

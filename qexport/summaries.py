@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qexport.metrics import standard_error
+
 
 def verification_table(v: dict[str, Any]) -> list[str]:
     """The per-model verification table and the verdict, from Verification.to_json()."""
@@ -95,9 +97,7 @@ def _paired(builds: dict[str, Any]) -> list[str]:
     lines = [f"PSNR against {first[-40:]}, paired over {n} samples (mean difference ± s.e.):"]
     for name, values in others:
         d = [b - a for a, b in zip(base, values, strict=True)]
-        mean = sum(d) / n
-        se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
-        lines.append(f"  {name[-40:]:<40}{mean:+7.2f} ± {se:.2f} dB")
+        lines.append(f"  {name[-40:]:<40}{sum(d) / n:+7.2f} ± {standard_error(d):.2f} dB")
     return lines
 
 
