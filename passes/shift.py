@@ -27,10 +27,14 @@ if TYPE_CHECKING:
     from qexport.passes.apply import PassConfig
 
 
+def _extremes(stats: LayerStats, steps: list[int], divisor: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's (min [C], max [C]) over the steps, in the smoothed domain X / s."""
+    return (stats.channel_min[steps] / divisor).min(axis=0), (stats.channel_max[steps] / divisor).max(axis=0)
+
+
 def channel_shift(stats: LayerStats, steps: list[int], divisor: np.ndarray | float) -> np.ndarray:
     """z [C]: the midpoint of each channel's range over the steps, in the smoothed domain X / s."""
-    lo = (stats.channel_min[steps] / divisor).min(axis=0).astype(np.float64)
-    hi = (stats.channel_max[steps] / divisor).max(axis=0).astype(np.float64)
+    lo, hi = (v.astype(np.float64) for v in _extremes(stats, steps, divisor))
     return np.where(np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2.0, 0.0)
 
 
@@ -38,9 +42,8 @@ def shifted_range(
     stats: LayerStats, steps: list[int], divisor: np.ndarray | float, z: np.ndarray
 ) -> tuple[float, float]:
     """The per-tensor (min, max) of X / s - z over the steps, from the per-channel extremes."""
-    lo = (stats.channel_min[steps] / divisor).min(axis=0) - z
-    hi = (stats.channel_max[steps] / divisor).max(axis=0) - z
-    return float(lo.min()), float(hi.max())
+    lo, hi = _extremes(stats, steps, divisor)
+    return float((lo - z).min()), float((hi - z).max())
 
 
 def can_shift(g: Group, biases: dict[str, np.ndarray | None]) -> bool:
