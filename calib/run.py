@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +21,7 @@ from qexport import __version__
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, autocast_dtype, sample
+from qexport.progress import Progress, Units
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,13 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Callable[[int], None] | None = None) -> CalibResult:
+def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Progress | None = None) -> CalibResult:
     """Collect per-layer, per-step activation statistics from the FP sampling loop.
 
     Args:
         adapter: the model.
         config: prompts, seeds, sampling, batching, shard.
-        progress: called with 1 after each (batch, step).
+        progress: ticks of one task, a unit per (batch, step).
 
     Returns:
         The statistics (reduced over ranks under torchrun) and a summary.
@@ -108,11 +108,13 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Callable[[in
     dtype = autocast_dtype(config.dtype, device)
     steps = config.sampling.steps
     collector = Collector(selected.layers, steps, config.histograms, device)
+    units = Units(progress, "calibrating (steps x batches)", steps * len(mine))
+    units.start(f"{len(mine)} batch(es) of up to {config.batch_size} prompt(s), {steps} steps")
 
     def on_step(i: int, t: int) -> None:
         collector.step = i
-        if progress is not None and i > 0:
-            progress(1)
+        if i > 0:
+            units.done(f"step {i}/{steps}")
 
     try:
         for b in mine:
@@ -120,8 +122,7 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Callable[[in
             collector.samples = 2 * len(batch)  # cond + uncond halves
             cond = cond_all[[i for i, _ in batch]]
             sample(adapter, cond, [s for _, s in batch], config.sampling, on_step=on_step, device=device, dtype=dtype)
-            if progress is not None:
-                progress(1)
+            units.done(f"step {steps}/{steps}")
     finally:
         layers = collector.close()
     if world > 1 and config.shard is None:

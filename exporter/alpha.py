@@ -22,6 +22,8 @@ from qexport.passes.analyze import Group
 from qexport.passes.plan import RangePlan, relative_error
 from qexport.passes.quant import dequantize, quantize
 
+from qexport.progress import Progress, report
+
 ROWS = 8192  # replayed input rows per group and range used to score --alpha layer
 
 MakePlan = Callable[[list[int], float, dict[str, np.ndarray] | None], RangePlan]
@@ -59,7 +61,7 @@ def layer_alphas(
     groups: list[Group],
     make_plan: MakePlan,
     shared: bool,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, float]]:
     """Per range, group tensor -> alpha with the least mean relative output error (see module doc);
     shared: the same choice for every range, by the error averaged over all ranges."""
@@ -72,8 +74,7 @@ def layer_alphas(
             plan = make_plan(steps, alpha, samples)
             for i, g in enumerate(groups):
                 errors[r, i, j] = group_error(plan, g, samples[g.layers[0]])
-        if progress is not None:
-            progress(f"alpha per layer: range {r + 1}/{len(ranges)}")
+        report(progress, "alpha per layer (ranges)", r + 1, len(ranges))
     if shared:
         errors = np.broadcast_to(errors.mean(axis=0, keepdims=True), errors.shape)
     best = errors.argmin(axis=2)  # first wins ties

@@ -43,6 +43,7 @@ from qexport.targets.profile import TargetProfile, get_profile
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import load_model
+from qexport.progress import Progress, report
 from qexport.runtime.manifest import KV_SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,7 @@ def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     return target
 
 
-def build(
-    stats_path: Path, out: Path, config: BuildConfig, progress: Callable[[str], None] | None = None
-) -> BuildResult:
+def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     """Build the emitted models.
 
     Raises:
@@ -240,7 +239,7 @@ def plan_models(
     stats: QStats,
     config: BuildConfig,
     target: TargetProfile,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     alphas: list[float] | None = None,
     shrinks: list[float] | None = None,
     sink: Callable[[str, onnx.ModelProto], None] | None = None,
@@ -258,6 +257,7 @@ def plan_models(
     built: list[BuiltRange] = []
     models: list[tuple[str, onnx.ModelProto]] = []
     ranges = split_ranges(stats.steps, config.ranges)
+    report(progress, "building models", 0, len(ranges), "exporting the FP model and planning")
     replay = None
     q = config.quant
     shared_alpha_search = q.alpha_auto and alphas is None and q.smooth == Smooth.ASQ  # one alpha for all ranges
@@ -330,8 +330,7 @@ def plan_models(
                 kv_model = None
             del graph, model
             gc.collect()  # a graph is cycles of gs tensors and nodes: free its arrays now, not generations later
-            if progress is not None:
-                progress(name)
+            report(progress, "building models", index + 1, len(ranges), name)
     finally:
         gc.unfreeze()
     return built, models
@@ -346,7 +345,7 @@ def _choose_alphas(
     target: TargetProfile,
     replay: CalibrationReplay,
     ranges: list[list[int]],
-    progress: Callable[[str], None] | None,
+    progress: Progress | None,
     memo: Memo,
 ) -> tuple[list[float] | None, list[dict[str, float]] | None, dict[float, float]]:
     """The alphas chosen across ranges (exporter.alpha): per-range alphas and scores for ASQ with
@@ -370,8 +369,7 @@ def _choose_alphas(
         shared = quant.smooth == Smooth.ASQ
         return None, layer_alphas(replay, ranges, groups, make, shared, progress), {}
     alpha, scores = shared_alpha(replay, ranges, make)
-    if progress is not None:
-        progress(f"alpha {alpha} for all ranges")
+    log.info("alpha %s for all ranges", alpha)
     return [alpha] * len(ranges), None, scores
 
 
@@ -386,7 +384,7 @@ def _choose_mixed(
     ranges: list[list[int]],
     alphas: list[float] | None,
     group_alphas: list[dict[str, float]] | None,
-    progress: Callable[[str], None] | None,
+    progress: Progress | None,
     memo: Memo,
 ) -> list[Allocation]:
     """Per-range weight widths of --mixed-precision (exporter.mixed), measured with each range's

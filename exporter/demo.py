@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from qexport.targets.profile import get_profile
 from qexport.errors import QexportError
 from qexport.models import shapes
 from qexport.models.registry import load_model
+from qexport.progress import Progress, Units
 
 CALIB_PROMPTS = 4
 EVAL_PROMPTS = 3
@@ -39,9 +39,14 @@ class DemoResult:
     seconds: dict[str, float]
 
 
-def demo(folder: Path, force: bool = False, progress: Callable[[str], None] | None = None) -> DemoResult:
-    """Run the demo into folder (stats, out/, eval.json, report.html)."""
-    say = progress or (lambda message: None)
+def demo(folder: Path, force: bool = False, threads: int | None = None, progress: Progress | None = None) -> DemoResult:
+    """Run the demo into folder (stats, out/, eval.json, report.html).
+
+    Args:
+        threads: onnxruntime intra-op threads for verification and evaluation (None: its default).
+        progress: ticks of the "demo" task (one per phase) and of each phase's own task.
+    """
+    phases = Units(progress, "demo (phases)", 4)
     if folder.exists():
         if not force:
             raise QexportError(f"demo folder {folder} exists; pass --force to replace it")
@@ -53,35 +58,38 @@ def demo(folder: Path, force: bool = False, progress: Callable[[str], None] | No
     evals = pool[:: len(pool) // EVAL_PROMPTS][:EVAL_PROMPTS]
 
     t = time.perf_counter()
-    say(f"calibrating tiny-latte on {len(calib)} prompts, 20 steps, CFG 7")
+    phases.start(f"calibrating tiny-latte on {len(calib)} prompts, 20 steps, CFG 7")
     adapter = load_model("tiny-latte")
-    stats = calibrate(adapter, CalibConfig(prompts=calib, batch_size=len(calib))).stats
+    stats = calibrate(adapter, CalibConfig(prompts=calib, batch_size=len(calib)), progress).stats
     stats_path = folder / "run.qstats"
     save(stats, stats_path)
     seconds["calibrate"] = time.perf_counter() - t
+    phases.done("calibrated; building W8A8 TSQ + TSW: one int8 QDQ model per step")
 
     t = time.perf_counter()
-    say("building W8A8 TSQ + TSW: one int8 QDQ model per step")
     out = folder / "out"
-    built = build(stats_path, out, BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ)), progress=lambda n: say(f"  {n}"))
+    built = build(stats_path, out, BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ)), progress=progress)
     seconds["build"] = time.perf_counter() - t
+    phases.done("built; verifying on onnxruntime (integer kernels, simulation, FP)")
 
     t = time.perf_counter()
-    say("verifying on onnxruntime (integer kernels, simulation, FP)")
     plans = [r.plan for r in built.ranges]
-    v = verify(out, built.adapter, plans, built.manifest, get_profile("ort-cpu"), evals[0])
+    v = verify(
+        out, built.adapter, plans, built.manifest, get_profile("ort-cpu"), evals[0], threads=threads, progress=progress
+    )
     built.manifest["verification"] = {"prompt": evals[0], **v.to_json()}
     write_manifest(out, built.manifest)
     seconds["verify"] = time.perf_counter() - t
+    phases.done(f"verified; evaluating vs FP on {len(evals)} prompts")
 
     t = time.perf_counter()
-    say(f"evaluating vs FP on {len(evals)} prompts")
-    result = evaluate([out], evals, [0])
+    result = evaluate([out], evals, [0], progress=progress, threads=threads)
     write_json(result, folder / "eval.json")
     heat = {str(out): layer_step_sqnr(built.adapter, plans, built.manifest, evals[0], 0)}
     report = folder / "report.html"
     write_report(report, result.to_json(), result.first_samples, stats, heat)
     seconds["eval"] = time.perf_counter() - t
+    phases.done("evaluated; report written")
     return DemoResult(
         folder=folder,
         build_dir=out,

@@ -6,7 +6,6 @@ model size and per-step latency."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from qexport.models.adapter import ModelAdapter
 from qexport.models.judge import score
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig, sample
+from qexport.progress import Progress, Units
 from qexport.runtime.conditioning import Conditioning
 from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.loop import Pipeline, decode_pixels, session_options
@@ -79,9 +79,15 @@ def evaluate(
     folders: list[Path],
     prompts: list[str],
     seeds: list[int],
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    threads: int | None = None,
 ) -> EvalResult:
     """Evaluate builds of one model against its FP sampling.
+
+    Args:
+        progress: ticks of one task: each FP sample, each build's sample, each build's per-step
+            SQNR pass over one sample.
+        threads: onnxruntime intra-op threads of the emitted models (None: onnxruntime's default).
 
     Raises:
         QexportError: builds of different models or step schedules, bad prompts.
@@ -91,23 +97,24 @@ def evaluate(
     if len(ids) != 1:
         raise QexportError(f"builds differ in model, steps or CFG: {sorted(ids)}; evaluate one model's builds together")
     model_id, steps, cfg = ids.pop()
+    pairs = [(p, s) for s in seeds for p in prompts]
+    units = Units(progress, "evaluating (samples)", len(pairs) * (1 + 2 * len(folders)))
+    units.start(f"loading {model_id}")
     adapter = load_model(model_id)
     adapter.conditioner.encode(prompts)  # validates every prompt before any work
     config = SamplingConfig(steps=steps, cfg=cfg)
-    pairs = [(p, s) for s in seeds for p in prompts]
     fp_pixels, trajectories = [], []
     for p, s in pairs:
         latents, xs, outs = _fp_run(adapter, p, s, config)
         fp_pixels.append(adapter.decode(latents)[0])
         trajectories.append((xs, outs))
-        if progress is not None:
-            progress(f"FP {p!r} seed {s}")
+        units.done(f"FP {p!r} seed {s}")
     captions = [p for p, _ in pairs]
     fp_report = score(fp_pixels, captions) if adapter.pixel_latents else None
     result = EvalResult(model_id=model_id, prompts=prompts, seeds=seeds, fp=_judge_scores(fp_report), builds={})
     result.first_samples["FP"] = fp_pixels[0]
     for folder, manifest in zip(folders, manifests, strict=True):
-        scores, first = _eval_build(folder, manifest, adapter, pairs, fp_pixels, trajectories, progress)
+        scores, first = _eval_build(folder, manifest, adapter, pairs, fp_pixels, trajectories, units, threads)
         result.builds[str(folder)] = scores
         result.first_samples[str(folder)] = first
     return result
@@ -165,23 +172,23 @@ def _eval_build(
     pairs: list[tuple[str, int]],
     fp_pixels: list[np.ndarray],
     trajectories: list[tuple[list, list]],
-    progress: Callable[[str], None] | None,
+    units: Units,
+    threads: int | None,
 ) -> tuple[Scores, np.ndarray]:
-    pipeline = Pipeline(folder, threads=2)
+    pipeline = Pipeline(folder, threads=threads)
     conditioning = Conditioning(folder, manifest)  # the deployed path: what `qexport run` does
     pixels, step_times = [], []
     for p, s in pairs:
         run = pipeline.run(conditioning.encode(p), conditioning.null(), s)
         pixels.append(decode_pixels(run.latents, manifest))
         step_times.extend(run.step_seconds)
-        if progress is not None:
-            progress(f"{folder.name} {p!r} seed {s}")
+        units.done(f"{folder.name} {p!r} seed {s}")
     scores = _judge_scores(score(pixels, [p for p, _ in pairs]) if adapter.pixel_latents else None)
     scores.psnr_samples = [psnr_db(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]
     scores.psnr_db = float(np.mean(scores.psnr_samples))
     scores.psnr_se_db = standard_error(scores.psnr_samples)
     scores.ssim = float(np.mean([ssim(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]))
-    scores.step_sqnr_db = _step_sqnr(folder, manifest, adapter, pairs, trajectories)
+    scores.step_sqnr_db = _step_sqnr(folder, manifest, adapter, pairs, trajectories, units, threads)
     scores.model_mib = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".bin")) / 2**20
     scores.step_ms = 1e3 * float(np.median(step_times))
     return scores, pixels[0]
@@ -193,25 +200,28 @@ def _step_sqnr(
     adapter: ModelAdapter,
     pairs: list[tuple[str, int]],
     trajectories: list[tuple[list, list]],
+    units: Units,
+    threads: int | None,
 ) -> list[float]:
     """Per step: SQNR of the emitted model's output vs FP's, both fed the FP trajectory's input."""
     sessions: dict[str, ort.InferenceSession] = {}
     per_step: list[list[float]] = [[] for _ in manifest["steps"]]
     with_t = "timestep" in {i["name"] for i in manifest["inputs"]}
     conditioning = Conditioning(folder, manifest)
-    prompt_feeds = PromptFeeds(folder, manifest, session_options(2))
+    prompt_feeds = PromptFeeds(folder, manifest, session_options(threads))
     for (p, _), (xs, outs) in zip(pairs, trajectories, strict=True):
         prompt = prompt_feeds.feeds(np.concatenate([conditioning.encode(p), conditioning.null()]))
         for k, step in enumerate(manifest["steps"]):
             model = step["model"]
             if model not in sessions:
                 sessions[model] = ort.InferenceSession(
-                    str(folder / model), session_options(2), providers=["CPUExecutionProvider"]
+                    str(folder / model), session_options(threads), providers=["CPUExecutionProvider"]
                 )
             feeds = {"latents": xs[k], **prompt}
             if with_t:
                 feeds["timestep"] = np.full((2,), step["timestep"], dtype=np.int64)
             per_step[k].append(sqnr_db(outs[k], sessions[model].run(None, select(sessions[model], feeds))[0]))
+        units.done(f"{folder.name} per-step SQNR {p!r}")
     return [float(np.mean(v)) for v in per_step]
 
 

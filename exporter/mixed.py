@@ -18,6 +18,8 @@ from qexport.passes.plan import MIXED_HIGH_BITS, RangePlan
 from qexport.passes.quant import STORAGE
 from qexport.targets.profile import TargetProfile
 
+from qexport.progress import Progress, report
+
 if TYPE_CHECKING:
     from qexport.exporter.build import BuiltRange
 
@@ -112,7 +114,7 @@ def choose_bits(
     low: int,
     budget: float,
     target: TargetProfile,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[Allocation]:
     """One allocation per range (shared: the same one for every range, from sensitivities averaged
     over STEPS steps spread across all ranges, each simulated with its range's plan)."""
@@ -128,8 +130,7 @@ def choose_bits(
         sens, base = sensitivities(replay, units, make, low)
         bits = allocate(sens, params, low, budget, target)
         found.append(Allocation(bits=bits, sensitivity=sens, steps=[k for _, s in units for k in s], base_error=base))
-        if progress is not None:
-            progress(f"mixed precision: allocation {n + 1}/{len(groups)}")
+        report(progress, "mixed precision (allocations)", n + 1, len(groups))
     return found * len(ranges) if shared else found
 
 

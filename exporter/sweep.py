@@ -4,7 +4,6 @@ all from the same noise, and lay the measurements out as the seed paper's tables
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from qexport.exporter.evaluate import EvalResult, evaluate
 from qexport.passes.plan import QuantConfig, Smooth
 
 from qexport.errors import QexportError
+from qexport.progress import Progress, report
 
 # method -> (smoothing, timestep-wise); "ranges" replaces timestep-wise when given
 METHODS: dict[str, tuple[Smooth, bool]] = {
@@ -63,11 +63,12 @@ def sweep(
     prompts: list[str],
     seeds: list[int],
     alpha: float = 0.5,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[EvalResult, dict[str, Cell]]:
     """Build every cell into work/ and evaluate them together."""
     folders: dict[str, Cell] = {}
-    for cell in cells:
+    for n, cell in enumerate(cells):
+        report(progress, "sweep builds", n, len(cells), f"building {cell.name}")
         w, a = parse_bits(cell.bits)
         smooth, tsw = METHODS[cell.method]
         ranges = cell.ranges if cell.ranges is not None else (None if tsw else 1)
@@ -75,8 +76,7 @@ def sweep(
         quant = QuantConfig(w_bits=w, a_bits=a, smooth=smooth, alpha=alpha)
         build(stats_path, out, BuildConfig(quant=quant, ranges=ranges, force=True))
         folders[str(out)] = cell
-        if progress is not None:
-            progress(f"built {cell.name}")
+        report(progress, "sweep builds", n + 1, len(cells), f"built {cell.name}")
     return evaluate([Path(f) for f in folders], prompts, seeds, progress=progress), folders
 
 

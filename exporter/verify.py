@@ -30,6 +30,7 @@ from qexport.errors import QexportError
 from qexport.metrics import cosine, psnr_db, sqnr_db, ssim
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
+from qexport.progress import Progress, Units
 from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.loop import Pipeline, session_options
 
@@ -143,11 +144,11 @@ def expected_by_width(
     return found
 
 
-def optimized_session(path: Path) -> tuple[ort.InferenceSession, onnx.ModelProto]:
+def optimized_session(path: Path, threads: int | None = None) -> tuple[ort.InferenceSession, onnx.ModelProto]:
     """An onnxruntime CPU session (full optimisation) and its optimised graph (initializers of 1 KiB
     and more not loaded)."""
     with tempfile.TemporaryDirectory() as tmp:
-        opts = session_options(2)
+        opts = session_options(threads)
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.bin")
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -264,6 +265,8 @@ def verify(
     only: list[int] | None = None,
     runtime: str = "onnxruntime",
     device: str = "cpu",
+    threads: int | None = None,
+    progress: Progress | None = None,
 ) -> Verification:
     """Verify the emitted models and the end-to-end loop (see module docstring).
 
@@ -278,6 +281,8 @@ def verify(
         device: where torch runs the FP trajectory and the simulation ("cuda" for full-size
             models, whose CPU simulation takes tens of minutes); the emitted models always run on
             the runtime's CPU provider.
+        threads: onnxruntime intra-op threads (None: onnxruntime's default).
+        progress: ticks of one task: the FP trajectory, each model, the end-to-end loop.
 
     Raises:
         QexportError: an index in only that the build does not have; an unknown runtime; a CUDA
@@ -294,68 +299,99 @@ def verify(
     widths = {lp.w_grid.storage for plan in plans for lp in plan.layers.values()}
     native = any(RUNTIMES["onnxruntime"].runs_integer(w, types[1]) for w in widths)
     config = SamplingConfig(steps=len(manifest["steps"]), cfg=manifest["cfg"])
+    units = Units(progress, "verifying", 1 + len(chosen) + (only is None))
+    run = _Run(folder=Path(folder), manifest=manifest, prompt=prompt, seed=seed, runtime=runtime, types=types,
+               config=config, threads=threads, units=units)  # fmt: skip
+    units.start("FP trajectory")
     with torch_on(adapter, device) as where:
-        checks = _check_models(folder, adapter, plans, manifest, prompt, seed, chosen, runtime, types, where, config)
-    e2e = end_to_end(folder, adapter, prompt, seed, config) if only is None else {}
+        checks = _check_models(run, adapter, plans, chosen, where)
+    e2e = {}
+    if only is None:
+        e2e = end_to_end(run.folder, adapter, prompt, seed, config, threads)
+        units.done("end-to-end loop")
     return Verification(models=checks, end_to_end=e2e, native=native)
 
 
+@dataclass(kw_only=True)
+class _Run:
+    """What every model check of one verify() call shares."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    prompt: str
+    seed: int
+    runtime: str
+    types: tuple[str, str]
+    config: SamplingConfig
+    threads: int | None
+    units: Units
+
+
 def _check_models(
-    folder: Path, adapter: ModelAdapter, plans: list[RangePlan], manifest: dict[str, Any], prompt: str, seed: int,
-    chosen: Any, runtime: str, types: tuple[str, str], where: torch.device, config: SamplingConfig,
-) -> list[ModelCheck]:  # fmt: skip
+    run: _Run, adapter: ModelAdapter, plans: list[RangePlan], chosen: Any, where: torch.device
+) -> list[ModelCheck]:
     """verify()'s per-model checks, with torch on `where`."""
-    ids = manifest["layer_ids"]
-    xs = trajectory(adapter, prompt, seed, config, where)
-    cond = torch.cat([adapter.conditioner.encode([prompt]), adapter.conditioner.null(1)])
-    prompt_feeds = PromptFeeds(folder, manifest, session_options(2)).feeds(cond.numpy())  # kv.onnx, if any
-    kv_layers = set((manifest.get("kv") or {}).get("layers", []))
+    xs = trajectory(adapter, run.prompt, run.seed, run.config, where)
+    run.units.done("FP trajectory")
+    cond = torch.cat([adapter.conditioner.encode([run.prompt]), adapter.conditioner.null(1)])
+    prompt_feeds = PromptFeeds(run.folder, run.manifest, session_options(run.threads)).feeds(cond.numpy())  # kv.onnx
+    kv_layers = set((run.manifest.get("kv") or {}).get("layers", []))
     denoiser = adapter.denoiser().to(where)
     checks = []
     for index in chosen:
-        r, plan = manifest["ranges"][index], plans[index]
-        path = Path(folder) / r["model"]
-        onnx.checker.check_model(str(path))
-        check = ModelCheck(model=r["model"], steps=r["steps"])
-        layers = [layer for layer in plan.layers if layer not in kv_layers]
-        expected = expected_by_width(path, layers, ids, RUNTIMES["onnxruntime"], plan, types[1])
-        session, optimized = optimized_session(path)
-        integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
-        reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
-        check.integer, check.emulated, check.float_ = classify(layers, reads, integer_inputs, expected)
-        native_attention = RUNTIMES["onnxruntime"].runs_attention_integer(types[1])
-        check.attention_integer, check.attention_emulated, check.attention_float = attention_kernels(
-            optimized, plan.attention, native_attention
-        )
-        step = r["steps"][0]
-        t = manifest["steps"][step]["timestep"]
-        x = torch.from_numpy(np.concatenate([xs[step], xs[step]]))
-        tt = torch.full((2,), t, dtype=torch.long)
-        feeds = {"latents": x.numpy(), **prompt_feeds}
-        if "timestep" in {i["name"] for i in manifest["inputs"]}:
-            feeds["timestep"] = tt.numpy()
-        feeds = select(session, feeds)
-        got = session.run(None, feeds)[0]
-        x, tt, c = x.to(where), tt.to(where), cond.to(where)
-        with torch.no_grad():
-            fp = denoiser(x, tt, c).cpu().numpy()
-            with simulated(adapter.transformer, plan):
-                sim = denoiser(x, tt, c).cpu().numpy()
-                moved = denoiser(x * (1 + PERTURBATION), tt, c).cpu().numpy()
-        lsb = compare(check, fp, sim, moved, got)
-        if runtime != "onnxruntime":
-            ov_expected = expected_by_width(path, layers, ids, RUNTIMES[runtime], plan, types[1])
-            ov = run_openvino(path, feeds, layers, ids, ov_expected)
-            check.second = RuntimeCheck(runtime=runtime, integer=len(ov.integer), emulated=len(ov.emulated),
-                                        float_=ov.float_, cosine_sim=cosine(sim, ov.output),
-                                        max_lsb_sim=float(np.abs(sim - ov.output).max() / lsb),
-                                        cosine_ort=cosine(got, ov.output),
-                                        max_lsb_ort=float(np.abs(got - ov.output).max() / lsb),
-                                        sqnr_ort_db=sqnr_db(got, ov.output))  # fmt: skip
+        check = _check_one(run, adapter, denoiser, plans[index], index, xs, cond, prompt_feeds, kv_layers, where)
         checks.append(check)
+        run.units.done(check.model)
     if kv_layers:
-        checks.append(check_kv(Path(folder), adapter, plans[chosen[0]], manifest, cond, types))
+        checks.append(check_kv(run.folder, adapter, plans[chosen[0]], run.manifest, cond, run.types))
     return checks
+
+
+def _check_one(
+    run: _Run, adapter: ModelAdapter, denoiser: Any, plan: RangePlan, index: int, xs: list[np.ndarray],
+    cond: torch.Tensor, prompt_feeds: dict[str, np.ndarray], kv_layers: set[str], where: torch.device,
+) -> ModelCheck:  # fmt: skip
+    """One emitted model: checker, integer kernels, and its output vs FP and the simulation."""
+    manifest, types, ids = run.manifest, run.types, run.manifest["layer_ids"]
+    r = manifest["ranges"][index]
+    path = run.folder / r["model"]
+    onnx.checker.check_model(str(path))
+    check = ModelCheck(model=r["model"], steps=r["steps"])
+    layers = [layer for layer in plan.layers if layer not in kv_layers]
+    expected = expected_by_width(path, layers, ids, RUNTIMES["onnxruntime"], plan, types[1])
+    session, optimized = optimized_session(path, run.threads)
+    integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
+    reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
+    check.integer, check.emulated, check.float_ = classify(layers, reads, integer_inputs, expected)
+    native_attention = RUNTIMES["onnxruntime"].runs_attention_integer(types[1])
+    check.attention_integer, check.attention_emulated, check.attention_float = attention_kernels(
+        optimized, plan.attention, native_attention
+    )
+    step = r["steps"][0]
+    x = torch.from_numpy(np.concatenate([xs[step], xs[step]]))
+    tt = torch.full((2,), manifest["steps"][step]["timestep"], dtype=torch.long)
+    feeds = {"latents": x.numpy(), **prompt_feeds}
+    if "timestep" in {i["name"] for i in manifest["inputs"]}:
+        feeds["timestep"] = tt.numpy()
+    feeds = select(session, feeds)
+    got = session.run(None, feeds)[0]
+    x, tt, c = x.to(where), tt.to(where), cond.to(where)
+    with torch.no_grad():
+        fp = denoiser(x, tt, c).cpu().numpy()
+        with simulated(adapter.transformer, plan):
+            sim = denoiser(x, tt, c).cpu().numpy()
+            moved = denoiser(x * (1 + PERTURBATION), tt, c).cpu().numpy()
+    lsb = compare(check, fp, sim, moved, got)
+    if run.runtime != "onnxruntime":
+        ov_expected = expected_by_width(path, layers, ids, RUNTIMES[run.runtime], plan, types[1])
+        ov = run_openvino(path, feeds, layers, ids, ov_expected)
+        check.second = RuntimeCheck(runtime=run.runtime, integer=len(ov.integer), emulated=len(ov.emulated),
+                                    float_=ov.float_, cosine_sim=cosine(sim, ov.output),
+                                    max_lsb_sim=float(np.abs(sim - ov.output).max() / lsb),
+                                    cosine_ort=cosine(got, ov.output),
+                                    max_lsb_ort=float(np.abs(got - ov.output).max() / lsb),
+                                    sqnr_ort_db=sqnr_db(got, ov.output))  # fmt: skip
+    return check
 
 
 def check_kv(
@@ -428,10 +464,12 @@ def kv_reference(
         return fp, capture(cond), capture(cond * (1 + PERTURBATION))
 
 
-def end_to_end(folder: Path, adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig) -> dict[str, float]:
+def end_to_end(
+    folder: Path, adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig, threads: int | None = None
+) -> dict[str, float]:
     """The sampling loop through the emitted models vs the FP loop, from the same noise."""
     cond = adapter.conditioner.encode([prompt])
     fp = adapter.decode(sample(adapter, cond, [seed], config))
-    result = Pipeline(folder, threads=2).run(cond.numpy(), adapter.conditioner.null(1).numpy(), seed)
+    result = Pipeline(folder, threads=threads).run(cond.numpy(), adapter.conditioner.null(1).numpy(), seed)
     q = adapter.decode(torch.from_numpy(result.latents))
     return {"psnr_db": psnr_db(fp, q), "ssim": ssim(fp, q), "step_ms": 1e3 * float(np.mean(result.step_seconds))}

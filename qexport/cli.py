@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from qexport import __version__
+from qexport.cli_args import check_threads, conditioning_text, existing_file, set_threads
 from qexport.errors import QexportError
+from qexport.progress import ProgressPrinter, Units, duration
 
 log = logging.getLogger("qexport")
 
@@ -64,32 +66,32 @@ def sample(
     model_name: str, prompt: str | None, label: str | None, seed: int, steps: int, cfg: float, output: Path
 ) -> None:
     """Sample one clip or image with the FP model; writes a GIF and a PNG strip of frames."""
-    from qexport.media import save_gif, save_png, strip
+    from qexport.media import output_paths, save_gif, save_png, strip
     from qexport.models.registry import load_model
     from qexport.models.sampler import SamplingConfig
     from qexport.models.sampler import sample as run_sampler
+    from qexport.progress import report
 
     config = SamplingConfig(steps=steps, cfg=cfg)
-    text = prompt if prompt is not None else label
-    if text is None:
-        raise QexportError("give --prompt (text-to-video models) or --label (class-conditional models)")
     adapter = load_model(model_name)
+    text = conditioning_text(adapter.conditioner.kind, prompt, label)
+    paths = output_paths(output, adapter.is_video)
     cond = adapter.conditioner.encode([text])
     start = time.perf_counter()
-    with click.progressbar(length=steps, label=f"sampling {adapter.model_id}", file=sys.stderr) as bar:
-        latents = run_sampler(adapter, cond, [seed], config, on_step=lambda i, t: bar.update(1))
+    printer = ProgressPrinter()
+    task = f"sampling {adapter.model_id} (steps)"
+    latents = run_sampler(adapter, cond, [seed], config, on_step=lambda i, t: report(printer, task, i, steps))
+    report(printer, task, steps, steps)
+    printer.close()
     pixels = adapter.decode(latents)[0]
     elapsed = time.perf_counter() - start
     if adapter.is_video:
-        gif = output.with_suffix(".gif")
-        save_gif(gif, pixels)
-        png = output.with_suffix(".png")
-        save_png(png, strip(pixels))
-        click.echo(f"wrote {gif} and {png} ({len(pixels)} frames, {steps} steps, {elapsed:.1f}s)")
+        save_gif(paths[0], pixels)
+        save_png(paths[1], strip(pixels))
+        click.echo(f"wrote {paths[0]} and {paths[1]} ({len(pixels)} frames, {steps} steps, {elapsed:.1f}s)")
     else:
-        png = output.with_suffix(".png")
-        save_png(png, pixels)
-        click.echo(f"wrote {png} ({steps} steps, {elapsed:.1f}s)")
+        save_png(paths[0], pixels)
+        click.echo(f"wrote {paths[0]} ({steps} steps, {elapsed:.1f}s)")
 
 
 @cli.command()
@@ -110,8 +112,10 @@ def judge(model_name: str, seeds: str, steps: int, cfg: float, full: bool, batch
     prompts = default_prompts(adapter, full=full)
     seed_list = _seeds(seeds)
     start = time.perf_counter()
-    with click.progressbar(length=len(prompts) * len(seed_list), label="sampling", file=sys.stderr) as bar:
-        result = evaluate_fp(adapter, prompts, seed_list, config, batch_size=batch_size, progress=bar.update)
+    printer = ProgressPrinter()
+    units = Units(printer, "sampling (samples)", len(prompts) * len(seed_list))
+    result = evaluate_fp(adapter, prompts, seed_list, config, batch_size=batch_size, progress=lambda n: units.done(n=n))
+    printer.close()
     r = result.report
     click.echo(f"{adapter.model_id}: {r.count} samples, {steps} steps, CFG {cfg}, {time.perf_counter() - start:.0f}s")
     for key, value in r.accuracy.items():
@@ -199,10 +203,9 @@ def calibrate(
         dtype=dtype,
     )
     adapter = load_model(model_name)
-    pairs = len(config.prompts) * len(config.seeds)
-    total = steps * -(-pairs // batch_size)
-    with click.progressbar(length=total, label="calibrating (steps x batches)", file=sys.stderr) as bar:
-        result = run_calibration(adapter, config, progress=bar.update)
+    printer = ProgressPrinter()
+    result = run_calibration(adapter, config, progress=printer)
+    printer.close()
     if result.rank != 0:
         return
     size = save(result.stats, output)
@@ -399,6 +402,7 @@ def build(
     verify_device: str,
 ) -> None:
     """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range."""
+    start = time.perf_counter()
     from qexport.exporter.build import BuildConfig
     from qexport.exporter.build import build as run_build
     from qexport.passes.gptq import Rounding
@@ -406,6 +410,7 @@ def build(
     from qexport.passes.plan import QuantConfig, Smooth
     from qexport.summaries import build_lines, legality_lines
 
+    existing_file(stats_file, "statistics file", "make one with qexport calibrate")
     if timestep_wise == (time_ranges is not None):
         raise QexportError("give exactly one of --timestep-wise or --time-ranges K")
     auto, layer = alpha == "auto", alpha == "layer"
@@ -422,12 +427,15 @@ def build(
                         replay_prompts=replay_prompts, channel_shift=channel_shift,
                         smooth_ranges=smooth_ranges)  # fmt: skip
     config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
-    result = run_build(stats_file, output, config, progress=lambda name: click.echo(f"  emitted {name}", err=True))
+    printer = ProgressPrinter()
+    result = run_build(stats_file, output, config, progress=printer)
+    printer.close()
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
         click.echo(line)
     if not no_verify:
         plans = [r.plan for r in result.ranges]
         _verify_and_report(output, result.adapter, plans, result.manifest, verify_prompt, device=verify_device)
+    click.echo(f"time: {duration(time.perf_counter() - start)} in all")
 
 
 def _verify_and_report(
@@ -439,6 +447,7 @@ def _verify_and_report(
     only: list[int] | None = None,
     runtime: str = "onnxruntime",
     device: str = "cpu",
+    threads: int | None = None,
 ) -> None:
     from qexport.exporter.manifest import write_manifest
     from qexport.exporter.verify import verify as run_verify
@@ -449,9 +458,12 @@ def _verify_and_report(
     if prompt is None:
         prompt = default_prompts(adapter)[0]  # type: ignore[arg-type]
     where = "onnxruntime" + ("" if runtime == "onnxruntime" else f" and {runtime}")
-    click.echo(f"verifying {len(plans)} model(s) on {where} (prompt {prompt!r}) ...", err=True)
+    printer = ProgressPrinter()
+    printer.say(f"verifying {len(plans) if only is None else len(set(only))} model(s) on {where} (prompt {prompt!r})")
     target = get_profile(manifest["target"])
-    v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime, device=device)  # type: ignore[arg-type]
+    v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime, device=device,  # type: ignore[arg-type]
+                   threads=threads, progress=printer)  # fmt: skip
+    printer.close()
     manifest["verification"] = {"prompt": prompt, "runtime": runtime, **v.to_json()}
     write_manifest(folder, manifest)
     for line in verification_table(manifest["verification"]):
@@ -475,17 +487,27 @@ def _verify_and_report(
 )
 @click.option("--device", default="cpu", show_default=True,
               help="Where torch runs the FP and simulated passes (cuda for full-size models).")  # fmt: skip
+@click.option("--threads", type=int, help="CPU threads of onnxruntime and torch (default: their own choice).")
 def verify(
-    folder: Path, stats_file: Path | None, prompt: str | None, only: str | None, runtime: str, device: str
+    folder: Path,
+    stats_file: Path | None,
+    prompt: str | None,
+    only: str | None,
+    runtime: str,
+    device: str,
+    threads: int | None,
 ) -> None:
     """Prove onnxruntime runs integer kernels; compare with the simulation and with FP."""
     from qexport.exporter.replan import replan
     from qexport.runtime.manifest import read_manifest
 
+    start = time.perf_counter()
     indexes = None if only is None else _ints(only, "--models")
+    set_threads(threads)
     manifest = read_manifest(folder)
     adapter, plans, _ = replan(manifest, stats_file)
-    _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime, device)
+    _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime, device, threads)
+    click.echo(f"time: {duration(time.perf_counter() - start)} in all")
 
 
 @cli.group(invoke_without_command=True)
@@ -516,32 +538,34 @@ def targets_show(name: str) -> None:
 @click.option("--prompt", help="Caption (text-to-video builds).")
 @click.option("--label", help="Class label (class-conditional builds).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own choice).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="clip.gif or image.png")
 def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads: int | None, output: Path) -> None:
     """The edge loop: manifest.json + ONNX files, numpy + onnxruntime only."""
-    from qexport.media import save_gif, save_png, strip
+    from qexport.media import output_paths, save_gif, save_png, strip
     from qexport.runtime.conditioning import Conditioning
     from qexport.runtime.loop import Pipeline, decode_pixels
 
-    text = prompt if prompt is not None else label
-    if text is None:
-        raise QexportError("give --prompt (text-to-video builds) or --label (class-conditional builds)")
-    pipeline = Pipeline(folder, threads=threads)
-    conditioning = Conditioning(folder, pipeline.manifest)
-    result = pipeline.run(conditioning.encode(text), conditioning.null(), seed)
-    pixels = decode_pixels(result.latents, pipeline.manifest)
+    start = time.perf_counter()
+    pipeline = Pipeline(folder, threads=check_threads(threads))
+    m = pipeline.manifest
+    text = conditioning_text((m.get("conditioning") or {}).get("kind", "caption"), prompt, label)
+    paths = output_paths(output, len(m["latent_shape"]) == 4)
+    conditioning = Conditioning(folder, m)
+    printer = ProgressPrinter()
+    result = pipeline.run(conditioning.encode(text), conditioning.null(), seed, progress=printer)
+    printer.close()
+    pixels = decode_pixels(result.latents, m)
     if pixels.ndim == 4:
-        save_gif(output.with_suffix(".gif"), pixels)
-        save_png(output.with_suffix(".png"), strip(pixels))
-        written = f"{output.with_suffix('.gif')} and {output.with_suffix('.png')}"
+        save_gif(paths[0], pixels)
+        save_png(paths[1], strip(pixels))
     else:
-        save_png(output.with_suffix(".png"), pixels)
-        written = str(output.with_suffix(".png"))
+        save_png(paths[0], pixels)
     steps = result.step_seconds
     click.echo(
-        f"wrote {written}: {len(steps)} steps, {1e3 * sum(steps) / len(steps):.0f} ms/step "
-        f"(first {1e3 * steps[0]:.0f} ms), waiting for sessions {1e3 * sum(result.swap_seconds):.0f} ms in all"
+        f"wrote {' and '.join(map(str, paths))}: {len(steps)} steps, {1e3 * sum(steps) / len(steps):.0f} ms/step "
+        f"(first {1e3 * steps[0]:.0f} ms); model loading not hidden by the prefetch "
+        f"{1e3 * sum(result.swap_seconds):.0f} ms; {duration(time.perf_counter() - start)} in all"
     )
 
 
@@ -551,35 +575,55 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
 @click.option("--labels", help="Comma-separated class labels.")
 @click.option("--seeds", default="0", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("eval.json"), show_default=True)
-def eval_(folders: tuple[Path, ...], prompts_file: Path | None, labels: str | None, seeds: str, output: Path) -> None:
+@click.option("--threads", type=int, help="CPU threads of onnxruntime and torch (default: their own choice).")
+def eval_(
+    folders: tuple[Path, ...],
+    prompts_file: Path | None,
+    labels: str | None,
+    seeds: str,
+    output: Path,
+    threads: int | None,
+) -> None:
     """Accuracy of builds vs FP from the same noise (default prompts: the built-in evaluation set)."""
-    from qexport.exporter.evaluate import evaluate, write_json
-    from qexport.models import shapes
     from qexport.runtime.manifest import read_manifest
-    from qexport.summaries import eval_table
 
+    start = time.perf_counter()
+    printer = ProgressPrinter()
+    seed_list = _seeds(seeds)
+    kind = read_manifest(folders[0])["inputs"][1]["dtype"]
     if prompts_file is None and labels is None:
-        kind = read_manifest(folders[0])["inputs"][1]["dtype"]
+        from qexport.models import shapes
+
         prompts = shapes.class_names() if kind == "int64" else shapes.eval_prompts()
     else:
         prompts = _prompts(prompts_file, labels)
-    result = evaluate(list(folders), prompts, _seeds(seeds), progress=lambda m: log.info("%s", m))
+    printer.say(f"evaluating {len(folders)} build(s) on {len(prompts)} prompt(s) x {len(seed_list)} seed(s)")
+    set_threads(threads)
+    from qexport.exporter.evaluate import evaluate, write_json
+    from qexport.summaries import eval_table
+
+    result = evaluate(list(folders), prompts, seed_list, progress=printer, threads=threads)
+    printer.close()
     write_json(result, output)
     for line in eval_table(result.to_json()):
         click.echo(line)
-    click.echo(f"wrote {output}")
+    click.echo(f"wrote {output} in {duration(time.perf_counter() - start)}")
 
 
 @cli.command()
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("qexport-demo"), show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing demo folder.")
-def demo(output: Path, force: bool) -> None:
+@click.option("--threads", type=int, help="CPU threads of onnxruntime and torch (default: their own choice).")
+def demo(output: Path, force: bool, threads: int | None) -> None:
     """The whole path on the built-in tiny-latte: calibrate, build, verify, eval, report."""
     from qexport.exporter.demo import demo as run_demo
     from qexport.summaries import eval_table, verification_table
 
     start = time.perf_counter()
-    result = run_demo(output, force=force, progress=lambda message: click.echo(message, err=True))
+    set_threads(threads)
+    printer = ProgressPrinter()
+    result = run_demo(output, force=force, threads=threads, progress=printer)
+    printer.close()
     click.echo("")
     for line in verification_table(result.verification):
         click.echo(line)
@@ -592,7 +636,7 @@ def demo(output: Path, force: bool) -> None:
         f"\nsummary: {len(result.verification['models'])} step models, {int8} quantized layer-models on "
         f"integer kernels (MatMulIntegerToFloat), verdict {'PASS' if result.verification['ok'] else 'FAIL'}"
     )
-    click.echo(f"time: {time.perf_counter() - start:.0f}s ({phases})")
+    click.echo(f"time: {duration(time.perf_counter() - start)} ({phases})")
     click.echo(f"report: {result.report.resolve()}")
 
 
@@ -633,8 +677,9 @@ def sweep(
         prompts = shapes.class_names() if kind == "DiTTransformer2DModel" else shapes.eval_prompts()
     else:
         prompts = _prompts(prompts_file, labels)
-    result, folders = run_sweep(stats_file, cells, output, prompts, _seeds(seeds), alpha,
-                                progress=lambda m: click.echo(m, err=True))  # fmt: skip
+    start, printer = time.perf_counter(), ProgressPrinter()
+    result, folders = run_sweep(stats_file, cells, output, prompts, _seeds(seeds), alpha, progress=printer)
+    printer.close()
     write_json(result, output / "sweep.json")
     data = result.to_json()
     data["builds"] = {folders[k].name: v for k, v in data["builds"].items()}
@@ -645,7 +690,7 @@ def sweep(
     tables = "\n".join(paper_tables(result.to_json(), folders))
     (output / "tables.md").write_text(tables)
     click.echo(tables)
-    click.echo(f"wrote {output / 'sweep.json'} and {output / 'tables.md'}")
+    click.echo(f"wrote {output / 'sweep.json'} and {output / 'tables.md'} in {duration(time.perf_counter() - start)}")
 
 
 def main() -> None:

@@ -50,3 +50,22 @@ def save_png(path: Path, image: np.ndarray, scale: int = 4) -> None:
     """A PNG of a uint8 image [H, W, 3], enlarged by scale."""
     picture = _upscale(image, scale)
     atomic_write(path, lambda p: picture.save(p, format="PNG"))
+
+
+def output_paths(output: Path, video: bool) -> tuple[Path, ...]:
+    """The files ``-o output`` writes: (clip.gif, clip.png strip) for video, (image.png,) for an image.
+
+    Raises:
+        QexportError: a suffix the model's output cannot be written as (e.g. .gif for an image).
+    """
+    from qexport.errors import QexportError
+
+    suffix = output.suffix.lower()
+    if video:
+        if suffix not in ("", ".gif", ".png"):
+            raise QexportError(f"-o {output}: this model makes clips, written as .gif (and a .png strip); "
+                               "give a .gif path")  # fmt: skip
+        return output.with_suffix(".gif"), output.with_suffix(".png")
+    if suffix not in ("", ".png"):
+        raise QexportError(f"-o {output}: this model makes images, written as PNG; give a .png path")
+    return (output.with_suffix(".png"),)

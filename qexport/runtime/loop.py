@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qexport.progress import Progress, Units
 from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.manifest import read_manifest
 
@@ -35,7 +36,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 class LoopResult:
     latents: np.ndarray
     step_seconds: list[float] = field(default_factory=list)
-    swap_seconds: list[float] = field(default_factory=list)  # waiting for a range's session
+    swap_seconds: list[float] = field(default_factory=list)  # per step: loading its model, not hidden by prefetch
     prompt_seconds: float = 0.0  # kv.onnx (--precompute-kv builds), once per prompt
 
 
@@ -59,12 +60,14 @@ class Pipeline:
             )
         return self._sessions[index]
 
-    def run(self, cond: np.ndarray, null: np.ndarray, seed: int) -> LoopResult:
-        """Sample one output. cond / null: this prompt's and the null condition, batch 1 each."""
+    def run(self, cond: np.ndarray, null: np.ndarray, seed: int, progress: Progress | None = None) -> LoopResult:
+        """Sample one output. cond / null: this prompt's and the null condition, batch 1 each;
+        progress, if given, gets a tick per denoising step."""
         m = self.manifest
         x = initial_noise(tuple(m["latent_shape"]), seed)[None]
         both = np.concatenate([cond, null])
         result = LoopResult(latents=x)
+        units = Units(progress, "denoising (steps)", len(m["steps"]))
         self._load(m["steps"][0]["range"])
         start = time.perf_counter()
         prompt = self.prompt.feeds(both)
@@ -85,6 +88,7 @@ class Pipeline:
             guided = out_u + np.float32(m["cfg"]) * (out_c - out_u)
             x = (np.float32(step["c_x"]) * x[0] + np.float32(step["c_out"]) * guided)[None].astype(np.float32)
             result.step_seconds.append(time.perf_counter() - start)
+            units.done(f"t={step['timestep']}")
         result.latents = x
         return result
 

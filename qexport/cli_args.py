@@ -1,0 +1,69 @@
+"""Checks and settings the CLI applies to its arguments before any work: which conditioning text a
+model takes, thread counts, the existence of input files. Torch is imported only when asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qexport.errors import QexportError
+
+
+def conditioning_text(kind: str, prompt: str | None, label: str | None) -> str:
+    """The one text a model takes: ``--prompt`` for a caption model, ``--label`` for a class label.
+
+    kind: "caption" (text-conditioned) or "label" (class-conditional).
+
+    Raises:
+        QexportError: both given, none given, or the one the model does not take.
+    """
+    if prompt is not None and label is not None:
+        raise QexportError("give --prompt or --label, not both")
+    if kind == "label":
+        if prompt is not None:
+            raise QexportError("this model is class-conditional: give --label (e.g. 'red circle'), not --prompt")
+        if label is None:
+            raise QexportError("this model is class-conditional: give --label (e.g. 'red circle')")
+        return label
+    if label is not None:
+        raise QexportError(
+            "this model is text-conditioned: give --prompt (e.g. 'a red circle moving left'), not --label"
+        )
+    if prompt is None:
+        raise QexportError("this model is text-conditioned: give --prompt (e.g. 'a red circle moving left')")
+    return prompt
+
+
+def check_threads(threads: int | None) -> int | None:
+    """threads, if None (the runtime's default) or at least 1.
+
+    Raises:
+        QexportError: a count below 1.
+    """
+    if threads is not None and threads < 1:
+        raise QexportError(f"--threads must be 1 or more, got {threads}")
+    return threads
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` CPU threads in torch as well (onnxruntime sessions take them per session).
+
+    Raises:
+        QexportError: a count below 1.
+    """
+    count = check_threads(threads)
+    if count is None:
+        return
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def existing_file(path: Path, what: str, fix: str) -> Path:
+    """path, if it is a file.
+
+    Raises:
+        QexportError: naming the path, what it should be and how to get one.
+    """
+    if not path.is_file():
+        raise QexportError(f"{what} {path} does not exist; {fix}")
+    return path
