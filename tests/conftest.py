@@ -1,7 +1,12 @@
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# two threads unless the run asks for another count (the suite is run with OMP_NUM_THREADS=1 too)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+if os.environ.get("QEXPORT_TEST_DETERMINISTIC") == "1":
+    torch.use_deterministic_algorithms(True)  # another math setting the suite must pass under
 
 
 @pytest.fixture(scope="session")

@@ -126,5 +126,9 @@ def test_sampling_is_deterministic_and_batch_invariant(tmp_path):
     cfg = SamplingConfig(steps=3, cfg=4.0)
     one = sample(adapter, adapter.conditioner.encode(["1"]), [5], cfg)
     two = sample(adapter, adapter.conditioner.encode(["1", "2"]), [5, 6], cfg)
-    assert torch.allclose(one[0], two[0], atol=1e-5)
-    assert not torch.allclose(two[0], two[1])
+    assert torch.equal(one, sample(adapter, adapter.conditioner.encode(["1"]), [5], cfg))  # same call, same bits
+    # batching changes the GEMMs' blocking, so batch invariance holds to rounding, not bit for bit:
+    # measured 2e-7 relative (float32 eps 1.2e-7) after 3 CFG steps; two different samples differ by ~1
+    scale = one[0].norm()
+    assert (one[0] - two[0]).norm() <= 1e-4 * scale
+    assert (two[0] - two[1]).norm() > 0.1 * scale

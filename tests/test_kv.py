@@ -30,6 +30,7 @@ from qexport.runtime.conditioning import Conditioning
 from qexport.runtime.loop import Pipeline
 
 PROMPT = "a blue square moving up"
+SEEDS = 6
 KV_LAYERS = [f"transformer_blocks.{b}.attn2.to_{p}" for b in range(4) for p in ("k", "v")]
 TORCH_FREE = """
 import sys, numpy as np
@@ -42,10 +43,10 @@ np.save(sys.argv[2], p.run(c.encode("a blue square moving up"), c.null(), 3).lat
 """
 
 
-def _latents(folder):
+def _latents(folder, seed=3):
     pipeline = Pipeline(folder, threads=2)
     conditioning = Conditioning(folder, pipeline.manifest)
-    return pipeline.run(conditioning.encode(PROMPT), conditioning.null(), 3).latents
+    return pipeline.run(conditioning.encode(PROMPT), conditioning.null(), seed).latents
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +144,23 @@ def test_loop_equals_a_build_without_it_when_kv_is_quantized_alike(latte_stats, 
 
 
 def test_tsq_differs_from_a_build_without_it_by_quantization_noise_only(latte_stats, kv_build, tmp_path):
+    # the K/V plan is the one every range had (the K/V inputs' statistics are equal at every step); what
+    # differs is where attn2.to_out's smoothing lives (an explicit Mul: to_v is no longer in the step model),
+    # so the two builds carry different quantization noise of the same size. One sample's SQNR moves by
+    # up to ~1.3 dB between them (measured, seeds 0-4: -1.3 .. +0.9 dB), so the claim is made on the mean
+    # over SEEDS samples, whose standard error is ~0.35 dB; and each pair differs from each other no more
+    # than quantization noise does (a wrong K/V would put them far apart).
     base = build(latte_stats, tmp_path / "base", BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ)))
     adapter = load_model("tiny-latte")
-    fp = sample(adapter, adapter.conditioner.encode([PROMPT]), [3], SamplingConfig(steps=4, cfg=7.0)).numpy()
-    with_kv, without = _latents(kv_build.folder), _latents(base.folder)
-    # the K/V plan is the one every range had (the K/V inputs' statistics are equal at every step); what
-    # differs is where attn2.to_out's smoothing lives (an explicit Mul: to_v is no longer in the step model)
-    assert abs(sqnr_db(fp, with_kv) - sqnr_db(fp, without)) < 1.0, (sqnr_db(fp, with_kv), sqnr_db(fp, without))
+    config = SamplingConfig(steps=4, cfg=7.0)
+    deltas = []
+    for seed in range(SEEDS):
+        fp = sample(adapter, adapter.conditioner.encode([PROMPT]), [seed], config).numpy()
+        with_kv, without = _latents(kv_build.folder, seed), _latents(base.folder, seed)
+        noise = min(sqnr_db(fp, with_kv), sqnr_db(fp, without))
+        assert sqnr_db(without, with_kv) > noise - 6.0, (seed, sqnr_db(without, with_kv), noise)
+        deltas.append(sqnr_db(fp, with_kv) - sqnr_db(fp, without))
+    assert abs(np.mean(deltas)) < 1.0, deltas
 
 
 @pytest.fixture(scope="module")
