@@ -1,0 +1,34 @@
+"""The technique registry: recipe name (``_type``) -> config class, registered explicitly. The
+order is the fixed order in which planning applies them."""
+
+from __future__ import annotations
+
+from qexport.passes.techniques.attention import AttentionQuant
+from qexport.passes.techniques.base import Shape, Technique
+from qexport.passes.techniques.gptq import Gptq
+from qexport.passes.techniques.head_rotation import HeadRotation
+from qexport.passes.techniques.kv import PrecomputeKV
+from qexport.passes.techniques.lowrank import LowRank
+from qexport.passes.techniques.mixed_precision import MixedPrecision
+from qexport.passes.techniques.observer import ActivationObserver
+from qexport.passes.techniques.online_rotation import OnlineRotation
+from qexport.passes.techniques.shift import ChannelShift
+from qexport.passes.techniques.smoothquant import SmoothQuant
+from qexport.passes.techniques.weight_clip import WeightClip
+
+ORDER: tuple[type[Technique], ...] = (
+    SmoothQuant,
+    ChannelShift,
+    HeadRotation,
+    OnlineRotation,
+    WeightClip,
+    Gptq,
+    LowRank,
+    MixedPrecision,
+    ActivationObserver,
+    AttentionQuant,
+    PrecomputeKV,
+)
+TECHNIQUES: dict[str, type[Technique]] = {t.kind: t for t in ORDER}
+
+__all__ = ["ORDER", "TECHNIQUES", "Shape", "Technique"]

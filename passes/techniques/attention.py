@@ -1,0 +1,20 @@
+"""Static Q/DQ on both operands of QK^T and PV, so the attention matmuls run in integer too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qexport.passes.techniques.base import Technique
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionQuant(Technique):
+    kind = "attention"
+    summary = "quantize Q, K, V and the softmax output; ranges from replayed prompts"
+
+    def replays(self) -> bool:
+        return True
+
+    def settings(self) -> dict[str, Any]:
+        return {"quantize_attention": True}

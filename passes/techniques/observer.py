@@ -1,0 +1,23 @@
+"""Activation ranges from replayed calibration samples instead of the calibrated min/max:
+percentile or MSE-clipped ranges, or min/max shrunk by the ratio with the best output SQNR."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from qexport.passes.techniques.base import Technique
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationObserver(Technique):
+    kind = "activation_observer"
+    summary = "activation ranges from replayed samples: percentile, MSE clip, or a per-range shrink search"
+
+    method: Literal["percentile", "mse", "search"] = "search"
+
+    def replays(self) -> bool:
+        return True
+
+    def settings(self) -> dict[str, Any]:
+        return {"act_observer": self.method}

@@ -1,0 +1,217 @@
+"""The build recipe: the one declarative input of ``qexport build`` and its record in the manifest.
+
+A frozen dataclass tree (bits, granularity, target, calibration replay, an ordered list of
+technique configs), serialised generically (qexport.serial: a ``_type`` per technique, a
+``version``), read from and written to YAML, checked by ``validate()`` — every rule about which
+options combine lives here or in the technique's own ``check``. Presets ship in ``recipes/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qexport import serial
+from qexport.errors import QexportError
+from qexport.passes.techniques import ORDER, TECHNIQUES, Shape, Technique
+
+VERSION = 1
+PRESETS = Path(__file__).parent / "recipes"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bits:
+    weights: int = 8  # 2..8 (stored as int8 / int4 containers)
+    activations: int = 8  # 4..16 (uint8 / uint16 containers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Granularity:
+    time_ranges: int | None = None  # None: one model per denoising step (TSW); K: K contiguous step ranges
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replay:
+    prompts: int | None = None  # calibration prompts the replaying techniques replay (None: up to 2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """Everything a build does, and nothing about where its files go."""
+
+    version: int = VERSION
+    description: str = ""
+    bits: Bits = field(default_factory=Bits)
+    granularity: Granularity = field(default_factory=Granularity)
+    target: str = "ort-cpu"
+    replay: Replay = field(default_factory=Replay)
+    techniques: tuple[Technique, ...] = ()
+
+    def technique(self, kind: str) -> Technique | None:
+        """The config of one technique, or None when the recipe does not use it."""
+        return next((t for t in self.techniques if t.kind == kind), None)
+
+    def replaying(self) -> list[str]:
+        """The kinds of the techniques that replay calibration prompts."""
+        return [t.kind for t in self.techniques if t.replays()]
+
+    def validate(self) -> Recipe:
+        """Check every rule that involves more than one key; returns self.
+
+        Raises:
+            QexportError: naming the recipe key, what it must be and what it was.
+        """
+        if self.version != VERSION:
+            raise QexportError(f"recipe key 'version' must be {VERSION} (this qexport's recipes), got {self.version}")
+        if not 2 <= self.bits.weights <= 8:
+            raise QexportError(f"recipe key 'bits.weights' must be in 2..8, got {self.bits.weights}")
+        if not 4 <= self.bits.activations <= 16:
+            raise QexportError(f"recipe key 'bits.activations' must be in 4..16, got {self.bits.activations}")
+        ranges = self.granularity.time_ranges
+        if ranges is not None and ranges < 1:
+            raise QexportError(
+                f"recipe key 'granularity.time_ranges' must be 1 or more (or null: per step), got {ranges}"
+            )
+        kinds = [t.kind for t in self.techniques]
+        twice = sorted({k for k in kinds if kinds.count(k) > 1})
+        if twice:
+            raise QexportError(f"recipe key 'techniques' lists {twice[0]!r} twice; keep one")
+        shape = Shape(w_bits=self.bits.weights, a_bits=self.bits.activations, per_step=ranges is None,
+                      techniques=dict(zip(kinds, self.techniques, strict=True)))  # fmt: skip
+        for t in self.techniques:
+            t.check(shape)
+        if self.replay.prompts is not None:
+            if self.replay.prompts < 1:
+                raise QexportError(f"recipe key 'replay.prompts' must be 1 or more, got {self.replay.prompts}")
+            if not self.replaying():
+                can = ", ".join(t.kind for t in ORDER if t.replays is not Technique.replays)
+                raise QexportError(
+                    "recipe key 'replay.prompts' sets how many calibration prompts the replaying techniques use "
+                    f"({can}); the recipe has none that replays"
+                )
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The build settings of every technique, merged in the registry's fixed order."""
+        merged: dict[str, Any] = {}
+        for kind in (t.kind for t in ORDER):
+            chosen = self.technique(kind)
+            if chosen is not None:
+                merged.update(chosen.settings())
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the manifest's ``recipe``, the YAML file), techniques in the registry's order."""
+        ordered = dataclasses.replace(self, techniques=tuple(sorted(self.techniques, key=_rank)))
+        data: dict[str, Any] = serial.to_dict(ordered)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        """A validated recipe from plain data.
+
+        Raises:
+            QexportError: an unknown key, a missing key, a wrong type or a rule broken (names the key).
+        """
+        recipe: Recipe = serial.from_dict(cls, data, dict(TECHNIQUES))
+        return recipe.validate()
+
+
+def _rank(t: Technique) -> int:
+    return [c.kind for c in ORDER].index(t.kind)
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A preset by name (``qexport recipes`` lists them) or a YAML file.
+
+    Raises:
+        QexportError: no such preset or file, a file that is not YAML, or an invalid recipe.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise QexportError(
+                f"no recipe preset {name_or_path!r}; presets: {', '.join(preset_names())} (or a .yaml file)"
+            )
+    if not path.is_file():
+        raise QexportError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise QexportError(f"recipe file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    try:
+        return Recipe.from_dict(data)
+    except QexportError as exc:
+        raise QexportError(f"{path}: {exc}") from None
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the recipe as YAML (atomically)."""
+    from qexport.media import atomic_write
+
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    atomic_write(Path(path), lambda p: Path(p).write_text(text))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def with_settings(recipe: Recipe, assignments: list[str]) -> Recipe:
+    """The recipe with ``--set KEY=VALUE`` assignments applied, validated.
+
+    KEY is a dotted recipe key (``bits.weights``, ``granularity.time_ranges``, ``target``) or
+    ``TECHNIQUE.FIELD`` (the technique is added with its defaults if absent); ``TECHNIQUE=on``
+    adds a technique, ``TECHNIQUE=off`` removes it. VALUE is read as a YAML scalar (8, 0.5, null,
+    auto).
+
+    Raises:
+        QexportError: a malformed assignment, an unknown key or technique, an invalid result.
+    """
+    data = recipe.to_dict()
+    for text in assignments:
+        key, sep, raw = text.partition("=")
+        if not sep or not key:
+            raise QexportError(f"--set takes KEY=VALUE (e.g. bits.weights=4), got {text!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        _assign(data, key.strip(), value)
+    return Recipe.from_dict(data)
+
+
+def _assign(data: dict[str, Any], key: str, value: Any) -> None:
+    head, _, rest = key.partition(".")
+    if head in TECHNIQUES:
+        techniques = data.setdefault("techniques", [])
+        entry = next((t for t in techniques if t.get(serial.TYPE_KEY) == head), None)
+        if not rest:
+            if value in (True, "on") and entry is None:
+                techniques.append({serial.TYPE_KEY: head})
+            elif value in (False, "off"):
+                data["techniques"] = [t for t in techniques if t.get(serial.TYPE_KEY) != head]
+            elif value not in (True, "on"):
+                raise QexportError(f"--set {key}= takes on or off, got {value!r}")
+            return
+        if entry is None:
+            entry = {serial.TYPE_KEY: head}
+            techniques.append(entry)
+        entry[rest] = value
+        return
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise QexportError(f"unknown recipe key {key!r}; techniques: {', '.join(TECHNIQUES)}")
+        node = child
+    if parts[-1] not in node or parts[-1] == "techniques":
+        top, kinds = ", ".join(k for k in data if k != "techniques"), ", ".join(TECHNIQUES)
+        raise QexportError(f"unknown recipe key {key!r}; top-level keys: {top}, or a technique: {kinds}")
+    node[parts[-1]] = value
