@@ -28,11 +28,12 @@ from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
 from qexport.exporter.build import BuildConfig, build
 from qexport.exporter.evaluate import evaluate
-from qexport.passes.plan import QuantConfig, Smooth
+from qexport.passes.plan import Smooth
 
 from qexport.models import shapes
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig
+from qexport.recipe import basic_recipe
 
 QUARK_SCRIPT = Path(__file__).with_name("quark_quantize.py")
 
@@ -47,7 +48,7 @@ def qexport_rows(stats: Path, work: Path, w_bits: int) -> list[tuple[str, Path, 
     for name, smooth, ranges in (("qexport ASQ", Smooth.ASQ, 1), ("qexport TSQ+TSW", Smooth.TSQ, None)):
         out = work / name.replace(" ", "_").replace("+", "p")
         start = time.perf_counter()
-        build(stats, out, BuildConfig(quant=QuantConfig(w_bits=w_bits, a_bits=8, smooth=smooth), ranges=ranges))
+        build(stats, out, BuildConfig(recipe=basic_recipe(w_bits=w_bits, smooth=smooth.value, time_ranges=ranges)))
         rows.append((name, out, time.perf_counter() - start))
     return rows
 

@@ -24,9 +24,10 @@ from qexport.models import shapes
 
 def _child(stats: Path, out: Path, ranges: str, smooth: str) -> None:
     from qexport.exporter.build import BuildConfig, build
-    from qexport.passes.plan import QuantConfig, Smooth
 
-    config = BuildConfig(quant=QuantConfig(smooth=Smooth(smooth)), ranges=None if ranges == "tsw" else int(ranges))
+    from qexport.recipe import basic_recipe
+
+    config = BuildConfig(recipe=basic_recipe(smooth=smooth, time_ranges=None if ranges == "tsw" else int(ranges)))
     start = time.perf_counter()
     result = build(stats, out, config)
     seconds = time.perf_counter() - start

@@ -19,10 +19,11 @@ from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
 from qexport.exporter.build import BuildConfig, build
 from qexport.exporter.evaluate import evaluate
-from qexport.passes.plan import QuantConfig, Smooth
+from qexport.passes.plan import Smooth
 
 from qexport.models import shapes
 from qexport.models.registry import load_model
+from qexport.recipe import basic_recipe
 from qexport.summaries import eval_table
 
 CONFIGS = {  # name -> (w_bits, a_bits, smooth, ranges)
@@ -61,9 +62,9 @@ def main() -> None:
         if a.only and name not in a.only:
             continue
         out = a.work / name.replace(" ", "_").replace("+", "p")
-        quant = QuantConfig(w_bits=w, a_bits=act, smooth=smooth, alpha=a.alpha)
+        recipe = basic_recipe(w_bits=w, a_bits=act, smooth=smooth.value, alpha=a.alpha, time_ranges=ranges)
         t = time.perf_counter()
-        build(stats_path, out, BuildConfig(quant=quant, ranges=ranges))
+        build(stats_path, out, BuildConfig(recipe=recipe))
         print(f"built {name} in {time.perf_counter() - t:.0f}s")
         folders.append((name, out))
     result = evaluate([f for _, f in folders], pool, [int(s) for s in a.seeds.split(",")]).to_json()

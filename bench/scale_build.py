@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qexport.progress import Tick
+
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -32,7 +34,10 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _emitted(times: list[float], name: str, start: float) -> None:
+def _emitted(times: list[float], tick: Tick, start: float) -> None:
+    if tick.task != "building models" or tick.done == 0:
+        return
+    name = tick.detail
     times.append(time.perf_counter() - start)
     print(f"  emitted {name} at {times[-1]:.1f}s, RSS {_rss() / 2**30:.2f} GiB, peak RSS {_peak_rss() / 2**30:.2f} GiB",
           flush=True)  # fmt: skip
@@ -54,16 +59,16 @@ def main() -> None:
 
     from qexport.exporter.build import BuildConfig, build
     from qexport.exporter.verify import verify
-    from qexport.passes.plan import QuantConfig
     from qexport.targets.profile import get_profile
 
     from qexport.models.fp_eval import default_prompts
+    from qexport.recipe import Recipe
 
     result: dict[str, Any] = {"stats": str(a.stats)}
     start = time.perf_counter()
     emitted: list[float] = []
-    built = build(a.stats, a.out, BuildConfig(quant=QuantConfig(w_bits=8, a_bits=8), force=True),
-                  progress=lambda name: _emitted(emitted, name, start))  # fmt: skip
+    built = build(a.stats, a.out, BuildConfig(recipe=Recipe(), force=True),
+                  progress=lambda tick: _emitted(emitted, tick, start))  # fmt: skip
     disk = _disk(a.out)
     result.update(
         model=built.adapter.model_id,

@@ -20,11 +20,12 @@ from peers import folder_bytes
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
 from qexport.exporter.build import BuildConfig, build
-from qexport.passes.plan import QuantConfig, Smooth
+from qexport.passes.plan import Smooth
 
 from qexport.models import shapes
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig
+from qexport.recipe import basic_recipe
 
 TARGET = {8: 1.05, 4: 0.55}
 
@@ -64,7 +65,7 @@ def bytes_table(models: list[str], work: Path) -> None:
         params = load_model(name).num_parameters
         for w in (8, 4):
             out = work / name / f"w{w}"
-            build(stats, out, BuildConfig(quant=QuantConfig(w_bits=w, a_bits=8, smooth=Smooth.ASQ), ranges=1))
+            build(stats, out, BuildConfig(recipe=basic_recipe(w_bits=w, smooth="asq", time_ranges=1)))
             total = folder_bytes(out)
             qbytes, qcount = quantized_bytes(out / "range_00.onnx")
             print(f"{name:<12}{f'W{w}A8':>6}{params / 1e6:>9.2f}M{qcount / 1e6:>10.2f}M{total / 2**20:>8.2f}"
@@ -82,7 +83,7 @@ def sharing_table(work: Path) -> None:
     for label, smooth, ranges in (("ASQ, 1 model", Smooth.ASQ, 1), ("ASQ +TSW", Smooth.ASQ, None),
                                   ("none +TSW", Smooth.NONE, None), ("TSQ +TSW", Smooth.TSQ, None)):  # fmt: skip
         out = work / "tsw" / label.replace(" ", "_").replace(",", "").replace("+", "p")
-        build(stats, out, BuildConfig(quant=QuantConfig(smooth=smooth), ranges=ranges))
+        build(stats, out, BuildConfig(recipe=basic_recipe(smooth=smooth.value, time_ranges=ranges)))
         manifest = json.loads((out / "manifest.json").read_text())
         disk = folder_bytes(out)
         protos = disk - manifest["files"]["weights_bytes"]

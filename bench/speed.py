@@ -26,11 +26,11 @@ from peers import export_fp_model, ort_quantize, step_feeds
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
 from qexport.exporter.build import BuildConfig, build
-from qexport.passes.plan import QuantConfig, Smooth
 
 from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig
+from qexport.recipe import basic_recipe
 
 CALIB = {"tiny-latte": ["a red circle moving left", "a blue square moving up"], "tiny-dit": ["1", "7"],
          "dit-b-2": ["1", "2"]}  # fmt: skip
@@ -64,11 +64,12 @@ def prepare(name: str, work: Path, bits: list[int]) -> tuple[ModelAdapter, dict[
     files = {"onnxruntime fp32": export_fp_model(adapter, work / "fp" / "fp.onnx")}
     feeds = step_feeds(adapter, CALIB[name], [0], STEPS, SamplingConfig().cfg)
     for w in bits:
-        quant = QuantConfig(w_bits=w, a_bits=8, smooth=Smooth.ASQ)
-        build(stats, work / f"qexport_w{w}_tsw", BuildConfig(quant=quant, ranges=None))
+        build(stats, work / f"qexport_w{w}_tsw", BuildConfig(recipe=basic_recipe(w_bits=w, smooth="asq")))
         files[f"qexport W{w}A8 per-step"] = work / f"qexport_w{w}_tsw" / "step_01.onnx"
         if w == 8:
-            build(stats, work / f"qexport_w{w}", BuildConfig(quant=quant, ranges=1))
+            build(
+                stats, work / f"qexport_w{w}", BuildConfig(recipe=basic_recipe(w_bits=w, smooth="asq", time_ranges=1))
+            )
             files[f"qexport W{w}A8 1 range"] = work / f"qexport_w{w}" / "range_00.onnx"
         files[f"onnxruntime-quantizer W{w}A8"] = work / f"ort_w{w}" / "q.onnx"
         ort_quantize(files["onnxruntime fp32"], files[f"onnxruntime-quantizer W{w}A8"], feeds, method="minmax",

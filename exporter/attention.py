@@ -17,6 +17,7 @@ from qexport.passes.attention import ActQuant, AttentionPlan
 from torch import nn
 
 from qexport.errors import QexportError
+from qexport.models.families import DIFFUSERS_ATTENTION, AttentionNames
 
 Extremes = dict[str, list[float]]  # operand -> [min, max]
 
@@ -58,8 +59,13 @@ class ExportOrderAttention:
     """AttnProcessor2_0 with the attention core spelt out as the ONNX export does; each matmul
     operand optionally fake-quantized (``quant``) and/or its min/max recorded (``seen``)."""
 
-    def __init__(self, quant: AttentionPlan | None = None, seen: Extremes | None = None) -> None:
-        self.quant, self.seen = quant, seen
+    def __init__(
+        self,
+        quant: AttentionPlan | None = None,
+        seen: Extremes | None = None,
+        names: AttentionNames = DIFFUSERS_ATTENTION,
+    ) -> None:
+        self.quant, self.seen, self.names = quant, seen, names
 
     def _operand(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.seen is not None:
@@ -105,13 +111,13 @@ class ExportOrderAttention:
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        query = getattr(attn, self.names.query)(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        key = getattr(attn, self.names.key)(encoder_hidden_states)
+        value = getattr(attn, self.names.value)(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)

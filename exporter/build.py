@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,7 +26,7 @@ from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, LinearBinding, StepGraphs, export_fp, load_graph, prepare, stamp
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
 from qexport.exporter.manifest import make_manifest, write_manifest
-from qexport.exporter.mixed import Allocation, choose_bits
+from qexport.exporter.mixed import Allocation, choose_bits, raised
 from qexport.exporter.replay import CalibrationReplay, replay_count
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
@@ -40,10 +41,12 @@ from qexport.passes.specialise import copy_graph
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile, get_profile
 
+from qexport import serial
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import load_model
 from qexport.progress import Progress, report
+from qexport.recipe import Recipe
 from qexport.runtime.manifest import KV_SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -52,13 +55,46 @@ LEGALITY_FILE = "legality.json"
 
 @dataclass(frozen=True, kw_only=True)
 class BuildConfig:
-    """What to emit: bits/smoothing, granularity (None = one model per step), target."""
+    """What to emit (the recipe) and whether an existing output folder may be replaced. The rest
+    is derived from the recipe: the planning settings, granularity, target and K/V precompute."""
 
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    ranges: int | None = None
-    target: str = "ort-cpu"
+    recipe: Recipe = field(default_factory=Recipe)
     force: bool = False
-    precompute_kv: bool = False  # cross-attention K/V computed once per prompt by kv.onnx (exporter.kv)
+
+    @property
+    def quant(self) -> QuantConfig:
+        """The planning settings the recipe's techniques turn on."""
+        settings = self.recipe.settings()
+        settings.pop("precompute_kv", None)
+        enums = {"smooth": Smooth, "act_observer": Observer, "weight_rounding": Rounding}
+        settings = {k: enums[k](v) if k in enums else v for k, v in settings.items()}
+        bits, replay = self.recipe.bits, self.recipe.replay.prompts
+        return QuantConfig(w_bits=bits.weights, a_bits=bits.activations, replay_prompts=replay, **settings)
+
+    @property
+    def ranges(self) -> int | None:
+        """K time ranges, or None for one model per step."""
+        return self.recipe.granularity.time_ranges
+
+    @property
+    def target(self) -> str:
+        return self.recipe.target
+
+    @property
+    def precompute_kv(self) -> bool:
+        """Cross-attention K/V computed once per prompt by kv.onnx (exporter.kv)."""
+        return self.recipe.technique("precompute_kv") is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RangeChoices:
+    """What planning resolved for one range (searches, allocations), recorded in the manifest so a
+    re-plan repeats it without searching."""
+
+    alpha: float
+    act_shrink: float = 1.0
+    group_alpha: dict[str, float] = field(default_factory=dict)  # smoothquant alpha 'layer'
+    w_bits_raised: tuple[str, ...] = ()  # mixed_precision: the layers at 8 bits
 
 
 @dataclass(kw_only=True)
@@ -90,26 +126,10 @@ def split_ranges(steps: int, ranges: int | None) -> list[list[int]]:
     if ranges is None:
         return [[i] for i in range(steps)]
     if not 1 <= ranges <= steps:
-        raise QexportError(f"--time-ranges must be in 1..{steps} (the calibrated steps), got {ranges}")
+        raise QexportError(
+            f"recipe key 'granularity.time_ranges' must be in 1..{steps} (the calibrated steps), got {ranges}"
+        )
     return [[int(i) for i in chunk] for chunk in np.array_split(np.arange(steps), ranges)]
-
-
-def replay_options(quant: QuantConfig) -> list[str]:
-    """The requested options that replay calibration prompts (searches, sample-based observers,
-    rotations, attention ranges, mixed-precision sensitivity, GPTQ rounding), as the command line
-    names them; empty when the build replays nothing."""
-    observer = quant.act_observer == Observer.SEARCH or quant.act_observer.samples
-    asked = {
-        "--alpha auto": quant.alpha_auto,
-        "--alpha layer": quant.alpha_layer,
-        f"--act-observer {quant.act_observer}": observer,
-        "--rotate": quant.rotate,
-        "--online-rotation": bool(quant.online_rotation),
-        "--quantize-attention": quant.quantize_attention,
-        "--mixed-precision": bool(quant.mixed_precision),
-        "--weight-rounding gptq": gptq(quant),
-    }
-    return [name for name, on in asked.items() if on]
 
 
 def planning_replays(quant: QuantConfig) -> bool:
@@ -129,14 +149,14 @@ def gptq(quant: QuantConfig) -> bool:
 
 
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
-    """Everything that can be refused before loading weights."""
+    """Everything that can be refused before loading weights (the recipe's own rules are checked
+    when it is made)."""
+    config.recipe.validate()
     target = get_profile(config.target)
-    target.weight_type(config.quant.w_bits)
-    target.activation_type(config.quant.a_bits)
-    if config.quant.mixed_precision:
+    target.weight_type(config.recipe.bits.weights)
+    target.activation_type(config.recipe.bits.activations)
+    if config.recipe.technique("mixed_precision") is not None:
         target.weight_type(MIXED_HIGH_BITS)
-        if config.precompute_kv:
-            raise QexportError("--mixed-precision does not combine with --precompute-kv (kv.onnx is planned apart)")
     if out.exists() and not config.force:
         raise QexportError(f"output folder {out} exists; pass --force to replace it")
     return target
@@ -151,21 +171,14 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
     start = time.perf_counter()
     target = check_request(config, out)
     stats = load(stats_path)
-    split_ranges(stats.steps, config.ranges)  # refuse a bad --time-ranges before loading weights
+    split_ranges(stats.steps, config.ranges)  # refuse a bad time range count before loading weights
     if config.quant.smooth_ranges:
-        if config.ranges is not None:
-            raise QexportError("--smooth-ranges shares smoothing vectors between step models; it needs --timestep-wise")
         smoothing_steps([0], stats.steps, config.quant.smooth_ranges)  # refuse K above the calibrated steps
-    replayed = replay_options(config.quant)
+    replayed = config.recipe.replaying()
     if replayed and not stats.header.get("prompt_texts"):
         raise QexportError(
-            f"{stats_path} does not record its prompts, which {', '.join(replayed)} need (they replay "
-            "calibration prompts); recalibrate it with this qexport"
-        )
-    if config.quant.replay_prompts is not None and not replayed:
-        raise QexportError(
-            "--replay-prompts sets how many calibration prompts the replaying options use (--act-observer "
-            "search, --weight-rounding gptq, --alpha auto, ...); none of them is asked for"
+            f"{stats_path} does not record its prompts, which the recipe's {', '.join(replayed)} need (they "
+            "replay calibration prompts); recalibrate it with this qexport"
         )
     recorded = len(stats.header.get("prompt_texts", []))
     replays = replay_count(config.quant.replay_prompts, recorded, str(stats_path)) if replayed else 0
@@ -191,6 +204,8 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
             emit = writer.close()
         (tmp / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
         manifest = make_manifest(adapter, stats, config, target, built, emit)
+        manifest["recipe"] = config.recipe.to_dict()
+        manifest["choices"] = [serial.to_dict(choices_of(r, config.quant)) for r in built]
         manifest["quantization"]["replay_prompts"] = replays
         manifest["legality"] = {"file": LEGALITY_FILE, "models": [r.to_json(nodes=False) for r in legality]}
         manifest["conditioning"] = export_conditioning(adapter, tmp)
@@ -218,6 +233,47 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
         seconds=time.perf_counter() - start,
         legality=legality,
     )
+
+
+def choices_of(built: BuiltRange, quant: QuantConfig) -> RangeChoices:
+    """The resolved choices of one built range."""
+    plan = built.plan
+    bits = tuple(raised(plan, quant.w_bits)) if quant.mixed_precision else ()
+    return RangeChoices(alpha=plan.alpha, act_shrink=plan.act_shrink, group_alpha=plan.group_alpha, w_bits_raised=bits)
+
+
+def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdapter, list[RangePlan], TargetProfile]:
+    """The adapter, per-range plans and target of an emitted build (for ``qexport verify``): the
+    plan is a pure function of the statistics, the model, the manifest's recipe and its choices.
+
+    Raises:
+        QexportError: statistics not found or from another model; a manifest without a recipe.
+    """
+    path = Path(stats_path or manifest["calibration"].get("file", ""))
+    if not path.is_file():
+        raise QexportError(f"statistics {path} of this build are not found; pass --stats run.qstats")
+    stats = load(path)
+    if stats.header["prompts_hash"] != manifest["calibration"]["prompts_hash"]:
+        raise QexportError(f"{path} is not the calibration this build used (prompts hash differs)")
+    if "recipe" not in manifest or "choices" not in manifest:
+        raise QexportError("this build's manifest.json has no recipe (an older qexport built it); rebuild it")
+    recipe = Recipe.from_dict(manifest["recipe"])
+    choices = [serial.from_dict(RangeChoices, c, path=f"choices[{i}]") for i, c in enumerate(manifest["choices"])]
+    adapter = load_model(manifest["model_id"])
+    check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(path))
+    config, target = BuildConfig(recipe=recipe), get_profile(recipe.target)
+    layer_bits = [dict.fromkeys(c.w_bits_raised, MIXED_HIGH_BITS) for c in choices]
+    built, _ = plan_models(adapter, stats, config, target, alphas=[c.alpha for c in choices],
+                           shrinks=[c.act_shrink for c in choices], sink=lambda n, m: None,
+                           group_alphas=[c.group_alpha for c in choices] if recipe_alpha(recipe) == "layer" else None,
+                           layer_bits=layer_bits if recipe.technique("mixed_precision") else None)  # fmt: skip
+    return adapter, [b.plan for b in built], target
+
+
+def recipe_alpha(recipe: Recipe) -> object:
+    """The recipe's smoothquant alpha (None without smoothing)."""
+    smooth = recipe.technique("smoothquant")
+    return getattr(smooth, "alpha", None)
 
 
 def check_legality(models: list[tuple[str, onnx.ModelProto]], target: TargetProfile) -> list[LegalityReport]:
@@ -564,7 +620,9 @@ def range_inputs(
     """What planning a range reads off a prepared FP graph: each layer's MatMul node, the
     input-sharing groups with their folds, FP weights (W^T) and biases."""
     nodes = {layer: b.node for layer, b in bindings.items()}
-    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in bindings.items()})
+    names = adapter.family.attention
+    values = {layer: v for layer in nodes if (v := names.value_of(layer)) is not None}
+    groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in bindings.items()}, values)
     constants = graph.tensors()
     weights = {layer: np.asarray(constants[b.weight].values) for layer, b in bindings.items()}
     modules = dict(adapter.transformer.named_modules())
@@ -578,7 +636,8 @@ def head_dims(adapter: ModelAdapter, groups: list[Group]) -> dict[str, int]:
     out = {}
     for g in groups:
         if g.fold == "value":
-            parent = modules.get(g.layers[0].removesuffix(".to_out.0"))
+            block = adapter.family.attention.block_of(g.layers[0])
+            parent = modules.get(block) if block is not None else None
             heads = getattr(parent, "heads", None)
             if isinstance(heads, int) and heads > 0:
                 out[g.layers[0]] = g.channels // heads

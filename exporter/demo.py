@@ -16,14 +16,15 @@ from qexport.exporter.evaluate import evaluate, layer_step_sqnr, write_json
 from qexport.exporter.manifest import write_manifest
 from qexport.exporter.report import write_report
 from qexport.exporter.verify import verify
-from qexport.passes.plan import QuantConfig, Smooth
 from qexport.targets.profile import get_profile
 
 from qexport.errors import QexportError
 from qexport.models import shapes
 from qexport.models.registry import load_model
 from qexport.progress import Progress, Units
+from qexport.recipe import load_recipe
 
+RECIPE = "w8a8-tsq-tsw"  # W8A8 TSQ + TSW
 CALIB_PROMPTS = 4
 EVAL_PROMPTS = 3
 
@@ -68,7 +69,7 @@ def demo(folder: Path, force: bool = False, threads: int | None = None, progress
 
     t = time.perf_counter()
     out = folder / "out"
-    built = build(stats_path, out, BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ)), progress=progress)
+    built = build(stats_path, out, BuildConfig(recipe=load_recipe(RECIPE)), progress=progress)
     seconds["build"] = time.perf_counter() - t
     phases.done("built; verifying on onnxruntime (integer kernels, simulation, FP)")
 
@@ -87,7 +88,7 @@ def demo(folder: Path, force: bool = False, threads: int | None = None, progress
     write_json(result, folder / "eval.json")
     heat = {str(out): layer_step_sqnr(built.adapter, plans, built.manifest, evals[0], 0)}
     report = folder / "report.html"
-    write_report(report, result.to_json(), result.first_samples, stats, heat)
+    write_report(report, result.to_json(), result.first_samples, {str(out): built.manifest}, stats, heat)
     seconds["eval"] = time.perf_counter() - t
     phases.done("evaluated; report written")
     return DemoResult(

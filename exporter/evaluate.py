@@ -125,7 +125,9 @@ def layer_step_sqnr(
 ) -> tuple[list[str], np.ndarray]:
     """SQNR (dB) of every quantized linear's output, simulated vs FP, per step on the FP trajectory.
 
-    Returns the layer names and an array [layers, steps].
+    Returns the layer names and an array [layers, steps]. A value projection whose output carries
+    a fold of the attention-output linear (smoothing's 1/s, the shift, a head rotation) is NaN at
+    that step: its output is transformed on purpose and is not comparable with FP's.
     """
     from qexport.exporter.simulate import simulated
 
@@ -151,10 +153,19 @@ def layer_step_sqnr(
         finally:
             for h in hooks:
                 h.remove()
+        folded = _folded_values(adapter, plans[step["range"]], layers)
         for i, name in enumerate(layers):
             fp, q = captured[name]
-            table[i, k] = sqnr_db(fp, q)
+            table[i, k] = np.nan if name in folded else sqnr_db(fp, q)
     return layers, table
+
+
+def _folded_values(adapter: ModelAdapter, plan: Any, layers: list[str]) -> set[str]:
+    """The value projections a range's plan folds the next linear's transform into."""
+    if not (plan.folds.get("value") or plan.shift_folds.get("value") or plan.rotations):
+        return set()
+    names = adapter.family.attention
+    return {v for layer in layers if (v := names.value_of(layer)) is not None and v in layers}
 
 
 def _judge_scores(report: Any) -> Scores:

@@ -25,7 +25,7 @@ MAX_ROWS = 65536  # samples kept per layer and range (evenly strided tokens beyo
 
 
 def replay_count(asked: int | None, recorded: int, source: str) -> int:
-    """How many calibration prompts a build replays: ``asked`` (--replay-prompts), else up to PROMPTS.
+    """How many calibration prompts a build replays: ``asked`` (the recipe's replay.prompts), else up to PROMPTS.
 
     Raises:
         QexportError: more prompts asked than the statistics record.
@@ -34,7 +34,7 @@ def replay_count(asked: int | None, recorded: int, source: str) -> int:
         return min(PROMPTS, recorded)
     if asked > recorded:
         raise QexportError(
-            f"--replay-prompts {asked} asks for more prompts than {source} records ({recorded}); "
+            f"recipe key 'replay.prompts' {asked} asks for more prompts than {source} records ({recorded}); "
             f"pass at most {recorded} or calibrate on more prompts"
         )
     return asked
@@ -42,7 +42,7 @@ def replay_count(asked: int | None, recorded: int, source: str) -> int:
 
 class CalibrationReplay:
     """FP denoiser inputs per step for the given calibration prompts (the build passes the first
-    --replay-prompts of them, PROMPTS by default), seed 0."""
+    replay.prompts of them, PROMPTS by default), seed 0."""
 
     def __init__(self, adapter: ModelAdapter, prompts: list[str], timesteps: list[int], cfg: float) -> None:
         if not prompts:

@@ -10,10 +10,11 @@ from typing import Any
 
 from qexport.exporter.build import BuildConfig, build
 from qexport.exporter.evaluate import EvalResult, evaluate
-from qexport.passes.plan import QuantConfig, Smooth
+from qexport.passes.plan import Smooth
 
 from qexport.errors import QexportError
 from qexport.progress import Progress, report
+from qexport.recipe import Recipe, with_settings
 
 # method -> (smoothing, timestep-wise); "ranges" replaces timestep-wise when given
 METHODS: dict[str, tuple[Smooth, bool]] = {
@@ -73,8 +74,11 @@ def sweep(
         smooth, tsw = METHODS[cell.method]
         ranges = cell.ranges if cell.ranges is not None else (None if tsw else 1)
         out = work / re.sub(r"[^A-Za-z0-9]+", "_", cell.name).strip("_")
-        quant = QuantConfig(w_bits=w, a_bits=a, smooth=smooth, alpha=alpha)
-        build(stats_path, out, BuildConfig(quant=quant, ranges=ranges, force=True))
+        smoothing = [] if smooth == Smooth.NONE else [f"smoothquant.mode={smooth.value}", f"smoothquant.alpha={alpha}"]
+        recipe = with_settings(Recipe(), [f"bits.weights={w}", f"bits.activations={a}",
+                                          f"granularity.time_ranges={'null' if ranges is None else ranges}",
+                                          *smoothing])  # fmt: skip
+        build(stats_path, out, BuildConfig(recipe=recipe, force=True))
         folders[str(out)] = cell
         report(progress, "sweep builds", n + 1, len(cells), f"built {cell.name}")
     return evaluate([Path(f) for f in folders], prompts, seeds, progress=progress), folders

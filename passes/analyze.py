@@ -26,13 +26,17 @@ class Group:
     value_layer: str | None = None  # value: the to_v linear
 
 
-def find_groups(graph: gs.Graph, nodes: dict[str, str], channels: dict[str, int]) -> list[Group]:
+def find_groups(
+    graph: gs.Graph, nodes: dict[str, str], channels: dict[str, int], values: dict[str, str] | None = None
+) -> list[Group]:
     """Group layers by input tensor and decide each group's fold.
 
     Args:
         graph: the FP graph (constants folded for per-step models).
         nodes: layer name -> MatMul node name.
         channels: layer name -> input features.
+        values: attention-output layer -> the value projection that feeds it (the model family
+            names them); such a group folds 1/s into the value projection.
     """
     by_tensor: dict[str, list[str]] = {}
     for layer, node in nodes.items():
@@ -43,7 +47,7 @@ def find_groups(graph: gs.Graph, nodes: dict[str, str], channels: dict[str, int]
         c = channels[layers[0]]
         group_nodes = {nodes[layer] for layer in layers}
         mod = _modulation(tensor, group_nodes, c, prod, cons)
-        value = _value_layer(layers, nodes)
+        value = _value_layer(layers, nodes, values or {})
         if mod is not None:
             groups.append(Group(tensor=tensor, layers=tuple(layers), channels=c, fold="modulation",
                                 scale_const=mod[0], shift_const=mod[1]))  # fmt: skip
@@ -89,9 +93,7 @@ def _modulation(
     return mul_const[1].name, add_const[1].name
 
 
-def _value_layer(layers: list[str], nodes: dict[str, str]) -> str | None:
+def _value_layer(layers: list[str], nodes: dict[str, str], values: dict[str, str]) -> str | None:
     """The attention's value projection, when the group is that attention's output linear."""
-    if len(layers) != 1 or not layers[0].endswith(".to_out.0"):
-        return None
-    value = layers[0].removesuffix(".to_out.0") + ".to_v"
+    value = values.get(layers[0]) if len(layers) == 1 else None
     return value if value in nodes else None

@@ -12,7 +12,7 @@ from qexport.calib.stats import MOMENTUM, LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.attention import AttentionPlan
 from qexport.passes.gptq import Memo, Rounding, digest, gptq_quantize, input_hessian, output_clipped_qparams
-from qexport.passes.lowrank import MAX_RANK, lowrank_factors
+from qexport.passes.lowrank import lowrank_factors
 from qexport.passes.observe import Observer, observe
 from qexport.passes.quant import Grid, dequantize, mse_clipped_qparams, qparams, quantize
 from qexport.passes.rotate import hadamard, head_rotation
@@ -32,7 +32,7 @@ class Smooth(StrEnum):
 
 @dataclass(frozen=True, kw_only=True)
 class QuantConfig:
-    """Bit widths and smoothing of a build (validated on construction)."""
+    """The planning settings of a build, derived from its recipe (qexport.recipe), which checks them."""
 
     w_bits: int = 8
     a_bits: int = 8
@@ -54,51 +54,6 @@ class QuantConfig:
     replay_prompts: int | None = None  # calibration prompts the replaying options replay (None: up to 2)
     channel_shift: bool = False  # centre each input channel before the quantizer (passes.shift)
     smooth_ranges: int = 0  # TSQ: one s per this many contiguous step ranges, not per model (0 = per model)
-
-    def __post_init__(self) -> None:
-        if self.weight_clip not in ("minmax", "mse"):
-            raise QexportError(f"--weight-clip must be minmax or mse, got {self.weight_clip!r}")
-        if not 2 <= self.w_bits <= 8:
-            raise QexportError(f"--w-bits must be in 2..8, got {self.w_bits}")
-        if not 4 <= self.a_bits <= 16:
-            raise QexportError(f"--a-bits must be in 4..16, got {self.a_bits}")
-        if not 0.0 < self.act_shrink <= 1.0:
-            raise QexportError(f"the activation range shrink must be in (0, 1], got {self.act_shrink}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise QexportError(f"--alpha must be in (0, 1], got {self.alpha}")
-        if self.alpha_layer and (self.alpha_auto or self.smooth == Smooth.NONE):
-            raise QexportError(
-                "--alpha layer chooses alpha per layer for --smooth asq or tsq; it excludes --alpha auto"
-            )
-        if self.asq_stat not in ("ema", "max", "range"):
-            raise QexportError(f"--asq-stat must be ema, max or range, got {self.asq_stat!r}")
-        if self.asq_stat != "ema" and self.smooth != Smooth.ASQ:
-            raise QexportError(f"--asq-stat {self.asq_stat} chooses how --smooth asq aggregates; it needs --smooth asq")
-        if self.rotation_choice not in ("adaptive", "all"):
-            raise QexportError(f"--rotation-choice must be adaptive or all, got {self.rotation_choice!r}")
-        if self.online_rotation and (self.online_rotation < 2 or self.online_rotation & (self.online_rotation - 1)):
-            raise QexportError(f"--online-rotation must be a power of two >= 2 (e.g. 64), got {self.online_rotation}")
-        if self.mixed_precision and not (self.w_bits <= 4 and 4.0 <= self.mixed_precision <= MIXED_HIGH_BITS):
-            raise QexportError(
-                "--mixed-precision mixes 4-bit and 8-bit weights under a budget of 4..8 bits per weight; "
-                f"it needs --w-bits 2..4, got --w-bits {self.w_bits} and a budget of {self.mixed_precision}"
-            )
-        if self.replay_prompts is not None and self.replay_prompts < 1:
-            raise QexportError(f"--replay-prompts must be at least 1, got {self.replay_prompts}")
-        if self.channel_shift and (self.rotate or self.online_rotation or self.lowrank or self.quantize_attention):
-            raise QexportError(
-                "--channel-shift does not combine with --rotate, --online-rotation, --lowrank or "
-                "--quantize-attention; drop one of them"
-            )
-        if self.smooth_ranges and (self.smooth != Smooth.TSQ or self.alpha_auto or self.alpha_layer):
-            raise QexportError(
-                "--smooth-ranges K gives --smooth tsq one smoothing vector per K step ranges; it needs --smooth "
-                "tsq and a fixed --alpha (auto and layer choose alphas per model)"
-            )
-        if self.smooth_ranges < 0:
-            raise QexportError(f"--smooth-ranges must be at least 1 (0 = off), got {self.smooth_ranges}")
-        if not 0 <= self.lowrank <= MAX_RANK:
-            raise QexportError(f"--lowrank must be in 0..{MAX_RANK} (0 = off), got {self.lowrank}")
 
 
 @dataclass(kw_only=True)
@@ -174,7 +129,9 @@ def smoothing_steps(steps: list[int], total: int, ranges: int) -> list[int]:
     if not ranges:
         return steps
     if ranges > total:
-        raise QexportError(f"--smooth-ranges must be in 1..{total} (the calibrated steps), got {ranges}")
+        raise QexportError(
+            f"recipe key 'smoothquant.shared_ranges' must be in 1..{total} (the calibrated steps), got {ranges}"
+        )
     parts = np.array_split(np.arange(total), ranges)
     return next([int(i) for i in part] for part in parts if steps[0] in part)
 

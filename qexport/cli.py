@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from qexport import __version__
+from qexport.build_flags import alias_assignments, alias_options
 from qexport.cli_args import check_threads, conditioning_text, existing_file, set_threads
 from qexport.errors import QexportError
 from qexport.progress import ProgressPrinter, Units, duration
@@ -266,169 +267,65 @@ def merge(parts: tuple[Path, ...], output: Path) -> None:
 
 
 @cli.command()
+def recipes() -> None:
+    """List the recipe presets and the techniques a recipe can use (docs/recipes.md)."""
+    from qexport.summaries import recipes_lines
+
+    for line in recipes_lines():
+        click.echo(line)
+
+
+@cli.command()
 @click.argument("stats_file", type=click.Path(path_type=Path))
-@click.option("--w-bits", type=int, default=8, show_default=True)
-@click.option("--a-bits", type=int, default=8, show_default=True)
-@click.option("--smooth", type=click.Choice(["none", "asq", "tsq"]), default="none", show_default=True)
-@click.option(
-    "--alpha",
-    default="0.5",
-    show_default=True,
-    help="SmoothQuant migration strength; 'auto' (searched; one for all steps with asq); "
-    "'layer' (per layer, by layer-output error).",
-)
-@click.option(
-    "--asq-stat",
-    type=click.Choice(["ema", "max", "range"]),
-    default="ema",
-    show_default=True,
-    help="How --smooth asq aggregates each channel's magnitude over the steps: the running average (momentum "
-    "0.95) of max |x|, the largest per-step mean of max |x|, or the running average of the half-width of "
-    "the channel's range (for --channel-shift).",
-)
-@click.option("--weight-clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
-@click.option(
-    "--smooth-ranges",
-    type=int,
-    default=0,
-    show_default=True,
-    help="With --smooth tsq --timestep-wise: one smoothing vector per K contiguous step ranges, so the step "
-    "models of a range share weights (disk about K models); 0 = one per model.",
-)
-@click.option(
-    "--channel-shift",
-    is_flag=True,
-    help="Centre each input channel on its calibrated midpoint before the per-tensor quantizer (per range; "
-    "restored by the bias, folded into the adaLN shift or the value bias where exact).",
-)
-@click.option(
-    "--weight-rounding",
-    type=click.Choice(["nearest", "gptq"]),
-    default="nearest",
-    show_default=True,
-    help="Round weights to nearest, or GPTQ: error-compensating, from replayed calibration prompts' inputs.",
-)
-@click.option(
-    "--act-observer",
-    type=click.Choice(["minmax", "percentile", "mse", "search"]),
-    default="minmax",
-    show_default=True,
-    help="Activation range: exact min/max; percentile / MSE-clipped from replayed calibration prompts; "
-    "or min-max shrunk by the ratio (per range) with the best output SQNR on them.",
-)
-@click.option(
-    "--replay-prompts",
-    type=int,
-    help="How many calibration prompts the searches, sample-based observers, GPTQ, rotations and attention "
-    "ranges replay (default: up to 2); more fit held-out prompts better and cost build time.",
-)
-@click.option(
-    "--lowrank",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Rank (1..32) of an FP branch per linear that compensates its weight-quantization error; 0 = off.",
-)
-@click.option(
-    "--mixed-precision",
-    "mixed_precision",
-    type=float,
-    default=0.0,
-    help="Budget in weight bits per parameter (4..8): layers at --w-bits (<= 4) or 8 bits, the 8-bit ones "
-    "chosen by measured sensitivity; 0 = off.",
-)
-@click.option(
-    "--rotate", is_flag=True, help="Per-head Hadamard rotation folded into value projections and attention outputs."
-)
-@click.option(
-    "--online-rotation",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Block size (e.g. 64) of a block-diagonal Hadamard applied online before the quantizer of the "
-    "other linears' inputs; 0 = off.",
-)
-@click.option(
-    "--rotation-choice",
-    type=click.Choice(["adaptive", "all"]),
-    default="adaptive",
-    show_default=True,
-    help="Online rotation: only inputs with outlier channels where it lowers the output error, or all.",
-)
-@click.option(
-    "--precompute-kv", is_flag=True, help="Cross-attention K/V computed once per prompt by kv.onnx, not at every step."
-)
-@click.option(
-    "--quantize-attention",
-    is_flag=True,
-    help="Static Q/DQ on Q, K, V and the softmax output: QK^T and PV run in integer too (ranges from replay).",
-)
-@click.option("--timestep-wise", "timestep_wise", is_flag=True, help="One model per denoising step (TSW).")
-@click.option("--time-ranges", type=int, help="K models, each for a contiguous range of steps.")
-@click.option("--target", default="ort-cpu", show_default=True, help="Target profile (qexport targets lists them).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--recipe", "recipe_name", help="A preset (qexport recipes lists them) or a recipe .yaml file; "
+              "default: W8A8, one model per step, no technique.")  # fmt: skip
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Change one recipe key, e.g. bits.weights=4, smoothquant.alpha=auto, gptq=on "
+              "(repeatable).")  # fmt: skip
+@click.option("--target", help="Target profile, replacing the recipe's (qexport targets lists them).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="The build folder.")
+@click.option("--dump-recipe", type=click.Path(path_type=Path),
+              help="Write the resolved recipe as YAML (without -o, only that).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the verification run at the end.")
 @click.option("--prompt", "verify_prompt", help="Prompt / label for verification (default: a built-in one).")
 @click.option("--verify-device", default="cpu", show_default=True,
               help="Where torch runs verification's FP and simulated passes (cuda for full-size models).")  # fmt: skip
+@alias_options
 def build(
     stats_file: Path,
-    w_bits: int,
-    a_bits: int,
-    smooth: str,
-    alpha: str,
-    asq_stat: str,
-    weight_clip: str,
-    smooth_ranges: int,
-    channel_shift: bool,
-    weight_rounding: str,
-    act_observer: str,
-    replay_prompts: int | None,
-    lowrank: int,
-    mixed_precision: float,
-    rotate: bool,
-    online_rotation: int,
-    rotation_choice: str,
-    precompute_kv: bool,
-    quantize_attention: bool,
-    timestep_wise: bool,
-    time_ranges: int | None,
-    target: str,
-    output: Path,
+    recipe_name: str | None,
+    assignments: tuple[str, ...],
+    target: str | None,
+    output: Path | None,
+    dump_recipe: Path | None,
     force: bool,
     no_verify: bool,
     verify_prompt: str | None,
     verify_device: str,
+    **old: object,
 ) -> None:
-    """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range."""
-    start = time.perf_counter()
+    """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range, as a recipe says."""
     from qexport.exporter.build import BuildConfig
     from qexport.exporter.build import build as run_build
-    from qexport.passes.gptq import Rounding
-    from qexport.passes.observe import Observer
-    from qexport.passes.plan import QuantConfig, Smooth
+    from qexport.recipe import Recipe, load_recipe, with_settings
+    from qexport.recipe import dump_recipe as write_recipe
     from qexport.summaries import build_lines, legality_lines
 
+    start = time.perf_counter()
+    base = load_recipe(recipe_name) if recipe_name else Recipe()
+    changes = [*alias_assignments(old), *assignments, *([f"target={target}"] if target else [])]
+    recipe = with_settings(base, changes)
+    if dump_recipe is not None:
+        write_recipe(recipe, dump_recipe)
+        click.echo(f"wrote {dump_recipe}")
+        if output is None:
+            return
+    if output is None:
+        raise QexportError("give -o FOLDER for the build (or only --dump-recipe FILE to write the recipe)")
     existing_file(stats_file, "statistics file", "make one with qexport calibrate")
-    if timestep_wise == (time_ranges is not None):
-        raise QexportError("give exactly one of --timestep-wise or --time-ranges K")
-    auto, layer = alpha == "auto", alpha == "layer"
-    try:
-        value = 0.5 if auto or layer else float(alpha)
-    except ValueError:
-        raise QexportError(f"--alpha must be a number in (0, 1], 'auto' or 'layer', got {alpha!r}") from None
-    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, smooth=Smooth(smooth), alpha=value, alpha_auto=auto,
-                        alpha_layer=layer, asq_stat=asq_stat,
-                        weight_clip=weight_clip, act_observer=Observer(act_observer), lowrank=lowrank,
-                        rotate=rotate, online_rotation=online_rotation,
-                        rotation_choice=rotation_choice, quantize_attention=quantize_attention,
-                        mixed_precision=mixed_precision, weight_rounding=Rounding(weight_rounding),
-                        replay_prompts=replay_prompts, channel_shift=channel_shift,
-                        smooth_ranges=smooth_ranges)  # fmt: skip
-    config = BuildConfig(quant=quant, ranges=time_ranges, target=target, force=force, precompute_kv=precompute_kv)
     printer = ProgressPrinter()
-    result = run_build(stats_file, output, config, progress=printer)
+    result = run_build(stats_file, output, BuildConfig(recipe=recipe, force=force), progress=printer)
     printer.close()
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
         click.echo(line)
@@ -498,7 +395,7 @@ def verify(
     threads: int | None,
 ) -> None:
     """Prove onnxruntime runs integer kernels; compare with the simulation and with FP."""
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import replan
     from qexport.runtime.manifest import read_manifest
 
     start = time.perf_counter()

@@ -215,3 +215,19 @@ def _assign(data: dict[str, Any], key: str, value: Any) -> None:
         top, kinds = ", ".join(k for k in data if k != "techniques"), ", ".join(TECHNIQUES)
         raise QexportError(f"unknown recipe key {key!r}; top-level keys: {top}, or a technique: {kinds}")
     node[parts[-1]] = value
+
+
+def recipe_of(*assignments: str, base: Recipe | None = None) -> Recipe:
+    """A recipe from ``--set`` assignments over base (default: the empty recipe), validated."""
+    return with_settings(base or Recipe(), list(assignments))
+
+
+def basic_recipe(
+    *, w_bits: int = 8, a_bits: int = 8, smooth: str = "none", alpha: float = 0.5, time_ranges: int | None = None
+) -> Recipe:
+    """The recipe of the method's basic grid (bits, SmoothQuant mode none / asq / tsq, models),
+    as sweeps and benchmarks build it."""
+    ranges = "null" if time_ranges is None else time_ranges
+    smoothing = [] if smooth == "none" else [f"smoothquant.mode={smooth}", f"smoothquant.alpha={alpha}"]
+    return recipe_of(f"bits.weights={w_bits}", f"bits.activations={a_bits}", f"granularity.time_ranges={ranges}",
+                     *smoothing)  # fmt: skip

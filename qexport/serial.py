@@ -97,6 +97,12 @@ def _convert(hint: Any, value: Any, registry: dict[str, type], path: str) -> Any
             choices = ", ".join(repr(a) for a in get_args(hint))
             raise QexportError(f"{_where(path)} must be one of {choices}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise QexportError(f"{_where(path)} must be a mapping, got {type(value).__name__} {value!r}")
+        key_hint, value_hint = get_args(hint)
+        return {_convert(key_hint, k, registry, path): _convert(value_hint, v, registry, f"{path}.{k}")
+                for k, v in value.items()}  # fmt: skip
     if origin is tuple:
         item = get_args(hint)[0]
         if not isinstance(value, list | tuple):

@@ -225,8 +225,8 @@ def _tsq_note(q: dict[str, Any], ranges: int) -> list[str]:
         return []
     if q.get("smooth_ranges"):
         return [
-            f"  note       TSQ with --smooth-ranges {q['smooth_ranges']}: one smoothing vector s per step range, "
-            "so the step models of a range share their weights W*diag(s) and each range stores its own"
+            f"  note       TSQ with smoothquant.shared_ranges {q['smooth_ranges']}: one smoothing vector s per step "
+            "range, so the step models of a range share their weights W*diag(s) and each range stores its own"
         ]
     return [
         "  note       TSQ gives every range its own smoothing vector s, so its weights W*diag(s) differ "
@@ -281,4 +281,23 @@ def profile_lines(profile: Any) -> list[str]:
             lines.append(f"  {key:<22}{value}")
     lines += [f"  note                  {n}" for n in notes]
     lines.append(f"  source                {source}")
+    return lines
+
+
+def recipes_lines() -> list[str]:
+    """`qexport recipes`: every preset with its description, then every technique."""
+    from qexport.passes.techniques import ORDER
+    from qexport.recipe import load_recipe, preset_names
+
+    lines = ["presets (qexport build STATS --recipe NAME; files in qexport/recipes/):"]
+    for name in preset_names():
+        recipe = load_recipe(name)
+        kinds = ", ".join(t.kind for t in recipe.techniques) or "-"
+        ranges = recipe.granularity.time_ranges
+        models = "per step" if ranges is None else f"{ranges} range(s)"
+        lines.append(f"  {name:<20}W{recipe.bits.weights}A{recipe.bits.activations} {models:<11}{kinds}")
+        lines.append(f"  {'':<20}{recipe.description}")
+    lines.append("techniques (--set KIND=on, --set KIND.FIELD=VALUE; docs/recipes.md):")
+    for cls in ORDER:
+        lines.append(f"  {cls.kind:<20}{cls.summary}")
     return lines

@@ -11,7 +11,8 @@ from qexport.exporter import alpha as alpha_mod
 from qexport.exporter.build import BuildConfig, build
 from qexport.exporter.search import ALPHAS
 from qexport.passes.analyze import Group
-from qexport.passes.plan import QuantConfig, Smooth
+
+from qexport.recipe import recipe_of
 
 GROUPS = [Group(tensor=t, layers=(f"{t}.linear",), channels=4, fold="explicit") for t in ("a", "b")]
 # error of group g at alpha a in range r: least at 0.3 / 0.8 in range 0 and at 0.5 / 0.8 in range 1
@@ -45,10 +46,10 @@ def test_layer_alphas_shared_averages_the_ranges_and_picks_one_choice_for_all(mo
 
 @pytest.mark.slow
 def test_alpha_layer_asq_build_shares_one_choice_and_replans(latte_stats, tmp_path):
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import replan
 
-    quant = QuantConfig(smooth=Smooth.ASQ, alpha_layer=True)
-    result = build(latte_stats, tmp_path / "layer", BuildConfig(quant=quant, ranges=2))
+    recipe = recipe_of("smoothquant.mode=asq", "smoothquant.alpha=layer", "granularity.time_ranges=2")
+    result = build(latte_stats, tmp_path / "layer", BuildConfig(recipe=recipe))
     manifest = result.manifest
     assert manifest["quantization"]["alpha"] == "layer"
     chosen = [r["group_alpha"] for r in manifest["ranges"]]

@@ -4,26 +4,25 @@ average or largest per-step mean), refused without ASQ, recorded and replanned."
 import numpy as np
 import pytest
 from qexport.calib.store import load
-from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.replan import replan
-from qexport.passes.plan import QuantConfig, Smooth
+from qexport.exporter.build import BuildConfig, build, replan
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 
 def test_asq_stat_is_checked():
-    with pytest.raises(QexportError, match="--asq-stat max chooses how --smooth asq aggregates"):
-        QuantConfig(smooth=Smooth.TSQ, asq_stat="max")
-    with pytest.raises(QexportError, match="--asq-stat must be ema, max or range, got 'mean'"):
-        QuantConfig(smooth=Smooth.ASQ, asq_stat="mean")
+    with pytest.raises(QexportError, match=r"'smoothquant.statistic' 'max' is ASQ's; it needs mode 'asq'"):
+        recipe_of("smoothquant.mode=tsq", "smoothquant.statistic=max")
+    with pytest.raises(QexportError, match=r"statistic' must be one of 'ema', 'max', 'range', got 'mean'"):
+        recipe_of("smoothquant.mode=asq", "smoothquant.statistic=mean")
 
 
 def test_max_smooths_by_each_channels_largest_step_and_replans(latte_stats, tmp_path):
     stats = load(latte_stats)
 
     def smoothing(stat):
-        quant = QuantConfig(smooth=Smooth.ASQ, asq_stat=stat)
-        return build(latte_stats, tmp_path / stat, BuildConfig(quant=quant, ranges=1))
+        recipe = recipe_of("smoothquant.mode=asq", f"smoothquant.statistic={stat}", "granularity.time_ranges=1")
+        return build(latte_stats, tmp_path / stat, BuildConfig(recipe=recipe))
 
     ema, top = smoothing("ema"), smoothing("max")
     assert (ema.manifest["quantization"]["asq_stat"], top.manifest["quantization"]["asq_stat"]) == ("ema", "max")

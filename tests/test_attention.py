@@ -15,11 +15,11 @@ from qexport.exporter.attention import ExportOrderAttention, attention_modules, 
 from qexport.exporter.build import BuildConfig, build
 from qexport.exporter.verify import verify
 from qexport.passes.attention import find_attention
-from qexport.passes.plan import QuantConfig, Smooth
 from qexport.targets.profile import ORT_CPU
 
 from qexport.errors import QexportError
 from qexport.models.registry import load_model
+from qexport.recipe import recipe_of
 
 PROMPT = "a red circle moving left"
 
@@ -73,8 +73,8 @@ def test_export_order_attention_matches_diffusers():
 @pytest.fixture(scope="module")
 def attention_build(latte_stats, tmp_path_factory):
     out = tmp_path_factory.mktemp("attn") / "out"
-    quant = QuantConfig(smooth=Smooth.ASQ, quantize_attention=True)
-    return build(latte_stats, out, BuildConfig(quant=quant, ranges=1))
+    recipe = recipe_of("smoothquant.mode=asq", "attention=on", "granularity.time_ranges=1")
+    return build(latte_stats, out, BuildConfig(recipe=recipe))
 
 
 def test_attention_matmuls_read_dequantized_inputs(attention_build):
@@ -131,16 +131,16 @@ def test_onnxruntime_runs_attention_on_integer_kernels_as_simulated(attention_bu
 
 
 def test_statistics_without_prompts_are_refused(bare_stats, tmp_path):
-    quant = QuantConfig(quantize_attention=True)
-    with pytest.raises(QexportError, match="does not record its prompts, which --quantize-attention need"):
-        build(bare_stats, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
+    recipe = recipe_of("attention=on", "granularity.time_ranges=1")
+    with pytest.raises(QexportError, match="does not record its prompts, which the recipe's attention need"):
+        build(bare_stats, tmp_path / "out", BuildConfig(recipe=recipe))
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
 def test_sixteen_bit_attention_is_emulated_on_onnxruntime(latte_stats, tmp_path):
-    quant = QuantConfig(a_bits=16, quantize_attention=True)
-    result = build(latte_stats, tmp_path / "a16", BuildConfig(quant=quant, ranges=1))
+    recipe = recipe_of("bits.activations=16", "attention=on", "granularity.time_ranges=1")
+    result = build(latte_stats, tmp_path / "a16", BuildConfig(recipe=recipe))
     v = verify(result.folder, result.adapter, [r.plan for r in result.ranges], result.manifest, ORT_CPU, PROMPT)
     assert v.ok, v.to_json()
     (check,) = v.models
@@ -151,8 +151,8 @@ def test_sixteen_bit_attention_is_emulated_on_onnxruntime(latte_stats, tmp_path)
 def test_symmetric_int8_target_puts_probs_on_its_grid_and_runs_integer(latte_stats, tmp_path):
     from qexport.targets.profile import get_profile
 
-    quant = QuantConfig(smooth=Smooth.ASQ, quantize_attention=True)
-    result = build(latte_stats, tmp_path / "trt", BuildConfig(quant=quant, ranges=1, target="tensorrt"))
+    recipe = recipe_of("smoothquant.mode=asq", "attention=on", "granularity.time_ranges=1", "target=tensorrt")
+    result = build(latte_stats, tmp_path / "trt", BuildConfig(recipe=recipe))
     assert result.manifest["legality"]["models"][0]["violations"] == []
     plan = result.ranges[0].plan
     probs = {(float(a.probs.scale), int(a.probs.zero), str(a.probs.zero.dtype)) for a in plan.attention.values()}

@@ -23,13 +23,16 @@ from qexport.targets.profile import ORT_CPU
 from qexport.errors import QexportError
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig
+from qexport.recipe import recipe_of
 
 STEPS = SamplingConfig(steps=4, cfg=7.0)
 
 
-def _build(stats, tmp_path, name, **kw):
-    quant = QuantConfig(**{k: v for k, v in kw.items() if k in ("w_bits", "a_bits", "smooth", "alpha")})
-    return build(stats, tmp_path / name, BuildConfig(quant=quant, ranges=kw.get("ranges")))
+def _build(stats, tmp_path, name, smooth=Smooth.NONE, ranges=None, w_bits=8, a_bits=8):
+    recipe = recipe_of(f"bits.weights={w_bits}", f"bits.activations={a_bits}",
+                       f"granularity.time_ranges={'null' if ranges is None else ranges}",
+                       *([] if smooth == Smooth.NONE else [f"smoothquant.mode={smooth}"]))  # fmt: skip
+    return build(stats, tmp_path / name, BuildConfig(recipe=recipe))
 
 
 def test_timestep_wise_tsq_emits_one_verified_integer_model_per_step(latte_stats, tmp_path):
@@ -133,26 +136,28 @@ def test_dit_labels_build(tmp_path):
     adapter = load_model("tiny-dit")
     path = tmp_path / "dit.qstats"
     save(calibrate(adapter, CalibConfig(prompts=("red circle", "blue square"), sampling=STEPS)).stats, path)
-    result = build(path, tmp_path / "dit", BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ), ranges=2))
+    result = build(
+        path, tmp_path / "dit", BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "granularity.time_ranges=2"))
+    )
     v = verify(result.folder, result.adapter, [r.plan for r in result.ranges], result.manifest, ORT_CPU, "red circle")
     assert v.ok and all(len(m.integer) == 36 for m in v.models)
 
 
 def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, smoke_models):
     out = tmp_path / "out"
-    with pytest.raises(QexportError, match="w-bits"):
-        QuantConfig(w_bits=9)
-    with pytest.raises(QexportError, match=r"time-ranges must be in 1\.\.4"):
-        build(latte_stats, out, BuildConfig(ranges=5))
+    with pytest.raises(QexportError, match=r"bits\.weights"):
+        recipe_of("bits.weights=9")
+    with pytest.raises(QexportError, match=r"time_ranges' must be in 1\.\.4"):
+        build(latte_stats, out, BuildConfig(recipe=recipe_of("granularity.time_ranges=5")))
     with pytest.raises(QexportError, match="unknown target"):
-        build(latte_stats, out, BuildConfig(target="nope"))
+        build(latte_stats, out, BuildConfig(recipe=recipe_of("target=nope")))
     from qexport.targets.profile import PROFILES, TargetProfile
 
     no_int4 = TargetProfile(**{**ORT_CPU.__dict__, "name": "int8-only", "weight_storage": {8: "int8"}})
     PROFILES["int8-only"] = no_int4
     try:
         with pytest.raises(QexportError, match="cannot store 4-bit weights: it has no 4-bit weight type"):
-            build(latte_stats, out, BuildConfig(quant=QuantConfig(w_bits=4), target="int8-only"))
+            build(latte_stats, out, BuildConfig(recipe=recipe_of("bits.weights=4", "target=int8-only")))
     finally:
         del PROFILES["int8-only"]
     out.mkdir()
@@ -173,11 +178,10 @@ def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, 
 
 @pytest.mark.slow
 def test_alpha_auto_searches_per_range_and_replans(latte_stats, tmp_path):
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import replan
 
-    result = build(
-        latte_stats, tmp_path / "auto", BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ, alpha_auto=True), ranges=2)
-    )
+    recipe = recipe_of("smoothquant.mode=tsq", "smoothquant.alpha=auto", "granularity.time_ranges=2")
+    result = build(latte_stats, tmp_path / "auto", BuildConfig(recipe=recipe))
     alphas = [r["alpha"] for r in result.manifest["ranges"]]
     assert result.manifest["quantization"]["alpha"] == "auto" and all(0.1 <= a <= 1.0 for a in alphas)
     _, plans, _ = replan(result.manifest, latte_stats)

@@ -9,17 +9,17 @@ from qexport.calib.store import load
 from qexport.exporter.build import BuildConfig, build
 from qexport.exporter.evaluate import evaluate, layer_step_sqnr, write_json
 from qexport.exporter.report import write_report
-from qexport.passes.plan import QuantConfig, Smooth
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 from qexport.summaries import eval_table
 
 
 @pytest.fixture(scope="module")
 def two_builds(latte_stats, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    tsq = build(latte_stats, root / "tsq", BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ)))
-    plain = build(latte_stats, root / "plain", BuildConfig(quant=QuantConfig(), ranges=1))
+    tsq = build(latte_stats, root / "tsq", BuildConfig(recipe=recipe_of("smoothquant.mode=tsq")))
+    plain = build(latte_stats, root / "plain", BuildConfig(recipe=recipe_of("granularity.time_ranges=1")))
     return tsq, plain
 
 
@@ -48,13 +48,18 @@ def test_eval_measures_every_build_against_fp_and_reports(two_builds, latte_stat
     layers, table = layer_step_sqnr(
         tsq.adapter, [r.plan for r in tsq.ranges], tsq.manifest, "a red circle moving left", 0
     )
-    assert table.shape == (64, 4) and np.isfinite(table).all() and len(layers) == 64
-    write_report(
-        tmp_path / "report.html", data, result.first_samples, load(latte_stats), {str(tsq.folder): (layers, table)}
-    )
+    # TSQ folds the attention outputs' 1/s into the value projections: those rows are not comparable
+    folded = [i for i, name in enumerate(layers) if name.endswith(".to_v")]
+    assert table.shape == (64, 4) and len(layers) == 64 and len(folded) == 8
+    assert np.isnan(table[folded]).all() and np.isfinite(np.delete(table, folded, axis=0)).all()
+    manifests = {str(tsq.folder): tsq.manifest, str(plain.folder): plain.manifest}
+    heat = {str(tsq.folder): (layers, table)}
+    write_report(tmp_path / "report.html", data, result.first_samples, manifests, load(latte_stats), heat)
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") == 2 + 1 + 3  # ranges, curves, heatmap, 3 strips
-    assert "PSNR" in page
+    # ranges, per-step curves, the heatmap, and FP / build / difference rows for each of the two builds
+    assert page.count("<img src='data:image/png;base64,") == 3 + 2 * 3
+    assert page.count("<img src='data:image/gif;base64,") == 2  # one animation per build
+    assert page.count("NOT VERIFIED") == 2 and "smoothquant" in page  # no verification ran; the recipe
 
 
 def test_eval_refuses_builds_of_different_schedules(two_builds, tmp_path):

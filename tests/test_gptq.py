@@ -21,6 +21,7 @@ from qexport.targets.profile import ORT_CPU
 from test_lowrank import Tiny, _onnx
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 GRIDS = [
     Grid(bits=4, storage="int4", symmetric=True),
@@ -205,21 +206,19 @@ def test_gptq_memo_gives_back_the_integers_of_the_same_weight_and_h_only():
 def test_gptq_build_needs_recorded_prompts(bare_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build
 
-    quant = QuantConfig(weight_rounding=Rounding.GPTQ)
-    with pytest.raises(QexportError, match=r"does not record its prompts, which .*--weight-rounding gptq"):
-        build(bare_stats, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
+    recipe = recipe_of("gptq=on", "granularity.time_ranges=1")
+    with pytest.raises(QexportError, match=r"does not record its prompts, which the recipe's gptq need"):
+        build(bare_stats, tmp_path / "out", BuildConfig(recipe=recipe))
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
 def test_tiny_latte_gptq_tsw_shares_weights_verifies_and_replans(latte_stats, tmp_path):
-    from qexport.exporter.build import BuildConfig, build
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import BuildConfig, build, replan
     from qexport.exporter.verify import verify
 
-    quant = QuantConfig(smooth=Smooth.ASQ, weight_rounding=Rounding.GPTQ)
-    result = build(latte_stats, tmp_path / "gptq", BuildConfig(quant=quant))
-    nearest = build(latte_stats, tmp_path / "near", BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ)))
+    result = build(latte_stats, tmp_path / "gptq", BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "gptq=on")))
+    nearest = build(latte_stats, tmp_path / "near", BuildConfig(recipe=recipe_of("smoothquant.mode=asq")))
     assert result.manifest["quantization"]["weight_rounding"] == "gptq"
     plans = [r.plan for r in result.ranges]
     assert len(plans) == 4
@@ -240,8 +239,8 @@ def test_tiny_latte_gptq_tsw_shares_weights_verifies_and_replans(latte_stats, tm
 def test_tiny_latte_gptq_tsq_plans_each_range_on_its_own_steps(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build
 
-    quant = QuantConfig(w_bits=4, smooth=Smooth.TSQ, weight_rounding=Rounding.GPTQ)
-    result = build(latte_stats, tmp_path / "tsq", BuildConfig(quant=quant, ranges=2))
+    recipe = recipe_of("bits.weights=4", "smoothquant.mode=tsq", "gptq=on", "granularity.time_ranges=2")
+    result = build(latte_stats, tmp_path / "tsq", BuildConfig(recipe=recipe))
     first, second = (r.plan.layers for r in result.ranges)
     assert any((first[n].w_q != second[n].w_q).any() for n in first)
     assert all(lp.w_grid.qmin <= lp.w_q.min() and lp.w_q.max() <= lp.w_grid.qmax for lp in first.values())
@@ -252,8 +251,8 @@ def test_tiny_latte_gptq_with_asq_alpha_auto_rounds_every_candidate_with_h(latte
     from qexport.exporter.build import BuildConfig, build
     from qexport.exporter.search import ALPHAS
 
-    quant = QuantConfig(smooth=Smooth.ASQ, alpha_auto=True, weight_rounding=Rounding.GPTQ)
-    result = build(latte_stats, tmp_path / "auto", BuildConfig(quant=quant, ranges=2))
+    recipe = recipe_of("smoothquant.mode=asq", "smoothquant.alpha=auto", "gptq=on", "granularity.time_ranges=2")
+    result = build(latte_stats, tmp_path / "auto", BuildConfig(recipe=recipe))
     alphas = {r["alpha"] for r in result.manifest["ranges"]}
     assert len(alphas) == 1 and alphas <= set(ALPHAS)  # one alpha for all ranges: weights still shared
     first, second = (r.plan.layers for r in result.ranges)

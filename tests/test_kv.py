@@ -13,19 +13,18 @@ import pytest
 from click.testing import CliRunner
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import load, save
-from qexport.exporter.build import BuildConfig, build
+from qexport.exporter.build import BuildConfig, build, replan
 from qexport.exporter.fp_export import FPExport, StepGraphs, export_fp, load_graph, prepare
 from qexport.exporter.kv import split_export
-from qexport.exporter.replan import replan
 from qexport.exporter.verify import verify
 from qexport.passes.kv import conditioning_only
-from qexport.passes.plan import QuantConfig, Smooth
 from qexport.targets.profile import ORT_CPU
 
 from qexport.cli import cli
 from qexport.metrics import sqnr_db
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig, sample
+from qexport.recipe import recipe_of
 from qexport.runtime.conditioning import Conditioning
 from qexport.runtime.loop import Pipeline
 
@@ -53,7 +52,7 @@ def _latents(folder, seed=3):
 def kv_build(latte_stats, tmp_path_factory):
     """TSQ, one model per step, K/V precomputed."""
     out = tmp_path_factory.mktemp("kv") / "out"
-    return build(latte_stats, out, BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ), precompute_kv=True))
+    return build(latte_stats, out, BuildConfig(recipe=recipe_of("smoothquant.mode=tsq", "precompute_kv=on")))
 
 
 @pytest.mark.parametrize("timestep", [749, None])
@@ -129,9 +128,9 @@ def test_replan_reproduces_the_kv_plan(kv_build):
 
 def test_loop_equals_a_build_without_it_when_kv_is_quantized_alike(latte_stats, tmp_path):
     # no smoothing, one range: the K/V layers get the same plan either way, so the numbers agree exactly
-    quant = QuantConfig()
-    base = build(latte_stats, tmp_path / "base", BuildConfig(quant=quant, ranges=1))
-    kv = build(latte_stats, tmp_path / "kv", BuildConfig(quant=quant, ranges=1, precompute_kv=True))
+    base = build(latte_stats, tmp_path / "base", BuildConfig(recipe=recipe_of("granularity.time_ranges=1")))
+    kv_recipe = recipe_of("granularity.time_ranges=1", "precompute_kv=on")
+    kv = build(latte_stats, tmp_path / "kv", BuildConfig(recipe=kv_recipe))
     assert base.manifest["schema_version"] == 1 and "kv" not in base.manifest  # old-style manifests unchanged
     here = _latents(kv.folder)
     np.testing.assert_allclose(here, _latents(base.folder), rtol=0, atol=1e-5)
@@ -150,7 +149,7 @@ def test_tsq_differs_from_a_build_without_it_by_quantization_noise_only(latte_st
     # up to ~1.3 dB between them (measured, seeds 0-4: -1.3 .. +0.9 dB), so the claim is made on the mean
     # over SEEDS samples, whose standard error is ~0.35 dB; and each pair differs from each other no more
     # than quantization noise does (a wrong K/V would put them far apart).
-    base = build(latte_stats, tmp_path / "base", BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ)))
+    base = build(latte_stats, tmp_path / "base", BuildConfig(recipe=recipe_of("smoothquant.mode=tsq")))
     adapter = load_model("tiny-latte")
     config = SamplingConfig(steps=4, cfg=7.0)
     deltas = []

@@ -28,6 +28,7 @@ from qexport.targets.profile import ORT_CPU
 from torch import nn
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 S4 = Grid(bits=4, storage="int4", symmetric=True)
 
@@ -165,22 +166,24 @@ def test_w4_branch_runs_as_simulated():
 
 
 def test_rank_out_of_range_is_one_clear_error(tmp_path):
-    for rank in (-1, 33):
-        with pytest.raises(QexportError, match=r"--lowrank must be in 0\.\.32 \(0 = off\), got"):
-            QuantConfig(lowrank=rank)
-    proc = subprocess.run([sys.executable, "-c", "from qexport.cli import main; main()", "build",
-                           str(tmp_path / "none.qstats"), "--lowrank", "40", "--time-ranges", "1",
-                           "-o", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --lowrank must be in 0..32 (0 = off), got 40"
+    for rank in (-1, 0, 33):
+        with pytest.raises(QexportError, match=r"recipe key 'lowrank.rank' must be in 1\.\.32, got"):
+            recipe_of(f"lowrank.rank={rank}")
+    for how in (["--lowrank", "40"], ["--set", "lowrank.rank=40"]):  # the old option is an alias of the key
+        proc = subprocess.run([sys.executable, "-c", "from qexport.cli import main; main()", "build",
+                               str(tmp_path / "none.qstats"), *how, "-o", str(tmp_path / "out")],
+                              capture_output=True, text=True)  # fmt: skip
+        assert (
+            proc.returncode == 2 and proc.stderr.strip() == "error: recipe key 'lowrank.rank' must be in 1..32, got 40"
+        )
 
 
 @pytest.mark.slow
 def test_tiny_latte_lowrank_build_fuses_verifies_and_replans(latte_stats, tmp_path):
-    from qexport.exporter.build import BuildConfig, build
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import BuildConfig, build, replan
     from qexport.exporter.verify import verify
 
-    config = BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ, lowrank=4), ranges=1)
+    config = BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "lowrank.rank=4", "granularity.time_ranges=1"))
     result = build(latte_stats, tmp_path / "lr", config)
     q = result.manifest["quantization"]
     assert q["lowrank"] == 4 and 0 < q["lowrank_cost"]["macs_per_call"] < q["lowrank_cost"]["linear_macs_per_call"]

@@ -6,14 +6,13 @@ import json
 
 import pytest
 from qexport.exporter import mixed
-from qexport.exporter.build import BuildConfig, build, check_request
+from qexport.exporter.build import BuildConfig, build, check_request, replan
 from qexport.exporter.mixed import allocate, spread, storage_bits, weight_bytes
-from qexport.exporter.replan import replan
 from qexport.exporter.verify import verify
-from qexport.passes.plan import QuantConfig, Smooth
 from qexport.targets.profile import ORT_CPU, get_profile
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 PARAMS = {"a": 1000, "b": 4000, "c": 1000, "d": 2000}
 
@@ -45,22 +44,25 @@ def test_spread_picks_evenly_with_both_ends():
 
 
 def test_bad_requests_are_refused_before_any_work(tmp_path):
-    with pytest.raises(QexportError, match=r"needs --w-bits 2\.\.4"):
-        QuantConfig(w_bits=8, mixed_precision=6.0)
+    with pytest.raises(QexportError, match=r"needs bits.weights 2\.\.4"):
+        recipe_of("mixed_precision.budget=6")
     with pytest.raises(QexportError, match=r"budget of 4\.\.8"):
-        QuantConfig(w_bits=4, mixed_precision=9.0)
+        recipe_of("bits.weights=4", "mixed_precision.budget=9")
+    mixed_w4 = recipe_of("bits.weights=4", "mixed_precision.budget=6")
     with pytest.raises(QexportError, match="cannot store 4-bit weights"):
-        check_request(BuildConfig(quant=QuantConfig(w_bits=4, mixed_precision=6.0), target="ryzen-ai"), tmp_path / "o")
-    with pytest.raises(QexportError, match="--precompute-kv"):
-        check_request(BuildConfig(quant=QuantConfig(w_bits=4, mixed_precision=6.0), precompute_kv=True), tmp_path / "o")
+        check_request(BuildConfig(recipe=recipe_of("target=ryzen-ai", base=mixed_w4)), tmp_path / "o")
+    with pytest.raises(QexportError, match="'mixed_precision' does not combine with 'precompute_kv'"):
+        recipe_of("precompute_kv=on", base=mixed_w4)
     assert get_profile("qnn-htp").weight_type(4) == "int4"
 
 
 @pytest.mark.slow
 def test_w4_w8_build_verifies_and_replans_the_same_widths(latte_stats, tmp_path, monkeypatch):
     monkeypatch.setattr(mixed, "STEPS", 1)  # one replayed step: 65 simulated denoiser calls
-    quant = QuantConfig(w_bits=4, a_bits=8, smooth=Smooth.ASQ, mixed_precision=6.0)
-    result = build(latte_stats, tmp_path / "mixed", BuildConfig(quant=quant, ranges=1))
+    recipe = recipe_of(
+        "bits.weights=4", "smoothquant.mode=asq", "mixed_precision.budget=6", "granularity.time_ranges=1"
+    )
+    result = build(latte_stats, tmp_path / "mixed", BuildConfig(recipe=recipe))
     plan, alloc = result.ranges[0].plan, result.ranges[0].mixed
     assert alloc is not None and len(alloc.sensitivity) == 64 and alloc.steps == [0]
     widths = {layer: lp.w_grid.bits for layer, lp in plan.layers.items()}

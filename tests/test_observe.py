@@ -3,13 +3,12 @@ uses them from replayed calibration prompts, re-derived exactly by verify's repl
 
 import numpy as np
 import pytest
-from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.replan import replan
+from qexport.exporter.build import BuildConfig, build, replan
 from qexport.passes.observe import Observer, histogram, mse_range, observe, range_error
-from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.quant import Grid
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 U8 = Grid(bits=8, storage="uint8", symmetric=False)
 S8 = Grid(bits=8, storage="int8", symmetric=True)
@@ -60,9 +59,10 @@ def test_percentile_clips_isolated_outliers_only():
 
 @pytest.mark.slow
 def test_build_with_mse_observer_narrows_ranges_and_replans_exactly(latte_stats, tmp_path):
-    base = build(latte_stats, tmp_path / "minmax", BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ), ranges=1))
-    quant = QuantConfig(smooth=Smooth.ASQ, act_observer=Observer.MSE)
-    result = build(latte_stats, tmp_path / "mse", BuildConfig(quant=quant, ranges=1))
+    base_recipe = recipe_of("smoothquant.mode=asq", "granularity.time_ranges=1")
+    base = build(latte_stats, tmp_path / "minmax", BuildConfig(recipe=base_recipe))
+    recipe = recipe_of("activation_observer.method=mse", base=base_recipe)
+    result = build(latte_stats, tmp_path / "mse", BuildConfig(recipe=recipe))
     assert result.manifest["quantization"]["act_observer"] == "mse"
     old, new = base.ranges[0].plan.layers, result.ranges[0].plan.layers
     narrower = [name for name in new if float(new[name].a_scale) < float(old[name].a_scale)]
@@ -74,9 +74,9 @@ def test_build_with_mse_observer_narrows_ranges_and_replans_exactly(latte_stats,
 
 @pytest.mark.parametrize("observer", [Observer.PERCENTILE, Observer.SEARCH])
 def test_observers_need_recorded_prompts(bare_stats, tmp_path, observer):
-    quant = QuantConfig(act_observer=observer)
-    with pytest.raises(QexportError, match=f"does not record its prompts, which --act-observer {observer} need"):
-        build(bare_stats, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
+    recipe = recipe_of(f"activation_observer.method={observer}", "granularity.time_ranges=1")
+    with pytest.raises(QexportError, match="does not record its prompts, which the recipe's activation_observer need"):
+        build(bare_stats, tmp_path / "out", BuildConfig(recipe=recipe))
     assert not (tmp_path / "out").exists()
 
 
@@ -84,8 +84,9 @@ def test_observers_need_recorded_prompts(bare_stats, tmp_path, observer):
 def test_searches_score_quantized_plans_against_fp_and_replan(latte_stats, tmp_path):
     from qexport.exporter.search import SHRINKS
 
-    quant = QuantConfig(smooth=Smooth.TSQ, alpha_auto=True, act_observer=Observer.SEARCH)
-    result = build(latte_stats, tmp_path / "search", BuildConfig(quant=quant, ranges=2))
+    recipe = recipe_of("smoothquant.mode=tsq", "smoothquant.alpha=auto", "activation_observer.method=search",
+                       "granularity.time_ranges=2")  # fmt: skip
+    result = build(latte_stats, tmp_path / "search", BuildConfig(recipe=recipe))
     for r in result.manifest["ranges"]:
         assert r["act_shrink"] in SHRINKS
         scores = [v for s in r["search_sqnr_db"].values() for v in s.values()]

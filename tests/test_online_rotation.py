@@ -12,6 +12,7 @@ from qexport.passes.rotate import hadamard
 from qexport.targets.profile import get_profile
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 TARGET = get_profile("ort-cpu")
 W8 = Grid(bits=8, storage="int8", symmetric=True)
@@ -55,9 +56,9 @@ def test_block_must_divide_channels_and_be_a_power_of_two() -> None:
     rot, report = choose_online(x, np.abs(x).max(0), ws, (-1.0, 1.0), W8, A8, config, TARGET)
     assert rot is None and report["skipped_block"] == 256
     with pytest.raises(QexportError, match="power of two"):
-        QuantConfig(online_rotation=48)
-    with pytest.raises(QexportError, match="adaptive or all"):
-        QuantConfig(online_rotation=64, rotation_choice="some")
+        recipe_of("online_rotation.block=48")
+    with pytest.raises(QexportError, match=r"'online_rotation.choice' must be one of 'adaptive', 'all'"):
+        recipe_of("online_rotation.choice=some")
 
 
 def test_rotation_pass_is_exact_in_fp() -> None:
@@ -89,13 +90,12 @@ def test_rotation_pass_is_exact_in_fp() -> None:
 
 @pytest.mark.slow
 def test_tiny_latte_online_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path):
-    from qexport.exporter.build import BuildConfig, build
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import BuildConfig, build, replan
     from qexport.exporter.verify import verify
     from qexport.targets.profile import ORT_CPU
 
-    quant = QuantConfig(smooth=Smooth.ASQ, online_rotation=64, rotation_choice="all")
-    result = build(latte_stats, tmp_path / "online", BuildConfig(quant=quant, ranges=1))
+    recipe = recipe_of("smoothquant.mode=asq", "online_rotation.choice=all", "granularity.time_ranges=1")
+    result = build(latte_stats, tmp_path / "online", BuildConfig(recipe=recipe))
     online = result.manifest["quantization"]["online_rotation"]
     assert online["groups_rotated"] == online["groups_considered"] > 0
     assert 0 < online["macs_per_call"] < 0.2 * online["linear_macs_per_call"]

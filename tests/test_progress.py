@@ -7,9 +7,9 @@ import sys
 
 import pytest
 from qexport.exporter.build import BuildConfig, build
-from qexport.passes.plan import QuantConfig
 
 from qexport.progress import ProgressPrinter, Tick, Units, duration
+from qexport.recipe import recipe_of
 
 
 def _ticks(printer, task, total, details=()):
@@ -68,7 +68,7 @@ def _cli(*args):
 @pytest.fixture(scope="module")
 def one_model(latte_stats, tmp_path_factory):
     out = tmp_path_factory.mktemp("progress") / "out"
-    build(latte_stats, out, BuildConfig(quant=QuantConfig(), ranges=1))
+    build(latte_stats, out, BuildConfig(recipe=recipe_of("granularity.time_ranges=1")))
     return out
 
 

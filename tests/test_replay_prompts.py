@@ -2,43 +2,41 @@
 cannot apply, recorded in the manifest and replayed again by verify's replan."""
 
 import pytest
-from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.replan import replan
+from qexport.exporter.build import BuildConfig, build, replan
 from qexport.exporter.replay import PROMPTS, replay_count
-from qexport.passes.observe import Observer
-from qexport.passes.plan import QuantConfig, Smooth
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 from qexport.summaries import build_lines
 
 
 def test_replay_count_defaults_to_at_most_two_and_refuses_more_than_recorded():
     assert PROMPTS == 2
     assert (replay_count(None, 8, "s"), replay_count(None, 1, "s"), replay_count(5, 8, "s")) == (2, 1, 5)
-    with pytest.raises(QexportError, match=r"--replay-prompts 3 asks for more prompts than s records \(2\)"):
+    with pytest.raises(QexportError, match=r"'replay.prompts' 3 asks for more prompts than s records \(2\)"):
         replay_count(3, 2, "s")
-    with pytest.raises(QexportError, match="--replay-prompts must be at least 1, got 0"):
-        QuantConfig(replay_prompts=0)
+    with pytest.raises(QexportError, match=r"recipe key 'replay.prompts' must be 1 or more, got 0"):
+        recipe_of("gptq=on", "replay.prompts=0")
 
 
 def test_build_refuses_more_prompts_than_the_statistics_record(latte_stats, tmp_path):
-    quant = QuantConfig(act_observer=Observer.SEARCH, replay_prompts=3)
-    with pytest.raises(QexportError, match=r"--replay-prompts 3 asks for more prompts than .*latte.qstats records"):
-        build(latte_stats, tmp_path / "out", BuildConfig(quant=quant, ranges=1))
+    recipe = recipe_of("activation_observer.method=search", "replay.prompts=3", "granularity.time_ranges=1")
+    with pytest.raises(QexportError, match=r"'replay.prompts' 3 asks for more prompts than .*latte.qstats records"):
+        build(latte_stats, tmp_path / "out", BuildConfig(recipe=recipe))
     assert not (tmp_path / "out").exists()
 
 
-def test_build_refuses_replay_prompts_when_nothing_replays(latte_stats, tmp_path):
-    with pytest.raises(QexportError, match="none of them is asked for"):
-        build(latte_stats, tmp_path / "out", BuildConfig(quant=QuantConfig(replay_prompts=1), ranges=1))
-    assert not (tmp_path / "out").exists()
+def test_a_recipe_refuses_replay_prompts_when_nothing_replays():
+    with pytest.raises(QexportError, match="the recipe has none that replays"):
+        recipe_of("replay.prompts=1", "channel_shift=on")
 
 
 @pytest.mark.slow
 def test_one_replayed_prompt_gives_other_ranges_and_replans_exactly(latte_stats, tmp_path):
     def ranges(replays):
-        quant = QuantConfig(smooth=Smooth.ASQ, act_observer=Observer.MSE, replay_prompts=replays)
-        result = build(latte_stats, tmp_path / f"r{replays}", BuildConfig(quant=quant, ranges=1))
+        recipe = recipe_of("smoothquant.mode=asq", "activation_observer.method=mse", "granularity.time_ranges=1",
+                           f"replay.prompts={'null' if replays is None else replays}")  # fmt: skip
+        result = build(latte_stats, tmp_path / f"r{replays}", BuildConfig(recipe=recipe))
         return result, {n: float(lp.a_scale) for n, lp in result.ranges[0].plan.layers.items()}
 
     one, scales = ranges(1)

@@ -8,6 +8,7 @@ from qexport.passes.plan import _fold_rotation, _rotated_range
 from qexport.passes.rotate import hadamard, head_rotation
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 HEADS, DH = 4, 12
 C = HEADS * DH
@@ -94,13 +95,11 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
 
 @pytest.mark.slow
 def test_tiny_latte_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path):
-    from qexport.exporter.build import BuildConfig, build
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import BuildConfig, build, replan
     from qexport.exporter.verify import verify
-    from qexport.passes.plan import QuantConfig, Smooth
     from qexport.targets.profile import ORT_CPU
 
-    config = BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ, rotate=True), ranges=1)
+    config = BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "head_rotation=on", "granularity.time_ranges=1"))
     result = build(latte_stats, tmp_path / "rot", config)
     assert result.manifest["quantization"]["rotated_groups"] == 12
     plan = result.ranges[0].plan

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 from qexport.exporter.build import BuildConfig, build
-from qexport.passes.plan import QuantConfig, Smooth
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 from qexport.runtime.conditioning import Conditioning
 from qexport.runtime.loop import Pipeline, decode_pixels
 from qexport.runtime.manifest import read_manifest
@@ -31,7 +31,7 @@ print(len(r.step_seconds), len(r.swap_seconds))
 @pytest.fixture(scope="module")
 def built(latte_stats, tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "out"
-    build(latte_stats, out, BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ), ranges=2))
+    build(latte_stats, out, BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "granularity.time_ranges=2")))
     return out
 
 

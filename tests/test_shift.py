@@ -10,6 +10,7 @@ from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.shift import can_shift, channel_shift, shift_fold, shifted_range
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 
 def _stats(lo: np.ndarray, hi: np.ndarray) -> LayerStats:
@@ -59,11 +60,10 @@ def test_groups_without_the_restoring_bias_are_not_shifted():
                             shift_const="t")) == "modulation"  # fmt: skip
 
 
-@pytest.mark.parametrize("other", [{"rotate": True}, {"online_rotation": 64}, {"lowrank": 8},
-                                   {"quantize_attention": True}])  # fmt: skip
-def test_shift_refuses_options_it_does_not_combine_with(other):
-    with pytest.raises(QexportError, match="--channel-shift does not combine"):
-        QuantConfig(smooth=Smooth.ASQ, channel_shift=True, **other)
+@pytest.mark.parametrize("other", ["head_rotation=on", "online_rotation=on", "lowrank.rank=8", "attention=on"])
+def test_shift_refuses_techniques_it_does_not_combine_with(other):
+    with pytest.raises(QexportError, match="technique 'channel_shift' does not combine with"):
+        recipe_of("smoothquant.mode=asq", "channel_shift=on", other)
 
 
 @pytest.mark.slow
@@ -102,14 +102,13 @@ def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
 
 @pytest.mark.slow
 def test_per_step_shift_build_verifies_shares_weights_and_replans(latte_stats, tmp_path):
-    from qexport.exporter.build import BuildConfig, build
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import BuildConfig, build, replan
     from qexport.exporter.verify import verify
     from qexport.targets.profile import ORT_CPU
 
     from qexport.summaries import build_lines
 
-    config = BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ, channel_shift=True), ranges=None)
+    config = BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "channel_shift=on"))
     result = build(latte_stats, tmp_path / "shift", config)
     q = result.manifest["quantization"]
     assert q["channel_shift"] == {"on": True, "folds": {"explicit": 13, "modulation": 16, "value": 12}}
@@ -139,25 +138,21 @@ def test_smooth_ranges_are_checked():
         and smoothing_steps([2], 4, 2) == [2, 3]
     )
     assert smoothing_steps([4], 10, 3) == [4, 5, 6]  # np.array_split: 4, 3, 3
-    with pytest.raises(QexportError, match=r"--smooth-ranges must be in 1\.\.4"):
+    with pytest.raises(QexportError, match=r"'smoothquant.shared_ranges' must be in 1\.\.4"):
         smoothing_steps([0], 4, 5)
-    for bad in ({"smooth": Smooth.ASQ}, {"smooth": Smooth.TSQ, "alpha_auto": True}):
-        with pytest.raises(QexportError, match="--smooth-ranges K gives --smooth tsq"):
-            QuantConfig(smooth_ranges=2, **bad)
+    for bad in (["smoothquant.mode=asq"], ["smoothquant.mode=tsq", "smoothquant.alpha=auto"],
+                ["smoothquant.mode=tsq", "granularity.time_ranges=2"]):  # fmt: skip
+        with pytest.raises(QexportError, match=r"'smoothquant.shared_ranges' gives TSQ one smoothing vector"):
+            recipe_of("smoothquant.shared_ranges=2", *bad)
 
 
 @pytest.mark.slow
 def test_tsq_smooth_ranges_share_weights_within_a_range_and_replan(latte_stats, tmp_path):
-    from qexport.exporter.build import BuildConfig, build
-    from qexport.exporter.replan import replan
+    from qexport.exporter.build import BuildConfig, build, replan
 
     from qexport.summaries import build_lines
 
-    with pytest.raises(QexportError, match="needs --timestep-wise"):
-        build(
-            latte_stats, tmp_path / "kr", BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ, smooth_ranges=2), ranges=2)
-        )
-    config = BuildConfig(quant=QuantConfig(smooth=Smooth.TSQ, smooth_ranges=2), ranges=None)
+    config = BuildConfig(recipe=recipe_of("smoothquant.mode=tsq", "smoothquant.shared_ranges=2"))
     result = build(latte_stats, tmp_path / "sr", config, progress=None)
     plans = [r.plan for r in result.ranges]
     assert len(plans) == 4 and result.manifest["quantization"]["smooth_ranges"] == 2
@@ -166,6 +161,6 @@ def test_tsq_smooth_ranges_share_weights_within_a_range_and_replan(latte_stats, 
     assert any(not np.array_equal(plans[0].layers[n].a_scale, lp.a_scale) for n, lp in plans[1].layers.items())
     files = result.manifest["files"]
     assert files["weights_bytes"] < 0.6 * files["weights_bytes_without_sharing"]  # two weight sets of four
-    assert any("--smooth-ranges 2" in line for line in build_lines(result.manifest, 1.0, "x"))
+    assert any("shared_ranges 2" in line for line in build_lines(result.manifest, 1.0, "x"))
     _, again, _ = replan(result.manifest, latte_stats)
     assert all(same(a, b) for a, b in zip(plans, again, strict=True))

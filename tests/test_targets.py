@@ -19,13 +19,14 @@ from qexport.exporter.emit import layer_ids, write_models
 from qexport.exporter.fp_export import stamp
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
-from qexport.passes.plan import QuantConfig, Smooth, plan_range
+from qexport.passes.plan import QuantConfig, plan_range
 from qexport.passes.quant import STORAGE
 from qexport.targets.catalog import PROFILES, RUNTIMES
 from qexport.targets.legality import check_model
 from qexport.targets.profile import get_profile
 
 from qexport.errors import QexportError
+from qexport.recipe import recipe_of
 
 C, N, TOKENS = 16, 8, 6
 LAYERS = {"a.q": ("x", C, C), "a.k": ("x", C, C), "b": ("h", C, N)}
@@ -225,10 +226,12 @@ def test_a_broken_rule_is_an_error_naming_node_tensor_and_rule():
 
 
 def test_bit_widths_a_target_cannot_store_are_refused_before_any_work(tmp_path):
-    for target, quant, what in (("ryzen-ai", QuantConfig(a_bits=16), "16-bit activations"),
-                                ("tensorrt", QuantConfig(w_bits=4), "4-bit weights")):  # fmt: skip
+    for target, bits, what in (("ryzen-ai", "bits.activations=16", "16-bit activations"),
+                               ("tensorrt", "bits.weights=4", "4-bit weights")):  # fmt: skip
         with pytest.raises(QexportError, match=f"target {target} cannot store {what}"):
-            build(tmp_path / "missing.qstats", tmp_path / "out", BuildConfig(quant=quant, target=target))
+            build(
+                tmp_path / "missing.qstats", tmp_path / "out", BuildConfig(recipe=recipe_of(bits, f"target={target}"))
+            )
     assert not (tmp_path / "out").exists()
 
 
@@ -254,7 +257,9 @@ def test_tiny_latte_w8a8_tsw_build_verifies_for_every_target(latte_stats, tmp_pa
     from qexport.exporter.verify import verify
 
     target = get_profile(name)
-    result = build(latte_stats, tmp_path / name, BuildConfig(quant=QuantConfig(smooth=Smooth.ASQ), target=name))
+    result = build(
+        latte_stats, tmp_path / name, BuildConfig(recipe=recipe_of("smoothquant.mode=asq", f"target={name}"))
+    )
     runtime = "openvino" if name == "openvino" else "onnxruntime"
     plans = [r.plan for r in result.ranges]
     v = verify(

@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from qexport.models.conditioning import Conditioner
+from qexport.models.families import Family, family_of
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,16 @@ class Denoiser(nn.Module):
     def __init__(self, transformer: nn.Module, class_name: str, in_channels: int) -> None:
         super().__init__()
         self.transformer = transformer
-        self.class_name = class_name
+        self.call = family_of(class_name).call
         self.in_channels = in_channels
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        m = self.transformer
-        if self.class_name == "DiTTransformer2DModel":
-            out = m(latents, timestep=timestep, class_labels=cond, return_dict=False)[0]
-        elif self.class_name == "PixArtTransformer2DModel":
-            extra = {"resolution": None, "aspect_ratio": None}
-            out = m(latents, encoder_hidden_states=cond, timestep=timestep, added_cond_kwargs=extra, return_dict=False)[
-                0
-            ]
+        extra: dict[str, Any] = {}
+        if self.call == "pixart":
+            extra = {"encoder_hidden_states": cond, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
         else:
-            out = m(latents, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+            extra = {self.call: cond}
+        out = self.transformer(latents, timestep=timestep, return_dict=False, **extra)[0]
         return out[:, : self.in_channels]
 
 
@@ -72,6 +69,11 @@ class ModelAdapter:
     pixel_latents: bool = False  # built-in models denoise RGB pixels in [-1, 1] directly
     vae: Any = None  # a diffusers AutoencoderKL when the folder has vae/
     scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
+
+    @property
+    def family(self) -> Family:
+        """The registry entry of the transformer's class."""
+        return family_of(self.class_name)
 
     @property
     def is_video(self) -> bool:

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import DiTTransformer2DModel, LatteTransformer3DModel, PixArtTransformer2DModel
+import diffusers
 from torch import nn
 
-FAMILIES: dict[str, Any] = {  # class name -> diffusers model class
-    "LatteTransformer3DModel": LatteTransformer3DModel,
-    "DiTTransformer2DModel": DiTTransformer2DModel,
-    "PixArtTransformer2DModel": PixArtTransformer2DModel,
-}
+from qexport.models.families import family_of
+
+
+def model_class(class_name: str) -> Any:
+    """The diffusers class of a registered family (qexport.models.families).
+
+    Raises:
+        QexportError: a class the registry has no entry for.
+    """
+    return getattr(diffusers, family_of(class_name).class_name)
+
 
 TINY_LATTE: dict[str, Any] = {
     "num_attention_heads": 4,
@@ -125,4 +131,4 @@ CAPTION_TOKENS_FULL_SIZE = 120
 
 def build(class_name: str, config: dict[str, Any]) -> nn.Module:
     """Instantiate a diffusers transformer class from its config."""
-    return FAMILIES[class_name](**config)
+    return model_class(class_name)(**config)

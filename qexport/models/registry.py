@@ -21,6 +21,7 @@ from qexport.models.conditioning import (
     MissingCaptionEncoder,
     SyntheticCaptionConditioner,
 )
+from qexport.models.families import FAMILIES, family_of
 from qexport.models.text_encoder import CaptionEncoder, is_caption_encoder
 
 log = logging.getLogger(__name__)
@@ -92,15 +93,14 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
         )
     config = _read_json(tdir / "config.json")
     class_name = config.get("_class_name", "")
-    if class_name not in architectures.FAMILIES:
+    if class_name not in FAMILIES:
         raise QexportError(
-            f"{tdir / 'config.json'} is a {class_name or 'unnamed'} model; "
-            f"supported: {', '.join(architectures.FAMILIES)}"
+            f"{tdir / 'config.json'} is a {class_name or 'unnamed'} model; supported: {', '.join(FAMILIES)}"
         )
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     meta = index.get("qexport", {})
     try:
-        transformer = architectures.FAMILIES[class_name].from_pretrained(
+        transformer = architectures.model_class(class_name).from_pretrained(
             str(tdir), torch_dtype=torch.float32, low_cpu_mem_usage=False
         )
     except (OSError, ValueError, RuntimeError) as exc:
@@ -133,13 +133,12 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
 
 def _latent_shape(class_name: str, cfg: dict[str, Any]) -> tuple[int, ...]:
     c, s = int(cfg["in_channels"]), int(cfg["sample_size"])
-    if class_name == "LatteTransformer3DModel":
-        return (c, int(cfg["video_length"]), s, s)
-    return (c, s, s)
+    frames = family_of(class_name).frames_key
+    return (c, s, s) if frames is None else (c, int(cfg[frames]), s, s)
 
 
 def _conditioner(folder: Path, class_name: str, cfg: dict[str, Any], meta: dict[str, Any]) -> Conditioner:
-    if class_name == "DiTTransformer2DModel":
+    if family_of(class_name).conditioning == "label":
         return LabelConditioner(list(meta.get("class_names", [])), int(cfg["num_embeds_ada_norm"]))
     if is_caption_encoder(folder / "text_encoder"):
         return CaptionConditioner(CaptionEncoder.load(folder / "text_encoder"))
@@ -152,7 +151,7 @@ def _full_size(name: str) -> ModelAdapter:
     torch.manual_seed(0)
     transformer = architectures.build(class_name, config).eval()
     conditioner: Conditioner
-    if class_name == "DiTTransformer2DModel":
+    if family_of(class_name).conditioning == "label":
         conditioner = LabelConditioner([], int(config["num_embeds_ada_norm"]))
     else:
         conditioner = SyntheticCaptionConditioner(

@@ -96,7 +96,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     if cfg.init:
         init = Path(cfg.init)
-        transformer = architectures.FAMILIES[class_name].from_pretrained(
+        transformer = architectures.model_class(class_name).from_pretrained(
             str(init / "transformer"), torch_dtype=torch.float32
         )
         previous = json.loads((init / "training.json").read_text())

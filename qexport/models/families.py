@@ -1,0 +1,72 @@
+"""The model-family registry: what qexport knows about each diffusers transformer class, as data.
+How the denoiser is called, what conditions it, whether its latents have frames, and how its
+attention layers are named. Nothing else in qexport branches on a class name or a module suffix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qexport.errors import QexportError
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionNames:
+    """The child modules of one attention block (diffusers' ``Attention``)."""
+
+    query: str = "to_q"
+    key: str = "to_k"
+    value: str = "to_v"
+    output: str = "to_out.0"  # the output linear (to_out.1 is its dropout)
+
+    def block_of(self, output_layer: str) -> str | None:
+        """The attention block of an output linear's name, or None if the name is not one."""
+        suffix = "." + self.output
+        return output_layer.removesuffix(suffix) if output_layer.endswith(suffix) else None
+
+    def value_of(self, output_layer: str) -> str | None:
+        """The value projection that feeds an output linear (through softmax(QK^T)·V)."""
+        block = self.block_of(output_layer)
+        return None if block is None else f"{block}.{self.value}"
+
+
+DIFFUSERS_ATTENTION = AttentionNames()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """One diffusers transformer class."""
+
+    class_name: str
+    conditioning: Literal["caption", "label"]  # caption embeddings [B, tokens, dim], or class ids [B]
+    call: Literal["class_labels", "encoder_hidden_states", "pixart"]  # the keyword its condition goes in
+    frames_key: str | None = None  # config key of the frame count when latents are [C, F, H, W]
+    attention: AttentionNames = field(default_factory=AttentionNames)
+
+
+FAMILIES: dict[str, Family] = {
+    f.class_name: f
+    for f in (
+        Family(class_name="DiTTransformer2DModel", conditioning="label", call="class_labels"),
+        Family(class_name="PixArtTransformer2DModel", conditioning="caption", call="pixart"),
+        Family(
+            class_name="LatteTransformer3DModel",
+            conditioning="caption",
+            call="encoder_hidden_states",
+            frames_key="video_length",
+        ),
+    )
+}
+
+
+def family_of(class_name: str) -> Family:
+    """The registry entry of a transformer class.
+
+    Raises:
+        QexportError: a class qexport has no entry for (names the supported ones).
+    """
+    family = FAMILIES.get(class_name)
+    if family is None:
+        raise QexportError(f"transformer class {class_name!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return family
