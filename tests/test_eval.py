@@ -50,7 +50,8 @@ def test_eval_measures_every_build_against_fp_and_reports(two_builds, latte_stat
     )
     # TSQ folds the attention outputs' 1/s into the value projections: those rows are not comparable
     folded = [i for i, name in enumerate(layers) if name.endswith(".to_v")]
-    assert table.shape == (64, 4) and len(layers) == 64 and len(folded) == 8
+    assert table.shape == (64, 4) and len(layers) == 64
+    assert len(folded) == 12  # 4 spatial blocks x (self, cross) + 4 temporal blocks x self-attention
     assert np.isnan(table[folded]).all() and np.isfinite(np.delete(table, folded, axis=0)).all()
     manifests = {str(tsq.folder): tsq.manifest, str(plain.folder): plain.manifest}
     heat = {str(tsq.folder): (layers, table)}
