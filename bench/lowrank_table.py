@@ -1,4 +1,4 @@
-"""Markdown rows for docs/results.md ("Low-rank compensation") from `qexport eval` JSON files and
+"""Markdown rows for docs/lab/w8a8-study.md ("Low-rank compensation") from `qexport eval` JSON files and
 the builds' manifests: PSNR, SSIM, adherence, SQNR/step, disk, and what the branches add.
 
     python bench/lowrank_table.py eval_w4a8.json eval_w8a8.json [...]

@@ -18,7 +18,7 @@ from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, quantize
 
 DAMP = 0.01  # λ = DAMP · mean diagonal of H
 BLOCK = 128  # rows rounded between two lazy updates of the rest (same result, fewer passes over W)
-ACT_ORDER = True  # round the rows in order of decreasing H diagonal (measured: docs/results.md)
+ACT_ORDER = True  # round the rows in order of decreasing H diagonal (measured: docs/lab/w8a8-study.md)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # of the min-max range, tried by --weight-clip mse
 
 
