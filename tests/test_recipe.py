@@ -93,3 +93,36 @@ def test_the_registry_is_explicit_and_complete():
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, kind
         for other in cls.excludes:
             assert other in TECHNIQUES, (kind, other)
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from qexport.cli import main; main()", *args],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def _digests(folder):
+    import hashlib
+
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.suffix in (".onnx", ".bin")
+    }
+
+
+def test_a_dumped_recipe_rebuilds_the_same_files_and_bad_keys_are_one_line(latte_stats, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    first = ["build", str(latte_stats), "--recipe", "w8a8-asq", "--set", "smoothquant.alpha=0.6", "--no-verify"]
+    proc = _cli(*first, "--dump-recipe", str(recipe), "-o", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr
+    proc = _cli("build", str(latte_stats), "--recipe", str(recipe), "--no-verify", "-o", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b") and len(_digests(tmp_path / "a")) >= 2
+    assert load_recipe(str(recipe)).technique("smoothquant").alpha == 0.6
+    for change, key in (("smoothquant.alfa=0.6", "'smoothquant.alfa'"), ("bits.weights=eight", "'bits.weights'"),
+                        ("lowrank.rank=4", "'channel_shift' does not combine with 'lowrank'")):  # fmt: skip
+        proc = _cli("build", str(latte_stats), "--recipe", "w8a8-best", "--set", change, "-o", str(tmp_path / "c"))
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and key in errors[0], proc.stderr
+    assert not (tmp_path / "c").exists()
