@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,8 @@ def _seeds(text: str) -> list[int]:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Static-quantization export of diffusion transformers to ONNX for NPUs."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers is imported; importing it here
+    # would load torch before a command could print its first line
     ctx.obj = {"debug": debug}
 
 
