@@ -114,9 +114,9 @@ def _layers_section(name: str, layers: list[str], table: np.ndarray) -> str:
                "layer and compares its output with FP's. Value projections (to_v) are grey when smoothing, the "
                "channel shift or a head rotation is folded into them: their output is then divided by the next "
                "linear's smoothing vector (shifted, rotated) on purpose, so it cannot be compared with FP's; the "
-               "error they add shows in the attention output row (to_out.0). Cross-attention keys and values read the "
-               "caption embedding, the same at every step, so their rows do not change along the steps. A row that "
-               "darkens towards some steps is where per-step scales matter.")
+               "error they add shows in the row of the attention output linear. Cross-attention keys and values "
+               "read the caption embedding, the same at every step, so their rows do not change along the steps. "
+               "A row that darkens towards some steps is where per-step scales matter.")
         + f"<details><summary>every layer ({len(layers)} rows)</summary><div class='scroll'><table>{head}{cells}"
         "</table></div></details>"
     )  # fmt: skip
