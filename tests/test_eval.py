@@ -58,9 +58,11 @@ def test_eval_measures_every_build_against_fp_and_reports(two_builds, latte_stat
     write_report(tmp_path / "report.html", data, result.first_samples, manifests, load(latte_stats), heat)
     page = (tmp_path / "report.html").read_text()
     # ranges, per-step curves, the heatmap, and FP / build / difference rows for each of the two builds
-    assert page.count("<img src='data:image/png;base64,") == 3 + 2 * 3
-    assert page.count("<img src='data:image/gif;base64,") == 2  # one animation per build
+    assert page.count("src='data:image/png;base64,") == 3 + 2 * 3
+    assert page.count("src='data:image/gif;base64,") == 2  # one animation per build
     assert page.count("NOT VERIFIED") == 2 and "smoothquant" in page  # no verification ran; the recipe
+    assert page.count(f"{s.psnr_db:.2f} ± {s.psnr_se_db:.2f}") == 1  # the plain build's headline PSNR ± s.e.
+    assert page.count("Target</b> ort-cpu") == 2 and "smoothing tsq" in page and "W8A8" in page  # the options
 
 
 def test_eval_refuses_builds_of_different_schedules(two_builds, tmp_path):
