@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.selection import LayerSelection
 from qexport.calib.stats import HIST_BINS
@@ -88,7 +89,8 @@ def test_two_process_gloo_calibration_equals_single_process(smoke_models, single
     out = tmp_path / "dist.qstats"
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS))
-    env = {**os.environ, "QEXPORT_BACKEND": "gloo", "OMP_NUM_THREADS": "2"}
+    # each rank with this process's thread count: the comparison is exact, so only the process split may differ
+    env = {**os.environ, "QEXPORT_BACKEND": "gloo", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     model = f"diffusers:{smoke_models / 'tiny-latte'}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
            "-m", "qexport", "calibrate", "--model", model, "--prompts", str(prompts),

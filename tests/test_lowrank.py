@@ -94,6 +94,21 @@ def _onnx(model: Tiny) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
 
 
+def assert_runs_as_simulated(got: np.ndarray, sim: np.ndarray) -> None:
+    """onnxruntime's output equals the simulation's to float rounding, token by token, but for rounding
+    ties: onnxruntime computes a linear's output with integer GEMMs and torch with float ones, so an
+    activation within an ulp of a midpoint between two integers may round apart at the next layer's
+    input, and where that happens depends on the CPU (measured here: nowhere on these graphs; about 0.25
+    ties expected per run of the 512-token GPTQ graph). One flipped integer moves Tiny's outputs by at
+    most 0.3 LSB of an 8-bit grid over their range at fc2's input and 4.2 LSB at fc1's (bounded through
+    |W1|·|W2|, measured on these plans). So at most two tokens may differ by more than float rounding,
+    and none by more than 5 LSB."""
+    apart = np.abs(got - sim) > 1e-4 * np.abs(sim).max()
+    tokens = int(apart.reshape(-1, got.shape[-1]).any(axis=1).sum())
+    lsb = float(sim.max() - sim.min()) / 255
+    assert tokens <= 2 and np.abs(got - sim).max() <= 5 * lsb, (tokens, np.abs(got - sim).max() / lsb)
+
+
 def _plan_and_graph(rank, w_bits=8):
     torch.manual_seed(0)
     model = Tiny().eval()
@@ -150,7 +165,7 @@ def test_branch_reads_the_dequantized_input_keeps_integer_kernels_and_equals_sim
         fp = model(x).numpy()
         with simulated(model, plan):
             sim = model(x).numpy()
-    assert np.abs(got - sim).max() <= 1e-4 * np.abs(sim).max(), np.abs(got - sim).max()
+    assert_runs_as_simulated(got, sim)
     *_, plain_model, _ = _plan_and_graph(rank=0)
     without = _optimized(plain_model)[0].run(None, {"x": x.numpy()})[0]
     assert np.abs(got - fp).sum() < np.abs(without - fp).sum()  # the branch moves the output towards FP
@@ -162,7 +177,7 @@ def test_w4_branch_runs_as_simulated():
     got = _optimized(onnx_model)[0].run(None, {"x": x.numpy()})[0]
     with torch.no_grad(), simulated(model, plan):
         sim = model(x).numpy()
-    assert np.abs(got - sim).max() <= 1e-4 * np.abs(sim).max()
+    assert_runs_as_simulated(got, sim)
 
 
 def test_rank_out_of_range_is_one_clear_error(tmp_path):
