@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,9 @@ class BuildConfig:
     recipe: Recipe = field(default_factory=Recipe)
     force: bool = False
 
-    @property
+    @cached_property
     def quant(self) -> QuantConfig:
-        """The planning settings the recipe's techniques turn on."""
+        """The planning settings the recipe's techniques turn on (derived once; the recipe is frozen)."""
         settings = self.recipe.settings()
         settings.pop("precompute_kv", None)
         enums = {"smooth": Smooth, "act_observer": Observer, "weight_rounding": Rounding}
