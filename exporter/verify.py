@@ -89,8 +89,11 @@ class RuntimeCheck:
     sqnr_ort_db: float = 0.0
 
     def ok(self, bound: float) -> bool:
-        sim = self.cosine_sim >= COSINE_FLOOR and self.max_lsb_sim <= bound
-        return not self.float_ and sim and self.cosine_ort >= COSINE_FLOOR and self.max_lsb_ort <= bound
+        """Integer kernels and agreement with the simulation, the one reference both runtimes are held
+        to. The difference from onnxruntime is reported, not judged: two runtimes each within `bound` of
+        the simulation may lie up to twice that apart, so a bound of its own would either repeat the
+        simulation check or fail two correct runtimes whose rounding ties fall on opposite sides."""
+        return not self.float_ and self.cosine_sim >= COSINE_FLOOR and self.max_lsb_sim <= bound
 
 
 @dataclass(kw_only=True)
