@@ -27,8 +27,8 @@ from peers import export_fp_model, folder_bytes, ort_quantize, step_feeds, wrap
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
 from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.evaluate import evaluate
 from qexport.passes.plan import Smooth
+from qexport.verification.evaluate import evaluate
 
 from qexport.models import shapes
 from qexport.models.registry import load_model

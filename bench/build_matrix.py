@@ -18,8 +18,8 @@ import torch
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
 from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.evaluate import evaluate
 from qexport.passes.plan import Smooth
+from qexport.verification.evaluate import evaluate
 
 from qexport.models import shapes
 from qexport.models.registry import load_model

@@ -1,1 +1,1 @@
-"""qexport.exporter: torch -> ONNX export, build orchestration, emission, verification (to come)."""
+"""qexport.exporter: torch -> ONNX export, build orchestration, emission."""

@@ -14,7 +14,7 @@ from qexport.exporter.fp_export import stamp
 
 from qexport.models.adapter import ModelAdapter
 from qexport.models.conditioning import CaptionConditioner, LabelConditioner
-from qexport.models.tokenizer import MAX_TOKENS, VOCAB
+from qexport.tokenizer import MAX_TOKENS, VOCAB
 
 ENCODER_FILE = "text_encoder.onnx"
 

@@ -347,10 +347,10 @@ def _verify_and_report(
     threads: int | None = None,
 ) -> None:
     from qexport.exporter.manifest import write_manifest
-    from qexport.exporter.verify import verify as run_verify
     from qexport.models.fp_eval import default_prompts
     from qexport.summaries import verification_table
     from qexport.targets.profile import get_profile
+    from qexport.verification.verify import verify as run_verify
 
     if prompt is None:
         prompt = default_prompts(adapter)[0]  # type: ignore[arg-type]
@@ -496,8 +496,8 @@ def eval_(
         prompts = _prompts(prompts_file, labels)
     printer.say(f"evaluating {len(folders)} build(s) on {len(prompts)} prompt(s) x {len(seed_list)} seed(s)")
     set_threads(threads)
-    from qexport.exporter.evaluate import evaluate, write_json
     from qexport.summaries import eval_table
+    from qexport.verification.evaluate import evaluate, write_json
 
     result = evaluate(list(folders), prompts, seed_list, progress=printer, threads=threads)
     printer.close()
@@ -513,7 +513,7 @@ def eval_(
 @click.option("--threads", type=int, help="CPU threads of onnxruntime and torch (default: their own choice).")
 def demo(output: Path, force: bool, threads: int | None) -> None:
     """The whole path on the built-in tiny-latte: calibrate, build, verify, eval, report."""
-    from qexport.exporter.demo import demo as run_demo
+    from qexport.demo import demo as run_demo
     from qexport.summaries import eval_table, verification_table
 
     start = time.perf_counter()
@@ -562,10 +562,10 @@ def sweep(
 ) -> None:
     """Build and evaluate a grid (methods x bits x ranges); writes the paper's table shapes."""
     from qexport.calib.store import load
-    from qexport.exporter.evaluate import write_json
-    from qexport.exporter.sweep import grid, paper_tables
-    from qexport.exporter.sweep import sweep as run_sweep
     from qexport.models import shapes
+    from qexport.sweep import grid, paper_tables
+    from qexport.sweep import sweep as run_sweep
+    from qexport.verification.evaluate import write_json
 
     cells = grid([m for m in methods.split(",") if m], [b for b in bits.split(",") if b],
                  [int(r) for r in ranges.split(",") if r.strip()])  # fmt: skip

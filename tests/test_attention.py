@@ -13,9 +13,9 @@ import pytest
 import torch
 from qexport.exporter.attention import ExportOrderAttention, attention_modules, attention_processors
 from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.verify import verify
 from qexport.passes.attention import find_attention
 from qexport.targets.profile import ORT_CPU
+from qexport.verification.verify import verify
 
 from qexport.errors import QexportError
 from qexport.models.registry import load_model

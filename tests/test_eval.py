@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from qexport.calib.store import load
 from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.evaluate import evaluate, layer_step_sqnr, write_json
-from qexport.exporter.report import write_report
+from qexport.verification.evaluate import evaluate, layer_step_sqnr, write_json
+from qexport.verification.report import write_report
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -79,7 +79,7 @@ def test_eval_refuses_builds_of_different_schedules(two_builds, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_builds_the_grid_and_writes_paper_tables(latte_stats, tmp_path):
-    from qexport.exporter.sweep import grid, paper_tables, sweep
+    from qexport.sweep import grid, paper_tables, sweep
 
     cells = grid(["CW+TW", "+TSQ+TSW"], ["W8A8", "W4A8"], None)
     result, folders = sweep(latte_stats, cells, tmp_path, ["a red circle moving left"], [0])

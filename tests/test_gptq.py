@@ -215,7 +215,7 @@ def test_gptq_build_needs_recorded_prompts(bare_stats, tmp_path):
 @pytest.mark.slow
 def test_tiny_latte_gptq_tsw_shares_weights_verifies_and_replans(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build, replan
-    from qexport.exporter.verify import verify
+    from qexport.verification.verify import verify
 
     result = build(latte_stats, tmp_path / "gptq", BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "gptq=on")))
     nearest = build(latte_stats, tmp_path / "near", BuildConfig(recipe=recipe_of("smoothquant.mode=asq")))

@@ -196,7 +196,7 @@ def test_rank_out_of_range_is_one_clear_error(tmp_path):
 @pytest.mark.slow
 def test_tiny_latte_lowrank_build_fuses_verifies_and_replans(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build, replan
-    from qexport.exporter.verify import verify
+    from qexport.verification.verify import verify
 
     config = BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "lowrank.rank=4", "granularity.time_ranges=1"))
     result = build(latte_stats, tmp_path / "lr", config)

@@ -91,8 +91,8 @@ def test_rotation_pass_is_exact_in_fp() -> None:
 @pytest.mark.slow
 def test_tiny_latte_online_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build, replan
-    from qexport.exporter.verify import verify
     from qexport.targets.profile import ORT_CPU
+    from qexport.verification.verify import verify
 
     recipe = recipe_of("smoothquant.mode=asq", "online_rotation.choice=all", "granularity.time_ranges=1")
     result = build(latte_stats, tmp_path / "online", BuildConfig(recipe=recipe))

@@ -11,9 +11,9 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
-from qexport.exporter import report_plots as plots
-from qexport.exporter.report import CONTENT_PX, role_table, write_report
-from qexport.exporter.report_summary import mean_se
+from qexport.verification import report_plots as plots
+from qexport.verification.report import CONTENT_PX, role_table, write_report
+from qexport.verification.report_summary import mean_se
 
 STEPS = 4
 NARROW_CONTENT_PX = 900 - 2 * 20 - 17  # the content column at a 900 px viewport, less a classic scrollbar

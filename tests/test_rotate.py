@@ -96,8 +96,8 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
 @pytest.mark.slow
 def test_tiny_latte_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build, replan
-    from qexport.exporter.verify import verify
     from qexport.targets.profile import ORT_CPU
+    from qexport.verification.verify import verify
 
     config = BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "head_rotation=on", "granularity.time_ranges=1"))
     result = build(latte_stats, tmp_path / "rot", config)

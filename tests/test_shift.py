@@ -103,8 +103,8 @@ def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
 @pytest.mark.slow
 def test_per_step_shift_build_verifies_shares_weights_and_replans(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build, replan
-    from qexport.exporter.verify import verify
     from qexport.targets.profile import ORT_CPU
+    from qexport.verification.verify import verify
 
     from qexport.summaries import build_lines
 

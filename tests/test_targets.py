@@ -162,7 +162,7 @@ def _reference(model, plan, x):
 
 @pytest.mark.parametrize("name", list(PROFILES))
 def test_onnxruntime_runs_the_tiny_build_on_integer_kernels_where_it_has_them(name, tmp_path):
-    from qexport.exporter.verify import expected_integer, kernel_report
+    from qexport.verification.verify import expected_integer, kernel_report
 
     target = get_profile(name)
     model, plan = tiny_build(target)
@@ -182,7 +182,7 @@ def test_onnxruntime_runs_the_tiny_build_on_integer_kernels_where_it_has_them(na
 
 def test_openvino_runs_the_tiny_build_in_low_precision_and_agrees_with_onnxruntime(tmp_path):
     pytest.importorskip("openvino")
-    from qexport.exporter.openvino_run import run_openvino
+    from qexport.verification.openvino_run import run_openvino
 
     for name in ("openvino", "ryzen-ai"):
         target = get_profile(name)
@@ -254,7 +254,7 @@ def test_targets_cli_lists_and_shows_profiles():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(PROFILES))
 def test_tiny_latte_w8a8_tsw_build_verifies_for_every_target(latte_stats, tmp_path, name):
-    from qexport.exporter.verify import verify
+    from qexport.verification.verify import verify
 
     target = get_profile(name)
     result = build(
@@ -285,7 +285,7 @@ def test_tiny_latte_w8a8_tsw_build_verifies_for_every_target(latte_stats, tmp_pa
 def test_second_runtime_is_judged_against_the_simulation_not_against_onnxruntime():
     """Two runtimes each within the bound of the simulation may be up to twice the bound apart (the
     measured tiny-latte case: 8.87 and 5.54 LSB from the simulation, 12.90 apart, bound 12.18)."""
-    from qexport.exporter.verify import RuntimeCheck
+    from qexport.verification.verify import RuntimeCheck
 
     apart = RuntimeCheck(runtime="openvino", integer=64, cosine_sim=0.99996, max_lsb_sim=5.54,
                          cosine_ort=0.99996, max_lsb_ort=12.90)  # fmt: skip

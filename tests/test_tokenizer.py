@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from qexport.errors import QexportError
-from qexport.models.tokenizer import MAX_TOKENS, VOCAB, tokenize
+from qexport.models.shapes import COLOURS, DIRECTIONS, SHAPES
+from qexport.tokenizer import MAX_TOKENS, PAD, VOCAB, tokenize
+
+
+def test_vocabulary_matches_the_shapes_data():
+    # the tokenizer spells the words out (the runtime may not import qexport.models); token ids
+    # depend on their order, which must stay the data's
+    assert (PAD, "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS) == VOCAB
 
 
 def test_tokenize_pads_and_maps_words():

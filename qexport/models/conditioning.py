@@ -11,7 +11,7 @@ import torch
 
 from qexport.errors import QexportError
 from qexport.models.text_encoder import CaptionEncoder
-from qexport.models.tokenizer import tokenize
+from qexport.tokenizer import tokenize
 
 
 class Conditioner(Protocol):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qexport.models.tokenizer import MAX_TOKENS, VOCAB
+from qexport.tokenizer import MAX_TOKENS, VOCAB
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -27,7 +27,7 @@ from qexport import __version__
 from qexport.models import architectures, shapes
 from qexport.models.adapter import SCHEDULER_CONFIG, Denoiser
 from qexport.models.text_encoder import CaptionEncoder, CaptionEncoderConfig
-from qexport.models.tokenizer import tokenize
+from qexport.tokenizer import tokenize
 
 log = logging.getLogger("qexport.train")
 

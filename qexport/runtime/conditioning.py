@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qexport.errors import QexportError
-from qexport.models.tokenizer import tokenize
+from qexport.tokenizer import tokenize
 
 
 class Conditioning:

@@ -18,13 +18,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from qexport.exporter.emitted import expand_kv, shared_input_layers
-from qexport.exporter.openvino_run import run_openvino
 from qexport.exporter.simulate import simulated
 from qexport.passes.attention import AttentionPlan
 from qexport.passes.plan import RangePlan
 from qexport.targets.catalog import RUNTIMES
 from qexport.targets.profile import TargetProfile
+from qexport.verification.emitted import expand_kv, shared_input_layers
+from qexport.verification.openvino_run import run_openvino
 
 from qexport.errors import QexportError
 from qexport.metrics import cosine, psnr_db, sqnr_db, ssim

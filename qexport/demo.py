@@ -11,18 +11,17 @@ from typing import Any
 
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
-from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.evaluate import evaluate, layer_step_sqnr, write_json
-from qexport.exporter.manifest import write_manifest
-from qexport.exporter.report import write_report
-from qexport.exporter.verify import verify
-from qexport.targets.profile import get_profile
-
 from qexport.errors import QexportError
+from qexport.exporter.build import BuildConfig, build
+from qexport.exporter.manifest import write_manifest
 from qexport.models import shapes
 from qexport.models.registry import load_model
 from qexport.progress import Progress, Units
 from qexport.recipe import load_recipe
+from qexport.targets.profile import get_profile
+from qexport.verification.evaluate import evaluate, layer_step_sqnr, write_json
+from qexport.verification.report import write_report
+from qexport.verification.verify import verify
 
 RECIPE = "w8a8-tsq-tsw"  # W8A8 TSQ + TSW
 CALIB_PROMPTS = 4

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qexport.exporter.emitted import matmul_outputs
+from qexport.verification.emitted import matmul_outputs
 
 from qexport.errors import QexportError
 

@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qexport.exporter.build import BuildConfig, build
-from qexport.exporter.evaluate import EvalResult, evaluate
-from qexport.passes.plan import Smooth
-
 from qexport.errors import QexportError
+from qexport.exporter.build import BuildConfig, build
+from qexport.passes.plan import Smooth
 from qexport.progress import Progress, report
 from qexport.recipe import Recipe, with_settings
+from qexport.verification.evaluate import EvalResult, evaluate
 
 # method -> (smoothing, timestep-wise); "ranges" replaces timestep-wise when given
 METHODS: dict[str, tuple[Smooth, bool]] = {

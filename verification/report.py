@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 from qexport.calib.store import QStats
-from qexport.exporter import report_plots as plots
-from qexport.exporter import report_summary as summary
+from qexport.verification import report_plots as plots
+from qexport.verification import report_summary as summary
 
 from qexport.media import atomic_write
 
@@ -194,7 +194,7 @@ def write_report(
 
     Args:
         path: where report.html goes.
-        result: an evaluation's JSON (exporter.evaluate.EvalResult.to_json()).
+        result: an evaluation's JSON (verification.evaluate.EvalResult.to_json()).
         samples: "FP" and each build -> the first sample's pixels ([F, H, W, 3] or [H, W, 3], uint8).
         manifests: each build -> its manifest.json (target, quantization, recipe, verification).
         stats: the calibration, for the activation-range plot (left out when None).

@@ -1,14 +1,21 @@
-"""Word-level caption tokenizer for the moving-shapes vocabulary (numpy only)."""
+"""Word-level caption tokenizer for the moving-shapes vocabulary (numpy only).
+
+Shared by the models (training, the caption encoder) and the edge runtime, so it imports nothing
+from qexport.models: the vocabulary spells out qexport.models.shapes' colours, shapes and
+directions in their order (token ids; tests/test_tokenizer.py checks that the two agree).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from qexport.errors import QexportError
-from qexport.models.shapes import COLOURS, DIRECTIONS, SHAPES
 
 PAD = "<pad>"
-VOCAB: tuple[str, ...] = (PAD, "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
+COLOUR_WORDS: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
+SHAPE_WORDS: tuple[str, ...] = ("circle", "square", "triangle")
+DIRECTION_WORDS: tuple[str, ...] = ("left", "right", "up", "down")
+VOCAB: tuple[str, ...] = (PAD, "a", "moving", *COLOUR_WORDS, *SHAPE_WORDS, *DIRECTION_WORDS)
 MAX_TOKENS = 8
 
 
