@@ -19,8 +19,8 @@ import numpy as np
 from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.search import ALPHAS, final_score
 from qexport.passes.analyze import Group
-from qexport.passes.plan import RangePlan, relative_error
-from qexport.passes.quant import dequantize, quantize
+from qexport.passes.plan import RangePlan
+from qexport.passes.quant import dequantize, quantize, relative_error
 
 from qexport.progress import Progress, report
 

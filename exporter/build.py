@@ -31,13 +31,15 @@ from qexport.exporter.mixed import Allocation, choose_bits, raised
 from qexport.exporter.replay import CalibrationReplay, replay_count
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import Group, find_groups
-from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.gptq import Memo, Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
-from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range, smoothing_steps
+from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range
+from qexport.passes.rewrite import PassConfig
+from qexport.passes.smoothing import smoothing_steps
 from qexport.passes.specialise import copy_graph
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile, get_profile
@@ -70,7 +72,9 @@ class BuildConfig:
         enums = {"smooth": Smooth, "act_observer": Observer, "weight_rounding": Rounding}
         settings = {k: enums[k](v) if k in enums else v for k, v in settings.items()}
         bits, replay = self.recipe.bits, self.recipe.replay.prompts
-        return QuantConfig(w_bits=bits.weights, a_bits=bits.activations, replay_prompts=replay, **settings)
+        techniques = {t.kind: t for t in self.recipe.techniques}
+        return QuantConfig(w_bits=bits.weights, a_bits=bits.activations, replay_prompts=replay, techniques=techniques,
+                           **settings)  # fmt: skip
 
     @property
     def ranges(self) -> int | None:

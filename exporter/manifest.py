@@ -12,6 +12,7 @@ from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
 from qexport.exporter.mixed import mixed_manifest, raised
 from qexport.passes.attention import OPERANDS
 from qexport.passes.plan import Smooth
+from qexport.passes.techniques import ORDER
 from qexport.targets.profile import TargetProfile
 
 from qexport import __version__
@@ -94,7 +95,6 @@ def make_manifest(
             **({"asq_stat": q.asq_stat} if q.smooth == Smooth.ASQ else {}),
             "weight_clip": q.weight_clip,
             **({"smooth_ranges": q.smooth_ranges} if q.smooth_ranges else {}),
-            "channel_shift": {"on": q.channel_shift, "folds": dict(sorted(ranges[0].plan.shift_folds.items()))},
             "weight_rounding": q.weight_rounding.value,
             "act_observer": str(q.act_observer),
             "alpha": "auto" if q.alpha_auto else "layer" if q.alpha_layer else q.alpha,
@@ -124,6 +124,7 @@ def make_manifest(
                 "linear_macs_per_call": ranges[0].lowrank.linear_macs,
                 "bytes_per_model": ranges[0].lowrank.bytes,
             },
+            **{k: v for t in ORDER for k, v in t.record(q, [r.plan for r in ranges]).items()},
         },
         "target": target.name,
         "calibration": {k: stats.header[k] for k in ("prompts_hash", "prompts", "seeds", "samples", "config_hash")},

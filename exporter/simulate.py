@@ -47,7 +47,7 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
                 m.bias.data = torch.from_numpy(lp.bias.reshape(-1).copy()).to(on)
             divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32")).to(on)
             rot = None if lp.rotation is None else torch.from_numpy(lp.rotation.astype("float32")).to(on)
-            shift = None if lp.shift is None else torch.from_numpy(lp.shift).to(on)
+            shift = None if lp.subtract is None else torch.from_numpy(lp.subtract).to(on)
 
             def hook(
                 module: nn.Module,

@@ -5,58 +5,20 @@ QuantizeLinear -> DequantizeLinear in front of them. Leaves the linears to passe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnx_graphsurgeon as gs
 from qexport.passes.graph import consumers, node_named, producers
 from qexport.passes.quant import Grid, qparams
+from qexport.passes.rangeplan import ActQuant, AttentionPlan
+from qexport.passes.rewrite import AttentionSite, PassConfig
+from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
-
-if TYPE_CHECKING:
-    from qexport.passes.apply import PassConfig
-    from qexport.targets.profile import TargetProfile
 
 OPERANDS = ("query", "key", "probs", "value")  # QK^T reads query (scaled) and key^T (scaled); PV reads probs, value
 PROBS_RANGE = (0.0, 1.0)  # the softmax output, by construction
 _BEFORE_SOFTMAX = ("Add", "Where", "Cast")  # a mask between QK^T and Softmax (Add; Where for boolean masks)
 _AFTER_SOFTMAX = ("Where", "Cast", "Dropout")  # NaN guard of boolean masks, casts
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttentionSite:
-    """One attention module's MatMuls in the graph (node names)."""
-
-    module: str
-    qk: str
-    softmax: str
-    pv: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class ActQuant:
-    """A per-tensor activation quantizer and the range it was made from."""
-
-    scale: np.ndarray  # scalar float32
-    zero: np.ndarray  # scalar, storage dtype
-    grid: Grid
-    lo: float
-    hi: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttentionPlan:
-    """The quantizers of one attention module's matmul operands."""
-
-    query: ActQuant
-    key: ActQuant
-    probs: ActQuant
-    value: ActQuant
-
-    def operand(self, name: str) -> ActQuant:
-        return getattr(self, name)
 
 
 def _data(t: gs.Tensor) -> bool:

@@ -48,3 +48,8 @@ def write_bias(graph: gs.Graph, matmul_name: str, bias: np.ndarray, cons: dict[s
         return False
     found[1].values = np.asarray(bias, dtype=np.float32).reshape(np.asarray(found[1].values).shape)
     return True
+
+
+def const(name: str, values: np.ndarray) -> gs.Constant:
+    """A named constant holding a C-contiguous copy (np.ascontiguousarray would make scalars 1-D)."""
+    return gs.Constant(name, np.require(values, requirements="C"))

@@ -4,7 +4,7 @@ Per quantized linear with final weight W (W^T [in, out], smoothed) and quantized
 A [in, r], B [r, out] so that x·Q(W) + (x·A)·B ≈ x·W for the inputs the layer sees. E = W − Q(W)
 is weighted by d, the per-input-channel magnitude of the layer's (smoothed) input X/s, and
 diag(d)·E = U Σ Vᵀ; then A = diag(1/d)·U_r·Σ_r = E·V_r and B = V_rᵀ (the second form needs no
-division, so silent channels, d_j = 0, are harmless). The graph pass is ``apply.insert_lowrank``.
+division, so silent channels, d_j = 0, are harmless). The graph pass is ``techniques.lowrank.insert_lowrank``.
 """
 
 from __future__ import annotations

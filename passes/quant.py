@@ -99,3 +99,14 @@ def mse_clipped_qparams(w: np.ndarray, grid: Grid, pow2: bool = False) -> tuple[
         best_scale = np.where(better, scale, best_scale)
         best_zero = np.where(better, zero, best_zero)
     return best_scale.astype(np.float32), best_zero.astype(zero.dtype)
+
+
+def relative_error(x: np.ndarray, xq: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Σ‖xq·wq − x·w‖² / Σ‖x·w‖² over a group's (FP weight, dequantized weight) pairs: the relative
+    output error of linears that read one input, x in FP and xq as quantized."""
+    err = ref = 0.0
+    for w, wq in pairs:
+        y = x @ w
+        err += float(np.square(xq @ wq - y).sum())
+        ref += float(np.square(y).sum())
+    return err / max(ref, 1e-30)

@@ -56,3 +56,14 @@ def head_rotation(channels: int, head_dim: int) -> np.ndarray:
     if head_dim <= 0 or channels % head_dim:
         raise QexportError(f"cannot rotate {channels} channels in heads of {head_dim}")
     return np.kron(np.eye(channels // head_dim), hadamard(head_dim))
+
+
+def rotated_range(
+    values: np.ndarray, rot: np.ndarray, lo: float, hi: float
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Range, per-channel magnitude and samples of X·R, from replayed samples X of the unrotated
+    input: the samples' rotated extremes, widened by how much wider the statistics' range of X is
+    than the samples' (the replay sees fewer prompts than the calibration)."""
+    rotated = values @ rot
+    widen = max(1.0, max(hi, -lo) / max(float(np.abs(values).max()), 1e-12))
+    return widen * float(rotated.min()), widen * float(rotated.max()), np.abs(rotated).max(axis=0), rotated

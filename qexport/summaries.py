@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from qexport.metrics import standard_error
+from qexport.passes.techniques import ORDER
 
 
 def verification_table(v: dict[str, Any]) -> list[str]:
@@ -183,14 +184,6 @@ def _kv(manifest: dict[str, Any]) -> list[str]:
     ]
 
 
-def _shift(q: dict[str, Any]) -> list[str]:
-    shift = q.get("channel_shift", {})
-    if not shift.get("on"):
-        return []
-    folds = ", ".join(f"{k} {v}" for k, v in shift["folds"].items()) or "none (no group has the biases it needs)"
-    return [f"  shift      channel shift per range, groups: {folds} (restored by per-range biases; weights unchanged)"]
-
-
 def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[str]:
     q, f = manifest["quantization"], manifest["files"]
     folds = ", ".join(f"{k} {v}" for k, v in sorted(q["folds"].items())) or "no smoothing"
@@ -210,7 +203,7 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
             if q.get("replay_prompts")
             else []
         ),
-        *_shift(q),
+        *(line for t in ORDER for line in t.describe(q)),
         *_lowrank(q),
         *_mixed(q),
         *_rotation(q),

@@ -14,9 +14,10 @@ from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
 from qexport.exporter.build import BuildConfig, build, range_inputs
 from qexport.exporter.fp_export import StepGraphs, export_fp, load_graph, prepare
-from qexport.passes.apply import PassConfig, fold_smoothing
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
+from qexport.passes.rewrite import PassConfig
 from qexport.passes.sink import sink_smoothing
+from qexport.passes.techniques.smoothquant import fold_smoothing
 from qexport.targets.profile import ORT_CPU
 from qexport.verification.verify import verify
 

@@ -12,11 +12,12 @@ from qexport.calib.collect import Collector
 from qexport.exporter.fp_export import stamp
 from qexport.exporter.simulate import simulated
 from qexport.passes.analyze import find_groups
-from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.gptq import Memo, Rounding, gptq_quantize, input_hessian, output_clipped_qparams
 from qexport.passes.lowrank import lowrank_factors
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, quantize
+from qexport.passes.rewrite import PassConfig
 from qexport.targets.profile import ORT_CPU
 from test_lowrank import Tiny, _onnx, assert_runs_as_simulated
 
@@ -186,7 +187,7 @@ def test_tiny_graph_with_gptq_weights_runs_as_simulated_and_nearer_fp(w_bits):
 
 
 def test_gptq_plan_without_grams_is_one_clear_error():
-    with pytest.raises(QexportError, match="--weight-rounding gptq has no input Gram matrix of fc1"):
+    with pytest.raises(QexportError, match="gptq has no input Gram matrix of fc1"):
         _tiny_plan(Rounding.GPTQ, with_grams=False)
 
 

@@ -19,11 +19,12 @@ from qexport.calib.collect import Collector
 from qexport.exporter.fp_export import stamp
 from qexport.exporter.simulate import simulated
 from qexport.passes.analyze import find_groups
-from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.graph import producers
 from qexport.passes.lowrank import branch_cost, lowrank_factors
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import Grid, dequantize, qparams, quantize
+from qexport.passes.rewrite import PassConfig
 from qexport.targets.profile import ORT_CPU
 from torch import nn
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-from qexport.passes.plan import QuantConfig, Smooth, choose_online
+from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.quant import Grid
 from qexport.passes.rotate import hadamard
+from qexport.passes.techniques.online_rotation import choose_online
 from qexport.targets.profile import get_profile
 
 from qexport.errors import QexportError
@@ -66,8 +67,9 @@ def test_rotation_pass_is_exact_in_fp() -> None:
     import onnx
     import onnxruntime as ort
     from qexport.passes.analyze import Group
-    from qexport.passes.apply import PassConfig, insert_online_rotation
     from qexport.passes.plan import RangePlan
+    from qexport.passes.rewrite import PassConfig
+    from qexport.passes.techniques.online_rotation import insert_online_rotation
 
     x = gs.Variable("x", dtype=np.float32, shape=(2, 7, 128))
     w = gs.Constant("w", np.random.default_rng(1).normal(size=(128, 32)).astype(np.float32))

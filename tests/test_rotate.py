@@ -4,8 +4,8 @@ attention is exact per head (and would not be across heads), and it spreads an o
 import numpy as np
 import pytest
 from qexport.passes.analyze import Group
-from qexport.passes.plan import _fold_rotation, _rotated_range
-from qexport.passes.rotate import hadamard, head_rotation
+from qexport.passes.rotate import hadamard, head_rotation, rotated_range
+from qexport.passes.techniques.head_rotation import fold_head_rotation
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -49,18 +49,18 @@ def test_fold_is_exact_per_head_and_spreads_outliers():
     ref, o = _attention(x, ctx, w, b)
     group = Group(tensor="o_in", layers=("o",), channels=C, fold="value", value_layer="v")
     final_w, final_b = dict(w), dict(b)
-    rot = _fold_rotation(group, {"o": DH}, final_w, final_b, set())
+    rot = fold_head_rotation(group, {"o": DH}, final_w, final_b, set())
     got, o_rot = _attention(x, ctx, final_w, final_b)
     assert np.abs(got - ref).max() < 1e-10, "the per-head rotation must leave the function unchanged"
     assert np.allclose(o_rot, o @ rot)  # the output linear now reads O·R
     assert np.abs(o_rot).max() < 0.5 * np.abs(o).max()  # the loud channel is spread over its head
     across = dict(w, v=w["v"] @ hadamard(C), o=hadamard(C).T @ w["o"])  # one block across heads
     assert np.abs(_attention(x, ctx, across, dict(b, v=b["v"] @ hadamard(C)))[0] - ref).max() > 1e-3
-    _, hi, magnitude, rotated = _rotated_range(o, rot, lo=2 * o.min(), hi=2 * o.max())
+    _, hi, magnitude, rotated = rotated_range(o, rot, lo=2 * o.min(), hi=2 * o.max())
     assert np.allclose(rotated, o @ rot) and magnitude.shape == (C,)
     assert hi == pytest.approx(2 * max(o.max(), -o.min()) / np.abs(o).max() * (o @ rot).max())
     with pytest.raises(QexportError, match="head size of o"):
-        _fold_rotation(group, {}, dict(w), dict(b), set())
+        fold_head_rotation(group, {}, dict(w), dict(b), set())
 
 
 @pytest.mark.slow
@@ -70,8 +70,10 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     import onnxruntime as ort
     from qexport.exporter.build import head_dims, range_inputs
     from qexport.exporter.fp_export import StepGraphs, load_graph
-    from qexport.passes.apply import PassConfig, fold_rotation, fold_smoothing
     from qexport.passes.plan import QuantConfig, Smooth, plan_range
+    from qexport.passes.rewrite import PassConfig
+    from qexport.passes.techniques.head_rotation import fold_rotation
+    from qexport.passes.techniques.smoothquant import fold_smoothing
     from qexport.targets.profile import ORT_CPU
 
     adapter, stats, fp, feeds = latte_fp

@@ -7,7 +7,7 @@ import pytest
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.plan import QuantConfig, Smooth
-from qexport.passes.shift import can_shift, channel_shift, shift_fold, shifted_range
+from qexport.passes.techniques.shift import ChannelShift, can_shift, channel_shift, shift_fold, shifted_range, shifts_of
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -35,7 +35,7 @@ def test_midpoints_centre_every_channel_and_narrow_the_tensor_range():
 
 
 def test_asq_range_statistic_is_the_running_average_of_half_widths():
-    from qexport.passes.plan import _act_stat, running_average
+    from qexport.passes.smoothing import act_stat, running_average
 
     lo = np.array([[-1.0, 0.0], [-3.0, 2.0], [np.inf, np.inf]], dtype=np.float32)  # step 2: no samples
     hi = np.array([[1.0, 4.0], [1.0, 3.0], [-np.inf, -np.inf]], dtype=np.float32)
@@ -43,8 +43,8 @@ def test_asq_range_statistic_is_the_running_average_of_half_widths():
     half = np.array([[1.0, 2.0], [2.0, 0.5]])
     ema = (0.95 * 0.05 * half[0] + 0.05 * half[1]) / (1 - 0.95**2)  # zero-initialised, bias-corrected
     assert np.allclose(running_average((hi - lo).astype(np.float64) / 2), ema)
-    assert np.allclose(_act_stat(st, [0, 1], Smooth.ASQ, "range"), ema)
-    assert not np.allclose(_act_stat(st, [0, 1], Smooth.ASQ, "range"), half.mean(0))  # later steps weigh more
+    assert np.allclose(act_stat(st, [0, 1], Smooth.ASQ, "range"), ema)
+    assert not np.allclose(act_stat(st, [0, 1], Smooth.ASQ, "range"), half.mean(0))  # later steps weigh more
 
 
 def test_groups_without_the_restoring_bias_are_not_shifted():
@@ -73,9 +73,10 @@ def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     import onnxruntime as ort
     from qexport.exporter.build import range_inputs
     from qexport.exporter.fp_export import StepGraphs, load_graph
-    from qexport.passes.apply import PassConfig, fold_smoothing
     from qexport.passes.plan import plan_range
-    from qexport.passes.shift import insert_shift
+    from qexport.passes.rewrite import PassConfig
+    from qexport.passes.techniques.shift import insert_shift
+    from qexport.passes.techniques.smoothquant import fold_smoothing
     from qexport.targets.profile import ORT_CPU
 
     adapter, stats, fp, feeds = latte_fp
@@ -83,7 +84,7 @@ def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     for shift in (False, True):  # the same plan with and without the shift, weights = dequantized integers
         graph = StepGraphs(load_graph(fp)).at(749)
         nodes, groups, weights, biases = range_inputs(graph, fp.bindings, adapter)
-        config = QuantConfig(smooth=Smooth(smooth), channel_shift=shift)
+        config = QuantConfig(smooth=Smooth(smooth), techniques={"channel_shift": ChannelShift()} if shift else {})
         plan = plan_range([1], groups, stats.layers, weights, biases, config, ORT_CPU)
         pc = PassConfig(plan=plan, groups=groups, nodes=nodes)
         graph = insert_shift(fold_smoothing(graph, pc, ORT_CPU), pc, ORT_CPU)
@@ -93,7 +94,7 @@ def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         outputs.append((plan, session.run(None, feeds)[0]))
     (plain, ref), (shifted, got) = outputs
-    assert shifted.shift_folds == {"explicit": 13, "modulation": 16, "value": 12}
+    assert shifts_of(shifted).folds == {"explicit": 13, "modulation": 16, "value": 12}
     assert all(np.array_equal(shifted.layers[n].w_q, lp.w_q) for n, lp in plain.layers.items())  # weights kept
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(got - ref).max()
     narrower = [float(shifted.layers[n].a_scale) <= float(lp.a_scale) * (1 + 1e-6) for n, lp in plain.layers.items()]
@@ -117,7 +118,7 @@ def test_per_step_shift_build_verifies_shares_weights_and_replans(latte_stats, t
     plans = [r.plan for r in result.ranges]
     first, last = plans[0], plans[-1]
     assert all(np.array_equal(first.layers[n].w_q, lp.w_q) for n, lp in last.layers.items())  # shared weights
-    assert any(not np.allclose(first.shifts[t], z) for t, z in last.shifts.items())  # z differs per step
+    assert any(not np.allclose(shifts_of(first).z[t], z) for t, z in shifts_of(last).z.items())  # z differs per step
     files = result.manifest["files"]
     assert files["weights_bytes"] < 0.5 * files["weights_bytes_without_sharing"]
     v = verify(result.folder, result.adapter, plans, result.manifest, ORT_CPU, "a red circle moving left")
@@ -130,7 +131,7 @@ def test_per_step_shift_build_verifies_shares_weights_and_replans(latte_stats, t
 
 
 def test_smooth_ranges_are_checked():
-    from qexport.passes.plan import smoothing_steps
+    from qexport.passes.smoothing import smoothing_steps
 
     assert (
         smoothing_steps([3], 4, 0) == [3]

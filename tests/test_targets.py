@@ -18,9 +18,10 @@ from qexport.exporter.build import BuildConfig, build, check_legality
 from qexport.exporter.emit import layer_ids, write_models
 from qexport.exporter.fp_export import stamp
 from qexport.passes.analyze import find_groups
-from qexport.passes.apply import PassConfig, pack_low_bit, run_passes
+from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.plan import QuantConfig, plan_range
 from qexport.passes.quant import STORAGE
+from qexport.passes.rewrite import PassConfig
 from qexport.targets.catalog import PROFILES, RUNTIMES
 from qexport.targets.legality import check_model
 from qexport.targets.profile import get_profile

@@ -153,19 +153,16 @@ def layer_step_sqnr(
         finally:
             for h in hooks:
                 h.remove()
-        folded = _folded_values(adapter, plans[step["range"]], layers)
+        folded = _folded_values(plans[step["range"]], layers)
         for i, name in enumerate(layers):
             fp, q = captured[name]
             table[i, k] = np.nan if name in folded else sqnr_db(fp, q)
     return layers, table
 
 
-def _folded_values(adapter: ModelAdapter, plan: Any, layers: list[str]) -> set[str]:
+def _folded_values(plan: Any, layers: list[str]) -> set[str]:
     """The value projections a range's plan folds the next linear's transform into."""
-    if not (plan.folds.get("value") or plan.shift_folds.get("value") or plan.rotations):
-        return set()
-    names = adapter.family.attention
-    return {v for layer in layers if (v := names.value_of(layer)) is not None and v in layers}
+    return set(plan.value_folds) & set(layers)
 
 
 def _judge_scores(report: Any) -> Scores:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from qexport.passes.techniques.base import Technique
+from qexport.passes.attention import quantize_attention
+from qexport.passes.techniques.base import GraphPass, Technique
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionQuant(Technique):
     kind = "attention"
     summary = "quantize Q, K, V and the softmax output; ranges from replayed prompts"
+    rewrites: ClassVar[Mapping[str, GraphPass]] = {"operands": quantize_attention}
 
     def replays(self) -> bool:
         return True

@@ -1,12 +1,32 @@
-"""What every technique config shares: its recipe name, whether it replays calibration prompts,
-the checks it makes against the rest of the recipe, and the build settings it turns on."""
+"""What every technique shares: its recipe name, whether it replays calibration prompts, the
+checks it makes against the rest of the recipe, the build settings it turns on, and its steps.
+
+Steps run for every registered technique, in the registry's order, and act only where the
+build's settings (a QuantConfig: the technique's own config under ``config.techniques``, or the
+settings it turned on) ask for it:
+
+- ``plan_fold(step)``: per input-sharing group, before the quantizer's range is taken (smoothing);
+- ``plan_group(step)``: per group, refining what the quantizer sees (shifts, rotations, observers);
+- ``plan_layer(step)``: per linear, after its weight is quantized (restoring biases, branches);
+- ``rewrites``: graph passes by stage (passes.apply.STAGES), each ``(graph, PassConfig, target)``;
+- ``record(config, plans)``: the technique's entries in the manifest's quantization record;
+- ``describe(quantization)``: its lines in the build summary, from that record.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import onnx_graphsurgeon as gs
+from qexport.passes.rangeplan import GroupStep, LayerStep, QuantConfig, RangePlan
+from qexport.passes.rewrite import PassConfig
+from qexport.targets.profile import TargetProfile
+
 from qexport.errors import QexportError
+
+GraphPass = Callable[[gs.Graph, PassConfig, TargetProfile], gs.Graph]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,3 +60,27 @@ class Technique:
     def settings(self) -> dict[str, Any]:
         """The build settings (QuantConfig / BuildConfig fields) this technique turns on."""
         return {}
+
+    rewrites: ClassVar[Mapping[str, GraphPass]] = {}
+
+    @classmethod
+    def plan_fold(cls, step: GroupStep) -> None:
+        """Transform a group's input before its range is taken."""
+
+    @classmethod
+    def plan_group(cls, step: GroupStep) -> None:
+        """Refine what a group's quantizer sees."""
+
+    @classmethod
+    def plan_layer(cls, step: LayerStep) -> None:
+        """Complete a linear's plan after its weight is quantized."""
+
+    @classmethod
+    def record(cls, config: QuantConfig, plans: list[RangePlan]) -> dict[str, Any]:
+        """Entries of the manifest's quantization record."""
+        return {}
+
+    @classmethod
+    def describe(cls, quantization: Mapping[str, Any]) -> list[str]:
+        """Build-summary lines from the manifest's quantization record."""
+        return []

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qexport.passes.gptq import Rounding, input_hessian
+from qexport.passes.rangeplan import GroupStep
 from qexport.passes.techniques.base import Technique
+
+from qexport.errors import QexportError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,3 +22,15 @@ class Gptq(Technique):
 
     def settings(self) -> dict[str, Any]:
         return {"weight_rounding": "gptq"}
+
+    @classmethod
+    def plan_group(cls, step: GroupStep) -> None:
+        """H of the input the group's quantizer sees (divided by s, rotated); its linears are then
+        rounded by GPTQ against it."""
+        rng, first = step.rng, step.g.layers[0]
+        if rng.config.weight_rounding != Rounding.GPTQ:
+            return
+        if rng.grams is None or first not in rng.grams:
+            raise QexportError(f"gptq has no input Gram matrix of {first} (replay calibration prompts for it)")
+        rotation = step.rotation if step.rotation is not None else step.online
+        step.hessian = input_hessian(rng.grams[first], step.divisor, rotation)

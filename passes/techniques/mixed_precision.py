@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qexport.passes.plan import MIXED_HIGH_BITS
+from qexport.passes.rangeplan import MIXED_HIGH_BITS
 from qexport.passes.techniques.base import Shape, Technique
 
 from qexport.errors import QexportError

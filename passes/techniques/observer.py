@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from qexport.passes.observe import observe
+from qexport.passes.rangeplan import GroupStep
 from qexport.passes.techniques.base import Technique
 
 
@@ -21,3 +23,12 @@ class ActivationObserver(Technique):
 
     def settings(self) -> dict[str, Any]:
         return {"act_observer": self.method}
+
+    @classmethod
+    def plan_group(cls, step: GroupStep) -> None:
+        """The observer's range from the samples, then the range shrink (1 unless searched)."""
+        config, target = step.rng.config, step.rng.target
+        if config.act_observer.samples:
+            step.lo, step.hi = observe(step.values, step.lo, step.hi, step.rng.a_grid, config.act_observer,
+                                       target.pow2_scales)  # fmt: skip
+        step.lo, step.hi = step.lo * config.act_shrink, step.hi * config.act_shrink

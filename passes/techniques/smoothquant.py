@@ -3,18 +3,55 @@ ASQ: one s for all steps (aggregated statistics); TSQ: one s per time range (per
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from qexport.passes.techniques.base import Shape, Technique
+import numpy as np
+import onnx_graphsurgeon as gs
+from qexport.passes.graph import const, consumers, node_named, write_bias
+from qexport.passes.rangeplan import GroupStep, Smooth
+from qexport.passes.rewrite import PassConfig
+from qexport.passes.sink import sink_smoothing
+from qexport.passes.smoothing import smoothing_vector
+from qexport.passes.techniques.base import GraphPass, Shape, Technique
+from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
+
+
+def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
+    """Fold 1/s into modulation constants or the value projection; else insert a per-channel Mul."""
+    cons = consumers(graph)
+    constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    for g in config.groups:
+        s = config.plan.smooth.get(g.tensor)
+        if s is None:
+            continue
+        if g.fold == "modulation" and g.scale_const and g.shift_const:
+            for name in (g.scale_const, g.shift_const):
+                c = constants[name]
+                c.values = (np.asarray(c.values, dtype=np.float64) / s).astype(np.float32)
+        elif g.fold == "value" and g.value_layer:
+            bias = config.plan.layers[g.value_layer].bias
+            if bias is not None:
+                write_bias(graph, config.nodes[g.value_layer], bias, cons)
+        else:
+            x = graph.tensors()[g.tensor]
+            y = gs.Variable(f"{g.tensor}::smoothed", dtype=np.float32)
+            inv = const(f"{g.tensor}::inv_s", (1.0 / s).astype(np.float32))
+            mul = gs.Node("Mul", f"{g.tensor}::smooth", inputs=[x, inv], outputs=[y])
+            graph.nodes.append(mul)
+            for layer in g.layers:
+                node_named(graph, config.nodes[layer]).inputs[0] = y
+    return graph
 
 
 @dataclass(frozen=True, kw_only=True)
 class SmoothQuant(Technique):
     kind = "smoothquant"
     summary = "migrate activation outliers into the weights: ASQ (one s for all steps) or TSQ (one per model)"
+    rewrites: ClassVar[Mapping[str, GraphPass]] = {"fold": fold_smoothing, "sink": sink_smoothing}
 
     mode: Literal["asq", "tsq"]
     alpha: float | Literal["auto", "layer"] = 0.5  # auto: searched per range (ASQ: one for all); layer: per group
@@ -45,3 +82,25 @@ class SmoothQuant(Technique):
         return {"smooth": self.mode, "alpha": self.alpha if fixed else 0.5, "alpha_auto": self.alpha == "auto",
                 "alpha_layer": self.alpha == "layer", "asq_stat": self.statistic,
                 "smooth_ranges": self.shared_ranges}  # fmt: skip
+
+    @classmethod
+    def plan_fold(cls, step: GroupStep) -> None:
+        """s from the group's activation statistic and the largest |W| per input channel over its
+        linears: W <- diag(s)·W for each, and 1/s folded into the value projection where the group
+        is an attention output (else the graph divides the input, explicitly or in the modulation)."""
+        rng, g = step.rng, step.g
+        if rng.config.smooth == Smooth.NONE:
+            return
+        wmax = np.max([np.abs(rng.weights[layer]).max(axis=1) for layer in g.layers], axis=0)
+        s = smoothing_vector(step.act, wmax, rng.plan.group_alpha.get(g.tensor, rng.config.alpha))
+        step.s = rng.plan.smooth[g.tensor] = s
+        rng.plan.folds[g.fold] = rng.plan.folds.get(g.fold, 0) + 1
+        for layer in g.layers:
+            rng.final_w[layer] = rng.final_w[layer] * s[:, None]
+        if g.fold == "value" and g.value_layer is not None:
+            rng.final_w[g.value_layer] = rng.final_w[g.value_layer] / s[None, :]
+            rng.plan.value_folds.add(g.value_layer)
+            bias = rng.final_b[g.value_layer]
+            if bias is not None:
+                rng.final_b[g.value_layer] = bias / s
+                rng.changed_bias.add(g.value_layer)

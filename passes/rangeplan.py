@@ -1,0 +1,205 @@
+"""The data of planning: a build's resolved settings (QuantConfig), what one range plans per linear
+(LayerPlan) and per range (RangePlan), the attention operands' quantizers, and the state one
+group and one layer carry through the technique steps of passes.plan (GroupStep, LayerStep)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from qexport.calib.stats import LayerStats
+from qexport.passes.analyze import Group
+from qexport.passes.gptq import Memo, Rounding
+from qexport.passes.observe import Observer
+from qexport.passes.quant import Grid, dequantize
+from qexport.targets.profile import TargetProfile
+
+from qexport.errors import QexportError
+
+MIXED_HIGH_BITS = 8  # mixed precision: the width of the layers it raises
+
+
+class Smooth(StrEnum):
+    NONE = "none"
+    ASQ = "asq"  # one s from the aggregated running average, all steps
+    TSQ = "tsq"  # one s per time range
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """The planning settings of a build, derived from its recipe (qexport.recipe), which checks them.
+    `techniques` holds the recipe's technique configs by kind for the techniques that read their
+    own config; the fields below are the resolved settings of the others (searched values included)."""
+
+    w_bits: int = 8
+    a_bits: int = 8
+    smooth: Smooth = Smooth.NONE
+    alpha: float = 0.5
+    alpha_auto: bool = False  # search alpha (the build does it; alpha is then a start value)
+    alpha_layer: bool = False  # alpha per input-sharing group, by layer-output error (exporter.alpha)
+    asq_stat: str = "ema"  # ASQ's per-channel activation statistic: the running average, or the max over steps
+    weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
+    act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
+    act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
+    lowrank: int = 0  # rank of the FP error-compensation branch per linear (0 = none; see passes.lowrank)
+    rotate: bool = False  # per-head Hadamard folded into value projection / attention output (passes.rotate)
+    online_rotation: int = 0  # block size of an online block-diagonal Hadamard before other groups (0 = off)
+    rotation_choice: str = "adaptive"  # online rotation: "adaptive" (outliers and lower error) or "all"
+    quantize_attention: bool = False  # Q/DQ on both operands of QK^T and PV (passes.attention)
+    mixed_precision: float = 0.0  # budget in weight bits per parameter: layers at w_bits or 8 (0 = off)
+    weight_rounding: Rounding = Rounding.NEAREST  # or GPTQ: error-compensating rounding (passes.gptq)
+    replay_prompts: int | None = None  # calibration prompts the replaying options replay (None: up to 2)
+    smooth_ranges: int = 0  # TSQ: one s per this many contiguous step ranges, not per model (0 = per model)
+    techniques: Mapping[str, Any] = field(default_factory=dict)  # kind -> the recipe's technique config
+
+    def has(self, kind: str) -> bool:
+        return kind in self.techniques
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActQuant:
+    """A per-tensor activation quantizer and the range it was made from."""
+
+    scale: np.ndarray  # scalar float32
+    zero: np.ndarray  # scalar, storage dtype
+    grid: Grid
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionPlan:
+    """The quantizers of one attention module's matmul operands."""
+
+    query: ActQuant
+    key: ActQuant
+    probs: ActQuant
+    value: ActQuant
+
+    def operand(self, name: str) -> ActQuant:
+        return getattr(self, name)
+
+
+@dataclass(kw_only=True)
+class LayerPlan:
+    """One linear, as built: final weight (W^T [in, out]) in integers, and how its input is treated."""
+
+    w_q: np.ndarray
+    w_scale: np.ndarray  # [out]
+    w_zero: np.ndarray  # [out]
+    w_grid: Grid
+    a_scale: np.ndarray  # scalar
+    a_zero: np.ndarray  # scalar
+    a_grid: Grid
+    divisor: np.ndarray | None  # the simulation divides the input by this (explicit or modulation fold)
+    bias: np.ndarray | None = None  # a changed bias (value projection folded by the next linear)
+    w_float: np.ndarray | None = None  # the smoothed FP weight before quantization (keep_float only)
+    lowrank_a: np.ndarray | None = None  # [in, r] FP32: output += (x_dq · A) · B (--lowrank)
+    lowrank_b: np.ndarray | None = None  # [r, out] FP32
+    subtract: np.ndarray | None = None  # [in]: subtracted from the (divided) input before rotating
+    rotation: np.ndarray | None = None  # online Hadamard R [in, in]: the input is x·R before quantizing
+
+    def weight(self) -> np.ndarray:
+        return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
+
+
+@dataclass(kw_only=True)
+class RangePlan:
+    steps: list[int]
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    alpha: float = 0.5
+    act_shrink: float = 1.0
+    scores: dict[str, dict[float, float]] = field(default_factory=dict)  # search -> candidate -> SQNR dB
+    group_alpha: dict[str, float] = field(default_factory=dict)  # group tensor -> alpha (--alpha layer)
+    smooth: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> s
+    folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
+    rotations: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R folded around it
+    online: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R applied online
+    online_report: dict[str, dict[str, float]] = field(default_factory=dict)  # group tensor -> criterion, errors
+    attention: dict[str, AttentionPlan] = field(default_factory=dict)  # attention module -> operand quantizers
+    value_folds: set[str] = field(default_factory=set)  # value projections whose output a fold changes
+    parts: dict[str, Any] = field(default_factory=dict)  # technique kind -> what it planned for the range
+
+
+@dataclass(kw_only=True)
+class RangeStep:
+    """What every group and layer step of one range shares (passes.plan builds it)."""
+
+    plan: RangePlan
+    config: QuantConfig
+    target: TargetProfile
+    weights: dict[str, np.ndarray]  # FP W^T [in, out]
+    final_w: dict[str, np.ndarray]  # W^T as the steps leave it (smoothed, rotated), float64
+    final_b: dict[str, np.ndarray | None]  # biases as the steps leave them, float64
+    changed_bias: set[str]  # layers whose bias the build writes
+    w_grid: Grid
+    a_grid: Grid
+    samples: dict[str, np.ndarray] | None  # FP inputs of each group's first layer over the range
+    head_dims: dict[str, int]
+    grams: dict[str, np.ndarray] | None  # X^T X of each group's first layer's FP input
+    memo: Memo | None
+
+    def add_bias(self, layer: str, delta: np.ndarray) -> None:
+        """b <- b + delta on a layer that has a bias; the build then writes it."""
+        bias = self.final_b[layer]
+        assert bias is not None, layer
+        self.final_b[layer] = bias + delta
+        self.changed_bias.add(layer)
+
+
+@dataclass(kw_only=True)
+class GroupStep:
+    """One input-sharing group as the technique steps refine it: its smoothing divisor, the
+    per-tensor range of what its quantizer sees, that input's per-channel magnitude and samples,
+    the subtraction and rotation applied before the quantizer, and the H its weights round against."""
+
+    rng: RangeStep
+    g: Group
+    stats: LayerStats  # the group's first layer's
+    act: np.ndarray  # per-channel activation magnitude a_j from the statistics
+    s: np.ndarray | None = None  # smoothing vector
+    lo: float = 0.0
+    hi: float = 0.0
+    magnitude: np.ndarray | None = None  # per input channel |X/s| (weights the low-rank SVD)
+    subtract: np.ndarray | None = None  # z subtracted from X/s before the quantizer
+    rotation: np.ndarray | None = None  # R folded around the group (head rotation)
+    online: np.ndarray | None = None  # R applied online before the quantizer
+    hessian: np.ndarray | None = None  # H of the input it quantizes (GPTQ)
+    _values: np.ndarray | None = None
+
+    @property
+    def divisor(self) -> np.ndarray | float:
+        return 1.0 if self.s is None else self.s
+
+    @property
+    def values(self) -> np.ndarray:
+        """The replayed samples of what the quantizer sees (X / s - z, then rotated by the steps)."""
+        if self._values is None:
+            first, samples = self.g.layers[0], self.rng.samples
+            if samples is None or first not in samples:
+                raise QexportError(f"the activation observer or a rotation has no samples of {first}")
+            x = samples[first] / self.divisor
+            self._values = x if self.subtract is None else x - self.subtract
+        return self._values
+
+    @values.setter
+    def values(self, x: np.ndarray) -> None:
+        self._values = x
+
+    def set_range(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+
+@dataclass(kw_only=True)
+class LayerStep:
+    """One linear after its weight is quantized: the layer plan the later steps complete."""
+
+    rng: RangeStep
+    layer: str
+    w: np.ndarray  # the final FP W^T that was quantized, float64
+    lp: LayerPlan
+    hessian: np.ndarray | None
+    magnitude: np.ndarray
