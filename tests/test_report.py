@@ -29,7 +29,8 @@ def _inputs(video=True):
              "step_sqnr_db": [31.0, 30.0, 29.5, 29.0], "model_mib": 19.5, "step_ms": 12.0}  # fmt: skip
     result = {"model_id": "tiny-latte", "prompts": ["a red circle moving left"], "seeds": [0, 1],
               "fp": {"adherence": 0.993, "psnr_db": None}, "builds": {"/x/out": build}}  # fmt: skip
-    recipe = {"version": 1, "techniques": [{"_type": "smoothquant", "mode": "tsq", "alpha": "auto"}]}
+    recipe = {"version": 1, "techniques": [{"_type": "smoothquant", "mode": "tsq", "alpha": "auto"},
+                                           {"_type": "channel_shift"}]}  # fmt: skip
     model = {"model": "step_00.onnx", "steps": [0], "integer": 64, "emulated": 0, "float": [], "ok": True,
              "cosine_sim": 0.99997, "max_lsb_sim": 2.5, "lsb_bound": 7.7, "sqnr_fp_db": 41.3}  # fmt: skip
     verification = {"ok": True, "runtime": "onnxruntime", "cosine_floor": 0.999, "models": [model] * 4,
@@ -72,6 +73,7 @@ def test_the_top_gives_numbers_options_target_and_verdict(tmp_path, video):
     assert "0.875 ± -" in top and "0.993 ± -" in top  # adherence of the build and of FP: no s.e. recorded
     assert "Target</b> ort-cpu, 4 model(s) over 4 steps" in top and "W8A8" in top and "smoothing tsq" in top
     assert "weights int8 per output channel, symmetric" in top and "6 quantized linears, 1 kept in FP" in top
+    assert "techniques channel_shift;" in top  # the recipe's techniques besides the smoothing
     assert "class='verdict pass'>PASS</span> 4 model(s) verified on onnxruntime" in top
     assert "<td>4 of 4</td>" in top and "<td>256 / 0 / 0</td>" in top and "<td>0.999970 (0.999)</td>" in top
     assert "<td>2.50 (7.70)</td>" in top and "<td>41.3 dB</td>" in top and "PSNR 26.50 dB, SSIM 0.880" in top

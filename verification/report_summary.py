@@ -43,11 +43,12 @@ def options_line(manifest: dict[str, Any]) -> str:
     if q.get("smooth") not in (None, "none"):
         parts.append(f"smoothing {q['smooth']} (alpha {q.get('alpha')})")
     parts.append(f"weight rounding {q.get('weight_rounding')}, clipping {q.get('weight_clip')}")
-    optional = {"channel shift": (q.get("channel_shift") or {}).get("on"), "rotation": q.get("rotate"),
-                f"low-rank {q.get('lowrank')}": q.get("lowrank"),
-                "quantized attention": (q.get("attention") or {}).get("quantized"),
-                f"{q.get('replay_prompts')} replayed prompts": q.get("replay_prompts")}  # fmt: skip
-    parts += [name for name, on in optional.items() if on]
+    techniques = [t.get("_type") for t in (manifest.get("recipe") or {}).get("techniques", [])]
+    others = [str(kind) for kind in techniques if kind != "smoothquant"]
+    if others:
+        parts.append(f"techniques {', '.join(others)}")
+    if q.get("replay_prompts"):
+        parts.append(f"{q['replay_prompts']} replayed prompts")
     kept = q.get("kept_fp") or []
     parts.append(f"{q.get('layers')} quantized linears, {len(kept)} kept in FP")
     return "; ".join(html.escape(str(p)) for p in parts)
