@@ -17,7 +17,7 @@ from qexport.exporter.build import _range_graphs, range_inputs
 from qexport.exporter.replay import PROMPTS, CalibrationReplay
 from qexport.passes import gptq, plan
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
-from qexport.targets.profile import ORT_CPU
+from qexport.targets.catalog import ORT_CPU
 
 from qexport.models.registry import load_model
 

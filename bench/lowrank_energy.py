@@ -14,7 +14,7 @@ from qexport.calib.store import load
 from qexport.exporter.build import range_inputs
 from qexport.exporter.fp_export import export_fp, load_graph, prepare
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
-from qexport.targets.profile import ORT_CPU
+from qexport.targets.catalog import ORT_CPU
 
 from qexport.models.registry import load_model
 

@@ -58,7 +58,7 @@ def main() -> None:
         faulthandler.dump_traceback_later(a.stack_every, repeat=True)
 
     from qexport.exporter.build import BuildConfig, build
-    from qexport.targets.profile import get_profile
+    from qexport.targets.catalog import get_profile
     from qexport.verification.verify import verify
 
     from qexport.models.fp_eval import default_prompts

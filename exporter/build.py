@@ -12,7 +12,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import onnx_graphsurgeon as gs
 from qexport.calib.store import QStats, check_matches, load
 from qexport.exporter.alpha import layer_alphas, shared_alpha
 from qexport.exporter.attention import attention_ids, attention_scopes
+from qexport.exporter.built import BuildConfig, BuiltRange, RangeChoices
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
 from qexport.exporter.fp_export import FPExport, LinearBinding, StepGraphs, export_fp, load_graph, prepare, stamp
@@ -30,7 +30,7 @@ from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits, raised
 from qexport.exporter.replay import CalibrationReplay, replay_count
 from qexport.exporter.search import ALPHAS, SHRINKS, best
-from qexport.passes.analyze import Group, find_groups
+from qexport.passes.analyze import FOLDS, Group, find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.gptq import Memo, Rounding
@@ -41,8 +41,10 @@ from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth,
 from qexport.passes.rewrite import PassConfig
 from qexport.passes.smoothing import smoothing_steps
 from qexport.passes.specialise import copy_graph
+from qexport.passes.techniques import ORDER
+from qexport.targets.catalog import get_profile
 from qexport.targets.legality import LegalityReport, check_model
-from qexport.targets.profile import TargetProfile, get_profile
+from qexport.targets.profile import TargetProfile
 
 from qexport import serial
 from qexport.errors import QexportError
@@ -54,64 +56,6 @@ from qexport.runtime.manifest import KV_SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 LEGALITY_FILE = "legality.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class BuildConfig:
-    """What to emit (the recipe) and whether an existing output folder may be replaced. The rest
-    is derived from the recipe: the planning settings, granularity, target and K/V precompute."""
-
-    recipe: Recipe = field(default_factory=Recipe)
-    force: bool = False
-
-    @cached_property
-    def quant(self) -> QuantConfig:
-        """The planning settings the recipe's techniques turn on (derived once; the recipe is frozen)."""
-        settings = self.recipe.settings()
-        settings.pop("precompute_kv", None)
-        enums = {"smooth": Smooth, "act_observer": Observer, "weight_rounding": Rounding}
-        settings = {k: enums[k](v) if k in enums else v for k, v in settings.items()}
-        bits, replay = self.recipe.bits, self.recipe.replay.prompts
-        techniques = {t.kind: t for t in self.recipe.techniques}
-        return QuantConfig(w_bits=bits.weights, a_bits=bits.activations, replay_prompts=replay, techniques=techniques,
-                           **settings)  # fmt: skip
-
-    @property
-    def ranges(self) -> int | None:
-        """K time ranges, or None for one model per step."""
-        return self.recipe.granularity.time_ranges
-
-    @property
-    def target(self) -> str:
-        return self.recipe.target
-
-    @property
-    def precompute_kv(self) -> bool:
-        """Cross-attention K/V computed once per prompt by kv.onnx (exporter.kv)."""
-        return self.recipe.technique("precompute_kv") is not None
-
-
-@dataclass(frozen=True, kw_only=True)
-class RangeChoices:
-    """What planning resolved for one range (searches, allocations), recorded in the manifest so a
-    re-plan repeats it without searching."""
-
-    alpha: float
-    act_shrink: float = 1.0
-    group_alpha: dict[str, float] = field(default_factory=dict)  # smoothquant alpha 'layer'
-    w_bits_raised: tuple[str, ...] = ()  # mixed_precision: the layers at 8 bits
-
-
-@dataclass(kw_only=True)
-class BuiltRange:
-    index: int
-    steps: list[int]
-    model_file: str
-    plan: RangePlan
-    lowrank: BranchCost = field(default_factory=lambda: BranchCost(macs=0, linear_macs=0, bytes=0))
-    rotation_macs: int = 0  # per model call, the online rotations' MatMuls
-    kv: BuiltKV | None = None  # --precompute-kv: the kv model every range reads (plan holds its layers too)
-    mixed: Allocation | None = None  # --mixed-precision: the measured allocation (None when replanned)
 
 
 @dataclass(kw_only=True)
@@ -144,8 +88,8 @@ def planning_replays(quant: QuantConfig) -> bool:
 
 
 def needs_samples(quant: QuantConfig) -> bool:
-    """Whether planning needs replayed layer inputs (sample-based observers; rotated input ranges)."""
-    return quant.act_observer.samples or quant.rotate or bool(quant.online_rotation)
+    """Whether planning needs replayed layer inputs (a technique asks for them for some group)."""
+    return any(t.wants_samples(quant, fold) for t in ORDER for fold in FOLDS)
 
 
 def gptq(quant: QuantConfig) -> bool:
@@ -474,8 +418,7 @@ def _samples(
     replay: CalibrationReplay, steps: list[int], groups: list[Group], quant: QuantConfig
 ) -> dict[str, np.ndarray]:
     """Replayed inputs of the groups whose planning reads samples (observers, rotated inputs)."""
-    value, online = quant.rotate, bool(quant.online_rotation)
-    sampled = [g for g in groups if quant.act_observer.samples or (value if g.fold == "value" else online)]
+    sampled = [g for g in groups if any(t.wants_samples(quant, g.fold) for t in ORDER)]
     return replay.layer_inputs(steps, [g.layers[0] for g in sampled])
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qexport.calib.store import QStats
+from qexport.exporter.built import BuildConfig, BuiltRange
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
 from qexport.exporter.mixed import mixed_manifest, raised
 from qexport.passes.attention import OPERANDS
@@ -20,9 +21,6 @@ from qexport.media import atomic_write
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import affine_coefficients
 from qexport.runtime.manifest import MANIFEST, SCHEMA_VERSION
-
-if TYPE_CHECKING:
-    from qexport.exporter.build import BuildConfig, BuiltRange
 
 
 def make_manifest(
@@ -115,7 +113,11 @@ def make_manifest(
             },
             "attention": _attention(ranges),
             **(
-                {"mixed_precision": mixed_manifest(ranges, q.w_bits, q.mixed_precision, target)}
+                {
+                    "mixed_precision": mixed_manifest(
+                        [(r.index, r.plan, r.mixed) for r in ranges], q.w_bits, q.mixed_precision, target
+                    )
+                }
                 if q.mixed_precision
                 else {}
             ),

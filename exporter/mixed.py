@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from qexport.exporter.replay import CalibrationReplay
@@ -19,9 +19,6 @@ from qexport.passes.quant import STORAGE
 from qexport.targets.profile import TargetProfile
 
 from qexport.progress import Progress, report
-
-if TYPE_CHECKING:
-    from qexport.exporter.build import BuiltRange
 
 STEPS = 4  # replayed steps the sensitivities are measured on in all (at least one per allocation)
 
@@ -139,23 +136,26 @@ def raised(plan: RangePlan, low: int) -> list[str]:
     return [layer for layer, lp in plan.layers.items() if lp.w_grid.bits != low]
 
 
-def mixed_manifest(ranges: list[BuiltRange], low: int, budget: float, target: TargetProfile) -> dict[str, Any]:
-    """quantization.mixed_precision of the manifest: the rule, per range the layers per width and
-    the weight bytes against all-low and all-high, and each distinct measured allocation."""
-    params = {layer: int(lp.w_q.size) for layer, lp in ranges[0].plan.layers.items()}
+def mixed_manifest(
+    ranges: list[tuple[int, RangePlan, Allocation | None]], low: int, budget: float, target: TargetProfile
+) -> dict[str, Any]:
+    """quantization.mixed_precision of the manifest, from each range's (index, plan, measured
+    allocation): the rule, per range the layers per width and the weight bytes against all-low and
+    all-high, and each distinct measured allocation."""
+    params = {layer: int(lp.w_q.size) for layer, lp in ranges[0][1].layers.items()}
     rows = []
-    for r in ranges:
-        bits = {layer: lp.w_grid.bits for layer, lp in r.plan.layers.items()}
+    for _, plan, _ in ranges:
+        bits = {layer: lp.w_grid.bits for layer, lp in plan.layers.items()}
         counts = {str(b): sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))}
         rows.append({"layers_at": counts, "weight_bytes": weight_bytes(params, bits, target)})
     measured: list[dict[str, Any]] = []
     seen: list[Allocation] = []
-    for r in ranges:
-        if r.mixed is not None and all(r.mixed is not a for a in seen):
-            seen.append(r.mixed)
-            sens = {k: float(f"{v:.4g}") for k, v in r.mixed.sensitivity.items()}
-            measured.append({"ranges": [x.index for x in ranges if x.mixed is r.mixed], "steps": r.mixed.steps,
-                             "base_error": float(f"{r.mixed.base_error:.4g}"), "sensitivity": sens})  # fmt: skip
+    for _, _, mixed in ranges:
+        if mixed is not None and all(mixed is not a for a in seen):
+            seen.append(mixed)
+            sens = {k: float(f"{v:.4g}") for k, v in mixed.sensitivity.items()}
+            measured.append({"ranges": [i for i, _, m in ranges if m is mixed], "steps": mixed.steps,
+                             "base_error": float(f"{mixed.base_error:.4g}"), "sensitivity": sens})  # fmt: skip
     return {
         "budget_bits_per_weight": budget,
         "widths": [low, MIXED_HIGH_BITS],

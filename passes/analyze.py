@@ -13,6 +13,9 @@ from qexport.passes.graph import constant_input, consumers, node_named, per_chan
 PASS_THROUGH = ("Reshape", "Squeeze", "Unsqueeze", "Identity")
 
 
+FOLDS = ("modulation", "value", "explicit")  # where a group's smoothing folds (see the module doc)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Group:
     """Linears reading one tensor, and how a smoothing vector on that tensor folds."""
@@ -20,7 +23,7 @@ class Group:
     tensor: str
     layers: tuple[str, ...]
     channels: int
-    fold: str  # "modulation", "value" or "explicit"
+    fold: str  # one of FOLDS
     scale_const: str | None = None  # modulation: the Mul constant
     shift_const: str | None = None  # modulation: the Add constant
     value_layer: str | None = None  # value: the to_v linear

@@ -349,7 +349,7 @@ def _verify_and_report(
     from qexport.exporter.manifest import write_manifest
     from qexport.models.fp_eval import default_prompts
     from qexport.summaries import verification_table
-    from qexport.targets.profile import get_profile
+    from qexport.targets.catalog import get_profile
     from qexport.verification.verify import verify as run_verify
 
     if prompt is None:
@@ -424,7 +424,7 @@ def targets(ctx: click.Context) -> None:
 def targets_show(name: str) -> None:
     """Print one target profile: its rules and the documents they come from."""
     from qexport.summaries import profile_lines
-    from qexport.targets.profile import get_profile
+    from qexport.targets.catalog import get_profile
 
     for line in profile_lines(get_profile(name)):
         click.echo(line)

@@ -18,7 +18,7 @@ from qexport.models import shapes
 from qexport.models.registry import load_model
 from qexport.progress import Progress, Units
 from qexport.recipe import load_recipe
-from qexport.targets.profile import get_profile
+from qexport.targets.catalog import get_profile
 from qexport.verification.evaluate import evaluate, layer_step_sqnr, write_json
 from qexport.verification.report import write_report
 from qexport.verification.verify import verify

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from qexport.targets.profile import TargetProfile
 
+from qexport.errors import QexportError
+
 # every runtime below loads a [1, 1, N] bias as the same broadcast Add; onnxruntime needs that rank to
 # keep MatMul + Add from turning into a Gemm before its QDQ fusion (measured), so all profiles ask for it
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
@@ -166,3 +168,14 @@ GENERIC_INT8 = TargetProfile(
 
 PROFILES: dict[str, TargetProfile] = {p.name: p for p in (ORT_CPU, QNN_HTP, RYZEN_AI, TENSORRT, OPENVINO, GENERIC_INT8)}
 RUNTIMES: dict[str, TargetProfile] = {"onnxruntime": ORT_CPU, "openvino": OPENVINO}  # what verify can run on
+
+
+def get_profile(name: str) -> TargetProfile:
+    """The profile named `name`.
+
+    Raises:
+        QexportError: no such target (the message lists them).
+    """
+    if name not in PROFILES:
+        raise QexportError(f"unknown target {name!r}; choose one of {', '.join(PROFILES)} (see qexport targets)")
+    return PROFILES[name]

@@ -90,25 +90,3 @@ class TargetProfile:
             "notes": list(self.notes),
             "source": self.source,
         }
-
-
-def get_profile(name: str) -> TargetProfile:
-    """The profile named `name`.
-
-    Raises:
-        QexportError: no such target (the message lists them).
-    """
-    from qexport.targets.catalog import PROFILES
-
-    if name not in PROFILES:
-        raise QexportError(f"unknown target {name!r}; choose one of {', '.join(PROFILES)} (see qexport targets)")
-    return PROFILES[name]
-
-
-def __getattr__(name: str) -> Any:
-    """ORT_CPU and PROFILES moved to targets/catalog.py; this keeps the old import path working."""
-    if name in ("ORT_CPU", "PROFILES"):
-        from qexport.targets import catalog
-
-        return getattr(catalog, name)
-    raise AttributeError(name)

@@ -14,7 +14,7 @@ import torch
 from qexport.exporter.attention import ExportOrderAttention, attention_modules, attention_processors
 from qexport.exporter.build import BuildConfig, build
 from qexport.passes.attention import find_attention
-from qexport.targets.profile import ORT_CPU
+from qexport.targets.catalog import ORT_CPU
 from qexport.verification.verify import verify
 
 from qexport.errors import QexportError
@@ -149,7 +149,7 @@ def test_sixteen_bit_attention_is_emulated_on_onnxruntime(latte_stats, tmp_path)
 
 @pytest.mark.slow
 def test_symmetric_int8_target_puts_probs_on_its_grid_and_runs_integer(latte_stats, tmp_path):
-    from qexport.targets.profile import get_profile
+    from qexport.targets.catalog import get_profile
 
     recipe = recipe_of("smoothquant.mode=asq", "attention=on", "granularity.time_ranges=1", "target=tensorrt")
     result = build(latte_stats, tmp_path / "trt", BuildConfig(recipe=recipe))

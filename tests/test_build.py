@@ -18,7 +18,7 @@ from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.rewrite import PassConfig
 from qexport.passes.sink import sink_smoothing
 from qexport.passes.techniques.smoothquant import fold_smoothing
-from qexport.targets.profile import ORT_CPU
+from qexport.targets.catalog import ORT_CPU
 from qexport.verification.verify import verify
 
 from qexport.errors import QexportError
@@ -152,7 +152,8 @@ def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, 
         build(latte_stats, out, BuildConfig(recipe=recipe_of("granularity.time_ranges=5")))
     with pytest.raises(QexportError, match="unknown target"):
         build(latte_stats, out, BuildConfig(recipe=recipe_of("target=nope")))
-    from qexport.targets.profile import PROFILES, TargetProfile
+    from qexport.targets.catalog import PROFILES
+    from qexport.targets.profile import TargetProfile
 
     no_int4 = TargetProfile(**{**ORT_CPU.__dict__, "name": "int8-only", "weight_storage": {8: "int8"}})
     PROFILES["int8-only"] = no_int4

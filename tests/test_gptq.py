@@ -18,7 +18,7 @@ from qexport.passes.lowrank import lowrank_factors
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, quantize
 from qexport.passes.rewrite import PassConfig
-from qexport.targets.profile import ORT_CPU
+from qexport.targets.catalog import ORT_CPU
 from test_lowrank import Tiny, _onnx, assert_runs_as_simulated
 
 from qexport.errors import QexportError

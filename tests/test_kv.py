@@ -17,7 +17,7 @@ from qexport.exporter.build import BuildConfig, build, replan
 from qexport.exporter.fp_export import FPExport, StepGraphs, export_fp, load_graph, prepare
 from qexport.exporter.kv import split_export
 from qexport.passes.kv import conditioning_only
-from qexport.targets.profile import ORT_CPU
+from qexport.targets.catalog import ORT_CPU
 from qexport.verification.verify import verify
 
 from qexport.cli import cli

@@ -178,3 +178,40 @@ def test_the_checker_sees_nested_relative_and_type_checking_imports():
     assert want <= found, found
     assert not runtime_may_import("torch") and not runtime_may_import("qexport.exporter.build")
     assert runtime_may_import("qexport.tokenizer") and runtime_may_import("onnxruntime")
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle among the project's modules, or [] (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return [*stack[stack.index(n) :], n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return []
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+def test_no_import_cycles_and_no_type_checking_imports():
+    """No module reaches itself through imports (at module level, in functions or for type checking
+    alike), and nothing hides an import behind TYPE_CHECKING."""
+    graph = {}
+    for name, path in MODULES.items():
+        found = {i.module for i in imports(path)}
+        # `from pkg import mod` of a package's own __init__ is not a cycle through the package
+        graph[name] = {m for m in found if m in MODULES and m != name and not name.startswith(m + ".")}
+    assert _cycle(graph) == [], " -> ".join(_cycle(graph))
+    hidden = [p.relative_to(ROOT).as_posix() for p in FILES if "TYPE_CHECKING" in p.read_text()]
+    assert hidden == [], hidden
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the checker finds one

@@ -25,7 +25,7 @@ from qexport.passes.lowrank import branch_cost, lowrank_factors
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import Grid, dequantize, qparams, quantize
 from qexport.passes.rewrite import PassConfig
-from qexport.targets.profile import ORT_CPU
+from qexport.targets.catalog import ORT_CPU
 from torch import nn
 
 from qexport.errors import QexportError

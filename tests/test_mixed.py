@@ -8,7 +8,7 @@ import pytest
 from qexport.exporter import mixed
 from qexport.exporter.build import BuildConfig, build, check_request, replan
 from qexport.exporter.mixed import allocate, spread, storage_bits, weight_bytes
-from qexport.targets.profile import ORT_CPU, get_profile
+from qexport.targets.catalog import ORT_CPU, get_profile
 from qexport.verification.verify import verify
 
 from qexport.errors import QexportError

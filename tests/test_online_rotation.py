@@ -10,7 +10,7 @@ from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.quant import Grid
 from qexport.passes.rotate import hadamard
 from qexport.passes.techniques.online_rotation import choose_online
-from qexport.targets.profile import get_profile
+from qexport.targets.catalog import get_profile
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -93,7 +93,7 @@ def test_rotation_pass_is_exact_in_fp() -> None:
 @pytest.mark.slow
 def test_tiny_latte_online_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build, replan
-    from qexport.targets.profile import ORT_CPU
+    from qexport.targets.catalog import ORT_CPU
     from qexport.verification.verify import verify
 
     recipe = recipe_of("smoothquant.mode=asq", "online_rotation.choice=all", "granularity.time_ranges=1")

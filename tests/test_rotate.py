@@ -74,7 +74,7 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     from qexport.passes.rewrite import PassConfig
     from qexport.passes.techniques.head_rotation import fold_rotation
     from qexport.passes.techniques.smoothquant import fold_smoothing
-    from qexport.targets.profile import ORT_CPU
+    from qexport.targets.catalog import ORT_CPU
 
     adapter, stats, fp, feeds = latte_fp
     graph = StepGraphs(load_graph(fp)).at(749)
@@ -98,7 +98,7 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
 @pytest.mark.slow
 def test_tiny_latte_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build, replan
-    from qexport.targets.profile import ORT_CPU
+    from qexport.targets.catalog import ORT_CPU
     from qexport.verification.verify import verify
 
     config = BuildConfig(recipe=recipe_of("smoothquant.mode=asq", "head_rotation=on", "granularity.time_ranges=1"))

@@ -77,7 +77,7 @@ def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     from qexport.passes.rewrite import PassConfig
     from qexport.passes.techniques.shift import insert_shift
     from qexport.passes.techniques.smoothquant import fold_smoothing
-    from qexport.targets.profile import ORT_CPU
+    from qexport.targets.catalog import ORT_CPU
 
     adapter, stats, fp, feeds = latte_fp
     outputs = []
@@ -104,7 +104,7 @@ def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
 @pytest.mark.slow
 def test_per_step_shift_build_verifies_shares_weights_and_replans(latte_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build, replan
-    from qexport.targets.profile import ORT_CPU
+    from qexport.targets.catalog import ORT_CPU
     from qexport.verification.verify import verify
 
     from qexport.summaries import build_lines

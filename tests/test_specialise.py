@@ -12,7 +12,7 @@ from qexport.exporter.build import _build_range
 from qexport.exporter.fp_export import FPExport, StepGraphs, export_fp, infer_shapes, load_graph, prepare, stamp
 from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.specialise import compact_constants, copy_graph, input_cone
-from qexport.targets.profile import ORT_CPU
+from qexport.targets.catalog import ORT_CPU
 
 from qexport.errors import QexportError
 

@@ -22,9 +22,8 @@ from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.plan import QuantConfig, plan_range
 from qexport.passes.quant import STORAGE
 from qexport.passes.rewrite import PassConfig
-from qexport.targets.catalog import PROFILES, RUNTIMES
+from qexport.targets.catalog import PROFILES, RUNTIMES, get_profile
 from qexport.targets.legality import check_model
-from qexport.targets.profile import get_profile
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of

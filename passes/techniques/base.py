@@ -5,6 +5,7 @@ Steps run for every registered technique, in the registry's order, and act only 
 build's settings (a QuantConfig: the technique's own config under ``config.techniques``, or the
 settings it turned on) ask for it:
 
+- ``wants_samples(config, fold)``: whether a group of that fold kind needs replayed inputs;
 - ``plan_fold(step)``: per input-sharing group, before the quantizer's range is taken (smoothing);
 - ``plan_group(step)``: per group, refining what the quantizer sees (shifts, rotations, observers);
 - ``plan_layer(step)``: per linear, after its weight is quantized (restoring biases, branches);
@@ -62,6 +63,11 @@ class Technique:
         return {}
 
     rewrites: ClassVar[Mapping[str, GraphPass]] = {}
+
+    @classmethod
+    def wants_samples(cls, config: QuantConfig, fold: str) -> bool:
+        """Whether planning a group of this fold kind needs its replayed inputs."""
+        return False
 
     @classmethod
     def plan_fold(cls, step: GroupStep) -> None:

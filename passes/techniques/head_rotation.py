@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from qexport.passes.analyze import Group
 from qexport.passes.graph import consumers, write_bias
-from qexport.passes.rangeplan import GroupStep
+from qexport.passes.rangeplan import GroupStep, QuantConfig
 from qexport.passes.rewrite import PassConfig
 from qexport.passes.rotate import head_rotation, rotated_range
 from qexport.passes.techniques.base import GraphPass, Technique
@@ -65,6 +65,10 @@ class HeadRotation(Technique):
 
     def settings(self) -> dict[str, Any]:
         return {"rotate": True}
+
+    @classmethod
+    def wants_samples(cls, config: QuantConfig, fold: str) -> bool:
+        return config.rotate and fold == "value"
 
     @classmethod
     def plan_group(cls, step: GroupStep) -> None:

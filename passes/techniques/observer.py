@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qexport.passes.observe import observe
-from qexport.passes.rangeplan import GroupStep
+from qexport.passes.rangeplan import GroupStep, QuantConfig
 from qexport.passes.techniques.base import Technique
 
 
@@ -23,6 +23,10 @@ class ActivationObserver(Technique):
 
     def settings(self) -> dict[str, Any]:
         return {"act_observer": self.method}
+
+    @classmethod
+    def wants_samples(cls, config: QuantConfig, fold: str) -> bool:
+        return config.act_observer.samples
 
     @classmethod
     def plan_group(cls, step: GroupStep) -> None:

@@ -117,6 +117,10 @@ class OnlineRotation(Technique):
         return {"online_rotation": self.block, "rotation_choice": self.choice}
 
     @classmethod
+    def wants_samples(cls, config: QuantConfig, fold: str) -> bool:
+        return bool(config.online_rotation) and fold != "value"
+
+    @classmethod
     def plan_group(cls, step: GroupStep) -> None:
         g, rng = step.g, step.rng
         if not rng.config.online_rotation or step.rotation is not None or g.fold == "value":
