@@ -52,7 +52,6 @@ from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import load_model
 from qexport.progress import Progress, report
 from qexport.recipe import Recipe
-from qexport.runtime.manifest import KV_SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 LEGALITY_FILE = "legality.json"
@@ -161,7 +160,7 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
         manifest["layer_ids"] = ids
         if built[0].kv is not None:
-            manifest.update(schema_version=KV_SCHEMA_VERSION, kv=kv_manifest(built[0].kv, config.quant))
+            manifest.update(kv=kv_manifest(built[0].kv, config.quant))
         if attn_ids:
             manifest["attention_ids"] = attn_ids
         write_manifest(tmp, manifest)

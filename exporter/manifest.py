@@ -11,6 +11,7 @@ from qexport.calib.store import QStats
 from qexport.exporter.built import BuildConfig, BuiltRange
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
 from qexport.exporter.mixed import mixed_manifest, raised
+from qexport.exporter.scheduler import check, probe
 from qexport.passes.attention import OPERANDS
 from qexport.passes.plan import Smooth
 from qexport.passes.techniques import ORDER
@@ -19,7 +20,6 @@ from qexport.targets.profile import TargetProfile
 from qexport import __version__
 from qexport.media import atomic_write
 from qexport.models.adapter import ModelAdapter
-from qexport.models.sampler import affine_coefficients
 from qexport.runtime.manifest import MANIFEST, SCHEMA_VERSION
 
 
@@ -39,7 +39,8 @@ def make_manifest(
     if config.ranges is not None:
         inputs.append({"name": "timestep", "shape": [2], "dtype": "int64"})
     range_of = {s: r.index for r in ranges for s in r.steps}
-    coefficients = affine_coefficients(adapter, stats.steps)
+    scheduler = probe(adapter.make_scheduler(), stats.steps)
+    check(adapter.make_scheduler(), scheduler)
     q = config.quant
     pow2 = ", power-of-two scales" if target.pow2_scales else ""
     w_axis = "per output channel" if target.weight_per_channel else "per tensor"
@@ -58,14 +59,13 @@ def make_manifest(
         "steps": [
             {
                 "index": i,
-                "timestep": t,
+                "timestep": int(row["timestep"]),
                 "range": range_of[i],
                 "model": ranges[range_of[i]].model_file,
-                "c_x": c_x,
-                "c_out": c_out,
             }
-            for i, (t, c_x, c_out) in enumerate(coefficients)
+            for i, row in enumerate(scheduler["steps"])
         ],
+        "scheduler": scheduler,
         "ranges": [
             {
                 "index": r.index,

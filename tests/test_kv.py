@@ -86,7 +86,7 @@ def test_split_is_exact_in_fp(latte_stats, timestep):
 def test_step_models_take_kv_inputs_instead_of_the_projections(kv_build):
     manifest, folder = kv_build.manifest, kv_build.folder
     kv, ids = manifest["kv"], manifest["layer_ids"]
-    assert manifest["schema_version"] == 2 and kv["layers"] == KV_LAYERS and kv["model"] == "kv.onnx"
+    assert manifest["schema_version"] == 3 and kv["layers"] == KV_LAYERS and kv["model"] == "kv.onnx"
     assert [o["name"] for o in kv["outputs"]] == KV_LAYERS and kv["inputs"][0]["name"] == "cond"
     for r in manifest["ranges"]:
         model = onnx.load(str(folder / r["model"]), load_external_data=False)
@@ -131,7 +131,7 @@ def test_loop_equals_a_build_without_it_when_kv_is_quantized_alike(latte_stats, 
     base = build(latte_stats, tmp_path / "base", BuildConfig(recipe=recipe_of("granularity.time_ranges=1")))
     kv_recipe = recipe_of("granularity.time_ranges=1", "precompute_kv=on")
     kv = build(latte_stats, tmp_path / "kv", BuildConfig(recipe=kv_recipe))
-    assert base.manifest["schema_version"] == 1 and "kv" not in base.manifest  # old-style manifests unchanged
+    assert "kv" not in base.manifest  # only K/V precompute builds have the block
     here = _latents(kv.folder)
     np.testing.assert_allclose(here, _latents(base.folder), rtol=0, atol=1e-5)
     npy = tmp_path / "latents.npy"

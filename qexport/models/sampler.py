@@ -58,24 +58,6 @@ def timesteps(adapter: ModelAdapter, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def affine_coefficients(adapter: ModelAdapter, steps: int) -> list[tuple[int, float, float]]:
-    """(timestep, c_x, c_out) per step with x_prev = c_x * x + c_out * model_output.
-
-    The deterministic DDIM step (eta = 0, no clipping) is affine in (x, output); the coefficients
-    are read off the scheduler itself by stepping unit inputs, so they follow its exact config.
-    """
-    scheduler = adapter.make_scheduler()
-    scheduler.set_timesteps(steps)
-    one, zero = torch.ones(1), torch.zeros(1)
-    rows = []
-    for t in scheduler.timesteps:
-        c_x = float(scheduler.step(zero, t, one).prev_sample)
-        c_out = float(scheduler.step(one, t, zero).prev_sample)
-        rows.append((int(t), c_x, c_out))
-    return rows
-
-
-@torch.no_grad()
 def sample(
     adapter: ModelAdapter,
     cond: torch.Tensor,

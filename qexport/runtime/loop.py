@@ -1,6 +1,6 @@
 """The denoising loop from manifest.json alone: one onnxruntime session per range (loaded once,
-the next range's prefetched in the background), CFG on the batch of 2, and the sampler's affine
-step x <- c_x * x + c_out * guided_output."""
+the next range's prefetched in the background), CFG on the batch of 2, and the scheduler's step
+from the manifest (runtime.scheduler)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import onnxruntime as ort
 from qexport.progress import Progress, Units
 from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.manifest import read_manifest
+from qexport.runtime.scheduler import EdgeScheduler
 
 
 def initial_noise(latent_shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -64,7 +65,8 @@ class Pipeline:
         """Sample one output. cond / null: this prompt's and the null condition, batch 1 each;
         progress, if given, gets a tick per denoising step."""
         m = self.manifest
-        x = initial_noise(tuple(m["latent_shape"]), seed)[None]
+        sampler = EdgeScheduler.of(m, seed)
+        x = sampler.start(initial_noise(tuple(m["latent_shape"]), seed))[None]
         both = np.concatenate([cond, null])
         result = LoopResult(latents=x)
         units = Units(progress, "denoising (steps)", len(m["steps"]))
@@ -81,12 +83,13 @@ class Pipeline:
             if k + 1 < len(m["steps"]):
                 self._load(m["steps"][k + 1]["range"])  # prefetch the next range while this step runs
             start = time.perf_counter()
-            feeds = {"latents": np.concatenate([x, x]).astype(np.float32), **prompt}
+            seen = sampler.model_input(k, x)
+            feeds = {"latents": np.concatenate([seen, seen]).astype(np.float32), **prompt}
             if "timestep" in {i["name"] for i in m["inputs"]}:
                 feeds["timestep"] = np.full((2,), step["timestep"], dtype=np.int64)
             out_c, out_u = session.run(None, select(session, feeds))[0]
             guided = out_u + np.float32(m["cfg"]) * (out_c - out_u)
-            x = (np.float32(step["c_x"]) * x[0] + np.float32(step["c_out"]) * guided)[None].astype(np.float32)
+            x = sampler.step(k, x[0], guided)[None]
             result.step_seconds.append(time.perf_counter() - start)
             units.done(f"t={step['timestep']}")
         result.latents = x

@@ -8,9 +8,11 @@ from typing import Any
 
 from qexport.errors import QexportError
 
-SCHEMA_VERSION = 1  # what a build writes
-KV_SCHEMA_VERSION = 2  # schema 1 + `kv`: written by --precompute-kv builds only (a schema-1 reader would feed `cond`)
-READABLE_SCHEMA = KV_SCHEMA_VERSION
+# 1: steps carry the affine DDIM step (c_x, c_out); 2: 1 + `kv` (K/V precompute builds; a schema-1
+# reader would feed `cond`); 3: the `scheduler` block (coefficients over the samples and model
+# outputs so far, noise, input scaling) replaces c_x / c_out (a schema-2 reader would miss it).
+SCHEMA_VERSION = 3  # what a build writes
+READABLE_SCHEMA = 3
 MANIFEST = "manifest.json"
 
 
