@@ -36,8 +36,13 @@ NOISE_SEED = 1234  # the probe's per-step noise generator seed (any fixed value)
 
 
 def _ready(scheduler: Any, steps: int, set_timesteps: dict[str, Any] | None) -> Any:
+    """A copy of the scheduler set up as the pipeline set it up: its recorded set_timesteps keywords
+    (a pipeline may give sigmas or timesteps instead of a step count), else `steps` steps."""
     fresh = copy.deepcopy(scheduler)
-    fresh.set_timesteps(steps, **(set_timesteps or {}))
+    kwargs = dict(set_timesteps or {})
+    if not any(k in kwargs for k in ("num_inference_steps", "sigmas", "timesteps")):
+        kwargs["num_inference_steps"] = steps
+    fresh.set_timesteps(**kwargs)
     return fresh
 
 

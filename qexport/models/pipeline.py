@@ -1,0 +1,186 @@
+"""A user's diffusers pipeline folder, run by the pipeline's own ``__call__``: the folder loaded by
+its model_index.json (every component class taken from it), and one sampling run traced — how the
+pipeline set up its scheduler, what the scheduler was given and returned at every step (the
+sample, the guided model output after any learned-sigma split), and every keyword input of every
+transformer call with the step it belongs to (from the scheduler's step count, not by counting
+calls: a pipeline may call the transformer more than once per step)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qexport.errors import QexportError
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # a folder never reaches for the hub
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorSpec:
+        return cls(shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+
+
+@dataclass(kw_only=True)
+class TransformerCall:
+    """One call of a denoiser: the step it belongs to, the module, and its inputs by keyword
+    (tensors by spec; other values as given, nested dicts flattened with dots)."""
+
+    step: int
+    module: str  # "transformer" or e.g. "transformer_2" (Wan 2.2's low-noise expert)
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Trace:
+    """One traced sampling run."""
+
+    pipeline: str  # the pipeline class
+    scheduler: Any  # a pristine copy of the folder's scheduler, as loaded (before set_timesteps)
+    set_timesteps: dict[str, Any] = field(default_factory=dict)  # the keywords the pipeline set it up with
+    samples: list[np.ndarray] = field(default_factory=list)  # x[i]: what scheduler.step got as the sample
+    outputs: list[np.ndarray] = field(default_factory=list)  # the model output scheduler.step got (guided)
+    timesteps: list[float] = field(default_factory=list)
+    results: list[np.ndarray] = field(default_factory=list)  # x[i+1]: what scheduler.step returned
+    calls: list[TransformerCall] = field(default_factory=list)
+    output: Any = None  # what __call__ returned
+
+
+def load_pipeline(folder: Path) -> Any:
+    """The pipeline of a folder written by save_pretrained, every class taken from its model_index.json.
+
+    Raises:
+        QexportError: no folder or no model_index.json, a component folder it names missing, or a
+            class the installed diffusers / transformers lack.
+    """
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise QexportError(f"{folder} has no model_index.json; point at a folder saved by a pipeline's save_pretrained")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QexportError(f"cannot read {index_path}: {exc}") from exc
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if not (folder / name).is_dir():
+            raise QexportError(
+                f"{folder} names a {spec[1]} component {name!r} in model_index.json but has no {name}/ folder"
+            )
+    import diffusers
+
+    cls = getattr(diffusers, str(index.get("_class_name", "")), None)
+    if cls is None:
+        raise QexportError(f"{index_path} names pipeline class {index.get('_class_name')!r}, which diffusers lacks")
+    saved = {k: os.environ.get(k) for k in OFFLINE}
+    os.environ.update(OFFLINE)
+    try:
+        return cls.from_pretrained(str(folder), torch_dtype=torch.float32)
+    except (OSError, ValueError, ImportError, AttributeError) as exc:
+        raise QexportError(f"cannot load {index['_class_name']} from {folder}: {exc}") from exc
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
+    """The pipeline's transformer(s) by component name."""
+    found = {name: m for name, m in pipe.components.items() if name.startswith("transformer") and m is not None}
+    if not found:
+        raise QexportError(
+            f"{type(pipe).__name__} has no transformer component; qexport exports diffusion transformers"
+        )
+    return found
+
+
+def _flatten(prefix: str, value: Any, call: TransformerCall) -> None:
+    if isinstance(value, torch.Tensor):
+        call.tensors[prefix] = TensorSpec.of(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, call)
+    else:
+        call.values[prefix] = value
+
+
+def _plain(value: Any) -> Any:
+    """A set_timesteps keyword as JSON-able data (sigmas come as numpy arrays or lists)."""
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return np.asarray(value, dtype=np.float64).tolist()
+    if isinstance(value, np.floating | np.integer):
+        return value.item()
+    return value
+
+
+@contextmanager
+def tracing(pipe: Any) -> Iterator[Trace]:
+    """Within the block, the pipeline's scheduler and transformer calls are recorded into the trace."""
+    scheduler = pipe.scheduler
+    trace = Trace(pipeline=type(pipe).__name__, scheduler=copy.deepcopy(scheduler))
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+    @functools.wraps(set_timesteps)  # pipelines inspect its signature (sigmas, timesteps)
+    def record_set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        names = ("num_inference_steps", "device")
+        given = {**dict(zip(names, args, strict=False)), **kwargs}
+        trace.set_timesteps = {k: _plain(v) for k, v in given.items() if k != "device" and v is not None}
+        return set_timesteps(*args, **kwargs)
+
+    @functools.wraps(step)  # pipelines inspect its signature (generator, eta)
+    def record_step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = step(model_output, timestep, sample, *args, **kwargs)
+        prev = result[0] if isinstance(result, tuple) else result.prev_sample
+        trace.samples.append(sample.detach().double().cpu().numpy())
+        trace.outputs.append(model_output.detach().double().cpu().numpy())
+        trace.timesteps.append(float(timestep))
+        trace.results.append(prev.detach().double().cpu().numpy())
+        return result
+
+    def hook(name: str) -> Any:
+        def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            call = TransformerCall(step=len(trace.samples), module=name)
+            for i, a in enumerate(args):
+                _flatten(f"arg{i}", a, call)
+            for k, v in kwargs.items():
+                _flatten(k, v, call)
+            trace.calls.append(call)
+
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in denoisers(pipe).items()]
+    scheduler.set_timesteps, scheduler.step = record_set_timesteps, record_step
+    try:
+        yield trace
+    finally:
+        scheduler.set_timesteps, scheduler.step = set_timesteps, step
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def trace_call(pipe: Any, **kwargs: Any) -> Trace:
+    """Run the pipeline's own __call__ with these arguments and return its trace."""
+    with tracing(pipe) as trace:
+        trace.output = pipe(**kwargs)
+    if not trace.samples:
+        raise QexportError(f"{trace.pipeline} called no scheduler step; nothing to calibrate")
+    return trace
