@@ -11,7 +11,6 @@ from qexport.calib.store import QStats
 from qexport.exporter.built import BuildConfig, BuiltRange
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
 from qexport.exporter.mixed import mixed_manifest, raised
-from qexport.exporter.scheduler import check, probe
 from qexport.passes.attention import OPERANDS
 from qexport.passes.plan import Smooth
 from qexport.passes.techniques import ORDER
@@ -20,6 +19,7 @@ from qexport.targets.profile import TargetProfile
 from qexport import __version__
 from qexport.media import atomic_write
 from qexport.models.adapter import ModelAdapter
+from qexport.models.scheduler import check, probe
 from qexport.runtime.manifest import MANIFEST, SCHEMA_VERSION
 
 

@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("transformers", minversion="5", reason="the tiny pipelines need transformers>=5")
 
 from pipelines import FAMILIES, call_kwargs
-from qexport.exporter.scheduler import CHECK_RTOL, check, probe
 
 from qexport.errors import QexportError
 from qexport.models.pipeline import load_pipeline, trace_call
+from qexport.models.scheduler import CHECK_RTOL, check, probe
 from qexport.runtime.scheduler import EdgeScheduler
 
 STEPS = 4  # enough for the multistep solvers to read back

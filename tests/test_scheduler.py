@@ -6,9 +6,9 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from qexport.exporter.scheduler import CHECK_RTOL, apply, check, probe
 
 from qexport.errors import QexportError
+from qexport.models.scheduler import CHECK_RTOL, apply, check, probe
 from qexport.runtime.scheduler import EdgeScheduler, legacy_block
 
 CASES = {

@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from qexport.errors import QexportError
 from qexport.models.conditioning import Conditioner
 from qexport.models.families import Family, family_of
 
@@ -42,7 +43,10 @@ class Denoiser(nn.Module):
     def __init__(self, transformer: nn.Module, class_name: str, in_channels: int) -> None:
         super().__init__()
         self.transformer = transformer
-        self.call = family_of(class_name).call
+        call = family_of(class_name).call
+        if call is None:
+            raise QexportError(f"{class_name} runs only through its pipeline's own __call__ (qexport.models.pipeline)")
+        self.call: str = call
         self.in_channels = in_channels
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

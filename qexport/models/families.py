@@ -40,9 +40,12 @@ class Family:
 
     class_name: str
     conditioning: Literal["caption", "label"]  # caption embeddings [B, tokens, dim], or class ids [B]
-    call: Literal["class_labels", "encoder_hidden_states", "pixart"]  # the keyword its condition goes in
+    # the keyword its condition goes in when qexport calls the transformer itself (a bare transformer
+    # folder or a built-in); None: only through its pipeline's own __call__ (models.pipeline)
+    call: Literal["class_labels", "encoder_hidden_states", "pixart"] | None
     frames_key: str | None = None  # config key of the frame count when latents are [C, F, H, W]
     attention: AttentionNames = field(default_factory=AttentionNames)
+    blocks: str = "*transformer_blocks.*"  # the linears quantized by default (fnmatch; minus calib's FP list)
 
 
 FAMILIES: dict[str, Family] = {
@@ -56,6 +59,11 @@ FAMILIES: dict[str, Family] = {
             call="encoder_hidden_states",
             frames_key="video_length",
         ),
+        Family(class_name="SD3Transformer2DModel", conditioning="caption", call=None),
+        Family(class_name="FluxTransformer2DModel", conditioning="caption", call=None),
+        Family(class_name="WanTransformer3DModel", conditioning="caption", call=None, blocks="blocks.*"),
+        Family(class_name="CogVideoXTransformer3DModel", conditioning="caption", call=None),
+        Family(class_name="LTXVideoTransformer3DModel", conditioning="caption", call=None),
     )
 }
 

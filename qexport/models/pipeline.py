@@ -11,7 +11,7 @@ import copy
 import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,9 +131,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+CallHook = Callable[[int, int], None]  # (step index, batch) before each transformer call
+
+
 @contextmanager
-def tracing(pipe: Any) -> Iterator[Trace]:
-    """Within the block, the pipeline's scheduler and transformer calls are recorded into the trace."""
+def tracing(pipe: Any, on_call: CallHook | None = None) -> Iterator[Trace]:
+    """Within the block, the pipeline's scheduler and transformer calls are recorded into the trace;
+    on_call, if given, hears each transformer call's step and batch before the call runs."""
     scheduler = pipe.scheduler
     trace = Trace(pipeline=type(pipe).__name__, scheduler=copy.deepcopy(scheduler))
     set_timesteps, step = scheduler.set_timesteps, scheduler.step
@@ -163,6 +167,9 @@ def tracing(pipe: Any) -> Iterator[Trace]:
             for k, v in kwargs.items():
                 _flatten(k, v, call)
             trace.calls.append(call)
+            if on_call is not None:
+                x = call.tensors.get("hidden_states") or call.tensors.get("arg0")
+                on_call(call.step, x.shape[0] if x is not None and x.shape else 1)
 
         return pre
 
@@ -177,9 +184,9 @@ def tracing(pipe: Any) -> Iterator[Trace]:
 
 
 @torch.no_grad()
-def trace_call(pipe: Any, **kwargs: Any) -> Trace:
+def trace_call(pipe: Any, on_call: CallHook | None = None, **kwargs: Any) -> Trace:
     """Run the pipeline's own __call__ with these arguments and return its trace."""
-    with tracing(pipe) as trace:
+    with tracing(pipe, on_call) as trace:
         trace.output = pipe(**kwargs)
     if not trace.samples:
         raise QexportError(f"{trace.pipeline} called no scheduler step; nothing to calibrate")

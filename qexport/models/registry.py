@@ -97,6 +97,11 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
         raise QexportError(
             f"{tdir / 'config.json'} is a {class_name or 'unnamed'} model; supported: {', '.join(FAMILIES)}"
         )
+    if FAMILIES[class_name].call is None:
+        raise QexportError(
+            f"{class_name} is calibrated through its pipeline's own sampling loop; point at the pipeline "
+            "folder (with model_index.json) and use qexport.calib.pipeline"
+        )
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     meta = index.get("qexport", {})
     try:

@@ -1,0 +1,138 @@
+"""``calibrate`` through a user's diffusers pipeline: its own ``__call__`` (scheduler, prompt
+encoding, masks, guidance, shapes) samples every (prompt, seed), while forward pre-hooks on the
+transformer's chosen linears collect the per-step statistics. The step of each transformer call
+comes from the scheduler's step count (a pipeline may call the transformer more than once per
+step), the batch from the call's own input. The header records how the pipeline set up its
+scheduler (the build's scheduler block is probed from it and checked) and the transformer's
+keyword inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from qexport.calib.collect import Collector
+from qexport.calib.run import CalibResult
+from qexport.calib.selection import LayerSelection, select_layers
+from qexport.calib.stats import HIST_BINS, MOMENTUM
+from qexport.calib.store import FORMAT, VERSION, QStats
+
+from qexport import __version__
+from qexport.errors import QexportError
+from qexport.models.families import family_of
+from qexport.models.pipeline import Trace, TransformerCall, denoisers, load_pipeline, trace_call
+from qexport.models.scheduler import check, probe
+from qexport.progress import Progress, Units
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineCalibConfig:
+    """Prompts x seeds, the step count, and the pipeline call's other arguments (height, width,
+    num_frames, guidance_scale, max_sequence_length, ...: whatever that pipeline takes)."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 20
+    call: dict[str, Any] = field(default_factory=dict)
+    include: tuple[str, ...] = ()  # default: the family's blocks
+    exclude: tuple[str, ...] = ()
+    histograms: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise QexportError("no calibration prompts given")
+        if not self.seeds:
+            raise QexportError("no seeds given")
+        if not 1 <= self.steps <= 1000:
+            raise QexportError(f"--steps must be in 1..1000, got {self.steps}")
+        taken = {"prompt", "num_inference_steps", "generator", "latents", "output_type", "callback_on_step_end"}
+        if clash := sorted(taken & set(self.call)):
+            raise QexportError(f"pipeline argument {clash[0]!r} is set by calibration itself; drop it")
+
+
+def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Progress | None = None) -> CalibResult:
+    """Per-layer, per-step activation statistics from the pipeline's own sampling loop.
+
+    Raises:
+        QexportError: an unloadable folder, a pipeline with two denoisers, a transformer class
+            without a family entry, patterns that match nothing, before any sampling.
+    """
+    start = time.perf_counter()
+    pipe = load_pipeline(folder)
+    found = denoisers(pipe)
+    if list(found) != ["transformer"]:
+        raise QexportError(f"{type(pipe).__name__} has denoisers {', '.join(found)}; one transformer is supported")
+    transformer = found["transformer"]
+    family = family_of(type(transformer).__name__)
+    selection = LayerSelection(include=config.include or (family.blocks,), exclude=config.exclude)
+    selected = select_layers(transformer, selection)
+    collector = Collector(selected.layers, config.steps, config.histograms, torch.device("cpu"))
+    runs = [(p, s) for s in config.seeds for p in config.prompts]
+    units = Units(progress, "calibrating (pipeline runs)", len(runs))
+    units.start(f"{len(runs)} run(s) of {type(pipe).__name__}, {config.steps} steps")
+
+    def on_call(step: int, batch: int) -> None:
+        if step >= config.steps:
+            raise QexportError(f"{type(pipe).__name__} called its transformer after step {config.steps}")
+        collector.step = step
+        collector.samples = batch
+
+    traces: list[Trace] = []
+    try:
+        for prompt, seed in runs:
+            traces.append(trace_call(pipe, on_call, prompt=prompt, num_inference_steps=config.steps,
+                                     generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                                     **config.call))  # fmt: skip
+            if len(traces[-1].samples) != config.steps:
+                raise QexportError(f"{type(pipe).__name__} ran {len(traces[-1].samples)} steps, not {config.steps}")
+            units.done(f"seed {seed}")
+    finally:
+        layers = collector.close()
+    header = _header(folder, pipe, traces[0], config, selected.layers, selected.excluded)
+    return CalibResult(stats=QStats(header=header, layers=layers), hooked=len(selected.layers),
+                       excluded=selected.excluded, batches=len(runs), seconds=time.perf_counter() - start)  # fmt: skip
+
+
+def _call(call: TransformerCall) -> dict[str, Any]:
+    """One transformer call's inputs as JSON: tensors by shape and dtype, other values by repr."""
+    return {"step": call.step, "tensors": {k: asdict(v) for k, v in call.tensors.items()},
+            "values": {k: repr(v) for k, v in call.values.items()}}  # fmt: skip
+
+
+def _header(
+    folder: Path, pipe: Any, trace: Trace, config: PipelineCalibConfig, layers: dict, excluded: list[str]
+) -> dict[str, Any]:
+    transformer = pipe.transformer
+    block = probe(trace.scheduler, config.steps, trace.set_timesteps)
+    check(trace.scheduler, block)
+    config_hash = hashlib.sha256(repr(sorted(dict(transformer.config).items())).encode()).hexdigest()[:16]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "tool_version": __version__,
+        "model_id": f"diffusers:{folder}",
+        "class_name": type(transformer).__name__,
+        "pipeline": type(pipe).__name__,
+        "config_hash": config_hash,
+        "steps": config.steps,
+        "timesteps": [s["timestep"] for s in block["steps"]],
+        "scheduler": block,
+        "transformer_calls": [_call(c) for c in trace.calls if c.step == 0],
+        "call": {k: repr(v) for k, v in config.call.items()},
+        "prompts_hash": hashlib.sha256("\n".join(config.prompts).encode()).hexdigest()[:16],
+        "prompts": len(config.prompts),
+        "prompt_texts": list(config.prompts),
+        "seeds": list(config.seeds),
+        "noise": "the pipeline's own: torch.Generator('cpu').manual_seed(seed)",
+        "samples": len(config.prompts) * len(config.seeds),
+        "shard": None,
+        "momentum": MOMENTUM,
+        "histograms": config.histograms,
+        "hist_bins": HIST_BINS if config.histograms else 0,
+        "layers": {n: {"in_features": m.in_features, "out_features": m.out_features} for n, m in layers.items()},
+        "excluded": excluded,
+    }

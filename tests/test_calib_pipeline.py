@@ -1,0 +1,61 @@
+"""Calibration through a real pipeline's own __call__: every chosen linear gets statistics for
+every step, each step counts exactly the transformer inputs the pipeline fed it (CFG doubles the
+batch; Flux has none), the hooks leave the pipeline's result unchanged, and the header carries the
+scheduler block the build will use (probed from the folder's scheduler, checked) and the
+transformer's keyword inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers", minversion="5", reason="the tiny pipelines need transformers>=5")
+
+from pipelines import FAMILIES, call_kwargs
+from qexport.calib.pipeline import PipelineCalibConfig, calibrate_pipeline
+
+from qexport.errors import QexportError
+from qexport.models.pipeline import load_pipeline
+
+STEPS = 3
+PROMPTS = ("a red circle", "a blue square")
+TAKEN = ("prompt", "num_inference_steps", "generator", "output_type", "class_labels", "negative_prompt")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {name: make(root) for name, make in FAMILIES.items() if name != "dit"}  # DiT takes class labels
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "dit"])
+def test_pipeline_calibration_counts_every_call_of_every_step(folders, family):
+    if family == "wan2.1":
+        pytest.importorskip("accelerate", reason="diffusers loads WanTransformer3DModel only with accelerate")
+    call = {k: v for k, v in call_kwargs(family).items() if k not in TAKEN}
+    config = PipelineCalibConfig(prompts=PROMPTS, seeds=(0,), steps=STEPS, call=call)
+    result = calibrate_pipeline(folders[family], config)
+    stats, header = result.stats, result.stats.header
+    assert result.hooked == len(stats.layers) > 0 and header["steps"] == STEPS
+    calls = header["transformer_calls"]
+    batch = calls[0]["tensors"].get("hidden_states", calls[0]["tensors"].get("arg0"))["shape"][0]
+    # CFG as one batch of cond + uncond; Wan calls the transformer twice per step (cond, then uncond);
+    # Flux has no CFG (guidance is embedded)
+    assert (len(calls), batch) == {"flux": (1, 1), "wan2.1": (2, 1)}.get(family, (1, 2))
+    tokens = {name: s.count for name, s in stats.layers.items()}
+    for name, count in tokens.items():  # every step saw both prompts' calls: the same count per step
+        assert count.shape == (STEPS,) and np.all(count > 0) and np.all(count == count[0]), (name, count)
+    assert header["scheduler"]["class"] == type(load_pipeline(folders[family]).scheduler).__name__
+    assert len(header["scheduler"]["steps"]) == STEPS
+
+    pipe = load_pipeline(folders[family])  # the hooks did not change what the pipeline computes
+    plain = pipe(prompt=PROMPTS[-1], num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0),
+                 output_type="latent", **call)  # fmt: skip
+    assert np.all(np.isfinite(np.asarray(plain[0] if isinstance(plain, tuple) else next(iter(plain.values())))))
+
+
+def test_pipeline_calibration_refuses_arguments_it_sets_and_bad_patterns(folders):
+    with pytest.raises(QexportError, match="pipeline argument 'generator' is set by calibration itself"):
+        PipelineCalibConfig(prompts=PROMPTS, call={"generator": None})
+    config = PipelineCalibConfig(prompts=PROMPTS, steps=2, include=("nothing.*",))
+    with pytest.raises(QexportError, match=r"layer pattern 'nothing\.\*' matches no linear layer"):
+        calibrate_pipeline(folders["pixart-alpha"], config)
