@@ -12,6 +12,7 @@ pytest.importorskip("transformers", minversion="5", reason="the tiny pipelines n
 
 from pipelines import FAMILIES, call_kwargs
 from qexport.calib.pipeline import PipelineCalibConfig, calibrate_pipeline
+from qexport.calib.store import load, save
 
 from qexport.errors import QexportError
 from qexport.models.pipeline import load_pipeline
@@ -28,7 +29,7 @@ def folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "dit"])
-def test_pipeline_calibration_counts_every_call_of_every_step(folders, family):
+def test_pipeline_calibration_counts_every_call_of_every_step(folders, family, tmp_path):
     if family == "wan2.1":
         pytest.importorskip("accelerate", reason="diffusers loads WanTransformer3DModel only with accelerate")
     call = {k: v for k, v in call_kwargs(family).items() if k not in TAKEN}
@@ -46,6 +47,9 @@ def test_pipeline_calibration_counts_every_call_of_every_step(folders, family):
         assert count.shape == (STEPS,) and np.all(count > 0) and np.all(count == count[0]), (name, count)
     assert header["scheduler"]["class"] == type(load_pipeline(folders[family]).scheduler).__name__
     assert len(header["scheduler"]["steps"]) == STEPS
+    save(stats, tmp_path / "run.qstats")  # the header is plain data
+    again = load(tmp_path / "run.qstats")
+    assert again.header["scheduler"] == header["scheduler"] and list(again.layers) == list(stats.layers)
 
     pipe = load_pipeline(folders[family])  # the hooks did not change what the pipeline computes
     plain = pipe(prompt=PROMPTS[-1], num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0),
