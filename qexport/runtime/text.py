@@ -1,0 +1,55 @@
+"""Text at the edge: a build's tokenizer.json and text-encoder ONNX parts, run with `tokenizers`
+and onnxruntime only. A prompt is tokenized as the pipelines do (special tokens added, padded to
+the part's max length); a prompt longer than that is refused, not cut."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from qexport.errors import QexportError
+
+
+class TextPart:
+    """One shipped tokenizer + text encoder (a manifest entry written by exporter.text_encoders)."""
+
+    def __init__(self, folder: Path, spec: dict[str, Any], options: ort.SessionOptions | None = None) -> None:
+        self.spec = spec
+        path = Path(folder) / spec["tokenizer"]
+        if not path.is_file():
+            raise QexportError(
+                f"tokenizer file {spec['tokenizer']} is missing from {folder}; rebuild with qexport build"
+            )
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.session = ort.InferenceSession(str(Path(folder) / spec["model"]), options,
+                                            providers=["CPUExecutionProvider"])  # fmt: skip
+
+    def tokens(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask) [1, max_length] int64.
+
+        Raises:
+            QexportError: the prompt is longer than the encoder's max length.
+        """
+        length = int(self.spec["max_length"])
+        ids = self.tokenizer.encode(prompt).ids
+        if len(ids) > length:
+            raise QexportError(
+                f"prompt {prompt[:40]!r}... is {len(ids)} tokens; {self.spec['name']} takes at most "
+                f"{length}: shorten it"
+            )
+        pad = length - len(ids)
+        return (np.array([ids + [self.spec["pad_id"]] * pad], dtype=np.int64),
+                np.array([[1] * len(ids) + [0] * pad], dtype=np.int64))  # fmt: skip
+
+    def encode(self, prompt: str) -> dict[str, np.ndarray]:
+        """The encoder's outputs by name (and the attention mask, as `attention_mask`)."""
+        ids, mask = self.tokens(prompt)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        values = self.session.run(None, {k: feeds[k] for k in self.spec["inputs"]})
+        return {**dict(zip(self.spec["outputs"], values, strict=True)), "attention_mask": mask}
