@@ -472,6 +472,11 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
 @click.option("--labels", help="Comma-separated class labels.")
 @click.option("--seeds", default="0", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("eval.json"), show_default=True)
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path),
+    help="Where report.html goes (default: report.html beside the JSON).",
+)
 @click.option("--threads", type=int, help="CPU threads of onnxruntime and torch (default: their own choice).")
 def eval_(
     folders: tuple[Path, ...],
@@ -479,6 +484,7 @@ def eval_(
     labels: str | None,
     seeds: str,
     output: Path,
+    report: Path | None,
     threads: int | None,
 ) -> None:
     """Accuracy of builds vs FP from the same noise (default prompts: the built-in evaluation set)."""
@@ -498,13 +504,17 @@ def eval_(
     set_threads(threads)
     from qexport.summaries import eval_table
     from qexport.verification.evaluate import evaluate, write_json
+    from qexport.verification.report import write_report
 
+    report = output.with_name("report.html") if report is None else report
+    manifests = {str(f): read_manifest(f) for f in folders}
     result = evaluate(list(folders), prompts, seed_list, progress=printer, threads=threads)
     printer.close()
     write_json(result, output)
+    write_report(report, result.to_json(), result.first_samples, manifests)
     for line in eval_table(result.to_json()):
         click.echo(line)
-    click.echo(f"wrote {output} in {duration(time.perf_counter() - start)}")
+    click.echo(f"wrote {output} and {report} in {duration(time.perf_counter() - start)}")
 
 
 @cli.command()

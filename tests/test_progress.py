@@ -83,7 +83,11 @@ def test_eval_prints_a_line_per_sample_when_piped(one_model, tmp_path):
     ticks = [line for line in lines if line.startswith("evaluating (samples): ")]
     # a start line, then per prompt: the FP sample, the build's sample, the build's per-step SQNR pass
     assert [t.split(": ")[1].split(" ")[0] for t in ticks] == [f"{k}/6" for k in range(7)], ticks
-    assert "'a blue square moving up'" in ticks[2] and proc.stdout.splitlines()[-1].startswith(f"wrote {out} in ")
+    report = tmp_path / "report.html"
+    assert "'a blue square moving up'" in ticks[2]
+    assert proc.stdout.splitlines()[-1].startswith(f"wrote {out} and {report} in ")
+    page = report.read_text()  # the report of the evaluated build: its options and verdict at the top
+    assert page.startswith("<!doctype html>") and "qexport report: tiny-latte" in page and "Headline numbers" in page
 
 
 def test_run_shows_steps_and_checks_its_arguments(one_model, tmp_path):
