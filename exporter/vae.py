@@ -37,6 +37,21 @@ class _Decode(nn.Module):
         return self.vae.decode(z, return_dict=False)[0]
 
 
+def vae_supported(pipe: Any) -> str:
+    """The pipeline's latent layout for its VAE decoder.
+
+    Raises:
+        QexportError: a pipeline or VAE class without a decoding rule here.
+    """
+    pipeline, vae = type(pipe).__name__, type(pipe.vae).__name__
+    layout = LAYOUTS.get(pipeline)
+    if layout is None or vae != "AutoencoderKL":
+        raise QexportError(
+            f"{pipeline} with {vae} has no VAE export yet; supported: AutoencoderKL in {', '.join(LAYOUTS)}"
+        )
+    return layout
+
+
 @torch.no_grad()
 def export_vae_decoder(pipe: Any, latents: torch.Tensor, folder: Path) -> dict[str, Any]:
     """Write vae_decoder.onnx for the latents the pipeline samples (one sample, as the pipeline's
@@ -45,14 +60,8 @@ def export_vae_decoder(pipe: Any, latents: torch.Tensor, folder: Path) -> dict[s
     Raises:
         QexportError: a pipeline or VAE class without a decoding rule here.
     """
-    pipeline, vae = type(pipe).__name__, pipe.vae
-    layout = LAYOUTS.get(pipeline)
-    if layout is None or type(vae).__name__ != "AutoencoderKL":
-        raise QexportError(
-            f"{pipeline} with {type(vae).__name__} has no VAE export yet; supported: AutoencoderKL in "
-            f"{', '.join(LAYOUTS)}"
-        )
-    config = vae.config
+    layout, vae = vae_supported(pipe), pipe.vae
+    pipeline, config = type(pipe).__name__, vae.config
     spec: dict[str, Any] = {
         "model": "vae_decoder.onnx",
         "class": type(vae).__name__,

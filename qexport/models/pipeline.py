@@ -22,6 +22,7 @@ import torch
 
 from qexport.errors import QexportError
 
+KEPT_STEPS = 2  # the steps whose transformer inputs and outputs a trace keeps (exporter.pipeline_parts)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # a folder never reaches for the hub
 
 
@@ -44,6 +45,8 @@ class TransformerCall:
     module: str  # "transformer" or e.g. "transformer_2" (Wan 2.2's low-noise expert)
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, np.ndarray] = field(default_factory=dict)  # the tensors' values (first KEPT_STEPS steps)
+    output: np.ndarray | None = None  # the call's first output (first KEPT_STEPS steps)
 
 
 @dataclass(kw_only=True)
@@ -112,12 +115,14 @@ def denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
     return found
 
 
-def _flatten(prefix: str, value: Any, call: TransformerCall) -> None:
+def _flatten(prefix: str, value: Any, call: TransformerCall, keep: bool) -> None:
     if isinstance(value, torch.Tensor):
         call.tensors[prefix] = TensorSpec.of(value)
+        if keep:
+            call.kept[prefix] = value.detach().cpu().numpy().copy()
     elif isinstance(value, dict):
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}", v, call)
+            _flatten(f"{prefix}.{k}", v, call, keep)
     else:
         call.values[prefix] = value
 
@@ -162,10 +167,11 @@ def tracing(pipe: Any, on_call: CallHook | None = None) -> Iterator[Trace]:
     def hook(name: str) -> Any:
         def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             call = TransformerCall(step=len(trace.samples), module=name)
+            keep = call.step < KEPT_STEPS
             for i, a in enumerate(args):
-                _flatten(f"arg{i}", a, call)
+                _flatten(f"arg{i}", a, call, keep)
             for k, v in kwargs.items():
-                _flatten(k, v, call)
+                _flatten(k, v, call, keep)
             trace.calls.append(call)
             if on_call is not None:
                 x = call.tensors.get("hidden_states") or call.tensors.get("arg0")
@@ -173,7 +179,14 @@ def tracing(pipe: Any, on_call: CallHook | None = None) -> Iterator[Trace]:
 
         return pre
 
+    def post(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        call = trace.calls[-1]
+        first = out[0] if isinstance(out, tuple | list) else getattr(out, "sample", out)
+        if call.step < KEPT_STEPS and isinstance(first, torch.Tensor):
+            call.output = first.detach().cpu().numpy().copy()
+
     handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in denoisers(pipe).items()]
+    handles += [m.register_forward_hook(post, with_kwargs=True) for m in denoisers(pipe).values()]
     scheduler.set_timesteps, scheduler.step = record_set_timesteps, record_step
     try:
         yield trace

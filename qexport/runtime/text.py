@@ -48,8 +48,16 @@ class TextPart:
                 np.array([[1] * len(ids) + [0] * pad], dtype=np.int64))  # fmt: skip
 
     def encode(self, prompt: str) -> dict[str, np.ndarray]:
-        """The encoder's outputs by name (and the attention mask, as `attention_mask`)."""
+        """The encoder's outputs by name, the attention mask as `attention_mask`, and for an encoder
+        that reads the mask its outputs with a mask of ones as `<output>:unmasked` (pipelines that
+        call it without a mask)."""
         ids, mask = self.tokens(prompt)
+        values = self._run(ids, mask)
+        if "attention_mask" in self.spec["inputs"]:
+            values.update({f"{k}:unmasked": v for k, v in self._run(ids, np.ones_like(mask)).items()})
+        return {**values, "attention_mask": mask}
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"input_ids": ids, "attention_mask": mask}
         values = self.session.run(None, {k: feeds[k] for k in self.spec["inputs"]})
-        return {**dict(zip(self.spec["outputs"], values, strict=True)), "attention_mask": mask}
+        return dict(zip(self.spec["outputs"], values, strict=True))

@@ -1,0 +1,318 @@
+"""A real pipeline's denoiser as an ONNX part, bound to what feeds it at the edge. From a traced run
+of the pipeline's own ``__call__``, every keyword input of its transformer is traced back to one
+source, by value:
+
+- ``latents``: the scheduler's sample times the step's input scale (repeated for a CFG batch);
+- ``timestep``: the step's timestep times a fixed factor (Flux feeds t / 1000);
+- ``text``: an output of one shipped text part (exporter.text_encoders) for the prompt and the
+  negative prompt, in the order the pipeline batches them; ``mask``: that part's attention mask;
+- ``constant``: the same value at every step (position ids, Flux's guidance, PixArt's size
+  conditions), stored with the build.
+
+An input that matches none is refused by name. The model output the scheduler got is then
+reproduced from the transformer's output (the learned-sigma half dropped where the output has twice
+the sample's channels, classifier-free guidance as ``u + g·(c − u)``) and checked. The part is
+exported in FP32 with one timestep input (one model for every step)."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from qexport.exporter.text_encoders import TextPart
+from torch import nn
+
+from qexport.errors import QexportError
+from qexport.models.pipeline import Trace, TransformerCall
+
+RTOL = 1e-5
+OTHER_PROMPT = "a second, different caption"  # traced too: what depends on the prompt is not a constant
+DENOISER_OPSET = 17
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= RTOL * max(float(np.abs(b).max()), 1e-12)))
+
+
+def call_default(pipe: Any, name: str) -> Any:
+    """A keyword's default in the pipeline's __call__ (None when it has none)."""
+    p = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+@torch.no_grad()
+def text_values(part: TextPart, prompt: str, length: int) -> dict[str, np.ndarray]:
+    """The part's outputs and mask for a prompt, tokenized as the edge tokenizes (padded to length);
+    for an encoder that reads the mask, also its outputs without one (``<output>:unmasked``: Flux
+    calls T5 so), which the edge computes with a mask of ones."""
+    tokens = part.tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    values = _encoded(part, tokens["input_ids"], tokens["attention_mask"] if part.takes_mask else None)
+    if part.takes_mask:
+        ones = _encoded(part, tokens["input_ids"], torch.ones_like(tokens["attention_mask"]))
+        values.update({f"{k}:unmasked": v for k, v in ones.items()})
+    return {**values, "mask": tokens["attention_mask"].numpy()}
+
+
+def _encoded(part: TextPart, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, np.ndarray]:
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    out = part.encoder(ids, output_hidden_states=True, **kwargs)
+    values = {"last_hidden_state": out.hidden_states[-1], "penultimate_hidden_state": out.hidden_states[-2]}
+    pooled = getattr(out, "text_embeds", None)
+    pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
+    if pooled is not None:
+        values["pooled"] = pooled
+    return {k: v.numpy() for k, v in values.items()}
+
+
+def _text_source(value: np.ndarray, texts: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any] | None:
+    """texts: part -> {"cond": outputs, "uncond": outputs}."""
+    for part, sides in texts.items():
+        for output in sides["cond"]:
+            c, u = sides["cond"][output], sides["uncond"][output]
+            for order, joined in (("uncond,cond", (u, c)), ("cond,uncond", (c, u)), ("cond", (c,)), ("uncond", (u,))):
+                if _same(value, np.concatenate(joined)):
+                    kind = "mask" if output == "mask" else "text"
+                    return {"source": kind, "part": part, "output": output, "order": order}
+    return None
+
+
+Texts = dict[str, dict[str, dict[str, np.ndarray]]]  # part -> "cond" / "uncond" -> output -> value
+
+
+def bind_inputs(trace: Trace, block: dict[str, Any], texts: Texts, other: Trace) -> list[dict[str, Any]]:
+    """Per transformer call of a step, its inputs' sources (see the module doc). `other` is a trace
+    of the same call with another prompt: a constant must be the same there too (else it depends on
+    the prompt in a way no text part reproduces).
+
+    Raises:
+        QexportError: an input that matches no source, or calls whose layout changes between steps.
+    """
+    first = [c for c in trace.calls if c.step == 0]
+    second = [c for c in trace.calls if c.step == 1]
+    elsewhere = [c for c in other.calls if c.step == 0]
+    for call, there in zip(first, elsewhere, strict=True):
+        moved = [n for n, spec in call.tensors.items() if there.tensors.get(n) != spec]
+        if moved:
+            raise QexportError(
+                f"{trace.pipeline}'s transformer input {moved[0]!r} changes shape with the prompt "
+                f"({list(call.tensors[moved[0]].shape)} vs {list(there.tensors[moved[0]].shape)}: the pipeline cuts "
+                "its caption embeddings to the prompt's length); a fixed-shape edge model cannot follow it"
+            )
+    if len(second) != len(first):
+        raise QexportError(f"{trace.pipeline} calls its transformer {len(first)} then {len(second)} times per step")
+    layouts = []
+    for k, call in enumerate(first):
+        later = second[k] if second else None
+        layout = []
+        for name, value in call.kept.items():
+            spec = {"name": name, "dtype": call.tensors[name].dtype, "shape": list(value.shape)}
+            x = trace.samples[0] * block["steps"][0]["input_scale"]
+            batch = value.shape[0] if value.ndim else 1
+            t0 = block["steps"][0]["timestep"]
+            if value.ndim and _same(value, np.concatenate([x] * max(batch // len(x), 1))) and batch % len(x) == 0:
+                layout.append({**spec, "source": "latents", "repeat": batch // len(x)})
+            elif later is not None and _is_timestep(value, later.kept[name], block):
+                layout.append({**spec, "source": "timestep", "factor": float(value.flat[0]) / t0})
+            elif (found := _text_source(value, texts)) is not None:
+                layout.append({**spec, **found})
+            elif later is not None and _same(value, later.kept[name]) and _same(value, elsewhere[k].kept[name]):
+                layout.append({**spec, "source": "constant"})
+            else:
+                raise QexportError(
+                    f"{trace.pipeline}'s transformer input {name!r} {list(value.shape)} is none of the latents, the "
+                    "timestep, a text part's output or mask, or a constant; this pipeline needs its own binding"
+                )
+        layouts.append(layout)
+    return [
+        {"inputs": layout, "values": {k: repr(v) for k, v in call.values.items()}}
+        for layout, call in zip(layouts, first, strict=True)
+    ]
+
+
+def _is_timestep(v0: np.ndarray, v1: np.ndarray, block: dict[str, Any]) -> bool:
+    """One value broadcast over the batch, the same multiple of the block's timestep at steps 0 and 1."""
+    t0, t1 = block["steps"][0]["timestep"], block["steps"][1]["timestep"]
+    if not v0.size or v0.ndim > 1 or not t0 or not _same(v0, np.full(v0.shape, float(v0.flat[0]))):
+        return False
+    f0 = float(v0.flat[0]) / t0
+    return bool(t1) and abs(float(v1.flat[0]) / t1 - f0) <= 1e-5 * max(abs(f0), 1e-12)
+
+
+def output_rule(trace: Trace, guidance: float | None) -> dict[str, Any]:
+    """How the scheduler's model output comes from the transformer's outputs at a step: the channel
+    split and the CFG combination, checked on the first step.
+
+    Raises:
+        QexportError: the pipeline's model output is not reproduced.
+    """
+    calls = [c for c in trace.calls if c.step == 0]
+    outs = [c.output for c in calls if c.output is not None]
+    if len(outs) != len(calls):
+        raise QexportError(f"{trace.pipeline}'s transformer returned no tensor")
+    channels = trace.samples[0].shape[1]
+    split = channels if outs[0].ndim > 1 and outs[0].shape[1] == 2 * channels else None
+    parts = [o[:, :split] if split else o for o in outs]
+    joined = np.concatenate(parts)
+    want = trace.outputs[0]
+    for rule in ("none", "uncond,cond", "cond,uncond"):
+        if rule == "none":
+            got = joined
+        elif len(joined) == 2 * len(want) and guidance is not None:
+            u, c = np.split(joined, 2) if rule == "uncond,cond" else np.split(joined, 2)[::-1]
+            got = u + guidance * (c - u)
+        else:
+            continue
+        if got.shape == want.shape and _same(got, want):
+            return {"split": split, "cfg": rule, "guidance": guidance}
+    raise QexportError(f"{trace.pipeline}'s model output is not the transformer's output with CFG; not supported yet")
+
+
+class _Bound(nn.Module):
+    """The transformer called with the bound inputs as positional ONNX inputs, constants inside."""
+
+    def __init__(self, transformer: nn.Module, call: TransformerCall, layout: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.names = [i["name"] for i in layout if i["source"] != "constant"]
+        self.constants = {
+            i["name"]: torch.from_numpy(call.kept[i["name"]]) for i in layout if i["source"] == "constant"
+        }
+        self.values = dict(call.values)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        flat: dict[str, Any] = {**self.values, **self.constants, **dict(zip(self.names, inputs, strict=True))}
+        args = [flat.pop(k) for k in sorted(k for k in flat if k.startswith("arg") and k[3:].isdigit())]
+        kwargs: dict[str, Any] = {}
+        for key, value in flat.items():
+            head, _, rest = key.partition(".")
+            if rest:
+                kwargs.setdefault(head, {})[rest] = value
+            else:
+                kwargs[key] = value
+        out = self.transformer(*args, **kwargs)
+        return out[0] if isinstance(out, tuple | list) else out.sample
+
+
+def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
+    """aten::rms_norm (Flux's, Wan's RMS norms) for the TorchScript exporter, which has none:
+    x / sqrt(mean(x², last axes) + eps) · weight, in opset-17 ops."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(shape, "is", "normalized_shape")
+    value = sh._maybe_get_const(eps, "f")
+    epsilon = float(torch.finfo(torch.float32).eps) if sh._is_none(eps) else float(value)
+    mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=list(range(-len(dims), 0)), keepdims_i=1)
+    root = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(epsilon, dtype=torch.float32))))
+    y = g.op("Div", x, root)
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, DENOISER_OPSET)
+
+
+@torch.no_grad()
+def export_denoiser(transformer: nn.Module, call: TransformerCall, layout: list[dict[str, Any]], path: Path) -> None:
+    """transformer.onnx with the layout's non-constant inputs, FP32, static shapes."""
+    model = _Bound(transformer, call, layout).eval()
+    inputs = tuple(torch.from_numpy(call.kept[n]) for n in model.names)
+    torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=DENOISER_OPSET, input_names=model.names,
+                      output_names=["output"], do_constant_folding=True)  # fmt: skip
+    onnx.checker.check_model(str(path))
+
+
+def _lengths(trace: Trace) -> list[int]:
+    """Token counts a text part may have been padded to: every recorded tensor's second axis, and 77."""
+    dims = {v.shape[1] for c in trace.calls for v in c.kept.values() if v.ndim >= 2}
+    return sorted(dims | {77})
+
+
+def text_inputs(parts: list[TextPart], trace: Trace, prompt: str, negative: str) -> tuple[dict[str, int], Texts]:
+    """Each used part's padded length and its values for the prompt and the negative prompt: the
+    length at which one of its outputs is one of the transformer's inputs (parts never fed directly
+    are left out)."""
+    kept = [v for c in trace.calls if c.step == 0 for v in c.kept.values()]
+    lengths: dict[str, int] = {}
+    texts: Texts = {}
+    for part in parts:
+        for length in [n for n in _lengths(trace) if n <= part.tokenizer.model_max_length]:
+            sides = {"cond": text_values(part, prompt, length), "uncond": text_values(part, negative, length)}
+            hidden = {side: {k: v for k, v in values.items() if k != "mask"} for side, values in sides.items()}
+            if any(_text_source(v, {part.name: hidden}) for v in kept):  # a mask alone is too easily matched
+                lengths[part.name], texts[part.name] = length, sides
+                break
+    return lengths, texts
+
+
+@torch.no_grad()
+def export_fp_pipeline(folder: Path, out: Path, prompt: str, steps: int, call: dict[str, Any]) -> dict[str, Any]:
+    """An FP build of a pipeline folder for the edge loop (runtime.pipeline_loop): text parts,
+    transformer.onnx with its bound inputs, the scheduler block, the VAE decoder; returns the
+    manifest (also written to out/manifest.json).
+
+    Raises:
+        QexportError: anything of the pipeline that is not bound or not exportable, by name.
+    """
+    import json
+
+    from qexport.exporter.text_encoders import export_text_part, text_parts
+    from qexport.exporter.vae import export_vae_decoder, vae_supported
+
+    from qexport.models.pipeline import load_pipeline, trace_call
+    from qexport.models.scheduler import check, probe
+
+    pipe = load_pipeline(folder)
+    if "prompt" not in inspect.signature(type(pipe).__call__).parameters:
+        raise QexportError(f"{type(pipe).__name__} takes no prompt (class labels); its edge loop is not supported yet")
+    vae_supported(pipe)
+    negative = call.get("negative_prompt", call_default(pipe, "negative_prompt")) or ""
+    guidance = call.get("guidance_scale", call_default(pipe, "guidance_scale"))
+    seed = torch.Generator("cpu").manual_seed
+    runs = [trace_call(pipe, prompt=p, num_inference_steps=steps, output_type="latent", generator=seed(0), **call)
+            for p in (prompt, OTHER_PROMPT)]  # fmt: skip
+    trace = runs[0]
+    block = probe(trace.scheduler, steps, trace.set_timesteps)
+    check(trace.scheduler, block)
+    parts = text_parts(pipe)
+    lengths, texts = text_inputs(parts, trace, prompt, negative)
+    calls = bind_inputs(trace, block, texts, runs[1])
+    rule = output_rule(trace, guidance)
+    if out.exists():
+        raise QexportError(f"{out} exists; choose a new folder")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        text_specs = [export_text_part(p, partial, lengths[p.name]) for p in parts if p.name in lengths]
+        first = next(c for c in trace.calls if c.step == 0)
+        try:
+            export_denoiser(pipe.transformer, first, calls[0]["inputs"], partial / "transformer.onnx")
+        except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:
+            name = type(pipe.transformer).__name__
+            raise QexportError(f"cannot export {name} with its recorded inputs to ONNX: {exc}") from exc
+        vae = export_vae_decoder(pipe, torch.from_numpy(trace.results[-1][:1].astype(np.float32)), partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    manifest = {
+        "schema_version": 3,
+        "pipeline": {
+            "class": trace.pipeline,
+            "negative_prompt": negative,
+            "calls": calls,
+            **rule,
+            "text": text_specs,
+            "denoiser": "transformer.onnx",
+            "vae": vae,
+        },
+        "scheduler": block,
+        "latent_shape": list(trace.samples[0].shape[1:]),
+    }
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    partial.rename(out)  # whole or not at all
+    return manifest

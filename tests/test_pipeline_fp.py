@@ -1,0 +1,70 @@
+"""An FP build of a real pipeline runs at the edge from text to pixels: its transformer inputs bound
+to the latents, timestep, text parts and constants by value, its output rule (learned-sigma split,
+CFG) checked, and the edge loop (tokenizers, text parts, transformer, scheduler block, VAE) gives
+the pipeline's own decoded output from the same first sample."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers", minversion="5", reason="the tiny pipelines need transformers>=5")
+
+from pipelines import FAMILIES, PROMPT, call_kwargs
+from qexport.exporter.pipeline_parts import export_fp_pipeline
+
+from qexport.errors import QexportError
+from qexport.models.pipeline import load_pipeline, trace_call
+from qexport.runtime.pipeline_loop import PipelineLoop
+
+STEPS = 3
+OWN = ("prompt", "num_inference_steps", "generator", "output_type")
+
+
+@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma", "flux"])
+def test_the_fp_edge_loop_gives_the_pipelines_own_pixels(tmp_path, family):
+    folder = FAMILIES[family](tmp_path / "src")
+    call = {k: v for k, v in call_kwargs(family).items() if k not in OWN}
+    manifest = export_fp_pipeline(folder, tmp_path / "build", PROMPT, STEPS, call)
+    pipe = load_pipeline(folder)
+    other = "a burger eating a painting"  # not the prompt the build traced: the bindings generalise
+    trace = trace_call(pipe, prompt=other, num_inference_steps=STEPS, output_type="np",
+                       generator=torch.Generator("cpu").manual_seed(0), **call)  # fmt: skip
+    want = np.asarray(trace.output[0] if isinstance(trace.output, tuple) else next(iter(trace.output.values())))
+    latents, images = PipelineLoop(tmp_path / "build", manifest).run(other, trace.samples[0].astype(np.float32))
+    ref = trace.results[-1]
+    assert np.linalg.norm(latents - ref) <= 1e-4 * np.linalg.norm(ref), np.linalg.norm(latents - ref) / np.linalg.norm(
+        ref
+    )
+    assert images is not None
+    want = want.reshape(images.shape)
+    assert np.linalg.norm(images - want) <= 1e-3 * np.linalg.norm(want), np.linalg.norm(images - want) / np.linalg.norm(
+        want
+    )
+    sources = {i["source"] for c in manifest["pipeline"]["calls"] for i in c["inputs"]}
+    assert {"latents", "timestep", "text"} <= sources
+
+
+def test_a_pipeline_whose_inputs_cannot_be_bound_is_refused_by_input_name(tmp_path):
+    folder = FAMILIES["sd3"](tmp_path / "src")  # SD3 joins two CLIPs and T5 into one sequence
+    call = {k: v for k, v in call_kwargs("sd3").items() if k not in OWN}
+    with pytest.raises(QexportError, match=r"transformer input 'encoder_hidden_states' .* needs its own binding"):
+        export_fp_pipeline(folder, tmp_path / "build", PROMPT, STEPS, call)
+    assert not (tmp_path / "build").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    ("family", "message"),
+    [
+        ("wan2.1", "WanPipeline with AutoencoderKLWan has no VAE export yet"),
+        ("cogvideox", "CogVideoXPipeline with AutoencoderKLCogVideoX has no VAE export yet"),
+        ("dit", "DiTPipeline takes no prompt"),
+        ("latte", "LattePipeline's transformer input 'encoder_hidden_states' changes shape with the prompt"),
+    ],
+)
+def test_pipelines_without_an_edge_loop_yet_are_refused_before_any_work(tmp_path, family, message):
+    if family == "wan2.1":
+        pytest.importorskip("accelerate", reason="diffusers loads WanTransformer3DModel only with accelerate")
+    call = {k: v for k, v in call_kwargs(family).items() if k not in OWN}
+    with pytest.raises(QexportError, match=message):
+        export_fp_pipeline(FAMILIES[family](tmp_path / "src"), tmp_path / "build", PROMPT, STEPS, call)
+    assert not (tmp_path / "build").exists() and not (tmp_path / "build.partial").exists()
