@@ -444,6 +444,12 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
     from qexport.runtime.loop import Pipeline, decode_pixels
 
     start = time.perf_counter()
+    from qexport.runtime.manifest import read_manifest
+
+    if "pipeline" in read_manifest(folder):
+        _run_pipeline(folder, prompt, seed, output)
+        click.echo(f"wrote {output} in {duration(time.perf_counter() - start)}")
+        return
     pipeline = Pipeline(folder, threads=check_threads(threads))
     m = pipeline.manifest
     text = conditioning_text((m.get("conditioning") or {}).get("kind", "caption"), prompt, label)
@@ -464,6 +470,61 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
         f"(first {1e3 * steps[0]:.0f} ms); model loading not hidden by the prefetch "
         f"{1e3 * sum(result.swap_seconds):.0f} ms; {duration(time.perf_counter() - start)} in all"
     )
+
+
+def _run_pipeline(folder: Path, prompt: str | None, seed: int, output: Path) -> None:
+    """`run` of a pipeline build (export-fp): text parts, transformer, scheduler block, VAE."""
+    import numpy as np
+
+    from qexport.media import output_paths, save_gif, save_png, strip
+    from qexport.runtime.loop import initial_noise
+    from qexport.runtime.manifest import read_manifest
+    from qexport.runtime.pipeline_loop import PipelineLoop
+    from qexport.runtime.scheduler import EdgeScheduler
+
+    if not prompt:
+        raise QexportError("this build takes a caption: pass --prompt")
+    m = read_manifest(folder)
+    start = EdgeScheduler.of(m, seed).start(initial_noise(tuple(m["latent_shape"]), seed))[None]
+    _, images = PipelineLoop(folder, m).run(prompt, start)
+    if images is None:
+        raise QexportError(f"{folder} ships no VAE decoder; nothing to write")
+    pixels = (images * 255).round().astype(np.uint8)
+    paths = output_paths(output, len(pixels) > 1)
+    if len(pixels) > 1:
+        save_gif(paths[0], pixels)
+        save_png(paths[1], strip(pixels))
+    else:
+        save_png(paths[0], pixels[0])
+
+
+@cli.command(name="export-fp")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The build folder (new).")
+@click.option(
+    "--prompt", default="a photo of a cat", show_default=True, help="The caption the pipeline is traced with."
+)
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--call", "calls", multiple=True, metavar="KEY=VALUE",
+              help="Another argument of the pipeline's __call__ (height=512, guidance_scale=4.5, ...).")  # fmt: skip
+def export_fp(folder: Path, output: Path, prompt: str, steps: int, calls: tuple[str, ...]) -> None:
+    """FP edge build of a diffusers pipeline folder: text parts, transformer, scheduler, VAE (no quantization yet)."""
+    import yaml
+
+    from qexport.exporter.pipeline_parts import export_fp_pipeline
+
+    start = time.perf_counter()
+    call = {}
+    for item in calls:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QexportError(f"--call takes KEY=VALUE, got {item!r}")
+        call[key] = yaml.safe_load(value)
+    manifest = export_fp_pipeline(folder, output, prompt, steps, call)
+    p = manifest["pipeline"]
+    inputs = ", ".join(f"{i['name']} <- {i['source']}" for c in p["calls"][:1] for i in c["inputs"])
+    click.echo(f"{p['class']}: {len(p['text'])} text part(s), transformer inputs {inputs}; CFG {p['cfg']}")
+    click.echo(f"wrote {output} in {duration(time.perf_counter() - start)}")
 
 
 @cli.command(name="eval")

@@ -68,3 +68,27 @@ def test_pipelines_without_an_edge_loop_yet_are_refused_before_any_work(tmp_path
     with pytest.raises(QexportError, match=message):
         export_fp_pipeline(FAMILIES[family](tmp_path / "src"), tmp_path / "build", PROMPT, STEPS, call)
     assert not (tmp_path / "build").exists() and not (tmp_path / "build.partial").exists()
+
+
+def test_export_fp_and_run_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from qexport.cli import cli
+
+    folder = FAMILIES["pixart-sigma"](tmp_path / "src")
+    runner = CliRunner()
+    args = ["export-fp", str(folder), "-o", str(tmp_path / "b"), "--prompt", PROMPT, "--steps", "2", "--call",
+            "height=8", "--call", "width=8", "--call", "use_resolution_binning=false", "--call", "clean_caption=false",
+            "--call", "max_sequence_length=16"]  # fmt: skip
+    done = runner.invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert "PixArtSigmaPipeline: 1 text part(s), transformer inputs " in done.output, done.output[-400:]
+    png = tmp_path / "out.png"
+    ran = runner.invoke(cli, ["run", str(tmp_path / "b"), "--prompt", "a burger", "-o", str(png)])
+    assert ran.exit_code == 0, ran.output
+    assert png.is_file() and png.stat().st_size > 0
+    missing = runner.invoke(cli, ["run", str(tmp_path / "b"), "-o", str(png)])
+    assert missing.exit_code != 0 and "this build takes a caption: pass --prompt" in str(missing.exception)
+    (tmp_path / "b" / "vae_decoder.onnx").unlink()
+    broken = runner.invoke(cli, ["run", str(tmp_path / "b"), "--prompt", "a burger", "-o", str(png)])
+    assert broken.exit_code != 0 and "model file vae_decoder.onnx named in" in str(broken.exception)

@@ -34,7 +34,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise QexportError(
             f"{path} has manifest schema {version}; this qexport reads schema <= {READABLE_SCHEMA}: upgrade qexport"
         )
-    for r in [*manifest.get("ranges", []), *([manifest["kv"]] if manifest.get("kv") else [])]:
+    parts = [*manifest.get("ranges", []), *([manifest["kv"]] if manifest.get("kv") else [])]
+    if pipeline := manifest.get("pipeline"):  # an export-fp build: its text, transformer and VAE parts
+        parts += [{"model": pipeline["denoiser"]}, *pipeline["text"], *([pipeline["vae"]] if pipeline["vae"] else [])]
+        parts += [{"model": t["tokenizer"]} for t in pipeline["text"]]
+    for r in parts:
         if not (Path(folder) / r["model"]).is_file():
-            raise QexportError(f"model file {r['model']} named in {path} is missing; rebuild with qexport build")
+            raise QexportError(f"model file {r['model']} named in {path} is missing; rebuild the folder")
     return manifest
