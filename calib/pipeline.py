@@ -8,7 +8,6 @@ keyword inputs."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,13 +15,12 @@ from typing import Any
 
 import torch
 from qexport.calib.collect import Collector
-from qexport.calib.run import CalibResult
+from qexport.calib.run import CalibResult, file_header
 from qexport.calib.selection import LayerSelection, select_layers
-from qexport.calib.stats import HIST_BINS, MOMENTUM
-from qexport.calib.store import FORMAT, VERSION, QStats
+from qexport.calib.store import QStats
 
-from qexport import __version__
 from qexport.errors import QexportError
+from qexport.models.adapter import config_hash
 from qexport.models.families import family_of
 from qexport.models.pipeline import Trace, TransformerCall, denoisers, load_pipeline, trace_call
 from qexport.models.scheduler import check, probe
@@ -109,30 +107,19 @@ def _header(
     transformer = pipe.transformer
     block = probe(trace.scheduler, config.steps, trace.set_timesteps)
     check(trace.scheduler, block)
-    config_hash = hashlib.sha256(repr(sorted(dict(transformer.config).items())).encode()).hexdigest()[:16]
     return {
-        "format": FORMAT,
-        "version": VERSION,
-        "tool_version": __version__,
+        **file_header(config.prompts, layers, excluded, config.histograms),
         "model_id": f"diffusers:{folder}",
         "class_name": type(transformer).__name__,
         "pipeline": type(pipe).__name__,
-        "config_hash": config_hash,
+        "config_hash": config_hash(type(transformer).__name__, dict(transformer.config)),
         "steps": config.steps,
         "timesteps": [s["timestep"] for s in block["steps"]],
         "scheduler": block,
         "transformer_calls": [_call(c) for c in trace.calls if c.step == 0],
         "call": {k: repr(v) for k, v in config.call.items()},
-        "prompts_hash": hashlib.sha256("\n".join(config.prompts).encode()).hexdigest()[:16],
-        "prompts": len(config.prompts),
-        "prompt_texts": list(config.prompts),
         "seeds": list(config.seeds),
         "noise": "the pipeline's own: torch.Generator('cpu').manual_seed(seed)",
         "samples": len(config.prompts) * len(config.seeds),
         "shard": None,
-        "momentum": MOMENTUM,
-        "histograms": config.histograms,
-        "hist_bins": HIST_BINS if config.histograms else 0,
-        "layers": {n: {"in_features": m.in_features, "out_features": m.out_features} for n, m in layers.items()},
-        "excluded": excluded,
     }

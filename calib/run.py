@@ -143,14 +143,28 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Progress | N
     )
 
 
-def _header(adapter: ModelAdapter, config: CalibConfig, layers: dict, excluded: list[str], samples: int) -> dict:
-    scheduler = adapter.make_scheduler()
-    scheduler.set_timesteps(config.sampling.steps)
-    prompts_hash = hashlib.sha256("\n".join(config.prompts).encode()).hexdigest()[:16]
+def file_header(prompts: tuple[str, ...], layers: dict, excluded: list[str], histograms: bool) -> dict:
+    """The header fields every .qstats file has, whichever loop sampled it."""
     return {
         "format": FORMAT,
         "version": VERSION,
         "tool_version": __version__,
+        "prompts_hash": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+        "prompts": len(prompts),
+        "prompt_texts": list(prompts),
+        "momentum": MOMENTUM,
+        "histograms": histograms,
+        "hist_bins": HIST_BINS if histograms else 0,
+        "layers": {n: {"in_features": m.in_features, "out_features": m.out_features} for n, m in layers.items()},
+        "excluded": excluded,
+    }
+
+
+def _header(adapter: ModelAdapter, config: CalibConfig, layers: dict, excluded: list[str], samples: int) -> dict:
+    scheduler = adapter.make_scheduler()
+    scheduler.set_timesteps(config.sampling.steps)
+    return {
+        **file_header(config.prompts, layers, excluded, config.histograms),
         "model_id": adapter.model_id,
         "class_name": adapter.class_name,
         "config_hash": adapter.config_hash(),
@@ -158,16 +172,8 @@ def _header(adapter: ModelAdapter, config: CalibConfig, layers: dict, excluded: 
         "timesteps": [int(t) for t in scheduler.timesteps],
         "scheduler": {"class": type(scheduler).__name__, "config": {k: v for k, v in adapter.scheduler_config.items()}},
         "cfg": config.sampling.cfg,
-        "prompts_hash": prompts_hash,
-        "prompts": len(config.prompts),
-        "prompt_texts": list(config.prompts),
         "seeds": list(config.seeds),
         "batch_size": config.batch_size,
         "samples": samples,
         "shard": list(config.shard) if config.shard else None,
-        "momentum": MOMENTUM,
-        "histograms": config.histograms,
-        "hist_bins": HIST_BINS if config.histograms else 0,
-        "layers": {n: {"in_features": m.in_features, "out_features": m.out_features} for n, m in layers.items()},
-        "excluded": excluded,
     }

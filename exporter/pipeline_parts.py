@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from qexport.exporter.text_encoders import TextPart
+from qexport.exporter.text_encoders import TextPart, encoder_outputs
 from torch import nn
 
 from qexport.errors import QexportError
@@ -60,14 +60,7 @@ def text_values(part: TextPart, prompt: str, length: int) -> dict[str, np.ndarra
 
 
 def _encoded(part: TextPart, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, np.ndarray]:
-    kwargs = {} if mask is None else {"attention_mask": mask}
-    out = part.encoder(ids, output_hidden_states=True, **kwargs)
-    values = {"last_hidden_state": out.hidden_states[-1], "penultimate_hidden_state": out.hidden_states[-2]}
-    pooled = getattr(out, "text_embeds", None)
-    pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
-    if pooled is not None:
-        values["pooled"] = pooled
-    return {k: v.numpy() for k, v in values.items()}
+    return {k: v.numpy() for k, v in encoder_outputs(part.encoder, ids, mask).items()}
 
 
 def _text_source(value: np.ndarray, texts: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any] | None:
@@ -107,14 +100,14 @@ def bind_inputs(trace: Trace, block: dict[str, Any], texts: Texts, other: Trace)
     if len(second) != len(first):
         raise QexportError(f"{trace.pipeline} calls its transformer {len(first)} then {len(second)} times per step")
     layouts = []
+    x = trace.samples[0] * block["steps"][0]["input_scale"]  # what the model saw of the first sample
+    t0 = block["steps"][0]["timestep"]
     for k, call in enumerate(first):
         later = second[k] if second else None
         layout = []
         for name, value in call.kept.items():
             spec = {"name": name, "dtype": call.tensors[name].dtype, "shape": list(value.shape)}
-            x = trace.samples[0] * block["steps"][0]["input_scale"]
             batch = value.shape[0] if value.ndim else 1
-            t0 = block["steps"][0]["timestep"]
             if value.ndim and _same(value, np.concatenate([x] * max(batch // len(x), 1))) and batch % len(x) == 0:
                 layout.append({**spec, "source": "latents", "repeat": batch // len(x)})
             elif later is not None and _is_timestep(value, later.kept[name], block):

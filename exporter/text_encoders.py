@@ -52,20 +52,27 @@ def text_parts(pipe: Any) -> list[TextPart]:
     return parts
 
 
+def encoder_outputs(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Every output a pipeline reads from a text encoder, by the names the shipped part gives them:
+    the last and penultimate hidden states, and the pooled embedding where the class has one (CLIP's
+    projected text embeds, else its pooler output)."""
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    out = encoder(ids, output_hidden_states=True, **kwargs)
+    values = {"last_hidden_state": out.hidden_states[-1], "penultimate_hidden_state": out.hidden_states[-2]}
+    pooled = getattr(out, "text_embeds", None)
+    pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
+    return values if pooled is None else {**values, "pooled": pooled}
+
+
 class _Outputs(nn.Module):
-    """(input_ids[, attention_mask]) -> last hidden state, penultimate hidden state[, pooled]."""
+    """(input_ids[, attention_mask]) -> encoder_outputs' values, in their order."""
 
     def __init__(self, encoder: nn.Module, mask: bool) -> None:
         super().__init__()
         self.encoder, self.mask = encoder, mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        kwargs = {"attention_mask": attention_mask} if self.mask else {}
-        out = self.encoder(input_ids, output_hidden_states=True, **kwargs)
-        hidden = (out.hidden_states[-1], out.hidden_states[-2])
-        pooled = getattr(out, "text_embeds", None)
-        pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
-        return hidden if pooled is None else (*hidden, pooled)
+        return tuple(encoder_outputs(self.encoder, input_ids, attention_mask if self.mask else None).values())
 
 
 @torch.no_grad()
@@ -75,9 +82,7 @@ def export_text_part(part: TextPart, folder: Path, max_length: int) -> dict[str,
     ids = torch.ones(1, max_length, dtype=torch.long)
     inputs: tuple[torch.Tensor, ...] = (ids, torch.ones_like(ids)) if part.takes_mask else (ids,)
     names = ["input_ids", "attention_mask"][: len(inputs)]
-    outputs = ["last_hidden_state", "penultimate_hidden_state"]
-    if len(model(*inputs)) == 3:
-        outputs.append("pooled")
+    outputs = list(encoder_outputs(part.encoder, ids, inputs[1] if part.takes_mask else None))
     path = folder / f"{part.name}.onnx"
     torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=TEXT_OPSET, input_names=names,
                       output_names=outputs, do_constant_folding=True)  # fmt: skip

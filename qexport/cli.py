@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -446,11 +447,12 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
     start = time.perf_counter()
     from qexport.runtime.manifest import read_manifest
 
-    if "pipeline" in read_manifest(folder):
-        _run_pipeline(folder, prompt, seed, output)
+    manifest = read_manifest(folder)
+    if "pipeline" in manifest:
+        _run_pipeline(folder, manifest, prompt, seed, output, check_threads(threads))
         click.echo(f"wrote {output} in {duration(time.perf_counter() - start)}")
         return
-    pipeline = Pipeline(folder, threads=check_threads(threads))
+    pipeline = Pipeline(folder, threads=check_threads(threads), manifest=manifest)
     m = pipeline.manifest
     text = conditioning_text((m.get("conditioning") or {}).get("kind", "caption"), prompt, label)
     paths = output_paths(output, len(m["latent_shape"]) == 4)
@@ -472,21 +474,21 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
     )
 
 
-def _run_pipeline(folder: Path, prompt: str | None, seed: int, output: Path) -> None:
+def _run_pipeline(
+    folder: Path, m: dict[str, Any], prompt: str | None, seed: int, output: Path, threads: int | None
+) -> None:
     """`run` of a pipeline build (export-fp): text parts, transformer, scheduler block, VAE."""
     import numpy as np
 
     from qexport.media import output_paths, save_gif, save_png, strip
     from qexport.runtime.loop import initial_noise
-    from qexport.runtime.manifest import read_manifest
     from qexport.runtime.pipeline_loop import PipelineLoop
     from qexport.runtime.scheduler import EdgeScheduler
 
     if not prompt:
         raise QexportError("this build takes a caption: pass --prompt")
-    m = read_manifest(folder)
     start = EdgeScheduler.of(m, seed).start(initial_noise(tuple(m["latent_shape"]), seed))[None]
-    _, images = PipelineLoop(folder, m).run(prompt, start)
+    _, images = PipelineLoop(folder, m, threads).run(prompt, start)
     if images is None:
         raise QexportError(f"{folder} ships no VAE decoder; nothing to write")
     pixels = (images * 255).round().astype(np.uint8)

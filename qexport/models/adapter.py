@@ -32,6 +32,13 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+def config_hash(class_name: str, config: dict[str, Any]) -> str:
+    """sha256 of a transformer class and its config, private keys left out (a model's identity)."""
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    text = json.dumps({"class": class_name, "config": cfg}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class Denoiser(nn.Module):
     """Uniform step signature over diffusers transformers: (latents, timestep, cond) -> model output
     (eps or v, as the scheduler's prediction_type says).
@@ -95,9 +102,7 @@ class ModelAdapter:
 
     def config_hash(self) -> str:
         """sha256 of the transformer class and config (the identity a .qstats file records)."""
-        cfg = {k: v for k, v in dict(cast(Any, self.transformer).config).items() if not k.startswith("_")}
-        text = json.dumps({"class": self.class_name, "config": cfg}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return config_hash(self.class_name, dict(cast(Any, self.transformer).config))
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Static inputs for one step: latents, timesteps, conditioning (CFG: cond + uncond)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from qexport.errors import QexportError
+from qexport.models.registry import read_json
 
 KEPT_STEPS = 2  # the steps whose transformer inputs and outputs a trace keeps (exporter.pipeline_parts)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # a folder never reaches for the hub
@@ -75,10 +75,7 @@ def load_pipeline(folder: Path) -> Any:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise QexportError(f"{folder} has no model_index.json; point at a folder saved by a pipeline's save_pretrained")
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise QexportError(f"cannot read {index_path}: {exc}") from exc
+    index = read_json(index_path)
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue

@@ -71,7 +71,8 @@ def load_model(name: str) -> ModelAdapter:
     raise QexportError(f"unknown model {name!r}; choose one of {', '.join(model_names())} or diffusers:/path/to/folder")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; one error line when it is unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -91,7 +92,7 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
             f"{folder} holds no diffusers transformer (no config.json in it or in transformer/); "
             "save one with save_pretrained"
         )
-    config = _read_json(tdir / "config.json")
+    config = read_json(tdir / "config.json")
     class_name = config.get("_class_name", "")
     if class_name not in FAMILIES:
         raise QexportError(
@@ -102,7 +103,7 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
             f"{class_name} is calibrated through its pipeline's own sampling loop; point at the pipeline "
             "folder (with model_index.json) and use qexport.calib.pipeline"
         )
-    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     meta = index.get("qexport", {})
     try:
         transformer = architectures.model_class(class_name).from_pretrained(
@@ -116,7 +117,7 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
     scheduler = dict(SCHEDULER_CONFIG)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if sched_path.is_file():
-        user = _read_json(sched_path)
+        user = read_json(sched_path)
         scheduler.update({k: user[k] for k in SCHEDULER_KEYS if k in user})
     vae = None
     if (folder / "vae" / "config.json").is_file():
@@ -182,7 +183,7 @@ def list_models() -> list[ModelInfo]:
     rows = []
     for name in BUILTINS:
         folder = BUILTIN_DIR / name
-        index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+        index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
         meta = index.get("qexport", {})
         rows.append(
             ModelInfo(

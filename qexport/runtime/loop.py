@@ -44,9 +44,9 @@ class LoopResult:
 class Pipeline:
     """Runs the emitted models of one build folder."""
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, manifest: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
-        self.manifest: dict[str, Any] = read_manifest(self.folder)
+        self.manifest: dict[str, Any] = read_manifest(self.folder) if manifest is None else manifest
         self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._sessions: dict[int, Future[ort.InferenceSession]] = {}

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qexport.runtime.loop import session_options
 from qexport.runtime.scheduler import EdgeScheduler
 from qexport.runtime.text import TextPart
 from qexport.runtime.vae import VaeDecoder
@@ -19,12 +20,13 @@ TEXT_KEYS = {"mask": "attention_mask"}  # a binding's output name -> TextPart.en
 
 
 class PipelineLoop:
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         self.folder, self.manifest, self.spec = Path(folder), manifest, manifest["pipeline"]
-        self.texts = {t["name"]: TextPart(self.folder, t) for t in self.spec["text"]}
-        self.session = ort.InferenceSession(str(self.folder / self.spec["denoiser"]),
+        options = session_options(threads)
+        self.texts = {t["name"]: TextPart(self.folder, t, options) for t in self.spec["text"]}
+        self.session = ort.InferenceSession(str(self.folder / self.spec["denoiser"]), options,
                                             providers=["CPUExecutionProvider"])  # fmt: skip
-        self.vae = VaeDecoder(self.folder, self.spec["vae"]) if self.spec.get("vae") else None
+        self.vae = VaeDecoder(self.folder, self.spec["vae"], options) if self.spec.get("vae") else None
 
     def _feeds(self, inputs: list[dict[str, Any]], seen: np.ndarray, t: float, text: dict[str, Any]) -> dict[str, Any]:
         feeds = {}
