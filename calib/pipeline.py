@@ -8,6 +8,7 @@ keyword inputs."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ class PipelineCalibConfig:
         taken = {"prompt", "num_inference_steps", "generator", "latents", "output_type", "callback_on_step_end"}
         if clash := sorted(taken & set(self.call)):
             raise QexportError(f"pipeline argument {clash[0]!r} is set by calibration itself; drop it")
+        try:
+            json.dumps(self.call)
+        except (TypeError, ValueError) as exc:
+            raise QexportError(f"pipeline arguments must be plain values (numbers, text, lists): {exc}") from exc
 
 
 def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Progress | None = None) -> CalibResult:
@@ -109,7 +114,7 @@ def _header(
     check(trace.scheduler, block)
     return {
         **file_header(config.prompts, layers, excluded, config.histograms),
-        "model_id": f"diffusers:{folder}",
+        "model_id": f"diffusers:{Path(folder).resolve()}",
         "class_name": type(transformer).__name__,
         "pipeline": type(pipe).__name__,
         "config_hash": config_hash(type(transformer).__name__, dict(transformer.config)),
@@ -117,7 +122,7 @@ def _header(
         "timesteps": [s["timestep"] for s in block["steps"]],
         "scheduler": block,
         "transformer_calls": [_call(c) for c in trace.calls if c.step == 0],
-        "call": {k: repr(v) for k, v in config.call.items()},
+        "call": dict(config.call),  # the build traces the pipeline with the same arguments
         "seeds": list(config.seeds),
         "noise": "the pipeline's own: torch.Generator('cpu').manual_seed(seed)",
         "samples": len(config.prompts) * len(config.seeds),

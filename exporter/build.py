@@ -190,9 +190,12 @@ def choices_of(built: BuiltRange, quant: QuantConfig) -> RangeChoices:
     return RangeChoices(alpha=plan.alpha, act_shrink=plan.act_shrink, group_alpha=plan.group_alpha, w_bits_raised=bits)
 
 
-def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdapter, list[RangePlan], TargetProfile]:
+def replan(
+    manifest: dict[str, Any], stats_path: Path | None, load_adapter: Callable[[QStats, str], ModelAdapter] | None = None
+) -> tuple[ModelAdapter, list[RangePlan], TargetProfile]:
     """The adapter, per-range plans and target of an emitted build (for ``qexport verify``): the
     plan is a pure function of the statistics, the model, the manifest's recipe and its choices.
+    load_adapter(stats, source) gives the model (default: the manifest's model id).
 
     Raises:
         QexportError: statistics not found or from another model; a manifest without a recipe.
@@ -207,8 +210,11 @@ def replan(manifest: dict[str, Any], stats_path: Path | None) -> tuple[ModelAdap
         raise QexportError("this build's manifest.json has no recipe (an older qexport built it); rebuild it")
     recipe = Recipe.from_dict(manifest["recipe"])
     choices = [serial.from_dict(RangeChoices, c, path=f"choices[{i}]") for i, c in enumerate(manifest["choices"])]
-    adapter = load_model(manifest["model_id"])
-    check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(path))
+    if load_adapter is None:
+        adapter = load_model(manifest["model_id"])
+        check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(path))
+    else:
+        adapter = load_adapter(stats, str(path))
     config, target = BuildConfig(recipe=recipe), get_profile(recipe.target)
     layer_bits = [dict.fromkeys(c.w_bits_raised, MIXED_HIGH_BITS) for c in choices]
     built, _ = plan_models(adapter, stats, config, target, alphas=[c.alpha for c in choices],
@@ -451,8 +457,9 @@ def _range_graphs(
     if not per_step:
         base.toposort()
         return bindings, lambda steps: copy_graph(base)
-    step_graphs = StepGraphs(base)
-    return bindings, lambda steps: step_graphs.at(stats.header["timesteps"][steps[0]])
+    timesteps = stats.header["timesteps"]
+    step_graphs = StepGraphs(base, adapter.step_input(timesteps[0])[0])
+    return bindings, lambda steps: step_graphs.at(adapter.step_input(timesteps[steps[0]])[1])
 
 
 SHARED_FIELDS = ("w_q", "w_scale", "w_zero", "lowrank_a", "lowrank_b")

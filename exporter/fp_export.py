@@ -62,8 +62,8 @@ def scope_of(layer: str) -> str:
 
 
 def export_fp(adapter: ModelAdapter, layers: list[str]) -> FPExport:
-    """Export the FP denoiser for batch 2 (cond + uncond), its timestep an input, and bind the
-    given linears.
+    """Export the FP denoiser (adapter.export_inputs: the built-ins' batch 2, cond + uncond), its
+    timestep an input, and bind the given linears.
 
     Args:
         adapter: the model.
@@ -72,15 +72,14 @@ def export_fp(adapter: ModelAdapter, layers: list[str]) -> FPExport:
     Raises:
         QexportError: a calibrated layer has no MatMul/Gemm with its weights in the graph.
     """
-    denoiser = adapter.denoiser().float()
-    x, t, cond = adapter.example_inputs(batch=2)
-    names = ["latents", "timestep", "cond"]
+    denoiser, inputs, names = adapter.export_inputs()
+    denoiser = denoiser.float()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "fp.onnx"
         torch.onnx.export(
             denoiser.eval(),
-            (x, t, cond),
+            inputs,
             str(path),
             dynamo=False,
             opset_version=EXPORT_OPSET,
@@ -146,7 +145,7 @@ class StepGraphs:
             options.add_session_config_entry("session.disable_prepacking", "1")
             self.session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
 
-    def at(self, timestep: int) -> gs.Graph:
+    def at(self, timestep: float) -> gs.Graph:
         """The graph with its timestep fixed (constants shared with self.graph)."""
         t = np.full(self.shape, timestep, dtype=self.dtype)
         values = {self.name: t}

@@ -12,7 +12,7 @@ from qexport.exporter.built import BuildConfig, BuiltRange
 from qexport.exporter.emit import WEIGHTS_FILE, EmitSummary
 from qexport.exporter.mixed import mixed_manifest, raised
 from qexport.passes.attention import OPERANDS
-from qexport.passes.plan import Smooth
+from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.techniques import ORDER
 from qexport.targets.profile import TargetProfile
 
@@ -42,8 +42,6 @@ def make_manifest(
     scheduler = probe(adapter.make_scheduler(), stats.steps)
     check(adapter.make_scheduler(), scheduler)
     q = config.quant
-    pow2 = ", power-of-two scales" if target.pow2_scales else ""
-    w_axis = "per output channel" if target.weight_per_channel else "per tensor"
     return {
         "schema_version": SCHEMA_VERSION,
         "tool_version": __version__,
@@ -66,68 +64,8 @@ def make_manifest(
             for i, row in enumerate(scheduler["steps"])
         ],
         "scheduler": scheduler,
-        "ranges": [
-            {
-                "index": r.index,
-                "steps": r.steps,
-                "model": r.model_file,
-                "alpha": r.plan.alpha,
-                "act_shrink": r.plan.act_shrink,
-                **({"group_alpha": r.plan.group_alpha} if r.plan.group_alpha else {}),
-                **({"online_rotated": sorted(r.plan.online)} if r.plan.online else {}),
-                **({"online_check": r.plan.online_report} if r.plan.online_report else {}),
-                **({"w_bits_raised": raised(r.plan, q.w_bits)} if q.mixed_precision else {}),
-                "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
-                **_attention_ranges(r),
-            }
-            for r in ranges
-        ],
-        "quantization": {
-            "w_bits": q.w_bits,
-            "a_bits": q.a_bits,
-            "weights": f"{target.weight_type(q.w_bits)} {w_axis}, "
-            f"{'symmetric' if target.weight_symmetric else 'asymmetric'}{pow2}",
-            "activations": f"{target.activation_type(q.a_bits)} per tensor, "
-            f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static{pow2}",
-            "smooth": q.smooth.value,
-            **({"asq_stat": q.asq_stat} if q.smooth == Smooth.ASQ else {}),
-            "weight_clip": q.weight_clip,
-            **({"smooth_ranges": q.smooth_ranges} if q.smooth_ranges else {}),
-            "weight_rounding": q.weight_rounding.value,
-            "act_observer": str(q.act_observer),
-            "alpha": "auto" if q.alpha_auto else "layer" if q.alpha_layer else q.alpha,
-            "granularity": "timestep-wise" if config.ranges is None else f"{config.ranges} time ranges",
-            "layers": len(stats.layers),
-            "kept_fp": stats.header.get("excluded", []),
-            "folds": {k: v for r in ranges[:1] for k, v in r.plan.folds.items()},
-            "lowrank": q.lowrank,
-            "rotate": q.rotate,
-            "rotated_groups": len(ranges[0].plan.rotations),
-            "online_rotation": {
-                "block": q.online_rotation,
-                "choice": q.rotation_choice,
-                "groups_rotated": len(ranges[0].plan.online),
-                "groups_considered": len(ranges[0].plan.online_report),
-                "macs_per_call": ranges[0].rotation_macs,
-                "linear_macs_per_call": ranges[0].lowrank.linear_macs,
-            },
-            "attention": _attention(ranges),
-            **(
-                {
-                    "mixed_precision": mixed_manifest(
-                        [(r.index, r.plan, r.mixed) for r in ranges], q.w_bits, q.mixed_precision, target
-                    )
-                }
-                if q.mixed_precision
-                else {}
-            ),
-            "lowrank_cost": {
-                "macs_per_call": ranges[0].lowrank.macs,
-                "linear_macs_per_call": ranges[0].lowrank.linear_macs,
-                "bytes_per_model": ranges[0].lowrank.bytes,
-            },
-            **{k: v for t in ORDER for k, v in t.record(q, [r.plan for r in ranges]).items()},
-        },
+        "ranges": ranges_record(ranges, q),
+        "quantization": quantization_record(config, target, stats, ranges),
         "target": target.name,
         "calibration": {k: stats.header[k] for k in ("prompts_hash", "prompts", "seeds", "samples", "config_hash")},
         "files": {
@@ -136,6 +74,82 @@ def make_manifest(
             "weights_bytes_without_sharing": emit.logical_bytes,
         },
         "verification": None,
+    }
+
+
+def ranges_record(ranges: list[BuiltRange], q: QuantConfig) -> list[dict[str, Any]]:
+    """The manifest's ranges: each range's steps, model file and resolved choices."""
+    return [
+        {
+            "index": r.index,
+            "steps": r.steps,
+            "model": r.model_file,
+            "alpha": r.plan.alpha,
+            "act_shrink": r.plan.act_shrink,
+            **({"group_alpha": r.plan.group_alpha} if r.plan.group_alpha else {}),
+            **({"online_rotated": sorted(r.plan.online)} if r.plan.online else {}),
+            **({"online_check": r.plan.online_report} if r.plan.online_report else {}),
+            **({"w_bits_raised": raised(r.plan, q.w_bits)} if q.mixed_precision else {}),
+            "search_sqnr_db": {k: {str(c): round(v, 3) for c, v in s.items()} for k, s in r.plan.scores.items()},
+            **_attention_ranges(r),
+        }
+        for r in ranges
+    ]
+
+
+def quantization_record(
+    config: BuildConfig, target: TargetProfile, stats: QStats, ranges: list[BuiltRange]
+) -> dict[str, Any]:
+    """The manifest's quantization record: storage types, the recipe's resolved settings and each
+    technique's own entries."""
+    q = config.quant
+    pow2 = ", power-of-two scales" if target.pow2_scales else ""
+    w_axis = "per output channel" if target.weight_per_channel else "per tensor"
+    return {
+        "w_bits": q.w_bits,
+        "a_bits": q.a_bits,
+        "weights": f"{target.weight_type(q.w_bits)} {w_axis}, "
+        f"{'symmetric' if target.weight_symmetric else 'asymmetric'}{pow2}",
+        "activations": f"{target.activation_type(q.a_bits)} per tensor, "
+        f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static{pow2}",
+        "smooth": q.smooth.value,
+        **({"asq_stat": q.asq_stat} if q.smooth == Smooth.ASQ else {}),
+        "weight_clip": q.weight_clip,
+        **({"smooth_ranges": q.smooth_ranges} if q.smooth_ranges else {}),
+        "weight_rounding": q.weight_rounding.value,
+        "act_observer": str(q.act_observer),
+        "alpha": "auto" if q.alpha_auto else "layer" if q.alpha_layer else q.alpha,
+        "granularity": "timestep-wise" if config.ranges is None else f"{config.ranges} time ranges",
+        "layers": len(stats.layers),
+        "kept_fp": stats.header.get("excluded", []),
+        "folds": {k: v for r in ranges[:1] for k, v in r.plan.folds.items()},
+        "lowrank": q.lowrank,
+        "rotate": q.rotate,
+        "rotated_groups": len(ranges[0].plan.rotations),
+        "online_rotation": {
+            "block": q.online_rotation,
+            "choice": q.rotation_choice,
+            "groups_rotated": len(ranges[0].plan.online),
+            "groups_considered": len(ranges[0].plan.online_report),
+            "macs_per_call": ranges[0].rotation_macs,
+            "linear_macs_per_call": ranges[0].lowrank.linear_macs,
+        },
+        "attention": _attention(ranges),
+        **(
+            {
+                "mixed_precision": mixed_manifest(
+                    [(r.index, r.plan, r.mixed) for r in ranges], q.w_bits, q.mixed_precision, target
+                )
+            }
+            if q.mixed_precision
+            else {}
+        ),
+        "lowrank_cost": {
+            "macs_per_call": ranges[0].lowrank.macs,
+            "linear_macs_per_call": ranges[0].lowrank.linear_macs,
+            "bytes_per_model": ranges[0].lowrank.bytes,
+        },
+        **{k: v for t in ORDER for k, v in t.record(q, [r.plan for r in ranges]).items()},
     }
 
 

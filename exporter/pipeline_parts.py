@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,7 @@ def output_rule(trace: Trace, guidance: float | None) -> dict[str, Any]:
     raise QexportError(f"{trace.pipeline}'s model output is not the transformer's output with CFG; not supported yet")
 
 
-class _Bound(nn.Module):
+class BoundTransformer(nn.Module):
     """The transformer called with the bound inputs as positional ONNX inputs, constants inside."""
 
     def __init__(self, transformer: nn.Module, call: TransformerCall, layout: list[dict[str, Any]]) -> None:
@@ -194,13 +195,18 @@ class _Bound(nn.Module):
 
 def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
     """aten::rms_norm (Flux's, Wan's RMS norms) for the TorchScript exporter, which has none:
-    x / sqrt(mean(x², last axes) + eps) · weight, in opset-17 ops."""
+    x / sqrt(mean(x², last axes) + eps) · weight (ReduceMean's axes an attribute before opset 18)."""
     from torch.onnx import symbolic_helper as sh
 
     dims = sh._get_const(shape, "is", "normalized_shape")
     value = sh._maybe_get_const(eps, "f")
     epsilon = float(torch.finfo(torch.float32).eps) if sh._is_none(eps) else float(value)
-    mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=list(range(-len(dims), 0)), keepdims_i=1)
+    axes = list(range(-len(dims), 0))
+    if sh.GLOBALS.export_onnx_opset_version >= 18:  # axes became an input
+        square = g.op("Mul", x, x)
+        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    else:
+        mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
     root = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(epsilon, dtype=torch.float32))))
     y = g.op("Div", x, root)
     return y if sh._is_none(weight) else g.op("Mul", y, weight)
@@ -212,7 +218,7 @@ torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, DENOISER_OPS
 @torch.no_grad()
 def export_denoiser(transformer: nn.Module, call: TransformerCall, layout: list[dict[str, Any]], path: Path) -> None:
     """transformer.onnx with the layout's non-constant inputs, FP32, static shapes."""
-    model = _Bound(transformer, call, layout).eval()
+    model = BoundTransformer(transformer, call, layout).eval()
     inputs = tuple(torch.from_numpy(call.kept[n]) for n in model.names)
     torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=DENOISER_OPSET, input_names=model.names,
                       output_names=["output"], do_constant_folding=True)  # fmt: skip
@@ -242,19 +248,37 @@ def text_inputs(parts: list[TextPart], trace: Trace, prompt: str, negative: str)
     return lengths, texts
 
 
+@dataclass(kw_only=True)
+class Binding:
+    """A pipeline traced and bound for the edge, before anything is written: its traces (the prompt
+    and a second one), scheduler block, text parts with their lengths, per-call input layouts and
+    output rule."""
+
+    folder: Path
+    pipe: Any
+    trace: Trace
+    block: dict[str, Any]
+    parts: list[TextPart]
+    lengths: dict[str, int]
+    calls: list[dict[str, Any]]
+    rule: dict[str, Any]
+    negative: str
+
+    @property
+    def first(self) -> TransformerCall:
+        """The transformer's first call (its inputs are the export's example inputs)."""
+        return next(c for c in self.trace.calls if c.step == 0)
+
+
 @torch.no_grad()
-def export_fp_pipeline(folder: Path, out: Path, prompt: str, steps: int, call: dict[str, Any]) -> dict[str, Any]:
-    """An FP build of a pipeline folder for the edge loop (runtime.pipeline_loop): text parts,
-    transformer.onnx with its bound inputs, the scheduler block, the VAE decoder; returns the
-    manifest (also written to out/manifest.json).
+def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any]) -> Binding:
+    """Trace the pipeline folder's own __call__ (seed 0) and bind its transformer's inputs.
 
     Raises:
         QexportError: anything of the pipeline that is not bound or not exportable, by name.
     """
-    import json
-
-    from qexport.exporter.text_encoders import export_text_part, text_parts
-    from qexport.exporter.vae import export_vae_decoder, vae_supported
+    from qexport.exporter.text_encoders import text_parts
+    from qexport.exporter.vae import vae_supported
 
     from qexport.models.pipeline import load_pipeline, trace_call
     from qexport.models.scheduler import check, probe
@@ -275,36 +299,67 @@ def export_fp_pipeline(folder: Path, out: Path, prompt: str, steps: int, call: d
     lengths, texts = text_inputs(parts, trace, prompt, negative)
     calls = bind_inputs(trace, block, texts, runs[1])
     rule = output_rule(trace, guidance)
+    return Binding(folder=Path(folder), pipe=pipe, trace=trace, block=block, parts=parts, lengths=lengths,
+                   calls=calls, rule=rule, negative=negative)  # fmt: skip
+
+
+@torch.no_grad()
+def write_parts(binding: Binding, folder: Path) -> dict[str, Any]:
+    """The text parts and the VAE decoder in `folder`; returns the manifest's pipeline block (its
+    denoiser entry left to the caller)."""
+    from qexport.exporter.text_encoders import export_text_part
+    from qexport.exporter.vae import export_vae_decoder
+
+    b = binding
+    text_specs = [export_text_part(p, folder, b.lengths[p.name]) for p in b.parts if p.name in b.lengths]
+    vae = export_vae_decoder(b.pipe, torch.from_numpy(b.trace.results[-1][:1].astype(np.float32)), folder)
+    return {"class": b.trace.pipeline, "negative_prompt": b.negative, "calls": b.calls, **b.rule,
+            "text": text_specs, "vae": vae}  # fmt: skip
+
+
+def partial_folder(out: Path) -> Path:
+    """A fresh ``<out>.partial`` to write a build into, renamed to `out` when whole.
+
+    Raises:
+        QexportError: `out` exists.
+    """
     if out.exists():
         raise QexportError(f"{out} exists; choose a new folder")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    return partial
+
+
+@torch.no_grad()
+def export_fp_pipeline(folder: Path, out: Path, prompt: str, steps: int, call: dict[str, Any]) -> dict[str, Any]:
+    """An FP build of a pipeline folder for the edge loop (runtime.pipeline_loop): text parts,
+    transformer.onnx with its bound inputs, the scheduler block, the VAE decoder; returns the
+    manifest (also written to out/manifest.json).
+
+    Raises:
+        QexportError: anything of the pipeline that is not bound or not exportable, by name.
+    """
+    import json
+
+    binding = bind_pipeline(folder, prompt, steps, call)
+    partial = partial_folder(out)
     try:
-        text_specs = [export_text_part(p, partial, lengths[p.name]) for p in parts if p.name in lengths]
-        first = next(c for c in trace.calls if c.step == 0)
         try:
-            export_denoiser(pipe.transformer, first, calls[0]["inputs"], partial / "transformer.onnx")
+            export_denoiser(binding.pipe.transformer, binding.first, binding.calls[0]["inputs"],
+                            partial / "transformer.onnx")  # fmt: skip
         except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:
-            name = type(pipe.transformer).__name__
+            name = type(binding.pipe.transformer).__name__
             raise QexportError(f"cannot export {name} with its recorded inputs to ONNX: {exc}") from exc
-        vae = export_vae_decoder(pipe, torch.from_numpy(trace.results[-1][:1].astype(np.float32)), partial)
+        pipeline = {**write_parts(binding, partial), "denoiser": "transformer.onnx"}
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     manifest = {
         "schema_version": 3,
-        "pipeline": {
-            "class": trace.pipeline,
-            "negative_prompt": negative,
-            "calls": calls,
-            **rule,
-            "text": text_specs,
-            "denoiser": "transformer.onnx",
-            "vae": vae,
-        },
-        "scheduler": block,
-        "latent_shape": list(trace.samples[0].shape[1:]),
+        "pipeline": pipeline,
+        "scheduler": binding.block,
+        "latent_shape": list(binding.trace.samples[0].shape[1:]),
     }
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
     partial.rename(out)  # whole or not at all

@@ -13,7 +13,7 @@ import click
 
 from qexport import __version__
 from qexport.build_flags import alias_assignments, alias_options
-from qexport.cli_args import check_threads, conditioning_text, existing_file, set_threads
+from qexport.cli_args import check_threads, conditioning_text, existing_file, pipeline_call, set_threads
 from qexport.errors import QexportError
 from qexport.progress import ProgressPrinter, Units, duration
 
@@ -168,6 +168,9 @@ def _prompts(prompts_file: Path | None, labels: str | None) -> list[str]:
     show_default=True,
     help="Autocast of the sampling loop; auto = fp16 on CUDA, fp32 on CPU (statistics are kept in fp32/fp64).",
 )
+@click.option("--call", "calls", multiple=True, metavar="KEY=VALUE",
+              help="pipeline:FOLDER only: another argument of the pipeline's __call__ (height=512, "
+              "guidance_scale=4.5, ...).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 def calibrate(
     model_name: str,
@@ -183,9 +186,22 @@ def calibrate(
     shard: str | None,
     device: str,
     dtype: str,
+    calls: tuple[str, ...],
     output: Path,
 ) -> None:
-    """Collect per-layer, per-step activation statistics from the FP sampling loop."""
+    """Collect per-layer, per-step activation statistics from the FP sampling loop (for
+    ``--model pipeline:FOLDER``, the pipeline's own)."""
+    if model_name.startswith("pipeline:"):
+        ctx = click.get_current_context()
+        given = [f"--{n.replace('_', '-')}" for n in ("cfg", "batch_size", "shard", "device", "dtype", "labels")
+                 if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]  # fmt: skip
+        if given:
+            raise QexportError(f"{given[0]} does not apply to a pipeline's own loop; set its arguments with --call")
+        _calibrate_pipeline(Path(model_name.removeprefix("pipeline:")), _prompts(prompts_file, None), steps,
+                            _seeds(seeds), pipeline_call(calls), include, exclude, histograms, output)  # fmt: skip
+        return
+    if calls:
+        raise QexportError("--call applies to --model pipeline:FOLDER only")
     from qexport.calib.run import CalibConfig
     from qexport.calib.run import calibrate as run_calibration
     from qexport.calib.selection import DEFAULT_INCLUDE, LayerSelection
@@ -222,6 +238,28 @@ def calibrate(
         f"  sampling   {steps} steps, CFG {cfg}, {h['samples']} samples ({len(config.prompts)} prompts x "
         f"{len(config.seeds)} seeds), shard {h['shard'] or 'all'}, autocast {h['autocast']}"
     )
+
+
+def _calibrate_pipeline(
+    folder: Path, prompts: list[str], steps: int, seeds: list[int], call: dict[str, Any], include: tuple[str, ...],
+    exclude: tuple[str, ...], histograms: bool, output: Path,
+) -> None:  # fmt: skip
+    """`calibrate` through a diffusers pipeline folder's own __call__ (calib.pipeline)."""
+    from qexport.calib.pipeline import PipelineCalibConfig, calibrate_pipeline
+    from qexport.calib.store import save
+
+    config = PipelineCalibConfig(prompts=tuple(prompts), seeds=tuple(seeds), steps=steps, call=call,
+                                 include=include, exclude=exclude, histograms=histograms)  # fmt: skip
+    printer = ProgressPrinter()
+    result = calibrate_pipeline(folder, config, progress=printer)
+    printer.close()
+    size = save(result.stats, output)
+    h = result.stats.header
+    click.echo(f"wrote {output} ({size / 1024:.0f} KiB) in {result.seconds:.1f}s")
+    click.echo(f"  pipeline   {h['pipeline']} from {folder}, transformer {h['class_name']} (config {h['config_hash']})")
+    click.echo(f"  layers     {result.hooked} hooked, {len(result.excluded)} kept in FP")
+    click.echo(f"  sampling   {steps} steps of {h['scheduler']['class']}, {h['samples']} runs "
+               f"({len(prompts)} prompts x {len(seeds)} seeds), arguments {call or 'the defaults'}")  # fmt: skip
 
 
 @cli.command()
@@ -326,7 +364,12 @@ def build(
         raise QexportError("give -o FOLDER for the build (or only --dump-recipe FILE to write the recipe)")
     existing_file(stats_file, "statistics file", "make one with qexport calibrate")
     printer = ProgressPrinter()
-    result = run_build(stats_file, output, BuildConfig(recipe=recipe, force=force), progress=printer)
+    if _from_pipeline(stats_file):
+        from qexport.exporter.pipeline_build import build_pipeline
+
+        result = build_pipeline(stats_file, output, BuildConfig(recipe=recipe, force=force), progress=printer)
+    else:
+        result = run_build(stats_file, output, BuildConfig(recipe=recipe, force=force), progress=printer)  # type: ignore[assignment]
     printer.close()
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
         click.echo(line)
@@ -334,6 +377,13 @@ def build(
         plans = [r.plan for r in result.ranges]
         _verify_and_report(output, result.adapter, plans, result.manifest, verify_prompt, device=verify_device)
     click.echo(f"time: {duration(time.perf_counter() - start)} in all")
+
+
+def _from_pipeline(stats_file: Path) -> bool:
+    """Whether a .qstats file was calibrated through a diffusers pipeline's own loop."""
+    from qexport.calib.store import load
+
+    return "pipeline" in load(stats_file).header
 
 
 def _verify_and_report(
@@ -351,16 +401,24 @@ def _verify_and_report(
     from qexport.models.fp_eval import default_prompts
     from qexport.summaries import verification_table
     from qexport.targets.catalog import get_profile
+    from qexport.verification.pipeline_verify import DEFAULT_PROMPT, verify_pipeline
     from qexport.verification.verify import verify as run_verify
 
+    pipeline = "pipeline" in manifest
+    if pipeline and (only is not None or runtime != "onnxruntime" or device != "cpu"):
+        raise QexportError("a pipeline build is verified whole, on onnxruntime, with torch on the CPU")
     if prompt is None:
-        prompt = default_prompts(adapter)[0]  # type: ignore[arg-type]
+        prompt = DEFAULT_PROMPT if pipeline else default_prompts(adapter)[0]  # type: ignore[arg-type]
     where = "onnxruntime" + ("" if runtime == "onnxruntime" else f" and {runtime}")
     printer = ProgressPrinter()
     printer.say(f"verifying {len(plans) if only is None else len(set(only))} model(s) on {where} (prompt {prompt!r})")
     target = get_profile(manifest["target"])
-    v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime, device=device,  # type: ignore[arg-type]
-                   threads=threads, progress=printer)  # fmt: skip
+    if pipeline:
+        v = verify_pipeline(folder, adapter, plans, manifest, target, prompt, threads=threads,  # type: ignore[arg-type]
+                            progress=printer)  # fmt: skip
+    else:
+        v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime, device=device,  # type: ignore[arg-type]
+                       threads=threads, progress=printer)  # fmt: skip
     printer.close()
     manifest["verification"] = {"prompt": prompt, "runtime": runtime, **v.to_json()}
     write_manifest(folder, manifest)
@@ -403,7 +461,12 @@ def verify(
     indexes = None if only is None else _ints(only, "--models")
     set_threads(threads)
     manifest = read_manifest(folder)
-    adapter, plans, _ = replan(manifest, stats_file)
+    if "pipeline" in manifest:
+        from qexport.exporter.pipeline_build import replan_pipeline
+
+        adapter, plans = replan_pipeline(manifest, stats_file)
+    else:
+        adapter, plans, _ = replan(manifest, stats_file)  # type: ignore[assignment]
     _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime, device, threads)
     click.echo(f"time: {duration(time.perf_counter() - start)} in all")
 
@@ -511,18 +574,10 @@ def _run_pipeline(
               help="Another argument of the pipeline's __call__ (height=512, guidance_scale=4.5, ...).")  # fmt: skip
 def export_fp(folder: Path, output: Path, prompt: str, steps: int, calls: tuple[str, ...]) -> None:
     """FP edge build of a diffusers pipeline folder: text parts, transformer, scheduler, VAE (no quantization yet)."""
-    import yaml
-
     from qexport.exporter.pipeline_parts import export_fp_pipeline
 
     start = time.perf_counter()
-    call = {}
-    for item in calls:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise QexportError(f"--call takes KEY=VALUE, got {item!r}")
-        call[key] = yaml.safe_load(value)
-    manifest = export_fp_pipeline(folder, output, prompt, steps, call)
+    manifest = export_fp_pipeline(folder, output, prompt, steps, pipeline_call(calls))
     p = manifest["pipeline"]
     inputs = ", ".join(f"{i['name']} <- {i['source']}" for c in p["calls"][:1] for i in c["inputs"])
     click.echo(f"{p['class']}: {len(p['text'])} text part(s), transformer inputs {inputs}; CFG {p['cfg']}")

@@ -4,6 +4,7 @@ model takes, thread counts, the existence of input files. Torch is imported only
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from qexport.errors import QexportError
 
@@ -67,3 +68,21 @@ def existing_file(path: Path, what: str, fix: str) -> Path:
     if not path.is_file():
         raise QexportError(f"{what} {path} does not exist; {fix}")
     return path
+
+
+def pipeline_call(items: tuple[str, ...]) -> dict[str, Any]:
+    """``--call KEY=VALUE`` options as the keyword arguments of a pipeline's __call__ (each value
+    read as YAML: 512, 4.5, false, [1, 2], text).
+
+    Raises:
+        QexportError: an item without ``=`` or without a key.
+    """
+    import yaml
+
+    call: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QexportError(f"--call takes KEY=VALUE, got {item!r}")
+        call[key] = yaml.safe_load(value)
+    return call

@@ -45,10 +45,13 @@ def verification_table(v: dict[str, Any]) -> list[str]:
         )
     e = v["end_to_end"]
     if e:
-        lines.append(
-            f"end to end vs FP (same noise): PSNR {e['psnr_db']:.2f} dB, SSIM {e['ssim']:.4f}, "
-            f"{e['step_ms']:.0f} ms/step in onnxruntime"
-        )
+        figures = [
+            *([f"PSNR {e['psnr_db']:.2f} dB"] if "psnr_db" in e else []),
+            *([f"SSIM {e['ssim']:.4f}"] if "ssim" in e else []),
+            *([f"latents SQNR {e['sqnr_latents_db']:.2f} dB"] if "sqnr_latents_db" in e else []),
+            f"{e['step_ms']:.0f} ms/step in onnxruntime",
+        ]
+        lines.append(f"end to end vs FP (same noise): {', '.join(figures)}")
     else:
         lines.append("end to end: not run (a subset of the models was verified)")
     emulated = sum(m["emulated"] for m in v["models"])

@@ -97,6 +97,16 @@ class ModelAdapter:
     def denoiser(self) -> Denoiser:
         return Denoiser(self.transformer, self.class_name, self.latent_shape[0]).eval()
 
+    def export_inputs(self) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str]]:
+        """The module the FP export traces, its example inputs and their ONNX names."""
+        x, t, cond = self.example_inputs(batch=2)
+        return self.denoiser(), (x, t, cond), ["latents", "timestep", "cond"]
+
+    def step_input(self, timestep: float) -> tuple[str, float]:
+        """The exported graph's timestep input and the value it takes at a step of this timestep
+        (a per-step model has it fixed)."""
+        return "timestep", timestep
+
     def make_scheduler(self) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.scheduler_config)
 

@@ -35,8 +35,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{path} has manifest schema {version}; this qexport reads schema <= {READABLE_SCHEMA}: upgrade qexport"
         )
     parts = [*manifest.get("ranges", []), *([manifest["kv"]] if manifest.get("kv") else [])]
-    if pipeline := manifest.get("pipeline"):  # an export-fp build: its text, transformer and VAE parts
-        parts += [{"model": pipeline["denoiser"]}, *pipeline["text"], *([pipeline["vae"]] if pipeline["vae"] else [])]
+    if pipeline := manifest.get("pipeline"):  # a pipeline build: its text, transformer and VAE parts
+        parts += [{"model": pipeline["denoiser"]}] if pipeline.get("denoiser") else []  # else ranges' models
+        parts += [*pipeline["text"], *([pipeline["vae"]] if pipeline["vae"] else [])]
         parts += [{"model": t["tokenizer"]} for t in pipeline["text"]]
     for r in parts:
         if not (Path(folder) / r["model"]).is_file():

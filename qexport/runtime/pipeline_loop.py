@@ -1,10 +1,13 @@
-"""The edge loop of a pipeline build (exporter.pipeline_parts): prompt and negative prompt through
-the shipped text parts, each step's transformer inputs assembled from the manifest's bindings,
-the learned-sigma split and classifier-free guidance, the scheduler block's step, and the VAE
-decoder. numpy + onnxruntime + tokenizers."""
+"""The edge loop of a pipeline build (exporter.pipeline_parts, exporter.pipeline_build): prompt and
+negative prompt through the shipped text parts, each step's transformer inputs assembled from the
+manifest's bindings, the learned-sigma split and classifier-free guidance, the scheduler block's
+step, and the VAE decoder. The denoiser is one FP model for every step, or each step's quantized
+model (the manifest's steps name them; their timestep is fixed inside, so it is not fed).
+numpy + onnxruntime + tokenizers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +20,34 @@ from qexport.runtime.text import TextPart
 from qexport.runtime.vae import VaeDecoder
 
 TEXT_KEYS = {"mask": "attention_mask"}  # a binding's output name -> TextPart.encode's key
+Denoise = Callable[[int, dict[str, np.ndarray]], np.ndarray]  # (step, feeds by input name) -> output
 
 
 class PipelineLoop:
     def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         self.folder, self.manifest, self.spec = Path(folder), manifest, manifest["pipeline"]
-        options = session_options(threads)
-        self.texts = {t["name"]: TextPart(self.folder, t, options) for t in self.spec["text"]}
-        self.session = ort.InferenceSession(str(self.folder / self.spec["denoiser"]), options,
-                                            providers=["CPUExecutionProvider"])  # fmt: skip
-        self.vae = VaeDecoder(self.folder, self.spec["vae"], options) if self.spec.get("vae") else None
+        self.options = session_options(threads)
+        self.texts = {t["name"]: TextPart(self.folder, t, self.options) for t in self.spec["text"]}
+        self.vae = VaeDecoder(self.folder, self.spec["vae"], self.options) if self.spec.get("vae") else None
+        self._session: tuple[str, ort.InferenceSession] | None = None  # the last step's model, kept while it repeats
+
+    def model_file(self, step: int) -> str:
+        """The denoiser of a step: the FP build's one model, or the step's own."""
+        return self.spec.get("denoiser") or self.manifest["steps"][step]["model"]
+
+    def session(self, step: int) -> ort.InferenceSession:
+        name = self.model_file(step)
+        if self._session is None or self._session[0] != name:
+            self._session = (name, ort.InferenceSession(str(self.folder / name), self.options,
+                                                        providers=["CPUExecutionProvider"]))  # fmt: skip
+        return self._session[1]
+
+    def run_model(self, step: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The shipped denoiser of a step on feeds (the inputs it does not take, e.g. a fixed
+        timestep, left out)."""
+        session = self.session(step)
+        names = {i.name for i in session.get_inputs()}
+        return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
 
     def _feeds(self, inputs: list[dict[str, Any]], seen: np.ndarray, t: float, text: dict[str, Any]) -> dict[str, Any]:
         feeds = {}
@@ -45,16 +66,20 @@ class PipelineLoop:
             feeds[spec["name"]] = value.astype(dtype)
         return feeds
 
-    def run(self, prompt: str, start: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(final latents, decoded images in [0, 1] or None) from the first sample `start` [1, ...]."""
+    def run(
+        self, prompt: str, start: np.ndarray, denoise: Denoise | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(final latents, decoded images in [0, 1] or None) from the first sample `start` [1, ...].
+        `denoise` replaces the shipped denoiser (verification runs the torch model through the
+        same loop)."""
+        denoise = denoise or self.run_model
         text = {name: {"cond": part.encode(prompt), "uncond": part.encode(self.spec["negative_prompt"])}
                 for name, part in self.texts.items()}  # fmt: skip
         sampler = EdgeScheduler(self.manifest["scheduler"], seed=0)
         x = start.astype(np.float32)
         for i, step in enumerate(self.manifest["scheduler"]["steps"]):
             seen = sampler.model_input(i, x)
-            outs = [self.session.run(None, self._feeds(c["inputs"], seen, step["timestep"], text))[0]
-                    for c in self.spec["calls"]]  # fmt: skip
+            outs = [denoise(i, self._feeds(c["inputs"], seen, step["timestep"], text)) for c in self.spec["calls"]]
             joined = np.concatenate(outs)
             if self.spec["split"]:
                 joined = joined[:, : self.spec["split"]]

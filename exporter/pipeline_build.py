@@ -1,0 +1,228 @@
+"""``build`` of a real pipeline's statistics (calib.pipeline): the pipeline is traced again with
+the calibration's arguments and bound for the edge (exporter.pipeline_parts), its transformer with
+those bound inputs goes through the same planning and passes as a built-in (one QDQ model per
+step or per range, weights stored once), and the text parts, VAE decoder and scheduler block are
+shipped beside them. The folder appears whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from qexport.calib.store import QStats, check_matches, load
+from qexport.exporter.build import LEGALITY_FILE, check_legality, check_request, choices_of, plan_models, replan
+from qexport.exporter.built import BuildConfig, BuiltRange
+from qexport.exporter.emit import WEIGHTS_FILE, ModelWriter, layer_ids
+from qexport.exporter.manifest import quantization_record, ranges_record, write_manifest
+from qexport.exporter.pipeline_parts import Binding, BoundTransformer, bind_pipeline, write_parts
+from qexport.passes.plan import RangePlan
+from qexport.targets.legality import LegalityReport
+from torch import nn
+
+from qexport import __version__, serial
+from qexport.errors import QexportError
+from qexport.models.adapter import ModelAdapter, config_hash
+from qexport.progress import Progress, report
+from qexport.runtime.manifest import SCHEMA_VERSION
+
+
+class TextPartsOnly:
+    """The conditioner of a pipeline adapter: its prompts go through the pipeline's text parts at
+    the edge, never through a qexport conditioner (sampling, replay and the built-in verification
+    are not this build's path)."""
+
+    kind = "caption"
+    synthetic = False
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        raise QexportError("a pipeline build encodes prompts with its text parts (qexport run); not supported here")
+
+    def null(self, n: int) -> torch.Tensor:
+        return self.encode([""] * n)
+
+
+@dataclass(kw_only=True)
+class PipelineAdapter(ModelAdapter):
+    """A pipeline's transformer as the build sees it: exported with the inputs bound from the
+    pipeline's own call, its timestep the bound timestep input times its factor."""
+
+    binding: Binding
+
+    def denoiser(self) -> BoundTransformer:  # type: ignore[override]
+        return BoundTransformer(self.transformer, self.binding.first, self.binding.calls[0]["inputs"]).eval()
+
+    def export_inputs(self) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str]]:
+        model = BoundTransformer(self.transformer, self.binding.first, self.binding.calls[0]["inputs"]).eval()
+        first = self.binding.first
+        return model, tuple(torch.from_numpy(first.kept[n]) for n in model.names), list(model.names)
+
+    def step_input(self, timestep: float) -> tuple[str, float]:
+        spec = timestep_input(self.binding)
+        return spec["name"], float(timestep) * spec["factor"]
+
+
+def timestep_input(binding: Binding) -> dict[str, Any]:
+    """The bound timestep input (the one a per-step model fixes).
+
+    Raises:
+        QexportError: the transformer is not fed the scheduler's timestep.
+    """
+    spec = next((i for i in binding.calls[0]["inputs"] if i["source"] == "timestep"), None)
+    if spec is None:
+        raise QexportError(f"{binding.trace.pipeline}'s transformer is not fed the timestep; no per-step model")
+    return spec
+
+
+def pipeline_adapter(stats: QStats, source: str) -> PipelineAdapter:
+    """Load and bind the pipeline the statistics were calibrated on, with the calibration's own
+    arguments, and check it is the same transformer and the same scheduler steps.
+
+    Raises:
+        QexportError: statistics not from a pipeline, a folder that moved or changed.
+    """
+    header = stats.header
+    if "pipeline" not in header:
+        raise QexportError(f"{source} is not a pipeline calibration")
+    folder = Path(str(header["model_id"]).removeprefix("diffusers:"))
+    call = header.get("call", {})
+    if not isinstance(call, dict):
+        raise QexportError(f"{source} records its pipeline arguments by repr (an older qexport); recalibrate it")
+    binding = bind_pipeline(folder, header["prompt_texts"][0], int(header["steps"]), call)
+    transformer = binding.pipe.transformer.float().eval()
+    name = type(transformer).__name__
+    adapter = PipelineAdapter(
+        model_id=str(header["model_id"]),
+        class_name=name,
+        transformer=transformer,
+        conditioner=TextPartsOnly(),
+        latent_shape=tuple(binding.trace.samples[0].shape[1:]),
+        description=f"{binding.trace.pipeline} from {folder}",
+        binding=binding,
+    )
+    check_matches(stats, adapter.model_id, config_hash(name, dict(transformer.config)), source=source)
+    traced = [s["timestep"] for s in binding.block["steps"]]
+    if not np.allclose(traced, header["timesteps"], rtol=1e-6, atol=1e-6):
+        raise QexportError(f"{folder}'s scheduler now gives timesteps other than those {source} was calibrated at")
+    return adapter
+
+
+@dataclass(kw_only=True)
+class PipelineBuild:
+    folder: Path
+    adapter: PipelineAdapter
+    stats: QStats
+    ranges: list[BuiltRange]
+    manifest: dict[str, Any]
+    seconds: float
+    legality: list[LegalityReport]
+
+
+def build_pipeline(stats_path: Path, out: Path, config: BuildConfig, progress: Progress | None = None) -> PipelineBuild:
+    """Build the quantized edge folder of a pipeline calibration.
+
+    Raises:
+        QexportError: a bad request, a recipe this path does not take yet (prompt replay, K/V
+            precompute), statistics from another model, an unbindable pipeline.
+    """
+    start = time.perf_counter()
+    target = check_request(config, out)
+    unsupported = [*config.recipe.replaying(), *(["precompute_kv"] if config.precompute_kv else [])]
+    if unsupported:
+        raise QexportError(
+            f"recipe technique {unsupported[0]!r} is not available for pipeline builds yet (it replays prompts "
+            "through qexport's own sampler); choose a recipe without it"
+        )
+    stats = load(stats_path)
+    report(progress, "tracing the pipeline", 0, 1, str(stats.model_id))
+    adapter = pipeline_adapter(stats, str(stats_path))
+    report(progress, "tracing the pipeline", 1, 1, adapter.description)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        ids = layer_ids(list(stats.layers))
+        writer = ModelWriter(tmp, ids)
+        legality: list[LegalityReport] = []
+
+        def sink(name: str, model: onnx.ModelProto) -> None:
+            legality.extend(check_legality([(name, model)], target))
+            writer.add(name, model)
+
+        try:
+            built, _ = plan_models(adapter, stats, config, target, progress, sink=sink)
+        finally:
+            emit = writer.close()
+        (tmp / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
+        pipeline = write_parts(adapter.binding, tmp)
+        manifest = _manifest(adapter, stats, config, built, pipeline)
+        manifest["files"] = {"weights": WEIGHTS_FILE, "weights_bytes": emit.weights_bytes,
+                             "weights_bytes_without_sharing": emit.logical_bytes}  # fmt: skip
+        manifest["legality"] = {"file": LEGALITY_FILE, "models": [r.to_json(nodes=False) for r in legality]}
+        manifest["calibration"]["file"] = str(Path(stats_path).resolve())
+        write_manifest(tmp, manifest)
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PipelineBuild(folder=out, adapter=adapter, stats=stats, ranges=built, manifest=manifest,
+                         seconds=time.perf_counter() - start, legality=legality)  # fmt: skip
+
+
+def _manifest(
+    adapter: PipelineAdapter, stats: QStats, config: BuildConfig, built: list[BuiltRange], pipeline: dict[str, Any]
+) -> dict[str, Any]:
+    from qexport.targets.catalog import get_profile
+
+    binding = adapter.binding
+    range_of = {s: r.index for r in built for s in r.steps}
+    fixed = config.ranges is None
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": __version__,
+        "model_id": adapter.model_id,
+        "class_name": adapter.class_name,
+        "config_hash": adapter.config_hash(),
+        "pipeline": {**pipeline, "denoiser": None},
+        "scheduler": binding.block,
+        "latent_shape": list(adapter.latent_shape),
+        "steps": [
+            {
+                "index": i,
+                "timestep": row["timestep"],
+                "range": range_of[i],
+                "model": built[range_of[i]].model_file,
+                "timestep_fixed": fixed,
+            }
+            for i, row in enumerate(binding.block["steps"])
+        ],
+        "ranges": ranges_record(built, config.quant),
+        "quantization": quantization_record(config, get_profile(config.target), stats, built),
+        "recipe": config.recipe.to_dict(),
+        "choices": [serial.to_dict(choices_of(r, config.quant)) for r in built],
+        "target": config.target,
+        "calibration": {k: stats.header[k] for k in ("prompts_hash", "prompts", "seeds", "samples", "config_hash")},
+        "layer_ids": layer_ids(list(stats.layers)),
+        "verification": None,
+    }
+
+
+def replan_pipeline(manifest: dict[str, Any], stats_path: Path | None) -> tuple[PipelineAdapter, list[RangePlan]]:
+    """The adapter and per-range plans of an emitted pipeline build (for ``qexport verify``): the
+    pipeline traced and bound again, then planned as the build planned it (exporter.build.replan).
+
+    Raises:
+        QexportError: as replan, and as pipeline_adapter.
+    """
+    adapter, plans, _ = replan(manifest, stats_path, pipeline_adapter)
+    assert isinstance(adapter, PipelineAdapter)
+    return adapter, plans

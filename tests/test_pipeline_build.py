@@ -1,0 +1,115 @@
+"""A quantized build of a real pipeline: calibrated through the pipeline's own __call__, its bound
+transformer planned and emitted as one W8A8 QDQ model per step, shipped with its text parts, VAE
+and scheduler block, and verified: integer kernels for every quantized linear, each step model
+against the torch simulation on the inputs the edge loop feeds it, and the whole quantized edge
+loop against the FP one from the same noise."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("transformers", minversion="5", reason="the tiny pipelines need transformers>=5")
+
+from pipelines import FAMILIES, call_kwargs
+from qexport.calib.pipeline import PipelineCalibConfig, calibrate_pipeline
+from qexport.calib.store import save
+from qexport.exporter.built import BuildConfig
+from qexport.exporter.pipeline_build import build_pipeline, replan_pipeline
+from qexport.targets.catalog import get_profile
+from qexport.verification.pipeline_verify import verify_pipeline
+
+from qexport.cli import cli
+from qexport.errors import QexportError
+from qexport.recipe import load_recipe
+from qexport.runtime.pipeline_loop import PipelineLoop
+
+STEPS = 3
+OWN = ("prompt", "negative_prompt", "num_inference_steps", "generator", "output_type")
+PROMPTS = ("a red circle", "a blue square")
+
+
+def _calibrated(tmp_path, family):
+    folder = FAMILIES[family](tmp_path / "src")
+    call = {k: v for k, v in call_kwargs(family).items() if k not in OWN}
+    result = calibrate_pipeline(folder, PipelineCalibConfig(prompts=PROMPTS, steps=STEPS, call=call))
+    save(result.stats, tmp_path / "run.qstats")
+    return folder, tmp_path / "run.qstats"
+
+
+@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma", "flux"])
+def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
+    _, stats = _calibrated(tmp_path, family)
+    built = build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")))
+    m = built.manifest
+    assert [s["model"] for s in m["steps"]] == [f"step_{i:02d}.onnx" for i in range(STEPS)]
+    assert m["pipeline"]["denoiser"] is None and m["pipeline"]["vae"] and m["pipeline"]["text"]
+    plans = [r.plan for r in built.ranges]
+    v = verify_pipeline(built.folder, built.adapter, plans, m, get_profile(m["target"]), "a green triangle")
+    layers = len(built.stats.layers)
+    for check in v.models:  # every quantized linear of every step model on an integer kernel
+        assert len(check.integer) == layers and not check.float_, (check.model, check.float_)
+    assert v.ok, [(c.model, c.cosine_sim, c.max_lsb_sim, c.lsb_bound) for c in v.models]
+    # W8A8 of a random-weight model: measured 34-39 dB on the latents; 20 dB is far below that spread
+    assert v.end_to_end["sqnr_latents_db"] > 20.0, v.end_to_end
+    # the edge loop of the quantized build runs from text to pixels
+    start = np.random.default_rng(0).standard_normal((1, *m["latent_shape"])).astype(np.float32)
+    _, images = PipelineLoop(built.folder, m).run("a cat", start)
+    assert images is not None and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    # `qexport verify` re-plans the same models from the statistics
+    _, again = replan_pipeline(m, stats)
+    for a, b in zip(plans, again, strict=True):
+        for layer, lp in a.layers.items():
+            assert np.array_equal(lp.w_q, b.layers[layer].w_q) and lp.a_scale == b.layers[layer].a_scale
+
+
+def test_the_cli_calibrates_builds_runs_and_verifies_a_pipeline(tmp_path):
+    folder = FAMILIES["pixart-alpha"](tmp_path / "src")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    call = {k: v for k, v in call_kwargs("pixart-alpha").items() if k not in OWN}
+    options = [x for k, v in call.items() for x in ("--call", f"{k}={json.dumps(v)}")]
+    runner = CliRunner()
+    stats, build = tmp_path / "run.qstats", tmp_path / "build"
+    result = runner.invoke(cli, ["calibrate", "--model", f"pipeline:{folder}", "--prompts", str(prompts),
+                                 "--steps", str(STEPS), *options, "-o", str(stats)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "PixArtAlphaPipeline" in result.output and "DPMSolverMultistepScheduler" in result.output
+    result = runner.invoke(cli, ["build", str(stats), "--recipe", "w8a8-asq-tsw", "-o", str(build)])
+    assert result.exit_code == 0, result.output
+    assert "verdict: PASS" in result.output and "latents SQNR" in result.output
+    manifest = json.loads((build / "manifest.json").read_text())
+    assert manifest["verification"]["ok"] is True
+    result = runner.invoke(cli, ["run", str(build), "--prompt", "a cat", "-o", str(tmp_path / "cat.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cat.png").stat().st_size > 0
+    result = runner.invoke(cli, ["verify", str(build)])
+    assert result.exit_code == 0 and "verdict: PASS" in result.output, result.output
+
+
+def test_pipeline_calibration_refuses_options_of_the_builtin_loop(tmp_path):
+    result = CliRunner().invoke(cli, ["calibrate", "--model", f"pipeline:{tmp_path}", "--labels", "a",
+                                      "--cfg", "3", "-o", str(tmp_path / "x.qstats")])  # fmt: skip
+    assert result.exit_code != 0
+    assert "--cfg does not apply to a pipeline's own loop; set its arguments with --call" in result.output
+
+
+def test_a_recipe_that_replays_prompts_is_refused_before_anything_is_written(tmp_path):
+    _, stats = _calibrated(tmp_path, "pixart-alpha")
+    recipe = load_recipe("w8a8-best")
+    assert recipe.replaying(), "the preset is expected to replay prompts (searches)"
+    with pytest.raises(QexportError, match="is not available for pipeline builds yet"):
+        build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=recipe))
+    assert not (tmp_path / "build").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".build")] == []
+
+
+def test_statistics_of_another_pipeline_are_refused(tmp_path):
+    folder, stats = _calibrated(tmp_path, "pixart-alpha")
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    config["norm_eps"] = 2e-6  # the same folder, another transformer config
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QexportError, match="calibrate .* first"):
+        build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-asq-tsw")))
+    assert not (tmp_path / "build").exists()

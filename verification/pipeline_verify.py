@@ -1,0 +1,128 @@
+"""Verification of a pipeline build (exporter.pipeline_build): the FP loop runs the torch transformer
+through the edge loop itself (runtime.pipeline_loop: the shipped text parts, the bound inputs, the
+scheduler block), and at each model's first step the emitted model is fed exactly what that loop
+fed the transformer. Each model: onnx.checker, integer kernels read off onnxruntime's optimised
+graph, and its output against the torch simulation of its plan (cosine, LSB bound) and FP. End to
+end: the quantized loop against the FP loop from the same numpy noise (latents SQNR, pixels PSNR)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from qexport.exporter.pipeline_build import PipelineAdapter
+from qexport.exporter.simulate import simulated
+from qexport.passes.plan import RangePlan
+from qexport.targets.catalog import RUNTIMES
+from qexport.targets.profile import TargetProfile
+from qexport.verification.verify import (
+    INTEGER_OPS,
+    PERTURBATION,
+    ModelCheck,
+    Verification,
+    classify,
+    compare,
+    expected_by_width,
+    optimized_session,
+)
+
+from qexport.metrics import psnr_db, sqnr_db
+from qexport.progress import Progress, Units
+from qexport.runtime.loop import initial_noise
+from qexport.runtime.pipeline_loop import PipelineLoop
+from qexport.runtime.scheduler import EdgeScheduler
+
+DEFAULT_PROMPT = "a photo of a cat"  # any caption serves: the check compares models on the same inputs
+
+
+def start_sample(manifest: dict[str, Any], seed: int) -> np.ndarray:
+    """The first sample [1, ...] the edge loop starts from (numpy noise from the seed)."""
+    return EdgeScheduler.of(manifest, seed).start(initial_noise(tuple(manifest["latent_shape"]), seed))[None]
+
+
+class TorchDenoiser:
+    """The bound transformer in torch, called as the edge loop calls a model; records the feeds of
+    every call (step -> list of feeds)."""
+
+    def __init__(self, adapter: PipelineAdapter) -> None:
+        self.model = adapter.denoiser()
+        self.latents = [i["name"] for i in adapter.binding.calls[0]["inputs"] if i["source"] == "latents"]
+        self.feeds: dict[int, list[dict[str, np.ndarray]]] = {}
+
+    def __call__(self, step: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        self.feeds.setdefault(step, []).append(feeds)
+        return self.output(feeds)
+
+    @torch.no_grad()
+    def output(self, feeds: dict[str, np.ndarray], scale: float = 1.0) -> np.ndarray:
+        """The model's output on feeds (not recorded), its latents scaled by `scale`."""
+        args = [torch.from_numpy(feeds[n] * np.float32(scale) if n in self.latents else feeds[n])
+                for n in self.model.names]  # fmt: skip
+        return self.model(*args).numpy()
+
+
+def verify_pipeline(
+    folder: Path,
+    adapter: PipelineAdapter,
+    plans: list[RangePlan],
+    manifest: dict[str, Any],
+    target: TargetProfile,
+    prompt: str,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> Verification:
+    """Verify every emitted model of a pipeline build and its end-to-end loop (module docstring)."""
+    q = manifest["quantization"]
+    types = (target.weight_type(q["w_bits"]), target.activation_type(q["a_bits"]))
+    widths = {lp.w_grid.storage for plan in plans for lp in plan.layers.values()}
+    native = any(RUNTIMES["onnxruntime"].runs_integer(w, types[1]) for w in widths)
+    units = Units(progress, "verifying", 2 + len(plans))
+    units.start("FP loop")
+    loop = PipelineLoop(folder, manifest, threads)
+    start = start_sample(manifest, seed)
+    fp = TorchDenoiser(adapter)
+    fp_latents, fp_images = loop.run(prompt, start, denoise=fp)
+    units.done("FP loop")
+    checks = []
+    for index, plan in enumerate(plans):
+        checks.append(_check_one(folder, manifest, adapter, fp, plan, index, types, threads))
+        units.done(checks[-1].model)
+    began = time.perf_counter()
+    q_latents, q_images = loop.run(prompt, start)
+    step_ms = 1e3 * (time.perf_counter() - began) / len(manifest["steps"])  # with the text parts and the VAE
+    e2e = {"sqnr_latents_db": sqnr_db(fp_latents, q_latents), "step_ms": step_ms}
+    if fp_images is not None and q_images is not None:
+        e2e["psnr_db"] = psnr_db((fp_images * 255).round(), (q_images * 255).round())
+    units.done("end-to-end loop")
+    return Verification(models=checks, end_to_end=e2e, native=native)
+
+
+def _check_one(
+    folder: Path, manifest: dict[str, Any], adapter: PipelineAdapter, fp: TorchDenoiser, plan: RangePlan,
+    index: int, types: tuple[str, str], threads: int | None,
+) -> ModelCheck:  # fmt: skip
+    """One emitted model at its range's first step, on every call's feeds of that step (joined)."""
+    r, ids = manifest["ranges"][index], manifest["layer_ids"]
+    path = Path(folder) / r["model"]
+    onnx.checker.check_model(str(path))
+    check = ModelCheck(model=r["model"], steps=r["steps"])
+    layers = list(plan.layers)
+    expected = expected_by_width(path, layers, ids, RUNTIMES["onnxruntime"], plan, types[1])
+    session, optimized = optimized_session(path, threads)
+    integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
+    reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
+    check.integer, check.emulated, check.float_ = classify(layers, reads, integer_inputs, expected)
+    names = {i.name for i in session.get_inputs()}
+    calls = fp.feeds[r["steps"][0]]
+    got = np.concatenate([session.run(None, {k: v for k, v in f.items() if k in names})[0] for f in calls])
+    want = np.concatenate([fp.output(f) for f in calls])
+    with simulated(adapter.transformer, plan):
+        sim = np.concatenate([fp.output(f) for f in calls])
+        moved = np.concatenate([fp.output(f, 1 + PERTURBATION) for f in calls])
+    compare(check, want, sim, moved, got)
+    return check
