@@ -212,7 +212,20 @@ def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
     return y if sh._is_none(weight) else g.op("Mul", y, weight)
 
 
+def _repeat_interleave(g: Any, x: Any, repeats: Any, dim: Any = None, output_size: Any = None) -> Any:
+    """aten::repeat_interleave with its own copy of `dim`: torch's opset-13 symbolic adds the rank to a
+    negative dim in place, on the constant the tracer shares with every other -1 of the graph (LTX's
+    rope then turns its timestep embedding's concat axis -1 into 2)."""
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_opset13
+
+    if not sh._is_none(dim):
+        dim = g.op("Constant", value_t=torch.tensor(int(sh._maybe_get_const(dim, "i"))))
+    return symbolic_opset13.repeat_interleave(g, x, repeats, dim, output_size)
+
+
 torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, DENOISER_OPSET)
+torch.onnx.register_custom_op_symbolic("aten::repeat_interleave", _repeat_interleave, DENOISER_OPSET)
 
 
 @torch.no_grad()
@@ -308,11 +321,12 @@ def write_parts(binding: Binding, folder: Path) -> dict[str, Any]:
     """The text parts and the VAE decoder in `folder`; returns the manifest's pipeline block (its
     denoiser entry left to the caller)."""
     from qexport.exporter.text_encoders import export_text_part
-    from qexport.exporter.vae import export_vae_decoder
+    from qexport.exporter.vae import export_vae_decoder, latent_grid
 
     b = binding
     text_specs = [export_text_part(p, folder, b.lengths[p.name]) for p in b.parts if p.name in b.lengths]
-    vae = export_vae_decoder(b.pipe, torch.from_numpy(b.trace.results[-1][:1].astype(np.float32)), folder)
+    latents = torch.from_numpy(b.trace.results[-1][:1].astype(np.float32))
+    vae = export_vae_decoder(b.pipe, latents, folder, grid=latent_grid(b.first.values))
     return {"class": b.trace.pipeline, "negative_prompt": b.negative, "calls": b.calls, **b.rule,
             "text": text_specs, "vae": vae}  # fmt: skip
 

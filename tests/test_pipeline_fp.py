@@ -20,7 +20,7 @@ STEPS = 3
 OWN = ("prompt", "num_inference_steps", "generator", "output_type")
 
 
-@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma", "flux", "cogvideox"])
+@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma", "flux", "cogvideox", "ltx-video"])
 def test_the_fp_edge_loop_gives_the_pipelines_own_pixels(tmp_path, family):
     folder = FAMILIES[family](tmp_path / "src")
     call = {k: v for k, v in call_kwargs(family).items() if k not in OWN}
