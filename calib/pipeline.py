@@ -23,8 +23,8 @@ from qexport.calib.store import QStats
 from qexport.errors import QexportError
 from qexport.models.adapter import config_hash
 from qexport.models.families import family_of
-from qexport.models.pipeline import Trace, TransformerCall, denoisers, load_pipeline, trace_call
-from qexport.models.scheduler import check, probe
+from qexport.models.pipeline import Trace, TransformerCall, check_prompts, denoisers, load_pipeline, trace_call
+from qexport.models.scheduler import check, probe, refuse_unsupported
 from qexport.progress import Progress, Units
 
 
@@ -62,7 +62,8 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
 
     Raises:
         QexportError: an unloadable folder, a pipeline with two denoisers, a transformer class
-            without a family entry, patterns that match nothing, before any sampling.
+            without a family entry, an unsupported scheduler, a prompt longer than a tokenizer
+            takes, patterns that match nothing, before any sampling.
     """
     start = time.perf_counter()
     pipe = load_pipeline(folder)
@@ -71,6 +72,8 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
         raise QexportError(f"{type(pipe).__name__} has denoisers {', '.join(found)}; one transformer is supported")
     transformer = found["transformer"]
     family = family_of(type(transformer).__name__)
+    refuse_unsupported(pipe.scheduler)
+    check_prompts(pipe, list(config.prompts), config.call)
     selection = LayerSelection(include=config.include or (family.blocks,), exclude=config.exclude)
     selected = select_layers(transformer, selection)
     collector = Collector(selected.layers, config.steps, config.histograms, torch.device("cpu"))

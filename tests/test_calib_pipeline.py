@@ -4,6 +4,8 @@ batch; Flux has none), the hooks leave the pipeline's result unchanged, and the 
 scheduler block the build will use (probed from the folder's scheduler, checked) and the
 transformer's keyword inputs."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -63,3 +65,23 @@ def test_pipeline_calibration_refuses_arguments_it_sets_and_bad_patterns(folders
     config = PipelineCalibConfig(prompts=PROMPTS, steps=2, include=("nothing.*",))
     with pytest.raises(QexportError, match=r"layer pattern 'nothing\.\*' matches no linear layer"):
         calibrate_pipeline(folders["pixart-alpha"], config)
+
+
+def test_pipeline_calibration_refuses_a_long_prompt_and_an_unsupported_scheduler_before_sampling(
+    folders, tmp_path, monkeypatch
+):
+    call = {k: v for k, v in call_kwargs("pixart-alpha").items() if k not in TAKEN}
+    long = " ".join(["red circle"] * 40)  # far over the tiny folder's max_sequence_length
+    sampled = []
+    monkeypatch.setattr("qexport.calib.pipeline.trace_call", lambda *a, **k: sampled.append(1))
+    with pytest.raises(QexportError, match=r"tokens for tokenizer, which takes 16; shorten it or raise --call"):
+        calibrate_pipeline(folders["pixart-alpha"], PipelineCalibConfig(prompts=(long,), steps=2, call=call))
+    import shutil
+
+    folder = shutil.copytree(folders["pixart-alpha"], tmp_path / "pixart")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "HeunDiscreteScheduler"]  # second order: two model calls per step
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(QexportError, match="scheduler HeunDiscreteScheduler is not supported at the edge"):
+        calibrate_pipeline(folder, PipelineCalibConfig(prompts=PROMPTS, steps=2, call=call))
+    assert not sampled  # refused before any sampling

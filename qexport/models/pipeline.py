@@ -112,6 +112,40 @@ def denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
     return found
 
 
+def call_default(pipe: Any, name: str) -> Any:
+    """A keyword's default in the pipeline's __call__ (None when it has none)."""
+    import inspect
+
+    p = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def check_prompts(pipe: Any, prompts: list[str], call: dict[str, Any]) -> None:
+    """Refuse a prompt longer than a tokenizer of the pipeline takes: its model_max_length, or the
+    call's max_sequence_length where that is shorter (T5: the pipeline would cut the rest silently).
+
+    Raises:
+        QexportError: naming the prompt, the tokenizer and both lengths.
+    """
+    cap = call.get("max_sequence_length", call_default(pipe, "max_sequence_length"))
+    for name, tokenizer in sorted(pipe.components.items()):
+        if not name.startswith("tokenizer") or tokenizer is None:
+            continue
+        limit = int(tokenizer.model_max_length)
+        limit = min(limit, int(cap)) if isinstance(cap, int) else limit
+        for prompt in prompts:
+            count = len(tokenizer(prompt)["input_ids"])
+            if count > limit:
+                raise QexportError(
+                    f"prompt {prompt[:40]!r} is {count} tokens for {name}, which takes {limit}; shorten it"
+                    + (
+                        " or raise --call max_sequence_length"
+                        if isinstance(cap, int) and cap < tokenizer.model_max_length
+                        else ""
+                    )
+                )
+
+
 def _flatten(prefix: str, value: Any, call: TransformerCall, keep: bool) -> None:
     if isinstance(value, torch.Tensor):
         call.tensors[prefix] = TensorSpec.of(value)
