@@ -5,7 +5,8 @@ source, by value:
 - ``latents``: the scheduler's sample times the step's input scale (repeated for a CFG batch);
 - ``timestep``: the step's timestep times a fixed factor (Flux feeds t / 1000);
 - ``text``: an output of one shipped text part (exporter.text_encoders) for the prompt and the
-  negative prompt, in the order the pipeline batches them; ``mask``: that part's attention mask;
+  negative prompt, in the order the pipeline batches them (as called with the mask, without it, or
+  zeroed past the prompt's tokens); ``mask``: that part's attention mask;
 - ``constant``: the same value at every step (position ids, Flux's guidance, PixArt's size
   conditions), stored with the build.
 
@@ -51,13 +52,18 @@ def call_default(pipe: Any, name: str) -> Any:
 def text_values(part: TextPart, prompt: str, length: int) -> dict[str, np.ndarray]:
     """The part's outputs and mask for a prompt, tokenized as the edge tokenizes (padded to length);
     for an encoder that reads the mask, also its outputs without one (``<output>:unmasked``: Flux
-    calls T5 so), which the edge computes with a mask of ones."""
+    calls T5 so), which the edge computes with a mask of ones; and each hidden state with its
+    padding positions zeroed (``<output>:zeroed``, the output times the mask: Wan cuts each
+    caption to its length and pads with zeros)."""
     tokens = part.tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    mask = tokens["attention_mask"].numpy()
     values = _encoded(part, tokens["input_ids"], tokens["attention_mask"] if part.takes_mask else None)
     if part.takes_mask:
         ones = _encoded(part, tokens["input_ids"], torch.ones_like(tokens["attention_mask"]))
         values.update({f"{k}:unmasked": v for k, v in ones.items()})
-    return {**values, "mask": tokens["attention_mask"].numpy()}
+    hidden = {k: v for k, v in values.items() if ":" not in k and v.shape[:2] == mask.shape}
+    zeroed = {f"{k}:zeroed": v * mask[..., None] for k, v in hidden.items()}
+    return {**values, **zeroed, "mask": mask}
 
 
 def _encoded(part: TextPart, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, np.ndarray]:

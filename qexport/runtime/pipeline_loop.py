@@ -23,6 +23,14 @@ TEXT_KEYS = {"mask": "attention_mask"}  # a binding's output name -> TextPart.en
 Denoise = Callable[[int, dict[str, np.ndarray]], np.ndarray]  # (step, feeds by input name) -> output
 
 
+def text_output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """A binding's text output from a part's encoded outputs (TextPart.encode): `<output>:zeroed` is
+    the output with its padding positions zeroed (times the attention mask)."""
+    if name.endswith(":zeroed"):
+        return outputs[name.removesuffix(":zeroed")] * outputs["attention_mask"][..., None]
+    return outputs[TEXT_KEYS.get(name, name)]
+
+
 class PipelineLoop:
     def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         self.folder, self.manifest, self.spec = Path(folder), manifest, manifest["pipeline"]
@@ -59,8 +67,7 @@ class PipelineLoop:
                 value = np.full(spec["shape"], t * spec["factor"])
             elif spec["source"] in ("text", "mask"):
                 sides = text[spec["part"]]
-                key = TEXT_KEYS.get(spec["output"], spec["output"])
-                value = np.concatenate([sides[side][key] for side in spec["order"].split(",")])
+                value = np.concatenate([text_output(sides[side], spec["output"]) for side in spec["order"].split(",")])
             else:
                 continue  # constants are inside the model
             feeds[spec["name"]] = value.astype(dtype)
