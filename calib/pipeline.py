@@ -23,7 +23,16 @@ from qexport.calib.store import QStats
 from qexport.errors import QexportError
 from qexport.models.adapter import config_hash
 from qexport.models.families import family_of
-from qexport.models.pipeline import Trace, TransformerCall, check_prompts, denoisers, load_pipeline, trace_call
+from qexport.models.pipeline import (
+    Trace,
+    TransformerCall,
+    check_prompts,
+    denoisers,
+    load_pipeline,
+    sample_shape,
+    trace_call,
+)
+from qexport.models.sampler import initial_noise
 from qexport.models.scheduler import check, probe, refuse_unsupported
 from qexport.progress import Progress, Units
 
@@ -88,9 +97,12 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
         collector.samples = batch
 
     traces: list[Trace] = []
+    shape = sample_shape(pipe, prompt=config.prompts[0], num_inference_steps=config.steps, output_type="latent",
+                         **config.call)  # fmt: skip
     try:
         for prompt, seed in runs:
-            traces.append(trace_call(pipe, on_call, prompt=prompt, num_inference_steps=config.steps,
+            noise = torch.from_numpy(initial_noise(shape[1:], seed)[None])  # the edge loop's noise for this seed
+            traces.append(trace_call(pipe, on_call, prompt=prompt, num_inference_steps=config.steps, latents=noise,
                                      generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
                                      **config.call))  # fmt: skip
             if len(traces[-1].samples) != config.steps:
@@ -100,7 +112,8 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
         layers = collector.close()
     header = _header(folder, pipe, traces[0], config, selected.layers, selected.excluded)
     return CalibResult(stats=QStats(header=header, layers=layers), hooked=len(selected.layers),
-                       excluded=selected.excluded, batches=len(runs), seconds=time.perf_counter() - start)  # fmt: skip
+                       excluded=selected.excluded, batches=len(runs), seconds=time.perf_counter() - start,
+                       finals=[t.results[-1] for t in traces])  # fmt: skip
 
 
 def _call(call: TransformerCall) -> dict[str, Any]:
@@ -127,7 +140,7 @@ def _header(
         "transformer_calls": [_call(c) for c in trace.calls if c.step == 0],
         "call": dict(config.call),  # the build traces the pipeline with the same arguments
         "seeds": list(config.seeds),
-        "noise": "the pipeline's own: torch.Generator('cpu').manual_seed(seed)",
+        "noise": "latents= numpy PCG64 standard normal from the seed (qexport run's), the pipeline scales it",
         "samples": len(config.prompts) * len(config.seeds),
         "shard": None,
     }

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from qexport.calib.collect import Collector
@@ -60,6 +61,7 @@ class CalibResult:
     batches: int
     seconds: float
     rank: int = 0
+    finals: list[np.ndarray] = field(default_factory=list)  # pipeline calibration: each run's final latents
 
 
 def _my_batches(n_batches: int, index: int, count: int) -> range:

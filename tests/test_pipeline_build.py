@@ -111,6 +111,6 @@ def test_statistics_of_another_pipeline_are_refused(tmp_path):
     config = json.loads((folder / "transformer" / "config.json").read_text())
     config["norm_eps"] = 2e-6  # the same folder, another transformer config
     (folder / "transformer" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(QexportError, match="calibrate .* first"):
+    with pytest.raises(QexportError, match=r"calibrate .* first"):
         build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")))
     assert not (tmp_path / "build").exists()

@@ -235,3 +235,33 @@ def trace_call(pipe: Any, on_call: CallHook | None = None, **kwargs: Any) -> Tra
     if not trace.samples:
         raise QexportError(f"{trace.pipeline} called no scheduler step; nothing to calibrate")
     return trace
+
+
+class _Stop(Exception):
+    """Ends a probing call of a pipeline at its transformer's first call."""
+
+
+@torch.no_grad()
+def sample_shape(pipe: Any, **kwargs: Any) -> tuple[int, ...]:
+    """The shape of one prompt's first sample (what the pipeline's ``latents=`` takes): the
+    transformer's first input without its batch, read at its first call, where the call is cut
+    short (text encoding and latent set-up only)."""
+    seen: list[tuple[int, ...]] = []
+
+    def stop(module: torch.nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        x = args[0] if args else kw.get("hidden_states")
+        if isinstance(x, torch.Tensor):
+            seen.append(tuple(x.shape))
+        raise _Stop
+
+    handles = [m.register_forward_pre_hook(stop, with_kwargs=True) for m in denoisers(pipe).values()]
+    try:
+        pipe(**kwargs)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise QexportError(f"{type(pipe).__name__} did not call its transformer with a latent tensor first")
+    return (1, *seen[0][1:])
