@@ -42,10 +42,22 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.all(np.abs(a - b) <= RTOL * max(float(np.abs(b).max()), 1e-12)))
 
 
+# __call__ arguments with which a pipeline keeps its caption embeddings at the padded length
+# (Latte's mask_feature=True cuts them to the prompt's tokens)
+FIXED_LENGTH_CALLS = {"mask_feature": False}
+
+
 def call_default(pipe: Any, name: str) -> Any:
     """A keyword's default in the pipeline's __call__ (None when it has none)."""
     p = inspect.signature(type(pipe).__call__).parameters.get(name)
     return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def _length_fixes(pipe: Any, call: dict[str, Any]) -> list[str]:
+    """The FIXED_LENGTH_CALLS the pipeline takes and this call does not set so, as --call options."""
+    takes = inspect.signature(type(pipe).__call__).parameters
+    return [f"--call {k}={str(v).lower()}" for k, v in FIXED_LENGTH_CALLS.items()
+            if k in takes and call.get(k, call_default(pipe, k)) != v]  # fmt: skip
 
 
 @torch.no_grad()
@@ -96,14 +108,6 @@ def bind_inputs(trace: Trace, block: dict[str, Any], texts: Texts, other: Trace)
     first = [c for c in trace.calls if c.step == 0]
     second = [c for c in trace.calls if c.step == 1]
     elsewhere = [c for c in other.calls if c.step == 0]
-    for call, there in zip(first, elsewhere, strict=True):
-        moved = [n for n, spec in call.tensors.items() if there.tensors.get(n) != spec]
-        if moved:
-            raise QexportError(
-                f"{trace.pipeline}'s transformer input {moved[0]!r} changes shape with the prompt "
-                f"({list(call.tensors[moved[0]].shape)} vs {list(there.tensors[moved[0]].shape)}: the pipeline cuts "
-                "its caption embeddings to the prompt's length); a fixed-shape edge model cannot follow it"
-            )
     if len(second) != len(first):
         raise QexportError(f"{trace.pipeline} calls its transformer {len(first)} then {len(second)} times per step")
     layouts = []
@@ -133,6 +137,24 @@ def bind_inputs(trace: Trace, block: dict[str, Any], texts: Texts, other: Trace)
         {"inputs": layout, "values": {k: repr(v) for k, v in call.values.items()}}
         for layout, call in zip(layouts, first, strict=True)
     ]
+
+
+def check_shapes(trace: Trace, other: Trace, fixes: list[str]) -> None:
+    """The transformer's inputs have the same shapes for both prompts (a fixed-shape model can follow
+    them); `fixes` are the call arguments that would keep them so.
+
+    Raises:
+        QexportError: the first input whose shape changes with the prompt, with the fixes.
+    """
+    for call, there in zip(*([c for c in t.calls if c.step == 0] for t in (trace, other)), strict=True):
+        moved = [n for n, spec in call.tensors.items() if there.tensors.get(n) != spec]
+        if moved:
+            fix = f"; call it with {' '.join(fixes)}" if fixes else ""
+            raise QexportError(
+                f"{trace.pipeline}'s transformer input {moved[0]!r} changes shape with the prompt "
+                f"({list(call.tensors[moved[0]].shape)} vs {list(there.tensors[moved[0]].shape)}: the pipeline cuts "
+                f"its caption embeddings to the prompt's length); a fixed-shape edge model cannot follow it{fix}"
+            )
 
 
 def _is_timestep(v0: np.ndarray, v1: np.ndarray, block: dict[str, Any]) -> bool:
@@ -312,6 +334,7 @@ def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any]) -
     runs = [trace_call(pipe, prompt=p, num_inference_steps=steps, output_type="latent", generator=seed(0), **call)
             for p in (prompt, OTHER_PROMPT)]  # fmt: skip
     trace = runs[0]
+    check_shapes(trace, runs[1], _length_fixes(pipe, call))
     block = probe(trace.scheduler, steps, trace.set_timesteps)
     check(trace.scheduler, block)
     parts = text_parts(pipe)
