@@ -28,8 +28,11 @@ from qexport.models.pipeline import (
     TransformerCall,
     check_prompts,
     denoisers,
+    label_ids,
     load_pipeline,
     sample_shape,
+    starting_from,
+    takes_labels,
     trace_call,
 )
 from qexport.models.sampler import initial_noise
@@ -57,7 +60,15 @@ class PipelineCalibConfig:
             raise QexportError("no seeds given")
         if not 1 <= self.steps <= 1000:
             raise QexportError(f"--steps must be in 1..1000, got {self.steps}")
-        taken = {"prompt", "num_inference_steps", "generator", "latents", "output_type", "callback_on_step_end"}
+        taken = {
+            "prompt",
+            "class_labels",
+            "num_inference_steps",
+            "generator",
+            "latents",
+            "output_type",
+            "callback_on_step_end",
+        }
         if clash := sorted(taken & set(self.call)):
             raise QexportError(f"pipeline argument {clash[0]!r} is set by calibration itself; drop it")
         try:
@@ -82,7 +93,15 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
     transformer = found["transformer"]
     family = family_of(type(transformer).__name__)
     refuse_unsupported(pipe.scheduler)
-    check_prompts(pipe, list(config.prompts), config.call)
+    labels = takes_labels(pipe)
+    if labels:  # class-conditional (DiT): each "prompt" is a class label or id
+        ids = dict(zip(config.prompts, label_ids(pipe, list(config.prompts)), strict=True))
+    else:
+        check_prompts(pipe, list(config.prompts), config.call)
+
+    def condition(prompt: str) -> dict[str, Any]:
+        return {"class_labels": [ids[prompt]]} if labels else {"prompt": prompt}
+
     selection = LayerSelection(include=config.include or (family.blocks,), exclude=config.exclude)
     selected = select_layers(transformer, selection)
     collector = Collector(selected.layers, config.steps, config.histograms, torch.device("cpu"))
@@ -97,14 +116,15 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
         collector.samples = batch
 
     traces: list[Trace] = []
-    shape = sample_shape(pipe, prompt=config.prompts[0], num_inference_steps=config.steps, output_type="latent",
-                         **config.call)  # fmt: skip
+    shape = sample_shape(pipe, **condition(config.prompts[0]), num_inference_steps=config.steps,
+                         output_type="latent", **config.call)  # fmt: skip
     try:
         for prompt, seed in runs:
             noise = torch.from_numpy(initial_noise(shape[1:], seed)[None])  # the edge loop's noise for this seed
-            traces.append(trace_call(pipe, on_call, prompt=prompt, num_inference_steps=config.steps, latents=noise,
-                                     generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
-                                     **config.call))  # fmt: skip
+            generator = torch.Generator("cpu").manual_seed(seed)
+            run = {**condition(prompt), "num_inference_steps": config.steps, **config.call}
+            with starting_from(pipe, noise) as given:
+                traces.append(trace_call(pipe, on_call, generator=generator, output_type="latent", **run, **given))
             if len(traces[-1].samples) != config.steps:
                 raise QexportError(f"{type(pipe).__name__} ran {len(traces[-1].samples)} steps, not {config.steps}")
             units.done(f"seed {seed}")

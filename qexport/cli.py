@@ -193,11 +193,11 @@ def calibrate(
     ``--model pipeline:FOLDER``, the pipeline's own)."""
     if model_name.startswith("pipeline:"):
         ctx = click.get_current_context()
-        given = [f"--{n.replace('_', '-')}" for n in ("cfg", "batch_size", "shard", "device", "dtype", "labels")
+        given = [f"--{n.replace('_', '-')}" for n in ("cfg", "batch_size", "shard", "device", "dtype")
                  if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]  # fmt: skip
         if given:
             raise QexportError(f"{given[0]} does not apply to a pipeline's own loop; set its arguments with --call")
-        _calibrate_pipeline(Path(model_name.removeprefix("pipeline:")), _prompts(prompts_file, None), steps,
+        _calibrate_pipeline(Path(model_name.removeprefix("pipeline:")), _prompts(prompts_file, labels), steps,
                             _seeds(seeds), pipeline_call(calls), include, exclude, histograms, output)  # fmt: skip
         return
     if calls:

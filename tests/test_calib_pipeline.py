@@ -17,25 +17,27 @@ from qexport.calib.pipeline import PipelineCalibConfig, calibrate_pipeline
 from qexport.calib.store import load, save
 
 from qexport.errors import QexportError
-from qexport.models.pipeline import load_pipeline
+from qexport.models.pipeline import load_pipeline, starting_from, trace_call
 
 STEPS = 3
 PROMPTS = ("a red circle", "a blue square")
+LABELS = ("1", "7")
 TAKEN = ("prompt", "num_inference_steps", "generator", "output_type", "class_labels", "negative_prompt")
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipelines")
-    return {name: make(root) for name, make in FAMILIES.items() if name != "dit"}  # DiT takes class labels
+    return {name: make(root) for name, make in FAMILIES.items()}
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "dit"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_pipeline_calibration_counts_every_call_of_every_step(folders, family, tmp_path):
     if family == "wan2.1":
         pytest.importorskip("accelerate", reason="diffusers loads WanTransformer3DModel only with accelerate")
     call = {k: v for k, v in call_kwargs(family).items() if k not in TAKEN}
-    config = PipelineCalibConfig(prompts=PROMPTS, seeds=(0,), steps=STEPS, call=call)
+    prompts = LABELS if family == "dit" else PROMPTS  # DiT is class-conditional: class ids
+    config = PipelineCalibConfig(prompts=prompts, seeds=(0,), steps=STEPS, call=call)
     result = calibrate_pipeline(folders[family], config)
     stats, header = result.stats, result.stats.header
     assert result.hooked == len(stats.layers) > 0 and header["steps"] == STEPS
@@ -58,9 +60,11 @@ def test_pipeline_calibration_counts_every_call_of_every_step(folders, family, t
     pipe = load_pipeline(folders[family])
     final = result.finals[-1]
     noise = torch.from_numpy(np.random.default_rng(0).standard_normal((1, *final.shape[1:]), dtype=np.float32))
-    plain = pipe(prompt=PROMPTS[-1], num_inference_steps=STEPS, latents=noise, output_type="latent",
-                 generator=torch.Generator("cpu").manual_seed(0), **call)  # fmt: skip
-    want = np.asarray(plain[0] if isinstance(plain, tuple) else next(iter(plain.values())), dtype=np.float64)
+    condition = {"class_labels": [int(LABELS[-1])]} if family == "dit" else {"prompt": PROMPTS[-1]}
+    with starting_from(pipe, noise) as start:  # latents=, or DiT's own draw of its noise replaced
+        plain = trace_call(pipe, **condition, num_inference_steps=STEPS, output_type="latent",
+                           generator=torch.Generator("cpu").manual_seed(0), **start, **call)  # fmt: skip
+    want = plain.results[-1]  # the last scheduler step's result (DiT steps its whole CFG batch)
     assert want.shape == final.shape
     assert np.linalg.norm(final - want) <= 1e-5 * np.linalg.norm(want), np.linalg.norm(final - want)
 
@@ -91,3 +95,8 @@ def test_pipeline_calibration_refuses_a_long_prompt_and_an_unsupported_scheduler
     with pytest.raises(QexportError, match="scheduler HeunDiscreteScheduler is not supported at the edge"):
         calibrate_pipeline(folder, PipelineCalibConfig(prompts=PROMPTS, steps=2, call=call))
     assert not sampled  # refused before any sampling
+
+
+def test_a_class_conditional_pipeline_refuses_an_unknown_label(folders):
+    with pytest.raises(QexportError, match=r"class label 'a red circle' is not known to DiTPipeline; give a class id"):
+        calibrate_pipeline(folders["dit"], PipelineCalibConfig(prompts=("a red circle",), steps=2))

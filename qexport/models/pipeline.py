@@ -120,6 +120,39 @@ def call_default(pipe: Any, name: str) -> Any:
     return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
+def takes_labels(pipe: Any) -> bool:
+    """Whether the pipeline is class-conditional (DiT: class_labels, no prompt)."""
+    params = _call_parameters(pipe)
+    return "class_labels" in params and "prompt" not in params
+
+
+def _call_parameters(pipe: Any) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(inspect.signature(type(pipe).__call__).parameters)
+
+
+def label_ids(pipe: Any, labels: list[str]) -> list[int]:
+    """Class ids of labels: names from the folder's id2label (``pipe.labels``), or class ids.
+
+    Raises:
+        QexportError: a label that is neither, naming the choices.
+    """
+    names: dict[str, int] = dict(getattr(pipe, "labels", {}) or {})
+    classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
+    ids = []
+    for label in labels:
+        if label in names:
+            ids.append(names[label])
+        elif label.strip().isdigit() and int(label) < classes:
+            ids.append(int(label))
+        else:
+            known = f"one of {', '.join(list(names)[:8])}{' ...' if len(names) > 8 else ''}, or " if names else ""
+            raise QexportError(f"class label {label!r} is not known to {type(pipe).__name__}; give {known}"
+                               f"a class id in 0..{classes - 1}")  # fmt: skip
+    return ids
+
+
 def check_prompts(pipe: Any, prompts: list[str], call: dict[str, Any]) -> None:
     """Refuse a prompt longer than a tokenizer of the pipeline takes: its model_max_length, or the
     call's max_sequence_length where that is shorter (T5: the pipeline would cut the rest silently).
@@ -265,3 +298,38 @@ def sample_shape(pipe: Any, **kwargs: Any) -> tuple[int, ...]:
     if not seen:
         raise QexportError(f"{type(pipe).__name__} did not call its transformer with a latent tensor first")
     return (1, *seen[0][1:])
+
+
+@contextmanager
+def starting_from(pipe: Any, noise: torch.Tensor) -> Iterator[dict[str, Any]]:
+    """Within the block, the pipeline starts from `noise`: yields ``{"latents": noise}`` for a
+    pipeline that takes latents=; a pipeline that does not (DiT) draws its initial noise with its
+    module's ``randn_tensor``, which then returns `noise` (once, for a matching shape).
+
+    Raises:
+        QexportError: the pipeline asks for noise of another shape.
+    """
+    if "latents" in _call_parameters(pipe):
+        yield {"latents": noise}
+        return
+    import sys
+
+    module = sys.modules[type(pipe).__module__]
+    original = getattr(module, "randn_tensor", None)
+    if original is None:
+        raise QexportError(f"{type(pipe).__name__} takes no latents= and draws no randn_tensor; cannot set its noise")
+    given = [noise]
+
+    def randn(shape: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not given:
+            return original(shape, *args, **kwargs)
+        if tuple(shape) != tuple(noise.shape):
+            raise QexportError(f"{type(pipe).__name__} draws noise {list(shape)}, not {list(noise.shape)}")
+        dtype, device = kwargs.get("dtype"), kwargs.get("device")
+        return given.pop().to(device=device, dtype=dtype)
+
+    setattr(module, "randn_tensor", randn)  # noqa: B010 (a module attribute mypy cannot see)
+    try:
+        yield {}
+    finally:
+        setattr(module, "randn_tensor", original)  # noqa: B010
