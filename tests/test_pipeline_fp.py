@@ -22,7 +22,7 @@ FIXED = {"latte": {"mask_feature": False}}  # what the refusals name: caption em
 
 
 @pytest.mark.parametrize(
-    "family", ["pixart-alpha", "pixart-sigma", "latte", "flux", "cogvideox", "ltx-video", "wan2.1"]
+    "family", ["pixart-alpha", "pixart-sigma", "latte", "sd3", "flux", "cogvideox", "ltx-video", "wan2.1"]
 )
 def test_the_fp_edge_loop_gives_the_pipelines_own_pixels(tmp_path, family):
     if family == "wan2.1":
@@ -46,12 +46,21 @@ def test_the_fp_edge_loop_gives_the_pipelines_own_pixels(tmp_path, family):
         want
     )
     sources = {i["source"] for c in manifest["pipeline"]["calls"] for i in c["inputs"]}
-    assert {"latents", "timestep", "text"} <= sources
+    assert {"latents", "timestep"} <= sources and sources & {"text", "joined"}
 
 
-def test_a_pipeline_whose_inputs_cannot_be_bound_is_refused_by_input_name(tmp_path):
-    folder = FAMILIES["sd3"](tmp_path / "src")  # SD3 joins two CLIPs and T5 into one sequence
-    call = {k: v for k, v in call_kwargs("sd3").items() if k not in OWN}
+def test_a_pipeline_whose_inputs_cannot_be_bound_is_refused_by_input_name(tmp_path, monkeypatch):
+    import diffusers
+
+    own = diffusers.PixArtSigmaPipeline.encode_prompt
+
+    def noisy(self, *args, **kwargs):  # caption embeddings no text part reproduces
+        embeds, *rest = own(self, *args, **kwargs)
+        return (embeds + torch.randn_like(embeds), *rest)
+
+    monkeypatch.setattr(diffusers.PixArtSigmaPipeline, "encode_prompt", noisy)
+    folder = FAMILIES["pixart-sigma"](tmp_path / "src")
+    call = {k: v for k, v in call_kwargs("pixart-sigma").items() if k not in OWN}
     with pytest.raises(QexportError, match=r"transformer input 'encoder_hidden_states' .* needs its own binding"):
         export_fp_pipeline(folder, tmp_path / "build", PROMPT, STEPS, call)
     assert not (tmp_path / "build").exists()  # refused before anything is written

@@ -26,9 +26,22 @@ Denoise = Callable[[int, dict[str, np.ndarray]], np.ndarray]  # (step, feeds by 
 def text_output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
     """A binding's text output from a part's encoded outputs (TextPart.encode): `<output>:zeroed` is
     the output with its padding positions zeroed (times the attention mask)."""
+    if name in outputs:
+        return outputs[name]
     if name.endswith(":zeroed"):
         return outputs[name.removesuffix(":zeroed")] * outputs["attention_mask"][..., None]
-    return outputs[TEXT_KEYS.get(name, name)]
+    return outputs[TEXT_KEYS[name]]
+
+
+def joined_value(join: dict[str, Any], outputs: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
+    """One side of a ``joined`` binding from each part's outputs for that side: its pieces (text
+    outputs or joins) concatenated on `axis`, the last axis then zero-padded to `width` where one is
+    given (SD3: the two CLIPs side by side, padded to T5's width, then T5 after them on the sequence)."""
+    if "part" in join:
+        return text_output(outputs[join["part"]], join["output"])
+    value = np.concatenate([joined_value(p, outputs) for p in join["pieces"]], axis=join["axis"])
+    pad = join.get("width", value.shape[-1]) - value.shape[-1]
+    return np.pad(value, [(0, 0)] * (value.ndim - 1) + [(0, pad)]) if pad else value
 
 
 class PipelineLoop:
@@ -68,6 +81,9 @@ class PipelineLoop:
             elif spec["source"] in ("text", "mask"):
                 sides = text[spec["part"]]
                 value = np.concatenate([text_output(sides[side], spec["output"]) for side in spec["order"].split(",")])
+            elif spec["source"] == "joined":
+                value = np.concatenate([joined_value(spec["join"], {p: s[side] for p, s in text.items()})
+                                        for side in spec["order"].split(",")])  # fmt: skip
             else:
                 continue  # constants are inside the model
             feeds[spec["name"]] = value.astype(dtype)
