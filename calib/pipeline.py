@@ -22,7 +22,7 @@ from qexport.calib.store import QStats
 
 from qexport.errors import QexportError
 from qexport.models.adapter import config_hash
-from qexport.models.families import family_of
+from qexport.models.families import family_for
 from qexport.models.pipeline import (
     Trace,
     TransformerCall,
@@ -91,7 +91,7 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
     if list(found) != ["transformer"]:
         raise QexportError(f"{type(pipe).__name__} has denoisers {', '.join(found)}; one transformer is supported")
     transformer = found["transformer"]
-    family = family_of(type(transformer).__name__)
+    family = family_for(transformer)
     refuse_unsupported(pipe.scheduler)
     labels = takes_labels(pipe)
     if labels:  # class-conditional (DiT): each "prompt" is a class label or id

@@ -30,6 +30,7 @@ from torch import nn
 from qexport import __version__, serial
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter, config_hash
+from qexport.models.families import Family, family_for
 from qexport.progress import Progress, report
 from qexport.runtime.manifest import SCHEMA_VERSION
 
@@ -55,6 +56,11 @@ class PipelineAdapter(ModelAdapter):
     pipeline's own call, its timestep the bound timestep input times its factor."""
 
     binding: Binding
+
+    @property
+    def family(self) -> Family:
+        """The registry entry of the transformer, or the generic one (models.families.family_for)."""
+        return family_for(self.transformer)
 
     def denoiser(self) -> BoundTransformer:  # type: ignore[override]
         return BoundTransformer(self.transformer, self.binding.first, self.binding.calls[0]["inputs"]).eval()

@@ -100,3 +100,24 @@ def test_pipeline_calibration_refuses_a_long_prompt_and_an_unsupported_scheduler
 def test_a_class_conditional_pipeline_refuses_an_unknown_label(folders):
     with pytest.raises(QexportError, match=r"class label 'a red circle' is not known to DiTPipeline; give a class id"):
         calibrate_pipeline(folders["dit"], PipelineCalibConfig(prompts=("a red circle",), steps=2))
+
+
+def test_a_transformer_without_a_family_entry_calibrates_through_the_generic_one(folders, monkeypatch):
+    from qexport.models import families
+
+    monkeypatch.delitem(families.FAMILIES, "PixArtTransformer2DModel")  # as if PixArt were not registered
+    call = {k: v for k, v in call_kwargs("pixart-alpha").items() if k not in TAKEN}
+    result = calibrate_pipeline(folders["pixart-alpha"], PipelineCalibConfig(prompts=PROMPTS, steps=2, call=call))
+    assert result.hooked == 20 and all(n.startswith("transformer_blocks.") for n in result.stats.layers)
+
+
+def test_a_transformer_that_is_no_standard_dit_is_refused_naming_what_is_missing():
+    from qexport.models.families import family_for
+
+    class Mixer(torch.nn.Module):  # linears, but no diffusers Attention and no blocks
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(QexportError, match=r"'Mixer' has no family entry .*no diffusers Attention .*no linear under"):
+        family_for(Mixer())

@@ -5,8 +5,9 @@ attention layers are named. Nothing else in qexport branches on a class name or 
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from qexport.errors import QexportError
 
@@ -78,3 +79,42 @@ def family_of(class_name: str) -> Family:
     if family is None:
         raise QexportError(f"transformer class {class_name!r} is not supported; supported: {', '.join(FAMILIES)}")
     return family
+
+
+GENERIC_BLOCKS = ("*transformer_blocks.*", "*blocks.*")  # tried in order by the generic entry
+
+
+def family_for(transformer: Any) -> Family:
+    """The registry entry of a pipeline's transformer, or, for a class without one, the generic
+    entry of a standard diffusers DiT: its attention in diffusers' ``Attention`` modules with
+    to_q / to_k / to_v / to_out.0 linears, and its linears under ``*transformer_blocks.*`` (else
+    ``*blocks.*``); it runs through its pipeline's own __call__ only.
+
+    Raises:
+        QexportError: a class without an entry that is not such a DiT, naming what is missing.
+    """
+    name = type(transformer).__name__
+    if name in FAMILIES:
+        return FAMILIES[name]
+    import torch
+
+    names = DIFFUSERS_ATTENTION
+    modules = dict(transformer.named_modules())
+    attentions = [n for n, m in modules.items() if type(m).__name__ == "Attention"]
+    linear = torch.nn.Linear
+    standard = [n for n in attentions
+                if all(isinstance(modules.get(f"{n}.{c}"), linear) for c in (names.query, names.key, names.value))
+                and isinstance(modules.get(f"{n}.{names.output}"), linear)]  # fmt: skip
+    linears = [n for n, m in modules.items() if isinstance(m, linear)]
+    blocks = next((b for b in GENERIC_BLOCKS if any(fnmatch.fnmatchcase(n, b) for n in linears)), None)
+    missing = []
+    if not standard:
+        missing.append("no diffusers Attention module with to_q / to_k / to_v / to_out.0 linears")
+    if blocks is None:
+        missing.append(f"no linear under {' or '.join(GENERIC_BLOCKS)}")
+    if missing:
+        raise QexportError(
+            f"transformer class {name!r} has no family entry and is not a standard diffusers DiT "
+            f"({'; '.join(missing)}); add a Family to qexport/models/families.py"
+        )
+    return Family(class_name=name, conditioning="caption", call=None, blocks=blocks)
