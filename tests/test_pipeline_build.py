@@ -30,15 +30,27 @@ OWN = ("prompt", "negative_prompt", "num_inference_steps", "generator", "output_
 PROMPTS = ("a red circle", "a blue square")
 
 
+def _call(family):
+    call = {k: v for k, v in call_kwargs(family).items() if k not in OWN}
+    return {**call, "mask_feature": False} if family == "latte" else call  # fixed-length captions
+
+
 def _calibrated(tmp_path, family):
     folder = FAMILIES[family](tmp_path / "src")
-    call = {k: v for k, v in call_kwargs(family).items() if k not in OWN}
+    call = _call(family)
     result = calibrate_pipeline(folder, PipelineCalibConfig(prompts=PROMPTS, steps=STEPS, call=call))
     save(result.stats, tmp_path / "run.qstats")
     return folder, tmp_path / "run.qstats"
 
 
-@pytest.mark.parametrize("family", ["pixart-alpha", "pixart-sigma", "flux"])
+SLOW = pytest.mark.slow  # the same path on more families: CI's slow run
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["pixart-alpha", "flux", "sd3", "wan2.1", *(pytest.param(f, marks=SLOW)
+                                                for f in ("pixart-sigma", "latte", "cogvideox", "ltx-video"))],
+)  # fmt: skip
 def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
     _, stats = _calibrated(tmp_path, family)
     built = build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")))
@@ -51,8 +63,9 @@ def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
     for check in v.models:  # every quantized linear of every step model on an integer kernel
         assert len(check.integer) == layers and not check.float_, (check.model, check.float_)
     assert v.ok, [(c.model, c.cosine_sim, c.max_lsb_sim, c.lsb_bound) for c in v.models]
-    # W8A8 of a random-weight model: measured 34-39 dB on the latents; 20 dB is far below that spread
-    assert v.end_to_end["sqnr_latents_db"] > 20.0, v.end_to_end
+    # W8A8 of a random-weight model, 3-4 steps: measured 22 (SD3) to 55 dB (LTX) on the final latents;
+    # 15 dB is below that spread and far above a broken loop's
+    assert v.end_to_end["sqnr_latents_db"] > 15.0, v.end_to_end
     # the edge loop of the quantized build runs from text to pixels
     start = np.random.default_rng(0).standard_normal((1, *m["latent_shape"])).astype(np.float32)
     _, images = PipelineLoop(built.folder, m).run("a cat", start)
