@@ -52,6 +52,7 @@ class PipelineCalibConfig:
     include: tuple[str, ...] = ()  # default: the family's blocks
     exclude: tuple[str, ...] = ()
     histograms: bool = False
+    device: str = "cpu"  # where the pipeline samples ("cuda" at full size); statistics are gathered there too
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -104,7 +105,11 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
 
     selection = LayerSelection(include=config.include or (family.blocks,), exclude=config.exclude)
     selected = select_layers(transformer, selection)
-    collector = Collector(selected.layers, config.steps, config.histograms, torch.device("cpu"))
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QexportError(f"--device {config.device}: torch sees no CUDA device here")
+    pipe.to(device)
+    collector = Collector(selected.layers, config.steps, config.histograms, device)
     runs = [(p, s) for s in config.seeds for p in config.prompts]
     units = Units(progress, "calibrating (pipeline runs)", len(runs))
     units.start(f"{len(runs)} run(s) of {type(pipe).__name__}, {config.steps} steps")

@@ -193,12 +193,13 @@ def calibrate(
     ``--model pipeline:FOLDER``, the pipeline's own)."""
     if model_name.startswith("pipeline:"):
         ctx = click.get_current_context()
-        given = [f"--{n.replace('_', '-')}" for n in ("cfg", "batch_size", "shard", "device", "dtype")
+        given = [f"--{n.replace('_', '-')}" for n in ("cfg", "batch_size", "shard", "dtype")
                  if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]  # fmt: skip
         if given:
             raise QexportError(f"{given[0]} does not apply to a pipeline's own loop; set its arguments with --call")
-        _calibrate_pipeline(Path(model_name.removeprefix("pipeline:")), _prompts(prompts_file, labels), steps,
-                            _seeds(seeds), pipeline_call(calls), include, exclude, histograms, output)  # fmt: skip
+        folder = Path(model_name.removeprefix("pipeline:"))
+        _calibrate_pipeline(folder, _prompts(prompts_file, labels), steps, _seeds(seeds), pipeline_call(calls),
+                            include, exclude, histograms, device, output)  # fmt: skip
         return
     if calls:
         raise QexportError("--call applies to --model pipeline:FOLDER only")
@@ -242,14 +243,14 @@ def calibrate(
 
 def _calibrate_pipeline(
     folder: Path, prompts: list[str], steps: int, seeds: list[int], call: dict[str, Any], include: tuple[str, ...],
-    exclude: tuple[str, ...], histograms: bool, output: Path,
+    exclude: tuple[str, ...], histograms: bool, device: str, output: Path,
 ) -> None:  # fmt: skip
     """`calibrate` through a diffusers pipeline folder's own __call__ (calib.pipeline)."""
     from qexport.calib.pipeline import PipelineCalibConfig, calibrate_pipeline
     from qexport.calib.store import save
 
     config = PipelineCalibConfig(prompts=tuple(prompts), seeds=tuple(seeds), steps=steps, call=call,
-                                 include=include, exclude=exclude, histograms=histograms)  # fmt: skip
+                                 include=include, exclude=exclude, histograms=histograms, device=device)  # fmt: skip
     printer = ProgressPrinter()
     result = calibrate_pipeline(folder, config, progress=printer)
     printer.close()
