@@ -33,6 +33,7 @@ from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import FOLDS, Group, find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
+from qexport.passes.close import plan_outputs
 from qexport.passes.gptq import Memo, Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.lowrank import BranchCost, branch_cost
@@ -277,7 +278,7 @@ def plan_models(
         q.act_observer == Observer.SEARCH and not shrinks,
     )
     mixed = bool(q.mixed_precision) and layer_bits is None
-    if any(searches) or shared_alpha_search or layer_search or mixed or planning_replays(q):
+    if any(searches) or shared_alpha_search or layer_search or mixed or planning_replays(q) or target.closed_linears:
         prompts = list(stats.header.get("prompt_texts", []))
         prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
         log.info("replaying %d calibration prompt(s) (searches, observers, rotations, attention, GPTQ)", len(prompts))
@@ -538,6 +539,9 @@ def _build_range(
         shrink, _, scores["act_shrink"] = best(replay, SHRINKS, lambda r: with_kv(make(alpha, r), kv))
     plan = make(alpha, shrink)
     plan.scores = scores
+    if target.closed_linears:  # output quantizers from the replay, the plan's linears simulated
+        assert replay is not None
+        plan_outputs(plan, replay.output_ranges(with_kv(plan, kv)), target)
     cost = lowrank_cost(graph, nodes, plan)
     turns = rotation_macs(graph, nodes, groups, plan)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes, attention=sites), target)

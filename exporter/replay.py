@@ -1,8 +1,8 @@
 """Replay of calibration prompts at build time: the FP trajectories' denoiser inputs per step
 (computed once), the FP outputs, the inputs of chosen linears at chosen steps, and the ranges of
-the attention matmuls' operands under a plan. Used by ``--alpha auto`` (scores plans), the
-percentile / MSE activation observers (samples) and ``--quantize-attention`` (ranges) and ``--weight-rounding gptq``
-(the inputs' Gram matrices)."""
+the attention matmuls' operands and the linears' outputs under a plan. Used by ``--alpha auto`` (scores plans), the
+percentile / MSE activation observers (samples) and ``--quantize-attention`` (ranges), ``--weight-rounding gptq``
+(the inputs' Gram matrices) and targets that close linears (output ranges)."""
 
 from __future__ import annotations
 
@@ -124,6 +124,33 @@ class CalibrationReplay:
         finally:
             for h in handles:
                 h.remove()
+
+    def output_ranges(self, plan: RangePlan) -> dict[str, tuple[float, float]]:
+        """(min, max) of each planned linear's MatMul result (its output less the bias, before any
+        low-rank branch) over the plan's steps, the plan's linears simulated: what the output
+        quantizer of a closed linear sees."""
+        modules = dict(self.adapter.transformer.named_modules())
+        seen: dict[str, tuple[float, float]] = {}
+
+        def grab(name: str) -> Any:
+            def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                bias = getattr(module, "bias", None)
+                y = (out if bias is None else out - bias).detach()
+                lo, hi = seen.get(name, (np.inf, -np.inf))
+                seen[name] = (min(lo, float(y.min())), max(hi, float(y.max())))
+
+            return hook
+
+        # registered before the simulation's own hooks, so they run first (before a low-rank branch)
+        handles = [modules[name].register_forward_hook(grab(name)) for name in plan.layers]
+        try:
+            with simulated(self.adapter.transformer, plan):
+                for k in plan.steps:
+                    self.run(k)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
 
     def attention_ranges(self, plan: RangePlan, modules: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
         """(min, max) of each attention's matmul operands (query and key scaled by √(1/√d), probs,

@@ -3,7 +3,8 @@ scales, the same per-tensor activation scale / zero point and round-half-to-even
 smoothing (divided at the linear's input where the graph folds it into the modulation or inserts
 a Mul; already inside the value projection's weights where it folds there), the same channel
 shift (subtracted at the input, or already in the value projection's bias), the low-rank
-branch ``(x_dq · A) · B`` added to the output from the same fake-quantized input, and, where
+branch ``(x_dq · A) · B`` added to the output from the same fake-quantized input, the output
+quantizer of a closed linear (its MatMul result, before the bias), and, where
 planned, fake-quantized attention matmul operands (exporter.attention)."""
 
 from __future__ import annotations
@@ -18,11 +19,21 @@ from qexport.passes.plan import LayerPlan, RangePlan
 from torch import nn
 
 
-def fake_quant(x: torch.Tensor, lp: LayerPlan) -> torch.Tensor:
-    scale = float(lp.a_scale)
-    zero = float(lp.a_zero)
+def fake_quant(x: torch.Tensor, lp: LayerPlan, output: bool = False) -> torch.Tensor:
+    """x through the layer's input quantizer (output: its output quantizer, same grid)."""
+    scale_of, zero_of = (lp.o_scale, lp.o_zero) if output else (lp.a_scale, lp.a_zero)
+    assert scale_of is not None and zero_of is not None
+    scale, zero = float(scale_of), float(zero_of)
     q = torch.clamp(torch.round(x / scale) + zero, lp.a_grid.qmin, lp.a_grid.qmax)
     return (q - zero) * scale
+
+
+def requantize(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, lp: LayerPlan) -> torch.Tensor:
+    """A closed linear's output: the MatMul result (before the bias) through the output quantizer."""
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return fake_quant(out, lp, output=True)
+    return fake_quant(out - bias, lp, output=True) + bias
 
 
 @contextmanager
@@ -63,6 +74,8 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
                 return (fake_quant(x, lp), *args[1:])
 
             handles.append(m.register_forward_pre_hook(hook))
+            if lp.o_scale is not None:  # before the low-rank branch, which the graph adds after the bias
+                handles.append(m.register_forward_hook(lambda mod, args, out, lp=lp: requantize(mod, args, out, lp)))
             if lp.lowrank_a is not None and lp.lowrank_b is not None:
                 lr = (torch.from_numpy(lp.lowrank_a).to(on), torch.from_numpy(lp.lowrank_b).to(on))
 

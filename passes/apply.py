@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from qexport.passes.close import close_linears
 from qexport.passes.graph import const, constant_input, consumers, node_named
+from qexport.passes.layout import legalize_layout
 from qexport.passes.rangeplan import RangePlan
 from qexport.passes.rewrite import PassConfig
 from qexport.passes.techniques import ORDER
@@ -104,6 +106,8 @@ STAGES: tuple[str | GraphPass, ...] = (
     "operands",  # quantizers on other operands (attention)
     legalize_bias,
     "branch",  # FP branches added to the outputs
+    close_linears,  # output Q -> DQ on each quantized linear, where the target runs only closed units
+    legalize_layout,  # rank-limited / one-input-Einsum-free layout ops, where the target asks
 )
 
 

@@ -50,6 +50,13 @@ def write_bias(graph: gs.Graph, matmul_name: str, bias: np.ndarray, cons: dict[s
     return True
 
 
+def swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Let node read `new` wherever it reads `old`."""
+    for i, t in enumerate(node.inputs):
+        if t is old:
+            node.inputs[i] = new
+
+
 def const(name: str, values: np.ndarray) -> gs.Constant:
     """A named constant holding a C-contiguous copy (np.ascontiguousarray would make scalars 1-D)."""
     return gs.Constant(name, np.require(values, requirements="C"))

@@ -101,6 +101,8 @@ class LayerPlan:
     lowrank_b: np.ndarray | None = None  # [r, out] FP32
     subtract: np.ndarray | None = None  # [in]: subtracted from the (divided) input before rotating
     rotation: np.ndarray | None = None  # online Hadamard R [in, in]: the input is x·R before quantizing
+    o_scale: np.ndarray | None = None  # output quantizer (closed linears): scalar, on the grid a_grid
+    o_zero: np.ndarray | None = None
 
     def weight(self) -> np.ndarray:
         return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])

@@ -58,6 +58,15 @@ QNN_HTP = TargetProfile(
     float_ops="HTP in FP16 where the SoC has FP16 (v73 and later), else CPU",
     bias=FLOAT_BIAS,
     bias_full_rank=True,
+    # measured with onnxruntime-qnn 2.7.0 (HTP backend, x86-64 simulator): a quantized MatMul without an
+    # output QuantizeLinear leaves its per-channel weight DequantizeLinear standalone, which the EP
+    # refuses; Reshape/Transpose of rank 6 fail validation (error 3110); Einsum needs two inputs;
+    # a QDQ LayerNormalization needs an unsigned gamma; float ops need an FP16-capable SoC (v73+)
+    closed_linears=True,
+    max_rank=5,
+    single_input_einsum=False,
+    unsigned_norm_gamma=True,
+    fp16_soc={"soc_model": "57", "htp_arch": "75"},
     notes=(
         "QNN HTP quantizes bias to int32 (scale = activation scale x weight scale); qexport keeps it a float Add",
         "mixed precision W8A16 (uint16 activations, int8 weights) is the QNN option for accuracy-sensitive layers",

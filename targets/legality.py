@@ -109,6 +109,7 @@ def check_model(model: onnx.ModelProto, target: TargetProfile, name: str = "") -
     producer = {o: n for n in graph.node for o in n.output}
     shapes = _shapes(model)
     report.violations += _model_rules(model, target)
+    report.violations += emission_rules(model, target, shapes)
     for index, node in enumerate(graph.node):
         label = node_label(node, index)
         if node.op_type in QDQ:
@@ -117,7 +118,9 @@ def check_model(model: onnx.ModelProto, target: TargetProfile, name: str = "") -
             continue
         dq = [t for t in node.input if t in producer and producer[t].op_type == "DequantizeLinear"]
         status, reason = "float", ""
-        if dq and node.op_type not in target.quantized_ops:
+        if dq and target.closed_linears and not any(producer[t].input[0] in inits for t in dq):
+            reason = "reads dequantized activations and runs as float"  # a float island after a closed unit
+        elif dq and node.op_type not in target.quantized_ops:
             status, reason = "unsupported", f"{target.name} does not run {node.op_type} on integer inputs"
         elif dq and node.op_type in target.quantized_ops:
             data = [t for t in node.input[:2] if t]  # MatMul/Gemm/Conv: the two multiplied operands
@@ -129,6 +132,71 @@ def check_model(model: onnx.ModelProto, target: TargetProfile, name: str = "") -
         macs = _macs(node, shapes)
         report.nodes.append(NodeReport(node=label, op=node.op_type, status=status, macs=macs, reason=reason, role=role))
     return report
+
+
+def emission_rules(model: onnx.ModelProto, target: TargetProfile, shapes: dict[str, list[int]]) -> list[Violation]:
+    """The rules of how a target's backend takes the graph apart (closed QDQ units, tensor rank,
+    Einsum inputs, LayerNorm scale type); none for a target that sets none of them."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    types = {i.name: i.data_type for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            users.setdefault(t, []).append(n)
+    found = []
+    for index, node in enumerate(graph.node):
+        label = node_label(node, index)
+
+        def bad(tensor: str, rule: str, detail: str, label: str = label) -> None:
+            found.append(Violation(node=label, tensor=tensor, rule=rule, detail=detail))
+
+        if target.closed_linears and node.op_type in target.quantized_ops:
+            detail = _open_unit(node, producer, users, types)
+            if detail:
+                bad(node.output[0], "closed unit", detail)
+        if target.max_rank is not None:
+            for t in node.output:
+                if len(shapes.get(t, [])) > target.max_rank:
+                    bad(t, "rank", f"rank {len(shapes[t])} tensor; {target.name} takes rank <= {target.max_rank}")
+        if not target.single_input_einsum and node.op_type == "Einsum" and len(node.input) < 2:
+            bad(node.input[0], "Einsum inputs", f"{target.name} runs Einsum with two or more inputs; emit a Transpose")
+        if target.unsigned_norm_gamma and node.op_type == "LayerNormalization" and len(node.input) > 1:
+            source = producer.get(node.input[1])
+            if source is not None and source.op_type == "DequantizeLinear" and source.input[0] in inits:
+                storage = TYPE_NAMES.get(types[source.input[0]], "other")
+                if not storage.startswith("uint"):
+                    bad(node.input[1], "LayerNorm scale", f"stored as {storage}; {target.name} takes an unsigned scale")
+    return found
+
+
+def _open_unit(
+    node: onnx.NodeProto,
+    producer: dict[str, onnx.NodeProto],
+    users: dict[str, list[onnx.NodeProto]],
+    types: dict[str, int],
+) -> str:
+    """Why a linear with quantized operands is not a closed QDQ unit ("" when it is, or when it
+    reads float operands and is not a unit at all)."""
+    data = [producer.get(t) for t in node.input[:2] if t]
+    if not data or not all(p is not None and p.op_type == "DequantizeLinear" for p in data):
+        return ""
+    activation = next((p for p in data if p is not None and p.input[0] not in types), None)
+    after = users.get(node.output[0], [])
+    if len(after) != 1 or after[0].op_type != "QuantizeLinear":
+        return "a quantized linear's output must go to one QuantizeLinear only (its weight DequantizeLinear is refused)"
+    if activation is None:
+        return ""
+    zero_in, zero_out = _zero_type(activation, types), _zero_type(after[0], types)
+    if zero_in != zero_out:
+        return f"output quantized as {zero_out}, input as {zero_in}; the unit needs one type"
+    return ""
+
+
+def _zero_type(node: onnx.NodeProto, types: dict[str, int]) -> str:
+    zero = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    return TYPE_NAMES.get(types.get(zero, onnx.TensorProto.UINT8), "other")
 
 
 def _activation_matmul(

@@ -3,7 +3,7 @@ nothing else branches on a target's name. The profiles themselves live in target
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qexport.errors import QexportError
@@ -36,6 +36,11 @@ class TargetProfile:
     float_ops: str  # where nodes that stay float run on this target
     bias: str  # how the bias of a quantized linear is handled
     bias_full_rank: bool = False  # give each quantized MatMul's bias Add the activation's rank (see passes)
+    closed_linears: bool = False  # each quantized linear ends in an output Q -> DQ of its input's type
+    max_rank: int | None = None  # the highest tensor rank a node may read or write (None: any)
+    single_input_einsum: bool = True  # whether a one-input Einsum (a permutation) runs on the target
+    unsigned_norm_gamma: bool = False  # a quantized LayerNormalization scale must be stored unsigned
+    fp16_soc: dict[str, str] = field(default_factory=dict)  # runtime options of the FP16-capable SoC assumed
     native: tuple[tuple[str, str], ...] = ()
     native_shared: tuple[tuple[str, str], ...] = ()  # of those, pairs that fuse when several MatMuls share the input
     native_attention: tuple[str, ...] = ()  # activation storages whose activation x activation MatMul runs integer
@@ -69,6 +74,21 @@ class TargetProfile:
         and PV under --quantize-attention) as an integer kernel."""
         return activation_type in self.native_attention
 
+    def _emission_json(self) -> dict[str, Any]:
+        """The emission rules a target sets (only those set, so other profiles read as before)."""
+        out: dict[str, Any] = {}
+        if self.closed_linears:
+            out["closed_linears"] = "each quantized linear ends in an output Q -> DQ of its input's type"
+        if self.max_rank is not None:
+            out["max_rank"] = self.max_rank
+        if not self.single_input_einsum:
+            out["einsum"] = "two or more inputs (a one-input Einsum is emitted as Transpose)"
+        if self.unsigned_norm_gamma:
+            out["norm_gamma"] = "a quantized LayerNormalization scale is stored unsigned (uint8)"
+        if self.fp16_soc:
+            out["fp16_soc"] = ", ".join(f"{k}={v}" for k, v in self.fp16_soc.items())
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -87,6 +107,7 @@ class TargetProfile:
             "integer_kernels": [f"{w} x {a}" for w, a in self.native],  # measured, where qexport runs it
             "integer_if_shared": [f"{w} x {a}" for w, a in self.native_shared],
             "integer_attention": [f"{a} x {a}" for a in self.native_attention],
+            **self._emission_json(),
             "notes": list(self.notes),
             "source": self.source,
         }

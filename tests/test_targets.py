@@ -19,6 +19,7 @@ from qexport.exporter.emit import layer_ids, write_models
 from qexport.exporter.fp_export import stamp
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
+from qexport.passes.close import plan_outputs
 from qexport.passes.plan import QuantConfig, plan_range
 from qexport.passes.quant import STORAGE
 from qexport.passes.rewrite import PassConfig
@@ -91,10 +92,22 @@ def tiny_build(target, w_bits=8, a_bits=8):
     weights = {layer: np.asarray(consts[f"{layer}.w"].values) for layer in LAYERS}
     biases = {layer: np.asarray(consts[f"{layer}.bias"].values) for layer in LAYERS}
     plan = plan_range([0], groups, _stats(rng), weights, biases, QuantConfig(w_bits=w_bits, a_bits=a_bits), target)
+    if target.closed_linears:
+        plan_outputs(plan, _output_ranges(weights, biases), target)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes), target)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
     return model, plan
+
+
+def _output_ranges(weights, biases):
+    """Each MatMul result's range on a sample of the inputs the tests feed (uniform in [-2, 2])."""
+    x = np.random.default_rng(7).uniform(-2, 2, (64, C)).astype(np.float32)
+    q, k = x @ weights["a.q"], x @ weights["a.k"]
+    s = q + k + biases["a.q"] + biases["a.k"]
+    h = 0.5 * s * (1 + np.vectorize(math.erf)(s / np.sqrt(2)))
+    outputs = {"a.q": q, "a.k": k, "b": h @ weights["b"]}
+    return {layer: (float(y.min()) * 1.2, float(y.max()) * 1.2) for layer, y in outputs.items()}
 
 
 def _init(model, name):
@@ -152,7 +165,11 @@ def _reference(model, plan, x):
     def linear(layer, v):
         lp = plan.layers[layer]
         q = np.clip(np.rint(v / lp.a_scale) + lp.a_zero.astype(np.float32), lp.a_grid.qmin, lp.a_grid.qmax)
-        return ((q - lp.a_zero.astype(np.float32)) * lp.a_scale) @ lp.weight() + consts[f"{layer}.bias"].reshape(-1)
+        y = ((q - lp.a_zero.astype(np.float32)) * lp.a_scale) @ lp.weight()
+        if lp.o_scale is not None:  # a closed linear: its output requantized on the input's grid
+            o = np.clip(np.rint(y / lp.o_scale) + lp.o_zero.astype(np.float32), lp.a_grid.qmin, lp.a_grid.qmax)
+            y = (o - lp.o_zero.astype(np.float32)) * lp.o_scale
+        return y + consts[f"{layer}.bias"].reshape(-1)
 
     q, k = linear("a.q", x), linear("a.k", x)
     s = q + k
