@@ -75,10 +75,13 @@ class ModelWriter:
         self._file = open(folder / WEIGHTS_FILE, "wb")  # noqa: SIM115 (closed by close())
 
     def add(self, name: str, model: onnx.ModelProto) -> None:
-        """Save model as folder/name; its initializers of 64 bytes and more go to the shared file."""
+        """Save model as folder/name; its initializers of 64 bytes and more (int64 ones excepted)
+        go to the shared file."""
         f = self._file
         compact_names(model, self.ids)
         for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.INT64:
+                continue  # shapes, axes, indices: onnxruntime's shape inference reads them from the model
             raw = _raw(init)
             if len(raw) < MIN_EXTERNAL_BYTES:
                 continue
