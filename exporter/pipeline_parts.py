@@ -9,16 +9,20 @@ source, by value:
   zeroed past the prompt's tokens); ``mask``: that part's attention mask;
 - ``joined``: text outputs of several parts concatenated on one axis, then zero-padded to a width,
   nested (SD3: its CLIPs side by side, padded to T5's width, then T5 on the sequence);
+- ``label``: a class-conditional pipeline's (DiT's) class id for the cond side and its null class for
+  the uncond side, in the order the pipeline batches them;
 - ``constant``: the same value at every step (position ids, Flux's guidance, PixArt's size
   conditions), stored with the build.
 
 An input that matches none is refused by name. The model output the scheduler got is then
 reproduced from the transformer's output (the learned-sigma half dropped where the output has twice
-the sample's channels, classifier-free guidance as ``u + g·(c − u)``) and checked. The part is
-exported in FP32 with one timestep input (one model for every step)."""
+the sample's channels, classifier-free guidance as ``u + g·(c − u)``) and checked. A pipeline that
+steps its scheduler on the whole CFG batch (DiT: equal halves) is read as one sample whose model
+input is repeated. The part is exported in FP32 with one timestep input (one model for every step)."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import shutil
 from dataclasses import dataclass
@@ -33,10 +37,11 @@ from torch import nn
 
 from qexport.errors import QexportError
 from qexport.models.pipeline import Trace, TransformerCall
-from qexport.runtime.pipeline_loop import joined_value
+from qexport.runtime.pipeline_loop import joined_value, label_value
 
 RTOL = 1e-5
 OTHER_PROMPT = "a second, different caption"  # traced too: what depends on the prompt is not a constant
+Labels = tuple[dict[str, int], dict[str, int]]  # both traced runs' class ids by side: {"cond": id, "uncond": null}
 DENOISER_OPSET = 17
 ORDERS = ("uncond,cond", "cond,uncond", "cond", "uncond")  # how a pipeline batches its prompt and negative prompt
 
@@ -154,10 +159,23 @@ def _joined_source(value: np.ndarray, texts: Texts) -> dict[str, Any] | None:
     return None
 
 
-def bind_inputs(trace: Trace, block: dict[str, Any], texts: Texts, other: Trace) -> list[dict[str, Any]]:
+def _label_source(value: np.ndarray, there: np.ndarray, labels: Labels | None) -> dict[str, Any] | None:
+    """Both traced runs' class ids (`value` in this one, `there` in the other) in one CFG order."""
+    if labels is None or value.ndim != 1 or value.dtype.kind not in "iu":
+        return None
+    for order in ORDERS:
+        spec = {"order": order, "shape": list(value.shape)}
+        if all(np.array_equal(v, label_value(spec, ids)) for v, ids in zip((value, there), labels, strict=True)):
+            return {"source": "label", "order": order}
+    return None
+
+
+def bind_inputs(
+    trace: Trace, block: dict[str, Any], texts: Texts, other: Trace, labels: Labels | None = None
+) -> list[dict[str, Any]]:
     """Per transformer call of a step, its inputs' sources (see the module doc). `other` is a trace
-    of the same call with another prompt: a constant must be the same there too (else it depends on
-    the prompt in a way no text part reproduces).
+    of the same call with another prompt (or class): a constant must be the same there too (else it
+    depends on the prompt in a way no text part reproduces); `labels` are both runs' class ids.
 
     Raises:
         QexportError: an input that matches no source, or calls whose layout changes between steps.
@@ -180,14 +198,16 @@ def bind_inputs(trace: Trace, block: dict[str, Any], texts: Texts, other: Trace)
                 layout.append({**spec, "source": "latents", "repeat": batch // len(x)})
             elif later is not None and _is_timestep(value, later.kept[name], block):
                 layout.append({**spec, "source": "timestep", "factor": float(value.flat[0]) / t0})
-            elif (found := _text_source(value, texts) or _joined_source(value, texts)) is not None:
+            elif (found := _text_source(value, texts) or _joined_source(value, texts)
+                   or _label_source(value, elsewhere[k].kept[name], labels)) is not None:  # fmt: skip
                 layout.append({**spec, **found})
             elif later is not None and _same(value, later.kept[name]) and _same(value, elsewhere[k].kept[name]):
                 layout.append({**spec, "source": "constant"})
             else:
                 raise QexportError(
                     f"{trace.pipeline}'s transformer input {name!r} {list(value.shape)} is none of the latents, the "
-                    "timestep, a text part's output or mask, or a constant; this pipeline needs its own binding"
+                    "timestep, a text part's output or mask, the class label, or a constant; this pipeline needs its "
+                    "own binding"
                 )
         layouts.append(layout)
     return [
@@ -383,6 +403,7 @@ class Binding:
     calls: list[dict[str, Any]]
     rule: dict[str, Any]
     negative: str
+    labels: dict[str, Any] | None = None  # a class-conditional pipeline's names -> ids, class count, null id
 
     @property
     def first(self) -> TransformerCall:
@@ -400,18 +421,28 @@ def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any]) -
     from qexport.exporter.text_encoders import text_parts
     from qexport.exporter.vae import vae_supported
 
-    from qexport.models.pipeline import load_pipeline, trace_call
+    from qexport.models.pipeline import label_ids, load_pipeline, takes_labels, trace_call
     from qexport.models.scheduler import check, probe
 
     pipe = load_pipeline(folder)
-    if "prompt" not in inspect.signature(type(pipe).__call__).parameters:
-        raise QexportError(f"{type(pipe).__name__} takes no prompt (class labels); its edge loop is not supported yet")
+    labels = _label_block(pipe) if takes_labels(pipe) else None
+    if labels is None and "prompt" not in inspect.signature(type(pipe).__call__).parameters:
+        raise QexportError(f"{type(pipe).__name__} takes neither a prompt nor class labels; not supported")
     vae_supported(pipe)
     negative = call.get("negative_prompt", call_default(pipe, "negative_prompt")) or ""
     guidance = call.get("guidance_scale", call_default(pipe, "guidance_scale"))
+    sides: Labels | None = None
+    conditions: list[dict[str, Any]]
+    if labels is not None:  # the label and another class, each with the null class
+        first = label_ids(pipe, [prompt])[0]
+        ids = (first, (first + 1) % labels["classes"])
+        conditions = [{"class_labels": [i]} for i in ids]
+        sides = ({"cond": ids[0], "uncond": labels["null"]}, {"cond": ids[1], "uncond": labels["null"]})
+    else:
+        conditions = [{"prompt": p} for p in (prompt, OTHER_PROMPT)]
     seed = torch.Generator("cpu").manual_seed
-    runs = [trace_call(pipe, prompt=p, num_inference_steps=steps, output_type="latent", generator=seed(0), **call)
-            for p in (prompt, OTHER_PROMPT)]  # fmt: skip
+    runs = [_folded(trace_call(pipe, num_inference_steps=steps, output_type="latent", generator=seed(0), **c, **call))
+            for c in conditions]  # fmt: skip
     trace = runs[0]
     check_shapes(trace, runs[1], _length_fixes(pipe, call))
     block = probe(trace.scheduler, steps, trace.set_timesteps)
@@ -419,10 +450,29 @@ def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any]) -
     parts = text_parts(pipe)
     named = call.get("max_sequence_length", call_default(pipe, "max_sequence_length"))
     lengths, texts = text_inputs(parts, trace, prompt, negative, (named,) if isinstance(named, int) else ())
-    calls = bind_inputs(trace, block, texts, runs[1])
+    calls = bind_inputs(trace, block, texts, runs[1], sides)
     rule = output_rule(trace, guidance)
     return Binding(folder=Path(folder), pipe=pipe, trace=trace, block=block, parts=parts, lengths=lengths,
-                   calls=calls, rule=rule, negative=negative)  # fmt: skip
+                   calls=calls, rule=rule, negative=negative, labels=labels)  # fmt: skip
+
+
+def _label_block(pipe: Any) -> dict[str, Any]:
+    """What the edge needs to map a class label to an id: the folder's id2label names -> ids, the
+    class count, and the null class (the label embedding's last row, as DiT's; checked by value)."""
+    classes = int(getattr(pipe.transformer.config, "num_embeds_ada_norm", 0) or 0)
+    if classes < 2:
+        raise QexportError(f"{type(pipe).__name__}'s transformer names no class count (num_embeds_ada_norm)")
+    return {"names": dict(getattr(pipe, "labels", None) or {}), "classes": classes, "null": classes}
+
+
+def _folded(trace: Trace) -> Trace:
+    """The trace as one sample where the pipeline steps its scheduler on the whole CFG batch (DiT:
+    every sample, model output and result a batch of two equal halves); else the trace itself."""
+    series = (trace.samples, trace.outputs, trace.results)
+    if not all(len(v) % 2 == 0 and _same(*np.split(v, 2)) for s in series for v in s):
+        return trace
+    half = [[v[: len(v) // 2] for v in s] for s in series]
+    return dataclasses.replace(trace, samples=half[0], outputs=half[1], results=half[2])
 
 
 @torch.no_grad()
@@ -436,8 +486,9 @@ def write_parts(binding: Binding, folder: Path) -> dict[str, Any]:
     text_specs = [export_text_part(p, folder, b.lengths[p.name]) for p in b.parts if p.name in b.lengths]
     latents = torch.from_numpy(b.trace.results[-1][:1].astype(np.float32))
     vae = export_vae_decoder(b.pipe, latents, folder, grid=latent_grid(b.first.values))
+    labels = {} if b.labels is None else {"labels": b.labels}
     return {"class": b.trace.pipeline, "negative_prompt": b.negative, "calls": b.calls, **b.rule,
-            "text": text_specs, "vae": vae}  # fmt: skip
+            "text": text_specs, **labels, "vae": vae}  # fmt: skip
 
 
 def partial_folder(out: Path) -> Path:

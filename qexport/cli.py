@@ -513,7 +513,7 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
 
     manifest = read_manifest(folder)
     if "pipeline" in manifest:
-        _run_pipeline(folder, manifest, prompt, seed, output, check_threads(threads))
+        _run_pipeline(folder, manifest, {"prompt": prompt, "label": label}, seed, output, check_threads(threads))
         click.echo(f"wrote {output} in {duration(time.perf_counter() - start)}")
         return
     pipeline = Pipeline(folder, threads=check_threads(threads), manifest=manifest)
@@ -539,9 +539,10 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
 
 
 def _run_pipeline(
-    folder: Path, m: dict[str, Any], prompt: str | None, seed: int, output: Path, threads: int | None
+    folder: Path, m: dict[str, Any], given: dict[str, str | None], seed: int, output: Path, threads: int | None
 ) -> None:
-    """`run` of a pipeline build (export-fp): text parts, transformer, scheduler block, VAE."""
+    """`run` of a pipeline build: text parts (or a class label), transformer, scheduler block, VAE;
+    `given` holds the --prompt and --label options."""
     import numpy as np
 
     from qexport.media import output_paths, save_gif, save_png, strip
@@ -549,10 +550,18 @@ def _run_pipeline(
     from qexport.runtime.pipeline_loop import PipelineLoop
     from qexport.runtime.scheduler import EdgeScheduler
 
-    if not prompt:
-        raise QexportError("this build takes a caption: pass --prompt")
+    labels = "labels" in m["pipeline"]
+    takes, other = ("label", "prompt") if labels else ("prompt", "label")
+    condition = given[takes]
+    if not condition or given[other]:
+        what = (
+            "a class label: pass --label (a class id or a name of its id2label)"
+            if labels
+            else "a caption: pass --prompt"
+        )
+        raise QexportError(f"this build takes {what}" + (f", not --{other}" if given[other] else ""))
     start = EdgeScheduler.of(m, seed).start(initial_noise(tuple(m["latent_shape"]), seed))[None]
-    _, images = PipelineLoop(folder, m, threads).run(prompt, start)
+    _, images = PipelineLoop(folder, m, threads).run(condition, start)
     if images is None:
         raise QexportError(f"{folder} ships no VAE decoder; nothing to write")
     pixels = (images * 255).round().astype(np.uint8)

@@ -26,8 +26,9 @@ from qexport.recipe import load_recipe
 from qexport.runtime.pipeline_loop import PipelineLoop
 
 STEPS = 3
-OWN = ("prompt", "negative_prompt", "num_inference_steps", "generator", "output_type")
+OWN = ("prompt", "negative_prompt", "class_labels", "num_inference_steps", "generator", "output_type")
 PROMPTS = ("a red circle", "a blue square")
+LABELS = ("1", "7")  # a class-conditional pipeline's (DiT's) calibration "prompts": class ids
 
 
 def _call(family):
@@ -38,7 +39,8 @@ def _call(family):
 def _calibrated(tmp_path, family):
     folder = FAMILIES[family](tmp_path / "src")
     call = _call(family)
-    result = calibrate_pipeline(folder, PipelineCalibConfig(prompts=PROMPTS, steps=STEPS, call=call))
+    prompts = LABELS if family == "dit" else PROMPTS
+    result = calibrate_pipeline(folder, PipelineCalibConfig(prompts=prompts, steps=STEPS, call=call))
     save(result.stats, tmp_path / "run.qstats")
     return folder, tmp_path / "run.qstats"
 
@@ -48,7 +50,7 @@ SLOW = pytest.mark.slow  # the same path on more families: CI's slow run
 
 @pytest.mark.parametrize(
     "family",
-    ["pixart-alpha", "flux", "sd3", "wan2.1", *(pytest.param(f, marks=SLOW)
+    ["pixart-alpha", "flux", "sd3", "wan2.1", "dit", *(pytest.param(f, marks=SLOW)
                                                 for f in ("pixart-sigma", "latte", "cogvideox", "ltx-video"))],
 )  # fmt: skip
 def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
@@ -56,9 +58,11 @@ def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
     built = build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")))
     m = built.manifest
     assert [s["model"] for s in m["steps"]] == [f"step_{i:02d}.onnx" for i in range(STEPS)]
-    assert m["pipeline"]["denoiser"] is None and m["pipeline"]["vae"] and m["pipeline"]["text"]
+    assert m["pipeline"]["denoiser"] is None and m["pipeline"]["vae"]
+    assert m["pipeline"]["text"] or m["pipeline"]["labels"]  # DiT: class ids, no text part
+    condition, other = ("3", "5") if family == "dit" else ("a green triangle", "a cat")  # not calibrated with
     plans = [r.plan for r in built.ranges]
-    v = verify_pipeline(built.folder, built.adapter, plans, m, get_profile(m["target"]), "a green triangle")
+    v = verify_pipeline(built.folder, built.adapter, plans, m, get_profile(m["target"]), condition)
     layers = len(built.stats.layers)
     for check in v.models:  # every quantized linear of every step model on an integer kernel
         assert len(check.integer) == layers and not check.float_, (check.model, check.float_)
@@ -68,7 +72,7 @@ def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
     assert v.end_to_end["sqnr_latents_db"] > 15.0, v.end_to_end
     # the edge loop of the quantized build runs from text to pixels
     start = np.random.default_rng(0).standard_normal((1, *m["latent_shape"])).astype(np.float32)
-    _, images = PipelineLoop(built.folder, m).run("a cat", start)
+    _, images = PipelineLoop(built.folder, m).run(other, start)
     assert images is not None and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     # `qexport verify` re-plans the same models from the statistics
     _, again = replan_pipeline(m, stats)

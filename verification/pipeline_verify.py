@@ -37,6 +37,7 @@ from qexport.runtime.pipeline_loop import PipelineLoop
 from qexport.runtime.scheduler import EdgeScheduler
 
 DEFAULT_PROMPT = "a photo of a cat"  # any caption serves: the check compares models on the same inputs
+DEFAULT_LABEL = "0"  # and any class of a class-conditional build (DiT), which the default caption stands for
 
 
 def start_sample(manifest: dict[str, Any], seed: int) -> np.ndarray:
@@ -71,12 +72,15 @@ def verify_pipeline(
     plans: list[RangePlan],
     manifest: dict[str, Any],
     target: TargetProfile,
-    prompt: str,
+    condition: str,
     seed: int = 0,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> Verification:
-    """Verify every emitted model of a pipeline build and its end-to-end loop (module docstring)."""
+    """Verify every emitted model of a pipeline build and its end-to-end loop (module docstring),
+    run with `condition`: a prompt, or a class label of a class-conditional build."""
+    if "labels" in manifest["pipeline"] and condition == DEFAULT_PROMPT:
+        condition = DEFAULT_LABEL
     q = manifest["quantization"]
     types = (target.weight_type(q["w_bits"]), target.activation_type(q["a_bits"]))
     widths = {lp.w_grid.storage for plan in plans for lp in plan.layers.values()}
@@ -86,14 +90,14 @@ def verify_pipeline(
     loop = PipelineLoop(folder, manifest, threads)
     start = start_sample(manifest, seed)
     fp = TorchDenoiser(adapter)
-    fp_latents, fp_images = loop.run(prompt, start, denoise=fp)
+    fp_latents, fp_images = loop.run(condition, start, denoise=fp)
     units.done("FP loop")
     checks = []
     for index, plan in enumerate(plans):
         checks.append(_check_one(folder, manifest, adapter, fp, plan, index, types, threads))
         units.done(checks[-1].model)
     began = time.perf_counter()
-    q_latents, q_images = loop.run(prompt, start)
+    q_latents, q_images = loop.run(condition, start)
     step_ms = 1e3 * (time.perf_counter() - began) / len(manifest["steps"])  # with the text parts and the VAE
     e2e = {"sqnr_latents_db": sqnr_db(fp_latents, q_latents), "step_ms": step_ms}
     if fp_images is not None and q_images is not None:

@@ -1,9 +1,9 @@
 """The edge loop of a pipeline build (exporter.pipeline_parts, exporter.pipeline_build): prompt and
-negative prompt through the shipped text parts, each step's transformer inputs assembled from the
-manifest's bindings, the learned-sigma split and classifier-free guidance, the scheduler block's
-step, and the VAE decoder. The denoiser is one FP model for every step, or each step's quantized
-model (the manifest's steps name them; their timestep is fixed inside, so it is not fed).
-numpy + onnxruntime + tokenizers."""
+negative prompt through the shipped text parts (or a class label as its id and the null class),
+each step's transformer inputs assembled from the manifest's bindings, the learned-sigma split and
+classifier-free guidance, the scheduler block's step, and the VAE decoder. The denoiser is one FP
+model for every step, or each step's quantized model (the manifest's steps name them; their
+timestep is fixed inside, so it is not fed). numpy + onnxruntime + tokenizers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qexport.errors import QexportError
 from qexport.runtime.loop import session_options
 from qexport.runtime.scheduler import EdgeScheduler
 from qexport.runtime.text import TextPart
@@ -44,6 +45,27 @@ def joined_value(join: dict[str, Any], outputs: dict[str, dict[str, np.ndarray]]
     return np.pad(value, [(0, 0)] * (value.ndim - 1) + [(0, pad)]) if pad else value
 
 
+def label_id(labels: dict[str, Any], label: str | int) -> int:
+    """The class id of a label: a name of the build's id2label, or a class id.
+
+    Raises:
+        QexportError: a label that is neither, naming the choices.
+    """
+    names, classes = labels["names"], int(labels["classes"])
+    if isinstance(label, str) and label in names:
+        return int(names[label])
+    text = str(label).strip()
+    if text.isdigit() and int(text) < classes:
+        return int(text)
+    known = f"one of {', '.join(list(names)[:8])}{' ...' if len(names) > 8 else ''}, or " if names else ""
+    raise QexportError(f"class label {label!r} is not known to this build; give {known}a class id in 0..{classes - 1}")
+
+
+def label_value(spec: dict[str, Any], ids: dict[str, int]) -> np.ndarray:
+    """A ``label`` binding: the class ids by side (``{"cond": id, "uncond": null}``) in its order."""
+    return np.array([ids[side] for side in spec["order"].split(",")], dtype=np.int64).reshape(spec["shape"])
+
+
 class PipelineLoop:
     def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         self.folder, self.manifest, self.spec = Path(folder), manifest, manifest["pipeline"]
@@ -70,7 +92,9 @@ class PipelineLoop:
         names = {i.name for i in session.get_inputs()}
         return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
 
-    def _feeds(self, inputs: list[dict[str, Any]], seen: np.ndarray, t: float, text: dict[str, Any]) -> dict[str, Any]:
+    def _feeds(
+        self, inputs: list[dict[str, Any]], seen: np.ndarray, t: float, text: dict[str, Any], ids: dict[str, int]
+    ) -> dict[str, Any]:
         feeds = {}
         for spec in inputs:
             dtype = np.dtype(spec["dtype"])
@@ -84,25 +108,36 @@ class PipelineLoop:
             elif spec["source"] == "joined":
                 value = np.concatenate([joined_value(spec["join"], {p: s[side] for p, s in text.items()})
                                         for side in spec["order"].split(",")])  # fmt: skip
+            elif spec["source"] == "label":
+                value = label_value(spec, ids)
             else:
                 continue  # constants are inside the model
             feeds[spec["name"]] = value.astype(dtype)
         return feeds
 
     def run(
-        self, prompt: str, start: np.ndarray, denoise: Denoise | None = None
+        self, condition: str | int, start: np.ndarray, denoise: Denoise | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(final latents, decoded images in [0, 1] or None) from the first sample `start` [1, ...].
-        `denoise` replaces the shipped denoiser (verification runs the torch model through the
-        same loop)."""
+        `condition` is the prompt, or for a class-conditional build a class id or a name of its
+        id2label. `denoise` replaces the shipped denoiser (verification runs the torch model through
+        the same loop).
+
+        Raises:
+            QexportError: a condition the build does not take (a class label it does not know).
+        """
         denoise = denoise or self.run_model
-        text = {name: {"cond": part.encode(prompt), "uncond": part.encode(self.spec["negative_prompt"])}
+        labels = self.spec.get("labels")
+        ids = {} if labels is None else {"cond": label_id(labels, condition), "uncond": int(labels["null"])}
+        if labels is None and not isinstance(condition, str):
+            raise QexportError(f"this build takes a caption, not class {condition!r}")
+        text = {name: {"cond": part.encode(str(condition)), "uncond": part.encode(self.spec["negative_prompt"])}
                 for name, part in self.texts.items()}  # fmt: skip
         sampler = EdgeScheduler(self.manifest["scheduler"], seed=0)
         x = start.astype(np.float32)
         for i, step in enumerate(self.manifest["scheduler"]["steps"]):
             seen = sampler.model_input(i, x)
-            outs = [denoise(i, self._feeds(c["inputs"], seen, step["timestep"], text)) for c in self.spec["calls"]]
+            outs = [denoise(i, self._feeds(c["inputs"], seen, step["timestep"], text, ids)) for c in self.spec["calls"]]
             joined = np.concatenate(outs)
             if self.spec["split"]:
                 joined = joined[:, : self.spec["split"]]
