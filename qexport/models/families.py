@@ -112,7 +112,7 @@ def family_for(transformer: Any) -> Family:
         missing.append("no diffusers Attention module with to_q / to_k / to_v / to_out.0 linears")
     if blocks is None:
         missing.append(f"no linear under {' or '.join(GENERIC_BLOCKS)}")
-    if missing:
+    if missing or blocks is None:
         raise QexportError(
             f"transformer class {name!r} has no family entry and is not a standard diffusers DiT "
             f"({'; '.join(missing)}); add a Family to qexport/models/families.py"
