@@ -20,9 +20,10 @@ import torch
 from qexport.calib.store import QStats, check_matches, load
 from qexport.exporter.build import LEGALITY_FILE, check_legality, check_request, choices_of, plan_models, replan
 from qexport.exporter.built import BuildConfig, BuiltRange
+from qexport.exporter.denoiser_export import BoundTransformer
 from qexport.exporter.emit import WEIGHTS_FILE, ModelWriter, layer_ids
 from qexport.exporter.manifest import quantization_record, ranges_record, write_manifest
-from qexport.exporter.pipeline_parts import Binding, BoundTransformer, bind_pipeline, write_parts
+from qexport.exporter.pipeline_parts import Binding, bind_pipeline, write_parts
 from qexport.passes.plan import RangePlan
 from qexport.targets.legality import LegalityReport
 from torch import nn
