@@ -30,7 +30,9 @@ class BoundTransformer(nn.Module):
         self.values = dict(call.values)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        flat: dict[str, Any] = {**self.values, **self.constants, **dict(zip(self.names, inputs, strict=True))}
+        where = next(self.transformer.parameters()).device  # constants follow the transformer (verification on a GPU)
+        constants = {k: v.to(where) for k, v in self.constants.items()}
+        flat: dict[str, Any] = {**self.values, **constants, **dict(zip(self.names, inputs, strict=True))}
         args = [flat.pop(k) for k in sorted(k for k in flat if k.startswith("arg") and k[3:].isdigit())]
         kwargs: dict[str, Any] = {}
         for key, value in flat.items():

@@ -88,7 +88,7 @@ def timestep_input(binding: Binding) -> dict[str, Any]:
     return spec
 
 
-def pipeline_adapter(stats: QStats, source: str) -> PipelineAdapter:
+def pipeline_adapter(stats: QStats, source: str, device: str = "cpu") -> PipelineAdapter:
     """Load and bind the pipeline the statistics were calibrated on, with the calibration's own
     arguments, and check it is the same transformer and the same scheduler steps.
 
@@ -102,7 +102,7 @@ def pipeline_adapter(stats: QStats, source: str) -> PipelineAdapter:
     call = header.get("call", {})
     if not isinstance(call, dict):
         raise QexportError(f"{source} records its pipeline arguments by repr (an older qexport); recalibrate it")
-    binding = bind_pipeline(folder, header["prompt_texts"][0], int(header["steps"]), call)
+    binding = bind_pipeline(folder, header["prompt_texts"][0], int(header["steps"]), call, device)
     transformer = binding.pipe.transformer.float().eval()
     name = type(transformer).__name__
     adapter = PipelineAdapter(
@@ -132,8 +132,11 @@ class PipelineBuild:
     legality: list[LegalityReport]
 
 
-def build_pipeline(stats_path: Path, out: Path, config: BuildConfig, progress: Progress | None = None) -> PipelineBuild:
-    """Build the quantized edge folder of a pipeline calibration.
+def build_pipeline(
+    stats_path: Path, out: Path, config: BuildConfig, progress: Progress | None = None, device: str = "cpu"
+) -> PipelineBuild:
+    """Build the quantized edge folder of a pipeline calibration (the pipeline traced on `device`;
+    export and passes on the CPU).
 
     Raises:
         QexportError: a bad request, a recipe this path does not take yet (prompt replay, K/V
@@ -141,6 +144,11 @@ def build_pipeline(stats_path: Path, out: Path, config: BuildConfig, progress: P
     """
     start = time.perf_counter()
     target = check_request(config, out)
+    if target.closed_linears:
+        raise QexportError(
+            f"target {target.name} closes every quantized linear with output ranges from a replay of the prompts, "
+            "which pipeline builds do not have yet; choose another target"
+        )
     unsupported = [*config.recipe.replaying(), *(["precompute_kv"] if config.precompute_kv else [])]
     if unsupported:
         raise QexportError(
@@ -149,7 +157,7 @@ def build_pipeline(stats_path: Path, out: Path, config: BuildConfig, progress: P
         )
     stats = load(stats_path)
     report(progress, "tracing the pipeline", 0, 1, str(stats.model_id))
-    adapter = pipeline_adapter(stats, str(stats_path))
+    adapter = pipeline_adapter(stats, str(stats_path), device)
     report(progress, "tracing the pipeline", 1, 1, adapter.description)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
@@ -223,13 +231,16 @@ def _manifest(
     }
 
 
-def replan_pipeline(manifest: dict[str, Any], stats_path: Path | None) -> tuple[PipelineAdapter, list[RangePlan]]:
+def replan_pipeline(
+    manifest: dict[str, Any], stats_path: Path | None, device: str = "cpu"
+) -> tuple[PipelineAdapter, list[RangePlan]]:
     """The adapter and per-range plans of an emitted pipeline build (for ``qexport verify``): the
-    pipeline traced and bound again, then planned as the build planned it (exporter.build.replan).
+    pipeline traced (on `device`) and bound again, then planned as the build planned it
+    (exporter.build.replan).
 
     Raises:
         QexportError: as replan, and as pipeline_adapter.
     """
-    adapter, plans, _ = replan(manifest, stats_path, pipeline_adapter)
+    adapter, plans, _ = replan(manifest, stats_path, lambda stats, source: pipeline_adapter(stats, source, device))
     assert isinstance(adapter, PipelineAdapter)
     return adapter, plans

@@ -198,8 +198,10 @@ class Binding:
 
 
 @torch.no_grad()
-def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any]) -> Binding:
-    """Trace the pipeline folder's own __call__ (seed 0) and bind its transformer's inputs.
+def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any], device: str = "cpu") -> Binding:
+    """Trace the pipeline folder's own __call__ (seed 0) on `device` and bind its transformer's
+    inputs (the text parts' values computed there too, so that they match the traced ones); the
+    pipeline is back on the CPU afterwards, for the export.
 
     Raises:
         QexportError: anything of the pipeline that is not bound or not exportable, by name.
@@ -210,7 +212,7 @@ def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any]) -
     from qexport.models.pipeline import label_ids, load_pipeline, takes_labels, trace_call
     from qexport.models.scheduler import check, probe
 
-    pipe = load_pipeline(folder)
+    pipe = load_pipeline(folder).to(device)
     labels = _label_block(pipe) if takes_labels(pipe) else None
     if labels is None and "prompt" not in inspect.signature(type(pipe).__call__).parameters:
         raise QexportError(f"{type(pipe).__name__} takes neither a prompt nor class labels; not supported")
@@ -238,6 +240,7 @@ def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any]) -
     lengths, texts = text_inputs(parts, trace, prompt, negative, (named,) if isinstance(named, int) else ())
     calls = bind_inputs(trace, block, texts, runs[1], sides)
     rule = output_rule(trace, guidance)
+    pipe.to("cpu")
     return Binding(folder=Path(folder), pipe=pipe, trace=trace, block=block, parts=parts, lengths=lengths,
                    calls=calls, rule=rule, negative=negative, labels=labels)  # fmt: skip
 

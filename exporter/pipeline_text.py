@@ -45,7 +45,11 @@ def text_values(part: TextPart, prompt: str, length: int) -> dict[str, np.ndarra
 
 
 def _encoded(part: TextPart, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in encoder_outputs(part.encoder, ids, mask).items()}
+    """The encoder's outputs, computed where the encoder is (the device the pipeline was traced on)."""
+    where = next(part.encoder.parameters()).device
+    mask = None if mask is None else mask.to(where)
+    with torch.no_grad():
+        return {k: v.float().cpu().numpy() for k, v in encoder_outputs(part.encoder, ids.to(where), mask).items()}
 
 
 def text_source(value: np.ndarray, texts: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any] | None:

@@ -330,7 +330,8 @@ def recipes() -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the verification run at the end.")
 @click.option("--prompt", "verify_prompt", help="Prompt / label for verification (default: a built-in one).")
 @click.option("--verify-device", default="cpu", show_default=True,
-              help="Where torch runs verification's FP and simulated passes (cuda for full-size models).")  # fmt: skip
+              help="Where torch runs verification's FP and simulated passes, and traces a pipeline (cuda for "
+              "full-size models).")  # fmt: skip
 @alias_options
 def build(
     stats_file: Path,
@@ -368,7 +369,8 @@ def build(
     if _from_pipeline(stats_file):
         from qexport.exporter.pipeline_build import build_pipeline
 
-        result = build_pipeline(stats_file, output, BuildConfig(recipe=recipe, force=force), progress=printer)
+        config = BuildConfig(recipe=recipe, force=force)  # the pipeline traced where verification runs
+        result = build_pipeline(stats_file, output, config, progress=printer, device=verify_device)
     else:
         result = run_build(stats_file, output, BuildConfig(recipe=recipe, force=force), progress=printer)  # type: ignore[assignment]
     printer.close()
@@ -406,8 +408,8 @@ def _verify_and_report(
     from qexport.verification.verify import verify as run_verify
 
     pipeline = "pipeline" in manifest
-    if pipeline and (only is not None or runtime != "onnxruntime" or device != "cpu"):
-        raise QexportError("a pipeline build is verified whole, on onnxruntime, with torch on the CPU")
+    if pipeline and runtime != "onnxruntime":
+        raise QexportError(f"a pipeline build is verified on onnxruntime; --runtime {runtime} is not supported for it")
     if prompt is None:
         prompt = DEFAULT_PROMPT if pipeline else default_prompts(adapter)[0]  # type: ignore[arg-type]
     where = "onnxruntime" + ("" if runtime == "onnxruntime" else f" and {runtime}")
@@ -416,7 +418,7 @@ def _verify_and_report(
     target = get_profile(manifest["target"])
     if pipeline:
         v = verify_pipeline(folder, adapter, plans, manifest, target, prompt, threads=threads,  # type: ignore[arg-type]
-                            progress=printer)  # fmt: skip
+                            progress=printer, only=only, device=device)  # fmt: skip
     else:
         v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime, device=device,  # type: ignore[arg-type]
                        threads=threads, progress=printer)  # fmt: skip
@@ -465,7 +467,7 @@ def verify(
     if "pipeline" in manifest:
         from qexport.exporter.pipeline_build import replan_pipeline
 
-        adapter, plans = replan_pipeline(manifest, stats_file)
+        adapter, plans = replan_pipeline(manifest, stats_file, device)
     else:
         adapter, plans, _ = replan(manifest, stats_file)  # type: ignore[assignment]
     _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime, device, threads)

@@ -5,6 +5,7 @@ against the torch simulation on the inputs the edge loop feeds it, and the whole
 loop against the FP one from the same noise."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -121,6 +122,14 @@ def test_a_recipe_that_replays_prompts_is_refused_before_anything_is_written(tmp
         build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=recipe))
     assert not (tmp_path / "build").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".build")] == []
+
+
+def test_a_target_that_closes_linears_is_refused_before_anything_is_written(tmp_path):
+    _, stats = _calibrated(tmp_path, "pixart-alpha")
+    recipe = load_recipe("w8a8-tsq-tsw")
+    with pytest.raises(QexportError, match="target qnn-htp closes every quantized linear"):
+        build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=replace(recipe, target="qnn-htp")))
+    assert not (tmp_path / "build").exists()
 
 
 def test_statistics_of_another_pipeline_are_refused(tmp_path):

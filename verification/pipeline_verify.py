@@ -28,8 +28,10 @@ from qexport.verification.verify import (
     compare,
     expected_by_width,
     optimized_session,
+    torch_on,
 )
 
+from qexport.errors import QexportError
 from qexport.metrics import psnr_db, sqnr_db
 from qexport.progress import Progress, Units
 from qexport.runtime.loop import initial_noise
@@ -61,9 +63,10 @@ class TorchDenoiser:
     @torch.no_grad()
     def output(self, feeds: dict[str, np.ndarray], scale: float = 1.0) -> np.ndarray:
         """The model's output on feeds (not recorded), its latents scaled by `scale`."""
-        args = [torch.from_numpy(feeds[n] * np.float32(scale) if n in self.latents else feeds[n])
+        where = next(self.model.transformer.parameters()).device
+        args = [torch.from_numpy(feeds[n] * np.float32(scale) if n in self.latents else feeds[n]).to(where)
                 for n in self.model.names]  # fmt: skip
-        return self.model(*args).numpy()
+        return self.model(*args).float().cpu().numpy()
 
 
 def verify_pipeline(
@@ -76,26 +79,41 @@ def verify_pipeline(
     seed: int = 0,
     threads: int | None = None,
     progress: Progress | None = None,
+    only: list[int] | None = None,
+    device: str = "cpu",
 ) -> Verification:
-    """Verify every emitted model of a pipeline build and its end-to-end loop (module docstring),
-    run with `condition`: a prompt, or a class label of a class-conditional build."""
+    """Verify the emitted models of a pipeline build and its end-to-end loop (module docstring),
+    run with `condition`: a prompt, or a class label of a class-conditional build. `only`: the
+    models (indexes into the manifest's ranges) to check; the end-to-end loop, which needs every
+    model, is then not run. `device`: where torch runs the FP loop and the simulation (cuda at full
+    size); the emitted models run on onnxruntime's CPU provider.
+
+    Raises:
+        QexportError: an index in `only` the build does not have; a device torch cannot see.
+    """
     if "labels" in manifest["pipeline"] and condition == DEFAULT_PROMPT:
         condition = DEFAULT_LABEL
     q = manifest["quantization"]
     types = (target.weight_type(q["w_bits"]), target.activation_type(q["a_bits"]))
     widths = {lp.w_grid.storage for plan in plans for lp in plan.layers.values()}
     native = any(RUNTIMES["onnxruntime"].runs_integer(w, types[1]) for w in widths)
-    units = Units(progress, "verifying", 2 + len(plans))
+    chosen = list(range(len(plans))) if only is None else sorted(set(only))
+    if bad := [i for i in chosen if not 0 <= i < len(plans)]:
+        raise QexportError(f"no model {bad[0]} in this build; it has models 0..{len(plans) - 1}")
+    units = Units(progress, "verifying", 1 + len(chosen) + (only is None))
     units.start("FP loop")
     loop = PipelineLoop(folder, manifest, threads)
     start = start_sample(manifest, seed)
-    fp = TorchDenoiser(adapter)
-    fp_latents, fp_images = loop.run(condition, start, denoise=fp)
-    units.done("FP loop")
     checks = []
-    for index, plan in enumerate(plans):
-        checks.append(_check_one(folder, manifest, adapter, fp, plan, index, types, threads))
-        units.done(checks[-1].model)
+    with torch_on(adapter, device):
+        fp = TorchDenoiser(adapter)
+        fp_latents, fp_images = loop.run(condition, start, denoise=fp)
+        units.done("FP loop")
+        for index in chosen:
+            checks.append(_check_one(folder, manifest, adapter, fp, plans[index], index, types, threads))
+            units.done(checks[-1].model)
+    if only is not None:
+        return Verification(models=checks, end_to_end={}, native=native)
     began = time.perf_counter()
     q_latents, q_images = loop.run(condition, start)
     step_ms = 1e3 * (time.perf_counter() - began) / len(manifest["steps"])  # with the text parts and the VAE
