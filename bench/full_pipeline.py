@@ -72,8 +72,8 @@ def make_folder(config: str, root: Path, device: str) -> Path:
         transformer = getattr(diffusers, class_name)(**transformer_config)
         encoder = T5EncoderModel(T5Config(**{**tests._t5_config(tokenizer), **T5_XXL, "vocab_size": 32128}))
         vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **SD_VAE)
-    pipe = diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder.eval(), vae=vae.eval(),
-                                         transformer=transformer.eval(), scheduler=tests._pixart_scheduler())  # fmt: skip
+    parts = {"tokenizer": tokenizer, "text_encoder": encoder.eval(), "vae": vae.eval()}
+    pipe = diffusers.PixArtAlphaPipeline(**parts, transformer=transformer.eval(), scheduler=tests._pixart_scheduler())
     folder = root / config
     pipe.to("cpu", torch.float16).save_pretrained(folder)  # fp16 on disk; loaded back in fp32
     return folder
@@ -96,9 +96,10 @@ def main() -> None:
     from qexport.calib.store import save
     from qexport.exporter.built import BuildConfig
     from qexport.exporter.pipeline_build import build_pipeline
-    from qexport.recipe import load_recipe, with_settings
     from qexport.targets.catalog import get_profile
     from qexport.verification.pipeline_verify import DEFAULT_PROMPT, verify_pipeline
+
+    from qexport.recipe import load_recipe, with_settings
 
     result: dict[str, Any] = {"config": a.config, "device": a.device, "steps": a.steps, "random_init": True}
 
@@ -121,8 +122,9 @@ def main() -> None:
     recipe = with_settings(load_recipe("w8a8-tsq-tsw"), ["smoothquant.mode=asq"])  # one weight set for all steps
     built = build_pipeline(stats, a.root / "build", BuildConfig(recipe=recipe), device=a.device)
     files = built.manifest["files"]
-    phase("build", start, models=len(built.ranges), disk_bytes=_disk(built.folder),
-          weights_bytes=files["weights_bytes"], weights_bytes_without_sharing=files["weights_bytes_without_sharing"])  # fmt: skip
+    shared, unshared = files["weights_bytes"], files["weights_bytes_without_sharing"]
+    phase("build", start, models=len(built.ranges), disk_bytes=_disk(built.folder), weights_bytes=shared,
+          weights_bytes_without_sharing=unshared)  # fmt: skip
 
     start = time.perf_counter()
     only = sorted({int(i) % len(built.ranges) for i in a.verify.split(",")})
