@@ -6,6 +6,8 @@ memory (RSS) and disk of each phase go to one JSON file.
 
     python bench/full_pipeline.py --config pixart-alpha-512 --root /tmp/full --device cuda --json full.json
 
+Configs: ``pixart-alpha-512`` (PixArt-α 512 px, a T5-XXL-sized encoder, SD's VAE) and
+``wan2.1-1.3b`` (Wan2.1-T2V-1.3B, a UMT5-XXL-sized encoder, Wan's 3-D VAE; 480x832, 17 frames).
 ``--config tiny-pixart`` runs the same phases on the tests' tiny PixArt-α folder (a CPU rehearsal).
 Weights are random ([random-init]): the figures are cost, not accuracy.
 """
@@ -27,11 +29,29 @@ PROMPTS = ("a red circle", "a blue square")  # short: the tiny folder's tokenize
 CALLS: dict[str, dict[str, Any]] = {
     "pixart-alpha-512": {"height": 512, "width": 512, "guidance_scale": 4.5, "use_resolution_binning": False,
                          "clean_caption": False, "max_sequence_length": 120},
+    "wan2.1-1.3b": {"height": 480, "width": 832, "num_frames": 17, "guidance_scale": 5.0, "max_sequence_length": 512},
     "tiny-pixart": {"height": 8, "width": 8, "guidance_scale": 4.5, "use_resolution_binning": False,
                     "clean_caption": False, "max_sequence_length": 16},
 }  # fmt: skip
 T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
           "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}  # fmt: skip
+WAN_1_3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+UMT5_XXL = {**T5_XXL, "vocab_size": 256384}
+WAN_VAE: dict[str, Any] = {}  # AutoencoderKLWan's defaults: the checkpoint's config
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
           "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
           "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}  # fmt: skip
@@ -65,9 +85,22 @@ def make_folder(config: str, root: Path, device: str) -> Path:
     tests = _test_pipelines()
     if config == "tiny-pixart":
         return Path(tests.FAMILIES["pixart-alpha"](root))
-    class_name, transformer_config, _ = FULL_SIZE[config]
     tokenizer = tests.t5_tokenizer(max_length=512)
     torch.manual_seed(0)
+    if config == "wan2.1-1.3b":  # Wan2.1-T2V-1.3B: its transformer, UMT5-XXL, the 3-D causal VAE
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        with torch.device(device):
+            transformer = diffusers.WanTransformer3DModel(**WAN_1_3B)
+            encoder = UMT5EncoderModel(UMT5Config(**{**tests._t5_config(tokenizer), **UMT5_XXL}))
+            vae = diffusers.AutoencoderKLWan(**WAN_VAE)
+        scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                      flow_shift=3.0, num_train_timesteps=1000)  # fmt: skip
+        wan = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder.eval(), vae=vae.eval(),
+                                    transformer=transformer.eval(), scheduler=scheduler)  # fmt: skip
+        wan.to("cpu", torch.float16).save_pretrained(root / config)
+        return root / config
+    class_name, transformer_config, _ = FULL_SIZE[config]
     with torch.device(device):
         transformer = getattr(diffusers, class_name)(**transformer_config)
         encoder = T5EncoderModel(T5Config(**{**tests._t5_config(tokenizer), **T5_XXL, "vocab_size": 32128}))

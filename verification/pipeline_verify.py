@@ -107,7 +107,7 @@ def verify_pipeline(
     checks = []
     with torch_on(adapter, device):
         fp = TorchDenoiser(adapter)
-        fp_latents, fp_images = loop.run(condition, start, denoise=fp)
+        fp_latents, fp_images = loop.run(condition, start, denoise=fp, decode=only is None)  # pixels: end to end
         units.done("FP loop")
         for index in chosen:
             checks.append(_check_one(folder, manifest, adapter, fp, plans[index], index, types, threads))

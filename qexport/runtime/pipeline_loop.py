@@ -116,9 +116,10 @@ class PipelineLoop:
         return feeds
 
     def run(
-        self, condition: str | int, start: np.ndarray, denoise: Denoise | None = None
+        self, condition: str | int, start: np.ndarray, denoise: Denoise | None = None, decode: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(final latents, decoded images in [0, 1] or None) from the first sample `start` [1, ...].
+        """(final latents, decoded images in [0, 1] or None: no VAE, or `decode` off) from the first
+        sample `start` [1, ...].
         `condition` is the prompt, or for a class-conditional build a class id or a name of its
         id2label. `denoise` replaces the shipped denoiser (verification runs the torch model through
         the same loop).
@@ -146,4 +147,4 @@ class PipelineLoop:
                 u, c = (u, c) if self.spec["cfg"] == "uncond,cond" else (c, u)
                 joined = u + np.float32(self.spec["guidance"]) * (c - u)
             x = sampler.step(i, x, joined.astype(np.float32))
-        return x, None if self.vae is None else self.vae.images(x)
+        return x, None if self.vae is None or not decode else self.vae.images(x)
