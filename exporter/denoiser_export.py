@@ -54,7 +54,7 @@ def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
     value = sh._maybe_get_const(eps, "f")
     epsilon = float(torch.finfo(torch.float32).eps) if sh._is_none(eps) else float(value)
     axes = list(range(-len(dims), 0))
-    if sh.GLOBALS.export_onnx_opset_version >= 18:  # axes became an input
+    if getattr(g, "opset", DENOISER_OPSET) >= 18:  # axes became an input (g: the exporter's GraphContext)
         square = g.op("Mul", x, x)
         mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
     else:
