@@ -166,9 +166,9 @@ def _data_bytes(init: onnx.TensorProto) -> int:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference, in place; returns model.
 
-    Inference runs on a skeleton whose large initializers carry only their dtype and dims (shape
-    inference reads no weight values), so no weight is copied and a model over protobuf's 2 GB
-    limit needs no detour through files.
+    Inference runs on a skeleton whose large initializers and Constant-node tensors carry only their
+    dtype and dims (shape inference reads no weight values), so no weight is copied and a model over
+    protobuf's 2 GB limit needs no detour through files.
     """
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
@@ -176,24 +176,41 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     skeleton.functions.extend(model.functions)
     graph, src = skeleton.graph, model.graph
     graph.name = src.name
-    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
+    for part in ("input", "output", "value_info", "sparse_initializer"):
         getattr(graph, part).extend(getattr(src, part))
+    for node in src.node:  # a Constant node's tensor is stubbed like an initializer
+        value = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if node.op_type != "Constant" or value is None or _data_bytes(value.t) < STUB_BYTES:
+            graph.node.append(node)
+            continue
+        light = graph.node.add()
+        light.CopyFrom(onnx.helper.make_node("Constant", [], list(node.output), name=node.name))
+        _stub(light.attribute.add(), value)
     for init in src.initializer:
         if _data_bytes(init) < STUB_BYTES:
             graph.initializer.append(init)
             continue
-        stub = graph.initializer.add()
-        stub.name, stub.data_type = init.name, init.data_type
-        stub.dims.extend(init.dims)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        entry = stub.external_data.add()
-        entry.key, entry.value = "location", "shape-only"
+        _stub_tensor(graph.initializer.add(), init)
     inferred = onnx.shape_inference.infer_shapes(skeleton).graph
     del src.value_info[:]
     src.value_info.extend(inferred.value_info)
     del src.output[:]
     src.output.extend(inferred.output)
     return model
+
+
+def _stub_tensor(stub: onnx.TensorProto, tensor: onnx.TensorProto) -> None:
+    """stub := tensor's name, dtype and dims, its data marked external (never read)."""
+    stub.name, stub.data_type = tensor.name, tensor.data_type
+    stub.dims.extend(tensor.dims)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", "shape-only"
+
+
+def _stub(stub: onnx.AttributeProto, attribute: onnx.AttributeProto) -> None:
+    stub.name, stub.type = attribute.name, attribute.type
+    _stub_tensor(stub.t, attribute.t)
 
 
 def stamp(model: onnx.ModelProto) -> None:

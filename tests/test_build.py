@@ -210,6 +210,25 @@ def test_shape_inference_runs_on_a_skeleton_without_weight_data():
     assert numpy_helper.to_array(out.graph.initializer[0]).sum() == 4096  # weights untouched, in memory
 
 
+def test_shape_inference_stubs_large_constant_nodes_too(monkeypatch):
+    import onnx
+    import qexport.exporter.fp_export as fp_export
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.ones((64, 64), np.float32))  # 16 KiB in a Constant node
+    nodes = [helper.make_node("Constant", [], ["c"], value=table), helper.make_node("Add", ["x", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])  # fmt: skip
+    model = helper.make_model(graph)
+    seen = []
+    real = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda m: seen.append(m.ByteSize()) or real(m))
+    out = fp_export.infer_shapes(model)
+    assert [d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == [64, 64]
+    assert seen[0] < 1024 < model.ByteSize()  # the skeleton holds no tensor data
+    assert numpy_helper.to_array(out.graph.node[0].attribute[0].t).sum() == 4096  # the model's own is untouched
+
+
 def test_verify_a_subset_of_models_skips_the_loop_and_refuses_bad_indexes(latte_stats, tmp_path):
     result = _build(latte_stats, tmp_path, "r2", smooth=Smooth.ASQ, ranges=2)
     plans = [r.plan for r in result.ranges]
