@@ -138,20 +138,7 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
     try:
         ids = layer_ids(list(stats.layers))
         attn_ids = attention_ids(adapter.transformer) if config.quant.quantize_attention else {}
-        writer = ModelWriter(tmp, {**ids, **attn_ids})
-        legality: list[LegalityReport] = []
-
-        def sink(name: str, model: onnx.ModelProto) -> None:
-            # legality before emission renames nodes and tensors; each model is then written at
-            # once, so a full-size build never holds them all
-            legality.extend(check_legality([(name, model)], target))
-            writer.add(name, model)
-
-        try:
-            built, _ = plan_models(adapter, stats, config, target, progress, sink=sink)
-        finally:
-            emit = writer.close()
-        (tmp / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
+        built, emit, legality = emit_models(adapter, stats, config, target, tmp, {**ids, **attn_ids}, progress)
         manifest = make_manifest(adapter, stats, config, target, built, emit)
         manifest["recipe"] = config.recipe.to_dict()
         manifest["choices"] = [serial.to_dict(choices_of(r, config.quant)) for r in built]
@@ -182,6 +169,33 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
         seconds=time.perf_counter() - start,
         legality=legality,
     )
+
+
+def emit_models(
+    adapter: ModelAdapter, stats: QStats, config: BuildConfig, target: TargetProfile, folder: Path,
+    ids: dict[str, str], progress: Progress | None = None,
+) -> tuple[list[BuiltRange], EmitSummary, list[LegalityReport]]:  # fmt: skip
+    """Plan and transform every range, check each model's legality and write it into folder (shared
+    weights; legality.json too); returns the built ranges, the emission summary and the reports.
+
+    Raises:
+        QexportError: a model breaks a rule of the target.
+    """
+    writer = ModelWriter(folder, ids)
+    legality: list[LegalityReport] = []
+
+    def sink(name: str, model: onnx.ModelProto) -> None:
+        # legality before emission renames nodes and tensors; each model is then written at
+        # once, so a full-size build never holds them all
+        legality.extend(check_legality([(name, model)], target))
+        writer.add(name, model)
+
+    try:
+        built, _ = plan_models(adapter, stats, config, target, progress, sink=sink)
+    finally:
+        emit = writer.close()
+    (folder / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
+    return built, emit, legality
 
 
 def choices_of(built: BuiltRange, quant: QuantConfig) -> RangeChoices:

@@ -6,7 +6,6 @@ shipped beside them. The folder appears whole or not at all."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -15,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from qexport.calib.store import QStats, check_matches, load
-from qexport.exporter.build import LEGALITY_FILE, check_legality, check_request, choices_of, plan_models, replan
+from qexport.exporter.build import LEGALITY_FILE, check_request, choices_of, emit_models, replan
 from qexport.exporter.built import BuildConfig, BuiltRange
 from qexport.exporter.denoiser_export import BoundTransformer
-from qexport.exporter.emit import WEIGHTS_FILE, ModelWriter, layer_ids
+from qexport.exporter.emit import WEIGHTS_FILE, layer_ids
 from qexport.exporter.manifest import quantization_record, ranges_record, write_manifest
 from qexport.exporter.pipeline_parts import Binding, bind_pipeline, write_parts
 from qexport.passes.plan import RangePlan
@@ -162,19 +160,9 @@ def build_pipeline(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     try:
-        ids = layer_ids(list(stats.layers))
-        writer = ModelWriter(tmp, ids)
-        legality: list[LegalityReport] = []
-
-        def sink(name: str, model: onnx.ModelProto) -> None:
-            legality.extend(check_legality([(name, model)], target))
-            writer.add(name, model)
-
-        try:
-            built, _ = plan_models(adapter, stats, config, target, progress, sink=sink)
-        finally:
-            emit = writer.close()
-        (tmp / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
+        built, emit, legality = emit_models(
+            adapter, stats, config, target, tmp, layer_ids(list(stats.layers)), progress
+        )
         pipeline = write_parts(adapter.binding, tmp)
         manifest = _manifest(adapter, stats, config, built, pipeline)
         manifest["files"] = {"weights": WEIGHTS_FILE, "weights_bytes": emit.weights_bytes,
