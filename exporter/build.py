@@ -7,8 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -49,6 +47,7 @@ from qexport.targets.profile import TargetProfile
 
 from qexport import serial
 from qexport.errors import QexportError
+from qexport.media import written_whole
 from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import load_model
 from qexport.progress import Progress, report
@@ -133,9 +132,7 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
     replays = replay_count(config.quant.replay_prompts, recorded, str(stats_path)) if replayed else 0
     adapter = load_model(stats.model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
-    try:
+    with written_whole(out) as tmp:
         ids = layer_ids(list(stats.layers))
         attn_ids = attention_ids(adapter.transformer) if config.quant.quantize_attention else {}
         built, emit, legality = emit_models(adapter, stats, config, target, tmp, {**ids, **attn_ids}, progress)
@@ -143,7 +140,7 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
         manifest["recipe"] = config.recipe.to_dict()
         manifest["choices"] = [serial.to_dict(choices_of(r, config.quant)) for r in built]
         manifest["quantization"]["replay_prompts"] = replays
-        manifest["legality"] = {"file": LEGALITY_FILE, "models": [r.to_json(nodes=False) for r in legality]}
+        manifest["legality"] = legality_record(legality)
         manifest["conditioning"] = export_conditioning(adapter, tmp)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
         manifest["layer_ids"] = ids
@@ -152,13 +149,6 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
         if attn_ids:
             manifest["attention_ids"] = attn_ids
         write_manifest(tmp, manifest)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return BuildResult(
         folder=out,
         adapter=adapter,
@@ -196,6 +186,11 @@ def emit_models(
         emit = writer.close()
     (folder / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
     return built, emit, legality
+
+
+def legality_record(legality: list[LegalityReport]) -> dict[str, Any]:
+    """The manifest's legality entry: the report file and each model's summary."""
+    return {"file": LEGALITY_FILE, "models": [r.to_json(nodes=False) for r in legality]}
 
 
 def choices_of(built: BuiltRange, quant: QuantConfig) -> RangeChoices:

@@ -43,11 +43,7 @@ def make_manifest(
     check(adapter.make_scheduler(), scheduler)
     q = config.quant
     return {
-        "schema_version": SCHEMA_VERSION,
-        "tool_version": __version__,
-        "model_id": adapter.model_id,
-        "class_name": adapter.class_name,
-        "config_hash": adapter.config_hash(),
+        **identity_record(adapter),
         "prediction_type": adapter.scheduler_config.get("prediction_type", "epsilon"),
         "latent_shape": list(adapter.latent_shape),
         "pixel_latents": adapter.pixel_latents,
@@ -68,13 +64,26 @@ def make_manifest(
         "quantization": quantization_record(config, target, stats, ranges),
         "target": target.name,
         "calibration": {k: stats.header[k] for k in ("prompts_hash", "prompts", "seeds", "samples", "config_hash")},
-        "files": {
-            "weights": WEIGHTS_FILE,
-            "weights_bytes": emit.weights_bytes,
-            "weights_bytes_without_sharing": emit.logical_bytes,
-        },
+        "files": files_record(emit),
         "verification": None,
     }
+
+
+def identity_record(adapter: ModelAdapter) -> dict[str, Any]:
+    """The manifest's first entries: its schema, the tool, and the model it was built from."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": __version__,
+        "model_id": adapter.model_id,
+        "class_name": adapter.class_name,
+        "config_hash": adapter.config_hash(),
+    }
+
+
+def files_record(emit: EmitSummary) -> dict[str, Any]:
+    """The manifest's files: the shared weights file, its size with and without sharing."""
+    return {"weights": WEIGHTS_FILE, "weights_bytes": emit.weights_bytes,
+            "weights_bytes_without_sharing": emit.logical_bytes}  # fmt: skip
 
 
 def ranges_record(ranges: list[BuiltRange], q: QuantConfig) -> list[dict[str, Any]]:

@@ -6,8 +6,6 @@ shipped beside them. The folder appears whole or not at all."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,22 +14,23 @@ from typing import Any
 import numpy as np
 import torch
 from qexport.calib.store import QStats, check_matches, load
-from qexport.exporter.build import LEGALITY_FILE, check_request, choices_of, emit_models, replan
+from qexport.exporter.build import check_request, choices_of, emit_models, legality_record, replan
 from qexport.exporter.built import BuildConfig, BuiltRange
 from qexport.exporter.denoiser_export import BoundTransformer
-from qexport.exporter.emit import WEIGHTS_FILE, layer_ids
-from qexport.exporter.manifest import quantization_record, ranges_record, write_manifest
+from qexport.exporter.emit import layer_ids
+from qexport.exporter.manifest import files_record, identity_record, quantization_record, ranges_record, write_manifest
 from qexport.exporter.pipeline_parts import Binding, bind_pipeline, write_parts
 from qexport.passes.plan import RangePlan
 from qexport.targets.legality import LegalityReport
+from qexport.targets.profile import TargetProfile
 from torch import nn
 
-from qexport import __version__, serial
+from qexport import serial
 from qexport.errors import QexportError
+from qexport.media import written_whole
 from qexport.models.adapter import ModelAdapter, config_hash
 from qexport.models.families import Family, family_for
 from qexport.progress import Progress, report
-from qexport.runtime.manifest import SCHEMA_VERSION
 
 
 class TextPartsOnly:
@@ -157,44 +156,29 @@ def build_pipeline(
     report(progress, "tracing the pipeline", 0, 1, str(stats.model_id))
     adapter = pipeline_adapter(stats, str(stats_path), device)
     report(progress, "tracing the pipeline", 1, 1, adapter.description)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
-    try:
+    with written_whole(out) as tmp:
         built, emit, legality = emit_models(
             adapter, stats, config, target, tmp, layer_ids(list(stats.layers)), progress
         )
         pipeline = write_parts(adapter.binding, tmp)
-        manifest = _manifest(adapter, stats, config, built, pipeline)
-        manifest["files"] = {"weights": WEIGHTS_FILE, "weights_bytes": emit.weights_bytes,
-                             "weights_bytes_without_sharing": emit.logical_bytes}  # fmt: skip
-        manifest["legality"] = {"file": LEGALITY_FILE, "models": [r.to_json(nodes=False) for r in legality]}
+        manifest = _manifest(adapter, stats, config, target, built, pipeline)
+        manifest["files"] = files_record(emit)
+        manifest["legality"] = legality_record(legality)
         manifest["calibration"]["file"] = str(Path(stats_path).resolve())
         write_manifest(tmp, manifest)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PipelineBuild(folder=out, adapter=adapter, stats=stats, ranges=built, manifest=manifest,
                          seconds=time.perf_counter() - start, legality=legality)  # fmt: skip
 
 
 def _manifest(
-    adapter: PipelineAdapter, stats: QStats, config: BuildConfig, built: list[BuiltRange], pipeline: dict[str, Any]
-) -> dict[str, Any]:
-    from qexport.targets.catalog import get_profile
-
+    adapter: PipelineAdapter, stats: QStats, config: BuildConfig, target: TargetProfile, built: list[BuiltRange],
+    pipeline: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     binding = adapter.binding
     range_of = {s: r.index for r in built for s in r.steps}
     fixed = config.ranges is None
     return {
-        "schema_version": SCHEMA_VERSION,
-        "tool_version": __version__,
-        "model_id": adapter.model_id,
-        "class_name": adapter.class_name,
-        "config_hash": adapter.config_hash(),
+        **identity_record(adapter),
         "pipeline": {**pipeline, "denoiser": None},
         "scheduler": binding.block,
         "latent_shape": list(adapter.latent_shape),
@@ -209,7 +193,7 @@ def _manifest(
             for i, row in enumerate(binding.block["steps"])
         ],
         "ranges": ranges_record(built, config.quant),
-        "quantization": quantization_record(config, get_profile(config.target), stats, built),
+        "quantization": quantization_record(config, target, stats, built),
         "recipe": config.recipe.to_dict(),
         "choices": [serial.to_dict(choices_of(r, config.quant)) for r in built],
         "target": config.target,

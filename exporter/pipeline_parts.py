@@ -23,8 +23,6 @@ input is repeated. The part is exported in FP32 with one timestep input (one mod
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,8 @@ from qexport.exporter.pipeline_text import ORDERS, Texts, joined_source, same, t
 from qexport.exporter.text_encoders import TextPart
 
 from qexport.errors import QexportError
-from qexport.models.pipeline import Trace, TransformerCall
+from qexport.media import written_whole
+from qexport.models.pipeline import Trace, TransformerCall, call_default, call_parameters
 from qexport.runtime.pipeline_loop import label_value
 
 OTHER_PROMPT = "a second, different caption"  # traced too: what depends on the prompt is not a constant
@@ -48,15 +47,9 @@ Labels = tuple[dict[str, int], dict[str, int]]  # both traced runs' class ids by
 FIXED_LENGTH_CALLS = {"mask_feature": False}
 
 
-def call_default(pipe: Any, name: str) -> Any:
-    """A keyword's default in the pipeline's __call__ (None when it has none)."""
-    p = inspect.signature(type(pipe).__call__).parameters.get(name)
-    return None if p is None or p.default is inspect.Parameter.empty else p.default
-
-
 def _length_fixes(pipe: Any, call: dict[str, Any]) -> list[str]:
     """The FIXED_LENGTH_CALLS the pipeline takes and this call does not set so, as --call options."""
-    takes = inspect.signature(type(pipe).__call__).parameters
+    takes = call_parameters(pipe)
     return [f"--call {k}={str(v).lower()}" for k, v in FIXED_LENGTH_CALLS.items()
             if k in takes and call.get(k, call_default(pipe, k)) != v]  # fmt: skip
 
@@ -214,7 +207,7 @@ def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any], d
 
     pipe = load_pipeline(folder).to(device)
     labels = _label_block(pipe) if takes_labels(pipe) else None
-    if labels is None and "prompt" not in inspect.signature(type(pipe).__call__).parameters:
+    if labels is None and "prompt" not in call_parameters(pipe):
         raise QexportError(f"{type(pipe).__name__} takes neither a prompt nor class labels; not supported")
     vae_supported(pipe)
     negative = call.get("negative_prompt", call_default(pipe, "negative_prompt")) or ""
@@ -280,20 +273,6 @@ def write_parts(binding: Binding, folder: Path) -> dict[str, Any]:
             "text": text_specs, **labels, "vae": vae}  # fmt: skip
 
 
-def partial_folder(out: Path) -> Path:
-    """A fresh ``<out>.partial`` to write a build into, renamed to `out` when whole.
-
-    Raises:
-        QexportError: `out` exists.
-    """
-    if out.exists():
-        raise QexportError(f"{out} exists; choose a new folder")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
-
-
 @torch.no_grad()
 def export_fp_pipeline(folder: Path, out: Path, prompt: str, steps: int, call: dict[str, Any]) -> dict[str, Any]:
     """An FP build of a pipeline folder for the edge loop (runtime.pipeline_loop): text parts,
@@ -305,25 +284,22 @@ def export_fp_pipeline(folder: Path, out: Path, prompt: str, steps: int, call: d
     """
     import json
 
+    if out.exists():
+        raise QexportError(f"{out} exists; choose a new folder")
     binding = bind_pipeline(folder, prompt, steps, call)
-    partial = partial_folder(out)
-    try:
+    with written_whole(out) as tmp:  # whole or not at all
         try:
             export_denoiser(binding.pipe.transformer, binding.first, binding.calls[0]["inputs"],
-                            partial / "transformer.onnx")  # fmt: skip
+                            tmp / "transformer.onnx")  # fmt: skip
         except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:
             name = type(binding.pipe.transformer).__name__
             raise QexportError(f"cannot export {name} with its recorded inputs to ONNX: {exc}") from exc
-        pipeline = {**write_parts(binding, partial), "denoiser": "transformer.onnx"}
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    manifest = {
-        "schema_version": 3,
-        "pipeline": pipeline,
-        "scheduler": binding.block,
-        "latent_shape": list(binding.trace.samples[0].shape[1:]),
-    }
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    partial.rename(out)  # whole or not at all
+        pipeline = {**write_parts(binding, tmp), "denoiser": "transformer.onnx"}
+        manifest = {
+            "schema_version": 3,
+            "pipeline": pipeline,
+            "scheduler": binding.block,
+            "latent_shape": list(binding.trace.samples[0].shape[1:]),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

@@ -1,10 +1,12 @@
-"""Write clips and images as GIF / PNG, atomically (temp file, then rename)."""
+"""Write clips and images as GIF / PNG, files and build folders atomically (temporary, then rename)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,24 @@ def atomic_write(path: Path, save: Callable[[str], object]) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside `out` to write a build into. When the block ends, the folder
+    replaces `out` (an existing one removed) and becomes readable by all; when it raises, the folder
+    is removed: `out` is whole or untouched, never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes folders private; a build is an ordinary folder
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -114,21 +115,18 @@ def denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
 
 def call_default(pipe: Any, name: str) -> Any:
     """A keyword's default in the pipeline's __call__ (None when it has none)."""
-    import inspect
-
     p = inspect.signature(type(pipe).__call__).parameters.get(name)
     return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
 def takes_labels(pipe: Any) -> bool:
     """Whether the pipeline is class-conditional (DiT: class_labels, no prompt)."""
-    params = _call_parameters(pipe)
+    params = call_parameters(pipe)
     return "class_labels" in params and "prompt" not in params
 
 
-def _call_parameters(pipe: Any) -> tuple[str, ...]:
-    import inspect
-
+def call_parameters(pipe: Any) -> tuple[str, ...]:
+    """The keywords of the pipeline's __call__."""
     return tuple(inspect.signature(type(pipe).__call__).parameters)
 
 
@@ -309,7 +307,7 @@ def starting_from(pipe: Any, noise: torch.Tensor) -> Iterator[dict[str, Any]]:
     Raises:
         QexportError: the pipeline asks for noise of another shape.
     """
-    if "latents" in _call_parameters(pipe):
+    if "latents" in call_parameters(pipe):
         yield {"latents": noise}
         return
     import sys
