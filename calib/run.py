@@ -1,5 +1,6 @@
-"""``calibrate``: run the FP sampling loop over prompts x seeds with hooks on the chosen layers,
-optionally one shard of the work, or split across torch.distributed ranks and reduced."""
+"""``calibrate``: run the FP sampling loop (the model's pipeline, ``QexportPipeline``) over prompts x
+seeds with hooks on the chosen layers, optionally one shard of the work, or split across
+torch.distributed ranks and reduced."""
 
 from __future__ import annotations
 
@@ -113,15 +114,15 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Progress | N
     units = Units(progress, "calibrating (steps x batches)", steps * len(mine))
     units.start(f"{len(mine)} batch(es) of up to {config.batch_size} prompt(s), {steps} steps")
 
-    def on_step(i: int, t: int) -> None:
+    def on_step(i: int, samples: int) -> None:  # before each transformer call: the step from the scheduler
         collector.step = i
+        collector.samples = samples  # cond + uncond halves
         if i > 0:
             units.done(f"step {i}/{steps}")
 
     try:
         for b in mine:
             batch = batches[b]
-            collector.samples = 2 * len(batch)  # cond + uncond halves
             cond = cond_all[[i for i, _ in batch]]
             sample(adapter, cond, [s for _, s in batch], config.sampling, on_step=on_step, device=device, dtype=dtype)
             units.done(f"step {steps}/{steps}")

@@ -29,6 +29,7 @@ from qexport import serial
 from qexport.errors import QexportError
 from qexport.media import written_whole
 from qexport.models.adapter import ModelAdapter, config_hash
+from qexport.models.builtin_pipeline import CLASS_NAMES as QEXPORT_PIPELINES
 from qexport.models.families import Family, family_for
 from qexport.progress import Progress, report
 
@@ -99,6 +100,11 @@ def pipeline_adapter(stats: QStats, source: str, device: str = "cpu") -> Pipelin
     call = header.get("call", {})
     if not isinstance(call, dict):
         raise QexportError(f"{source} records its pipeline arguments by repr (an older qexport); recalibrate it")
+    if header["pipeline"] in QEXPORT_PIPELINES:  # its sampling loop is the built-in one: so is its build
+        raise QexportError(
+            f"{source} calibrated a qexport model ({header['pipeline']}), whose build is the built-in one; "
+            f"calibrate it with --model diffusers:{folder} (or its built-in name) and build that"
+        )
     binding = bind_pipeline(folder, header["prompt_texts"][0], int(header["steps"]), call, device)
     transformer = binding.pipe.transformer.float().eval()
     name = type(transformer).__name__

@@ -84,6 +84,10 @@ def load_pipeline(folder: Path) -> Any:
             raise QexportError(
                 f"{folder} names a {spec[1]} component {name!r} in model_index.json but has no {name}/ folder"
             )
+    from qexport.models.builtin_pipeline import CLASS_NAMES, load_qexport_pipeline
+
+    if index.get("_class_name") in CLASS_NAMES:  # a qexport model (the built-ins): its own loop
+        return load_qexport_pipeline(folder)
     import diffusers
 
     cls = getattr(diffusers, str(index.get("_class_name", "")), None)
@@ -202,9 +206,10 @@ CallHook = Callable[[int, int], None]  # (step index, batch) before each transfo
 
 
 @contextmanager
-def tracing(pipe: Any, on_call: CallHook | None = None) -> Iterator[Trace]:
+def tracing(pipe: Any, on_call: CallHook | None = None, keep: bool = True) -> Iterator[Trace]:
     """Within the block, the pipeline's scheduler and transformer calls are recorded into the trace;
-    on_call, if given, hears each transformer call's step and batch before the call runs."""
+    on_call, if given, hears each transformer call's step and batch before the call runs. With
+    keep False only the timesteps and the calls' specs are recorded (no tensors: a long run)."""
     scheduler = pipe.scheduler
     trace = Trace(pipeline=type(pipe).__name__, scheduler=copy.deepcopy(scheduler))
     set_timesteps, step = scheduler.set_timesteps, scheduler.step
@@ -219,21 +224,22 @@ def tracing(pipe: Any, on_call: CallHook | None = None) -> Iterator[Trace]:
     @functools.wraps(step)  # pipelines inspect its signature (generator, eta)
     def record_step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         result = step(model_output, timestep, sample, *args, **kwargs)
-        prev = result[0] if isinstance(result, tuple) else result.prev_sample
-        trace.samples.append(sample.detach().double().cpu().numpy())
-        trace.outputs.append(model_output.detach().double().cpu().numpy())
         trace.timesteps.append(float(timestep))
-        trace.results.append(prev.detach().double().cpu().numpy())
+        if keep:
+            prev = result[0] if isinstance(result, tuple) else result.prev_sample
+            trace.samples.append(sample.detach().double().cpu().numpy())
+            trace.outputs.append(model_output.detach().double().cpu().numpy())
+            trace.results.append(prev.detach().double().cpu().numpy())
         return result
 
     def hook(name: str) -> Any:
         def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            call = TransformerCall(step=len(trace.samples), module=name)
-            keep = call.step < KEPT_STEPS
+            call = TransformerCall(step=len(trace.timesteps), module=name)
+            kept = keep and call.step < KEPT_STEPS
             for i, a in enumerate(args):
-                _flatten(f"arg{i}", a, call, keep)
+                _flatten(f"arg{i}", a, call, kept)
             for k, v in kwargs.items():
-                _flatten(k, v, call, keep)
+                _flatten(k, v, call, kept)
             trace.calls.append(call)
             if on_call is not None:
                 x = call.tensors.get("hidden_states") or call.tensors.get("arg0")
@@ -244,7 +250,7 @@ def tracing(pipe: Any, on_call: CallHook | None = None) -> Iterator[Trace]:
     def post(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         call = trace.calls[-1]
         first = out[0] if isinstance(out, tuple | list) else getattr(out, "sample", out)
-        if call.step < KEPT_STEPS and isinstance(first, torch.Tensor):
+        if keep and call.step < KEPT_STEPS and isinstance(first, torch.Tensor):
             call.output = first.detach().cpu().numpy().copy()
 
     handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in denoisers(pipe).items()]
@@ -263,7 +269,7 @@ def trace_call(pipe: Any, on_call: CallHook | None = None, **kwargs: Any) -> Tra
     """Run the pipeline's own __call__ with these arguments and return its trace."""
     with tracing(pipe, on_call) as trace:
         trace.output = pipe(**kwargs)
-    if not trace.samples:
+    if not trace.timesteps:
         raise QexportError(f"{trace.pipeline} called no scheduler step; nothing to calibrate")
     return trace
 

@@ -14,7 +14,7 @@ import torch
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 
-StepCallback = Callable[[int, int], None]  # (step index, timestep) before each denoiser call
+StepCallback = Callable[[int, int], None]  # (step index, batch) before each denoiser call
 
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype choices
 
@@ -57,7 +57,6 @@ def timesteps(adapter: ModelAdapter, steps: int) -> list[int]:
     return [int(t) for t in scheduler.timesteps]
 
 
-@torch.no_grad()
 def sample(
     adapter: ModelAdapter,
     cond: torch.Tensor,
@@ -67,38 +66,35 @@ def sample(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Run the FP sampling loop for a batch of conditions.
+    """Run the FP sampling loop for a batch of conditions: the model's pipeline
+    (``QexportPipeline``) called from each seed's numpy noise, as calibration calls it.
 
     Args:
         adapter: the model.
         cond: conditioning for each sample (from ``adapter.conditioner.encode``).
         seeds: one noise seed per sample.
         config: steps and CFG scale.
-        on_step: called with (step index, timestep) before each denoiser call.
+        on_step: called with (step index, batch) before each denoiser call, the step taken from
+            the scheduler's step count (``models.pipeline.tracing``).
         device: where the denoiser runs.
-        dtype: run the denoiser under autocast to this dtype (fp32 weights kept), or None for fp32.
+        dtype: run the loop under autocast to this dtype (fp32 weights kept), or None for fp32.
 
     Returns:
         Final latents [B, *latent_shape] on the CPU, float32.
     """
+    from qexport.models.builtin_pipeline import QexportPipeline
+    from qexport.models.pipeline import tracing
+
     if len(seeds) != len(cond):
         raise QexportError(f"{len(cond)} conditions but {len(seeds)} seeds")
-    denoiser = adapter.denoiser().to(device)
-    scheduler = adapter.make_scheduler()
-    scheduler.set_timesteps(config.steps)
-    x = torch.from_numpy(np.stack([initial_noise(adapter.latent_shape, s) for s in seeds])).to(device)
-    both = torch.cat([cond, adapter.conditioner.null(len(cond))]).to(device)
+    pipe = QexportPipeline.of(adapter).to(device)
+    x = torch.from_numpy(np.stack([initial_noise(adapter.latent_shape, s) for s in seeds]))
     kind = torch.device(device).type
-    for i, t in enumerate(scheduler.timesteps):
-        if on_step is not None:
-            on_step(i, int(t))
-        tt = torch.full((2 * len(x),), int(t), dtype=torch.long, device=device)
-        with torch.autocast(kind, dtype=dtype) if dtype is not None else nullcontext():
-            out = denoiser(torch.cat([x, x]), tt, both)
-        out_c, out_u = out.float().chunk(2)  # eps or v, per the scheduler
-        guided = out_u + config.cfg * (out_c - out_u)
-        x = scheduler.step(guided, t, x).prev_sample
-    return x.float().cpu()
+    run = {"num_inference_steps": config.steps, "guidance_scale": config.cfg, "latents": x, "output_type": "latent"}
+    autocast = torch.autocast(kind, dtype=dtype) if dtype is not None else nullcontext()
+    with autocast, tracing(pipe, on_step, keep=False) if on_step is not None else nullcontext():
+        out = pipe.denoise(cond, **run, generator=None)
+    return out.images
 
 
 def generate(

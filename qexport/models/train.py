@@ -205,7 +205,7 @@ def _save(folder: Path, name: str, modules: dict[str, nn.Module], record: dict[s
     if name == "tiny-dit":
         meta["class_names"] = shapes.class_names()
     index = {
-        "_class_name": "QexportPipeline",
+        "_class_name": "QexportLabelPipeline" if name == "tiny-dit" else "QexportPipeline",
         "transformer": ["diffusers", record["class_name"]],
         "scheduler": ["diffusers", "DDIMScheduler"],
         "qexport": meta,
