@@ -62,7 +62,7 @@ def make_manifest(
         "scheduler": scheduler,
         "ranges": ranges_record(ranges, q),
         "quantization": quantization_record(config, target, stats, ranges),
-        "target": target.name,
+        **target_record(target),
         "calibration": {k: stats.header[k] for k in ("prompts_hash", "prompts", "seeds", "samples", "config_hash")},
         "files": files_record(emit),
         "verification": None,
@@ -78,6 +78,13 @@ def identity_record(adapter: ModelAdapter) -> dict[str, Any]:
         "class_name": adapter.class_name,
         "config_hash": adapter.config_hash(),
     }
+
+
+def target_record(target: TargetProfile) -> dict[str, Any]:
+    """The manifest's target, and for an NPU whose float ops need a given SoC (QNN HTP's FP16
+    islands) the SoC the build assumes, as its runtime options (soc_model, htp_arch)."""
+    device = {"target_device": {**target.fp16_soc, "float_ops": "fp16"}} if target.fp16_soc else {}
+    return {"target": target.name, **device}
 
 
 def files_record(emit: EmitSummary) -> dict[str, Any]:

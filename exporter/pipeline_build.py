@@ -18,7 +18,14 @@ from qexport.exporter.build import check_request, choices_of, emit_models, legal
 from qexport.exporter.built import BuildConfig, BuiltRange
 from qexport.exporter.denoiser_export import BoundTransformer
 from qexport.exporter.emit import layer_ids
-from qexport.exporter.manifest import files_record, identity_record, quantization_record, ranges_record, write_manifest
+from qexport.exporter.manifest import (
+    files_record,
+    identity_record,
+    quantization_record,
+    ranges_record,
+    target_record,
+    write_manifest,
+)
 from qexport.exporter.pipeline_parts import Binding, bind_pipeline, write_parts
 from qexport.passes.plan import RangePlan
 from qexport.targets.legality import LegalityReport
@@ -202,7 +209,7 @@ def _manifest(
         "quantization": quantization_record(config, target, stats, built),
         "recipe": config.recipe.to_dict(),
         "choices": [serial.to_dict(choices_of(r, config.quant)) for r in built],
-        "target": config.target,
+        **target_record(target),
         "calibration": {k: stats.header[k] for k in ("prompts_hash", "prompts", "seeds", "samples", "config_hash")},
         "layer_ids": layer_ids(list(stats.layers)),
         "verification": None,

@@ -439,10 +439,11 @@ def _verify_and_report(
               "skips the end-to-end loop.")  # fmt: skip
 @click.option(
     "--runtime",
-    type=click.Choice(["onnxruntime", "openvino"]),
+    type=click.Choice(["onnxruntime", "openvino", "qnn-htp"]),
     default="onnxruntime",
     show_default=True,
-    help="openvino: also run every model in OpenVINO's CPU runtime and compare it with onnxruntime.",
+    help="openvino: also run every model in OpenVINO's CPU runtime and compare it with onnxruntime; qnn-htp: "
+    "also on Qualcomm's HTP backend (onnxruntime-qnn, CPU fallback off), the end-to-end loop too.",
 )
 @click.option("--device", default="cpu", show_default=True,
               help="Where torch runs the FP and simulated passes (cuda for full-size models).")  # fmt: skip

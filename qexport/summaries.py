@@ -31,6 +31,8 @@ def verification_table(v: dict[str, Any]) -> list[str]:
                 f"  {second['runtime']:<14}{second['integer']:>14}{second['emulated']:>6}{len(second['float']):>6}"
                 f"{second['cosine_sim']:>10.6f}{second['max_lsb_sim']:>10.2f}  vs onnxruntime: cos "
                 f"{second['cosine_ort']:.6f}, {second['max_lsb_ort']:.2f} LSB, SQNR {second['sqnr_ort_db']:.1f}dB"
+                + (f"; vs FP {second['sqnr_fp_db']:.1f}dB" if "sqnr_fp_db" in second else "")
+                + ("" if second.get("lsb_judged", True) else " (LSB reported, cosine judged: float ops in FP16)")
             )
             for layer in second["float"]:
                 lines.append(f"  FAIL: quantized layer {layer} runs in float in {second['runtime']}")
@@ -52,6 +54,9 @@ def verification_table(v: dict[str, Any]) -> list[str]:
             f"{e['step_ms']:.0f} ms/step in onnxruntime",
         ]
         lines.append(f"end to end vs FP (same noise): {', '.join(figures)}")
+        if "psnr_db_htp" in e:
+            lines.append(f"end to end on the HTP backend vs FP: PSNR {e['psnr_db_htp']:.2f} dB, "
+                         f"SSIM {e['ssim_htp']:.4f}, {e['step_ms_htp']:.0f} ms/step in the simulator")  # fmt: skip
     else:
         lines.append("end to end: not run (a subset of the models was verified)")
     emulated = sum(m["emulated"] for m in v["models"])

@@ -2,6 +2,8 @@
 built for qnn-htp, opened on Qualcomm's HTP backend (onnxruntime-qnn, simulated on x86-64) with
 CPU fallback disabled, and run: it must agree with onnxruntime CPU on the same file."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,6 +16,7 @@ from qexport.targets.catalog import get_profile
 from qexport.targets.legality import check_model
 from qexport.verification import qnn_run
 
+from qexport.errors import QexportError
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig
 from qexport.recipe import recipe_of
@@ -74,3 +77,48 @@ def test_tiny_build_runs_wholly_on_htp_and_agrees_with_cpu(tiny_build):
     cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     cosine = float(htp.ravel() @ cpu.ravel() / (np.linalg.norm(htp) * np.linalg.norm(cpu)))
     assert cosine >= 0.999, cosine
+
+
+@pytest.mark.skipif(not qnn_run.available(), reason="onnxruntime-qnn is not installed (pip install 'qexport[qnn]')")
+def test_verify_on_htp_reads_the_kernels_off_the_compiled_graph(tiny_build):
+    from click.testing import CliRunner
+
+    from qexport.cli import cli
+
+    folder = tiny_build.folder
+    stats = folder.parent / "s.qstats"
+    result = CliRunner().invoke(cli, ["verify", str(folder), "--stats", str(stats), "--runtime", "qnn-htp"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["target_device"] == {"soc_model": "57", "htp_arch": "75", "float_ops": "fp16"}
+    v = manifest["verification"]
+    layers = len(manifest["layer_ids"])
+    for row in v["models"]:
+        htp = row["second"]
+        assert htp["runtime"] == "qnn-htp" and htp["integer"] == layers and htp["float"] == [], htp
+        assert htp["cosine_sim"] >= 0.999
+    assert np.isfinite(v["end_to_end"]["psnr_db_htp"])  # the loop with every step model on HTP
+    assert "end to end on the HTP backend" in result.output
+
+
+def test_compiled_kernels_call_a_float_linear_float():
+    tensors = {"x": 1032, "w": 776, "y": 1032, "xf": 562, "wf": 562}
+    graph = {"graph": {"tensors": {k: {"data_type": v} for k, v in tensors.items()},
+                       "nodes": {"a": {"type": "FullyConnected", "input_names": ["x", "L0:w_q_transpose"],
+                                       "output_names": ["y"]},
+                                 "b": {"type": "FullyConnected", "input_names": ["xf", "L1:w_q"],
+                                       "output_names": ["y"]}}}}  # fmt: skip
+    graph["graph"]["tensors"]["L0:w_q_transpose"] = {"data_type": 776}
+    graph["graph"]["tensors"]["L1:w_q"] = {"data_type": 776}
+    ids = {"a.to_q": "L0", "a.to_k": "L1", "a.to_v": "L2"}
+    integer, float_ = qnn_run.compiled_kernels(graph, list(ids), ids)
+    assert integer == ["a.to_q"]
+    assert float_ == ["a.to_k", "a.to_v"]  # a float activation; no node reads L2's weight
+
+
+@pytest.mark.skipif(not qnn_run.available(), reason="onnxruntime-qnn is not installed (pip install 'qexport[qnn]')")
+def test_an_open_build_is_refused_by_the_backend(tiny_build, tmp_path):
+    recipe = recipe_of("bits.activations=16", "smoothquant.mode=asq", "target=ort-cpu")
+    built = build(tiny_build.folder.parent / "s.qstats", tmp_path / "cpu", BuildConfig(recipe=recipe))
+    with pytest.raises(QexportError, match="does not run on the HTP backend"):
+        qnn_run.htp_session(built.folder / "step_00.onnx", get_profile("qnn-htp"))

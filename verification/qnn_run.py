@@ -1,15 +1,21 @@
 """Open an emitted model on Qualcomm's HTP backend through onnxruntime's QNN execution provider
 (the ``onnxruntime-qnn`` plugin; on x86-64 it compiles the graph and runs the HTP kernels in
-simulation). Needs the ``qnn`` extra; leaves the models alone."""
+simulation), run it, and read off the graph the backend compiled which quantized linears run as
+fixed-point operations. Needs the ``qnn`` extra; leaves the models alone."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import re
-from dataclasses import dataclass
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 from qexport.targets.profile import TargetProfile
 
@@ -32,9 +38,29 @@ class Placement:
     cpu_ops: dict[str, int]
 
 
-def htp_session(path: Path, target: TargetProfile, fallback: bool = False) -> ort.InferenceSession:
+# QNN data types (QnnTypes.h): the high byte is the class, 3 = signed and 4 = unsigned fixed point
+FIXED_POINT_CLASSES = (3, 4)
+
+
+@dataclass(kw_only=True)
+class HtpRun:
+    """One model on the HTP backend (CPU fallback off): its output, the quantized layers the backend
+    compiled as fixed-point operations (integer) or not (float_), and the time to open and to run."""
+
+    output: np.ndarray
+    integer: list[str] = field(default_factory=list)
+    float_: list[str] = field(default_factory=list)
+    ops: dict[str, int] = field(default_factory=dict)  # QNN op type -> count in the compiled graph
+    open_seconds: float = 0.0
+    run_seconds: float = 0.0
+
+
+def htp_session(
+    path: Path, target: TargetProfile, fallback: bool = False, graph_dir: Path | None = None
+) -> ort.InferenceSession:
     """An onnxruntime session of `path` on the HTP backend, FP16 enabled for the SoC the target
-    records; with fallback off any node the backend refuses is an error.
+    records; with fallback off any node the backend refuses is an error. graph_dir, if given,
+    receives the QNN graph the backend compiled, as JSON.
 
     Raises:
         QexportError: onnxruntime-qnn is not installed, or the backend refused a node.
@@ -48,16 +74,75 @@ def htp_session(path: Path, target: TargetProfile, fallback: bool = False) -> or
         _registered.append(name)
     devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # the EP's warnings about Windows-only features are noise here
     if not fallback:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     settings = {"backend_path": oq.get_qnn_htp_path(), **target.fp16_soc}
     if target.fp16_soc:
         settings["enable_htp_fp16_precision"] = "1"
+    if graph_dir is not None:
+        settings.update(dump_json_qnn_graph="1", json_qnn_graph_dir=str(graph_dir))
     options.add_provider_for_devices(devices, settings)
     try:
         return ort.InferenceSession(str(path), options)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise QexportError(f"{path.name} does not run on the HTP backend with CPU fallback off: {exc}") from exc
+
+
+def compiled_kernels(graph: dict[str, Any], layers: list[str], ids: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Split the quantized layers by what the backend compiled them to: a layer is integer when the
+    QNN node reading its weight (``L<i>:w_q``, possibly transposed) takes a fixed-point activation
+    and a fixed-point weight; anything else (a float node, or no node found) is float.
+
+    Args:
+        graph: the QNN graph JSON the EP dumped (``dump_json_qnn_graph``).
+    """
+    nodes, tensors = graph["graph"]["nodes"], graph["graph"]["tensors"]
+
+    def fixed(name: str) -> bool:
+        return (int(tensors[name]["data_type"]) >> 8) in FIXED_POINT_CLASSES
+
+    reader: dict[str, dict[str, Any]] = {}
+    for node in nodes.values():
+        for name in node["input_names"]:
+            if ":w_q" in name:
+                reader[name.split(":w_q")[0]] = node
+    integer: list[str] = []
+    float_: list[str] = []
+    for layer in layers:
+        node = reader.get(ids[layer])
+        ok = node is not None and len(node["input_names"]) >= 2 and all(fixed(n) for n in node["input_names"][:2])
+        (integer if ok else float_).append(layer)
+    return integer, float_
+
+
+def run_htp(
+    path: Path, feeds: dict[str, np.ndarray], layers: list[str], ids: dict[str, str], target: TargetProfile
+) -> HtpRun:
+    """Compile `path` for HTP with CPU fallback off, run it once on `feeds`, and classify the
+    quantized layers from the graph the backend compiled.
+
+    Raises:
+        QexportError: onnxruntime-qnn is missing, the backend refused a node, or it dumped no graph.
+    """
+    with tempfile.TemporaryDirectory(prefix="qexport-qnn-") as tmp:
+        start = time.perf_counter()
+        session = htp_session(path, target, graph_dir=Path(tmp))
+        opened = time.perf_counter() - start
+        dumps = [p for p in Path(tmp).glob("*.json") if not p.name.endswith("_tensor_log.json")]
+        if len(dumps) != 1:
+            raise QexportError(f"{path.name}: the QNN EP dumped {len(dumps)} graphs, expected one partition")
+        graph = json.loads(dumps[0].read_text())
+    names = {i.name for i in session.get_inputs()}
+    start = time.perf_counter()
+    output = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+    ran = time.perf_counter() - start
+    integer, float_ = compiled_kernels(graph, layers, ids)
+    ops: dict[str, int] = {}
+    for node in graph["graph"]["nodes"].values():
+        ops[node["type"]] = ops.get(node["type"], 0) + 1
+    return HtpRun(output=np.asarray(output), integer=integer, float_=float_, ops=ops, open_seconds=opened,
+                  run_seconds=ran)  # fmt: skip
 
 
 def placement(log: str) -> Placement:

@@ -5,6 +5,7 @@ from the manifest (runtime.scheduler)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,24 +42,38 @@ class LoopResult:
     prompt_seconds: float = 0.0  # kv.onnx (--precompute-kv builds), once per prompt
 
 
-class Pipeline:
-    """Runs the emitted models of one build folder."""
+ModelOpener = Callable[[Path], ort.InferenceSession]  # a step model's path -> its session
 
-    def __init__(self, folder: Path, threads: int | None = None, manifest: dict[str, Any] | None = None) -> None:
+
+class Pipeline:
+    """Runs the emitted models of one build folder (on onnxruntime's CPU provider, or as open_model
+    opens them: e.g. on an NPU's execution provider)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        threads: int | None = None,
+        manifest: dict[str, Any] | None = None,
+        open_model: ModelOpener | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.manifest: dict[str, Any] = read_manifest(self.folder) if manifest is None else manifest
         self.threads = threads
+        self.open_model = open_model
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._sessions: dict[int, Future[ort.InferenceSession]] = {}
         self.prompt = PromptFeeds(self.folder, self.manifest, session_options(threads))
 
     def _load(self, index: int) -> Future[ort.InferenceSession]:
         if index not in self._sessions:
-            path = str(self.folder / self.manifest["ranges"][index]["model"])
-            opts = session_options(self.threads)
-            self._sessions[index] = self._pool.submit(
-                ort.InferenceSession, path, opts, providers=["CPUExecutionProvider"]
-            )
+            path = self.folder / self.manifest["ranges"][index]["model"]
+            if self.open_model is not None:
+                self._sessions[index] = self._pool.submit(self.open_model, path)
+            else:
+                opts = session_options(self.threads)
+                self._sessions[index] = self._pool.submit(
+                    ort.InferenceSession, str(path), opts, providers=["CPUExecutionProvider"]
+                )
         return self._sessions[index]
 
     def run(self, cond: np.ndarray, null: np.ndarray, seed: int, progress: Progress | None = None) -> LoopResult:
