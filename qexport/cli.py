@@ -500,12 +500,49 @@ def targets_show(name: str) -> None:
 
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(["per-model", "shared"]), default="per-model", show_default=True,
+              help="per-model: one context binary per step model; shared: every step graph in one binary, "
+              "the weights they share stored once.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace the build's existing contexts.")
+def contexts(folder: Path, mode: str, force: bool) -> None:
+    """Compile a qnn-htp build's step models into QNN context binaries (EPContext) for HTP, then load
+    each back in a child process and check its output equals the compiling session's."""
+    import shutil
+
+    from qexport.exporter.manifest import write_manifest
+    from qexport.exporter.qnn_context import FOLDER, compile_contexts
+    from qexport.runtime.manifest import read_manifest
+
+    start = time.perf_counter()
+    manifest = read_manifest(folder)
+    if (folder / FOLDER).exists() and force:
+        shutil.rmtree(folder / FOLDER)
+    entry = compile_contexts(folder, manifest, mode)
+    manifest["contexts"] = entry
+    write_manifest(folder, manifest)
+    sizes = entry["binaries"]
+    click.echo(f"{len(entry['models'])} context model(s), {len(sizes)} binar{'y' if len(sizes) == 1 else 'ies'} "
+               f"{sum(sizes.values()) / 2**20:.2f} MiB in {folder / FOLDER} (QNN SDK {entry['sdk']}); "
+               f"{duration(time.perf_counter() - start)}")  # fmt: skip
+    if entry["loaded"] is not True:
+        raise QexportError(f"load check: {entry['loaded']}; the files are kept for a device whose HTP loads them")
+    worst = max(entry["max_abs_diff"].values())
+    click.echo(f"load check: every context loads and runs; largest difference from the compiling session {worst:g}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--prompt", help="Caption (text-to-video builds).")
 @click.option("--label", help="Class label (class-conditional builds).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own choice).")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "qnn-htp"]), default="onnxruntime", show_default=True,
+              help="qnn-htp: the step models on Qualcomm's HTP backend (onnxruntime-qnn), from their context "
+              "binaries when the build has them (qexport contexts).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="clip.gif or image.png")
-def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads: int | None, output: Path) -> None:
+def run(
+    folder: Path, prompt: str | None, label: str | None, seed: int, threads: int | None, runtime: str, output: Path
+) -> None:
     """The edge loop: manifest.json + ONNX files, numpy + onnxruntime only."""
     from qexport.media import output_paths, save_gif, save_png, strip
     from qexport.runtime.conditioning import Conditioning
@@ -516,10 +553,20 @@ def run(folder: Path, prompt: str | None, label: str | None, seed: int, threads:
 
     manifest = read_manifest(folder)
     if "pipeline" in manifest:
+        if runtime != "onnxruntime":
+            raise QexportError(f"a pipeline build runs on onnxruntime's CPU provider; --runtime {runtime} is not "
+                               "supported for it")  # fmt: skip
         _run_pipeline(folder, manifest, {"prompt": prompt, "label": label}, seed, output, check_threads(threads))
         click.echo(f"wrote {output} in {duration(time.perf_counter() - start)}")
         return
-    pipeline = Pipeline(folder, threads=check_threads(threads), manifest=manifest)
+    opener = None
+    if runtime == "qnn-htp":
+        from qexport.runtime.qnn import model_opener
+
+        if manifest.get("target") != "qnn-htp":
+            raise QexportError(f"{folder} is a {manifest.get('target')} build; build with --target qnn-htp for HTP")
+        opener = model_opener(folder, manifest)
+    pipeline = Pipeline(folder, threads=check_threads(threads), manifest=manifest, open_model=opener)
     m = pipeline.manifest
     text = conditioning_text((m.get("conditioning") or {}).get("kind", "caption"), prompt, label)
     paths = output_paths(output, len(m["latent_shape"]) == 4)

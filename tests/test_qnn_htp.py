@@ -122,3 +122,54 @@ def test_an_open_build_is_refused_by_the_backend(tiny_build, tmp_path):
     built = build(tiny_build.folder.parent / "s.qstats", tmp_path / "cpu", BuildConfig(recipe=recipe))
     with pytest.raises(QexportError, match="does not run on the HTP backend"):
         qnn_run.htp_session(built.folder / "step_00.onnx", get_profile("qnn-htp"))
+
+
+@pytest.mark.skipif(not qnn_run.available(), reason="onnxruntime-qnn is not installed (pip install 'qexport[qnn]')")
+def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from qexport.cli import cli
+    from qexport.metrics import cosine
+    from qexport.runtime.conditioning import Conditioning
+    from qexport.runtime.loop import Pipeline
+    from qexport.runtime.qnn import model_opener
+
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_build.folder, folder)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["contexts", str(folder), "--mode", "per-model"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((folder / "manifest.json").read_text())["contexts"]
+    assert entry["loaded"] is True and set(entry["max_abs_diff"].values()) == {0.0}  # the same compiled graph
+    assert len(entry["binaries"]) == len(entry["models"]) == 2
+
+    def loop(on_htp: bool) -> np.ndarray:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        conditioning = Conditioning(folder, manifest)
+        opener = model_opener(folder, manifest) if on_htp else None
+        pipeline = Pipeline(folder, manifest=manifest, open_model=opener)
+        return pipeline.run(conditioning.encode("a red circle moving left"), conditioning.null(), 0).latents
+
+    from_contexts = loop(True)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    saved = manifest.pop("contexts")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    compiled = loop(True)  # each step model compiled at load
+    np.testing.assert_array_equal(from_contexts, compiled)
+    assert cosine(from_contexts, loop(False)) >= 0.999  # and the loop on HTP agrees with onnxruntime CPU
+    manifest["contexts"] = saved
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    per_model = sum(entry["binaries"].values())
+    shared = runner.invoke(cli, ["contexts", str(folder), "--mode", "shared", "--force"])
+    entry = json.loads((folder / "manifest.json").read_text())["contexts"]
+    assert len(entry["binaries"]) == 1 and sum(entry["binaries"].values()) < per_model
+    # loading a multi-graph binary crashes this x86-64 simulator (signal 11): a clean error, never a dead qexport
+    assert shared.exit_code == (0 if entry["loaded"] is True else 1), shared.output
+    if entry["loaded"] is not True:
+        assert "load check" in str(shared.exception)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        with pytest.raises(QexportError, match="did not load here"):
+            model_opener(folder, manifest)

@@ -5,8 +5,6 @@ fixed-point operations. Needs the ``qnn`` extra; leaves the models alone."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import re
 import tempfile
@@ -20,13 +18,9 @@ import onnxruntime as ort
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
+from qexport.runtime.qnn import available, open_htp
 
-_registered: list[str] = []
-
-
-def available() -> bool:
-    """Whether onnxruntime-qnn is installed."""
-    return importlib.util.find_spec("onnxruntime_qnn") is not None
+__all__ = ["HtpRun", "Placement", "available", "compiled_kernels", "htp_session", "placement", "run_htp"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,28 +59,8 @@ def htp_session(
     Raises:
         QexportError: onnxruntime-qnn is not installed, or the backend refused a node.
     """
-    if not available():
-        raise QexportError("onnxruntime-qnn is not installed; pip install 'qexport[qnn]'")
-    oq = importlib.import_module("onnxruntime_qnn")  # an optional extra, untyped
-    name = oq.get_ep_name()
-    if name not in _registered:
-        ort.register_execution_provider_library(name, oq.get_library_path())
-        _registered.append(name)
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the EP's warnings about Windows-only features are noise here
-    if not fallback:
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    settings = {"backend_path": oq.get_qnn_htp_path(), **target.fp16_soc}
-    if target.fp16_soc:
-        settings["enable_htp_fp16_precision"] = "1"
-    if graph_dir is not None:
-        settings.update(dump_json_qnn_graph="1", json_qnn_graph_dir=str(graph_dir))
-    options.add_provider_for_devices(devices, settings)
-    try:
-        return ort.InferenceSession(str(path), options)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise QexportError(f"{path.name} does not run on the HTP backend with CPU fallback off: {exc}") from exc
+    dump = {} if graph_dir is None else {"dump_json_qnn_graph": "1", "json_qnn_graph_dir": str(graph_dir)}
+    return open_htp(path, target.fp16_soc, fallback, settings=dump)
 
 
 def compiled_kernels(graph: dict[str, Any], layers: list[str], ids: dict[str, str]) -> tuple[list[str], list[str]]:
