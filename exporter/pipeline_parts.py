@@ -36,6 +36,7 @@ from qexport.exporter.text_encoders import TextPart
 from qexport.errors import QexportError
 from qexport.media import written_whole
 from qexport.models.pipeline import Trace, TransformerCall, call_default, call_parameters
+from qexport.recipe import PartPrecision
 from qexport.runtime.pipeline_loop import label_value
 
 OTHER_PROMPT = "a second, different caption"  # traced too: what depends on the prompt is not a constant
@@ -258,26 +259,31 @@ def _folded(trace: Trace) -> Trace:
 
 
 @torch.no_grad()
-def write_parts(binding: Binding, folder: Path) -> dict[str, Any]:
-    """The text parts and the VAE decoder in `folder`; returns the manifest's pipeline block (its
-    denoiser entry left to the caller)."""
+def write_parts(binding: Binding, folder: Path, precision: PartPrecision = PartPrecision.FP16) -> dict[str, Any]:
+    """The text parts and the VAE decoder in `folder`, their weights stored in `precision` (the
+    recipe's ``parts.precision``); returns the manifest's pipeline block (its denoiser entry left to
+    the caller)."""
     from qexport.exporter.text_encoders import export_text_part
     from qexport.exporter.vae import export_vae_decoder, latent_grid
 
     b = binding
-    text_specs = [export_text_part(p, folder, b.lengths[p.name]) for p in b.parts if p.name in b.lengths]
+    text_specs = [export_text_part(p, folder, b.lengths[p.name], precision) for p in b.parts if p.name in b.lengths]
     latents = torch.from_numpy(b.trace.results[-1][:1].astype(np.float32))
-    vae = export_vae_decoder(b.pipe, latents, folder, grid=latent_grid(b.first.values))
+    vae = export_vae_decoder(b.pipe, latents, folder, grid=latent_grid(b.first.values), precision=precision)
     labels = {} if b.labels is None else {"labels": b.labels}
     return {"class": b.trace.pipeline, "negative_prompt": b.negative, "calls": b.calls, **b.rule,
             "text": text_specs, **labels, "vae": vae}  # fmt: skip
 
 
 @torch.no_grad()
-def export_fp_pipeline(folder: Path, out: Path, prompt: str, steps: int, call: dict[str, Any]) -> dict[str, Any]:
-    """An FP build of a pipeline folder for the edge loop (runtime.pipeline_loop): text parts,
-    transformer.onnx with its bound inputs, the scheduler block, the VAE decoder; returns the
-    manifest (also written to out/manifest.json).
+def export_fp_pipeline(
+    folder: Path, out: Path, prompt: str, steps: int, call: dict[str, Any],
+    precision: PartPrecision = PartPrecision.FP32,
+) -> dict[str, Any]:  # fmt: skip
+    """An FP build of a pipeline folder for the edge loop (runtime.pipeline_loop): text parts and
+    the VAE decoder, transformer.onnx with its bound inputs, the scheduler block; returns the
+    manifest (also written to out/manifest.json). All in FP32 unless `precision` stores the text
+    and VAE parts' weights otherwise (the FP reference a quantized build is compared with).
 
     Raises:
         QexportError: anything of the pipeline that is not bound or not exportable, by name.
@@ -294,7 +300,7 @@ def export_fp_pipeline(folder: Path, out: Path, prompt: str, steps: int, call: d
         except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:
             name = type(binding.pipe.transformer).__name__
             raise QexportError(f"cannot export {name} with its recorded inputs to ONNX: {exc}") from exc
-        pipeline = {**write_parts(binding, tmp), "denoiser": "transformer.onnx"}
+        pipeline = {**write_parts(binding, tmp, precision), "denoiser": "transformer.onnx"}
         manifest = {
             "schema_version": 3,
             "pipeline": pipeline,

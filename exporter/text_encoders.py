@@ -1,5 +1,6 @@
 """A pipeline's text encoders as ONNX parts for the edge: each (tokenizer, text encoder) pair of
-the pipeline becomes ``<name>.onnx`` (FP32, exported once, not per step) and ``<name>.tokenizer.json``
+the pipeline becomes ``<name>.onnx`` (exported once, not per step; FP32 computation, its weights
+stored as the recipe's ``parts.precision`` says) and ``<name>.tokenizer.json``
 (the `tokenizers` model the runtime tokenizes with). The encoder's outputs are everything the
 pipelines read from it: the last hidden state, the penultimate one (SD3's CLIP), and the pooled
 embedding where the class has one (CLIP's pooler output or projected text embeds)."""
@@ -10,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
+from qexport.exporter.part_precision import export_part
 from torch import nn
 
 from qexport.errors import QexportError
+from qexport.recipe import PartPrecision
 
 TEXT_OPSET = 17
 
@@ -76,17 +78,23 @@ class _Outputs(nn.Module):
 
 
 @torch.no_grad()
-def export_text_part(part: TextPart, folder: Path, max_length: int) -> dict[str, Any]:
-    """Write the part's ONNX and tokenizer.json into folder; returns its manifest entry."""
+def export_text_part(
+    part: TextPart, folder: Path, max_length: int, precision: PartPrecision = PartPrecision.FP16
+) -> dict[str, Any]:
+    """Write the part's ONNX, its weights stored in `precision` (exporter.part_precision), and its
+    tokenizer.json into folder; returns its manifest entry."""
     model = _Outputs(part.encoder, part.takes_mask).eval()
     ids = torch.ones(1, max_length, dtype=torch.long)
     inputs: tuple[torch.Tensor, ...] = (ids, torch.ones_like(ids)) if part.takes_mask else (ids,)
     names = ["input_ids", "attention_mask"][: len(inputs)]
     outputs = list(encoder_outputs(part.encoder, ids, inputs[1] if part.takes_mask else None))
     path = folder / f"{part.name}.onnx"
-    torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=TEXT_OPSET, input_names=names,
-                      output_names=outputs, do_constant_folding=True)  # fmt: skip
-    onnx.checker.check_model(str(path))
+
+    def write(to: Path) -> None:
+        torch.onnx.export(model, inputs, str(to), dynamo=False, opset_version=TEXT_OPSET, input_names=names,
+                          output_names=outputs, do_constant_folding=True)  # fmt: skip
+
+    stored = export_part(write, path, precision)
     tokenizer_file = f"{part.name}.tokenizer.json"
     part.tokenizer.backend_tokenizer.save(str(folder / tokenizer_file))
     pad = part.tokenizer.pad_token_id
@@ -99,4 +107,5 @@ def export_text_part(part: TextPart, folder: Path, max_length: int) -> dict[str,
         "pad_id": int(pad) if pad is not None else 0,
         "inputs": names,
         "outputs": outputs,
+        **stored,
     }

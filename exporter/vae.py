@@ -1,7 +1,8 @@
-"""A pipeline's VAE decoder as an FP32 ONNX part for the edge, with the numbers that turn the sampled
-latents into the decoder's input as the pipeline's own decode code does: the image VAE of DiT,
-PixArt-α/Σ, Latte (frame by frame), SD3 and Flux, and the 3-D video VAEs of Wan 2.1, CogVideoX and
-LTX-Video (the whole clip decoded at once, static shapes). Other VAE classes are refused by class."""
+"""A pipeline's VAE decoder as an ONNX part for the edge (FP32 computation, its weights stored as the
+recipe's ``parts.precision`` says), with the numbers that turn the sampled latents into the decoder's
+input as the pipeline's own decode code does: the image VAE of DiT, PixArt-α/Σ, Latte (frame by
+frame), SD3 and Flux, and the 3-D video VAEs of Wan 2.1, CogVideoX and LTX-Video (the whole clip
+decoded at once, static shapes). Other VAE classes are refused by class."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
+from qexport.exporter.part_precision import export_part
 from torch import nn
 
 from qexport.errors import QexportError
+from qexport.recipe import PartPrecision
 from qexport.runtime.vae import decoder_input
 
 VAE_OPSET = 17
@@ -147,7 +149,11 @@ def _whole(vae: Any) -> Iterator[None]:
 
 @torch.no_grad()
 def export_vae_decoder(
-    pipe: Any, latents: torch.Tensor, folder: Path, grid: Sequence[int] | None = None
+    pipe: Any,
+    latents: torch.Tensor,
+    folder: Path,
+    grid: Sequence[int] | None = None,
+    precision: PartPrecision = PartPrecision.FP16,
 ) -> dict[str, Any]:
     """Write vae_decoder.onnx for the latents the pipeline samples (one sample, as the pipeline's
     scheduler leaves them); returns the manifest entry.
@@ -157,6 +163,7 @@ def export_vae_decoder(
         latents: its scheduler's last sample, [1, ...].
         folder: where vae_decoder.onnx is written.
         grid: the latent (frames, height, width) of packed video latents (LTX); see latent_grid.
+        precision: how its weights are stored (exporter.part_precision; FP32 computation in all).
 
     Raises:
         QexportError: a pipeline or VAE class without a decoding rule here, a config it cannot
@@ -166,13 +173,15 @@ def export_vae_decoder(
     spec = _spec(pipe, decoding, latents, grid)
     z = torch.from_numpy(decoder_input(latents[:1].numpy(), spec))
     video = z.ndim == 5  # one clip [1, C, F, h, w], static; images [N, C, h, w] with N free
-    path = str(Path(folder) / spec["model"])
-    with _whole(vae), _symbolics():
-        torch.onnx.export(_Decode(vae).eval(), (z,), path, dynamo=False, opset_version=VAE_OPSET,
+
+    def write(to: Path) -> None:
+        torch.onnx.export(_Decode(vae).eval(), (z,), str(to), dynamo=False, opset_version=VAE_OPSET,
                           input_names=["z"], output_names=["video" if video else "image"],
                           dynamic_axes=None if video else {"z": {0: "images"}, "image": {0: "images"}})  # fmt: skip
-    onnx.checker.check_model(path)
-    return spec
+
+    with _whole(vae), _symbolics():
+        stored = export_part(write, Path(folder) / spec["model"], precision)
+    return {**spec, **stored}
 
 
 def _nearest_exact(g: Any, x: Any, output_size: Any, scales: Any) -> Any:

@@ -1,14 +1,16 @@
 """The build recipe: the one declarative input of ``qexport build`` and its record in the manifest.
 
-A frozen dataclass tree (bits, granularity, target, calibration replay, an ordered list of
-technique configs), serialised generically (qexport.serial: a ``_type`` per technique, a
-``version``), read from and written to YAML, checked by ``validate()`` — every rule about which
-options combine lives here or in the technique's own ``check``. Presets ship in ``recipes/``.
+A frozen dataclass tree (bits, granularity, target, calibration replay, how a pipeline's text and
+VAE parts store their weights, an ordered list of technique configs), serialised generically
+(qexport.serial: a ``_type`` per technique, a ``version``), read from and written to YAML, checked
+by ``validate()`` — every rule about which options combine lives here or in the technique's own
+``check``. Presets ship in ``recipes/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,20 @@ class Replay:
     prompts: int | None = None  # calibration prompts the replaying techniques replay (None: up to 2)
 
 
+class PartPrecision(enum.Enum):
+    """How a pipeline build stores the weights of its text encoder and VAE decoder parts (the
+    computation stays FP32 in all three)."""
+
+    FP16 = "fp16"  # weights stored in float16, cast to float32 where they are read
+    FP32 = "fp32"  # as exported
+    INT8_WEIGHTS = "int8-weights"  # MatMul / Gemm / Conv weights int8 per output channel, the rest as fp16
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parts:
+    precision: PartPrecision = PartPrecision.FP16  # a pipeline build's text and VAE parts; built-ins have none
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     """Everything a build does, and nothing about where its files go."""
@@ -49,6 +65,7 @@ class Recipe:
     granularity: Granularity = field(default_factory=Granularity)
     target: str = "ort-cpu"
     replay: Replay = field(default_factory=Replay)
+    parts: Parts = field(default_factory=Parts)
     techniques: tuple[Technique, ...] = ()
 
     def technique(self, kind: str) -> Technique | None:

@@ -1,5 +1,5 @@
 """A pipeline's text encoders shipped for the edge: the tokenizer.json tokenizes as the pipeline's
-tokenizer does, the ONNX part computes what the torch encoder computes (every output a pipeline
+tokenizer does, the FP32 ONNX part computes what the torch encoder computes (every output a pipeline
 reads), PixArt's own encode_prompt is reproduced, and an over-long prompt is refused."""
 
 import numpy as np
@@ -14,6 +14,7 @@ from qexport.exporter.text_encoders import export_text_part, text_parts
 
 from qexport.errors import QexportError
 from qexport.models.pipeline import load_pipeline
+from qexport.recipe import PartPrecision
 from qexport.runtime.text import TextPart
 
 PROMPT = "a painting of a squirrel eating a burger"
@@ -34,7 +35,8 @@ def test_text_parts_match_the_torch_encoders(tmp_path, family):
     assert [p.name for p in parts] == sorted(n for n in pipe.components if n.startswith("text_encoder"))
     for part in parts:
         length = _length(part)
-        spec = export_text_part(part, out, length)
+        spec = export_text_part(part, out, length, PartPrecision.FP32)  # other precisions: test_part_precision.py
+        assert spec["precision"] == "fp32"
         onnx.checker.check_model(str(out / spec["model"]))
         edge = TextPart(out, spec)
         ids, mask = edge.tokens(PROMPT)
@@ -58,7 +60,7 @@ def test_pixarts_own_prompt_encoding_is_reproduced_and_long_prompts_refused(tmp_
     pipe = load_pipeline(FAMILIES["pixart-alpha"](tmp_path / "src"))
     (part,) = text_parts(pipe)
     (tmp_path / "b").mkdir()
-    edge = TextPart(tmp_path / "b", export_text_part(part, tmp_path / "b", TEXT_TOKENS))
+    edge = TextPart(tmp_path / "b", export_text_part(part, tmp_path / "b", TEXT_TOKENS, PartPrecision.FP32))
     with torch.no_grad():
         embeds, mask, _, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, clean_caption=False,
                                                 max_sequence_length=TEXT_TOKENS)  # fmt: skip

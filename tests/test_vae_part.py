@@ -1,5 +1,5 @@
 """A pipeline's VAE decoder shipped for the edge, image VAEs and the 3-D video VAEs alike: from the
-latents the pipeline's scheduler left at its last step, the ONNX decoder and the numpy pre- and
+latents the pipeline's scheduler left at its last step, the FP32 ONNX decoder and the numpy pre- and
 postprocessing give the pipeline's own decoded output; what it cannot decode is refused in one line."""
 
 import json
@@ -17,6 +17,7 @@ from qexport.exporter.vae import export_vae_decoder, latent_grid
 
 from qexport.errors import QexportError
 from qexport.models.pipeline import load_pipeline, trace_call
+from qexport.recipe import PartPrecision
 from qexport.runtime.vae import VaeDecoder
 
 
@@ -43,7 +44,9 @@ def test_the_edge_decoder_gives_the_pipelines_own_output(tmp_path, family):
     pixels = np.asarray(_first(trace.output))  # [1, h, w, 3] images, or [1, F, h, w, 3] a video's frames
     # the last step's sample (DiT: CFG's first half); a video's packed latents (LTX) with their grid
     latents = torch.from_numpy(trace.results[-1][:1].astype(np.float32))
-    spec = export_vae_decoder(pipe, latents, tmp_path, grid=latent_grid(trace.calls[0].values))
+    grid = latent_grid(trace.calls[0].values)  # the precisions other than FP32: test_part_precision.py
+    spec = export_vae_decoder(pipe, latents, tmp_path, grid=grid, precision=PartPrecision.FP32)
+    assert spec["precision"] == "fp32"
     onnx.checker.check_model(str(tmp_path / spec["model"]))
     assert json.loads(json.dumps(spec)) == spec  # every number the edge needs is data
     got = VaeDecoder(tmp_path, spec).images(latents.numpy())
