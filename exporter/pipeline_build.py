@@ -173,7 +173,7 @@ def build_pipeline(
         built, emit, legality = emit_models(
             adapter, stats, config, target, tmp, layer_ids(list(stats.layers)), progress
         )
-        pipeline = write_parts(adapter.binding, tmp)
+        pipeline = write_parts(adapter.binding, tmp, config.recipe.parts.precision)
         manifest = _manifest(adapter, stats, config, target, built, pipeline)
         manifest["files"] = files_record(emit)
         manifest["legality"] = legality_record(legality)

@@ -57,6 +57,8 @@ SLOW = pytest.mark.slow  # the same path on more families: CI's slow run
 def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
     _, stats = _calibrated(tmp_path, family)
     built = build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")))
+    parts = built.manifest["pipeline"]
+    assert {t["precision"] for t in parts["text"]} | {parts["vae"]["precision"]} == {"fp16"}  # the default
     m = built.manifest
     assert [s["model"] for s in m["steps"]] == [f"step_{i:02d}.onnx" for i in range(STEPS)]
     assert m["pipeline"]["denoiser"] is None and m["pipeline"]["vae"]
@@ -95,11 +97,14 @@ def test_the_cli_calibrates_builds_runs_and_verifies_a_pipeline(tmp_path):
     assert result.exit_code == 0, result.output
     assert "PixArtAlphaPipeline" in result.output and "DPMSolverMultistepScheduler" in result.output
     asq = ["--set", "smoothquant.mode=asq"]  # the other smoothing mode than the library test's
-    result = runner.invoke(cli, ["build", str(stats), "--recipe", "w8a8-tsq-tsw", *asq, "-o", str(build)])
+    parts = ["--set", "parts.precision=int8-weights"]  # the library test builds the default (fp16)
+    result = runner.invoke(cli, ["build", str(stats), "--recipe", "w8a8-tsq-tsw", *asq, *parts, "-o", str(build)])
     assert result.exit_code == 0, result.output
     assert "verdict: PASS" in result.output and "latents SQNR" in result.output
     manifest = json.loads((build / "manifest.json").read_text())
     assert manifest["verification"]["ok"] is True
+    pipeline = manifest["pipeline"]
+    assert {t["precision"] for t in pipeline["text"]} == {pipeline["vae"]["precision"]} == {"int8-weights"}
     result = runner.invoke(cli, ["run", str(build), "--prompt", "a cat", "-o", str(tmp_path / "cat.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cat.png").stat().st_size > 0
