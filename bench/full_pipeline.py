@@ -6,9 +6,11 @@ memory (RSS) and disk of each phase go to one JSON file.
 
     python bench/full_pipeline.py --config pixart-alpha-512 --root /tmp/full --device cuda --json full.json
 
-Configs: ``pixart-alpha-512`` (PixArt-α 512 px, a T5-XXL-sized encoder, SD's VAE) and
-``wan2.1-1.3b`` (Wan2.1-T2V-1.3B, a UMT5-XXL-sized encoder, Wan's 3-D VAE; 480x832, 17 frames).
-``--config tiny-pixart`` runs the same phases on the tests' tiny PixArt-α folder (a CPU rehearsal).
+Configs: ``pixart-alpha-512`` (PixArt-α 512 px, a T5-XXL-sized encoder, SD's VAE), ``latte-1``
+(Latte-1, the same encoder and VAE; 512x512, 16 frames) and ``wan2.1-1.3b`` (Wan2.1-T2V-1.3B, a
+UMT5-XXL-sized encoder, Wan's 3-D VAE; 480x832, 17 frames). CPU rehearsals: ``tiny-pixart`` (the
+tests' tiny PixArt-α folder) and ``wan2.1-1.3b-cpu`` (Wan's full-size transformer, a one-layer
+encoder, a tiny VAE, 16x16 px; with ``--stop-after export`` it ends after the FP export and prepare).
 Weights are random ([random-init]): the figures are cost, not accuracy.
 """
 
@@ -30,6 +32,9 @@ CALLS: dict[str, dict[str, Any]] = {
     "pixart-alpha-512": {"height": 512, "width": 512, "guidance_scale": 4.5, "use_resolution_binning": False,
                          "clean_caption": False, "max_sequence_length": 120},
     "wan2.1-1.3b": {"height": 480, "width": 832, "num_frames": 17, "guidance_scale": 5.0, "max_sequence_length": 512},
+    "wan2.1-1.3b-cpu": {"height": 16, "width": 16, "num_frames": 5, "guidance_scale": 5.0, "max_sequence_length": 16},
+    "latte-1": {"height": 512, "width": 512, "video_length": 16, "guidance_scale": 7.5, "clean_caption": False,
+                "mask_feature": False},  # mask_feature=False: caption embeddings at their padded length (120)
     "tiny-pixart": {"height": 8, "width": 8, "guidance_scale": 4.5, "use_resolution_binning": False,
                     "clean_caption": False, "max_sequence_length": 16},
 }  # fmt: skip
@@ -51,7 +56,16 @@ WAN_1_3B = {
     "rope_max_seq_len": 1024,
 }
 UMT5_XXL = {**T5_XXL, "vocab_size": 256384}
+UMT5_CPU = {**T5_XXL, "num_layers": 1, "num_heads": 2, "d_ff": 64}  # XXL's width (Wan's text_dim), one small layer
 WAN_VAE: dict[str, Any] = {}  # AutoencoderKLWan's defaults: the checkpoint's config
+TINY_WAN_VAE = {"base_dim": 3, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}  # the tests' Wan VAE
+LATTE_1 = {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
+           "num_layers": 28, "cross_attention_dim": 1152, "attention_bias": True, "sample_size": 64,
+           "patch_size": 2, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
+           "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
+           "caption_channels": 4096, "video_length": 16}  # fmt: skip  # maxin-cn/Latte-1 transformer/config.json
+LATTE_1_DDIM = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000,
+                "prediction_type": "epsilon", "timestep_spacing": "leading", "clip_sample": False}  # fmt: skip
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
           "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
           "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}  # fmt: skip
@@ -75,41 +89,84 @@ def _test_pipelines() -> Any:
     return module
 
 
-def make_folder(config: str, root: Path, device: str) -> Path:
-    """The pipeline folder of a named config, random weights (seed 0), initialised on `device`."""
+def _t5(tests: Any, tokenizer: Any, size: dict[str, Any], umt5: bool = False) -> Any:
+    """A (UM)T5 encoder of `size` over the tests' generated tokenizer's config."""
+    import transformers
+
+    config = {**tests._t5_config(tokenizer), **size}
+    if umt5:
+        return transformers.UMT5EncoderModel(transformers.UMT5Config(**config)).eval()
+    return transformers.T5EncoderModel(transformers.T5Config(**config)).eval()
+
+
+def _wan(tests: Any, tokenizer: Any, encoder: dict[str, Any], vae: dict[str, Any]) -> Any:
+    """Wan2.1-T2V-1.3B's transformer with the given UMT5 size and Wan VAE config."""
     import diffusers
-    from transformers import T5Config, T5EncoderModel
+
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0, num_train_timesteps=1000)  # fmt: skip
+    return diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=_t5(tests, tokenizer, encoder, umt5=True),
+                                 vae=diffusers.AutoencoderKLWan(**vae).eval(), scheduler=scheduler,
+                                 transformer=diffusers.WanTransformer3DModel(**WAN_1_3B).eval())  # fmt: skip
+
+
+def _pipeline(config: str, tests: Any, tokenizer: Any) -> Any:
+    """The random-init pipeline of a full-size config (built under the caller's torch.device)."""
+    import diffusers
 
     from qexport.models.architectures import FULL_SIZE
 
+    if config == "wan2.1-1.3b":  # Wan2.1-T2V-1.3B: its transformer, UMT5-XXL, the 3-D causal VAE
+        return _wan(tests, tokenizer, UMT5_XXL, WAN_VAE)
+    if config == "wan2.1-1.3b-cpu":  # the same transformer; a one-layer UMT5 of XXL width, a tiny VAE
+        return _wan(tests, tokenizer, UMT5_CPU, TINY_WAN_VAE)
+    t5 = _t5(tests, tokenizer, {**T5_XXL, "vocab_size": 32128})
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **SD_VAE).eval()
+    if config == "latte-1":  # Latte-1: T5-XXL, SD's VAE frame by frame, the checkpoint's DDIM
+        transformer = diffusers.LatteTransformer3DModel(**LATTE_1).eval()
+        return diffusers.LattePipeline(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer,
+                                       scheduler=diffusers.DDIMScheduler(**LATTE_1_DDIM))  # fmt: skip
+    class_name, transformer_config, _ = FULL_SIZE[config]
+    transformer = getattr(diffusers, class_name)(**transformer_config).eval()
+    return diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer,
+                                         scheduler=tests._pixart_scheduler())  # fmt: skip
+
+
+def make_folder(config: str, root: Path, device: str) -> Path:
+    """The pipeline folder of a named config, random weights (seed 0), initialised on `device`."""
     tests = _test_pipelines()
     if config == "tiny-pixart":
         return Path(tests.FAMILIES["pixart-alpha"](root))
     tokenizer = tests.t5_tokenizer(max_length=512)
     torch.manual_seed(0)
-    if config == "wan2.1-1.3b":  # Wan2.1-T2V-1.3B: its transformer, UMT5-XXL, the 3-D causal VAE
-        from transformers import UMT5Config, UMT5EncoderModel
-
-        with torch.device(device):
-            transformer = diffusers.WanTransformer3DModel(**WAN_1_3B)
-            encoder = UMT5EncoderModel(UMT5Config(**{**tests._t5_config(tokenizer), **UMT5_XXL}))
-            vae = diffusers.AutoencoderKLWan(**WAN_VAE)
-        scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                      flow_shift=3.0, num_train_timesteps=1000)  # fmt: skip
-        wan = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder.eval(), vae=vae.eval(),
-                                    transformer=transformer.eval(), scheduler=scheduler)  # fmt: skip
-        wan.to("cpu", torch.float16).save_pretrained(root / config)
-        return root / config
-    class_name, transformer_config, _ = FULL_SIZE[config]
     with torch.device(device):
-        transformer = getattr(diffusers, class_name)(**transformer_config)
-        encoder = T5EncoderModel(T5Config(**{**tests._t5_config(tokenizer), **T5_XXL, "vocab_size": 32128}))
-        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **SD_VAE)
-    parts = {"tokenizer": tokenizer, "text_encoder": encoder.eval(), "vae": vae.eval()}
-    pipe = diffusers.PixArtAlphaPipeline(**parts, transformer=transformer.eval(), scheduler=tests._pixart_scheduler())
-    folder = root / config
-    pipe.to("cpu", torch.float16).save_pretrained(folder)  # fp16 on disk; loaded back in fp32
-    return folder
+        pipe = _pipeline(config, tests, tokenizer)
+    pipe.to("cpu", torch.float16).save_pretrained(root / config)  # fp16 on disk; loaded back in fp32
+    return root / config
+
+
+def export_only(stats: Path, layers: list[str], device: str, phase: Any) -> None:
+    """The build's first steps alone, as build_pipeline takes them: trace and bind the pipeline,
+    the transformer's FP export, then prepare (shape inference, folding)."""
+    from qexport.calib.store import load
+    from qexport.exporter.fp_export import export_fp, prepare
+    from qexport.exporter.pipeline_build import pipeline_adapter
+
+    start = time.perf_counter()
+    adapter = pipeline_adapter(load(stats), str(stats), device)
+    phase("trace", start)
+    start = time.perf_counter()
+    fp = export_fp(adapter, layers)
+    phase("fp_export", start, nodes=len(fp.model.graph.node), model_bytes=sum(_tensor_bytes(fp.model)))
+    start = time.perf_counter()
+    prepared = prepare(fp)
+    phase("prepare", start, nodes=len(prepared.model.graph.node))
+
+
+def _tensor_bytes(model: Any) -> list[int]:
+    from qexport.exporter.fp_export import _data_bytes
+
+    return [_data_bytes(t) for t in model.graph.initializer]
 
 
 def main() -> None:
@@ -120,6 +177,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--verify", default="0,-1", help="step models to verify (-1: the last)")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--stop-after", choices=("export",), help="end after the build's FP export and prepare")
     parser.add_argument("--stack-every", type=float, default=0, help="dump the Python stack every N s (0: never)")
     a = parser.parse_args()
     if a.stack_every:
@@ -150,6 +208,10 @@ def main() -> None:
     calibrated = calibrate_pipeline(folder, config)
     stats = a.root / "run.qstats"
     phase("calibrate", start, layers=calibrated.hooked, qstats_bytes=save(calibrated.stats, stats))
+
+    if a.stop_after == "export":
+        export_only(stats, list(calibrated.stats.layers), a.device, phase)
+        return
 
     start = time.perf_counter()
     recipe = with_settings(load_recipe("w8a8-tsq-tsw"), ["smoothquant.mode=asq"])  # one weight set for all steps

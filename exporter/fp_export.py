@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import torch
+from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 from qexport.passes.specialise import compact_constants, fix_inputs, fold_constants, input_cone
 from torch import nn
@@ -166,9 +167,12 @@ def _data_bytes(init: onnx.TensorProto) -> int:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference, in place; returns model.
 
-    Inference runs on a skeleton whose large initializers and Constant-node tensors carry only their
-    dtype and dims (shape inference reads no weight values), so no weight is copied and a model over
-    protobuf's 2 GB limit needs no detour through files.
+    Inference runs on a skeleton whose large initializers and node tensor attributes (a Constant's
+    value, any other node's tensor) carry only their dtype and dims (shape inference reads no weight
+    values), so no weight is copied and a model over protobuf's 2 GB limit needs no detour through files.
+
+    Raises:
+        QexportError: the skeleton itself is over the limit (its largest parts named).
     """
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
@@ -178,25 +182,40 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.name = src.name
     for part in ("input", "output", "value_info", "sparse_initializer"):
         getattr(graph, part).extend(getattr(src, part))
-    for node in src.node:  # a Constant node's tensor is stubbed like an initializer
-        value = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
-        if node.op_type != "Constant" or value is None or _data_bytes(value.t) < STUB_BYTES:
+    for node in src.node:
+        heavy = {a.name for a in node.attribute if a.HasField("t") and _data_bytes(a.t) >= STUB_BYTES}
+        if not heavy:
             graph.node.append(node)
             continue
         light = graph.node.add()
-        light.CopyFrom(onnx.helper.make_node("Constant", [], list(node.output), name=node.name))
-        _stub(light.attribute.add(), value)
+        light.op_type, light.name, light.domain = node.op_type, node.name, node.domain
+        light.input.extend(node.input)
+        light.output.extend(node.output)
+        for attribute in node.attribute:
+            if attribute.name in heavy:
+                _stub(light.attribute.add(), attribute)
+            else:
+                light.attribute.append(attribute)
     for init in src.initializer:
         if _data_bytes(init) < STUB_BYTES:
             graph.initializer.append(init)
             continue
         _stub_tensor(graph.initializer.add(), init)
-    inferred = onnx.shape_inference.infer_shapes(skeleton).graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton).graph
+    except EncodeError as err:
+        raise QexportError(f"shape inference: the weightless skeleton is over 2 GB; {_largest(skeleton)}") from err
     del src.value_info[:]
     src.value_info.extend(inferred.value_info)
     del src.output[:]
     src.output.extend(inferred.output)
     return model
+
+
+def _largest(model: onnx.ModelProto, n: int = 5) -> str:
+    """The n largest nodes of a graph by serialized size, as 'name (op): bytes'."""
+    sizes = sorted(((node.ByteSize(), node.name, node.op_type) for node in model.graph.node), reverse=True)[:n]
+    return "largest nodes: " + ", ".join(f"{name} ({op}): {size} B" for size, name, op in sizes)
 
 
 def _stub_tensor(stub: onnx.TensorProto, tensor: onnx.TensorProto) -> None:
