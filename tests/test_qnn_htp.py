@@ -173,3 +173,22 @@ def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
         manifest = json.loads((folder / "manifest.json").read_text())
         with pytest.raises(QexportError, match="did not load here"):
             model_opener(folder, manifest)
+
+
+@pytest.mark.skipif(not qnn_run.available(), reason="onnxruntime-qnn is not installed (pip install 'qexport[qnn]')")
+@pytest.mark.parametrize("preset", ["qnn-w8a16", "qnn-w4a16"])
+def test_the_qnn_presets_run_fixed_point_on_htp(tiny_build, tmp_path, preset):
+    from qexport.recipe import load_recipe
+
+    built = build(tiny_build.folder.parent / "s.qstats", tmp_path / preset, BuildConfig(recipe=load_recipe(preset)))
+    manifest = json.loads((built.folder / "manifest.json").read_text())
+    assert manifest["target"] == "qnn-htp" and manifest["quantization"]["a_bits"] == 16
+    ids = manifest["layer_ids"]
+    path = built.folder / "step_00.onnx"
+    cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in cpu.get_inputs()}
+    htp = qnn_run.run_htp(path, feeds, list(ids), ids, get_profile("qnn-htp"))
+    assert len(htp.integer) == len(ids) and not htp.float_  # every linear fixed-point (int4 weights too)
+    got, want = htp.output.ravel(), cpu.run(None, feeds)[0].ravel()
+    assert float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want))) >= 0.999

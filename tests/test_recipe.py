@@ -11,7 +11,16 @@ from qexport.passes.techniques.smoothquant import SmoothQuant
 from qexport.errors import QexportError
 from qexport.recipe import Granularity, Recipe, dump_recipe, load_recipe, preset_names, with_settings
 
-PRESETS = {"w8a8-asq", "w8a8-asq-tsw", "w8a8-tsq-tsw", "w8a8-best", "w4a8-tsq-tsw-gptq", "w8a16"}
+PRESETS = {
+    "w8a8-asq",
+    "w8a8-asq-tsw",
+    "w8a8-tsq-tsw",
+    "w8a8-best",
+    "w4a8-tsq-tsw-gptq",
+    "w8a16",
+    "qnn-w8a16",
+    "qnn-w4a16",
+}
 
 
 def test_every_preset_loads_and_round_trips_through_yaml(tmp_path):
