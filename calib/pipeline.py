@@ -29,6 +29,7 @@ from qexport.models.pipeline import (
     check_prompts,
     denoisers,
     label_ids,
+    length_fixes,
     load_pipeline,
     sample_shape,
     starting_from,
@@ -99,6 +100,11 @@ def calibrate_pipeline(folder: Path, config: PipelineCalibConfig, progress: Prog
         ids = dict(zip(config.prompts, label_ids(pipe, list(config.prompts)), strict=True))
     else:
         check_prompts(pipe, list(config.prompts), config.call)
+    if fixes := length_fixes(pipe, config.call):  # the build would refuse it: say so before sampling
+        raise QexportError(
+            f"{type(pipe).__name__} cuts its caption embeddings to each prompt's length unless told not to, and "
+            f"a fixed-shape edge model cannot follow that; calibrate with {' '.join(fixes)}"
+        )
 
     def condition(prompt: str) -> dict[str, Any]:
         return {"class_labels": [ids[prompt]]} if labels else {"prompt": prompt}

@@ -35,24 +35,12 @@ from qexport.exporter.text_encoders import TextPart
 
 from qexport.errors import QexportError
 from qexport.media import written_whole
-from qexport.models.pipeline import Trace, TransformerCall, call_default, call_parameters
+from qexport.models.pipeline import Trace, TransformerCall, call_default, call_parameters, length_fixes
 from qexport.recipe import PartPrecision
 from qexport.runtime.pipeline_loop import label_value
 
 OTHER_PROMPT = "a second, different caption"  # traced too: what depends on the prompt is not a constant
 Labels = tuple[dict[str, int], dict[str, int]]  # both traced runs' class ids by side: {"cond": id, "uncond": null}
-
-
-# __call__ arguments with which a pipeline keeps its caption embeddings at the padded length
-# (Latte's mask_feature=True cuts them to the prompt's tokens)
-FIXED_LENGTH_CALLS = {"mask_feature": False}
-
-
-def _length_fixes(pipe: Any, call: dict[str, Any]) -> list[str]:
-    """The FIXED_LENGTH_CALLS the pipeline takes and this call does not set so, as --call options."""
-    takes = call_parameters(pipe)
-    return [f"--call {k}={str(v).lower()}" for k, v in FIXED_LENGTH_CALLS.items()
-            if k in takes and call.get(k, call_default(pipe, k)) != v]  # fmt: skip
 
 
 def _label_source(value: np.ndarray, there: np.ndarray, labels: Labels | None) -> dict[str, Any] | None:
@@ -226,7 +214,7 @@ def bind_pipeline(folder: Path, prompt: str, steps: int, call: dict[str, Any], d
     runs = [_folded(trace_call(pipe, num_inference_steps=steps, output_type="latent", generator=seed(0), **c, **call))
             for c in conditions]  # fmt: skip
     trace = runs[0]
-    check_shapes(trace, runs[1], _length_fixes(pipe, call))
+    check_shapes(trace, runs[1], length_fixes(pipe, call))
     block = probe(trace.scheduler, steps, trace.set_timesteps)
     check(trace.scheduler, block)
     parts = text_parts(pipe)

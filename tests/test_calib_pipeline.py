@@ -36,6 +36,8 @@ def test_pipeline_calibration_counts_every_call_of_every_step(folders, family, t
     if family == "wan2.1":
         pytest.importorskip("accelerate", reason="diffusers loads WanTransformer3DModel only with accelerate")
     call = {k: v for k, v in call_kwargs(family).items() if k not in TAKEN}
+    if family == "latte":
+        call["mask_feature"] = False  # caption embeddings at their padded length (refused otherwise, below)
     prompts = LABELS if family == "dit" else PROMPTS  # DiT is class-conditional: class ids
     config = PipelineCalibConfig(prompts=prompts, seeds=(0,), steps=STEPS, call=call)
     result = calibrate_pipeline(folders[family], config)
@@ -95,6 +97,15 @@ def test_pipeline_calibration_refuses_a_long_prompt_and_an_unsupported_scheduler
     with pytest.raises(QexportError, match="scheduler HeunDiscreteScheduler is not supported at the edge"):
         calibrate_pipeline(folder, PipelineCalibConfig(prompts=PROMPTS, steps=2, call=call))
     assert not sampled  # refused before any sampling
+
+
+def test_a_call_that_cuts_captions_to_the_prompt_is_refused_before_sampling(folders, monkeypatch):
+    call = {k: v for k, v in call_kwargs("latte").items() if k not in TAKEN}  # mask_feature left at True
+    sampled = []
+    monkeypatch.setattr("qexport.calib.pipeline.trace_call", lambda *a, **k: sampled.append(1))
+    with pytest.raises(QexportError, match=r"LattePipeline cuts its caption embeddings .* --call mask_feature=false"):
+        calibrate_pipeline(folders["latte"], PipelineCalibConfig(prompts=PROMPTS, steps=2, call=call))
+    assert not sampled
 
 
 def test_a_class_conditional_pipeline_refuses_an_unknown_label(folders):

@@ -123,6 +123,18 @@ def call_default(pipe: Any, name: str) -> Any:
     return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
+# __call__ arguments with which a pipeline keeps its caption embeddings at the padded length
+# (Latte's mask_feature=True cuts them to the prompt's tokens: no fixed-shape model can follow)
+FIXED_LENGTH_CALLS = {"mask_feature": False}
+
+
+def length_fixes(pipe: Any, call: dict[str, Any]) -> list[str]:
+    """The FIXED_LENGTH_CALLS the pipeline takes and this call does not set so, as --call options."""
+    takes = call_parameters(pipe)
+    return [f"--call {k}={str(v).lower()}" for k, v in FIXED_LENGTH_CALLS.items()
+            if k in takes and call.get(k, call_default(pipe, k)) != v]  # fmt: skip
+
+
 def takes_labels(pipe: Any) -> bool:
     """Whether the pipeline is class-conditional (DiT: class_labels, no prompt)."""
     params = call_parameters(pipe)
