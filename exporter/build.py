@@ -26,7 +26,7 @@ from qexport.exporter.fp_export import FPExport, LinearBinding, StepGraphs, expo
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits, raised
-from qexport.exporter.replay import CalibrationReplay, replay_count
+from qexport.exporter.replay import CalibrationReplay, replay_count, tensor_ranges
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.passes.analyze import FOLDS, Group, find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
@@ -34,6 +34,7 @@ from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.close import plan_outputs
 from qexport.passes.gptq import Memo, Rounding
 from qexport.passes.graph import node_named
+from qexport.passes.integer_only import integer_only, observed_tensors
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
 from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range
@@ -105,6 +106,9 @@ def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     target.activation_type(config.recipe.bits.activations)
     if config.recipe.technique("mixed_precision") is not None:
         target.weight_type(MIXED_HIGH_BITS)
+    if target.integer_activations and config.precompute_kv:
+        raise QexportError(f"target {target.name} (integer-only) cannot be built with precompute_kv: its kv.onnx "
+                           "is not quantized end to end; drop precompute_kv or pick target qnn-htp")  # fmt: skip
     if out.exists() and not config.force:
         raise QexportError(f"output folder {out} exists; pass --force to replace it")
     return target
@@ -554,9 +558,21 @@ def _build_range(
     cost = lowrank_cost(graph, nodes, plan)
     turns = rotation_macs(graph, nodes, groups, plan)
     graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes, attention=sites), target)
+    if target.integer_activations:
+        assert replay is not None
+        graph = _integer_only(graph, steps, target, replay)
     model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
     return with_kv(plan, kv), model, cost, turns
+
+
+def _integer_only(graph: gs.Graph, steps: list[int], target: TargetProfile, replay: CalibrationReplay) -> gs.Graph:
+    """Every float activation of the emitted graph quantized (passes.integer_only), with the ranges
+    the graph itself takes on onnxruntime CPU over the replayed inputs of the range's steps."""
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(graph)))  # dtypes of every tensor
+    names = observed_tensors(graph)
+    ranges = tensor_ranges(gs.export_onnx(graph), replay.step_feeds(steps), names)
+    return integer_only(graph, ranges, target)
 
 
 def rotation_macs(graph: gs.Graph, nodes: dict[str, str], groups: list[Group], plan: RangePlan) -> int:

@@ -2,7 +2,8 @@
 (computed once), the FP outputs, the inputs of chosen linears at chosen steps, and the ranges of
 the attention matmuls' operands and the linears' outputs under a plan. Used by ``--alpha auto`` (scores plans), the
 percentile / MSE activation observers (samples) and ``--quantize-attention`` (ranges), ``--weight-rounding gptq``
-(the inputs' Gram matrices) and targets that close linears (output ranges)."""
+(the inputs' Gram matrices), targets that close linears (output ranges) and integer-only targets (the
+emitted graph's activation ranges, ``step_feeds`` and ``tensor_ranges``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from qexport.exporter.attention import recording
 from qexport.exporter.simulate import simulated
@@ -161,3 +163,40 @@ class CalibrationReplay:
             for k in plan.steps:
                 self.run(k)
         return {name: {op: (lo, hi) for op, (lo, hi) in ops.items()} for name, ops in seen.items()}
+
+    def step_feeds(self, steps: list[int]) -> list[dict[str, np.ndarray]]:
+        """The ONNX step model's inputs at the given steps, one feed per step and replayed prompt:
+        its latents and conditioning with the unconditional twin (batch 2, conditional row first)
+        and the timestep (a per-step model, whose timestep is fixed, ignores it)."""
+        count = len(self.prompts)
+        feeds = []
+        for k in steps:
+            for i in range(count):
+                rows = [i, count + i]
+                feeds.append({"latents": self.inputs[k][rows].numpy(), "cond": self.cond[rows].numpy(),
+                              "timestep": np.full((2,), self.timesteps[k], dtype=np.int64)})  # fmt: skip
+        return feeds
+
+
+def tensor_ranges(
+    model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str]
+) -> dict[str, tuple[float, float]]:
+    """(min, max) of the named float tensors of `model` run on onnxruntime CPU over every feed (the
+    observer of integer-only emission: the emitted graph's own activations)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in names if n not in have)  # fmt: skip
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph's own tensors
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    takes = {i.name for i in session.get_inputs()}
+    seen: dict[str, tuple[float, float]] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, {k: v for k, v in feed.items() if k in takes}), strict=True):
+            lo, hi = seen.get(name, (np.inf, -np.inf))
+            seen[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
+    return seen

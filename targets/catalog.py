@@ -3,6 +3,8 @@ To add a target, add one TargetProfile here and to PROFILES (docs/targets.md).""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -77,6 +79,26 @@ QNN_HTP = TargetProfile(
         "and 4-bit QDQ types need opset 21; 'Mixed precision support'); Qualcomm AI Engine Direct docs, "
         "'HTP backend' (docs.qualcomm.com 80-63442-10, htp_backend: quantized 8/16-bit activations, "
         "per-channel weights with zero offset, i.e. symmetric)"
+    ),
+)
+
+# measured with onnxruntime-qnn 2.7.0 (HTP simulator, CPU fallback off, no FP16 option, the backend's default
+# SoC): with every float activation quantized to uint16 (uint8 everywhere cost 16 dB), a LayerNormalization
+# scale in uint8 and its bias in int32, a kept-float linear's weight in int8 per channel, the whole step
+# model compiles to fixed-point QNN ops; only the graph inputs' Quantize and the output's Dequantize read float
+QNN_HTP_INTEGER = replace(
+    QNN_HTP,
+    name="qnn-htp-integer",
+    description="Qualcomm Hexagon NPU through QNN (HTP backend), integer-only: for SoCs without FP16 (before v73)",
+    float_ops="none: every activation is quantized (uint16, per tensor); the graph's own inputs and output are "
+    "quantized and dequantized at its boundary",
+    integer_activations="uint16",
+    fp16_soc={},
+    notes=(
+        *QNN_HTP.notes,
+        "integer-only: data-movement ops (Reshape, Transpose, Slice, ...) keep their input's quantization "
+        "parameters; float constants become quantized constants (uint16; LayerNorm scale uint8, bias int32)",
+        "integer-only ranges are observed on each emitted graph itself (onnxruntime CPU, the replayed prompts)",
     ),
 )
 
@@ -175,7 +197,9 @@ GENERIC_INT8 = TargetProfile(
     ),
 )
 
-PROFILES: dict[str, TargetProfile] = {p.name: p for p in (ORT_CPU, QNN_HTP, RYZEN_AI, TENSORRT, OPENVINO, GENERIC_INT8)}
+PROFILES: dict[str, TargetProfile] = {
+    p.name: p for p in (ORT_CPU, QNN_HTP, QNN_HTP_INTEGER, RYZEN_AI, TENSORRT, OPENVINO, GENERIC_INT8)
+}
 RUNTIMES: dict[str, TargetProfile] = {"onnxruntime": ORT_CPU, "openvino": OPENVINO}  # what verify can run on
 
 

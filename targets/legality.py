@@ -107,18 +107,25 @@ def check_model(model: onnx.ModelProto, target: TargetProfile, name: str = "") -
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            users.setdefault(t, []).append(n)
     shapes = _shapes(model)
     report.violations += _model_rules(model, target)
     report.violations += emission_rules(model, target, shapes)
+    report.violations += integer_only_rules(model, target)
     for index, node in enumerate(graph.node):
         label = node_label(node, index)
         if node.op_type in QDQ:
             report.nodes.append(NodeReport(node=label, op=node.op_type, status="qdq"))
-            report.violations += _qdq_rules(node, label, inits, producer, target)
+            report.violations += _qdq_rules(node, label, inits, producer, target, users)
             continue
         dq = [t for t in node.input if t in producer and producer[t].op_type == "DequantizeLinear"]
         status, reason = "float", ""
-        if dq and target.closed_linears and not any(producer[t].input[0] in inits for t in dq):
+        if dq and target.integer_activations:
+            status = "quantized"  # an integer-only unit (integer_only_rules name any float tensor it touches)
+        elif dq and target.closed_linears and not any(producer[t].input[0] in inits for t in dq):
             reason = "reads dequantized activations and runs as float"  # a float island after a closed unit
         elif dq and node.op_type not in target.quantized_ops:
             status, reason = "unsupported", f"{target.name} does not run {node.op_type} on integer inputs"
@@ -169,6 +176,57 @@ def emission_rules(model: onnx.ModelProto, target: TargetProfile, shapes: dict[s
                 if not storage.startswith("uint"):
                     bad(node.input[1], "LayerNorm scale", f"stored as {storage}; {target.name} takes an unsigned scale")
     return found
+
+
+def integer_only_rules(model: onnx.ModelProto, target: TargetProfile) -> list[Violation]:
+    """For an integer-only target: every float tensor a compute node reads comes from a
+    DequantizeLinear, and every float tensor it writes goes only to QuantizeLinear (none for other
+    targets)."""
+    if not target.integer_activations:
+        return []
+    graph = model.graph
+    floats = _float_tensors(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            users.setdefault(t, []).append(n)
+    outputs = {o.name for o in graph.output}
+    found = []
+    for index, node in enumerate(graph.node):
+        if node.op_type in QDQ:
+            continue
+        label = node_label(node, index)
+        for t in node.input:
+            source = producer.get(t)
+            if t in floats and (source is None or source.op_type != "DequantizeLinear"):
+                what = "a float constant" if source is None and t not in {i.name for i in graph.input} else "float"
+                found.append(Violation(node=label, tensor=t, rule="integer-only", detail=f"reads {what} tensor "
+                                       f"{t!r} not dequantized; {target.name} runs no float op"))  # fmt: skip
+        for t in node.output:
+            after = users.get(t, [])
+            if t in floats and (t in outputs or any(u.op_type != "QuantizeLinear" for u in after)):
+                found.append(Violation(node=label, tensor=t, rule="integer-only", detail=f"writes float tensor {t!r} "
+                                       f"that is not quantized; {target.name} runs no float op"))  # fmt: skip
+    return found
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the float32 / float16 tensors of the model (graph inputs, initializers, inferred)."""
+    kinds = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    for name in ("node", "input", "output", "value_info"):
+        getattr(light.graph, name).extend(getattr(model.graph, name))
+    for init in model.graph.initializer:
+        light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light).graph
+    except Exception:  # types unknown: only the declared ones are checked
+        inferred = light.graph
+    values = (*inferred.input, *inferred.value_info, *inferred.output)
+    out = {v.name for v in values if v.type.tensor_type.elem_type in kinds}
+    return out | {i.name for i in model.graph.initializer if i.data_type in kinds}
 
 
 def _open_unit(
@@ -233,9 +291,12 @@ def _qdq_rules(
     inits: dict[str, onnx.TensorProto],
     producer: dict[str, onnx.NodeProto],
     target: TargetProfile,
+    users: dict[str, list[onnx.NodeProto]] | None = None,
 ) -> list[Violation]:
     """Storage type, symmetry, granularity and power-of-two rules for one Q or DQ node."""
     weight = node.op_type == "DequantizeLinear" and node.input[0] in inits
+    if weight and target.integer_activations and not _reads_as_weight(node, users or {}, target):
+        return _constant_rules(node, label, inits, target)
     if node.op_type == "DequantizeLinear" and not weight:
         source = producer.get(node.input[0])
         if source is not None and source.op_type == "QuantizeLinear":
@@ -267,7 +328,8 @@ def _qdq_rules(
     if symmetric and storage in TYPE_NAMES.values() and np.any(zero != mid):
         bad(f"{kind} symmetry", f"zero point {int(np.ravel(zero)[0])} where {target.name} needs {mid}")
     if weight:
-        found += _weight_rules(node, label, inits[tensor], scale, storage, target)
+        conv = any(u.op_type == "Conv" for u in (users or {}).get(node.output[0], []))
+        found += _weight_rules(node, label, inits[tensor], scale, storage, target, 0 if conv else 1)
     elif scale.ndim != 0 or zero.ndim != 0:
         bad("per-tensor activations", f"activation scale has shape {list(scale.shape)}, expected a scalar")
     if target.pow2_scales:
@@ -278,8 +340,33 @@ def _qdq_rules(
     return found
 
 
+def _reads_as_weight(dq: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]], target: TargetProfile) -> bool:
+    """Whether a dequantized constant is a linear's weight (the second operand of a quantized op)."""
+    return any(u.op_type in target.quantized_ops and len(u.input) > 1 and u.input[1] == dq.output[0]
+               for u in users.get(dq.output[0], []))  # fmt: skip
+
+
+def _constant_rules(
+    node: onnx.NodeProto, label: str, inits: dict[str, onnx.TensorProto], target: TargetProfile
+) -> list[Violation]:
+    """A quantized constant that is not a weight (an integer-only target's biases, norm scales,
+    scalars): stored as one of the activation types or int32 (a bias on its operands' scales)."""
+    storage = TYPE_NAMES.get(inits[node.input[0]].data_type, "other")
+    allowed = sorted({*target.activation_storage.values(), "int32"})
+    if storage in allowed:
+        return []
+    detail = f"stored as {storage}, {target.name} takes {', '.join(allowed)} for constants"
+    return [Violation(node=label, tensor=node.input[0], rule="constant storage", detail=detail)]
+
+
 def _weight_rules(
-    node: onnx.NodeProto, label: str, init: onnx.TensorProto, scale: np.ndarray, storage: str, target: TargetProfile
+    node: onnx.NodeProto,
+    label: str,
+    init: onnx.TensorProto,
+    scale: np.ndarray,
+    storage: str,
+    target: TargetProfile,
+    channel_axis: int = 1,
 ) -> list[Violation]:
     found = []
 
@@ -291,8 +378,9 @@ def _weight_rules(
     if scale.ndim == 1:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         channels = init.dims[axis] if -len(init.dims) <= axis < len(init.dims) else -1
-        if axis not in (1, -1) or channels != scale.shape[0]:
-            bad("per-channel axis", f"{scale.shape[0]} scales along axis {axis}; expected the output channels, axis 1")
+        if axis not in (channel_axis, channel_axis - len(init.dims)) or channels != scale.shape[0]:
+            bad("per-channel axis", f"{scale.shape[0]} scales along axis {axis}; expected the output channels, "
+                f"axis {channel_axis}")  # fmt: skip
     if (
         target.weight_symmetric
         and storage.startswith("int")

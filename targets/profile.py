@@ -41,6 +41,7 @@ class TargetProfile:
     single_input_einsum: bool = True  # whether a one-input Einsum (a permutation) runs on the target
     unsigned_norm_gamma: bool = False  # a quantized LayerNormalization scale must be stored unsigned
     fp16_soc: dict[str, str] = field(default_factory=dict)  # runtime options of the FP16-capable SoC assumed
+    integer_activations: str | None = None  # integer-only: every float activation quantized to this storage
     native: tuple[tuple[str, str], ...] = ()
     native_shared: tuple[tuple[str, str], ...] = ()  # of those, pairs that fuse when several MatMuls share the input
     native_attention: tuple[str, ...] = ()  # activation storages whose activation x activation MatMul runs integer
@@ -87,6 +88,8 @@ class TargetProfile:
             out["norm_gamma"] = "a quantized LayerNormalization scale is stored unsigned (uint8)"
         if self.fp16_soc:
             out["fp16_soc"] = ", ".join(f"{k}={v}" for k, v in self.fp16_soc.items())
+        if self.integer_activations:
+            out["integer_only"] = f"every float activation quantized ({self.integer_activations}, per tensor)"
         return out
 
     def to_json(self) -> dict[str, Any]:
