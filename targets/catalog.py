@@ -89,16 +89,18 @@ QNN_HTP = TargetProfile(
 QNN_HTP_INTEGER = replace(
     QNN_HTP,
     name="qnn-htp-integer",
-    description="Qualcomm Hexagon NPU through QNN (HTP backend), integer-only: for SoCs without FP16 (before v73)",
+    description="Qualcomm Hexagon NPU through QNN (HTP backend), integer-only: for HTPs without FP16",
     float_ops="none: every activation is quantized (uint16, per tensor); the graph's own inputs and output are "
     "quantized and dequantized at its boundary",
+    bias="quantized Add after the closed linear: the bias a uint16 constant ([1, 1, N]); int32 for Conv / Gemm",
     integer_activations="uint16",
     fp16_soc={},
     notes=(
-        *QNN_HTP.notes,
+        "QNN HTP quantizes a MatMul bias to int32 inside the unit; qexport emits it as a quantized Add",
         "integer-only: data-movement ops (Reshape, Transpose, Slice, ...) keep their input's quantization "
         "parameters; float constants become quantized constants (uint16; LayerNorm scale uint8, bias int32)",
         "integer-only ranges are observed on each emitted graph itself (onnxruntime CPU, the replayed prompts)",
+        "precompute_kv is refused (kv.onnx is not emitted integer-only)",
     ),
 )
 
