@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import torch
-from google.protobuf.message import EncodeError
+from google.protobuf.message import EncodeError  # type: ignore[import-untyped]  # protobuf ships no stubs
 from onnx import numpy_helper
 from qexport.passes.specialise import compact_constants, fix_inputs, fold_constants, input_cone
 from torch import nn
