@@ -126,7 +126,7 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
     split_ranges(stats.steps, config.ranges)  # refuse a bad time range count before loading weights
     if config.quant.smooth_ranges:
         smoothing_steps([0], stats.steps, config.quant.smooth_ranges)  # refuse K above the calibrated steps
-    replayed = config.recipe.replaying()
+    replayed = config.recipe.replaying() + ([f"{config.target} target"] if config.recipe.target_replays() else [])
     if replayed and not stats.header.get("prompt_texts"):
         raise QexportError(
             f"{stats_path} does not record its prompts, which the recipe's {', '.join(replayed)} need (they "

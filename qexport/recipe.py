@@ -76,6 +76,14 @@ class Recipe:
         """The kinds of the techniques that replay calibration prompts."""
         return [t.kind for t in self.techniques if t.replays()]
 
+    def target_replays(self) -> bool:
+        """Whether the recipe's target replays calibration prompts for its emission (the output ranges
+        of closed linears, the ranges of an integer-only graph)."""
+        from qexport.targets.catalog import PROFILES
+
+        target = PROFILES.get(self.target)
+        return target is not None and (target.closed_linears or target.integer_activations is not None)
+
     def validate(self) -> Recipe:
         """Check every rule that involves more than one key; returns self.
 
@@ -104,11 +112,12 @@ class Recipe:
         if self.replay.prompts is not None:
             if self.replay.prompts < 1:
                 raise QexportError(f"recipe key 'replay.prompts' must be 1 or more, got {self.replay.prompts}")
-            if not self.replaying():
+            if not self.replaying() and not self.target_replays():
                 can = ", ".join(t.kind for t in ORDER if t.replays is not Technique.replays)
                 raise QexportError(
                     "recipe key 'replay.prompts' sets how many calibration prompts the replaying techniques use "
-                    f"({can}); the recipe has none that replays"
+                    f"({can}), or a target whose emission replays them (qnn-htp's output ranges); the recipe "
+                    "has neither"
                 )
         return self
 

@@ -27,8 +27,10 @@ def test_build_refuses_more_prompts_than_the_statistics_record(latte_stats, tmp_
 
 
 def test_a_recipe_refuses_replay_prompts_when_nothing_replays():
-    with pytest.raises(QexportError, match="the recipe has none that replays"):
+    with pytest.raises(QexportError, match="the recipe has neither"):
         recipe_of("replay.prompts=1", "channel_shift=on")
+    for target in ("qnn-htp", "qnn-htp-integer"):  # their emission replays prompts (output / all ranges)
+        assert recipe_of("replay.prompts=8", "channel_shift=on", f"target={target}").replay.prompts == 8
 
 
 @pytest.mark.slow
