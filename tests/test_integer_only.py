@@ -132,3 +132,18 @@ def test_integer_only_refuses_precompute_kv(tiny_build, tmp_path):  # noqa: F811
     recipe = recipe_of("target=qnn-htp-integer", "precompute_kv=on")
     with pytest.raises(QexportError, match="cannot be built with precompute_kv"):
         build(tiny_build.folder.parent / "s.qstats", tmp_path / "kv", BuildConfig(recipe=recipe))
+
+
+def test_verify_judges_an_integer_only_build_by_cosine_and_reports_its_lsb(integer_build):
+    from click.testing import CliRunner
+
+    from qexport.cli import cli
+
+    folder = integer_build.folder
+    stats = folder.parent / "s.qstats"
+    result = CliRunner().invoke(cli, ["verify", str(folder), "--stats", str(stats)])
+    rows = json.loads((folder / "manifest.json").read_text())["verification"]["models"]
+    assert rows and all(r["lsb_judged"] is False for r in rows)
+    assert all(r["cosine_sim"] >= 0.999 and r["float"] == [] for r in rows), rows  # uint16: emulated on CPU
+    assert result.exit_code == 0, result.output
+    assert "every activation is requantized to 16 bits" in result.output
