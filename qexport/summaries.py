@@ -262,12 +262,13 @@ def legality_lines(manifest: dict[str, Any]) -> list[str]:
 
 def targets_table(profiles: list[Any]) -> list[str]:
     """One line per target profile: weights, activations, scale rule."""
-    lines = [f"{'target':<14}{'weights':<24}{'activations':<30}{'scales':<8}description"]
+    width = max(len("target"), *(len(p.name) for p in profiles)) + 2
+    lines = [f"{'target':<{width}}{'weights':<24}{'activations':<30}{'scales':<8}description"]
     for p in profiles:
         w = "/".join(p.weight_storage.values()) + (" sym" if p.weight_symmetric else " asym")
         w += " per-ch" if p.weight_per_channel else " per-tensor"
         a = "/".join(p.activation_storage.values()) + (" sym" if p.activation_symmetric else " asym") + " per-tensor"
-        lines.append(f"{p.name:<14}{w:<24}{a:<30}{'pow2' if p.pow2_scales else 'float':<8}{p.description}")
+        lines.append(f"{p.name:<{width}}{w:<24}{a:<30}{'pow2' if p.pow2_scales else 'float':<8}{p.description}")
     return lines
 
 
