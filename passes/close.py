@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from qexport.passes.graph import const, consumers, node_named, swap_input
+from qexport.passes.graph import const, consumers, node_named, quantize_after
 from qexport.passes.quant import qparams
 from qexport.passes.rangeplan import RangePlan
 from qexport.passes.rewrite import PassConfig
@@ -48,12 +48,7 @@ def close_linears(graph: gs.Graph, config: PassConfig, target: TargetProfile) ->
         users = cons.get(y.name, [])
         scale = const(f"{layer}::o_scale", np.asarray(lp.o_scale, dtype=np.float32))
         zero = const(f"{layer}::o_zero", np.asarray(lp.o_zero))
-        q = gs.Variable(f"{layer}::o_q", dtype=lp.o_zero.dtype, shape=y.shape)
-        dq = gs.Variable(f"{layer}::o_dq", dtype=np.float32, shape=y.shape)
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{layer}::o_quant", inputs=[y, scale, zero], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{layer}::o_dequant", inputs=[q, scale, zero], outputs=[dq]))
-        for user in users:
-            swap_input(user, y, dq)
+        quantize_after(graph, y, scale, zero, f"{layer}::o", users)
         if y in graph.outputs:
             raise QexportError(f"layer {layer!r}: a linear that is a graph output cannot be closed")
     return graph

@@ -60,3 +60,17 @@ def swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 def const(name: str, values: np.ndarray) -> gs.Constant:
     """A named constant holding a C-contiguous copy (np.ascontiguousarray would make scalars 1-D)."""
     return gs.Constant(name, np.require(values, requirements="C"))
+
+
+def quantize_after(
+    graph: gs.Graph, t: gs.Tensor, scale: gs.Tensor, zero: gs.Tensor, prefix: str, users: list[gs.Node]
+) -> gs.Variable:
+    """t -> QuantizeLinear -> DequantizeLinear (tensors ``<prefix>_q`` / ``<prefix>_dq``, nodes
+    ``<prefix>_quant`` / ``<prefix>_dequant``); `users` read the DequantizeLinear's output, returned."""
+    q = gs.Variable(f"{prefix}_q", dtype=zero.dtype, shape=t.shape)
+    dq = gs.Variable(f"{prefix}_dq", dtype=np.float32, shape=t.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{prefix}_quant", inputs=[t, scale, zero], outputs=[q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{prefix}_dequant", inputs=[q, scale, zero], outputs=[dq]))
+    for user in users:
+        swap_input(user, t, dq)
+    return dq

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from qexport.passes.graph import const, consumers, producers, swap_input
+from qexport.passes.graph import const, consumers, producers, quantize_after, swap_input
 from qexport.passes.quant import Grid, qparams
 from qexport.targets.profile import TargetProfile
 
@@ -140,12 +140,7 @@ def _same_params(q: gs.Node, dq: gs.Node) -> bool:
 
 def _insert(graph: gs.Graph, t: gs.Variable, scale: gs.Tensor, zero: gs.Tensor, users: list[gs.Node]) -> None:
     """t -> Q -> DQ; its users read the DQ output (a graph output keeps its name on the DQ output)."""
-    q = gs.Variable(f"{t.name}::i_q", dtype=zero.dtype, shape=t.shape)
-    dq = gs.Variable(f"{t.name}::i_dq", dtype=np.float32, shape=t.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{t.name}::i_quant", inputs=[t, scale, zero], outputs=[q]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{t.name}::i_dequant", inputs=[q, scale, zero], outputs=[dq]))
-    for u in users:
-        swap_input(u, t, dq)
+    dq = quantize_after(graph, t, scale, zero, f"{t.name}::i", users)
     if t in graph.outputs:
         index = graph.outputs.index(t)
         name = t.name
