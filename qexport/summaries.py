@@ -37,6 +37,12 @@ def verification_table(v: dict[str, Any]) -> list[str]:
                 + (f"; vs FP {second['sqnr_fp_db']:.1f}dB" if "sqnr_fp_db" in second else "")
                 + ("" if second.get("lsb_judged", True) else " (LSB reported, cosine judged: float ops in FP16)")
             )
+            if second.get("backend_ops"):
+                ops = second["backend_ops"]
+                lines.append(
+                    f"  {'':<14}compiled graph: {sum(ops.values())} QNN ops, no CPU node (fallback off); "
+                    f"compile {second['open_s']:.1f} s, run {second['run_s']:.1f} s in the simulator"
+                )
             for layer in second["float"]:
                 lines.append(f"  FAIL: quantized layer {layer} runs in float in {second['runtime']}")
     attention = [m for m in v["models"] if m.get("attention_integer") or m.get("attention_emulated")

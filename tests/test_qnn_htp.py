@@ -97,6 +97,7 @@ def test_verify_on_htp_reads_the_kernels_off_the_compiled_graph(tiny_build):
         htp = row["second"]
         assert htp["runtime"] == "qnn-htp" and htp["integer"] == layers and htp["float"] == [], htp
         assert htp["cosine_sim"] >= 0.999
+        assert sum(htp["backend_ops"].values()) > 0 and htp["backend_ops"].get("FullyConnected", 0) >= layers // 2
     assert np.isfinite(v["end_to_end"]["psnr_db_htp"])  # the loop with every step model on HTP
     assert "end to end on the HTP backend" in result.output
 

@@ -97,6 +97,9 @@ class RuntimeCheck:
     # False where the runtime computes the float ops at another precision than the simulation (HTP's
     # FP16 islands): its LSB difference is reported, its cosine judged
     lsb_judged: bool = True
+    backend_ops: dict[str, int] = field(default_factory=dict)  # HTP: op type -> count in the compiled graph
+    open_s: float = 0.0  # HTP: compiling the model for the backend
+    run_s: float = 0.0
 
     def ok(self, bound: float) -> bool:
         """Integer kernels and agreement with the simulation, the one reference both runtimes are held
@@ -416,9 +419,11 @@ def _second(
     off; its kernels read off the graph it compiled), against the simulation, onnxruntime and FP."""
     fp, sim, got = outputs
     ids = run.manifest["layer_ids"]
+    timing: dict[str, Any] = {}
     if run.runtime == "qnn-htp":
         htp = run_htp(path, feeds, layers, ids, run.target)
         output, integer, emulated, float_ = htp.output, len(htp.integer), 0, htp.float_
+        timing = {"backend_ops": htp.ops, "open_s": round(htp.open_seconds, 2), "run_s": round(htp.run_seconds, 2)}
     else:
         expected = expected_by_width(path, layers, ids, RUNTIMES[run.runtime], plan, run.types[1])
         ov = run_openvino(path, feeds, layers, ids, expected)
@@ -427,7 +432,7 @@ def _second(
                         cosine_sim=cosine(sim, output), max_lsb_sim=float(np.abs(sim - output).max() / lsb),
                         cosine_ort=cosine(got, output), max_lsb_ort=float(np.abs(got - output).max() / lsb),
                         sqnr_ort_db=sqnr_db(got, output), sqnr_fp_db=sqnr_db(fp, output),
-                        lsb_judged=run.runtime != "qnn-htp")  # fmt: skip
+                        lsb_judged=run.runtime != "qnn-htp", **timing)  # fmt: skip
 
 
 def check_kv(
