@@ -109,6 +109,13 @@ def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     if target.integer_activations and config.precompute_kv:
         raise QexportError(f"target {target.name} (integer-only) cannot be built with precompute_kv: its kv.onnx "
                            "is not quantized end to end; drop precompute_kv or pick target qnn-htp")  # fmt: skip
+    if target.integer_activations and target.activation_type(config.recipe.bits.activations) != (
+        target.integer_activations
+    ):  # a unit between two activations (attention's matmuls) would read one type and write another
+        raise QexportError(
+            f"target {target.name} quantizes every activation to {target.integer_activations}, so its linears "
+            f"take {target.integer_activations} activations too; set bits.activations=16 (e.g. --recipe qnn-w8a16)"
+        )
     if out.exists() and not config.force:
         raise QexportError(f"output folder {out} exists; pass --force to replace it")
     return target

@@ -147,3 +147,10 @@ def test_verify_judges_an_integer_only_build_by_cosine_and_reports_its_lsb(integ
     assert all(r["cosine_sim"] >= 0.999 and r["float"] == [] for r in rows), rows  # uint16: emulated on CPU
     assert result.exit_code == 0, result.output
     assert "every activation is requantized to 16 bits" in result.output
+
+
+def test_integer_only_refuses_8_bit_activations(tiny_build, tmp_path):  # noqa: F811
+    recipe = recipe_of("smoothquant.mode=asq", "target=qnn-htp-integer")  # W8A8
+    with pytest.raises(QexportError, match=r"set bits\.activations=16"):
+        build(tiny_build.folder.parent / "s.qstats", tmp_path / "a8", BuildConfig(recipe=recipe))
+    assert not (tmp_path / "a8").exists()
