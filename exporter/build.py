@@ -22,7 +22,16 @@ from qexport.exporter.attention import attention_ids, attention_scopes
 from qexport.exporter.built import BuildConfig, BuiltRange, RangeChoices
 from qexport.exporter.conditioning import export_conditioning
 from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
-from qexport.exporter.fp_export import FPExport, LinearBinding, StepGraphs, export_fp, load_graph, prepare, stamp
+from qexport.exporter.fp_export import (
+    FPExport,
+    LinearBinding,
+    StepGraphs,
+    export_fp,
+    infer_shapes,
+    load_graph,
+    prepare,
+    stamp,
+)
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits, raised
@@ -576,9 +585,9 @@ def _build_range(
 def _integer_only(graph: gs.Graph, steps: list[int], target: TargetProfile, replay: CalibrationReplay) -> gs.Graph:
     """Every float activation of the emitted graph quantized (passes.integer_only), with the ranges
     the graph itself takes on onnxruntime CPU over the replayed inputs of the range's steps."""
-    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(graph)))  # dtypes of every tensor
-    names = observed_tensors(graph)
-    ranges = tensor_ranges(gs.export_onnx(graph), replay.step_feeds(steps), names)
+    model = infer_shapes(gs.export_onnx(graph))  # dtypes of every tensor (a weightless skeleton inferred)
+    graph = gs.import_onnx(model)
+    ranges = tensor_ranges(model, replay.step_feeds(steps), observed_tensors(graph))
     return integer_only(graph, ranges, target)
 
 
