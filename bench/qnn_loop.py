@@ -43,9 +43,10 @@ def main() -> None:
     rows = []
     for prompt in prompts:
         start = time.perf_counter()
-        cpu = end_to_end(a.build, adapter, prompt, a.seed, config)
-        htp = end_to_end(a.build, adapter, prompt, a.seed, config, open_model=opener)
-        rows.append({"prompt": prompt, "cpu": cpu, "htp": htp, "seconds": round(time.perf_counter() - start, 1)})
+        both = end_to_end(a.build, adapter, prompt, a.seed, config, openers={"_cpu": None, "_htp": opener})
+        loops = {side: {k.removesuffix(f"_{side}"): v for k, v in both.items() if k.endswith(f"_{side}")}
+                 for side in ("cpu", "htp")}  # fmt: skip
+        rows.append({"prompt": prompt, **loops, "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)
         mean = {k: sum(r[k]["psnr_db"] for r in rows) / len(rows) for k in ("cpu", "htp")}
         result = {"build": str(a.build), "contexts": (manifest.get("contexts") or {}).get("mode"), "rows": rows,

@@ -326,11 +326,10 @@ def verify(
         checks = _check_models(run, adapter, plans, chosen, where)
     e2e = {}
     if only is None:
-        e2e = end_to_end(run.folder, adapter, prompt, seed, config, threads)
-        if runtime == "qnn-htp":  # the same loop with every step model on the HTP backend
-            opener = functools.partial(htp_session, target=target)
-            htp = end_to_end(run.folder, adapter, prompt, seed, config, threads, open_model=opener)
-            e2e.update({f"{k}_htp": v for k, v in htp.items()})
+        openers: dict[str, ModelOpener | None] = {"": None}  # onnxruntime CPU
+        if runtime == "qnn-htp":  # and the same loop with every step model on the HTP backend
+            openers["_htp"] = functools.partial(htp_session, target=target)
+        e2e = end_to_end(run.folder, adapter, prompt, seed, config, threads, openers)
         units.done("end-to-end loop")
     return Verification(models=checks, end_to_end=e2e, native=native)
 
@@ -507,13 +506,18 @@ def kv_reference(
 
 def end_to_end(
     folder: Path, adapter: ModelAdapter, prompt: str, seed: int, config: SamplingConfig, threads: int | None = None,
-    open_model: ModelOpener | None = None,
+    openers: dict[str, ModelOpener | None] | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """The sampling loop through the emitted models vs the FP loop, from the same noise (the models
-    opened by open_model, else on onnxruntime's CPU provider)."""
+    """The sampling loop through the emitted models vs the FP loop (sampled once), from the same
+    noise: one loop per entry of `openers` (suffix -> how it opens the step models; None: onnxruntime's
+    CPU provider), each loop's figures under keys ending in its suffix. Default: one CPU loop, no suffix."""
     cond = adapter.conditioner.encode([prompt])
     fp = adapter.decode(sample(adapter, cond, [seed], config))
-    loop = Pipeline(folder, threads=threads, open_model=open_model)
-    result = loop.run(cond.numpy(), adapter.conditioner.null(1).numpy(), seed)
-    q = adapter.decode(torch.from_numpy(result.latents))
-    return {"psnr_db": psnr_db(fp, q), "ssim": ssim(fp, q), "step_ms": 1e3 * float(np.mean(result.step_seconds))}
+    figures: dict[str, float] = {}
+    for suffix, opener in (openers or {"": None}).items():
+        loop = Pipeline(folder, threads=threads, open_model=opener)
+        result = loop.run(cond.numpy(), adapter.conditioner.null(1).numpy(), seed)
+        q = adapter.decode(torch.from_numpy(result.latents))
+        figures.update({f"psnr_db{suffix}": psnr_db(fp, q), f"ssim{suffix}": ssim(fp, q),
+                        f"step_ms{suffix}": 1e3 * float(np.mean(result.step_seconds))})  # fmt: skip
+    return figures
