@@ -17,7 +17,7 @@ from qexport.passes.integer_only import integer_only, observed_tensors
 from qexport.targets.catalog import get_profile
 from qexport.targets.legality import check_model
 from qexport.verification import qnn_run
-from test_qnn_htp import tiny_build  # noqa: F401  (the random tiny Latte and its statistics)
+from test_qnn_htp import htp_vs_cpu, tiny_build  # noqa: F401  (the random tiny Latte and its statistics)
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -113,12 +113,8 @@ def test_integer_build_has_no_float_activation(integer_build):
 def test_integer_build_runs_on_htp_without_fp16(integer_build, tmp_path):
     path = integer_build.folder / "step_01.onnx"
     session = qnn_run.htp_session(path, INTEGER, graph_dir=tmp_path)  # fallback off, FP16 not enabled
-    rng = np.random.default_rng(0)
-    feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
-    htp = session.run(None, feeds)[0]
-    cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    cosine = float(htp.ravel() @ cpu.ravel() / (np.linalg.norm(htp) * np.linalg.norm(cpu)))
-    assert cosine >= 0.999, cosine
+    agreement = htp_vs_cpu(session, path)
+    assert agreement >= 0.999, agreement
     graph = json.loads(next(p for p in tmp_path.glob("*.json") if not p.name.endswith("_tensor_log.json")).read_text())
     tensors = graph["graph"]["tensors"]
     nodes = graph["graph"]["nodes"].values()

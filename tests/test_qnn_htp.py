@@ -17,6 +17,7 @@ from qexport.targets.legality import check_model
 from qexport.verification import qnn_run
 
 from qexport.errors import QexportError
+from qexport.metrics import cosine
 from qexport.models.registry import load_model
 from qexport.models.sampler import SamplingConfig
 from qexport.recipe import recipe_of
@@ -71,12 +72,16 @@ def test_qnn_htp_build_is_closed_and_rank_limited(tiny_build):
 def test_tiny_build_runs_wholly_on_htp_and_agrees_with_cpu(tiny_build):
     path = tiny_build.folder / "step_00.onnx"
     session = qnn_run.htp_session(path, get_profile("qnn-htp"))  # fallback off: any CPU node is an error
+    agreement = htp_vs_cpu(session, path)
+    assert agreement >= 0.999, agreement
+
+
+def htp_vs_cpu(session: ort.InferenceSession, path) -> float:
+    """Cosine between a session on HTP and onnxruntime CPU on the same file, from seeded random inputs."""
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
-    htp = session.run(None, feeds)[0]
     cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    cosine = float(htp.ravel() @ cpu.ravel() / (np.linalg.norm(htp) * np.linalg.norm(cpu)))
-    assert cosine >= 0.999, cosine
+    return cosine(session.run(None, feeds)[0], cpu)
 
 
 @pytest.mark.skipif(not qnn_run.available(), reason="onnxruntime-qnn is not installed (pip install 'qexport[qnn]')")
@@ -132,7 +137,6 @@ def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
     from click.testing import CliRunner
 
     from qexport.cli import cli
-    from qexport.metrics import cosine
     from qexport.runtime.conditioning import Conditioning
     from qexport.runtime.loop import Pipeline
     from qexport.runtime.qnn import model_opener
@@ -191,5 +195,4 @@ def test_the_qnn_presets_run_fixed_point_on_htp(tiny_build, tmp_path, preset):
     feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in cpu.get_inputs()}
     htp = qnn_run.run_htp(path, feeds, list(ids), ids, get_profile("qnn-htp"))
     assert len(htp.integer) == len(ids) and not htp.float_  # every linear fixed-point (int4 weights too)
-    got, want = htp.output.ravel(), cpu.run(None, feeds)[0].ravel()
-    assert float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want))) >= 0.999
+    assert cosine(htp.output, cpu.run(None, feeds)[0]) >= 0.999
