@@ -35,7 +35,12 @@ def verification_table(v: dict[str, Any]) -> list[str]:
                 f"{second['cosine_sim']:>10.6f}{second['max_lsb_sim']:>10.2f}  vs onnxruntime: cos "
                 f"{second['cosine_ort']:.6f}, {second['max_lsb_ort']:.2f} LSB, SQNR {second['sqnr_ort_db']:.1f}dB"
                 + (f"; vs FP {second['sqnr_fp_db']:.1f}dB" if "sqnr_fp_db" in second else "")
-                + ("" if second.get("lsb_judged", True) else " (LSB reported, cosine judged: float ops in FP16)")
+                + (
+                    ""
+                    if second.get("lsb_judged", True)
+                    else " (LSB reported, cosine judged: HTP's FP16 float ops and "
+                    "16-bit requantizations are not in the simulation)"
+                )
             )
             if second.get("backend_ops"):
                 ops = second["backend_ops"]

@@ -94,8 +94,8 @@ class RuntimeCheck:
     max_lsb_ort: float = 0.0
     sqnr_ort_db: float = 0.0
     sqnr_fp_db: float = 0.0
-    # False where the runtime computes the float ops at another precision than the simulation (HTP's
-    # FP16 islands): its LSB difference is reported, its cosine judged
+    # False where the runtime computes what the simulation does not model (HTP: its FP16 float ops, or
+    # an integer-only graph's 16-bit requantizations): its LSB difference is reported, its cosine judged
     lsb_judged: bool = True
     backend_ops: dict[str, int] = field(default_factory=dict)  # HTP: op type -> count in the compiled graph
     open_s: float = 0.0  # HTP: compiling the model for the backend
