@@ -22,9 +22,10 @@ FOLDERS = {
     "verification": "qexport.verification",
 }
 TORCH = ("torch", "diffusers")
-RUNTIME_QEXPORT = ("qexport.runtime", "qexport.errors", "qexport.progress", "qexport.tokenizer")
-# the edge: numpy + onnxruntime (with its QNN execution provider plugin, the qnn extra) + tokenizers
-RUNTIME_THIRD_PARTY = ("numpy", "onnx", "onnxruntime", "onnxruntime_qnn", "tokenizers")
+RUNTIME_QEXPORT = ("qexport.runtime", "qexport.errors", "qexport.progress", "qexport.tokenizer", "qexport.schema")
+# the edge: numpy + onnxruntime (with its QNN execution provider plugin, the qnn extra) + tokenizers, and
+# pydantic for the manifest schema (qexport.schema)
+RUNTIME_THIRD_PARTY = ("numpy", "onnx", "onnxruntime", "onnxruntime_qnn", "tokenizers", "pydantic")
 
 
 @dataclass(frozen=True)
