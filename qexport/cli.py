@@ -539,19 +539,31 @@ def contexts(folder: Path, mode: str, force: bool) -> None:
 @click.option("--runtime", type=click.Choice(["onnxruntime", "qnn-htp"]), default="onnxruntime", show_default=True,
               help="qnn-htp: the step models on Qualcomm's HTP backend (onnxruntime-qnn), from their context "
               "binaries when the build has them (qexport contexts).")  # fmt: skip
+@click.option("--allow-unverified", is_flag=True,
+              help="Run a build whose verification was skipped, interrupted or failed (else refused).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="clip.gif or image.png")
 def run(
-    folder: Path, prompt: str | None, label: str | None, seed: int, threads: int | None, runtime: str, output: Path
+    folder: Path,
+    prompt: str | None,
+    label: str | None,
+    seed: int,
+    threads: int | None,
+    runtime: str,
+    allow_unverified: bool,
+    output: Path,
 ) -> None:
     """The edge loop: manifest.json + ONNX files, numpy + onnxruntime only."""
     from qexport.media import output_paths, save_gif, save_png, strip
     from qexport.runtime.conditioning import Conditioning
     from qexport.runtime.loop import Pipeline, decode_pixels
+    from qexport.runtime.verified import check_verified
 
     start = time.perf_counter()
     from qexport.runtime.manifest import read_manifest
 
     manifest = read_manifest(folder)
+    if warning := check_verified(folder, manifest, allow_unverified):
+        click.echo(warning, err=True)
     if "pipeline" in manifest:
         if runtime != "onnxruntime":
             raise QexportError(f"a pipeline build runs on onnxruntime's CPU provider; --runtime {runtime} is not "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -28,21 +29,66 @@ def atomic_write(path: Path, save: Callable[[str], object]) -> None:
 
 
 @contextmanager
-def written_whole(out: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside `out` to write a build into. When the block ends, the folder
-    replaces `out` (an existing one removed) and becomes readable by all; when it raises, the folder
-    is removed: `out` is whole or untouched, never half-written."""
+def folder_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on writing `out` (a hidden ``.<name>.lock`` file beside it) for the
+    block: a second qexport writing the same folder at once is refused, not interleaved.
+
+    Raises:
+        QexportError: another process holds the lock (its pid named).
+    """
+    from qexport.errors import QexportError
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    path = out.parent / f".{out.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes folders private; a build is an ordinary folder
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise QexportError(
+                f"another qexport (pid {holder}) is writing {out} now; wait for it to finish or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (unlinking it would race with a waiting writer)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the hidden temporary folders a killed build of `out` left beside it (called under the
+    folder's lock, so none of them belongs to a running build)."""
+    for pattern in (f".{out.name}.building-*", f".{out.name}.replaced-*"):
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside `out` to write a build into, under `out`'s lock. When the block
+    ends, the folder replaces `out` (an existing one removed) and becomes readable by all; when it
+    raises, the folder is removed: `out` is whole or untouched, never half-written. Temporary
+    folders of killed builds of `out` (and a replaced `out` a kill left behind) are removed first.
+
+    Raises:
+        QexportError: another process is writing `out`.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+        try:
+            yield tmp
+            tmp.chmod(0o755)  # mkdtemp makes folders private; a build is an ordinary folder
+            old = tmp.with_name(tmp.name.replace(".building-", ".replaced-"))
+            if out.exists():
+                out.rename(old)  # kept whole until the new folder is in place
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _upscale(frame: np.ndarray, scale: int) -> Image.Image:

@@ -92,8 +92,17 @@ def test_eval_prints_a_line_per_sample_when_piped(one_model, tmp_path):
 
 def test_run_shows_steps_and_checks_its_arguments(one_model, tmp_path):
     gif = tmp_path / "clip.gif"
-    proc = _cli("run", str(one_model), "--prompt", "a red circle moving left", "--threads", "1", "-o", str(gif))
+    refused = _cli("run", str(one_model), "--prompt", "a red circle moving left", "-o", str(gif))
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == (
+        f"error: {one_model} was never verified (built with --no-verify, or its verification was interrupted); "
+        f"run qexport verify {one_model} first, or pass --allow-unverified to run it anyway"
+    ), refused.stderr
+    args = ["--prompt", "a red circle moving left", "--threads", "1", "--allow-unverified", "-o", str(gif)]
+    proc = _cli("run", str(one_model), *args)  # built by the library call: not verified
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == (
+        f"warning: {one_model} was never verified; running it because --allow-unverified was given"
+    ), proc.stderr
     assert sum(line.startswith("denoising (steps): ") for line in proc.stderr.splitlines()) == 4, proc.stderr
     assert gif.is_file() and "model loading not hidden by the prefetch" in proc.stdout
     cases = [
@@ -102,7 +111,7 @@ def test_run_shows_steps_and_checks_its_arguments(one_model, tmp_path):
         (["--prompt", "a red circle moving left", "--threads", "0", "-o", str(tmp_path / "a.gif")], "--threads"),
     ]
     for args, message in cases:
-        proc = _cli("run", str(one_model), *args)
+        proc = _cli("run", str(one_model), "--allow-unverified", *args)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (args, proc.stderr)
     assert not (tmp_path / "a.gif").exists() and not (tmp_path / "a.mp4").exists()
