@@ -785,7 +785,9 @@ def sweep(
     for line in eval_table(data):
         click.echo(line)
     tables = "\n".join(paper_tables(result.to_json(), folders))
-    (output / "tables.md").write_text(tables)
+    from qexport.media import atomic_write
+
+    atomic_write(output / "tables.md", lambda p: Path(p).write_text(tables))
     click.echo(tables)
     click.echo(f"wrote {output / 'sweep.json'} and {output / 'tables.md'} in {duration(time.perf_counter() - start)}")
 
