@@ -22,14 +22,15 @@ import onnxruntime as ort
 from qexport.models import shapes
 
 
-def _child(stats: Path, out: Path, ranges: str, smooth: str) -> None:
+def _child(stats: Path, out: Path, ranges: str, smooth: str, model: str) -> None:
     from qexport.exporter.build import BuildConfig, build
 
+    from qexport.models.registry import ModelRequest
     from qexport.recipe import basic_recipe
 
     config = BuildConfig(recipe=basic_recipe(smooth=smooth, time_ranges=None if ranges == "tsw" else int(ranges)))
     start = time.perf_counter()
-    result = build(stats, out, config)
+    result = build(stats, out, config, model=ModelRequest(model=model))  # the model main() calibrated
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "peak_rss": peak, "models": len(result.ranges)}))
@@ -47,7 +48,7 @@ def main() -> None:
     a = parser.parse_args()
     ort.set_default_logger_severity(3)
     if a.child:
-        _child(a.stats, Path(a.child[0]), a.child[1], a.smooth)
+        _child(a.stats, Path(a.child[0]), a.child[1], a.smooth, a.model)
         return
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
@@ -65,7 +66,8 @@ def main() -> None:
     for r in range(a.repeats):
         for kind in kinds:
             out = a.work / f"out_{kind}_{r}"
-            cmd = [sys.executable, __file__, "--child", str(out), kind, "--stats", str(stats), "--smooth", a.smooth]
+            cmd = [sys.executable, __file__, "--child", str(out), kind, "--stats", str(stats), "--smooth", a.smooth,
+                   "--model", a.model]  # fmt: skip
             run = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             shutil.rmtree(out)
             if kind not in best or run["seconds"] < best[kind]["seconds"]:

@@ -22,7 +22,7 @@ from qexport.passes.plan import Smooth
 from qexport.verification.evaluate import evaluate
 
 from qexport.models import shapes
-from qexport.models.registry import load_model
+from qexport.models.registry import ModelRequest, load_model
 from qexport.recipe import basic_recipe
 from qexport.summaries import eval_table
 
@@ -58,16 +58,17 @@ def main() -> None:
     save(calibrate(adapter, CalibConfig(prompts=calib, batch_size=4)).stats, stats_path)
     print(f"calibrated on {len(calib)} prompts in {time.perf_counter() - start:.0f}s")
     folders = []
+    own = ModelRequest(model=a.model)  # the model calibrated above, named on this command line
     for name, (w, act, smooth, ranges) in CONFIGS.items():
         if a.only and name not in a.only:
             continue
         out = a.work / name.replace(" ", "_").replace("+", "p")
         recipe = basic_recipe(w_bits=w, a_bits=act, smooth=smooth.value, alpha=a.alpha, time_ranges=ranges)
         t = time.perf_counter()
-        build(stats_path, out, BuildConfig(recipe=recipe))
+        build(stats_path, out, BuildConfig(recipe=recipe), model=own)
         print(f"built {name} in {time.perf_counter() - t:.0f}s")
         folders.append((name, out))
-    result = evaluate([f for _, f in folders], pool, [int(s) for s in a.seeds.split(",")]).to_json()
+    result = evaluate([f for _, f in folders], pool, [int(s) for s in a.seeds.split(",")], model=own).to_json()
     result["builds"] = {name: result["builds"][str(f)] for name, f in folders}
     (a.work / "matrix.json").write_text(json.dumps(result, indent=2))
     print(f"{a.model}: calibration {len(calib)} prompts; evaluation {len(pool)} prompts x seeds {a.seeds}, "

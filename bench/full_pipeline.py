@@ -153,7 +153,8 @@ def export_only(stats: Path, layers: list[str], device: str, phase: Any) -> None
     from qexport.exporter.pipeline_build import pipeline_adapter
 
     start = time.perf_counter()
-    adapter = pipeline_adapter(load(stats), str(stats), device)
+    calibrated = load(stats)
+    adapter = pipeline_adapter(calibrated, str(stats), calibrated.model_id, device)  # the folder this script made
     phase("trace", start)
     start = time.perf_counter()
     fp = export_fp(adapter, layers)
@@ -190,6 +191,7 @@ def main() -> None:
     from qexport.targets.catalog import get_profile
     from qexport.verification.pipeline_verify import DEFAULT_PROMPT, verify_pipeline
 
+    from qexport.models.registry import ModelRequest
     from qexport.recipe import load_recipe, with_settings
 
     result: dict[str, Any] = {"config": a.config, "device": a.device, "steps": a.steps, "random_init": True}
@@ -215,7 +217,8 @@ def main() -> None:
 
     start = time.perf_counter()
     recipe = with_settings(load_recipe("w8a8-tsq-tsw"), ["smoothquant.mode=asq"])  # one weight set for all steps
-    built = build_pipeline(stats, a.root / "build", BuildConfig(recipe=recipe), device=a.device)
+    own = ModelRequest(model=str(folder))  # the folder this script made and calibrated
+    built = build_pipeline(stats, a.root / "build", BuildConfig(recipe=recipe), device=a.device, model=own)
     files = built.manifest["files"]
     shared, unshared = files["weights_bytes"], files["weights_bytes_without_sharing"]
     phase("build", start, models=len(built.ranges), disk_bytes=_disk(built.folder), weights_bytes=shared,

@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--device", default="cpu", help="where verify's torch passes run (cuda at full size)")
     parser.add_argument("--keep", action="store_true", help="keep the emitted folder")
+    parser.add_argument("--model", help="the model the statistics were calibrated on (a folder they name needs it)")
+    parser.add_argument("--trust-model-path", action="store_true", help="load the model folder the statistics name")
     parser.add_argument("--stack-every", type=float, default=0, help="dump the Python stack every N s (0: never)")
     a = parser.parse_args()
     if a.stack_every:  # where a long build spends its time, also when it is killed by a timeout
@@ -62,13 +64,15 @@ def main() -> None:
     from qexport.verification.verify import verify
 
     from qexport.models.fp_eval import default_prompts
+    from qexport.models.registry import ModelRequest
     from qexport.recipe import Recipe
 
     result: dict[str, Any] = {"stats": str(a.stats)}
     start = time.perf_counter()
     emitted: list[float] = []
+    own = ModelRequest(model=a.model, trust_model_path=a.trust_model_path)
     built = build(a.stats, a.out, BuildConfig(recipe=Recipe(), force=True),
-                  progress=lambda tick: _emitted(emitted, tick, start))  # fmt: skip
+                  progress=lambda tick: _emitted(emitted, tick, start), model=own)  # fmt: skip
     disk = _disk(a.out)
     result.update(
         model=built.adapter.model_id,

@@ -23,7 +23,7 @@ from qexport.exporter.build import BuildConfig, build
 from qexport.passes.plan import Smooth
 
 from qexport.models import shapes
-from qexport.models.registry import load_model
+from qexport.models.registry import ModelRequest, load_model
 from qexport.models.sampler import SamplingConfig
 from qexport.recipe import basic_recipe
 
@@ -65,7 +65,8 @@ def bytes_table(models: list[str], work: Path) -> None:
         params = load_model(name).num_parameters
         for w in (8, 4):
             out = work / name / f"w{w}"
-            build(stats, out, BuildConfig(recipe=basic_recipe(w_bits=w, smooth="asq", time_ranges=1)))
+            recipe = basic_recipe(w_bits=w, smooth="asq", time_ranges=1)
+            build(stats, out, BuildConfig(recipe=recipe), model=ModelRequest(model=name))  # the model named here
             total = folder_bytes(out)
             qbytes, qcount = quantized_bytes(out / "range_00.onnx")
             print(f"{name:<12}{f'W{w}A8':>6}{params / 1e6:>9.2f}M{qcount / 1e6:>10.2f}M{total / 2**20:>8.2f}"

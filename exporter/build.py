@@ -59,7 +59,7 @@ from qexport import serial
 from qexport.errors import QexportError
 from qexport.media import written_whole
 from qexport.models.adapter import ModelAdapter
-from qexport.models.registry import load_model
+from qexport.models.registry import ModelRequest, check_conditions, load_model
 from qexport.progress import Progress, report
 from qexport.recipe import Recipe
 
@@ -130,12 +130,21 @@ def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     return target
 
 
-def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress | None = None) -> BuildResult:
+def build(
+    stats_path: Path, out: Path, config: BuildConfig, progress: Progress | None = None,
+    model: ModelRequest | None = None,
+) -> BuildResult:  # fmt: skip
     """Build the emitted models.
 
+    Args:
+        model: which model to load for the statistics' model id (a folder only with consent, see
+            ModelRequest) and the conditions (verification's prompt) it must take; default: none.
+
     Raises:
-        QexportError: bad request, statistics from another model, an unmappable layer.
+        QexportError: bad request, a model folder loaded without consent, statistics from another
+            model, a condition the model does not take, an unmappable layer.
     """
+    request = model or ModelRequest()
     start = time.perf_counter()
     target = check_request(config, out)
     stats = load(stats_path)
@@ -150,7 +159,9 @@ def build(stats_path: Path, out: Path, config: BuildConfig, progress: Progress |
         )
     recorded = len(stats.header.get("prompt_texts", []))
     replays = replay_count(config.quant.replay_prompts, recorded, str(stats_path)) if replayed else 0
-    adapter = load_model(stats.model_id)
+    model_id = request.model_id(stats.model_id, str(stats_path), "calibrated there")
+    check_conditions(model_id, request.conditions)  # verification's prompt, before the weights load
+    adapter = load_model(model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
     with written_whole(out) as tmp:
         ids = layer_ids(list(stats.layers))
@@ -220,31 +231,40 @@ def choices_of(built: BuiltRange, quant: QuantConfig) -> RangeChoices:
     return RangeChoices(alpha=plan.alpha, act_shrink=plan.act_shrink, group_alpha=plan.group_alpha, w_bits_raised=bits)
 
 
+AdapterLoader = Callable[[QStats, str, str], ModelAdapter]  # (statistics, their file, model id) -> the model
+
+
 def replan(
-    manifest: dict[str, Any], stats_path: Path | None, load_adapter: Callable[[QStats, str], ModelAdapter] | None = None
-) -> tuple[ModelAdapter, list[RangePlan], TargetProfile]:
+    manifest: dict[str, Any], stats_path: Path | None, model: ModelRequest | None = None,
+    load_adapter: AdapterLoader | None = None,
+) -> tuple[ModelAdapter, list[RangePlan], TargetProfile]:  # fmt: skip
     """The adapter, per-range plans and target of an emitted build (for ``qexport verify``): the
     plan is a pure function of the statistics, the model, the manifest's recipe and its choices.
-    load_adapter(stats, source) gives the model (default: the manifest's model id).
+    model: which model to load for the manifest's model id (a folder only with consent) and the
+    conditions it must take; load_adapter(stats, source, model id) gives the model (default:
+    models.registry.load_model).
 
     Raises:
-        QexportError: statistics not found or from another model; a manifest without a recipe.
+        QexportError: statistics not found, of another model or another calibration; a manifest
+            without a recipe; a model folder without consent; a condition the model does not take.
     """
+    request = model or ModelRequest()
     path = Path(stats_path or manifest["calibration"].get("file", ""))
     if not path.is_file():
         raise QexportError(f"statistics {path} of this build are not found; pass --stats run.qstats")
     stats = load(path)
-    if stats.header["prompts_hash"] != manifest["calibration"]["prompts_hash"]:
-        raise QexportError(f"{path} is not the calibration this build used (prompts hash differs)")
+    check_calibration(stats, manifest, str(path))
     if "recipe" not in manifest or "choices" not in manifest:
         raise QexportError("this build's manifest.json has no recipe (an older qexport built it); rebuild it")
     recipe = Recipe.from_dict(manifest["recipe"])
     choices = [serial.from_dict(RangeChoices, c, path=f"choices[{i}]") for i, c in enumerate(manifest["choices"])]
+    model_id = request.model_id(str(manifest["model_id"]), "the build's manifest.json", "built from it")
     if load_adapter is None:
-        adapter = load_model(manifest["model_id"])
+        check_conditions(model_id, request.conditions)
+        adapter = load_model(model_id)
         check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(path))
     else:
-        adapter = load_adapter(stats, str(path))
+        adapter = load_adapter(stats, str(path), model_id)  # it checks the conditions it can
     config, target = BuildConfig(recipe=recipe), get_profile(recipe.target)
     layer_bits = [dict.fromkeys(c.w_bits_raised, MIXED_HIGH_BITS) for c in choices]
     built, _ = plan_models(adapter, stats, config, target, alphas=[c.alpha for c in choices],
@@ -252,6 +272,24 @@ def replan(
                            group_alphas=[c.group_alpha for c in choices] if recipe_alpha(recipe) == "layer" else None,
                            layer_bits=layer_bits if recipe.technique("mixed_precision") else None)  # fmt: skip
     return adapter, [b.plan for b in built], target
+
+
+def check_calibration(stats: QStats, manifest: dict[str, Any], source: str) -> None:
+    """Refuse statistics other than those a build was made from: of another model (config hash),
+    then of another calibration of it (prompts hash).
+
+    Raises:
+        QexportError: naming the statistics' model and the build's.
+    """
+    built = manifest["calibration"]
+    if stats.header.get("config_hash") != built.get("config_hash"):
+        raise QexportError(
+            f"{source} was calibrated on another model: {stats.model_id!r} (config {stats.header.get('config_hash')}), "
+            f"not this build's {manifest['model_id']!r} (config {built.get('config_hash')}); pass the .qstats it "
+            "was built from with --stats"
+        )
+    if stats.header["prompts_hash"] != built["prompts_hash"]:
+        raise QexportError(f"{source} is not the calibration this build used (prompts hash differs)")
 
 
 def recipe_alpha(recipe: Recipe) -> object:

@@ -7,7 +7,7 @@ shipped beside them. The folder appears whole or not at all."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from qexport.media import written_whole
 from qexport.models.adapter import ModelAdapter, config_hash
 from qexport.models.builtin_pipeline import CLASS_NAMES as QEXPORT_PIPELINES
 from qexport.models.families import Family, family_for
+from qexport.models.pipeline import check_condition
+from qexport.models.registry import ModelRequest
 from qexport.progress import Progress, report
 
 
@@ -62,6 +64,7 @@ class PipelineAdapter(ModelAdapter):
     pipeline's own call, its timestep the bound timestep input times its factor."""
 
     binding: Binding
+    call: dict[str, Any] = field(default_factory=dict)  # the calibration's pipeline arguments
 
     @property
     def family(self) -> Family:
@@ -80,6 +83,11 @@ class PipelineAdapter(ModelAdapter):
         spec = timestep_input(self.binding)
         return spec["name"], float(timestep) * spec["factor"]
 
+    def check_conditions(self, texts: tuple[str, ...]) -> None:
+        """Refuse a prompt (or class label) the pipeline does not take, as its tokenizers see it."""
+        for text in texts:
+            check_condition(self.binding.pipe, text, self.call)
+
 
 def timestep_input(binding: Binding) -> dict[str, Any]:
     """The bound timestep input (the one a per-step model fixes).
@@ -93,36 +101,51 @@ def timestep_input(binding: Binding) -> dict[str, Any]:
     return spec
 
 
-def pipeline_adapter(stats: QStats, source: str, device: str = "cpu") -> PipelineAdapter:
-    """Load and bind the pipeline the statistics were calibrated on, with the calibration's own
-    arguments, and check it is the same transformer and the same scheduler steps.
+def check_pipeline_stats(stats: QStats, source: str) -> dict[str, Any]:
+    """The pipeline arguments of a pipeline calibration that this path builds; checked before any
+    pipeline is loaded.
 
     Raises:
-        QexportError: statistics not from a pipeline, a folder that moved or changed.
+        QexportError: statistics not from a pipeline, arguments recorded by repr, or a qexport
+            model's pipeline (its build is the built-in one).
     """
     header = stats.header
     if "pipeline" not in header:
         raise QexportError(f"{source} is not a pipeline calibration")
-    folder = Path(str(header["model_id"]).removeprefix("diffusers:"))
     call = header.get("call", {})
     if not isinstance(call, dict):
         raise QexportError(f"{source} records its pipeline arguments by repr (an older qexport); recalibrate it")
     if header["pipeline"] in QEXPORT_PIPELINES:  # its sampling loop is the built-in one: so is its build
         raise QexportError(
             f"{source} calibrated a qexport model ({header['pipeline']}), whose build is the built-in one; "
-            f"calibrate it with --model diffusers:{folder} (or its built-in name) and build that"
+            f"calibrate it with --model {header['model_id']} (or its built-in name) and build that"
         )
+    return call
+
+
+def pipeline_adapter(stats: QStats, source: str, model_id: str, device: str = "cpu") -> PipelineAdapter:
+    """Load and bind the pipeline of `model_id` (``diffusers:FOLDER``: the folder the statistics name,
+    or the user's own copy of it) with the calibration's own arguments, and check it is the same
+    transformer and the same scheduler steps.
+
+    Raises:
+        QexportError: as check_pipeline_stats; a folder that moved or changed.
+    """
+    header = stats.header
+    call = check_pipeline_stats(stats, source)
+    folder = Path(model_id.removeprefix("diffusers:"))
     binding = bind_pipeline(folder, header["prompt_texts"][0], int(header["steps"]), call, device)
     transformer = binding.pipe.transformer.float().eval()
     name = type(transformer).__name__
     adapter = PipelineAdapter(
-        model_id=str(header["model_id"]),
+        model_id=model_id,
         class_name=name,
         transformer=transformer,
         conditioner=TextPartsOnly(),
         latent_shape=tuple(binding.trace.samples[0].shape[1:]),
         description=f"{binding.trace.pipeline} from {folder}",
         binding=binding,
+        call=call,
     )
     check_matches(stats, adapter.model_id, config_hash(name, dict(transformer.config)), source=source)
     traced = [s["timestep"] for s in binding.block["steps"]]
@@ -143,15 +166,19 @@ class PipelineBuild:
 
 
 def build_pipeline(
-    stats_path: Path, out: Path, config: BuildConfig, progress: Progress | None = None, device: str = "cpu"
-) -> PipelineBuild:
+    stats_path: Path, out: Path, config: BuildConfig, progress: Progress | None = None, device: str = "cpu",
+    model: ModelRequest | None = None,
+) -> PipelineBuild:  # fmt: skip
     """Build the quantized edge folder of a pipeline calibration (the pipeline traced on `device`;
-    export and passes on the CPU).
+    export and passes on the CPU). model: which pipeline folder to load (the one the statistics name
+    only with consent, see ModelRequest) and the conditions it must take.
 
     Raises:
         QexportError: a bad request, a recipe this path does not take yet (prompt replay, K/V
-            precompute), statistics from another model, an unbindable pipeline.
+            precompute), a folder without consent, statistics from another model, a condition the
+            pipeline does not take, an unbindable pipeline.
     """
+    request = model or ModelRequest()
     start = time.perf_counter()
     target = check_request(config, out)
     if target.closed_linears:
@@ -166,8 +193,11 @@ def build_pipeline(
             "through qexport's own sampler); choose a recipe without it"
         )
     stats = load(stats_path)
-    report(progress, "tracing the pipeline", 0, 1, str(stats.model_id))
-    adapter = pipeline_adapter(stats, str(stats_path), device)
+    check_pipeline_stats(stats, str(stats_path))
+    model_id = request.model_id(stats.model_id, str(stats_path), "calibrated there")
+    report(progress, "tracing the pipeline", 0, 1, model_id)
+    adapter = pipeline_adapter(stats, str(stats_path), model_id, device)
+    adapter.check_conditions(request.conditions)
     report(progress, "tracing the pipeline", 1, 1, adapter.description)
     with written_whole(out) as tmp:
         built, emit, legality = emit_models(
@@ -217,15 +247,21 @@ def _manifest(
 
 
 def replan_pipeline(
-    manifest: dict[str, Any], stats_path: Path | None, device: str = "cpu"
+    manifest: dict[str, Any], stats_path: Path | None, device: str = "cpu", model: ModelRequest | None = None
 ) -> tuple[PipelineAdapter, list[RangePlan]]:
     """The adapter and per-range plans of an emitted pipeline build (for ``qexport verify``): the
     pipeline traced (on `device`) and bound again, then planned as the build planned it
-    (exporter.build.replan).
+    (exporter.build.replan, which takes `model`).
 
     Raises:
         QexportError: as replan, and as pipeline_adapter.
     """
-    adapter, plans, _ = replan(manifest, stats_path, lambda stats, source: pipeline_adapter(stats, source, device))
+
+    def loader(stats: QStats, source: str, model_id: str) -> PipelineAdapter:
+        adapter = pipeline_adapter(stats, source, model_id, device)
+        adapter.check_conditions(() if model is None else model.conditions)
+        return adapter
+
+    adapter, plans, _ = replan(manifest, stats_path, model, loader)
     assert isinstance(adapter, PipelineAdapter)
     return adapter, plans

@@ -13,7 +13,14 @@ import click
 
 from qexport import __version__
 from qexport.build_flags import alias_assignments, alias_options
-from qexport.cli_args import check_threads, conditioning_text, existing_file, pipeline_call, set_threads
+from qexport.cli_args import (
+    check_threads,
+    conditioning_text,
+    existing_file,
+    model_options,
+    pipeline_call,
+    set_threads,
+)
 from qexport.errors import QexportError
 from qexport.progress import ProgressPrinter, Units, duration
 
@@ -332,6 +339,7 @@ def recipes() -> None:
 @click.option("--verify-device", default="cpu", show_default=True,
               help="Where torch runs verification's FP and simulated passes, and traces a pipeline (cuda for "
               "full-size models).")  # fmt: skip
+@model_options
 @alias_options
 def build(
     stats_file: Path,
@@ -344,11 +352,14 @@ def build(
     no_verify: bool,
     verify_prompt: str | None,
     verify_device: str,
+    model: str | None,
+    trust_model_path: bool,
     **old: object,
 ) -> None:
     """Fold smoothing, quantize and emit one QDQ ONNX per step or per time range, as a recipe says."""
     from qexport.exporter.build import BuildConfig
     from qexport.exporter.build import build as run_build
+    from qexport.models.registry import ModelRequest
     from qexport.recipe import Recipe, load_recipe, with_settings
     from qexport.recipe import dump_recipe as write_recipe
     from qexport.summaries import build_lines, legality_lines
@@ -365,14 +376,17 @@ def build(
     if output is None:
         raise QexportError("give -o FOLDER for the build (or only --dump-recipe FILE to write the recipe)")
     existing_file(stats_file, "statistics file", "make one with qexport calibrate")
+    conditions = () if no_verify or verify_prompt is None else (verify_prompt,)
+    request = ModelRequest(model=model, trust_model_path=trust_model_path, conditions=conditions)
+    config = BuildConfig(recipe=recipe, force=force)
     printer = ProgressPrinter()
     if _from_pipeline(stats_file):
         from qexport.exporter.pipeline_build import build_pipeline
 
-        config = BuildConfig(recipe=recipe, force=force)  # the pipeline traced where verification runs
-        result = build_pipeline(stats_file, output, config, progress=printer, device=verify_device)
+        # the pipeline traced where verification runs
+        result = build_pipeline(stats_file, output, config, progress=printer, device=verify_device, model=request)
     else:
-        result = run_build(stats_file, output, BuildConfig(recipe=recipe, force=force), progress=printer)  # type: ignore[assignment]
+        result = run_build(stats_file, output, config, progress=printer, model=request)  # type: ignore[assignment]
     printer.close()
     for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
         click.echo(line)
@@ -408,8 +422,6 @@ def _verify_and_report(
     from qexport.verification.verify import verify as run_verify
 
     pipeline = "pipeline" in manifest
-    if pipeline and runtime != "onnxruntime":
-        raise QexportError(f"a pipeline build is verified on onnxruntime; --runtime {runtime} is not supported for it")
     if prompt is None:
         prompt = DEFAULT_PROMPT if pipeline else default_prompts(adapter)[0]  # type: ignore[arg-type]
     where = "onnxruntime" + ("" if runtime == "onnxruntime" else f" and {runtime}")
@@ -448,6 +460,7 @@ def _verify_and_report(
 @click.option("--device", default="cpu", show_default=True,
               help="Where torch runs the FP and simulated passes (cuda for full-size models).")  # fmt: skip
 @click.option("--threads", type=int, help="CPU threads of onnxruntime and torch (default: their own choice).")
+@model_options
 def verify(
     folder: Path,
     stats_file: Path | None,
@@ -456,21 +469,29 @@ def verify(
     runtime: str,
     device: str,
     threads: int | None,
+    model: str | None,
+    trust_model_path: bool,
 ) -> None:
     """Prove onnxruntime runs integer kernels; compare with the simulation and with FP."""
     from qexport.exporter.build import replan
+    from qexport.models.registry import ModelRequest
     from qexport.runtime.manifest import read_manifest
+    from qexport.verification.verify import check_verify_request
 
     start = time.perf_counter()
     indexes = None if only is None else _ints(only, "--models")
     set_threads(threads)
     manifest = read_manifest(folder)
+    check_verify_request(manifest, runtime, indexes)
+    conditions = () if prompt is None else (prompt,)
+    request = ModelRequest(model=model, trust_model_path=trust_model_path, conditions=conditions)
+    request.model_id(str(manifest["model_id"]), str(folder / "manifest.json"), "built from it")  # consent, named here
     if "pipeline" in manifest:
         from qexport.exporter.pipeline_build import replan_pipeline
 
-        adapter, plans = replan_pipeline(manifest, stats_file, device)
+        adapter, plans = replan_pipeline(manifest, stats_file, device, model=request)
     else:
-        adapter, plans, _ = replan(manifest, stats_file)  # type: ignore[assignment]
+        adapter, plans, _ = replan(manifest, stats_file, model=request)  # type: ignore[assignment]
     _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime, device, threads)
     click.echo(f"time: {duration(time.perf_counter() - start)} in all")
 
@@ -668,6 +689,7 @@ def export_fp(folder: Path, output: Path, prompt: str, steps: int, calls: tuple[
     help="Where report.html goes (default: report.html beside the JSON).",
 )
 @click.option("--threads", type=int, help="CPU threads of onnxruntime and torch (default: their own choice).")
+@model_options
 def eval_(
     folders: tuple[Path, ...],
     prompts_file: Path | None,
@@ -676,10 +698,14 @@ def eval_(
     output: Path,
     report: Path | None,
     threads: int | None,
+    model: str | None,
+    trust_model_path: bool,
 ) -> None:
     """Accuracy of builds vs FP from the same noise (default prompts: the built-in evaluation set)."""
+    from qexport.models.registry import ModelRequest
     from qexport.runtime.manifest import read_manifest
 
+    request = ModelRequest(model=model, trust_model_path=trust_model_path)
     start = time.perf_counter()
     printer = ProgressPrinter()
     seed_list = _seeds(seeds)
@@ -698,7 +724,7 @@ def eval_(
 
     report = output.with_name("report.html") if report is None else report
     manifests = {str(f): read_manifest(f) for f in folders}
-    result = evaluate(list(folders), prompts, seed_list, progress=printer, threads=threads)
+    result = evaluate(list(folders), prompts, seed_list, progress=printer, threads=threads, model=request)
     printer.close()
     write_json(result, output)
     write_report(report, result.to_json(), result.first_samples, manifests)

@@ -1,10 +1,13 @@
 """Checks and settings the CLI applies to its arguments before any work: which conditioning text a
-model takes, thread counts, the existence of input files. Torch is imported only when asked for."""
+model takes, thread counts, the existence of input files, the options of consent to load a model
+folder a file names. Torch is imported only when asked for."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import click
 
 from qexport.errors import QexportError
 
@@ -86,3 +89,19 @@ def pipeline_call(items: tuple[str, ...]) -> dict[str, Any]:
             raise QexportError(f"--call takes KEY=VALUE, got {item!r}")
         call[key] = yaml.safe_load(value)
     return call
+
+
+def model_options(command: Any) -> Any:
+    """``--model`` and ``--trust-model-path``: the consent a command needs to load a model folder that
+    a file (.qstats, manifest.json) names (models.registry.ModelRequest); built-in names need none."""
+    trust = click.option(
+        "--trust-model-path", is_flag=True, help="Load the model folder the file names (its writer chose that path)."
+    )
+    own = click.option(
+        "--model",
+        "model",
+        metavar="FOLDER",
+        help="The model the file was made from, loaded instead of the path the file names: a folder, "
+        "diffusers:FOLDER, pipeline:FOLDER or a built-in name (its config must match the file's).",
+    )
+    return own(trust(command))

@@ -22,7 +22,7 @@ from qexport.targets.catalog import ORT_CPU
 from qexport.verification.verify import verify
 
 from qexport.errors import QexportError
-from qexport.models.registry import load_model
+from qexport.models.registry import ModelRequest, load_model
 from qexport.models.sampler import SamplingConfig
 from qexport.recipe import recipe_of
 
@@ -174,7 +174,7 @@ def test_bad_requests_fail_before_work_and_leave_nothing(latte_stats, tmp_path, 
     other = tmp_path / "other.qstats"
     save(stats, other)
     with pytest.raises(QexportError, match=r"calibrated on model 'diffusers:.*tiny-dit'"):
-        build(other, out, BuildConfig())
+        build(other, out, BuildConfig(), model=ModelRequest(trust_model_path=True))
     assert not out.exists() and not list(tmp_path.glob(".out.building-*"))
 
 

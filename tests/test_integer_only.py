@@ -17,7 +17,7 @@ from qexport.passes.integer_only import integer_only, observed_tensors
 from qexport.targets.catalog import get_profile
 from qexport.targets.legality import check_model
 from qexport.verification import qnn_run
-from test_qnn_htp import htp_vs_cpu, tiny_build  # noqa: F401  (the random tiny Latte and its statistics)
+from test_qnn_htp import TRUSTED, htp_vs_cpu, tiny_build  # noqa: F401  (the random tiny Latte and its statistics)
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -97,7 +97,7 @@ def integer_build(tiny_build):  # noqa: F811
     """The tiny Latte's statistics built W8A16 for qnn-htp-integer."""
     root = tiny_build.folder.parent
     recipe = recipe_of("bits.activations=16", "smoothquant.mode=asq", "target=qnn-htp-integer")
-    return build(root / "s.qstats", root / "integer", BuildConfig(recipe=recipe))
+    return build(root / "s.qstats", root / "integer", BuildConfig(recipe=recipe), model=TRUSTED)
 
 
 def test_integer_build_has_no_float_activation(integer_build):
@@ -137,7 +137,7 @@ def test_verify_judges_an_integer_only_build_by_cosine_and_reports_its_lsb(integ
 
     folder = integer_build.folder
     stats = folder.parent / "s.qstats"
-    result = CliRunner().invoke(cli, ["verify", str(folder), "--stats", str(stats)])
+    result = CliRunner().invoke(cli, ["verify", str(folder), "--stats", str(stats), "--trust-model-path"])
     rows = json.loads((folder / "manifest.json").read_text())["verification"]["models"]
     assert rows and all(r["lsb_judged"] is False for r in rows)
     assert all(r["cosine_sim"] >= 0.999 and r["float"] == [] for r in rows), rows  # uint16: emulated on CPU

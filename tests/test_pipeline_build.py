@@ -23,6 +23,7 @@ from qexport.verification.pipeline_verify import verify_pipeline
 
 from qexport.cli import cli
 from qexport.errors import QexportError
+from qexport.models.registry import ModelRequest
 from qexport.recipe import load_recipe
 from qexport.runtime.pipeline_loop import PipelineLoop
 
@@ -30,6 +31,7 @@ STEPS = 3
 OWN = ("prompt", "negative_prompt", "class_labels", "num_inference_steps", "generator", "output_type")
 PROMPTS = ("a red circle", "a blue square")
 LABELS = ("1", "7")  # a class-conditional pipeline's (DiT's) calibration "prompts": class ids
+TRUSTED = ModelRequest(trust_model_path=True)  # the statistics name the folder each test made
 
 
 def _call(family):
@@ -56,7 +58,7 @@ SLOW = pytest.mark.slow  # the same path on more families: CI's slow run
 )  # fmt: skip
 def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
     _, stats = _calibrated(tmp_path, family)
-    built = build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")))
+    built = build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")), model=TRUSTED)
     parts = built.manifest["pipeline"]
     assert {t["precision"] for t in parts["text"]} | {parts["vae"]["precision"]} == {"fp16"}  # the default
     m = built.manifest
@@ -78,7 +80,7 @@ def test_a_w8a8_timestep_wise_pipeline_build_verifies(tmp_path, family):
     _, images = PipelineLoop(built.folder, m).run(other, start)
     assert images is not None and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     # `qexport verify` re-plans the same models from the statistics
-    _, again = replan_pipeline(m, stats)
+    _, again = replan_pipeline(m, stats, model=TRUSTED)
     for a, b in zip(plans, again, strict=True):
         for layer, lp in a.layers.items():
             assert np.array_equal(lp.w_q, b.layers[layer].w_q) and lp.a_scale == b.layers[layer].a_scale
@@ -98,7 +100,8 @@ def test_the_cli_calibrates_builds_runs_and_verifies_a_pipeline(tmp_path):
     assert "PixArtAlphaPipeline" in result.output and "DPMSolverMultistepScheduler" in result.output
     asq = ["--set", "smoothquant.mode=asq"]  # the other smoothing mode than the library test's
     parts = ["--set", "parts.precision=int8-weights"]  # the library test builds the default (fp16)
-    result = runner.invoke(cli, ["build", str(stats), "--recipe", "w8a8-tsq-tsw", *asq, *parts, "-o", str(build)])
+    result = runner.invoke(cli, ["build", str(stats), "--recipe", "w8a8-tsq-tsw", *asq, *parts, "-o", str(build),
+                                 "--model", str(folder)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "verdict: PASS" in result.output and "latents SQNR" in result.output
     manifest = json.loads((build / "manifest.json").read_text())
@@ -108,7 +111,7 @@ def test_the_cli_calibrates_builds_runs_and_verifies_a_pipeline(tmp_path):
     result = runner.invoke(cli, ["run", str(build), "--prompt", "a cat", "-o", str(tmp_path / "cat.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cat.png").stat().st_size > 0
-    result = runner.invoke(cli, ["verify", str(build)])
+    result = runner.invoke(cli, ["verify", str(build), "--trust-model-path"])
     assert result.exit_code == 0 and "verdict: PASS" in result.output, result.output
 
 
@@ -143,5 +146,5 @@ def test_statistics_of_another_pipeline_are_refused(tmp_path):
     config["norm_eps"] = 2e-6  # the same folder, another transformer config
     (folder / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(QexportError, match=r"calibrate .* first"):
-        build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")))
+        build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")), model=TRUSTED)
     assert not (tmp_path / "build").exists()

@@ -18,13 +18,14 @@ from qexport.verification import qnn_run
 
 from qexport.errors import QexportError
 from qexport.metrics import cosine
-from qexport.models.registry import load_model
+from qexport.models.registry import ModelRequest, load_model
 from qexport.models.sampler import SamplingConfig
 from qexport.recipe import recipe_of
 
 LATTE = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
              cross_attention_dim=16, sample_size=8, patch_size=2, norm_type="ada_norm_single",
              num_embeds_ada_norm=1000, caption_channels=16, video_length=2, norm_elementwise_affine=False)  # fmt: skip
+TRUSTED = ModelRequest(trust_model_path=True)  # the statistics name the folder tiny_build saved
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def tiny_build(tmp_path_factory):
     config = CalibConfig(prompts=("a red circle moving left",), sampling=SamplingConfig(steps=2, cfg=3.0))
     save(calibrate(adapter, config).stats, root / "s.qstats")
     recipe = recipe_of("bits.activations=16", "smoothquant.mode=asq", "target=qnn-htp")
-    return build(root / "s.qstats", root / "out", BuildConfig(recipe=recipe))
+    return build(root / "s.qstats", root / "out", BuildConfig(recipe=recipe), model=TRUSTED)
 
 
 def test_qnn_htp_build_is_closed_and_rank_limited(tiny_build):
@@ -92,7 +93,8 @@ def test_verify_on_htp_reads_the_kernels_off_the_compiled_graph(tiny_build):
 
     folder = tiny_build.folder
     stats = folder.parent / "s.qstats"
-    result = CliRunner().invoke(cli, ["verify", str(folder), "--stats", str(stats), "--runtime", "qnn-htp"])
+    result = CliRunner().invoke(cli, ["verify", str(folder), "--stats", str(stats), "--runtime", "qnn-htp",
+                                      "--trust-model-path"])  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["target_device"] == {"soc_model": "57", "htp_arch": "75", "float_ops": "fp16"}
@@ -125,7 +127,7 @@ def test_compiled_kernels_call_a_float_linear_float():
 @pytest.mark.skipif(not qnn_run.available(), reason="onnxruntime-qnn is not installed (pip install 'qexport[qnn]')")
 def test_an_open_build_is_refused_by_the_backend(tiny_build, tmp_path):
     recipe = recipe_of("bits.activations=16", "smoothquant.mode=asq", "target=ort-cpu")
-    built = build(tiny_build.folder.parent / "s.qstats", tmp_path / "cpu", BuildConfig(recipe=recipe))
+    built = build(tiny_build.folder.parent / "s.qstats", tmp_path / "cpu", BuildConfig(recipe=recipe), model=TRUSTED)
     with pytest.raises(QexportError, match="does not run on the HTP backend"):
         qnn_run.htp_session(built.folder / "step_00.onnx", get_profile("qnn-htp"))
 
@@ -185,7 +187,8 @@ def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
 def test_the_qnn_presets_run_fixed_point_on_htp(tiny_build, tmp_path, preset):
     from qexport.recipe import load_recipe
 
-    built = build(tiny_build.folder.parent / "s.qstats", tmp_path / preset, BuildConfig(recipe=load_recipe(preset)))
+    config = BuildConfig(recipe=load_recipe(preset))
+    built = build(tiny_build.folder.parent / "s.qstats", tmp_path / preset, config, model=TRUSTED)
     manifest = json.loads((built.folder / "manifest.json").read_text())
     assert manifest["target"] == "qnn-htp" and manifest["quantization"]["a_bits"] == 16
     ids = manifest["layer_ids"]

@@ -18,7 +18,7 @@ from qexport.errors import QexportError
 from qexport.metrics import psnr_db, sqnr_db, ssim, standard_error
 from qexport.models.adapter import ModelAdapter
 from qexport.models.judge import score
-from qexport.models.registry import load_model
+from qexport.models.registry import ModelRequest, check_conditions, load_model
 from qexport.models.sampler import SamplingConfig, sample
 from qexport.progress import Progress, Units
 from qexport.runtime.conditioning import Conditioning
@@ -81,6 +81,7 @@ def evaluate(
     seeds: list[int],
     progress: Progress | None = None,
     threads: int | None = None,
+    model: ModelRequest | None = None,
 ) -> EvalResult:
     """Evaluate builds of one model against its FP sampling.
 
@@ -88,20 +89,30 @@ def evaluate(
         progress: ticks of one task: each FP sample, each build's sample, each build's per-step
             SQNR pass over one sample.
         threads: onnxruntime intra-op threads of the emitted models (None: onnxruntime's default).
+        model: which model to load for the builds' model id (a folder only with consent, see
+            ModelRequest; the user's own must match the builds' config hash).
 
     Raises:
-        QexportError: builds of different models or step schedules, bad prompts.
+        QexportError: builds of different models or step schedules, a model folder without consent,
+            another model than the builds', bad prompts.
     """
+    request = model or ModelRequest()
     manifests = [read_manifest(f) for f in folders]
     ids = {(m["model_id"], len(m["steps"]), m["cfg"]) for m in manifests}
     if len(ids) != 1:
         raise QexportError(f"builds differ in model, steps or CFG: {sorted(ids)}; evaluate one model's builds together")
     model_id, steps, cfg = ids.pop()
+    load_id = request.model_id(model_id, str(Path(folders[0]) / "manifest.json"), "built from it")
     pairs = [(p, s) for s in seeds for p in prompts]
     units = Units(progress, "evaluating (samples)", len(pairs) * (1 + 2 * len(folders)))
-    units.start(f"loading {model_id}")
-    adapter = load_model(model_id)
-    adapter.conditioner.encode(prompts)  # validates every prompt before any work
+    check_conditions(load_id, tuple(prompts))  # every prompt, before any work
+    units.start(f"loading {load_id}")
+    adapter = load_model(load_id)
+    if adapter.config_hash() != manifests[0].get("config_hash"):
+        raise QexportError(
+            f"{load_id} (config {adapter.config_hash()}) is not the model {folders[0]} was built from "
+            f"({model_id}, config {manifests[0].get('config_hash')}); pass that model with --model"
+        )
     config = SamplingConfig(steps=steps, cfg=cfg)
     fp_pixels, trajectories = [], []
     for p, s in pairs:

@@ -271,6 +271,35 @@ def trajectory(
     return seen
 
 
+def check_verify_request(manifest: dict[str, Any], runtime: str, only: list[int] | None) -> None:
+    """What verify can refuse from a build's manifest alone, before any model is loaded: a runtime
+    that is unknown, not for this build or not installed, and model indexes the build lacks.
+
+    Raises:
+        QexportError: naming the runtime (and how to install it) or the index and the build's range.
+    """
+    import importlib.util
+
+    from qexport.targets.catalog import get_profile
+    from qexport.verification.qnn_run import available
+
+    if runtime not in (*RUNTIMES, "qnn-htp"):
+        raise QexportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}, qnn-htp")
+    if "pipeline" in manifest and runtime != "onnxruntime":
+        raise QexportError(f"a pipeline build is verified on onnxruntime; --runtime {runtime} is not supported for it")
+    if runtime == "qnn-htp":
+        target = get_profile(str(manifest["target"]))
+        if not target.closed_linears:
+            raise QexportError(f"a {target.name} build does not run on the HTP backend; build with --target qnn-htp")
+        if not available():
+            raise QexportError("--runtime qnn-htp needs onnxruntime-qnn: pip install 'qexport[qnn]'")
+    if runtime == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise QexportError("--runtime openvino needs OpenVINO: pip install 'qexport[openvino]'")
+    count = len(manifest["ranges"])
+    if bad := [i for i in only or [] if not 0 <= i < count]:
+        raise QexportError(f"no model {bad[0]} in this build; it has models 0..{count - 1}")
+
+
 def verify(
     folder: Path,
     adapter: ModelAdapter,

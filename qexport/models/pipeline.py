@@ -22,6 +22,7 @@ import torch
 
 from qexport.errors import QexportError
 from qexport.models.registry import read_json
+from qexport.models.trust import check_pipeline_index
 
 KEPT_STEPS = 2  # the steps whose transformer inputs and outputs a trace keeps (exporter.pipeline_parts)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # a folder never reaches for the hub
@@ -66,11 +67,13 @@ class Trace:
 
 
 def load_pipeline(folder: Path) -> Any:
-    """The pipeline of a folder written by save_pretrained, every class taken from its model_index.json.
+    """The pipeline of a folder written by save_pretrained, every class taken from its model_index.json:
+    classes of diffusers and transformers only, weights from safetensors only (models.trust).
 
     Raises:
-        QexportError: no folder or no model_index.json, a component folder it names missing, or a
-            class the installed diffusers / transformers lack.
+        QexportError: no folder or no model_index.json, a component folder it names missing, a class
+            the installed diffusers / transformers lack or that would run the folder's own code, pickled
+            weights, a tokenizer without tokenizer.json.
     """
     folder = Path(folder)
     index_path = folder / "model_index.json"
@@ -86,17 +89,16 @@ def load_pipeline(folder: Path) -> Any:
             )
     from qexport.models.builtin_pipeline import CLASS_NAMES, load_qexport_pipeline
 
+    check_pipeline_index(folder, index, own=CLASS_NAMES)
     if index.get("_class_name") in CLASS_NAMES:  # a qexport model (the built-ins): its own loop
         return load_qexport_pipeline(folder)
     import diffusers
 
-    cls = getattr(diffusers, str(index.get("_class_name", "")), None)
-    if cls is None:
-        raise QexportError(f"{index_path} names pipeline class {index.get('_class_name')!r}, which diffusers lacks")
+    cls = getattr(diffusers, str(index["_class_name"]))
     saved = {k: os.environ.get(k) for k in OFFLINE}
     os.environ.update(OFFLINE)
     try:
-        return cls.from_pretrained(str(folder), torch_dtype=torch.float32)
+        return cls.from_pretrained(str(folder), torch_dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError, ImportError, AttributeError) as exc:
         raise QexportError(f"cannot load {index['_class_name']} from {folder}: {exc}") from exc
     finally:
@@ -191,6 +193,19 @@ def check_prompts(pipe: Any, prompts: list[str], call: dict[str, Any]) -> None:
                         else ""
                     )
                 )
+
+
+def check_condition(pipe: Any, condition: str, call: dict[str, Any]) -> None:
+    """Refuse a condition the pipeline does not take: a class label it does not know (a
+    class-conditional pipeline), or a prompt longer than its tokenizers take.
+
+    Raises:
+        QexportError: as label_ids and check_prompts.
+    """
+    if takes_labels(pipe):
+        label_ids(pipe, [condition])
+    else:
+        check_prompts(pipe, [condition], call)
 
 
 def _flatten(prefix: str, value: Any, call: TransformerCall, keep: bool) -> None:

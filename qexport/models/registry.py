@@ -23,6 +23,7 @@ from qexport.models.conditioning import (
 )
 from qexport.models.families import FAMILIES, family_of
 from qexport.models.text_encoder import CaptionEncoder, is_caption_encoder
+from qexport.models.trust import refuse_pickled
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,49 @@ def model_names() -> list[str]:
     return [*BUILTINS, *architectures.FULL_SIZE]
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelRequest:
+    """Which model a command may load when a file (a .qstats, a build's manifest.json) names it, and
+    what that model must take. A built-in or full-size name is loaded as named; a folder the file
+    names only with the user's consent: their own ``model`` (a folder, ``diffusers:FOLDER``,
+    ``pipeline:FOLDER`` or a name; it must match the file's config hash), or ``trust_model_path``
+    (load the folder the file names). ``conditions``: the prompts or class labels the command will
+    run the model with, checked as soon as it is loaded, before any work."""
+
+    model: str | None = None
+    trust_model_path: bool = False
+    conditions: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.trust_model_path:
+            raise QexportError("give --model PATH or --trust-model-path, not both")
+        if self.model is not None and not self.model.strip():
+            raise QexportError("--model is empty; give a model folder or a built-in name")
+
+    def model_id(self, named: str, named_by: str, how: str) -> str:
+        """The model id to load for a file that names `named`.
+
+        Args:
+            named_by: the file, as the error names it (e.g. ``run.qstats``).
+            how: how the file came to name the model (e.g. "calibrated there").
+
+        Raises:
+            QexportError: a folder named by the file, without consent.
+        """
+        if self.model is not None:
+            given = self.model.strip()
+            if given in model_names() or given.startswith("diffusers:"):
+                return given
+            return f"diffusers:{given.removeprefix('pipeline:')}"
+        if named in model_names() or self.trust_model_path:
+            return named
+        folder = named.removeprefix("diffusers:")
+        raise QexportError(
+            f"{named_by} names the model folder {folder} ({how}); pass --model {folder} to load it, "
+            "or --trust-model-path"
+        )
+
+
 def load_model(name: str) -> ModelAdapter:
     """Load a model by name.
 
@@ -56,6 +100,32 @@ def load_model(name: str) -> ModelAdapter:
     Raises:
         QexportError: unknown name, missing folder or weights, unsupported class.
     """
+    if name in architectures.FULL_SIZE:
+        return _full_size(name)
+    return load_folder(_folder_of(name), model_id=name)
+
+
+def check_conditions(name: str, texts: tuple[str, ...]) -> None:
+    """Refuse a prompt or class label the model `name` does not take, from its conditioner alone
+    (its transformer's weights are not loaded): a check before any work that would run it.
+
+    Raises:
+        QexportError: as load_model for the name; from the conditioner, naming the text and what it takes.
+    """
+    if not texts:
+        return
+    if name in architectures.FULL_SIZE:
+        class_name, config, _ = architectures.FULL_SIZE[name]
+        conditioner = _full_size_conditioner(class_name, config)
+    else:
+        folder = _folder_of(name)
+        _, class_name, config, meta = _transformer_folder(folder)
+        conditioner = _conditioner(folder, class_name, config, meta)
+    conditioner.encode(list(texts))
+
+
+def _folder_of(name: str) -> Path:
+    """The folder of a built-in or ``diffusers:`` model name."""
     if name in BUILTINS:
         folder = BUILTIN_DIR / name
         if not (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
@@ -63,11 +133,9 @@ def load_model(name: str) -> ModelAdapter:
                 f"built-in model {name!r} has no weights at {folder}; reinstall qexport or train them with "
                 f"`python -m qexport.models.train --model {name} --out {folder}`"
             )
-        return load_folder(folder, model_id=name)
+        return folder
     if name.startswith("diffusers:"):
-        return load_folder(Path(name.removeprefix("diffusers:")).expanduser(), model_id=name)
-    if name in architectures.FULL_SIZE:
-        return _full_size(name)
+        return Path(name.removeprefix("diffusers:")).expanduser()
     raise QexportError(f"unknown model {name!r}; choose one of {', '.join(model_names())} or diffusers:/path/to/folder")
 
 
@@ -82,8 +150,9 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
-    """Load a diffusers pipeline folder (with transformer/) or a bare transformer folder."""
+def _transformer_folder(folder: Path) -> tuple[Path, str, dict[str, Any], dict[str, Any]]:
+    """A model folder's transformer folder, class name and config, and its model_index's qexport
+    entries, read and checked without loading weights."""
     if not folder.is_dir():
         raise QexportError(f"model folder {folder} does not exist; pass diffusers:/path/to/a/saved/model")
     tdir = folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
@@ -104,10 +173,22 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
             "folder (with model_index.json) and use qexport.calib.pipeline"
         )
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    meta = index.get("qexport", {})
+    return tdir, class_name, config, index.get("qexport", {})
+
+
+def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
+    """Load a diffusers pipeline folder (with transformer/) or a bare transformer folder; weights
+    from safetensors only (models.trust).
+
+    Raises:
+        QexportError: no folder or transformer config, an unsupported class, pickled weights.
+    """
+    tdir, class_name, _, meta = _transformer_folder(folder)
+    for part in (tdir, folder / "vae"):
+        refuse_pickled(part)
     try:
         transformer = architectures.model_class(class_name).from_pretrained(
-            str(tdir), torch_dtype=torch.float32, low_cpu_mem_usage=False
+            str(tdir), torch_dtype=torch.float32, low_cpu_mem_usage=False, use_safetensors=True
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise QexportError(f"cannot load {class_name} from {tdir}: {exc}") from exc
@@ -123,7 +204,8 @@ def load_folder(folder: Path, *, model_id: str) -> ModelAdapter:
     if (folder / "vae" / "config.json").is_file():
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32, use_safetensors=True)
+        vae.eval()
     return ModelAdapter(
         model_id=model_id,
         class_name=class_name,
@@ -156,22 +238,22 @@ def _full_size(name: str) -> ModelAdapter:
     log.info("building %s with random weights (no checkpoint can be downloaded here)", name)
     torch.manual_seed(0)
     transformer = architectures.build(class_name, config).eval()
-    conditioner: Conditioner
-    if family_of(class_name).conditioning == "label":
-        conditioner = LabelConditioner([], int(config["num_embeds_ada_norm"]))
-    else:
-        conditioner = SyntheticCaptionConditioner(
-            architectures.CAPTION_TOKENS_FULL_SIZE, int(config["caption_channels"])
-        )
     return ModelAdapter(
         model_id=name,
         class_name=class_name,
         transformer=transformer,
-        conditioner=conditioner,
+        conditioner=_full_size_conditioner(class_name, config),
         latent_shape=_latent_shape(class_name, config),
         description=f"{description} [random-init]",
         random_init=True,
     )
+
+
+def _full_size_conditioner(class_name: str, config: dict[str, Any]) -> Conditioner:
+    """Class ids (no names), or synthetic caption embeddings: random weights have no text encoder."""
+    if family_of(class_name).conditioning == "label":
+        return LabelConditioner([], int(config["num_embeds_ada_norm"]))
+    return SyntheticCaptionConditioner(architectures.CAPTION_TOKENS_FULL_SIZE, int(config["caption_channels"]))
 
 
 def _folder_bytes(folder: Path) -> int:

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qexport.errors import QexportError
+from qexport.models.trust import refuse_pickled
 from qexport.tokenizer import MAX_TOKENS, VOCAB
 
 CONFIG_NAME = "config.json"
@@ -53,6 +55,14 @@ class CaptionEncoder(nn.Module):
 
     @classmethod
     def load(cls, folder: Path) -> CaptionEncoder:
+        """The encoder saved in folder (its weights from model.safetensors only).
+
+        Raises:
+            QexportError: pickled weights in its place, or no weights file.
+        """
+        refuse_pickled(folder)
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise QexportError(f"{folder} has no {WEIGHTS_NAME}; save the encoder with CaptionEncoder.save")
         raw = json.loads((folder / CONFIG_NAME).read_text())
         raw.pop("_class_name", None)
         model = cls(CaptionEncoderConfig(**raw))

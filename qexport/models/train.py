@@ -27,6 +27,7 @@ from qexport import __version__
 from qexport.models import architectures, shapes
 from qexport.models.adapter import SCHEDULER_CONFIG, Denoiser
 from qexport.models.text_encoder import CaptionEncoder, CaptionEncoderConfig
+from qexport.models.trust import refuse_pickled
 from qexport.tokenizer import tokenize
 
 log = logging.getLogger("qexport.train")
@@ -96,8 +97,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     if cfg.init:
         init = Path(cfg.init)
+        refuse_pickled(init / "transformer")
         transformer = architectures.model_class(class_name).from_pretrained(
-            str(init / "transformer"), torch_dtype=torch.float32
+            str(init / "transformer"), torch_dtype=torch.float32, use_safetensors=True
         )
         previous = json.loads((init / "training.json").read_text())
         history = [*previous.pop("history", []), previous]
