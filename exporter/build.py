@@ -57,7 +57,7 @@ from qexport.targets.profile import TargetProfile
 
 from qexport import serial
 from qexport.errors import QexportError
-from qexport.media import written_whole
+from qexport.media import atomic_write, written_whole
 from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import ModelRequest, check_conditions, load_model
 from qexport.progress import Progress, report
@@ -215,7 +215,8 @@ def emit_models(
         built, _ = plan_models(adapter, stats, config, target, progress, sink=sink)
     finally:
         emit = writer.close()
-    (folder / LEGALITY_FILE).write_text(json.dumps([r.to_json() for r in legality], indent=1))
+    reports = [r.to_json() for r in legality]
+    atomic_write(folder / LEGALITY_FILE, lambda p: Path(p).write_text(json.dumps(reports, indent=1, allow_nan=False)))
     return built, emit, legality
 
 

@@ -1,9 +1,11 @@
 """Write manifest.json for a build: inputs, steps with their model files and sampler
-coefficients, CFG, the quantization config, the target, the tool version, verification."""
+coefficients, CFG, the quantization config, the target, the tool version, verification; sealed
+(write_manifest): every file's size and sha256, and a digest of the manifest's own content."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,12 @@ from qexport.passes.techniques import ORDER
 from qexport.targets.profile import TargetProfile
 
 from qexport import __version__
+from qexport.errors import QexportError
 from qexport.media import atomic_write
 from qexport.models.adapter import ModelAdapter
 from qexport.models.scheduler import check, probe
-from qexport.runtime.manifest import MANIFEST, SCHEMA_VERSION
+from qexport.runtime.manifest import DIGEST, MANIFEST, SCHEMA_VERSION, check_content, file_digest, manifest_digest
+from qexport.runtime.manifest_schema import MAX_FILES, path_problem
 
 
 def make_manifest(
@@ -201,4 +205,53 @@ def _attention_ranges(r: BuiltRange) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    atomic_write(Path(folder) / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
+    """Seal and write folder/manifest.json (atomically): record every file of the folder (size,
+    sha256, streamed: a read of the whole build), check the content as every reader will
+    (runtime.manifest.check_content), and add the digest of the rest. `manifest` gets the same
+    `integrity` and `digest` entries. Every writer of a manifest (build, verify, contexts) calls this.
+
+    Raises:
+        QexportError: a manifest its readers would refuse (a bug in the code that made it).
+    """
+    folder = Path(folder)
+    manifest.pop(DIGEST, None)
+    manifest["integrity"] = integrity_record(folder)
+    data = plain_json(manifest)
+    data[DIGEST] = manifest[DIGEST] = manifest_digest(data)
+    check_content(data, f"the {MANIFEST} being written to {folder}")
+    atomic_write(folder / MANIFEST, lambda p: Path(p).write_text(json.dumps(data, indent=2, allow_nan=False)))
+
+
+def integrity_record(folder: Path) -> dict[str, Any]:
+    """Size and sha256 of every file under folder (subfolders too) but manifest.json, by relative
+    name; hidden files (temporaries, locks) and names a manifest cannot hold are left out.
+
+    Raises:
+        QexportError: a folder with more files than a manifest records.
+    """
+    root = Path(folder).resolve()
+    files: dict[str, Any] = {}
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if name == MANIFEST or path_problem(name) is not None or not path.is_file():
+            continue
+        if not path.resolve().is_relative_to(root):
+            continue  # a symlink out of the folder is no file of the build
+        if len(files) == MAX_FILES:
+            raise QexportError(f"{folder} holds more than {MAX_FILES} files; a build folder holds its models")
+        files[name] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+    return {"algorithm": "sha256", "files": files}
+
+
+def plain_json(value: Any) -> Any:
+    """value as the strict JSON a reader accepts: tuples as lists, numpy scalars as numbers, and a
+    non-finite float (an SQNR of identical outputs) as the string "inf", "-inf" or "nan"."""
+    if isinstance(value, dict):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()  # a numpy scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
+    return value

@@ -276,7 +276,9 @@ def export_fp_pipeline(
     Raises:
         QexportError: anything of the pipeline that is not bound or not exportable, by name.
     """
-    import json
+    from qexport.exporter.manifest import write_manifest
+
+    from qexport.runtime.manifest import SCHEMA_VERSION
 
     if out.exists():
         raise QexportError(f"{out} exists; choose a new folder")
@@ -290,10 +292,10 @@ def export_fp_pipeline(
             raise QexportError(f"cannot export {name} with its recorded inputs to ONNX: {exc}") from exc
         pipeline = {**write_parts(binding, tmp, precision), "denoiser": "transformer.onnx"}
         manifest = {
-            "schema_version": 3,
+            "schema_version": SCHEMA_VERSION,
             "pipeline": pipeline,
             "scheduler": binding.block,
             "latent_shape": list(binding.trace.samples[0].shape[1:]),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        write_manifest(tmp, manifest)
     return manifest

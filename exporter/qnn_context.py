@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from qexport.errors import QexportError
 from qexport.media import written_whole
+from qexport.runtime.files import model_path
 from qexport.runtime.qnn import open_htp, soc_of
 
 MODES = ("per-model", "shared")
@@ -74,7 +75,7 @@ def compile_contexts(folder: Path, manifest: dict[str, Any], mode: str) -> dict[
                 config["ep.share_ep_contexts"] = "1"
                 if i == len(models) - 1:
                     config["ep.stop_share_ep_contexts"] = "1"
-            session = open_htp(folder / model, soc, config=config)
+            session = open_htp(model_path(folder, model), soc, config=config)
             feeds = _feeds(session, i)
             np.savez(Path(scratch) / f"{i}.npz", **feeds)  # type: ignore[arg-type]  # numpy stubs type **kwds as bool
             reference[model] = np.asarray(session.run(None, feeds)[0])

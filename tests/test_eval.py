@@ -65,14 +65,17 @@ def test_eval_measures_every_build_against_fp_and_reports(two_builds, latte_stat
     assert page.count("Target</b> ort-cpu") == 2 and "smoothing tsq" in page and "W8A8" in page  # the options
 
 
-def test_eval_refuses_builds_of_different_schedules(two_builds, tmp_path):
+def test_eval_refuses_builds_that_sample_differently(two_builds, tmp_path):
+    import shutil
+
+    from qexport.exporter.manifest import write_manifest
+
     tsq, _ = two_builds
     other = tmp_path / "other"
-    other.mkdir()
-    manifest = json.loads((tsq.folder / "manifest.json").read_text())
-    manifest["steps"] = manifest["steps"][:2]
-    manifest["ranges"] = []
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(tsq.folder, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["cfg"] = 3.0  # another guidance scale: the same models sample differently
+    write_manifest(other, manifest)
     with pytest.raises(QexportError, match="builds differ in model, steps or CFG"):
         evaluate([tsq.folder, other], ["a red circle moving left"], [0])
 

@@ -25,6 +25,7 @@ from qexport.passes.quant import STORAGE
 from qexport.passes.rewrite import PassConfig
 from qexport.targets.catalog import PROFILES, RUNTIMES, get_profile
 from qexport.targets.legality import check_model
+from qexport.targets.legality_schema import read_legality
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -288,7 +289,7 @@ def test_tiny_latte_w8a8_tsw_build_verifies_for_every_target(latte_stats, tmp_pa
         result.folder, result.adapter, plans, result.manifest, target, "a red circle moving left", runtime=runtime
     )
     assert v.ok, v.to_json()
-    saved = json.loads((result.folder / "legality.json").read_text())
+    saved = read_legality(result.folder / "legality.json")
     assert [m["model"] for m in saved] == [f"step_{i:02d}.onnx" for i in range(4)]
     for r in result.legality:  # integer-only quantizes the other compute nodes as well
         quantized, share = r.totals()["quantized"], r.quantized_mac_share()

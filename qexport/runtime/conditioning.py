@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from qexport.errors import QexportError
+from qexport.runtime.files import model_path, open_session, run_session
 from qexport.tokenizer import tokenize
 
 
@@ -20,16 +20,13 @@ class Conditioning:
         self.spec = manifest.get("conditioning") or {"kind": "external"}
         self.session = None
         if self.spec["kind"] == "caption":
-            path = Path(folder) / self.spec["model"]
-            if not path.is_file():
-                raise QexportError(f"caption encoder {path} named in the manifest is missing; rebuild")
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = open_session(model_path(folder, self.spec["model"]))
 
     def encode(self, prompt: str) -> np.ndarray:
         kind = self.spec["kind"]
         if kind == "caption" and self.session is not None:
             ids = tokenize([prompt], self.spec["max_tokens"], self.spec["vocab"])
-            return np.asarray(self.session.run(None, {"ids": ids})[0], dtype=np.float32)
+            return np.asarray(run_session(self.session, {"ids": ids}, self.spec["model"])[0], dtype=np.float32)
         if kind == "label":
             return np.array([self._label(prompt)], dtype=np.int64)
         raise QexportError("this build has no conditioning model; feed caption embeddings to the Pipeline directly")

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qexport.errors import QexportError
 from qexport.progress import Progress, Units
+from qexport.runtime.files import model_path, open_session, run_session
 from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.manifest import read_manifest
 from qexport.runtime.scheduler import EdgeScheduler
@@ -42,7 +44,7 @@ class LoopResult:
     prompt_seconds: float = 0.0  # kv.onnx (--precompute-kv builds), once per prompt
 
 
-ModelOpener = Callable[[Path], ort.InferenceSession]  # a step model's path -> its session
+ModelOpener = Callable[[Path], ort.InferenceSession]  # a step model's path (checked: files.model_path) -> its session
 
 
 class Pipeline:
@@ -66,15 +68,14 @@ class Pipeline:
 
     def _load(self, index: int) -> Future[ort.InferenceSession]:
         if index not in self._sessions:
-            path = self.folder / self.manifest["ranges"][index]["model"]
-            if self.open_model is not None:
-                self._sessions[index] = self._pool.submit(self.open_model, path)
-            else:
-                opts = session_options(self.threads)
-                self._sessions[index] = self._pool.submit(
-                    ort.InferenceSession, str(path), opts, providers=["CPUExecutionProvider"]
-                )
+            self._sessions[index] = self._pool.submit(self._open, self.manifest["ranges"][index]["model"])
         return self._sessions[index]
+
+    def _open(self, name: str) -> ort.InferenceSession:
+        path = model_path(self.folder, name)
+        if self.open_model is not None:
+            return self.open_model(path)
+        return open_session(path, session_options(self.threads))
 
     def run(self, cond: np.ndarray, null: np.ndarray, seed: int, progress: Progress | None = None) -> LoopResult:
         """Sample one output. cond / null: this prompt's and the null condition, batch 1 each;
@@ -102,7 +103,11 @@ class Pipeline:
             feeds = {"latents": np.concatenate([seen, seen]).astype(np.float32), **prompt}
             if "timestep" in {i["name"] for i in m["inputs"]}:
                 feeds["timestep"] = np.full((2,), step["timestep"], dtype=np.int64)
-            out_c, out_u = session.run(None, select(session, feeds))[0]
+            out = run_session(session, select(session, feeds), step["model"])[0]
+            if list(out.shape) != m["output"]["shape"]:
+                raise QexportError(f"{step['model']} gives an output of shape {list(out.shape)}; the manifest says "
+                                   f"{m['output']['shape']}: rebuild the folder with qexport build")  # fmt: skip
+            out_c, out_u = out
             guided = out_u + np.float32(m["cfg"]) * (out_c - out_u)
             x = sampler.step(k, x[0], guided)[None]
             result.step_seconds.append(time.perf_counter() - start)
@@ -114,8 +119,6 @@ class Pipeline:
 def decode_pixels(latents: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
     """Pixel-space latents [1, C, (F,) H, W] in [-1, 1] -> uint8 [(F,) H, W, 3], as the torch decode does."""
     if not manifest.get("pixel_latents"):
-        from qexport.errors import QexportError
-
         raise QexportError("this model's latents need a VAE decoder, which the edge loop does not ship")
     x = np.clip(latents[0].astype(np.float32), -1, 1)
     pixels = np.round((x + np.float32(1)) * np.float32(127.5)).astype(np.uint8)

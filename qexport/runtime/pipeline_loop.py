@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qexport.errors import QexportError
+from qexport.runtime.files import model_path, open_session, run_session
 from qexport.runtime.loop import session_options
 from qexport.runtime.scheduler import EdgeScheduler
 from qexport.runtime.text import TextPart
@@ -26,12 +27,18 @@ Denoise = Callable[[int, dict[str, np.ndarray]], np.ndarray]  # (step, feeds by 
 
 def text_output(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
     """A binding's text output from a part's encoded outputs (TextPart.encode): `<output>:zeroed` is
-    the output with its padding positions zeroed (times the attention mask)."""
+    the output with its padding positions zeroed (times the attention mask).
+
+    Raises:
+        QexportError: a name the part does not give.
+    """
     if name in outputs:
         return outputs[name]
-    if name.endswith(":zeroed"):
+    if name.endswith(":zeroed") and name.removesuffix(":zeroed") in outputs:
         return outputs[name.removesuffix(":zeroed")] * outputs["attention_mask"][..., None]
-    return outputs[TEXT_KEYS[name]]
+    if TEXT_KEYS.get(name) in outputs:
+        return outputs[TEXT_KEYS[name]]
+    raise QexportError(f"the manifest binds text output {name[:80]!r}, which its text part does not give; rebuild")
 
 
 def joined_value(join: dict[str, Any], outputs: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
@@ -81,8 +88,7 @@ class PipelineLoop:
     def session(self, step: int) -> ort.InferenceSession:
         name = self.model_file(step)
         if self._session is None or self._session[0] != name:
-            self._session = (name, ort.InferenceSession(str(self.folder / name), self.options,
-                                                        providers=["CPUExecutionProvider"]))  # fmt: skip
+            self._session = (name, open_session(model_path(self.folder, name), self.options))
         return self._session[1]
 
     def run_model(self, step: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -90,30 +96,45 @@ class PipelineLoop:
         timestep, left out)."""
         session = self.session(step)
         names = {i.name for i in session.get_inputs()}
-        return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+        return run_session(session, {k: v for k, v in feeds.items() if k in names}, self.model_file(step))[0]
 
     def _feeds(
         self, inputs: list[dict[str, Any]], seen: np.ndarray, t: float, text: dict[str, Any], ids: dict[str, int]
     ) -> dict[str, Any]:
+        """The transformer's inputs of one call by the manifest's bindings.
+
+        Raises:
+            QexportError: a binding whose numbers do not fit the values it combines.
+        """
         feeds = {}
         for spec in inputs:
-            dtype = np.dtype(spec["dtype"])
-            if spec["source"] == "latents":
-                value = np.concatenate([seen] * spec["repeat"])
-            elif spec["source"] == "timestep":
-                value = np.full(spec["shape"], t * spec["factor"])
-            elif spec["source"] in ("text", "mask"):
-                sides = text[spec["part"]]
-                value = np.concatenate([text_output(sides[side], spec["output"]) for side in spec["order"].split(",")])
-            elif spec["source"] == "joined":
-                value = np.concatenate([joined_value(spec["join"], {p: s[side] for p, s in text.items()})
-                                        for side in spec["order"].split(",")])  # fmt: skip
-            elif spec["source"] == "label":
-                value = label_value(spec, ids)
-            else:
-                continue  # constants are inside the model
-            feeds[spec["name"]] = value.astype(dtype)
+            try:
+                value = self._bound(spec, seen, t, text, ids)
+            except ValueError as exc:  # numpy's concatenate / reshape / pad of shapes the manifest gives
+                raise QexportError(f"the manifest's binding of transformer input {spec['name']!r} does not fit "
+                                   f"its values ({exc}); rebuild the folder") from None  # fmt: skip
+            if value is not None:
+                feeds[spec["name"]] = value.astype(np.dtype(spec["dtype"]))
         return feeds
+
+    @staticmethod
+    def _bound(
+        spec: dict[str, Any], seen: np.ndarray, t: float, text: dict[str, Any], ids: dict[str, int]
+    ) -> np.ndarray | None:
+        """One binding's value (None: a constant inside the model)."""
+        if spec["source"] == "latents":
+            return np.concatenate([seen] * spec["repeat"])
+        if spec["source"] == "timestep":
+            return np.full(spec["shape"], t * spec["factor"])
+        if spec["source"] in ("text", "mask"):
+            sides = text[spec["part"]]
+            return np.concatenate([text_output(sides[side], spec["output"]) for side in spec["order"].split(",")])
+        if spec["source"] == "joined":
+            return np.concatenate([joined_value(spec["join"], {p: s[side] for p, s in text.items()})
+                                   for side in spec["order"].split(",")])  # fmt: skip
+        if spec["source"] == "label":
+            return label_value(spec, ids)
+        return None  # constants are inside the model
 
     def run(
         self, condition: str | int, start: np.ndarray, denoise: Denoise | None = None, decode: bool = True
@@ -139,12 +160,26 @@ class PipelineLoop:
         for i, step in enumerate(self.manifest["scheduler"]["steps"]):
             seen = sampler.model_input(i, x)
             outs = [denoise(i, self._feeds(c["inputs"], seen, step["timestep"], text, ids)) for c in self.spec["calls"]]
-            joined = np.concatenate(outs)
-            if self.spec["split"]:
-                joined = joined[:, : self.spec["split"]]
-            if self.spec["cfg"] != "none":
-                u, c = np.split(joined, 2)
-                u, c = (u, c) if self.spec["cfg"] == "uncond,cond" else (c, u)
-                joined = u + np.float32(self.spec["guidance"]) * (c - u)
-            x = sampler.step(i, x, joined.astype(np.float32))
+            try:
+                x = sampler.step(i, x, self.guided(outs, x.shape))
+            except ValueError as exc:  # numpy: outputs whose shapes the manifest's rule does not fit
+                raise QexportError(f"the transformer's outputs at step {i} do not combine as the manifest says "
+                                   f"({exc}); rebuild the folder") from None  # fmt: skip
         return x, None if self.vae is None or not decode else self.vae.images(x)
+
+    def guided(self, outs: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        """The scheduler's model output from one step's transformer outputs: joined, split, CFG.
+
+        Raises:
+            ValueError: outputs that do not combine to `shape` as the manifest's rule says.
+        """
+        joined = np.concatenate(outs)
+        if self.spec["split"]:
+            joined = joined[:, : self.spec["split"]]
+        if self.spec["cfg"] != "none":
+            u, c = np.split(joined, 2)
+            u, c = (u, c) if self.spec["cfg"] == "uncond,cond" else (c, u)
+            joined = u + np.float32(self.spec["guidance"]) * (c - u)
+        if joined.shape != shape:
+            raise ValueError(f"the model output is {list(joined.shape)}, the sample {list(shape)}")
+        return joined.astype(np.float32)

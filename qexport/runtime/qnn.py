@@ -12,6 +12,7 @@ from typing import Any
 import onnxruntime as ort
 
 from qexport.errors import QexportError
+from qexport.runtime.files import inside, model_path
 
 _registered: list[str] = []
 
@@ -76,7 +77,8 @@ def soc_of(manifest: dict[str, Any]) -> dict[str, str]:
 
 def model_opener(folder: Path, manifest: dict[str, Any]) -> Any:
     """How the edge loop opens a step model on HTP: from its context binary when the build has them
-    (``qexport contexts``), else by compiling the ONNX model at load.
+    (``qexport contexts``), else by compiling the ONNX model at load. The path it is given is a
+    checked one (files.model_path); a context model is checked the same way before it opens.
 
     Raises:
         QexportError: contexts whose load check failed on this machine (the reason recorded).
@@ -88,6 +90,6 @@ def model_opener(folder: Path, manifest: dict[str, Any]) -> Any:
     if contexts.get("loaded") is not True:
         raise QexportError(f"{folder}'s {contexts['mode']} context binaries did not load here ({contexts['loaded']}); "
                            "compile per-model ones: qexport contexts FOLDER --mode per-model --force")  # fmt: skip
-    by_model = {str(r["model"]): ctx for r, ctx in zip(manifest["ranges"], contexts["models"], strict=True)}
+    by_model = {inside(folder, r["model"]): ctx for r, ctx in zip(manifest["ranges"], contexts["models"], strict=True)}
     config = {"ep.share_ep_contexts": "1"} if contexts["mode"] == "shared" else {}
-    return lambda path: open_htp(Path(folder) / by_model[Path(path).name], soc, config=config)
+    return lambda path: open_htp(model_path(folder, by_model[Path(path).resolve()]), soc, config=config)

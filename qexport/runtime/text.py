@@ -12,6 +12,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from qexport.errors import QexportError
+from qexport.runtime.files import inside, model_path, open_session, run_session
 
 
 class TextPart:
@@ -19,16 +20,15 @@ class TextPart:
 
     def __init__(self, folder: Path, spec: dict[str, Any], options: ort.SessionOptions | None = None) -> None:
         self.spec = spec
-        path = Path(folder) / spec["tokenizer"]
-        if not path.is_file():
-            raise QexportError(
-                f"tokenizer file {spec['tokenizer']} is missing from {folder}; rebuild with qexport build"
-            )
-        self.tokenizer = Tokenizer.from_file(str(path))
+        path = inside(folder, spec["tokenizer"])
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises its own Exception on a file it cannot parse
+            raise QexportError(f"{spec['tokenizer']} in {folder} is not a tokenizer file `tokenizers` reads "
+                               f"({str(exc)[:160]}); rebuild with qexport build") from None  # fmt: skip
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
-        self.session = ort.InferenceSession(str(Path(folder) / spec["model"]), options,
-                                            providers=["CPUExecutionProvider"])  # fmt: skip
+        self.session = open_session(model_path(folder, spec["model"]), options)
 
     def tokens(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask) [1, max_length] int64.
@@ -59,5 +59,5 @@ class TextPart:
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"input_ids": ids, "attention_mask": mask}
-        values = self.session.run(None, {k: feeds[k] for k in self.spec["inputs"]})
+        values = run_session(self.session, {k: feeds[k] for k in self.spec["inputs"]}, self.spec["model"])
         return dict(zip(self.spec["outputs"], values, strict=True))

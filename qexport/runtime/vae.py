@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qexport.errors import QexportError
+from qexport.runtime.files import model_path, open_session, run_session
+
 
 def _arranged(x: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """The latents' axes as the decoder takes them: [N, C, h, w] images or one [1, C, F, h, w] clip."""
@@ -49,12 +52,20 @@ class VaeDecoder:
 
     def __init__(self, folder: Path, spec: dict[str, Any], options: ort.SessionOptions | None = None) -> None:
         self.spec = spec
-        self.session = ort.InferenceSession(str(Path(folder) / spec["model"]), options,
-                                            providers=["CPUExecutionProvider"])  # fmt: skip
+        self.session = open_session(model_path(folder, spec["model"]), options)
 
     def images(self, latents: np.ndarray) -> np.ndarray:
-        """Decoded images in [0, 1], [N, h, w, 3] float32 (N: 1, or the frames of a video)."""
-        decoded = self.session.run(None, {"z": decoder_input(latents, self.spec)})[0]
+        """Decoded images in [0, 1], [N, h, w, 3] float32 (N: 1, or the frames of a video).
+
+        Raises:
+            QexportError: the manifest's VAE entry does not fit the latents, or the decoder refuses them.
+        """
+        try:
+            z = decoder_input(latents, self.spec)
+        except ValueError as exc:  # numpy's reshape / broadcast of numbers the manifest gives
+            raise QexportError(f"the manifest's VAE entry ({self.spec['layout']}) does not fit latents "
+                               f"{list(np.shape(latents))} ({exc}); rebuild the folder") from None  # fmt: skip
+        decoded = run_session(self.session, {"z": z}, self.spec["model"])[0]
         if decoded.ndim == 5:  # a clip [B, 3, F, H, W] -> its frames [B*F, 3, H, W]
             decoded = decoded.transpose(0, 2, 1, 3, 4).reshape(-1, decoded.shape[1], *decoded.shape[3:])
         return np.clip(decoded / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
