@@ -137,6 +137,7 @@ def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
     import shutil
 
     from click.testing import CliRunner
+    from qexport.exporter.manifest import write_manifest
 
     from qexport.cli import cli
     from qexport.runtime.conditioning import Conditioning
@@ -162,12 +163,12 @@ def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
     from_contexts = loop(True)
     manifest = json.loads((folder / "manifest.json").read_text())
     saved = manifest.pop("contexts")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)  # resealed
     compiled = loop(True)  # each step model compiled at load
     np.testing.assert_array_equal(from_contexts, compiled)
     assert cosine(from_contexts, loop(False)) >= 0.999  # and the loop on HTP agrees with onnxruntime CPU
     manifest["contexts"] = saved
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)  # resealed
 
     per_model = sum(entry["binaries"].values())
     shared = runner.invoke(cli, ["contexts", str(folder), "--mode", "shared", "--force"])
