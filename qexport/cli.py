@@ -14,6 +14,7 @@ import click
 from qexport import __version__
 from qexport.build_flags import alias_assignments, alias_options
 from qexport.cli_args import (
+    check_device,
     check_threads,
     conditioning_text,
     existing_file,
@@ -376,6 +377,7 @@ def build(
     if output is None:
         raise QexportError("give -o FOLDER for the build (or only --dump-recipe FILE to write the recipe)")
     existing_file(stats_file, "statistics file", "make one with qexport calibrate")
+    check_device(verify_device, "--verify-device")
     conditions = () if no_verify or verify_prompt is None else (verify_prompt,)
     request = ModelRequest(model=model, trust_model_path=trust_model_path, conditions=conditions)
     config = BuildConfig(recipe=recipe, force=force)
@@ -483,6 +485,7 @@ def verify(
     set_threads(threads)
     manifest = read_manifest(folder)
     check_verify_request(manifest, runtime, indexes)
+    check_device(device, "--device")
     conditions = () if prompt is None else (prompt,)
     request = ModelRequest(model=model, trust_model_path=trust_model_path, conditions=conditions)
     request.model_id(str(manifest["model_id"]), str(folder / "manifest.json"), "built from it")  # consent, named here

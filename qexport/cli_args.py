@@ -62,6 +62,23 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(count)
 
 
+def check_device(device: str, option: str) -> str:
+    """device, if torch can run there (checked before any work that would end on it).
+
+    Raises:
+        QexportError: not a torch device, or a CUDA device torch does not see.
+    """
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise QexportError(f"{option} {device!r} is not a torch device; give cpu or cuda") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise QexportError(f"{option} {device}: torch sees no CUDA device here; use {option} cpu")
+    return device
+
+
 def existing_file(path: Path, what: str, fix: str) -> Path:
     """path, if it is a file.
 

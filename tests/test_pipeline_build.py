@@ -140,6 +140,27 @@ def test_a_target_that_closes_linears_is_refused_before_anything_is_written(tmp_
     assert not (tmp_path / "build").exists()
 
 
+def test_the_folder_the_statistics_name_is_loaded_only_with_consent(tmp_path):
+    folder, stats = _calibrated(tmp_path, "pixart-alpha")
+    with pytest.raises(QexportError) as refused:
+        build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")))
+    named = folder.resolve()
+    assert str(refused.value) == (
+        f"{stats} names the model folder {named} (calibrated there); pass --model {named} to load it, "
+        "or --trust-model-path"
+    )
+    assert not (tmp_path / "build").exists()
+
+
+def test_a_condition_the_pipeline_does_not_take_is_refused_before_anything_is_written(tmp_path):
+    folder, stats = _calibrated(tmp_path, "dit")
+    request = ModelRequest(model=str(folder), conditions=("a cat",))  # a caption for a class-conditional pipeline
+    refused = r"^class label 'a cat' is not known to DiTPipeline; give .*a class id in 0\.\."
+    with pytest.raises(QexportError, match=refused):
+        build_pipeline(stats, tmp_path / "build", BuildConfig(recipe=load_recipe("w8a8-tsq-tsw")), model=request)
+    assert not (tmp_path / "build").exists()
+
+
 def test_statistics_of_another_pipeline_are_refused(tmp_path):
     folder, stats = _calibrated(tmp_path, "pixart-alpha")
     config = json.loads((folder / "transformer" / "config.json").read_text())

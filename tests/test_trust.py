@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from qexport.cli import cli
@@ -204,6 +205,22 @@ def test_verify_loads_the_folder_a_manifest_names_only_with_consent(path_build, 
     assert result.exit_code == 0 and "verdict: PASS" in result.output, result.output
 
 
+def test_eval_loads_the_folder_a_manifest_names_only_with_consent(path_build):
+    message = _refused(["eval", str(path_build), "--labels", "a red circle moving left"])
+    assert message == (
+        f"{path_build / 'manifest.json'} names the model folder {LATTE} (built from it); pass --model {LATTE} "
+        "to load it, or --trust-model-path"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where torch sees no CUDA device")
+def test_a_device_torch_cannot_see_is_refused_before_the_build(path_stats, tmp_path):
+    out = tmp_path / "out"
+    message = _refused(["build", str(path_stats), "--trust-model-path", "--verify-device", "cuda", "-o", str(out)])
+    assert message == "--verify-device cuda: torch sees no CUDA device here; use --verify-device cpu"
+    assert not list(tmp_path.iterdir())
+
+
 def test_verify_names_statistics_of_another_model(path_build, latte_stats, tmp_path):
     from qexport.calib.store import load, save
 
@@ -217,21 +234,3 @@ def test_verify_names_statistics_of_another_model(path_build, latte_stats, tmp_p
         f"this build's 'diffusers:{LATTE}' (config {built['calibration']['config_hash']}); pass the .qstats it was "
         "built from with --stats"
     )
-
-
-def test_a_pipeline_build_asks_for_consent_before_loading_the_pipeline(latte_stats, tmp_path):
-    from qexport.calib.store import load, save
-    from qexport.exporter.built import BuildConfig
-    from qexport.exporter.pipeline_build import build_pipeline
-
-    stats = load(latte_stats)
-    folder = tmp_path / "no-such-pipeline"  # never opened: consent is refused first
-    stats.header.update(model_id=f"diffusers:{folder}", pipeline="PixArtAlphaPipeline", call={})
-    save(stats, tmp_path / "p.qstats")
-    with pytest.raises(QexportError) as refused:
-        build_pipeline(tmp_path / "p.qstats", tmp_path / "out", BuildConfig())
-    assert str(refused.value) == (
-        f"{tmp_path / 'p.qstats'} names the model folder {folder} (calibrated there); pass --model {folder} to "
-        "load it, or --trust-model-path"
-    )
-    assert not (tmp_path / "out").exists()
