@@ -103,8 +103,8 @@ def test_a_custom_pipeline_and_a_library_named_code_file_are_refused(tmp_path):
     folder = _pipeline_folder(tmp_path, index)
     (folder / "transformer" / "diffusers.py").write_text("raise SystemExit('ran')\n")
     assert _load_pipeline(folder) == (
-        f"{folder / 'transformer' / 'diffusers.py'} would be imported by diffusers as 'transformer''s code; qexport "
-        "loads library classes only: remove it"
+        f"{folder / 'transformer' / 'diffusers.py'} would be imported by diffusers as the code of component "
+        "'transformer'; qexport loads library classes only: remove it"
     )
 
 

@@ -73,8 +73,8 @@ def check_pipeline_index(folder: Path, index: dict[str, Any], own: tuple[str, ..
             )
         code = folder / name / f"{library}.py"
         if code.exists():
-            raise QexportError(f"{code} would be imported by diffusers as {name!r}'s code; qexport loads library "
-                               "classes only: remove it")  # fmt: skip
+            raise QexportError(f"{code} would be imported by diffusers as the code of component {name!r}; qexport "
+                               "loads library classes only: remove it")  # fmt: skip
         refuse_pickled(folder / name)
         if _is_tokenizer(component) and not (folder / name / TOKENIZER_FILE).is_file():
             raise QexportError(
