@@ -778,6 +778,7 @@ def demo(output: Path, force: bool, threads: int | None) -> None:
 @click.option("--seeds", default="0", show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sweep"), show_default=True)
+@model_options
 def sweep(
     stats_file: Path,
     methods: str,
@@ -788,10 +789,13 @@ def sweep(
     seeds: str,
     alpha: float,
     output: Path,
+    model: str | None,
+    trust_model_path: bool,
 ) -> None:
     """Build and evaluate a grid (methods x bits x ranges); writes the paper's table shapes."""
     from qexport.calib.store import load
     from qexport.models import shapes
+    from qexport.models.registry import ModelRequest
     from qexport.sweep import grid, paper_tables
     from qexport.sweep import sweep as run_sweep
     from qexport.verification.evaluate import write_json
@@ -803,8 +807,10 @@ def sweep(
         prompts = shapes.class_names() if kind == "DiTTransformer2DModel" else shapes.eval_prompts()
     else:
         prompts = _prompts(prompts_file, labels)
+    request = ModelRequest(model=model, trust_model_path=trust_model_path, conditions=tuple(prompts))
     start, printer = time.perf_counter(), ProgressPrinter()
-    result, folders = run_sweep(stats_file, cells, output, prompts, _seeds(seeds), alpha, progress=printer)
+    result, folders = run_sweep(stats_file, cells, output, prompts, _seeds(seeds), alpha, progress=printer,
+                                model=request)  # fmt: skip
     printer.close()
     write_json(result, output / "sweep.json")
     data = result.to_json()

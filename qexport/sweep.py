@@ -10,6 +10,7 @@ from typing import Any
 
 from qexport.errors import QexportError
 from qexport.exporter.build import BuildConfig, build
+from qexport.models.registry import ModelRequest
 from qexport.passes.plan import Smooth
 from qexport.progress import Progress, report
 from qexport.recipe import Recipe, with_settings
@@ -64,8 +65,13 @@ def sweep(
     seeds: list[int],
     alpha: float = 0.5,
     progress: Progress | None = None,
+    model: ModelRequest | None = None,
 ) -> tuple[EvalResult, dict[str, Cell]]:
-    """Build every cell into work/ and evaluate them together."""
+    """Build every cell into work/ and evaluate them together.
+
+    Args:
+        model: the consent to load a model folder the statistics name, and the prompts to check first.
+    """
     folders: dict[str, Cell] = {}
     for n, cell in enumerate(cells):
         report(progress, "sweep builds", n, len(cells), f"building {cell.name}")
@@ -77,10 +83,10 @@ def sweep(
         recipe = with_settings(Recipe(), [f"bits.weights={w}", f"bits.activations={a}",
                                           f"granularity.time_ranges={'null' if ranges is None else ranges}",
                                           *smoothing])  # fmt: skip
-        build(stats_path, out, BuildConfig(recipe=recipe, force=True))
+        build(stats_path, out, BuildConfig(recipe=recipe, force=True), model=model)
         folders[str(out)] = cell
         report(progress, "sweep builds", n + 1, len(cells), f"built {cell.name}")
-    return evaluate([Path(f) for f in folders], prompts, seeds, progress=progress), folders
+    return evaluate([Path(f) for f in folders], prompts, seeds, progress=progress, model=model), folders
 
 
 def paper_tables(result: dict[str, Any], cells: dict[str, Cell]) -> list[str]:
