@@ -733,6 +733,11 @@ def eval_(
     write_report(report, result.to_json(), result.first_samples, manifests)
     for line in eval_table(result.to_json()):
         click.echo(line)
+    from qexport.runtime.verified import unverified
+
+    for folder, m in manifests.items():
+        if why := unverified(Path(folder), m):
+            click.echo(f"note: {why}: these are figures of an unverified build")
     click.echo(f"wrote {output} and {report} in {duration(time.perf_counter() - start)}")
 
 

@@ -86,6 +86,10 @@ def test_eval_prints_a_line_per_sample_when_piped(one_model, tmp_path):
     report = tmp_path / "report.html"
     assert "'a blue square moving up'" in ticks[2]
     assert proc.stdout.splitlines()[-1].startswith(f"wrote {out} and {report} in ")
+    assert proc.stdout.splitlines()[-2] == (  # built by the library call: flagged, not refused
+        f"note: {one_model} was never verified (built with --no-verify, or its verification was interrupted): "
+        "these are figures of an unverified build"
+    )
     page = report.read_text()  # the report of the evaluated build: its options and verdict at the top
     assert page.startswith("<!doctype html>") and "qexport report: tiny-latte" in page and "Headline numbers" in page
 

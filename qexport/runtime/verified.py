@@ -9,6 +9,19 @@ from typing import Any
 from qexport.errors import QexportError
 
 
+def unverified(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """None for a verified build (or an FP export, which has nothing quantized to verify), else why
+    it is not: "<folder> was never verified (...)" or "<folder> failed verification"."""
+    if "quantization" not in manifest:
+        return None  # an FP export (qexport export-fp)
+    v = manifest.get("verification")
+    if isinstance(v, dict) and v.get("ok") is True:
+        return None
+    if v is None:
+        return f"{folder} was never verified (built with --no-verify, or its verification was interrupted)"
+    return f"{folder} failed verification (its manifest's verification entry says why)"
+
+
 def check_verified(folder: Path, manifest: dict[str, Any], allow_unverified: bool) -> str | None:
     """Refuse a build that was never verified or failed verification, unless allow_unverified.
 
@@ -18,16 +31,10 @@ def check_verified(folder: Path, manifest: dict[str, Any], allow_unverified: boo
     Raises:
         QexportError: unverified or failed, and allow_unverified not given.
     """
-    if "quantization" not in manifest:
-        return None  # an FP export (qexport export-fp): nothing quantized, nothing to verify
-    v = manifest.get("verification")
-    if isinstance(v, dict) and v.get("ok") is True:
+    why = unverified(folder, manifest)
+    if why is None:
         return None
-    if v is None:
-        why = (f"{folder} was never verified (built with --no-verify, or its verification was interrupted); "
-               f"run qexport verify {folder} first")  # fmt: skip
-    else:
-        why = f"{folder} failed verification (its manifest's verification entry says why); rebuild it"
     if not allow_unverified:
-        raise QexportError(f"{why}, or pass --allow-unverified to run it anyway")
+        fix = f"run qexport verify {folder} first" if "never" in why else "rebuild it"
+        raise QexportError(f"{why}; {fix}, or pass --allow-unverified to run it anyway")
     return f"warning: {why.split(' (')[0]}; running it because --allow-unverified was given"
