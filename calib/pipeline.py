@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from qexport.calib.collect import Collector
-from qexport.calib.run import CalibResult, file_header
+from qexport.calib.run import CalibResult, file_header, json_record
 from qexport.calib.selection import LayerSelection, select_layers
 from qexport.calib.store import QStats
 
@@ -167,7 +167,7 @@ def _header(
         "config_hash": config_hash(type(transformer).__name__, dict(transformer.config)),
         "steps": config.steps,
         "timesteps": [s["timestep"] for s in block["steps"]],
-        "scheduler": block,
+        "scheduler": json_record(block),
         "transformer_calls": [_call(c) for c in trace.calls if c.step == 0],
         "call": dict(config.call),  # the build traces the pipeline with the same arguments
         "seeds": list(config.seeds),

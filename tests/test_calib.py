@@ -2,6 +2,7 @@
 2-process gloo reduction, bounded memory, and clear errors for bad files."""
 
 import os
+import random
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import torch
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.selection import LayerSelection
 from qexport.calib.stats import HIST_BINS
-from qexport.calib.store import check_matches, load, merge_all, save
+from qexport.calib.store import QStats, check_matches, load, merge_all, save
+from qstats_mutations import edit
 
 from qexport.errors import QexportError
 from qexport.models.registry import load_model
@@ -137,11 +139,13 @@ def test_bad_files_are_clear_errors(single, tmp_path):
         load(garbage)
     with pytest.raises(QexportError, match="does not exist"):
         load(tmp_path / "missing.qstats")
-    newer = load(single)
-    newer.header["version"] = 99
-    save(newer, tmp_path / "v99.qstats")
-    with pytest.raises(QexportError, match="version 99"):
-        load(tmp_path / "v99.qstats")
+    stats = load(single)
+    newer = tmp_path / "v99.qstats"  # a later qexport's file: its digests hold, its version is unknown here
+    newer.write_bytes(edit(single.read_bytes(), random.Random(0), True, header=lambda h, _: h.update(version=99)))
+    with pytest.raises(QexportError, match=r"has \.qstats version 99 .*this qexport reads version 2"):
+        load(newer)
+    with pytest.raises(QexportError, match="field 'version'"):  # save writes only its own version
+        save(QStats(header={**stats.header, "version": 99}, layers=stats.layers), newer)
 
 
 def test_stats_from_another_model_are_refused(single, smoke_models):
