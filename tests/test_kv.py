@@ -86,7 +86,7 @@ def test_split_is_exact_in_fp(latte_stats, timestep):
 def test_step_models_take_kv_inputs_instead_of_the_projections(kv_build):
     manifest, folder = kv_build.manifest, kv_build.folder
     kv, ids = manifest["kv"], manifest["layer_ids"]
-    assert manifest["schema_version"] == 3 and kv["layers"] == KV_LAYERS and kv["model"] == "kv.onnx"
+    assert manifest["schema_version"] == 4 and kv["layers"] == KV_LAYERS and kv["model"] == "kv.onnx"
     assert [o["name"] for o in kv["outputs"]] == KV_LAYERS and kv["inputs"][0]["name"] == "cond"
     for r in manifest["ranges"]:
         model = onnx.load(str(folder / r["model"]), load_external_data=False)

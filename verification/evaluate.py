@@ -22,6 +22,7 @@ from qexport.models.registry import ModelRequest, check_conditions, load_model
 from qexport.models.sampler import SamplingConfig, sample
 from qexport.progress import Progress, Units
 from qexport.runtime.conditioning import Conditioning
+from qexport.runtime.files import model_path, open_session
 from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.loop import Pipeline, decode_pixels, session_options
 from qexport.runtime.manifest import read_manifest
@@ -233,9 +234,7 @@ def _step_sqnr(
         for k, step in enumerate(manifest["steps"]):
             model = step["model"]
             if model not in sessions:
-                sessions[model] = ort.InferenceSession(
-                    str(folder / model), session_options(threads), providers=["CPUExecutionProvider"]
-                )
+                sessions[model] = open_session(model_path(folder, model), session_options(threads))
             feeds = {"latents": xs[k], **prompt}
             if with_t:
                 feeds["timestep"] = np.full((2,), step["timestep"], dtype=np.int64)

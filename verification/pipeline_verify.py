@@ -34,6 +34,7 @@ from qexport.verification.verify import (
 from qexport.errors import QexportError
 from qexport.metrics import psnr_db, sqnr_db
 from qexport.progress import Progress, Units
+from qexport.runtime.files import model_path
 from qexport.runtime.loop import initial_noise
 from qexport.runtime.pipeline_loop import PipelineLoop
 from qexport.runtime.scheduler import EdgeScheduler
@@ -130,7 +131,7 @@ def _check_one(
 ) -> ModelCheck:  # fmt: skip
     """One emitted model at its range's first step, on every call's feeds of that step (joined)."""
     r, ids = manifest["ranges"][index], manifest["layer_ids"]
-    path = Path(folder) / r["model"]
+    path = model_path(folder, r["model"])
     onnx.checker.check_model(str(path))
     check = ModelCheck(model=r["model"], steps=r["steps"])
     layers = list(plan.layers)

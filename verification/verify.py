@@ -33,6 +33,7 @@ from qexport.metrics import cosine, psnr_db, sqnr_db, ssim
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
 from qexport.progress import Progress, Units
+from qexport.runtime.files import model_path
 from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.loop import ModelOpener, Pipeline, session_options
 
@@ -406,7 +407,7 @@ def _check_one(
     """One emitted model: checker, integer kernels, and its output vs FP and the simulation."""
     manifest, types, ids = run.manifest, run.types, run.manifest["layer_ids"]
     r = manifest["ranges"][index]
-    path = run.folder / r["model"]
+    path = model_path(run.folder, r["model"])
     onnx.checker.check_model(str(path))
     check = ModelCheck(model=r["model"], steps=r["steps"], lsb_judged=run.target.integer_activations is None)
     layers = [layer for layer in plan.layers if layer not in kv_layers]
@@ -471,7 +472,7 @@ def check_kv(
     its K/V outputs together against the torch simulation and FP, in the layout the step models use
     (replicated by the first step model's own nodes)."""
     spec, ids = manifest["kv"], manifest["layer_ids"]
-    path = folder / spec["model"]
+    path = model_path(folder, spec["model"])
     onnx.checker.check_model(str(path))
     layers = list(spec["layers"])
     check = ModelCheck(model=spec["model"], steps=[s["index"] for s in manifest["steps"]])
@@ -479,7 +480,7 @@ def check_kv(
     session, check.integer, check.emulated, check.float_ = kernel_report(path, layers, ids, expected)
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, {"cond": cond.numpy()}), strict=True))
-    full = expand_kv(folder / manifest["ranges"][0]["model"], outputs, ids)
+    full = expand_kv(model_path(folder, manifest["ranges"][0]["model"]), outputs, ids)
     got = np.concatenate([full[layer].ravel() for layer in layers])
     fp, sim, moved = (np.concatenate([v.ravel() for v in kv]) for kv in kv_reference(adapter, plan, cond, layers))
     compare(check, fp, sim, moved, got)
