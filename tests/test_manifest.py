@@ -279,3 +279,18 @@ def test_the_committed_json_schema_is_the_models():
     check = subprocess.run([sys.executable, str(REPO / "scripts" / "manifest_schema.py"), "--check"],
                            capture_output=True, text=True)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_scheduler_block_of_the_largest_size_is_read_in_linear_time():
+    import time
+
+    from qexport.runtime.scheduler import EdgeScheduler
+
+    steps = [{"timestep": 1.0, "input_scale": 1.0, "x": [[j, 1e-3] for j in range(i + 1)], "out": [[i, 1.0]],
+              "noise": 0.0} for i in range(1000)]  # fmt: skip
+    start = time.perf_counter()
+    EdgeScheduler({"class": "DDIMScheduler", "init_noise_sigma": 1.0, "steps": steps}, seed=0)
+    assert time.perf_counter() - start < 2.0  # half a million terms: each looked at once
+    steps[3]["out"] = [[4, 1.0]]
+    with pytest.raises(QexportError, match="scheduler block reads a future step"):
+        EdgeScheduler({"class": "DDIMScheduler", "init_noise_sigma": 1.0, "steps": steps}, seed=0)

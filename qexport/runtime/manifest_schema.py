@@ -39,6 +39,7 @@ MAX_DIM = 1 << 20
 MAX_COEF = 1e6  # |coefficient|: sampler weights, CFG scale, VAE factors
 MAX_TIMESTEP = 1e7
 MAX_BYTES = 1 << 45  # one file
+MAX_JOIN_DEPTH = 4  # joins of text outputs (SD3's are 2 deep)
 PATH_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
@@ -490,6 +491,10 @@ def _leaves(join: JoinLeaf | JoinPieces) -> list[JoinLeaf]:
     return [join] if isinstance(join, JoinLeaf) else [leaf for p in join.pieces for leaf in _leaves(p)]
 
 
+def _depth(join: JoinLeaf | JoinPieces) -> int:
+    return 0 if isinstance(join, JoinLeaf) else 1 + max(_depth(p) for p in join.pieces)
+
+
 def _pipeline(m: Manifest) -> str | None:
     p = m.pipeline
     if p is None:
@@ -502,6 +507,8 @@ def _pipeline(m: Manifest) -> str | None:
     for k, call in enumerate(p.calls):
         for b in call.inputs:
             where = f"pipeline.calls[{k}] input {b.name!r}"
+            if isinstance(b, JoinedInput) and _depth(b.join) > MAX_JOIN_DEPTH:
+                return f"{where} joins text outputs {_depth(b.join)} levels deep, more than {MAX_JOIN_DEPTH}"
             reads = [(b.part, b.output)] if isinstance(b, TextInput) else []
             reads += [(leaf.part, leaf.output) for leaf in _leaves(b.join)] if isinstance(b, JoinedInput) else []
             for part, output in reads:

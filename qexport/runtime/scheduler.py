@@ -28,11 +28,14 @@ class EdgeScheduler:
         self.steps: list[dict[str, Any]] = block["steps"]
         self.xs: dict[int, np.ndarray] = {}
         self.outs: dict[int, np.ndarray] = {}
-        reads = [j for s in self.steps for j, _ in [*s["x"], *s["out"]]]
-        if any(not 0 <= j <= i for i, s in enumerate(self.steps) for j, _ in [*s["x"], *s["out"]]) or not reads:
-            raise QexportError(f"the manifest's {block.get('class')} scheduler block reads a future or no step")
-        self._last_read = {j: max(i for i, s in enumerate(self.steps) for k, _ in [*s["x"], *s["out"]] if k == j)
-                           for j in set(reads)}  # fmt: skip
+        self._last_read: dict[int, int] = {}  # step j -> the last step that reads x[j] or out[j]
+        for i, s in enumerate(self.steps):
+            for j, _ in [*s["x"], *s["out"]]:
+                if not 0 <= j <= i:
+                    raise QexportError(f"the manifest's {block.get('class')} scheduler block reads a future step")
+                self._last_read[j] = i
+        if not self._last_read:
+            raise QexportError(f"the manifest's {block.get('class')} scheduler block reads no step")
 
     @classmethod
     def of(cls, manifest: dict[str, Any], seed: int) -> EdgeScheduler:
