@@ -40,6 +40,7 @@ MAX_COEF = 1e6  # |coefficient|: sampler weights, CFG scale, VAE factors
 MAX_TIMESTEP = 1e7
 MAX_BYTES = 1 << 45  # one file
 MAX_JOIN_DEPTH = 4  # joins of text outputs (SD3's are 2 deep)
+MAX_TIMESTEPS = 4096  # values of a pipeline's timestep input (one per batch row)
 PATH_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
@@ -507,6 +508,10 @@ def _pipeline(m: Manifest) -> str | None:
     for k, call in enumerate(p.calls):
         for b in call.inputs:
             where = f"pipeline.calls[{k}] input {b.name!r}"
+            if isinstance(b, LatentsInput) and b.repeat * math.prod(m.latent_shape) > MAX_ELEMENTS:
+                return f"{where} repeats the latents {b.repeat} times: more than {MAX_ELEMENTS} elements"
+            if isinstance(b, TimestepInput) and math.prod(b.shape) > MAX_TIMESTEPS:
+                return f"{where} is a timestep of shape {b.shape}, more than {MAX_TIMESTEPS} values"
             if isinstance(b, JoinedInput) and _depth(b.join) > MAX_JOIN_DEPTH:
                 return f"{where} joins text outputs {_depth(b.join)} levels deep, more than {MAX_JOIN_DEPTH}"
             reads = [(b.part, b.output)] if isinstance(b, TextInput) else []
