@@ -414,20 +414,28 @@ class Opens:
         self.paths: list[str] = []
         self._lock = threading.Lock()
         sys.addaudithook(self._hook)
-        real = ort.InferenceSession
+        self._real = real = ort.InferenceSession
+        record = self._record
 
-        def session(path_or_bytes: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(path_or_bytes, str | os.PathLike):
-                self._record(os.fspath(path_or_bytes))
-            return real(path_or_bytes, *args, **kwargs)
+        class Recorded(real):  # type: ignore[misc, valid-type]
+            def __init__(self, path_or_bytes: Any, *args: Any, **kwargs: Any) -> None:
+                if isinstance(path_or_bytes, str | os.PathLike):
+                    record(os.fspath(path_or_bytes))
+                super().__init__(path_or_bytes, *args, **kwargs)
 
-        ort.InferenceSession = session  # type: ignore[misc]  # the runtime looks it up at call time
+        ort.InferenceSession = Recorded  # type: ignore[misc]  # the runtime looks it up at call time
+
+    def close(self) -> None:
+        """Put onnxruntime's own session class back (the audit hook stays, idle)."""
+        ort.InferenceSession = self._real  # type: ignore[misc]
 
     def _hook(self, event: str, args: tuple[Any, ...]) -> None:
         if self.active and event == "open" and isinstance(args[0], str | bytes):
             self._record(os.fsdecode(args[0]))
 
     def _record(self, path: str) -> None:
+        if not self.active:
+            return
         with self._lock:
             self.paths.append(os.path.abspath(path))
 

@@ -33,7 +33,9 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def opens():
-    return Opens()
+    recorder = Opens()
+    yield recorder
+    recorder.close()
 
 
 @pytest.fixture

@@ -22,7 +22,9 @@ def corpus(tmp_path_factory):
     """(work folder, the base build, its manifest, its latents, the open recorder)."""
     root = tmp_path_factory.mktemp("manifest_fuzz")
     base = make_build(root)
-    return root, base, read_manifest(base), run_build(base), Opens()
+    opens = Opens()
+    yield root, base, read_manifest(base), run_build(base), opens
+    opens.close()
 
 
 def _fuzz(corpus, mutator: str, seed: int) -> None:
