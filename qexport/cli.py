@@ -417,6 +417,7 @@ def _verify_and_report(
     threads: int | None = None,
 ) -> None:
     from qexport.exporter.manifest import write_manifest
+    from qexport.media import folder_lock
     from qexport.models.fp_eval import default_prompts
     from qexport.summaries import verification_table
     from qexport.targets.catalog import get_profile
@@ -427,18 +428,20 @@ def _verify_and_report(
     if prompt is None:
         prompt = DEFAULT_PROMPT if pipeline else default_prompts(adapter)[0]  # type: ignore[arg-type]
     where = "onnxruntime" + ("" if runtime == "onnxruntime" else f" and {runtime}")
-    printer = ProgressPrinter()
-    printer.say(f"verifying {len(plans) if only is None else len(set(only))} model(s) on {where} (prompt {prompt!r})")
-    target = get_profile(manifest["target"])
-    if pipeline:
-        v = verify_pipeline(folder, adapter, plans, manifest, target, prompt, threads=threads,  # type: ignore[arg-type]
-                            progress=printer, only=only, device=device)  # fmt: skip
-    else:
-        v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime, device=device,  # type: ignore[arg-type]
-                       threads=threads, progress=printer)  # fmt: skip
-    printer.close()
-    manifest["verification"] = {"prompt": prompt, "runtime": runtime, **v.to_json()}
-    write_manifest(folder, manifest)
+    with folder_lock(folder):  # no build or other verify rewrites the folder meanwhile
+        printer = ProgressPrinter()
+        count = len(plans) if only is None else len(set(only))
+        printer.say(f"verifying {count} model(s) on {where} (prompt {prompt!r})")
+        target = get_profile(manifest["target"])
+        if pipeline:
+            v = verify_pipeline(folder, adapter, plans, manifest, target, prompt, threads=threads,  # type: ignore[arg-type]
+                                progress=printer, only=only, device=device)  # fmt: skip
+        else:
+            v = run_verify(folder, adapter, plans, manifest, target, prompt, only=only, runtime=runtime, device=device,  # type: ignore[arg-type]
+                           threads=threads, progress=printer)  # fmt: skip
+        printer.close()
+        manifest["verification"] = {"prompt": prompt, "runtime": runtime, **v.to_json()}
+        write_manifest(folder, manifest)
     for line in verification_table(manifest["verification"]):
         click.echo(line)
     if not v.ok:
@@ -535,15 +538,17 @@ def contexts(folder: Path, mode: str, force: bool) -> None:
 
     from qexport.exporter.manifest import write_manifest
     from qexport.exporter.qnn_context import FOLDER, compile_contexts
+    from qexport.media import folder_lock
     from qexport.runtime.manifest import read_manifest
 
     start = time.perf_counter()
-    manifest = read_manifest(folder)
-    if (folder / FOLDER).exists() and force:
-        shutil.rmtree(folder / FOLDER)
-    entry = compile_contexts(folder, manifest, mode)
-    manifest["contexts"] = entry
-    write_manifest(folder, manifest)
+    with folder_lock(folder):  # no build or verify rewrites the folder meanwhile
+        manifest = read_manifest(folder)
+        if (folder / FOLDER).exists() and force:
+            shutil.rmtree(folder / FOLDER)
+        entry = compile_contexts(folder, manifest, mode)
+        manifest["contexts"] = entry
+        write_manifest(folder, manifest)
     sizes = entry["binaries"]
     click.echo(f"{len(entry['models'])} context model(s), {len(sizes)} binar{'y' if len(sizes) == 1 else 'ies'} "
                f"{sum(sizes.values()) / 2**20:.2f} MiB in {folder / FOLDER} (QNN SDK {entry['sdk']}); "

@@ -168,6 +168,13 @@ def test_a_second_writer_of_one_folder_is_refused_and_stale_temporaries_go(tmp_p
             "finish or choose another folder"
         )
     assert json.loads((out / "manifest.json").read_text()) == {}
-    with folder_lock(out):  # released when the build ended
-        pass
+    with folder_lock(out):  # released when the build ended; taken by contexts (and verify) too
+        from click.testing import CliRunner
+
+        from qexport.cli import cli
+
+        held = CliRunner().invoke(cli, ["contexts", str(out)])
+        assert str(held.exception) == (
+            f"another qexport (pid {os.getpid()}) is writing {out} now; wait for it to finish or choose another folder"
+        )
     assert {p.name for p in tmp_path.iterdir()} == {"b", ".b.lock"}
