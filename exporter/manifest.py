@@ -24,7 +24,7 @@ from qexport.media import atomic_write
 from qexport.models.adapter import ModelAdapter
 from qexport.models.scheduler import check, probe
 from qexport.runtime.manifest import DIGEST, MANIFEST, SCHEMA_VERSION, check_content, file_digest, manifest_digest
-from qexport.runtime.manifest_schema import MAX_FILES, path_problem
+from qexport.runtime.schema_types import MAX_FILES, path_problem
 
 
 def make_manifest(

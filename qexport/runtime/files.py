@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qexport.errors import QexportError
-from qexport.runtime.manifest_schema import path_problem
+from qexport.runtime.schema_types import path_problem
 
 MANIFEST = "manifest.json"
 REBUILD = "rebuild the folder with qexport build"

@@ -1,112 +1,42 @@
 """The schema of manifest.json (schema 4), as pydantic models over qexport.schema's Strict / Open
 bases: every entry the edge loop, verification and the reports act on is typed and bounded (counts,
-shapes, dtypes, file names, finite coefficients); records kept for people (quantization details,
-search scores, verification figures) are Open. ``problems`` adds the checks across entries (steps
-against ranges and the scheduler, inputs against the latent shape). Reading is runtime.manifest."""
+shapes, dtypes, file names, finite coefficients; the pipeline block in runtime.pipeline_schema);
+records kept for people (quantization details, search scores, verification figures) are Open.
+``problem`` adds the checks across entries (steps against ranges and the scheduler, inputs against
+the latent shape). Reading is runtime.manifest."""
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    Discriminator,
-    Field,
-    GetCoreSchemaHandler,
-    GetJsonSchemaHandler,
-    JsonValue,
-    Strict,
-    Tag,
-)
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import PydanticCustomError, core_schema
+from pydantic import Field
 
+from qexport.runtime.pipeline_schema import Pipeline, pipeline_problem
+from qexport.runtime.schema_types import (
+    MAX_BYTES,
+    MAX_ENTRIES,
+    MAX_FILES,
+    MAX_PATH,
+    MAX_STEPS,
+    SEGMENT,
+    BuildFile,
+    Coef,
+    Count,
+    DType,
+    Hex64,
+    Index,
+    Info,
+    Name,
+    Shape,
+    Term,
+    Text,
+    Timestep,
+)
 from qexport.schema import Open
 from qexport.schema import Strict as StrictModel
 
 SCHEMA = 4
 MAX_MANIFEST_BYTES = 32 << 20  # the largest builds' manifests are a few MiB (ranges x layers of records)
-MAX_STEPS = 1000  # denoising steps, and so ranges
-MAX_FILES = 10_000  # files of one build folder
-MAX_PATH = 200  # characters of a file name relative to the build folder
-MAX_NAME = 256  # characters of a tensor, layer, class or part name
-MAX_TEXT = 65_536  # characters of a free-text entry
-MAX_ENTRIES = 1 << 17  # vocabulary words, class names, layer ids
-MAX_ELEMENTS = 1 << 26  # elements of one tensor the edge loop allocates (256 MiB of float32)
-MAX_DIM = 1 << 20
-MAX_COEF = 1e6  # |coefficient|: sampler weights, CFG scale, VAE factors
-MAX_TIMESTEP = 1e7
-MAX_BYTES = 1 << 45  # one file
-MAX_JOIN_DEPTH = 4  # joins of text outputs (SD3's are 2 deep)
-MAX_TIMESTEPS = 4096  # values of a pipeline's timestep input (one per batch row)
-PATH_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$"
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
-
-
-def path_problem(name: str) -> str | None:
-    """Why `name` cannot name a file of a build folder (None: it can): it must be relative, without
-    '..' or '.' segments, at most MAX_PATH characters of letters, digits, '_', '.', '+', '-' and '/'
-    separators, no segment starting with '.' or '-'."""
-    if not name:
-        return "an empty file name"
-    if len(name) > MAX_PATH:
-        return f"a file name of {len(name)} characters, more than {MAX_PATH}"
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return "an absolute path; a build names its files relative to its folder"
-    parts = name.replace("\\", "/").split("/")
-    if ".." in parts:
-        return "a path with '..', which leaves the build folder"
-    if not all(_SEGMENT.match(p) for p in parts):
-        return "a file name with characters other than letters, digits, '_', '.', '+', '-' and '/' separators"
-    return None
-
-
-class BuildFile(str):
-    """A file of the build named in the manifest: relative to the build folder and inside it
-    (path_problem); read_manifest also resolves it (no symlink out) and checks its digest."""
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(cls._check, core_schema.str_schema(strict=True))
-
-    @classmethod
-    def __get_pydantic_json_schema__(
-        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        return {"type": "string", "maxLength": MAX_PATH, "pattern": PATH_PATTERN,
-                "description": "a file of the build folder, relative to it"}  # fmt: skip
-
-    @classmethod
-    def _check(cls, value: str) -> BuildFile:
-        if (why := path_problem(value)) is not None:
-            raise PydanticCustomError("build_file", "{why}", {"why": why})
-        return cls(value)
-
-
-Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
-Text = Annotated[str, Field(max_length=MAX_TEXT)]
-Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Count = Annotated[int, Field(ge=0, le=1 << 31)]
-Index = Annotated[int, Field(ge=0, lt=MAX_STEPS)]
-Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
-Coef = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COEF, le=MAX_COEF)]
-Timestep = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_TIMESTEP, le=MAX_TIMESTEP)]
-
-
-def _few_elements(shape: list[int]) -> list[int]:
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise PydanticCustomError("too_large", "a tensor of {n} elements, more than {most}",
-                                  {"n": math.prod(shape), "most": MAX_ELEMENTS})  # fmt: skip
-    return shape
-
-
-Shape = Annotated[list[Dim], Field(max_length=8), AfterValidator(_few_elements)]
-DType = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"]
-Order = Literal["uncond,cond", "cond,uncond", "cond", "uncond"]
-Term = Annotated[tuple[Index, Coef], Strict(False)]  # (step j, its coefficient): a JSON pair
-Info = dict[str, JsonValue]  # an informational record, bounded by the file's size and nesting
 
 
 class Tensor(StrictModel):
@@ -237,131 +167,11 @@ class Contexts(StrictModel):
     mode: Literal["per-model", "shared"]
     folder: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")]
     models: Annotated[list[BuildFile], Field(min_length=1, max_length=MAX_STEPS)]
-    binaries: Annotated[dict[Annotated[str, Field(pattern=_SEGMENT.pattern, max_length=MAX_PATH)], Count],
+    binaries: Annotated[dict[Annotated[str, Field(pattern=SEGMENT.pattern, max_length=MAX_PATH)], Count],
                         Field(max_length=MAX_STEPS)]  # fmt: skip
     sdk: Annotated[str, Field(max_length=64)]
     loaded: Literal[True] | Text
     max_abs_diff: dict[BuildFile, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
-
-
-# --- pipeline builds -------------------------------------------------------------------------------
-
-
-class TextPart(StrictModel):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,64}$")]
-    model: BuildFile
-    tokenizer: BuildFile
-    class_: Name = Field(alias="class")
-    max_length: Annotated[int, Field(ge=1, le=65_536)]
-    pad_id: Annotated[int, Field(ge=0, le=1 << 31)]
-    inputs: Annotated[list[Literal["input_ids", "attention_mask"]], Field(min_length=1, max_length=2)]
-    outputs: Annotated[list[Name], Field(min_length=1, max_length=16)]
-    precision: Literal["fp16", "fp32", "int8-weights"]
-    data: BuildFile | None = None
-
-
-class Vae(StrictModel):
-    model: BuildFile
-    class_: Name = Field(alias="class")
-    layout: Literal["image", "video", "packed", "frames", "video_frames_first", "video_packed"]
-    scaling_factor: Coef
-    shift_factor: Coef
-    latents: Shape
-    latents_mean: Annotated[list[Coef], Field(max_length=4096)] | None = None
-    latents_std: Annotated[list[Coef], Field(max_length=4096)] | None = None
-    height: Dim | None = None
-    width: Dim | None = None
-    grid: Annotated[list[Dim], Field(min_length=3, max_length=3)] | None = None
-    patch_size: Dim | None = None
-    patch_size_t: Dim | None = None
-    precision: Literal["fp16", "fp32", "int8-weights"]
-    data: BuildFile | None = None
-
-
-class Labels(StrictModel):
-    names: Annotated[dict[Name, Annotated[int, Field(ge=0, le=MAX_ENTRIES)]], Field(max_length=MAX_ENTRIES)]
-    classes: Annotated[int, Field(ge=1, le=MAX_ENTRIES)]
-    null: Annotated[int, Field(ge=0, le=MAX_ENTRIES)]
-
-
-class JoinLeaf(StrictModel):
-    part: Name
-    output: Name
-    length: Count | None = None
-
-
-class JoinPieces(StrictModel):
-    axis: Annotated[int, Field(ge=1, le=7)]
-    pieces: Annotated[list[Join], Field(min_length=2, max_length=16)]
-    width: Dim | None = None
-
-
-Join = Annotated[
-    Annotated[JoinLeaf, Tag("leaf")] | Annotated[JoinPieces, Tag("pieces")],
-    Discriminator(lambda v: "leaf" if isinstance(v, dict | JoinLeaf) and "part" in v else "pieces"),
-]
-
-
-class _Bound(StrictModel):
-    name: Name
-    dtype: DType
-    shape: Shape
-
-
-class LatentsInput(_Bound):
-    source: Literal["latents"]
-    repeat: Annotated[int, Field(ge=1, le=64)]
-
-
-class TimestepInput(_Bound):
-    source: Literal["timestep"]
-    factor: Coef
-
-
-class TextInput(_Bound):
-    source: Literal["text", "mask"]
-    part: Name
-    output: Name
-    order: Order
-
-
-class JoinedInput(_Bound):
-    source: Literal["joined"]
-    join: Join
-    order: Order
-
-
-class LabelInput(_Bound):
-    source: Literal["label"]
-    order: Order
-
-
-class ConstantInput(_Bound):
-    source: Literal["constant"]
-
-
-Binding = Annotated[LatentsInput | TimestepInput | TextInput | JoinedInput | LabelInput | ConstantInput,
-                    Field(discriminator="source")]  # fmt: skip
-
-
-class Call(StrictModel):
-    inputs: Annotated[list[Binding], Field(min_length=1, max_length=64)]
-    values: dict[Name, Text] = Field(default_factory=dict)
-
-
-class Pipeline(StrictModel):
-    """A diffusers pipeline at the edge: its text parts, transformer calls per step, CFG, VAE."""
-
-    class_: Name = Field(alias="class")
-    negative_prompt: Text
-    calls: Annotated[list[Call], Field(min_length=1, max_length=8)]
-    split: Dim | None
-    cfg: Literal["none", "uncond,cond", "cond,uncond"]
-    guidance: Coef | None
-    text: Annotated[list[TextPart], Field(max_length=8)]
-    labels: Labels | None = None
-    vae: Vae | None
-    denoiser: BuildFile | None
 
 
 # --- the manifest ----------------------------------------------------------------------------------
@@ -480,62 +290,8 @@ def _sampler(m: Manifest) -> str | None:
     return None
 
 
-def text_outputs(part: TextPart) -> set[str]:
-    """The names a binding may read of a text part (runtime.pipeline_loop.text_output)."""
-    names = {*part.outputs, "attention_mask", "mask"}
-    if "attention_mask" in part.inputs:
-        names |= {f"{o}:unmasked" for o in part.outputs}
-    return names | {f"{o}:zeroed" for o in names - {"attention_mask", "mask"}}
-
-
-def _leaves(join: JoinLeaf | JoinPieces) -> list[JoinLeaf]:
-    return [join] if isinstance(join, JoinLeaf) else [leaf for p in join.pieces for leaf in _leaves(p)]
-
-
-def _depth(join: JoinLeaf | JoinPieces) -> int:
-    return 0 if isinstance(join, JoinLeaf) else 1 + max(_depth(p) for p in join.pieces)
-
-
 def _pipeline(m: Manifest) -> str | None:
-    p = m.pipeline
-    if p is None:
-        return None
-    parts = {t.name: t for t in p.text}
-    if len(parts) != len(p.text):
-        return "pipeline.text names a part twice"
-    if p.cfg != "none" and p.guidance is None:
-        return f"pipeline.cfg is {p.cfg!r} without a guidance scale"
-    for k, call in enumerate(p.calls):
-        for b in call.inputs:
-            where = f"pipeline.calls[{k}] input {b.name!r}"
-            if isinstance(b, LatentsInput) and b.repeat * math.prod(m.latent_shape) > MAX_ELEMENTS:
-                return f"{where} repeats the latents {b.repeat} times: more than {MAX_ELEMENTS} elements"
-            if isinstance(b, TimestepInput) and math.prod(b.shape) > MAX_TIMESTEPS:
-                return f"{where} is a timestep of shape {b.shape}, more than {MAX_TIMESTEPS} values"
-            if isinstance(b, JoinedInput) and _depth(b.join) > MAX_JOIN_DEPTH:
-                return f"{where} joins text outputs {_depth(b.join)} levels deep, more than {MAX_JOIN_DEPTH}"
-            reads = [(b.part, b.output)] if isinstance(b, TextInput) else []
-            reads += [(leaf.part, leaf.output) for leaf in _leaves(b.join)] if isinstance(b, JoinedInput) else []
-            for part, output in reads:
-                if part not in parts or output not in text_outputs(parts[part]):
-                    return f"{where} reads {part!r} output {output!r}, which no text part gives"
-            if isinstance(b, LabelInput) and (p.labels is None or math.prod(b.shape) != len(b.order.split(","))):
-                return f"{where} is a class label of shape {b.shape} for order {b.order!r} (labels: {p.labels})"
-    return _vae(p.vae)
-
-
-def _vae(v: Vae | None) -> str | None:
-    if v is None:
-        return None
-    if v.layout == "packed" and (v.height is None or v.width is None or v.height % 2 or v.width % 2):
-        return "pipeline.vae with packed latents needs an even height and width"
-    if v.layout == "video_packed" and (v.grid is None or v.patch_size is None or v.patch_size_t is None):
-        return "pipeline.vae with packed video latents needs grid, patch_size and patch_size_t"
-    if v.scaling_factor == 0:
-        return "pipeline.vae.scaling_factor is 0"
-    if v.latents_mean is not None and v.latents_std is not None and len(v.latents_mean) != len(v.latents_std):
-        return "pipeline.vae's latents_mean and latents_std differ in length"
-    return None
+    return None if m.pipeline is None else pipeline_problem(m.pipeline, m.latent_shape)
 
 
 def _contexts(m: Manifest) -> str | None:
