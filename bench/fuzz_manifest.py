@@ -3,19 +3,26 @@
 external-data locations; unsealed or resealed), each read and, where it reads as changed, run once.
 
     python bench/fuzz_manifest.py --cases 2000 --seed 0 [--json fuzz.json]
+    strace -f -qq -e trace=openat,open,faccessat,faccessat2,access -o trace.txt \
+        python bench/fuzz_manifest.py --cases 400 --seed 7 --marks
+    python bench/fuzz_manifest.py --check-trace trace.txt
 
 Prints one row per mutator and a total: clean errors (one QexportError line), reads identical to
 the original, resealed builds that read and run, anything else (a finding: its mutator and seed are
 printed to reproduce it), the slowest case, the peak memory, and the files opened outside the
 build folder (Python's opens and the models handed to onnxruntime). Exit status 1 if any case is
-"other" or takes 5 s or more.
+"other" or takes 5 s or more. With --marks each case's read-and-run phase is marked in the system
+calls (os.access of a marker path), so an strace of the run shows what onnxruntime and the other
+native libraries opened too; --check-trace lists the opens of those phases outside the case's folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
 import resource
 import sys
 import tempfile
@@ -24,12 +31,51 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the mutators live beside their tests
 
+import manifest_mutations
 from manifest_mutations import MUTATORS, Case, Opens, make_build, run_build, run_case
 
 from qexport.runtime.manifest import read_manifest
 
 KINDS = ("error", "identical", "valid", "other")
 LIMIT_S = 5.0
+MARK = "/nonexistent/qexport-fuzz-case"  # os.access(MARK + ":begin:" + folder) and (MARK + ":end")
+SYSTEM = ("/proc/", "/sys/", "/dev/", "/etc/hosts", "/etc/localtime", "/etc/ld.so", "/lib", "/usr/lib")
+
+
+def mark_cases() -> None:
+    """Mark each case's read-and-run phase in the system calls (an access() of a marker path)."""
+    outcome = manifest_mutations.outcome
+
+    def marked(folder: Path, *args: object, **kwargs: object) -> tuple[str, str]:
+        os.access(f"{MARK}:begin:{folder}", os.F_OK)
+        try:
+            return outcome(folder, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            os.access(f"{MARK}:end", os.F_OK)
+
+    manifest_mutations.outcome = marked
+
+
+def check_trace(path: Path) -> tuple[int, int, list[str]]:
+    """(cases, files opened or tried in their read-and-run phases, those outside the case's folder) of an
+    strace log of a --marks run; Python's own files, the repository's and the system's not counted."""
+    allowed = (sys.prefix, sys.base_prefix, str(Path(__file__).resolve().parents[1]), *SYSTEM)
+    folder, cases, opened, outside = None, 0, 0, []
+    for line in path.read_text().splitlines():
+        found = re.search(r'(?:open|openat|access|faccessat2?)\((?:AT_FDCWD, )?"([^"]*)"', line)
+        if not found:
+            continue
+        name = found.group(1)
+        if name.startswith(f"{MARK}:begin:"):
+            folder, cases = name.removeprefix(f"{MARK}:begin:"), cases + 1
+        elif name.startswith(f"{MARK}:end"):
+            folder = None
+        elif folder is not None and "open" in line.split("(")[0]:
+            opened += 1
+            real = os.path.normpath(name)
+            if not (real == folder or real.startswith((folder + "/", *allowed))):
+                outside.append(line.strip())
+    return cases, opened, outside
 
 
 def _rss_mib() -> float:
@@ -77,7 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the counts and findings here")
+    parser.add_argument("--marks", action="store_true", help="mark each case's phase for an strace of the run")
+    parser.add_argument("--check-trace", type=Path, help="only list the opens outside the folder in this strace log")
     args = parser.parse_args(argv)
+    if args.check_trace:
+        cases, opened, outside = check_trace(args.check_trace)
+        print(f"{cases} cases: {opened} files opened while reading and running, {len(outside)} outside the folder")
+        print("\n".join(outside[:20]))
+        return 1 if outside else 0
+    if args.marks:
+        mark_cases()
     cases, memory = fuzz(args.cases, args.seed)
     print("\n".join(table(cases, memory)))
     bad = [c for c in cases if c.kind == "other" or c.seconds >= LIMIT_S]

@@ -75,14 +75,18 @@ def referenced_files(path: Path) -> Iterator[tuple[str, str]]:
         raise QexportError(f"{path.name} is not an ONNX model onnx can parse ({str(exc)[:160]}); {REBUILD}") from None
     for tensor in _tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            entries = {e.key: e.value for e in tensor.external_data}
-            yield f"the external data of tensor {tensor.name[:80]!r}", entries.get("location", "")
+            entries = {_text(e.key): _text(e.value) for e in tensor.external_data}
+            yield f"the external data of tensor {_text(tensor.name)[:80]!r}", entries.get("location", "")
     for node in _nodes(model.graph):
-        if node.op_type == "EPContext":
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if _text(node.op_type) == "EPContext":
+            attrs = {_text(a.name): onnx.helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("embed_mode", 1) == 0:
-                cache = attrs.get("ep_cache_context", b"")
-                yield "the context binary", cache.decode("utf-8", "replace") if isinstance(cache, bytes) else str(cache)
+                yield "the context binary", _text(attrs.get("ep_cache_context", b""))
+
+
+def _text(value: Any) -> str:
+    """A proto string field as text (protobuf hands back bytes for one that is not valid UTF-8)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _nodes(graph: Any) -> Iterator[Any]:
