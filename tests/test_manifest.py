@@ -296,3 +296,10 @@ def test_a_scheduler_block_of_the_largest_size_is_read_in_linear_time():
     steps[3]["out"] = [[4, 1.0]]
     with pytest.raises(QexportError, match="scheduler block reads a future step"):
         EdgeScheduler({"class": "DDIMScheduler", "init_noise_sigma": 1.0, "steps": steps}, seed=0)
+
+
+def test_an_external_data_location_that_is_not_utf8_is_one_clear_error(copy):
+    blob = (copy / "step_00.onnx").read_bytes()
+    (copy / "step_00.onnx").write_bytes(blob.replace(b"w.bin", b"w.\xffin", 1))  # protobuf gives it back as bytes
+    with pytest.raises(QexportError, match=r"names the external data of tensor .* 'w\.\ufffdin': a file name with "):
+        model_path(copy, "step_00.onnx")
