@@ -25,6 +25,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from qexport.exporter.fp_export import EXPORT_OPSET, stamp
+from qexport.exporter.manifest import write_manifest
 
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
@@ -121,13 +122,15 @@ def wrap(template: Path, model: Path, folder: Path, describe: dict[str, Any]) ->
     loaded = onnx.load(str(model), load_external_data=True)
     onnx.save(loaded, str(folder / "model.onnx"), save_as_external_data=True, location="model.bin",
               size_threshold=1024)  # fmt: skip
-    manifest["ranges"] = [{"index": 0, "steps": list(range(len(manifest["steps"]))), "model": "model.onnx"}]
+    alpha = describe.get("smooth_quant") or 0.0  # the peer's SmoothQuant alpha (0: none)
+    manifest["ranges"] = [{"index": 0, "steps": list(range(len(manifest["steps"]))), "model": "model.onnx",
+                           "alpha": alpha}]  # fmt: skip
     for step in manifest["steps"]:
         step.update(range=0, model="model.onnx")
     manifest["quantization"] = describe
     manifest["files"] = {"weights": "model.bin", "weights_bytes": (folder / "model.bin").stat().st_size}
     manifest["verification"] = None
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(folder, manifest)  # sealed with the folder's files, as every reader checks
     return folder
 
 
