@@ -19,25 +19,21 @@ native libraries opened too; --check-trace lists the opens of those phases outsi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
-import resource
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the mutators live beside their tests
 
 import manifest_mutations
+from fuzz_report import findings, rss_mib, table
 from manifest_mutations import MUTATORS, Case, Opens, make_build, run_build, run_case
 
 from qexport.runtime.manifest import read_manifest
 
-KINDS = ("error", "identical", "valid", "other")
-LIMIT_S = 5.0
 MARK = "/nonexistent/qexport-fuzz-case"  # os.access(MARK + ":begin:" + folder) and (MARK + ":end")
 SYSTEM = ("/proc/", "/sys/", "/dev/", "/etc/hosts", "/etc/localtime", "/etc/ld.so", "/lib", "/usr/lib")
 
@@ -78,10 +74,6 @@ def check_trace(path: Path) -> tuple[int, int, list[str]]:
     return cases, opened, outside
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def fuzz(cases: int, seed: int) -> tuple[list[Case], dict[str, float]]:
     """Run `cases` mutations drawn from `seed`; returns every case and the memory figures (MiB)."""
     master = random.Random(seed)
@@ -91,31 +83,13 @@ def fuzz(cases: int, seed: int) -> tuple[list[Case], dict[str, float]]:
         root = Path(tmp)
         base = make_build(root)
         original, latents, opens = read_manifest(base), run_build(base), Opens()
-        before = _rss_mib()
+        before = rss_mib()
         for _ in range(cases):
             mutator, case_seed = master.choice(names), master.getrandbits(32)
             case = run_case(root, base, original, latents, mutator, random.Random(case_seed), opens)
             case.detail = f"seed {case_seed}: {case.detail}" if case.kind == "other" else ""
             out.append(case)
-    return out, {"rss_before_mib": before, "peak_rss_mib": _rss_mib()}
-
-
-def table(cases: list[Case], memory: dict[str, float]) -> list[str]:
-    """Markdown rows: one per mutator, then the total."""
-    rows = ["| mutator | cases | clean error | identical | valid (resealed, runs) | other | opens outside | max s |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    by: dict[str, list[Case]] = {}
-    for c in cases:
-        by.setdefault(c.mutator, []).append(c)
-    for name, group in [*sorted(by.items()), ("**total**", cases)]:
-        n = Counter(c.kind for c in group)
-        slowest = max(c.seconds for c in group)
-        outside = sum(len(c.outside) for c in group)
-        rows.append(f"| {name} | {len(group)} | " + " | ".join(str(n[k]) for k in KINDS) + f" | {outside} | "
-                    f"{slowest:.3f} |")  # fmt: skip
-    rows.append(f"\npeak memory: {memory['peak_rss_mib']:.0f} MiB resident ({memory['rss_before_mib']:.0f} MiB "
-                "before the first case: Python, numpy, onnxruntime, and torch for making the base build)")  # fmt: skip
-    return rows
+    return out, {"rss_before_mib": before, "peak_rss_mib": rss_mib()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,17 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.marks:
         mark_cases()
     cases, memory = fuzz(args.cases, args.seed)
-    print("\n".join(table(cases, memory)))
-    bad = [c for c in cases if c.kind == "other" or c.seconds >= LIMIT_S]
-    for c in bad:
-        print(f"FINDING {c.mutator} ({c.seconds:.2f}s): {c.detail}")
-    if args.json:
-        counts = {m: dict(Counter(c.kind for c in cases if c.mutator == m)) for m in sorted({c.mutator for c in cases})}
-        findings = [{"mutator": c.mutator, "seconds": c.seconds, "detail": c.detail} for c in bad]
-        args.json.write_text(json.dumps({"cases": args.cases, "seed": args.seed, "counts": counts, **memory,
-                                         "max_seconds": max(c.seconds for c in cases), "findings": findings},
-                                        indent=1))  # fmt: skip
-    return 1 if bad else 0
+    before = "Python, numpy, onnxruntime, and torch for making the base build"
+    print("\n".join(table(cases, memory, "valid (resealed, runs)", before, outside=True)))
+    return findings(cases, memory, args.seed, args.json)
 
 
 if __name__ == "__main__":

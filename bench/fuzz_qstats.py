@@ -12,25 +12,16 @@ Exit status 1 if any case is "other" or takes 5 s or more.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import resource
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the mutators live beside their tests
 
+from fuzz_report import findings, rss_mib, table
 from qexport.calib.store import load
 from qstats_mutations import MUTATORS, Case, base_files, run_case
-
-KINDS = ("error", "identical", "valid", "other")
-LIMIT_S = 5.0
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def fuzz(cases: int, seed: int) -> tuple[list[Case], dict[str, float]]:
@@ -45,29 +36,13 @@ def fuzz(cases: int, seed: int) -> tuple[list[Case], dict[str, float]]:
         for name, blob in bases.items():
             (folder / f"{name}.qstats").write_bytes(blob)
             originals[name] = load(folder / f"{name}.qstats")
-        before = _rss_mib()
+        before = rss_mib()
         for _ in range(cases):
             mutator, base, case_seed = master.choice(names), master.choice(sorted(bases)), master.getrandbits(32)
             case = run_case(folder / "case.qstats", bases, originals, mutator, base, random.Random(case_seed))
             case.detail = f"seed {case_seed}: {case.detail}" if case.kind == "other" else ""
             out.append(case)
-    return out, {"rss_before_mib": before, "peak_rss_mib": _rss_mib()}
-
-
-def table(cases: list[Case], memory: dict[str, float]) -> list[str]:
-    """Markdown rows: one per mutator, then the total."""
-    rows = ["| mutator | cases | clean error | identical | valid (resealed) | other | max s/case |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
-    by: dict[str, list[Case]] = {}
-    for c in cases:
-        by.setdefault(c.mutator, []).append(c)
-    for name, group in [*sorted(by.items()), ("**total**", cases)]:
-        n = Counter(c.kind for c in group)
-        slowest = max(c.seconds for c in group)
-        rows.append(f"| {name} | {len(group)} | " + " | ".join(str(n[k]) for k in KINDS) + f" | {slowest:.3f} |")
-    rows.append(f"\npeak memory: {memory['peak_rss_mib']:.0f} MiB resident ({memory['rss_before_mib']:.0f} MiB "
-                "before the first case: Python, numpy, torch for the small file)")  # fmt: skip
-    return rows
+    return out, {"rss_before_mib": before, "peak_rss_mib": rss_mib()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,17 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the counts and findings here")
     args = parser.parse_args(argv)
     cases, memory = fuzz(args.cases, args.seed)
-    print("\n".join(table(cases, memory)))
-    bad = [c for c in cases if c.kind == "other" or c.seconds >= LIMIT_S]
-    for c in bad:
-        print(f"FINDING {c.mutator} on {c.base} ({c.seconds:.2f}s): {c.detail}")
-    if args.json:
-        counts = {m: dict(Counter(c.kind for c in cases if c.mutator == m)) for m in sorted({c.mutator for c in cases})}
-        findings = [{"mutator": c.mutator, "base": c.base, "seconds": c.seconds, "detail": c.detail} for c in bad]
-        args.json.write_text(json.dumps({"cases": args.cases, "seed": args.seed, "counts": counts, **memory,
-                                         "max_seconds": max(c.seconds for c in cases), "findings": findings},
-                                        indent=1))  # fmt: skip
-    return 1 if bad else 0
+    print("\n".join(table(cases, memory, "valid (resealed)", "Python, numpy, torch for the small file")))
+    return findings(cases, memory, args.seed, args.json)
 
 
 if __name__ == "__main__":
