@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from qexport.calib.collect import Collector
-from qexport.calib.run import CalibResult, file_header, json_record
+from qexport.calib.run import CalibResult, file_header
 from qexport.calib.selection import LayerSelection, select_layers
 from qexport.calib.store import QStats
 
@@ -39,6 +39,7 @@ from qexport.models.pipeline import (
 from qexport.models.sampler import initial_noise
 from qexport.models.scheduler import check, probe, refuse_unsupported
 from qexport.progress import Progress, Units
+from qexport.schema import plain_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +168,7 @@ def _header(
         "config_hash": config_hash(type(transformer).__name__, dict(transformer.config)),
         "steps": config.steps,
         "timesteps": [s["timestep"] for s in block["steps"]],
-        "scheduler": json_record(block),
+        "scheduler": plain_json(block),
         "transformer_calls": [_call(c) for c in trace.calls if c.step == 0],
         "call": dict(config.call),  # the build traces the pipeline with the same arguments
         "seeds": list(config.seeds),

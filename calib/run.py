@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +24,7 @@ from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, autocast_dtype, sample
 from qexport.progress import Progress, Units
+from qexport.schema import plain_json
 
 log = logging.getLogger(__name__)
 
@@ -148,21 +147,6 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Progress | N
     )
 
 
-def json_record(value: Any) -> Any:
-    """A record kept for people (a scheduler's config) as the strict JSON a .qstats header holds:
-    tuples as lists, numpy scalars as numbers, a non-finite float (DPM-Solver's lambda_min_clipped
-    is -inf) as the string "inf", "-inf" or "nan" (as in manifest.json)."""
-    if isinstance(value, dict):
-        return {str(k): json_record(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_record(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf")
-    return value
-
-
 def file_header(prompts: tuple[str, ...], layers: dict, excluded: list[str], histograms: bool) -> dict:
     """The header fields every .qstats file has, whichever loop sampled it."""
     return {
@@ -190,7 +174,7 @@ def _header(adapter: ModelAdapter, config: CalibConfig, layers: dict, excluded: 
         "config_hash": adapter.config_hash(),
         "steps": config.sampling.steps,
         "timesteps": [int(t) for t in scheduler.timesteps],
-        "scheduler": {"class": type(scheduler).__name__, "config": json_record(dict(adapter.scheduler_config))},
+        "scheduler": {"class": type(scheduler).__name__, "config": plain_json(dict(adapter.scheduler_config))},
         "cfg": config.sampling.cfg,
         "seeds": list(config.seeds),
         "batch_size": config.batch_size,

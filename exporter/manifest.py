@@ -5,7 +5,6 @@ coefficients, CFG, the quantization config, the target, the tool version, verifi
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from qexport.models.adapter import ModelAdapter
 from qexport.models.scheduler import check, probe
 from qexport.runtime.manifest import DIGEST, MANIFEST, SCHEMA_VERSION, check_content, file_digest, manifest_digest
 from qexport.runtime.schema_types import MAX_FILES, path_problem
+from qexport.schema import plain_json
 
 
 def make_manifest(
@@ -241,17 +241,3 @@ def integrity_record(folder: Path) -> dict[str, Any]:
             raise QexportError(f"{folder} holds more than {MAX_FILES} files; a build folder holds its models")
         files[name] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
     return {"algorithm": "sha256", "files": files}
-
-
-def plain_json(value: Any) -> Any:
-    """value as the strict JSON a reader accepts: tuples as lists, numpy scalars as numbers, and a
-    non-finite float (an SQNR of identical outputs) as the string "inf", "-inf" or "nan"."""
-    if isinstance(value, dict):
-        return {str(k): plain_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain_json(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()  # a numpy scalar
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf")
-    return value

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,6 +130,21 @@ def validate(model: type[M], data: Any, source: str, fix: str) -> M:
         raise QexportError(
             f"{source}: field {field_path(tuple(err['loc']))!r}: {err['msg'].lower()}, got {got}{more}; {fix}"
         ) from None
+
+
+def plain_json(value: Any) -> Any:
+    """value as the strict JSON a reader accepts: tuples as lists, numpy scalars as numbers, and a
+    non-finite float (an SQNR of identical outputs, DPM-Solver's lambda_min_clipped) as the string
+    "inf", "-inf" or "nan"."""
+    if isinstance(value, dict):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()  # a numpy scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
+    return value
 
 
 def canonical(data: Any) -> bytes:
