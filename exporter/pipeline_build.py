@@ -106,15 +106,13 @@ def check_pipeline_stats(stats: QStats, source: str) -> dict[str, Any]:
     pipeline is loaded.
 
     Raises:
-        QexportError: statistics not from a pipeline, arguments recorded by repr, or a qexport
-            model's pipeline (its build is the built-in one).
+        QexportError: statistics not from a pipeline, or a qexport model's pipeline (its build is
+            the built-in one).
     """
     header = stats.header
     if "pipeline" not in header:
         raise QexportError(f"{source} is not a pipeline calibration")
-    call = header.get("call", {})
-    if not isinstance(call, dict):
-        raise QexportError(f"{source} records its pipeline arguments by repr (an older qexport); recalibrate it")
+    call = header.get("call", {})  # a mapping: the .qstats schema checked it at load
     if header["pipeline"] in QEXPORT_PIPELINES:  # its sampling loop is the built-in one: so is its build
         raise QexportError(
             f"{source} calibrated a qexport model ({header['pipeline']}), whose build is the built-in one; "
