@@ -20,13 +20,13 @@ from qexport.passes.plan import RangePlan
 from qexport.targets.catalog import RUNTIMES
 from qexport.targets.profile import TargetProfile
 from qexport.verification.verify import (
-    INTEGER_OPS,
     PERTURBATION,
     ModelCheck,
     Verification,
     classify,
     compare,
     expected_by_width,
+    integer_inputs,
     optimized_session,
     torch_on,
 )
@@ -137,9 +137,8 @@ def _check_one(
     layers = list(plan.layers)
     expected = expected_by_width(path, layers, ids, RUNTIMES["onnxruntime"], plan, types[1])
     session, optimized = optimized_session(path, threads)
-    integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
     reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
-    check.integer, check.emulated, check.float_ = classify(layers, reads, integer_inputs, expected)
+    check.integer, check.emulated, check.float_ = classify(layers, reads, integer_inputs(optimized), expected)
     names = {i.name for i in session.get_inputs()}
     calls = fp.feeds[r["steps"][0]]
     got = np.concatenate([session.run(None, {k: v for k, v in f.items() if k in names})[0] for f in calls])

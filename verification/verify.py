@@ -40,6 +40,16 @@ from qexport.runtime.loop import ModelOpener, Pipeline, session_options
 log = logging.getLogger(__name__)
 
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul")
+REENCODED = "_s8_2_u8"  # onnxruntime's suffix for an int8 tensor it re-encoded as uint8 (runtime.cpu)
+
+
+def integer_inputs(optimized: onnx.ModelProto) -> set[str]:
+    """The tensors an optimised graph's integer kernels read, by their emitted names (an int8 weight
+    re-encoded as uint8 by onnxruntime's exact mode counts as itself)."""
+    read = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
+    return read | {name.removesuffix(REENCODED) for name in read if name.endswith(REENCODED)}
+
+
 # integer kernels that carry their operands' scales: (operand A, operand B, scale A, scale B) input slots
 ATTENTION_SLOTS = {"MatMulIntegerToFloat": (0, 1, 2, 3), "QLinearMatMul": (0, 3, 1, 4), "QGemm": (0, 3, 1, 4)}
 COSINE_FLOOR = 0.999  # ORT vs simulation, W8A8
@@ -175,13 +185,13 @@ def optimized_session(path: Path, threads: int | None = None) -> tuple[ort.Infer
 
 
 def classify(
-    names: list[str], reads: dict[str, list[str]], integer_inputs: set[str], expected: set[str]
+    names: list[str], reads: dict[str, list[str]], integer_reads: set[str], expected: set[str]
 ) -> tuple[list[str], list[str], list[str]]:
     """(integer, emulated, float): a name is integer when all its quantized tensors (`reads`) feed
     integer kernels; otherwise a failure where `expected` holds it, else emulated."""
     integer, emulated, floats = [], [], []
     for name in names:
-        if all(t in integer_inputs for t in reads[name]):
+        if all(t in integer_reads for t in reads[name]):
             integer.append(name)
         elif name in expected:
             floats.append(name)
@@ -196,9 +206,8 @@ def kernel_report(
     """The session, and the (integer, emulated, float) layers read off its optimised graph: a
     layer not on an integer kernel is a failure where `expected` holds it, else emulated."""
     session, optimized = optimized_session(path)
-    integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
     reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
-    return session, *classify(layers, reads, integer_inputs, expected)
+    return session, *classify(layers, reads, integer_inputs(optimized), expected)
 
 
 def attention_kernels(
@@ -413,9 +422,8 @@ def _check_one(
     layers = [layer for layer in plan.layers if layer not in kv_layers]
     expected = expected_by_width(path, layers, ids, RUNTIMES["onnxruntime"], plan, types[1])
     session, optimized = optimized_session(path, run.threads)
-    integer_inputs = {i for n in optimized.graph.node if n.op_type in INTEGER_OPS for i in n.input}
     reads = {layer: [f"{ids[layer]}:w_q"] for layer in layers}
-    check.integer, check.emulated, check.float_ = classify(layers, reads, integer_inputs, expected)
+    check.integer, check.emulated, check.float_ = classify(layers, reads, integer_inputs(optimized), expected)
     native_attention = RUNTIMES["onnxruntime"].runs_attention_integer(types[1])
     check.attention_integer, check.attention_emulated, check.attention_float = attention_kernels(
         optimized, plan.attention, native_attention

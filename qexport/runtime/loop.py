@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from qexport.errors import QexportError
 from qexport.progress import Progress, Units
+from qexport.runtime.cpu import exact_int8
 from qexport.runtime.files import model_path, open_session, run_session
 from qexport.runtime.kv import PromptFeeds, select
 from qexport.runtime.manifest import read_manifest
@@ -33,7 +34,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    return so
+    return exact_int8(so)  # onnxruntime's int8 products exact on CPUs whose kernels would clamp them
 
 
 @dataclass
