@@ -165,7 +165,7 @@ def export_only(stats: Path, layers: list[str], device: str, phase: Any) -> None
 
 
 def _tensor_bytes(model: Any) -> list[int]:
-    from qexport.exporter.fp_export import _data_bytes
+    from qexport.exporter.shapes import _data_bytes
 
     return [_data_bytes(t) for t in model.graph.initializer]
 

@@ -26,10 +26,9 @@ from qexport.exporter.fp_export import (
     FPExport,
     LinearBinding,
     StepGraphs,
-    export_fp,
-    infer_shapes,
+    export_graph,
     load_graph,
-    prepare,
+    prepare_graph,
     stamp,
 )
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
@@ -37,6 +36,7 @@ from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits, raised
 from qexport.exporter.replay import CalibrationReplay, replay_count, tensor_ranges
 from qexport.exporter.search import ALPHAS, SHRINKS, best
+from qexport.exporter.shapes import infer_shapes
 from qexport.passes.analyze import FOLDS, Group, find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
@@ -520,9 +520,8 @@ def _range_graphs(
     """One FP export with the timestep an input, folded once; returns its bindings and a function
     giving a range's graph, a copy that shares the folded graph's weights (per step: the timestep
     of the range's step fixed)."""
-    exported = prepare(export_fp(adapter, list(stats.layers)))
-    bindings, base = exported.bindings, load_graph(exported)
-    del exported
+    exported = prepare_graph(export_graph(adapter, list(stats.layers)))
+    bindings, base = exported.bindings, exported.graph
     if not per_step:
         base.toposort()
         return bindings, lambda steps: copy_graph(base)

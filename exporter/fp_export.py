@@ -18,8 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import torch
-from google.protobuf.message import EncodeError  # type: ignore[import-untyped]  # protobuf ships no stubs
-from onnx import numpy_helper
+from qexport.exporter.shapes import infer_graph_shapes
 from qexport.passes.specialise import compact_constants, fix_inputs, fold_constants, input_cone
 from torch import nn
 
@@ -45,6 +44,15 @@ class LinearBinding:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FPGraph:
+    """The FP export as a graph: its weights are views of the model's tensors."""
+
+    graph: gs.Graph
+    input_names: list[str]
+    bindings: dict[str, LinearBinding]
+
+
+@dataclass(frozen=True, kw_only=True)
 class FPExport:
     model: onnx.ModelProto
     input_names: list[str]
@@ -62,9 +70,14 @@ def scope_of(layer: str) -> str:
     return "/transformer/" + "/".join(parts)
 
 
-def export_fp(adapter: ModelAdapter, layers: list[str]) -> FPExport:
+def export_graph(adapter: ModelAdapter, layers: list[str]) -> FPGraph:
     """Export the FP denoiser (adapter.export_inputs: the built-ins' batch 2, cond + uncond), its
     timestep an input, and bind the given linears.
+
+    The exporter writes the graph alone (no weights, nothing folded); each weight then enters
+    the graph as a read-only numpy view of the model's own tensor, and a transposed weight as a
+    transposed view, so the graph holds no second copy of the model. (The model's weights must not
+    change in place while the graph lives; passes replace arrays, never write into them.)
 
     Args:
         adapter: the model.
@@ -74,33 +87,81 @@ def export_fp(adapter: ModelAdapter, layers: list[str]) -> FPExport:
         QexportError: a calibrated layer has no MatMul/Gemm with its weights in the graph.
     """
     denoiser, inputs, names = adapter.export_inputs()
-    denoiser = denoiser.float()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    denoiser = denoiser.float().eval()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "fp.onnx"
-        torch.onnx.export(
-            denoiser.eval(),
-            inputs,
-            str(path),
-            dynamo=False,
-            opset_version=EXPORT_OPSET,
-            input_names=names,
-            output_names=["output"],
-            do_constant_folding=True,
-        )
-        model = onnx.load(str(path), load_external_data=True)
+        torch.onnx.export(denoiser, inputs, str(path), dynamo=False, opset_version=EXPORT_OPSET, input_names=names,
+                          output_names=["output"], do_constant_folding=False, export_params=False)  # fmt: skip
+        model = onnx.load(str(path))
     stamp(model)
+    graph = gs.import_onnx(model)
+    del model
+    tensors = {**dict(denoiser.named_parameters(remove_duplicate=False)),
+               **dict(denoiser.named_buffers(remove_duplicate=False))}  # fmt: skip
+    for tensor in [t for t in graph.inputs if t.name not in names]:
+        if tensor.name not in tensors:
+            raise QexportError(f"the exported graph reads {tensor.name!r}, which is no tensor of the model")
+        tensor.to_constant(_view(tensors[tensor.name]))
+    graph.inputs = [t for t in graph.inputs if t.name in names]
+    _lower_constant_nodes(graph)
+    _transpose_views(graph)
     modules = dict(adapter.transformer.named_modules())
-    bindings = {name: _bind(model, name, modules[name]) for name in layers}
-    return FPExport(model=model, input_names=names, bindings=bindings)
+    bindings = {name: _bind(graph, name, modules[name]) for name in layers}
+    return FPGraph(graph=graph, input_names=names, bindings=bindings)
+
+
+def _view(tensor: torch.Tensor) -> np.ndarray:
+    """A read-only numpy view of a CPU tensor (a copy of one elsewhere)."""
+    values = tensor.detach().cpu().numpy()
+    values.flags.writeable = False
+    return values
+
+
+def _lower_constant_nodes(graph: gs.Graph) -> None:
+    """Constant nodes become constant tensors (what folding would make of them)."""
+    for node in [n for n in graph.nodes if n.op == "Constant" and len(n.outputs) == 1]:
+        value = node.attrs.get("value")
+        if isinstance(value, gs.Constant):
+            node.outputs[0].to_constant(np.asarray(value.values))
+            node.outputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _transpose_views(graph: gs.Graph) -> None:
+    """A Transpose of a constant becomes its transposed view (the exporter would have folded it
+    into a transposed copy)."""
+    for node in [n for n in graph.nodes if n.op == "Transpose" and isinstance(n.inputs[0], gs.Constant)]:
+        values = np.asarray(node.inputs[0].values)
+        view = values.transpose(node.attrs.get("perm", list(range(values.ndim))[::-1]))
+        view.flags.writeable = False
+        node.outputs[0].to_constant(view)
+        node.outputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def export_fp(adapter: ModelAdapter, layers: list[str]) -> FPExport:
+    """export_graph as an ONNX model (its weights copied into it)."""
+    fp = export_graph(adapter, layers)
+    model = gs.export_onnx(fp.graph)
+    stamp(model)
+    return FPExport(model=model, input_names=fp.input_names, bindings=fp.bindings)
+
+
+def prepare_graph(fp: FPGraph) -> FPGraph:
+    """Shape inference, then constant folding and compaction (passes.specialise), in place on
+    fp's graph; every constant left read-only. The nodes keep the export's order (topological;
+    toposort before running passes on a copy)."""
+    graph = fold_constants(infer_graph_shapes(fp.graph))
+    compact_constants(infer_graph_shapes(graph))  # more shapes are known after folding
+    _read_only(graph)
+    return FPGraph(graph=graph, input_names=fp.input_names, bindings=fp.bindings)
 
 
 def prepare(fp: FPExport) -> FPExport:
-    """Shape inference, then constant folding and compaction (passes.specialise); the nodes keep
-    the export's order (topological; toposort before running passes on a copy)."""
-    folded = gs.export_onnx(fold_constants(gs.import_onnx(infer_shapes(fp.model))))
-    graph = compact_constants(gs.import_onnx(infer_shapes(folded)))  # more shapes are known after folding
-    model = gs.export_onnx(graph)
+    """prepare_graph on an ONNX model."""
+    prepared = prepare_graph(FPGraph(graph=gs.import_onnx(fp.model), input_names=fp.input_names, bindings=fp.bindings))
+    model = gs.export_onnx(prepared.graph)
     stamp(model)
     return FPExport(model=model, input_names=fp.input_names, bindings=fp.bindings)
 
@@ -108,7 +169,10 @@ def prepare(fp: FPExport) -> FPExport:
 def load_graph(fp: FPExport) -> gs.Graph:
     """fp's graph with every constant loaded, read-only: copies of the graph (graph.copy()) share
     the arrays, and a pass that changed one in place instead of replacing it would raise."""
-    graph = gs.import_onnx(fp.model)
+    return _read_only(gs.import_onnx(fp.model))
+
+
+def _read_only(graph: gs.Graph) -> gs.Graph:
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
             values = np.asarray(tensor.values)
@@ -155,83 +219,6 @@ class StepGraphs:
         return fix_inputs(self.graph, values)
 
 
-STUB_BYTES = 1024  # initializers this large enter shape inference as dtype + dims only
-
-
-def _data_bytes(init: onnx.TensorProto) -> int:
-    if init.HasField("raw_data"):
-        return len(init.raw_data)
-    return sum(len(getattr(init, f)) for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"))
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference, in place; returns model.
-
-    Inference runs on a skeleton whose large initializers and node tensor attributes (a Constant's
-    value, any other node's tensor) carry only their dtype and dims (shape inference reads no weight
-    values), so no weight is copied and a model over protobuf's 2 GB limit needs no detour through files.
-
-    Raises:
-        QexportError: the skeleton itself is over the limit (its largest parts named).
-    """
-    skeleton = onnx.ModelProto()
-    skeleton.ir_version = model.ir_version
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    graph, src = skeleton.graph, model.graph
-    graph.name = src.name
-    for part in ("input", "output", "value_info", "sparse_initializer"):
-        getattr(graph, part).extend(getattr(src, part))
-    for node in src.node:
-        heavy = {a.name for a in node.attribute if a.HasField("t") and _data_bytes(a.t) >= STUB_BYTES}
-        if not heavy:
-            graph.node.append(node)
-            continue
-        light = graph.node.add()
-        light.op_type, light.name, light.domain = node.op_type, node.name, node.domain
-        light.input.extend(node.input)
-        light.output.extend(node.output)
-        for attribute in node.attribute:
-            if attribute.name in heavy:
-                _stub(light.attribute.add(), attribute)
-            else:
-                light.attribute.append(attribute)
-    for init in src.initializer:
-        if _data_bytes(init) < STUB_BYTES:
-            graph.initializer.append(init)
-            continue
-        _stub_tensor(graph.initializer.add(), init)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton).graph
-    except EncodeError as err:
-        raise QexportError(f"shape inference: the weightless skeleton is over 2 GB; {_largest(skeleton)}") from err
-    del src.value_info[:]
-    src.value_info.extend(inferred.value_info)
-    del src.output[:]
-    src.output.extend(inferred.output)
-    return model
-
-
-def _largest(model: onnx.ModelProto, n: int = 5) -> str:
-    """The n largest nodes of a graph by serialized size, as 'name (op): bytes'."""
-    sizes = sorted(((node.ByteSize(), node.name, node.op_type) for node in model.graph.node), reverse=True)[:n]
-    return "largest nodes: " + ", ".join(f"{name} ({op}): {size} B" for size, name, op in sizes)
-
-
-def _stub_tensor(stub: onnx.TensorProto, tensor: onnx.TensorProto) -> None:
-    """stub := tensor's name, dtype and dims, its data marked external (never read)."""
-    stub.name, stub.data_type = tensor.name, tensor.data_type
-    stub.dims.extend(tensor.dims)
-    stub.data_location = onnx.TensorProto.EXTERNAL
-    entry = stub.external_data.add()
-    entry.key, entry.value = "location", "shape-only"
-
-
-def _stub(stub: onnx.AttributeProto, attribute: onnx.AttributeProto) -> None:
-    stub.name, stub.type = attribute.name, attribute.type
-    _stub_tensor(stub.t, attribute.t)
-
-
 def stamp(model: onnx.ModelProto) -> None:
     """Opset 21 (int4 / int16 QDQ) and an IR version onnxruntime 1.31 loads."""
     for opset in model.opset_import:
@@ -240,26 +227,23 @@ def stamp(model: onnx.ModelProto) -> None:
     model.ir_version = IR_VERSION
 
 
-def _bind(model: onnx.ModelProto, layer: str, module: nn.Module) -> LinearBinding:
+def _bind(graph: gs.Graph, layer: str, module: nn.Module) -> LinearBinding:
     if not isinstance(module, nn.Linear):
         raise QexportError(f"calibrated layer {layer!r} is not an nn.Linear in this model")
     scope = scope_of(layer) + "/"
-    inits = {i.name: i for i in model.graph.initializer}
-    weight_t = module.weight.detach().float().numpy().T
-    for node in model.graph.node:
+    weight_t = module.weight.detach().float().cpu().numpy().T
+    for node in graph.nodes:
         at = node.name.find(scope)  # the scope may sit under a wrapper's own (/denoiser/transformer/...)
-        if node.op_type not in ("MatMul", "Gemm") or at < 0 or "/" in node.name[at + len(scope) :]:
+        if node.op not in ("MatMul", "Gemm") or at < 0 or "/" in node.name[at + len(scope) :]:
             continue
-        if len(node.input) > 1 and node.input[1] in inits:
-            w = numpy_helper.to_array(inits[node.input[1]])
-            if node.op_type == "Gemm":
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                w = w.T if trans_b else w
+        if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+            w = np.asarray(node.inputs[1].values)
+            w = w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w
             if w.shape == weight_t.shape and np.allclose(w, weight_t, rtol=1e-6, atol=1e-7):
                 return LinearBinding(
                     layer=layer,
                     node=node.name,
-                    weight=node.input[1],
+                    weight=node.inputs[1].name,
                     in_features=module.in_features,
                     out_features=module.out_features,
                 )

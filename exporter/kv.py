@@ -9,7 +9,8 @@ from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
-from qexport.exporter.fp_export import FPExport, infer_shapes, stamp
+from qexport.exporter.fp_export import FPExport, stamp
+from qexport.exporter.shapes import infer_shapes
 from qexport.passes.kv import KVSplit, find_kv, kv_graph, matmul_macs, step_graph
 from qexport.passes.lowrank import BranchCost
 from qexport.passes.plan import QuantConfig, RangePlan

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 import torch
 from qexport.calib.run import CalibConfig, calibrate
@@ -20,6 +19,7 @@ from qexport.passes.sink import sink_smoothing
 from qexport.passes.techniques.smoothquant import fold_smoothing
 from qexport.targets.catalog import ORT_CPU
 from qexport.verification.verify import verify
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.models.registry import ModelRequest, load_model
@@ -60,7 +60,7 @@ def test_time_ranges_emit_k_models_that_load(latte_stats, tmp_path, ranges):
         model = onnx.load(str(result.folder / f), load_external_data=False)
         assert model.ir_version <= 13 and model.opset_import[0].version == 21
         onnx.checker.check_model(str(result.folder / f))
-        ort.InferenceSession(str(result.folder / f), providers=["CPUExecutionProvider"])
+        cpu_session(str(result.folder / f))
 
 
 def test_every_quantized_matmul_reads_dequantized_inputs(latte_stats, tmp_path):
@@ -106,7 +106,7 @@ def test_folded_smoothing_is_exact_in_fp(latte_stats, ranges):
              "cond": adapter.conditioner.null(2).numpy()}  # fmt: skip
     if ranges is not None:
         feeds["timestep"] = np.array([749, 749])
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
+    run = lambda m: cpu_session(m.SerializeToString()).run(None, feeds)[0]  # noqa: E731
     ref, got = run(reference), run(gs.export_onnx(smoothed.cleanup().toposort()))
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() * 10, np.abs(got - ref).max()
     assert max(np.abs(s - 1).max() for s in plan.smooth.values()) > 0.5  # smoothing really moved scale
@@ -194,16 +194,16 @@ def test_alpha_auto_searches_per_range_and_replans(latte_stats, tmp_path):
 
 
 def test_shape_inference_runs_on_a_skeleton_without_weight_data():
-    import qexport.exporter.fp_export as fp_export
+    import qexport.exporter.shapes as shapes
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "W")  # 16 KiB: stubbed (dtype + dims)
-    assert len(weight.raw_data) >= fp_export.STUB_BYTES
+    assert len(weight.raw_data) >= shapes.STUB_BYTES
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])  # fmt: skip
     model = helper.make_model(graph)
-    out = fp_export.infer_shapes(model)  # the same path for a model over protobuf's 2 GB limit
+    out = shapes.infer_shapes(model)  # the same path for a model over protobuf's 2 GB limit
     assert out is model
     assert [d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == [2, 64]
     assert out.graph.initializer[0].data_location == TensorProto.DEFAULT
@@ -212,7 +212,7 @@ def test_shape_inference_runs_on_a_skeleton_without_weight_data():
 
 def test_shape_inference_stubs_large_constant_nodes_too(monkeypatch):
     import onnx
-    import qexport.exporter.fp_export as fp_export
+    import qexport.exporter.shapes as shapes
     from onnx import TensorProto, helper, numpy_helper
 
     table = numpy_helper.from_array(np.ones((64, 64), np.float32))  # 16 KiB in a Constant node
@@ -223,7 +223,7 @@ def test_shape_inference_stubs_large_constant_nodes_too(monkeypatch):
     seen = []
     real = onnx.shape_inference.infer_shapes
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda m: seen.append(m.ByteSize()) or real(m))
-    out = fp_export.infer_shapes(model)
+    out = shapes.infer_shapes(model)
     assert [d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == [64, 64]
     assert seen[0] < 1024 < model.ByteSize()  # the skeleton holds no tensor data
     assert numpy_helper.to_array(out.graph.node[0].attribute[0].t).sum() == 4096  # the model's own is untouched

@@ -26,6 +26,7 @@ from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import Grid, dequantize, qparams, quantize
 from qexport.passes.rewrite import PassConfig
 from qexport.targets.catalog import ORT_CPU
+from sessions import cpu_session
 from torch import nn
 
 from qexport.errors import QexportError
@@ -139,7 +140,7 @@ def _optimized(model: onnx.ModelProto) -> tuple[ort.InferenceSession, onnx.Model
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = cpu_session(model.SerializeToString(), opts)
         return session, onnx.load(opts.optimized_model_filepath)
 
 

@@ -9,7 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from qexport.exporter.build import _build_range
-from qexport.exporter.fp_export import FPExport, StepGraphs, export_fp, infer_shapes, load_graph, prepare, stamp
+from qexport.exporter.fp_export import FPExport, StepGraphs, export_fp, load_graph, prepare, stamp
+from qexport.exporter.shapes import infer_shapes
 from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.specialise import compact_constants, copy_graph, input_cone
 from qexport.targets.catalog import ORT_CPU
