@@ -27,6 +27,7 @@ from qexport.models.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
 
+FOLD_ROUNDS = 8  # shape inference and folding in turn, until nothing more folds
 OPSET = 21  # int4 / int16 QuantizeLinear / DequantizeLinear
 IR_VERSION = 10  # onnxruntime 1.31 loads IR <= 13; onnx 1.23 would write 14
 EXPORT_OPSET = 20  # what torch's TorchScript exporter writes; the graph is then stamped opset 21
@@ -152,8 +153,13 @@ def prepare_graph(fp: FPGraph) -> FPGraph:
     """Shape inference, then constant folding and compaction (passes.specialise), in place on
     fp's graph; every constant left read-only. The nodes keep the export's order (topological;
     toposort before running passes on a copy)."""
-    graph = fold_constants(infer_graph_shapes(fp.graph))
-    compact_constants(infer_graph_shapes(graph))  # more shapes are known after folding
+    graph = infer_graph_shapes(fp.graph)
+    for _ in range(FOLD_ROUNDS):  # each round's folded shape ops make more shapes known to the next
+        before = len(graph.nodes)
+        graph = infer_graph_shapes(fold_constants(graph))
+        if len(graph.nodes) == before:
+            break
+    compact_constants(graph)
     _read_only(graph)
     return FPGraph(graph=graph, input_names=fp.input_names, bindings=fp.bindings)
 

@@ -25,8 +25,13 @@ def _fold_whole(model: onnx.ModelProto, timestep: int) -> gs.Graph:
     shape = [d.dim_value for d in t.type.tensor_type.shape.dim]
     model.graph.input.remove(t)
     model.graph.initializer.append(numpy_helper.from_array(np.full(shape, timestep, dtype=np.int64), "timestep"))
-    folded = gs.export_onnx(gs.import_onnx(infer_shapes(model)).fold_constants().cleanup().toposort())
-    graph = compact_constants(gs.import_onnx(infer_shapes(folded)))
+    graph = gs.import_onnx(infer_shapes(model))
+    for _ in range(8):  # folded shape ops make more shapes known: fold until nothing more folds
+        before = len(graph.nodes)
+        graph = gs.import_onnx(infer_shapes(gs.export_onnx(graph.fold_constants().cleanup())))
+        if len(graph.nodes) == before:
+            break
+    graph = compact_constants(graph.toposort())
     out = gs.export_onnx(graph)
     stamp(out)
     return gs.import_onnx(out)
