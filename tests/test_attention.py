@@ -16,6 +16,7 @@ from qexport.exporter.build import BuildConfig, build
 from qexport.passes.attention import find_attention
 from qexport.targets.catalog import ORT_CPU
 from qexport.verification.verify import verify
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.models.registry import load_model
@@ -122,7 +123,7 @@ def test_onnxruntime_runs_attention_on_integer_kernels_as_simulated(attention_bu
         opts = ort.SessionOptions()
         opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.bin")
-        ort.InferenceSession(str(result.folder / "range_00.onnx"), opts, providers=["CPUExecutionProvider"])
+        cpu_session(str(result.folder / "range_00.onnx"), opts)
         optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
     reader = {i: n.op_type for n in optimized.graph.node for i in n.input}
     for module, aid in result.manifest["attention_ids"].items():

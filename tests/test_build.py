@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 import torch
 from qexport.calib.run import CalibConfig, calibrate
@@ -20,6 +19,7 @@ from qexport.passes.sink import sink_smoothing
 from qexport.passes.techniques.smoothquant import fold_smoothing
 from qexport.targets.catalog import ORT_CPU
 from qexport.verification.verify import verify
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.models.registry import ModelRequest, load_model
@@ -60,7 +60,7 @@ def test_time_ranges_emit_k_models_that_load(latte_stats, tmp_path, ranges):
         model = onnx.load(str(result.folder / f), load_external_data=False)
         assert model.ir_version <= 13 and model.opset_import[0].version == 21
         onnx.checker.check_model(str(result.folder / f))
-        ort.InferenceSession(str(result.folder / f), providers=["CPUExecutionProvider"])
+        cpu_session(str(result.folder / f))
 
 
 def test_every_quantized_matmul_reads_dequantized_inputs(latte_stats, tmp_path):
@@ -106,7 +106,7 @@ def test_folded_smoothing_is_exact_in_fp(latte_stats, ranges):
              "cond": adapter.conditioner.null(2).numpy()}  # fmt: skip
     if ranges is not None:
         feeds["timestep"] = np.array([749, 749])
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
+    run = lambda m: cpu_session(m.SerializeToString()).run(None, feeds)[0]  # noqa: E731
     ref, got = run(reference), run(gs.export_onnx(smoothed.cleanup().toposort()))
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() * 10, np.abs(got - ref).max()
     assert max(np.abs(s - 1).max() for s in plan.smooth.values()) > 0.5  # smoothing really moved scale

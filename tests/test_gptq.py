@@ -5,7 +5,6 @@ one set of weights across the steps of an ASQ per-step build."""
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 import torch
 from qexport.calib.collect import Collector
@@ -19,6 +18,7 @@ from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, quantize
 from qexport.passes.rewrite import PassConfig
 from qexport.targets.catalog import ORT_CPU
+from sessions import cpu_session
 from test_lowrank import Tiny, _onnx, assert_runs_as_simulated
 
 from qexport.errors import QexportError
@@ -173,7 +173,7 @@ def test_tiny_graph_with_gptq_weights_runs_as_simulated_and_nearer_fp(w_bits):
     x = torch.randn(64, 8, 16, generator=torch.Generator().manual_seed(5)) * gain
 
     def run(m):  # the graph's input is [2, 8, 16]: batches of two
-        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = cpu_session(m.SerializeToString())
         return np.concatenate([session.run(None, {"x": x.numpy()[i : i + 2]})[0] for i in range(0, len(x), 2)])
 
     got, near = run(emitted), run(near_emitted)

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from qexport.exporter.build import BuildConfig, build
@@ -17,6 +16,7 @@ from qexport.passes.integer_only import integer_only, observed_tensors
 from qexport.targets.catalog import get_profile
 from qexport.targets.legality import check_model
 from qexport.verification import qnn_run
+from sessions import cpu_session
 from test_qnn_htp import TRUSTED, htp_vs_cpu, tiny_build  # noqa: F401  (the random tiny Latte and its statistics)
 
 from qexport.errors import QexportError
@@ -62,7 +62,7 @@ def test_the_pass_quantizes_every_activation_and_constant():
     probe.CopyFrom(model)
     probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n != "y")
     values = dict(zip([o.name for o in probe.graph.output],
-                      ort.InferenceSession(probe.SerializeToString()).run(None, {"x": x}), strict=True))  # fmt: skip
+                      cpu_session(probe.SerializeToString()).run(None, {"x": x}), strict=True))  # fmt: skip
     ranges = {n: (float(values[n].min()), float(values[n].max())) for n in names}
     out = gs.export_onnx(integer_only(graph, ranges, INTEGER))
     report = check_model(out, INTEGER, "g.onnx")
@@ -79,8 +79,8 @@ def test_the_pass_quantizes_every_activation_and_constant():
         node = next(n for n in out.graph.node if n.op_type == op)
         after = next(n for n in out.graph.node if node.output[0] in n.input)
         assert list(producer[node.input[0]].input[1:]) == list(after.input[1:])  # one grid in and out
-    got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
-    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    got = cpu_session(out.SerializeToString()).run(None, {"x": x})[0]
+    want = cpu_session(model.SerializeToString()).run(None, {"x": x})[0]
     assert np.abs(got - want).max() < 2e-3 * np.abs(want).max()
 
 

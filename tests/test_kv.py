@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from qexport.calib.run import CalibConfig, calibrate
@@ -19,6 +18,7 @@ from qexport.exporter.kv import split_export
 from qexport.passes.kv import conditioning_only
 from qexport.targets.catalog import ORT_CPU
 from qexport.verification.verify import verify
+from sessions import cpu_session
 
 from qexport.cli import cli
 from qexport.metrics import sqnr_db
@@ -76,7 +76,7 @@ def test_split_is_exact_in_fp(latte_stats, timestep):
              "cond": adapter.conditioner.encode(["a red circle moving left", ""]).numpy()}  # fmt: skip
     if timestep is None:
         feeds["timestep"] = np.array([749, 749])
-    run = lambda m, f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, f)  # noqa: E731
+    run = lambda m, f: cpu_session(m.SerializeToString()).run(None, f)  # noqa: E731
     kv = dict(zip(KV_LAYERS, run(parts.kv.model, {"cond": feeds["cond"]}), strict=True))
     assert all(v.shape == (2, 8, 192) for v in kv.values())  # one row per caption token, not per frame
     rest = {k: v for k, v in feeds.items() if k != "cond"}

@@ -7,13 +7,13 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from qexport.exporter.fp_export import stamp
 from qexport.passes.layout import block_swaps, einsum_permutation, legalize_layout
 from qexport.targets.catalog import get_profile
 from qexport.targets.legality import check_model
+from sessions import cpu_session
 from test_targets import tiny_build
 
 QNN = get_profile("qnn-htp")
@@ -40,7 +40,7 @@ def _unpatchify():
 
 
 def _run(model, x):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return cpu_session(model.SerializeToString()).run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -11,6 +11,7 @@ from qexport.passes.quant import Grid
 from qexport.passes.rotate import hadamard
 from qexport.passes.techniques.online_rotation import choose_online
 from qexport.targets.catalog import get_profile
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -65,7 +66,6 @@ def test_block_must_divide_channels_and_be_a_power_of_two() -> None:
 def test_rotation_pass_is_exact_in_fp() -> None:
     """The graph pass computes x·R blockwise: compare with the dense product in onnxruntime."""
     import onnx
-    import onnxruntime as ort
     from qexport.passes.analyze import Group
     from qexport.passes.plan import RangePlan
     from qexport.passes.rewrite import PassConfig
@@ -83,7 +83,7 @@ def test_rotation_pass_is_exact_in_fp() -> None:
     model = gs.export_onnx(graph)
     model.ir_version = 10
     onnx.checker.check_model(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = cpu_session(model.SerializeToString())
     xv = np.random.default_rng(2).normal(size=(2, 7, 128)).astype(np.float32)
     (out,) = sess.run(None, {"x": xv})
     np.testing.assert_allclose(out, (xv @ rot.astype(np.float32)) @ w.values, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,6 @@ step), takes the disk the precision says, and is recorded in the manifest; a bad
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -18,6 +17,7 @@ from qexport.exporter.part_precision import MIN_ELEMENTS, weight_axes, weight_by
 from qexport.exporter.pipeline_parts import export_fp_pipeline
 from qexport.exporter.text_encoders import export_text_part, text_parts
 from qexport.exporter.vae import export_vae_decoder
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.models.pipeline import load_pipeline, trace_call
@@ -30,7 +30,7 @@ INT8_PARTS = 4  # a part's outputs with int8 weights, in units of its weights' r
 
 
 def _session(path):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return cpu_session(str(path))
 
 
 def _relative(got, want):

@@ -15,6 +15,7 @@ from qexport.exporter.build import BuildConfig, build
 from qexport.targets.catalog import get_profile
 from qexport.targets.legality import check_model
 from qexport.verification import qnn_run
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.metrics import cosine
@@ -81,7 +82,7 @@ def htp_vs_cpu(session: ort.InferenceSession, path) -> float:
     """Cosine between a session on HTP and onnxruntime CPU on the same file, from seeded random inputs."""
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
-    cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    cpu = cpu_session(str(path)).run(None, feeds)[0]
     return cosine(session.run(None, feeds)[0], cpu)
 
 
@@ -194,7 +195,7 @@ def test_the_qnn_presets_run_fixed_point_on_htp(tiny_build, tmp_path, preset):
     assert manifest["target"] == "qnn-htp" and manifest["quantization"]["a_bits"] == 16
     ids = manifest["layer_ids"]
     path = built.folder / "step_00.onnx"
-    cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cpu = cpu_session(str(path))
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in cpu.get_inputs()}
     htp = qnn_run.run_htp(path, feeds, list(ids), ids, get_profile("qnn-htp"))

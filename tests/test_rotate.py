@@ -6,6 +6,7 @@ import pytest
 from qexport.passes.analyze import Group
 from qexport.passes.rotate import hadamard, head_rotation, rotated_range
 from qexport.passes.techniques.head_rotation import fold_head_rotation
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -67,7 +68,6 @@ def test_fold_is_exact_per_head_and_spreads_outliers():
 @pytest.mark.parametrize("smooth", ["none", "asq"])
 def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     import onnx_graphsurgeon as gs
-    import onnxruntime as ort
     from qexport.exporter.build import head_dims, range_inputs
     from qexport.exporter.fp_export import StepGraphs, load_graph
     from qexport.passes.plan import QuantConfig, Smooth, plan_range
@@ -90,7 +90,7 @@ def test_rotation_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     folded = fold_rotation(fold_smoothing(graph, pc, ORT_CPU), pc, ORT_CPU)
     for n, b in fp.bindings.items():
         folded.tensors()[b.weight].values = plan.layers[n].w_float
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
+    run = lambda m: cpu_session(m.SerializeToString()).run(None, feeds)[0]  # noqa: E731
     ref, got = run(reference), run(gs.export_onnx(folded.cleanup().toposort()))
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(got - ref).max()
 

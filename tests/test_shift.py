@@ -8,6 +8,7 @@ from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.techniques.shift import ChannelShift, can_shift, channel_shift, shift_fold, shifted_range, shifts_of
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -70,7 +71,6 @@ def test_shift_refuses_techniques_it_does_not_combine_with(other):
 @pytest.mark.parametrize("smooth", ["none", "asq"])
 def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
     import onnx_graphsurgeon as gs
-    import onnxruntime as ort
     from qexport.exporter.build import range_inputs
     from qexport.exporter.fp_export import StepGraphs, load_graph
     from qexport.passes.plan import plan_range
@@ -91,7 +91,7 @@ def test_shift_folds_exactly_in_the_tiny_latte_graph(latte_fp, smooth):
         for n, b in fp.bindings.items():
             graph.tensors()[b.weight].values = plan.layers[n].weight().astype(np.float32)
         model = gs.export_onnx(graph.cleanup().toposort())
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = cpu_session(model.SerializeToString())
         outputs.append((plan, session.run(None, feeds)[0]))
     (plain, ref), (shifted, got) = outputs
     assert shifts_of(shifted).folds == {"explicit": 13, "modulation": 16, "value": 12}

@@ -1,8 +1,8 @@
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from qexport.passes.sink import sink_smoothing
+from sessions import cpu_session
 
 
 def _graph(shared_product: bool = False) -> gs.Graph:
@@ -30,7 +30,7 @@ def _run(graph: gs.Graph, feeds: dict) -> list[np.ndarray]:
     model = gs.export_onnx(graph)
     model.ir_version = 10
     onnx.checker.check_model(model)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return cpu_session(model.SerializeToString()).run(None, feeds)
 
 
 def test_sink_moves_smoothing_onto_modulation_operands_exactly():

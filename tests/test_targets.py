@@ -9,7 +9,6 @@ import math
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
@@ -26,6 +25,7 @@ from qexport.passes.rewrite import PassConfig
 from qexport.targets.catalog import PROFILES, RUNTIMES, get_profile
 from qexport.targets.legality import check_model
 from qexport.targets.legality_schema import read_legality
+from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -217,7 +217,7 @@ def test_openvino_runs_the_tiny_build_in_low_precision_and_agrees_with_onnxrunti
         x = np.random.default_rng(2).uniform(-2, 2, (2, TOKENS, C)).astype(np.float32)
         run = run_openvino(folder / "tiny.onnx", {"x": x}, list(LAYERS), ids, set(LAYERS))
         assert sorted(run.integer) == sorted(LAYERS) and not run.float_
-        ref = ort.InferenceSession(str(folder / "tiny.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        ref = cpu_session(str(folder / "tiny.onnx")).run(None, {"x": x})[0]
         lsb = (ref.max() - ref.min()) / 255
         assert np.abs(run.output - ref).max() <= 2 * lsb, (name, np.abs(run.output - ref).max() / lsb)
 

@@ -1,0 +1,111 @@
+"""Where a build's host memory goes: the build of a .qstats file with a sampler thread that reads
+the process's resident memory (RSS) every few milliseconds and the innermost qexport function the
+main thread is in. Prints the peak RSS over the model's FP32 weight bytes (the scale target is
+<= 2.5) and, per function, the highest RSS seen while it ran.
+
+    python bench/build_memory.py --stats dit.qstats --out /tmp/b --json mem.json
+
+One build per process (the peak is the process's own). Nothing is verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("/qexport/", "/exporter/", "/passes/", "/calib/", "/targets/", "/verification/")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _where(frame: Any) -> str:
+    """The innermost frame of the project's code: file:function."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if any(p in name for p in PACKAGES):
+            return f"{Path(name).parent.name}/{Path(name).name}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "(outside)"
+
+
+class Sampler(threading.Thread):
+    """RSS and the main thread's place, every `every` seconds, until stopped."""
+
+    def __init__(self, every: float) -> None:
+        super().__init__(daemon=True)
+        self.every = every
+        self.main = threading.main_thread().ident
+        self.peak: dict[str, int] = {}
+        self.timeline: list[tuple[float, int, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        while not self.stop.wait(self.every):
+            frame = sys._current_frames().get(self.main or 0)
+            where = _where(frame)
+            rss = _rss()
+            self.peak[where] = max(self.peak.get(where, 0), rss)
+            if not self.timeline or self.timeline[-1][2] != where or rss > self.timeline[-1][1] * 1.05:
+                self.timeline.append((round(time.perf_counter() - start, 2), rss, where))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recipe", default="w8a8-tsq-tsw")
+    parser.add_argument("--set", action="append", default=[], help="a recipe setting (key=value), repeatable")
+    parser.add_argument("--every", type=float, default=0.02, help="seconds between samples")
+    parser.add_argument("--json", type=Path, required=True)
+    a = parser.parse_args()
+
+    from qexport.exporter.build import BuildConfig, build
+    from qexport.recipe import load_recipe, with_settings
+
+    recipe = with_settings(load_recipe(a.recipe), a.set)
+    base = _rss()
+    sampler = Sampler(a.every)
+    sampler.start()
+    start = time.perf_counter()
+    built = build(a.stats, a.out, BuildConfig(recipe=recipe, force=True))
+    seconds = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fp32 = sum(p.numel() * 4 for p in built.adapter.transformer.parameters())
+    result = {
+        "model": built.adapter.model_id,
+        "recipe": a.recipe,
+        "settings": a.set,
+        "models": len(built.ranges),
+        "seconds": round(seconds, 1),
+        "fp32_weight_bytes": fp32,
+        "rss_before_build": base,
+        "peak_rss": peak,
+        "peak_over_fp32": round(peak / fp32, 2),
+        "peak_by_function": dict(sorted(sampler.peak.items(), key=lambda kv: -kv[1])),
+        "timeline": sampler.timeline,
+    }
+    a.json.write_text(json.dumps(result, indent=1))
+    shutil.rmtree(a.out, ignore_errors=True)
+    gib = 2**30
+    print(f"{result['model']}: {len(built.ranges)} models in {seconds:.0f} s; FP32 weights {fp32 / gib:.2f} GiB, "
+          f"RSS before the build {base / gib:.2f} GiB, peak {peak / gib:.2f} GiB = {peak / fp32:.2f}x the FP32 weights")  # fmt: skip
+    print("highest RSS while in (top 12):")
+    for where, rss in list(result["peak_by_function"].items())[:12]:
+        print(f"  {rss / gib:6.2f} GiB  {where}")
+
+
+if __name__ == "__main__":
+    main()
