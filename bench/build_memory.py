@@ -71,6 +71,7 @@ def main() -> None:
     a = parser.parse_args()
 
     from qexport.exporter.build import BuildConfig, build
+
     from qexport.recipe import load_recipe, with_settings
 
     recipe = with_settings(load_recipe(a.recipe), a.set)
@@ -101,7 +102,8 @@ def main() -> None:
     shutil.rmtree(a.out, ignore_errors=True)
     gib = 2**30
     print(f"{result['model']}: {len(built.ranges)} models in {seconds:.0f} s; FP32 weights {fp32 / gib:.2f} GiB, "
-          f"RSS before the build {base / gib:.2f} GiB, peak {peak / gib:.2f} GiB = {peak / fp32:.2f}x the FP32 weights")  # fmt: skip
+          f"RSS before the build {base / gib:.2f} GiB, peak {peak / gib:.2f} GiB = "
+          f"{peak / fp32:.2f}x the FP32 weights")  # fmt: skip
     print("highest RSS while in (top 12):")
     for where, rss in list(result["peak_by_function"].items())[:12]:
         print(f"  {rss / gib:6.2f} GiB  {where}")

@@ -26,6 +26,7 @@ from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import Grid, dequantize, qparams, quantize
 from qexport.passes.rewrite import PassConfig
 from qexport.targets.catalog import ORT_CPU
+from qexport.verification.verify import integer_inputs
 from sessions import cpu_session
 from torch import nn
 
@@ -158,8 +159,7 @@ def test_branch_reads_the_dequantized_input_keeps_integer_kernels_and_equals_sim
         add = next(n for n in onnx_model.graph.node if n.name == f"{layer}::lowrank_add")
         assert made[add.input[0]].op == "Add", "the branch must be added after the bias Add"
     session, optimized = _optimized(onnx_model)
-    fused = [n for n in optimized.graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert {i for n in fused for i in n.input} >= {"fc1::w_q", "fc2::w_q"}, [n.op_type for n in optimized.graph.node]
+    assert integer_inputs(optimized) >= {"fc1::w_q", "fc2::w_q"}, [n.op_type for n in optimized.graph.node]
 
     x = torch.randn(2, 8, 16) * gain
     got = session.run(None, {"x": x.numpy()})[0]
