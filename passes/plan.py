@@ -17,6 +17,7 @@ from qexport.passes.gptq import Memo
 from qexport.passes.quant import Grid, qparams, quantize
 from qexport.passes.rangeplan import (
     MIXED_HIGH_BITS,
+    FinalWeights,
     GroupStep,
     LayerPlan,
     LayerStep,
@@ -120,18 +121,33 @@ def plan_range(
     )
     plan = RangePlan(steps=list(steps), alpha=config.alpha, act_shrink=config.act_shrink)
     plan.group_alpha = dict(group_alpha or {})
+    of_layer: dict[str, GroupStep] = {}
     rng = RangeStep(plan=plan, config=config, target=target, weights=weights,
-                    final_w={k: v.astype(np.float64) for k, v in weights.items()},
+                    final_w=FinalWeights(weights),
                     final_b={k: (None if v is None else v.astype(np.float64)) for k, v in biases.items()},
                     changed_bias=set(), w_grid=w_grid, a_grid=a_grid, samples=samples, head_dims=dict(head_dims or {}),
                     grams=grams, memo=gptq_memo)  # fmt: skip
-    of_layer: dict[str, GroupStep] = {}
+    pending = {layer: 1 for g in groups for layer in g.layers}  # the groups that still change each layer
+    for g in groups:
+        if g.value_layer is not None and g.value_layer in pending:
+            pending[g.value_layer] += 1  # a fold or rotation into the value projection
+    missing = set(weights) - set(pending)
+    if missing:
+        raise ValueError(f"layers in no group: {sorted(missing)}")
+    planned: dict[str, LayerPlan] = {}
     for g in groups:
         step = _plan_group(rng, g, stats[g.layers[0]])
+        done = [*g.layers, *([g.value_layer] if g.value_layer in pending else [])]
+        for layer in done:
+            pending[layer] -= 1
+        for layer in dict.fromkeys(done):  # quantized as soon as no later group changes its weight
+            if pending[layer] == 0 and layer in weights:
+                owner = step if layer in g.layers else of_layer[layer]
+                bits = (layer_bits or {}).get(layer, config.w_bits)
+                planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float)
+                rng.final_w.release(layer)
         of_layer.update(dict.fromkeys(g.layers, step))
-    for layer in rng.final_w:
-        bits = (layer_bits or {}).get(layer, config.w_bits)
-        plan.layers[layer] = _plan_layer(rng, layer, of_layer[layer], bits, keep_float)
+    plan.layers.update((layer, planned[layer]) for layer in weights)  # in the weights' order, as before
     for layer, lp in plan.layers.items():
         if layer in rng.changed_bias:
             lp.bias = _changed(rng.final_b[layer])

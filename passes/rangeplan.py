@@ -126,6 +126,27 @@ class RangePlan:
     parts: dict[str, Any] = field(default_factory=dict)  # technique kind -> what it planned for the range
 
 
+class FinalWeights(dict[str, np.ndarray]):
+    """W^T per layer as the steps leave it, float64, made from the FP weight on first use and
+    dropped once the layer is quantized (release), so a range holds float64 copies of the layers
+    in flight only, not of the whole model."""
+
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.released: set[str] = set()
+
+    def __missing__(self, layer: str) -> np.ndarray:
+        if layer in self.released:
+            raise KeyError(f"{layer}: its final weight was released after quantization")
+        self[layer] = value = self.weights[layer].astype(np.float64)
+        return value
+
+    def release(self, layer: str) -> None:
+        self.pop(layer, None)
+        self.released.add(layer)
+
+
 @dataclass(kw_only=True)
 class RangeStep:
     """What every group and layer step of one range shares (passes.plan builds it)."""
@@ -134,7 +155,7 @@ class RangeStep:
     config: QuantConfig
     target: TargetProfile
     weights: dict[str, np.ndarray]  # FP W^T [in, out]
-    final_w: dict[str, np.ndarray]  # W^T as the steps leave it (smoothed, rotated), float64
+    final_w: FinalWeights  # W^T as the steps leave it (smoothed, rotated), float64
     final_b: dict[str, np.ndarray | None]  # biases as the steps leave them, float64
     changed_bias: set[str]  # layers whose bias the build writes
     w_grid: Grid

@@ -112,6 +112,31 @@ def test_folded_smoothing_is_exact_in_fp(latte_stats, ranges):
     assert max(np.abs(s - 1).max() for s in plan.smooth.values()) > 0.5  # smoothing really moved scale
 
 
+def test_planning_holds_float64_weights_of_the_layers_in_flight_only(latte_stats, monkeypatch):
+    import qexport.passes.plan as planning
+    from qexport.calib.store import load
+    from qexport.passes.rangeplan import FinalWeights
+
+    live: list[int] = []
+
+    class Watched(FinalWeights):
+        def __setitem__(self, layer, value):
+            super().__setitem__(layer, value)
+            live.append(len(self))
+
+    monkeypatch.setattr(planning, "FinalWeights", Watched)
+    adapter = load_model("tiny-latte")
+    stats = load(latte_stats)
+    fp = prepare(export_fp(adapter, list(stats.layers)))
+    graph = StepGraphs(load_graph(fp)).at(749)
+    _, groups, weights, biases = range_inputs(graph, fp.bindings, adapter)
+    plan = planning.plan_range([1], groups, stats.layers, weights, biases, QuantConfig(smooth=Smooth.TSQ), ORT_CPU)
+    assert list(plan.layers) == list(weights)  # every layer planned, in the weights' order
+    widest = max(len(g.layers) for g in groups)
+    assert {g.fold for g in groups} >= {"value"}  # value projections wait for their attention's output group
+    assert max(live) <= widest + 1 < len(weights) / 4, (max(live), widest, len(weights))
+
+
 def test_tsw_without_tsq_costs_about_one_model_of_disk(latte_stats, tmp_path):
     tsw = _build(latte_stats, tmp_path, "asq_tsw", smooth=Smooth.ASQ)
     one = _build(latte_stats, tmp_path, "asq_one", smooth=Smooth.ASQ, ranges=1)
