@@ -1,6 +1,7 @@
 """Size of emitted models: bytes per parameter of W8A8 / W4A8 builds (whole denoiser, and the
-quantized linears alone with their scales and zero points), and the disk of 20 per-step models
-with and without weight sharing.
+quantized linears alone with their scales and zero points), with the float-kept layers' weights
+stored int8 (the default on onnxruntime CPU) and fp32 side by side, and the disk of 20 per-step
+models with and without weight sharing.
 
     python bench/size.py [--models tiny-latte,tiny-dit,dit-b-2]
 
@@ -25,7 +26,7 @@ from qexport.passes.plan import Smooth
 from qexport.models import shapes
 from qexport.models.registry import ModelRequest, load_model
 from qexport.models.sampler import SamplingConfig
-from qexport.recipe import basic_recipe
+from qexport.recipe import basic_recipe, with_settings
 
 TARGET = {8: 1.05, 4: 0.55}
 
@@ -57,19 +58,20 @@ def calibrate_small(name: str, work: Path, steps: int) -> Path:
 
 
 def bytes_table(models: list[str], work: Path) -> None:
-    print(f"{'model':<12}{'bits':>6}{'params':>10}{'quantized':>11}{'MiB':>8}{'B/param all':>13}"
-          f"{'B/param quantized':>19}{'target':>8}")  # fmt: skip
+    print(f"{'model':<12}{'bits':>6}{'float layers':>14}{'params':>10}{'quantized':>11}{'MiB':>8}"
+          f"{'B/param all':>13}{'B/param quantized':>19}{'target':>8}")  # fmt: skip
     for name in models:
         steps = 20 if name.startswith("tiny") else 2
         stats = calibrate_small(name, work / name, steps)
         params = load_model(name).num_parameters
-        for w in (8, 4):
-            out = work / name / f"w{w}"
+        for w, kept in ((8, "int8"), (8, "fp32"), (4, "int8"), (4, "fp32")):
+            out = work / name / f"w{w}{kept}"
             recipe = basic_recipe(w_bits=w, smooth="asq", time_ranges=1)
+            recipe = with_settings(recipe, [f"float_layers.weights={kept}"])
             build(stats, out, BuildConfig(recipe=recipe), model=ModelRequest(model=name))  # the model named here
             total = folder_bytes(out)
             qbytes, qcount = quantized_bytes(out / "range_00.onnx")
-            print(f"{name:<12}{f'W{w}A8':>6}{params / 1e6:>9.2f}M{qcount / 1e6:>10.2f}M{total / 2**20:>8.2f}"
+            print(f"{name:<12}{f'W{w}A8':>6}{kept:>14}{params / 1e6:>9.2f}M{qcount / 1e6:>10.2f}M{total / 2**20:>8.2f}"
                   f"{total / params:>13.3f}{qbytes / qcount:>19.3f}{TARGET[w]:>8.2f}")  # fmt: skip
             shutil.rmtree(out)
 

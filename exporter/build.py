@@ -47,10 +47,11 @@ from qexport.passes.integer_only import integer_only, observed_tensors
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
 from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range
-from qexport.passes.rewrite import PassConfig
+from qexport.passes.rewrite import KeptBinding, PassConfig
 from qexport.passes.smoothing import smoothing_steps
 from qexport.passes.specialise import copy_graph
 from qexport.passes.techniques import ORDER
+from qexport.passes.weight_only import surviving
 from qexport.targets.catalog import get_profile
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile
@@ -61,7 +62,7 @@ from qexport.media import atomic_write, written_whole
 from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import ModelRequest, check_conditions, load_model
 from qexport.progress import Progress, report
-from qexport.recipe import Recipe
+from qexport.recipe import FloatWeights, Recipe
 
 log = logging.getLogger(__name__)
 LEGALITY_FILE = "legality.json"
@@ -351,7 +352,8 @@ def plan_models(
         prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
         log.info("replaying %d calibration prompt(s) (searches, observers, rotations, attention, GPTQ)", len(prompts))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
-    bindings, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
+    bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
+    kept = kept if config.recipe.float_weights() == FloatWeights.INT8 else {}
     alpha_scores: dict[float, float] = {}
     allocations: list[Allocation] | None = None
     memo = Memo()  # GPTQ integers reused by the plans whose weight and H repeat (shared weights, searches)
@@ -385,7 +387,7 @@ def plan_models(
                                  bindings=bindings)  # fmt: skip
                 parts = split_export(whole, adapter.model_id)
                 if kv is None:
-                    kv, kv_model = _build_kv(parts, adapter, stats, config.quant, target, replay)
+                    kv, kv_model = _build_kv(parts, adapter, stats, config.quant, target, replay, kept)
                 graph, range_bindings = load_graph(parts.step), parts.step.bindings
                 graph.toposort()
                 del whole, parts
@@ -395,7 +397,8 @@ def plan_models(
             kv_plan = None if kv is None else kv.plan
             bits = layer_bits[index] if layer_bits else None
             plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
-                                                    replay, searches, kv_plan, group_alpha, bits, memo)  # fmt: skip
+                                                    replay, searches, kv_plan, group_alpha, bits, memo,
+                                                    kept)  # fmt: skip
             share_arrays(plan, built[-1].plan if built else None)
             if alpha_scores:
                 plan.scores = {"alpha": alpha_scores, **plan.scores}
@@ -503,31 +506,33 @@ def _build_kv(
     quant: QuantConfig,
     target: TargetProfile,
     replay: CalibrationReplay | None,
+    kept: dict[str, KeptBinding] | None = None,
 ) -> tuple[BuiltKV, onnx.ModelProto]:
     """Plan and transform kv.onnx once, over all calibrated steps (see exporter.kv.kv_quant)."""
     fp = parts.kv
     graph = load_graph(fp)
     graph.toposort()
     steps = list(range(stats.steps))
-    plan, model, cost, _ = _build_range(graph, fp.bindings, steps, adapter, stats, kv_quant(quant), target, replay)
+    plan, model, cost, _ = _build_range(graph, fp.bindings, steps, adapter, stats, kv_quant(quant), target, replay,
+                                        kept=kept)  # fmt: skip
     inputs, outputs = io_specs(fp.model.graph.input), io_specs(fp.model.graph.output)
     return BuiltKV(model_file=KV_FILE, plan=plan, inputs=inputs, outputs=outputs, cost=parts.cost, lowrank=cost), model
 
 
 def _range_graphs(
     adapter: ModelAdapter, stats: QStats, per_step: bool
-) -> tuple[dict[str, LinearBinding], Callable[[list[int]], gs.Graph]]:
-    """One FP export with the timestep an input, folded once; returns its bindings and a function
-    giving a range's graph, a copy that shares the folded graph's weights (per step: the timestep
-    of the range's step fixed)."""
+) -> tuple[dict[str, LinearBinding], dict[str, KeptBinding], Callable[[list[int]], gs.Graph]]:
+    """One FP export with the timestep an input, folded once; returns its bindings (calibrated
+    linears, float-kept layers) and a function giving a range's graph, a copy that shares the folded
+    graph's weights (per step: the timestep of the range's step fixed)."""
     exported = prepare_graph(export_graph(adapter, list(stats.layers)))
-    bindings, base = exported.bindings, exported.graph
+    bindings, kept, base = exported.bindings, exported.kept, exported.graph
     if not per_step:
         base.toposort()
-        return bindings, lambda steps: copy_graph(base)
+        return bindings, kept, lambda steps: copy_graph(base)
     timesteps = stats.header["timesteps"]
     step_graphs = StepGraphs(base, adapter.step_input(timesteps[0])[0])
-    return bindings, lambda steps: step_graphs.at(adapter.step_input(timesteps[steps[0]])[1])
+    return bindings, kept, lambda steps: step_graphs.at(adapter.step_input(timesteps[steps[0]])[1])
 
 
 SHARED_FIELDS = ("w_q", "w_scale", "w_zero", "lowrank_a", "lowrank_b")
@@ -574,8 +579,10 @@ def _build_range(
     group_alpha: dict[str, float] | None = None,
     layer_bits: dict[str, int] | None = None,
     gptq_memo: Memo | None = None,
+    kept: dict[str, KeptBinding] | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
     nodes, groups, weights, biases = range_inputs(graph, bindings, adapter)
+    weight_only = tuple(surviving(graph, kept)) if kept else ()
     samples = None
     if needs_samples(quant):
         assert replay is not None
@@ -589,6 +596,7 @@ def _build_range(
         plan = plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
                           head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits, grams=grams,
                           gptq_memo=gptq_memo)  # fmt: skip
+        plan.weight_only = weight_only  # before any replay: the simulation rounds these weights too
         if sites:  # Q/K/V ranges as the emitted attention reads them: measured under this plan's linears
             assert replay is not None
             ranges = replay.attention_ranges(plan, list(sites))
@@ -611,7 +619,8 @@ def _build_range(
         plan_outputs(plan, replay.output_ranges(with_kv(plan, kv)), target)
     cost = lowrank_cost(graph, nodes, plan)
     turns = rotation_macs(graph, nodes, groups, plan)
-    graph = run_passes(graph, PassConfig(plan=plan, groups=groups, nodes=nodes, attention=sites), target)
+    passes = PassConfig(plan=plan, groups=groups, nodes=nodes, attention=sites, kept=kept or {})
+    graph = run_passes(graph, passes, target)
     if target.integer_activations:
         assert replay is not None
         graph = _integer_only(graph, steps, target, replay)

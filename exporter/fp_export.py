@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import torch
 from qexport.exporter.shapes import infer_graph_shapes
+from qexport.passes.rewrite import KeptBinding
 from qexport.passes.specialise import compact_constants, fix_inputs, fold_constants, input_cone
 from torch import nn
 
@@ -51,6 +52,7 @@ class FPGraph:
     graph: gs.Graph
     input_names: list[str]
     bindings: dict[str, LinearBinding]
+    kept: dict[str, KeptBinding] = field(default_factory=dict)  # the float-kept linears and tables found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +111,7 @@ def export_graph(adapter: ModelAdapter, layers: list[str]) -> FPGraph:
     _transpose_views(graph)
     modules = dict(adapter.transformer.named_modules())
     bindings = {name: _bind(graph, name, modules[name]) for name in layers}
-    return FPGraph(graph=graph, input_names=names, bindings=bindings)
+    return FPGraph(graph=graph, input_names=names, bindings=bindings, kept=bind_kept(graph, modules, set(layers)))
 
 
 def _view(tensor: torch.Tensor) -> np.ndarray:
@@ -161,7 +163,7 @@ def prepare_graph(fp: FPGraph) -> FPGraph:
             break
     compact_constants(graph)
     _read_only(graph)
-    return FPGraph(graph=graph, input_names=fp.input_names, bindings=fp.bindings)
+    return FPGraph(graph=graph, input_names=fp.input_names, bindings=fp.bindings, kept=fp.kept)
 
 
 def prepare(fp: FPExport) -> FPExport:
@@ -236,21 +238,52 @@ def stamp(model: onnx.ModelProto) -> None:
 def _bind(graph: gs.Graph, layer: str, module: nn.Module) -> LinearBinding:
     if not isinstance(module, nn.Linear):
         raise QexportError(f"calibrated layer {layer!r} is not an nn.Linear in this model")
-    scope = scope_of(layer) + "/"
-    weight_t = module.weight.detach().float().cpu().numpy().T
+    node = _linear_node(graph, layer, module)
+    if node is None:
+        raise QexportError(
+            f"calibrated layer {layer!r} has no MatMul/Gemm with its weights under ONNX scope {scope_of(layer)!r}"
+        )
+    return LinearBinding(layer=layer, node=node.name, weight=node.inputs[1].name, in_features=module.in_features,
+                         out_features=module.out_features)  # fmt: skip
+
+
+def _scoped(graph: gs.Graph, module: str, ops: tuple[str, ...]) -> list[gs.Node]:
+    """The nodes of these op types directly under the module's ONNX scope (which may sit under a
+    wrapper's own: /denoiser/transformer/...)."""
+    scope = scope_of(module) + "/"
+    found = []
     for node in graph.nodes:
-        at = node.name.find(scope)  # the scope may sit under a wrapper's own (/denoiser/transformer/...)
-        if node.op not in ("MatMul", "Gemm") or at < 0 or "/" in node.name[at + len(scope) :]:
-            continue
+        at = node.name.find(scope)
+        if node.op in ops and at >= 0 and "/" not in node.name[at + len(scope) :]:
+            found.append(node)
+    return found
+
+
+def _linear_node(graph: gs.Graph, layer: str, module: nn.Linear) -> gs.Node | None:
+    """The MatMul / Gemm computing the linear: under its scope, reading its weight as a constant."""
+    weight_t = module.weight.detach().float().cpu().numpy().T
+    for node in _scoped(graph, layer, ("MatMul", "Gemm")):
         if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
             w = np.asarray(node.inputs[1].values)
             w = w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w
             if w.shape == weight_t.shape and np.allclose(w, weight_t, rtol=1e-6, atol=1e-7):
-                return LinearBinding(
-                    layer=layer,
-                    node=node.name,
-                    weight=node.inputs[1].name,
-                    in_features=module.in_features,
-                    out_features=module.out_features,
-                )
-    raise QexportError(f"calibrated layer {layer!r} has no MatMul/Gemm with its weights under ONNX scope {scope!r}")
+                return node
+    return None
+
+
+def bind_kept(graph: gs.Graph, modules: dict[str, nn.Module], calibrated: set[str]) -> dict[str, KeptBinding]:
+    """Every nn.Linear and nn.Embedding of the model that is not calibrated (kept in float) and that
+    the graph computes from its own weight: its MatMul / Gemm, or its Gather reading the table."""
+    kept = {}
+    for name, module in modules.items():
+        node, index = None, 1
+        if isinstance(module, nn.Linear) and name not in calibrated:
+            node = _linear_node(graph, name, module)
+        elif isinstance(module, nn.Embedding):
+            table = module.weight.detach().float().cpu().numpy()
+            node = next((n for n in _scoped(graph, name, ("Gather",)) if isinstance(n.inputs[0], gs.Constant)
+                         and np.array_equal(np.asarray(n.inputs[0].values), table)), None)  # fmt: skip
+            index = 0
+        if node is not None:
+            kept[name] = KeptBinding(module=name, node=node.name, weight=node.inputs[index].name)
+    return kept

@@ -92,7 +92,9 @@ def kv_quant(quant: QuantConfig) -> QuantConfig:
 def with_kv(plan: RangePlan, kv: RangePlan | None) -> RangePlan:
     """The plan of everything one step of a range computes: its own layers and kv.onnx's (what the
     torch simulation patches)."""
-    return plan if kv is None else replace(plan, layers={**plan.layers, **kv.layers})
+    if kv is None:
+        return plan
+    return replace(plan, layers={**plan.layers, **kv.layers}, weight_only=(*plan.weight_only, *kv.weight_only))
 
 
 def io_specs(values: Any) -> list[dict[str, Any]]:

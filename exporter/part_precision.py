@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from qexport.passes.weight_only import quantize
 
 from qexport.recipe import PartPrecision
 
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 
 MIN_ELEMENTS = 1024  # float weights smaller than this stay FP32 (norms, biases, scalars): a Cast would cost more
 FP16_MAX = float(np.finfo(np.float16).max)  # a weight beyond it stays FP32
-INT8_MAX = 127  # symmetric: q in [-127, 127]
 EXTERNAL_ABOVE = 2_000_000_000  # weight bytes above which a part's weights go to <model>.data (protobuf's 2 GiB)
 
 
@@ -114,17 +114,6 @@ def int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     _prepend(graph, dequantize)
     log.info("%s: %d weights stored in int8", graph.name, len(dequantize))
     return fp16_storage(model, keep=frozenset(scales))
-
-
-def quantize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per channel along `axis`: q = round(w / s) in [-127, 127] with s = max|w| / 127
-    over the channel (1 for an all-zero channel), so |q·s − w| ≤ s/2; returns (q, s)."""
-    others = tuple(a for a in range(w.ndim) if a != axis)
-    amax = np.abs(w).max(axis=others)
-    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
-    shape = [-1 if a == axis else 1 for a in range(w.ndim)]
-    q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale
 
 
 def weight_axes(graph: onnx.GraphProto) -> dict[str, int]:

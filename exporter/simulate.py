@@ -4,8 +4,9 @@ smoothing (divided at the linear's input where the graph folds it into the modul
 a Mul; already inside the value projection's weights where it folds there), the same channel
 shift (subtracted at the input, or already in the value projection's bias), the low-rank
 branch ``(x_dq · A) · B`` added to the output from the same fake-quantized input, the output
-quantizer of a closed linear (its MatMul result, before the bias), and, where
-planned, fake-quantized attention matmul operands (exporter.attention)."""
+quantizer of a closed linear (its MatMul result, before the bias), the int8-rounded weights of the
+float-kept layers stored weight-only (passes.weight_only), and, where planned, fake-quantized
+attention matmul operands (exporter.attention)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from qexport.exporter.attention import ExportOrderAttention, attention_processors
 from qexport.passes.plan import LayerPlan, RangePlan
+from qexport.passes.weight_only import rounded
 from torch import nn
 
 
@@ -41,13 +43,18 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
     """Within the block, the transformer's planned linears (and attentions) compute as the emitted
     model does."""
     modules = dict(transformer.named_modules())
-    saved: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]] = []
+    saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
     handles: list[Any] = []
     stack = ExitStack()
     try:
         if plan.attention:
             quantized = {name: ExportOrderAttention(quant=ap) for name, ap in plan.attention.items()}
             stack.enter_context(attention_processors(transformer, quantized))
+        for name in plan.weight_only:  # nn.Linear [out, in] or nn.Embedding [rows, dim]: per row
+            m = modules[name]
+            saved.append((m, m.weight.data, None))
+            w = m.weight.detach().float().cpu().numpy()
+            m.weight.data = torch.from_numpy(rounded(w, 0)).to(m.weight.device)
         for name, lp in plan.layers.items():
             m = modules[name]
             assert isinstance(m, nn.Linear)

@@ -17,6 +17,7 @@ from qexport.passes.rangeplan import RangePlan
 from qexport.passes.rewrite import PassConfig
 from qexport.passes.techniques import ORDER
 from qexport.passes.techniques.base import GraphPass
+from qexport.passes.weight_only import store_float_weights
 from qexport.targets.profile import TargetProfile
 
 PACKED = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}  # written by pack_low_bit
@@ -102,6 +103,7 @@ STAGES: tuple[str | GraphPass, ...] = (
     "sink",  # explicit scalings moved onto small operands
     "rotate",  # online transforms before the quantizer
     quantize_weights,
+    store_float_weights,  # the float-kept layers' weights as int8 (weight-only), where the plan says
     quantize_activations,
     "operands",  # quantizers on other operands (attention)
     legalize_bias,

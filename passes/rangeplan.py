@@ -124,6 +124,7 @@ class RangePlan:
     attention: dict[str, AttentionPlan] = field(default_factory=dict)  # attention module -> operand quantizers
     value_folds: set[str] = field(default_factory=set)  # value projections whose output a fold changes
     parts: dict[str, Any] = field(default_factory=dict)  # technique kind -> what it planned for the range
+    weight_only: tuple[str, ...] = ()  # float-kept modules whose weights are stored int8 (passes.weight_only)
 
 
 class FinalWeights(dict[str, np.ndarray]):

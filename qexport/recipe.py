@@ -55,6 +55,20 @@ class Parts:
     precision: PartPrecision = PartPrecision.FP16  # a pipeline build's text and VAE parts; built-ins have none
 
 
+class FloatWeights(enum.Enum):
+    """How the denoiser stores the weights of the layers it keeps in float (adaLN modulation,
+    embedders, projections, label tables); their computation stays float either way."""
+
+    AUTO = "auto"  # what the target takes best (its profile's float_weights, first entry)
+    FP32 = "fp32"  # as the model has them
+    INT8 = "int8"  # int8 per output channel through DequantizeLinear (weight-only; passes.weight_only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FloatLayers:
+    weights: FloatWeights = FloatWeights.AUTO
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     """Everything a build does, and nothing about where its files go."""
@@ -66,6 +80,7 @@ class Recipe:
     target: str = "ort-cpu"
     replay: Replay = field(default_factory=Replay)
     parts: Parts = field(default_factory=Parts)
+    float_layers: FloatLayers = field(default_factory=FloatLayers)
     techniques: tuple[Technique, ...] = ()
 
     def technique(self, kind: str) -> Technique | None:
@@ -84,6 +99,16 @@ class Recipe:
         target = PROFILES.get(self.target)
         return target is not None and (target.closed_linears or target.integer_activations is not None)
 
+    def float_weights(self) -> FloatWeights:
+        """How the float-kept layers' weights are stored: the recipe's choice, or under auto its
+        target's (fp32 for a target qexport does not know)."""
+        from qexport.targets.catalog import PROFILES
+
+        if self.float_layers.weights != FloatWeights.AUTO:
+            return self.float_layers.weights
+        target = PROFILES.get(self.target)
+        return FloatWeights(target.float_weights[0]) if target is not None else FloatWeights.FP32
+
     def validate(self) -> Recipe:
         """Check every rule that involves more than one key; returns self.
 
@@ -101,6 +126,7 @@ class Recipe:
             raise QexportError(
                 f"recipe key 'granularity.time_ranges' must be 1 or more (or null: per step), got {ranges}"
             )
+        self._check_float_weights()
         kinds = [t.kind for t in self.techniques]
         twice = sorted({k for k in kinds if kinds.count(k) > 1})
         if twice:
@@ -120,6 +146,16 @@ class Recipe:
                     "has neither"
                 )
         return self
+
+    def _check_float_weights(self) -> None:
+        from qexport.targets.catalog import PROFILES
+
+        target, chosen = PROFILES.get(self.target), self.float_layers.weights
+        if target is not None and chosen != FloatWeights.AUTO and chosen.value not in target.float_weights:
+            raise QexportError(
+                f"recipe key 'float_layers.weights' is {chosen.value}, which target {target.name} does not take; "
+                f"it takes {' or '.join(target.float_weights)} (or auto)"
+            )
 
     def settings(self) -> dict[str, Any]:
         """The build settings of every technique, merged in the registry's fixed order."""

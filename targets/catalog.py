@@ -39,6 +39,10 @@ ORT_CPU = TargetProfile(
     # to MatMulIntegerToFloat, or to QLinearMatMul where a QuantizeLinear follows it (PV: QDQ propagation
     # moves the output linear's QuantizeLinear up through Transpose/Reshape); 16-bit ones stay float
     native_attention=("uint8", "int8"),
+    # measured with onnxruntime 1.31.1 (x86, 2 threads): a float-kept weight stored int8 and widened by
+    # Cast + Mul(scale) is folded at load into a float32 Gemm / MatMul (768 x 4608 at 2 rows: 0.17 ms, the
+    # float model's 0.22; equal to numpy's q * s product within float summation order)
+    float_weights=("int8", "fp32"),
     source=(
         "onnxruntime docs, 'Quantize ONNX models' (onnxruntime.ai/docs/performance/model-optimizations/"
         "quantization.html: QDQ format, U8S8 recommended on x86, int4/uint16 QDQ need opset 21); measured with "
@@ -69,6 +73,7 @@ QNN_HTP = TargetProfile(
     single_input_einsum=False,
     unsigned_norm_gamma=True,
     fp16_soc={"soc_model": "57", "htp_arch": "75"},
+    float_weights=("fp32",),  # int8 storage of float-kept weights is not measured on HTP (nor integer-only)
     notes=(
         "QNN HTP quantizes bias to int32 (scale = activation scale x weight scale); qexport keeps it a float Add",
         "mixed precision W8A16 (uint16 activations, int8 weights) is the QNN option for accuracy-sensitive layers",
@@ -170,6 +175,10 @@ OPENVINO = TargetProfile(
     # (uint8 activations) or i8 (int8 activations), also where several MatMuls share one input
     native=(("int8", "uint8"), ("int8", "int8")),
     native_shared=(("int8", "uint8"), ("int8", "int8")),
+    # measured with openvino 2026.4 CPU: a float-kept weight stored int8 and widened by Cast + Mul(scale) runs
+    # as one float FullyConnected equal to onnxruntime's within float summation order (768 x 4608; a
+    # DequantizeLinear in its place is 3e-3 of the output's range away: a compressed-weight kernel)
+    float_weights=("int8", "fp32"),
     source=(
         "OpenVINO docs, 'Low Precision Transformations' (docs.openvino.ai/latest/openvino_docs_OV_UG_lpt.html: "
         "FakeQuantize decomposed to u8/i8 quantize + dequantize, Intel CPU runs them in low precision); NNCF "

@@ -42,6 +42,9 @@ class TargetProfile:
     unsigned_norm_gamma: bool = False  # a quantized LayerNormalization scale must be stored unsigned
     fp16_soc: dict[str, str] = field(default_factory=dict)  # runtime options of the FP16-capable SoC assumed
     integer_activations: str | None = None  # integer-only: every float activation quantized to this storage
+    # how the weights of layers kept in float may be stored ("fp32"; "int8": Mul(Cast(q), scale), constants
+    # a runtime folds at load); the first is what a recipe's float_layers.weights auto picks
+    float_weights: tuple[str, ...] = ("fp32", "int8")
     native: tuple[tuple[str, str], ...] = ()
     native_shared: tuple[tuple[str, str], ...] = ()  # of those, pairs that fuse when several MatMuls share the input
     native_attention: tuple[str, ...] = ()  # activation storages whose activation x activation MatMul runs integer
@@ -107,6 +110,7 @@ class TargetProfile:
             "static_shapes": self.static_shapes,
             "float_ops": self.float_ops,
             "bias": self.bias,
+            "float_weights": list(self.float_weights),
             "integer_kernels": [f"{w} x {a}" for w, a in self.native],  # measured, where qexport runs it
             "integer_if_shared": [f"{w} x {a}" for w, a in self.native_shared],
             "integer_attention": [f"{a} x {a}" for a in self.native_attention],

@@ -84,9 +84,11 @@ def test_attention_matmuls_read_dequantized_inputs(attention_build):
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: i for i in model.graph.initializer}
 
+    def constant(t):  # an initializer, or computed from initializers alone (a weight's DequantizeLinear or Cast)
+        return t in inits or (t in producers and all(constant(i) for i in producers[t].input))
+
     def activation(t):
-        source = producers.get(t)
-        return t not in inits and not (source and source.op_type == "DequantizeLinear" and source.input[0] in inits)
+        return not constant(t)
 
     attention = [n for n in model.graph.node if n.op_type == "MatMul" and all(activation(t) for t in n.input)]
     modules = result.manifest["quantization"]["attention"]["modules"]
