@@ -1,7 +1,8 @@
 """Where a build's host memory goes: the build of a .qstats file with a sampler thread that reads
 the process's resident memory (RSS) every few milliseconds and the innermost qexport function the
 main thread is in. Prints the peak RSS over the model's FP32 weight bytes (the scale target is
-<= 2.5) and, per function, the highest RSS seen while it ran.
+<= 2.5), the peak of its anonymous part (RSS less mapped file pages, which the kernel can drop),
+and, per function, the highest RSS seen while it ran.
 
     python bench/build_memory.py --stats dit.qstats --out /tmp/b --json mem.json
 
@@ -28,6 +29,14 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _anonymous() -> int:
+    """Resident memory less its file-backed part (statm's resident - shared): what the kernel cannot
+    drop, unlike the clean pages of a mapped file (the weights file the kept plans point into)."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * resource.getpagesize()
+
+
 def _where(frame: Any) -> str:
     """The innermost frame of the project's code: file:function."""
     while frame is not None:
@@ -47,6 +56,7 @@ class Sampler(threading.Thread):
         self.main = threading.main_thread().ident
         self.peak: dict[str, int] = {}
         self.timeline: list[tuple[float, int, str]] = []
+        self.anonymous = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -55,6 +65,7 @@ class Sampler(threading.Thread):
             frame = sys._current_frames().get(self.main or 0)
             where = _where(frame)
             rss = _rss()
+            self.anonymous = max(self.anonymous, _anonymous())
             self.peak[where] = max(self.peak.get(where, 0), rss)
             if not self.timeline or self.timeline[-1][2] != where or rss > self.timeline[-1][1] * 1.05:
                 self.timeline.append((round(time.perf_counter() - start, 2), rss, where))
@@ -95,6 +106,8 @@ def main() -> None:
         "rss_before_build": base,
         "peak_rss": peak,
         "peak_over_fp32": round(peak / fp32, 2),
+        "peak_anonymous": sampler.anonymous,
+        "peak_anonymous_over_fp32": round(sampler.anonymous / fp32, 2),
         "peak_by_function": dict(sorted(sampler.peak.items(), key=lambda kv: -kv[1])),
         "timeline": sampler.timeline,
     }
@@ -103,7 +116,8 @@ def main() -> None:
     gib = 2**30
     print(f"{result['model']}: {len(built.ranges)} models in {seconds:.0f} s; FP32 weights {fp32 / gib:.2f} GiB, "
           f"RSS before the build {base / gib:.2f} GiB, peak {peak / gib:.2f} GiB = "
-          f"{peak / fp32:.2f}x the FP32 weights")  # fmt: skip
+          f"{peak / fp32:.2f}x the FP32 weights; anonymous (not file-backed) peak {sampler.anonymous / gib:.2f} GiB = "
+          f"{sampler.anonymous / fp32:.2f}x")  # fmt: skip
     print("highest RSS while in (top 12):")
     for where, rss in list(result["peak_by_function"].items())[:12]:
         print(f"  {rss / gib:6.2f} GiB  {where}")

@@ -206,11 +206,13 @@ def emit_models(
     writer = ModelWriter(folder, ids)
     legality: list[LegalityReport] = []
 
-    def sink(name: str, model: onnx.ModelProto) -> None:
+    def sink(name: str, model: onnx.ModelProto, plan: RangePlan | None) -> None:
         # legality before emission renames nodes and tensors; each model is then written at
         # once, so a full-size build never holds them all
         legality.extend(check_legality([(name, model)], target))
         writer.add(name, model)
+        if plan is not None:
+            point_into_file(plan, writer.written(), ids)
 
     try:
         built, _ = plan_models(adapter, stats, config, target, progress, sink=sink)
@@ -219,6 +221,16 @@ def emit_models(
     reports = [r.to_json() for r in legality]
     atomic_write(folder / LEGALITY_FILE, lambda p: Path(p).write_text(json.dumps(reports, indent=1, allow_nan=False)))
     return built, emit, legality
+
+
+def point_into_file(plan: RangePlan, written: dict[str, np.ndarray], ids: dict[str, str]) -> None:
+    """Each int8 weight of the plan that the weights file now holds becomes a read-only view of it,
+    so the plans a build keeps for verification do not hold one copy a step (TSQ's per-step
+    weights grew memory with the steps; int4 weights are packed there and stay in memory)."""
+    for layer, lp in plan.layers.items():
+        view = written.get(f"{ids.get(layer)}:w_q")
+        if view is not None and view.dtype == lp.w_q.dtype and view.shape == lp.w_q.shape:
+            lp.w_q = view
 
 
 def legality_record(legality: list[LegalityReport]) -> dict[str, Any]:
@@ -270,7 +282,7 @@ def replan(
     config, target = BuildConfig(recipe=recipe), get_profile(recipe.target)
     layer_bits = [dict.fromkeys(c.w_bits_raised, MIXED_HIGH_BITS) for c in choices]
     built, _ = plan_models(adapter, stats, config, target, alphas=[c.alpha for c in choices],
-                           shrinks=[c.act_shrink for c in choices], sink=lambda n, m: None,
+                           shrinks=[c.act_shrink for c in choices], sink=lambda n, m, p: None,
                            group_alphas=[c.group_alpha for c in choices] if recipe_alpha(recipe) == "layer" else None,
                            layer_bits=layer_bits if recipe.technique("mixed_precision") else None)  # fmt: skip
     return adapter, [b.plan for b in built], target
@@ -322,7 +334,7 @@ def plan_models(
     progress: Progress | None = None,
     alphas: list[float] | None = None,
     shrinks: list[float] | None = None,
-    sink: Callable[[str, onnx.ModelProto], None] | None = None,
+    sink: Callable[[str, onnx.ModelProto, RangePlan | None], None] | None = None,
     group_alphas: list[dict[str, float]] | None = None,
     layer_bits: list[dict[str, int]] | None = None,
 ) -> tuple[list[BuiltRange], list[tuple[str, onnx.ModelProto]]]:
@@ -331,8 +343,9 @@ def plan_models(
     alphas / shrinks / group_alphas, if given, fix each range's alpha, activation shrink and
     per-group alphas (re-planning a build whose searches picked them); layer_bits fixes each
     range's per-layer weight bits (--mixed-precision), which are otherwise measured.
-    sink, if given, receives each (file name, model) as soon as it is built and the models are
-    not kept (the returned list is then empty): memory stays at about one model.
+    sink, if given, receives each (file name, model, its plan; None for kv.onnx) as soon as it is
+    built and the models are not kept (the returned list is then empty): memory stays at about one
+    model.
     """
     built: list[BuiltRange] = []
     models: list[tuple[str, onnx.ModelProto]] = []
@@ -371,9 +384,9 @@ def plan_models(
         del first
     kv, kv_model = None, None
 
-    def emit(name: str, model: onnx.ModelProto) -> None:
+    def emit(name: str, model: onnx.ModelProto, plan: RangePlan | None) -> None:
         if sink is not None:
-            sink(name, model)
+            sink(name, model, plan)
         else:
             models.append((name, model))
 
@@ -406,9 +419,9 @@ def plan_models(
             mixed_of = allocations[index] if allocations else None
             built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost,
                                     rotation_macs=turns, kv=kv, mixed=mixed_of))  # fmt: skip
-            emit(name, model)
+            emit(name, model, plan)
             if kv_model is not None:
-                emit(KV_FILE, kv_model)  # after the first range's model: legality's first row stays a step model
+                emit(KV_FILE, kv_model, None)  # after the first range's model: legality's first row stays a step model
                 kv_model = None
             del graph, model
             gc.collect()  # a graph is cycles of gs tensors and nodes: free its arrays now, not generations later

@@ -5,11 +5,13 @@ cost about one model of disk."""
 from __future__ import annotations
 
 import hashlib
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 WEIGHTS_FILE = "w.bin"
 MIN_EXTERNAL_BYTES = 64  # per-channel scales and zero points are shared too
@@ -70,7 +72,11 @@ class ModelWriter:
     def __init__(self, folder: Path, ids: dict[str, str]) -> None:
         self.folder, self.ids = folder, ids
         self.offsets: dict[str, tuple[int, int]] = {}
+        self.last: dict[
+            str, tuple[int, int, int, list[int]]
+        ] = {}  # the last model's tensors: offset, length, type, dims
         self.names: list[str] = []
+        self._views: dict[tuple[int, int, tuple[int, ...]], np.ndarray] = {}
         self.logical = self.shared = 0
         self._file = open(folder / WEIGHTS_FILE, "wb")  # noqa: SIM115 (closed by close())
 
@@ -79,6 +85,7 @@ class ModelWriter:
         go to the shared file."""
         f = self._file
         compact_names(model, self.ids)
+        self.last = {}
         for init in model.graph.initializer:
             if init.data_type == onnx.TensorProto.INT64:
                 continue  # shapes, axes, indices: onnxruntime's shape inference reads them from the model
@@ -94,9 +101,30 @@ class ModelWriter:
                 self.offsets[key] = (f.tell(), len(raw))
                 f.write(raw)
             offset, length = self.offsets[key]
+            self.last[init.name] = (offset, length, init.data_type, list(init.dims))
             _externalize(init, offset, length)
         onnx.save(model, str(self.folder / name))
         self.names.append(name)
+
+    def written(self) -> dict[str, np.ndarray]:
+        """The last model's tensors in the weights file (compacted names), as read-only arrays mapped
+        from it (packed 4-bit tensors left out; a tensor shared with an earlier model is the same
+        array): what a caller keeps of them can point there instead of holding a copy in memory."""
+        if not self.last:
+            return {}
+        self._file.flush()
+        with open(self.folder / WEIGHTS_FILE, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        out = {}
+        for name, (offset, length, kind, dims) in self.last.items():
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(kind))
+            if kind in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or length != dtype.itemsize * int(np.prod(dims)):
+                continue
+            key = (offset, kind, tuple(dims))
+            if key not in self._views:  # a tensor shared with an earlier model: the same array
+                self._views[key] = np.frombuffer(mapped, dtype, length // dtype.itemsize, offset).reshape(dims)
+            out[name] = self._views[key]
+        return out
 
     def close(self) -> EmitSummary:
         total = self._file.tell()

@@ -42,6 +42,8 @@ def test_timestep_wise_tsq_emits_one_verified_integer_model_per_step(latte_stats
     assert [r["model"] for r in manifest["ranges"]] == [f"step_{i:02d}.onnx" for i in range(4)]
     assert [s["timestep"] for s in manifest["steps"]] == [999, 749, 499, 249]
     assert all(i["name"] != "timestep" for i in manifest["inputs"])  # t baked in: its path folded away
+    kept = [lp.w_q for r in result.ranges for lp in r.plan.layers.values()]
+    assert all(not q.flags.owndata and not q.flags.writeable for q in kept)  # views of w.bin, not copies a step
     v = verify(result.folder, result.adapter, [r.plan for r in result.ranges], result.manifest, ORT_CPU,
                "a red circle moving left")  # fmt: skip
     assert v.ok, v.to_json()
