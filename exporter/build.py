@@ -412,6 +412,8 @@ def plan_models(
             plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
                                                     replay, searches, kv_plan, group_alpha, bits, memo,
                                                     kept)  # fmt: skip
+            del graph  # the model holds what emission needs: free the graph's arrays before the model is written
+            gc.collect()
             share_arrays(plan, built[-1].plan if built else None)
             if alpha_scores:
                 plan.scores = {"alpha": alpha_scores, **plan.scores}
@@ -423,8 +425,8 @@ def plan_models(
             if kv_model is not None:
                 emit(KV_FILE, kv_model, None)  # after the first range's model: legality's first row stays a step model
                 kv_model = None
-            del graph, model
-            gc.collect()  # a graph is cycles of gs tensors and nodes: free its arrays now, not generations later
+            del model
+            gc.collect()
             report(progress, "building models", index + 1, len(ranges), name)
     finally:
         gc.unfreeze()
@@ -561,8 +563,17 @@ def share_arrays(plan: RangePlan, previous: RangePlan | None) -> None:
         old = previous.layers.get(layer)
         for name in SHARED_FIELDS if old is not None else ():
             a, b = getattr(lp, name), getattr(old, name)
-            if a is not None and b is not None and a.dtype == b.dtype and np.array_equal(a, b):
+            if a is not None and b is not None and _equal(a, b):
                 setattr(lp, name, b)
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """a == b, deciding on a first slice where they differ there (TSQ's per-step weights): the
+    earlier array may be a view of the weights file, whose pages a full comparison would map in."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    head = min(a.size, 4096)
+    return bool(np.array_equal(a.reshape(-1)[:head], b.reshape(-1)[:head]) and np.array_equal(a, b))
 
 
 def _grams(
