@@ -21,7 +21,7 @@ from qexport.exporter.alpha import layer_alphas, shared_alpha
 from qexport.exporter.attention import attention_ids, attention_scopes
 from qexport.exporter.built import BuildConfig, BuiltRange, RangeChoices
 from qexport.exporter.conditioning import export_conditioning
-from qexport.exporter.emit import EmitSummary, ModelWriter, layer_ids
+from qexport.exporter.emit import EmitSummary, ModelWriter, Views, emitted_tensors, layer_ids
 from qexport.exporter.fp_export import (
     FPExport,
     LinearBinding,
@@ -223,13 +223,16 @@ def emit_models(
     return built, emit, legality
 
 
-def point_into_file(plan: RangePlan, written: dict[str, np.ndarray], ids: dict[str, str]) -> None:
-    """Each int8 weight of the plan that the weights file now holds becomes a read-only view of it,
-    so the plans a build keeps for verification do not hold one copy a step (TSQ's per-step
-    weights grew memory with the steps; int4 weights are packed there and stay in memory)."""
+def point_into_file(plan: RangePlan, written: dict[str, np.ndarray], ids: dict[str, str], check: bool = False) -> None:
+    """Each int8 weight of the plan that the weights file holds becomes a read-only view of it, so
+    the plans kept for verification do not hold one copy a step (TSQ's per-step weights grew
+    memory with the steps; int4 weights are packed there and stay in memory). check: only where
+    the file holds exactly the plan's values (a re-plan on another CPU may round a weight apart)."""
     for layer, lp in plan.layers.items():
         view = written.get(f"{ids.get(layer)}:w_q")
-        if view is not None and view.dtype == lp.w_q.dtype and view.shape == lp.w_q.shape:
+        if view is None or view.dtype != lp.w_q.dtype or view.shape != lp.w_q.shape:
+            continue
+        if not check or _equal(view, lp.w_q):
             lp.w_q = view
 
 
@@ -250,13 +253,14 @@ AdapterLoader = Callable[[QStats, str, str], ModelAdapter]  # (statistics, their
 
 def replan(
     manifest: dict[str, Any], stats_path: Path | None, model: ModelRequest | None = None,
-    load_adapter: AdapterLoader | None = None,
+    load_adapter: AdapterLoader | None = None, folder: Path | None = None,
 ) -> tuple[ModelAdapter, list[RangePlan], TargetProfile]:  # fmt: skip
     """The adapter, per-range plans and target of an emitted build (for ``qexport verify``): the
     plan is a pure function of the statistics, the model, the manifest's recipe and its choices.
     model: which model to load for the manifest's model id (a folder only with consent) and the
     conditions it must take; load_adapter(stats, source, model id) gives the model (default:
-    models.registry.load_model).
+    models.registry.load_model); folder: the build's folder, whose weights file the plans' integer
+    weights then point into where it holds the same values.
 
     Raises:
         QexportError: statistics not found, of another model or another calibration; a manifest
@@ -281,8 +285,15 @@ def replan(
         adapter = load_adapter(stats, str(path), model_id)  # it checks the conditions it can
     config, target = BuildConfig(recipe=recipe), get_profile(recipe.target)
     layer_bits = [dict.fromkeys(c.w_bits_raised, MIXED_HIGH_BITS) for c in choices]
+    views: Views = {}
+    ids = manifest.get("layer_ids", {})
+
+    def sink(name: str, emitted: onnx.ModelProto, plan: RangePlan | None) -> None:
+        if folder is not None and plan is not None:  # the plans point into the build's own weights
+            point_into_file(plan, emitted_tensors(folder, name, views), ids, check=True)
+
     built, _ = plan_models(adapter, stats, config, target, alphas=[c.alpha for c in choices],
-                           shrinks=[c.act_shrink for c in choices], sink=lambda n, m, p: None,
+                           shrinks=[c.act_shrink for c in choices], sink=sink,
                            group_alphas=[c.group_alpha for c in choices] if recipe_alpha(recipe) == "layer" else None,
                            layer_bits=layer_bits if recipe.technique("mixed_precision") else None)  # fmt: skip
     return adapter, [b.plan for b in built], target

@@ -76,7 +76,7 @@ class ModelWriter:
             str, tuple[int, int, int, list[int]]
         ] = {}  # the last model's tensors: offset, length, type, dims
         self.names: list[str] = []
-        self._views: dict[tuple[int, int, tuple[int, ...]], np.ndarray] = {}
+        self._views: Views = {}
         self.logical = self.shared = 0
         self._file = open(folder / WEIGHTS_FILE, "wb")  # noqa: SIM115 (closed by close())
 
@@ -113,18 +113,7 @@ class ModelWriter:
         if not self.last:
             return {}
         self._file.flush()
-        with open(self.folder / WEIGHTS_FILE, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        out = {}
-        for name, (offset, length, kind, dims) in self.last.items():
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(kind))
-            if kind in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or length != dtype.itemsize * int(np.prod(dims)):
-                continue
-            key = (offset, kind, tuple(dims))
-            if key not in self._views:  # a tensor shared with an earlier model: the same array
-                self._views[key] = np.frombuffer(mapped, dtype, length // dtype.itemsize, offset).reshape(dims)
-            out[name] = self._views[key]
-        return out
+        return mapped_tensors(self.folder / WEIGHTS_FILE, self.last, self._views)
 
     def close(self) -> EmitSummary:
         total = self._file.tell()
@@ -136,6 +125,38 @@ class ModelWriter:
             shared_tensors=self.shared,
             unique_tensors=len(self.offsets),
         )
+
+
+Entry = tuple[int, int, int, list[int]]  # a tensor in the weights file: offset, length, ONNX type, dims
+Views = dict[tuple[int, int, tuple[int, ...]], np.ndarray]
+
+
+def mapped_tensors(weights: Path, entries: dict[str, Entry], views: Views) -> dict[str, np.ndarray]:
+    """Tensors of the weights file as read-only arrays mapped from it (one mapping per call; packed
+    4-bit tensors left out); `views` caches them by place, so a tensor two models share is one array."""
+    with open(weights, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    out = {}
+    for name, (offset, length, kind, dims) in entries.items():
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(kind))
+        if kind in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or length != dtype.itemsize * int(np.prod(dims)):
+            continue
+        key = (offset, kind, tuple(dims))
+        if key not in views:
+            views[key] = np.frombuffer(mapped, dtype, length // dtype.itemsize, offset).reshape(dims)
+        out[name] = views[key]
+    return out
+
+
+def emitted_tensors(folder: Path, model_file: str, views: Views) -> dict[str, np.ndarray]:
+    """The tensors an emitted model of folder keeps in its weights file, mapped (mapped_tensors)."""
+    model = onnx.load(str(folder / model_file), load_external_data=False)
+    entries = {}
+    for init in model.graph.initializer:
+        place = {e.key: e.value for e in init.external_data}
+        if init.data_location == onnx.TensorProto.EXTERNAL and place.get("location") == WEIGHTS_FILE:
+            entries[init.name] = (int(place["offset"]), int(place["length"]), init.data_type, list(init.dims))
+    return mapped_tensors(folder / WEIGHTS_FILE, entries, views) if entries else {}
 
 
 def write_models(models: list[tuple[str, onnx.ModelProto]], folder: Path, ids: dict[str, str]) -> EmitSummary:

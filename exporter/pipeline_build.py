@@ -245,11 +245,12 @@ def _manifest(
 
 
 def replan_pipeline(
-    manifest: dict[str, Any], stats_path: Path | None, device: str = "cpu", model: ModelRequest | None = None
-) -> tuple[PipelineAdapter, list[RangePlan]]:
+    manifest: dict[str, Any], stats_path: Path | None, device: str = "cpu", model: ModelRequest | None = None,
+    folder: Path | None = None,
+) -> tuple[PipelineAdapter, list[RangePlan]]:  # fmt: skip
     """The adapter and per-range plans of an emitted pipeline build (for ``qexport verify``): the
     pipeline traced (on `device`) and bound again, then planned as the build planned it
-    (exporter.build.replan, which takes `model`).
+    (exporter.build.replan, which takes `model` and `folder`).
 
     Raises:
         QexportError: as replan, and as pipeline_adapter.
@@ -260,6 +261,6 @@ def replan_pipeline(
         adapter.check_conditions(() if model is None else model.conditions)
         return adapter
 
-    adapter, plans, _ = replan(manifest, stats_path, model, loader)
+    adapter, plans, _ = replan(manifest, stats_path, model, loader, folder)
     assert isinstance(adapter, PipelineAdapter)
     return adapter, plans

@@ -495,9 +495,9 @@ def verify(
     if "pipeline" in manifest:
         from qexport.exporter.pipeline_build import replan_pipeline
 
-        adapter, plans = replan_pipeline(manifest, stats_file, device, model=request)
+        adapter, plans = replan_pipeline(manifest, stats_file, device, model=request, folder=folder)
     else:
-        adapter, plans, _ = replan(manifest, stats_file, model=request)  # type: ignore[assignment]
+        adapter, plans, _ = replan(manifest, stats_file, model=request, folder=folder)  # type: ignore[assignment]
     _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime, device, threads)
     click.echo(f"time: {duration(time.perf_counter() - start)} in all")
 

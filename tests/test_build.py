@@ -11,7 +11,7 @@ import pytest
 import torch
 from qexport.calib.run import CalibConfig, calibrate
 from qexport.calib.store import save
-from qexport.exporter.build import BuildConfig, build, range_inputs
+from qexport.exporter.build import BuildConfig, build, range_inputs, replan
 from qexport.exporter.fp_export import StepGraphs, export_fp, load_graph, prepare
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.rewrite import PassConfig
@@ -44,6 +44,9 @@ def test_timestep_wise_tsq_emits_one_verified_integer_model_per_step(latte_stats
     assert all(i["name"] != "timestep" for i in manifest["inputs"])  # t baked in: its path folded away
     kept = [lp.w_q for r in result.ranges for lp in r.plan.layers.values()]
     assert all(not q.flags.owndata and not q.flags.writeable for q in kept)  # views of w.bin, not copies a step
+    _, plans, _ = replan(result.manifest, latte_stats, folder=result.folder)  # what qexport verify re-plans
+    again = [lp.w_q for p in plans for lp in p.layers.values()]
+    assert all(not q.flags.owndata and np.array_equal(q, k) for q, k in zip(again, kept, strict=True))
     v = verify(result.folder, result.adapter, [r.plan for r in result.ranges], result.manifest, ORT_CPU,
                "a red circle moving left")  # fmt: skip
     assert v.ok, v.to_json()
