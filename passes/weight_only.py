@@ -16,7 +16,7 @@ from qexport.passes.rewrite import KeptBinding, PassConfig
 from qexport.targets.profile import TargetProfile
 
 INT8_MAX = 127  # symmetric: q in [-127, 127]
-MIN_ELEMENTS = 1024  # smaller weights stay float32 (a DequantizeLinear would cost more than it saves)
+MIN_ELEMENTS = 1024  # smaller weights stay float32 (their Cast, Mul and scale would cost more than they save)
 
 
 def quantize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +31,7 @@ def quantize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rounded(w: np.ndarray, axis: int) -> np.ndarray:
-    """w as its int8 storage gives it back through DequantizeLinear: q · s in float32."""
+    """w as its int8 storage gives it back (Mul(Cast(q), s)): q · s in float32."""
     q, scale = quantize(np.asarray(w, dtype=np.float32), axis)
     shape = [-1 if a == axis else 1 for a in range(w.ndim)]
     return q.astype(np.float32) * scale.reshape(shape)
