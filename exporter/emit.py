@@ -65,6 +65,10 @@ def compact_names(model: onnx.ModelProto, ids: dict[str, str]) -> None:
                 field[i] = short(name)
 
 
+Entry = tuple[int, int, int, list[int]]  # a tensor in the weights file: offset, length, ONNX type, dims
+Views = dict[tuple[int, int, tuple[int, ...]], np.ndarray]
+
+
 class ModelWriter:
     """Writes models one at a time into folder, sharing the weights file; nothing is kept in memory
     but the offsets of the tensors written so far (a full-size build streams its models)."""
@@ -72,9 +76,7 @@ class ModelWriter:
     def __init__(self, folder: Path, ids: dict[str, str]) -> None:
         self.folder, self.ids = folder, ids
         self.offsets: dict[str, tuple[int, int]] = {}
-        self.last: dict[
-            str, tuple[int, int, int, list[int]]
-        ] = {}  # the last model's tensors: offset, length, type, dims
+        self.last: dict[str, Entry] = {}  # the last model's tensors in the weights file
         self.names: list[str] = []
         self._views: Views = {}
         self.logical = self.shared = 0
@@ -125,10 +127,6 @@ class ModelWriter:
             shared_tensors=self.shared,
             unique_tensors=len(self.offsets),
         )
-
-
-Entry = tuple[int, int, int, list[int]]  # a tensor in the weights file: offset, length, ONNX type, dims
-Views = dict[tuple[int, int, tuple[int, ...]], np.ndarray]
 
 
 def mapped_tensors(weights: Path, entries: dict[str, Entry], views: Views) -> dict[str, np.ndarray]:

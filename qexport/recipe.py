@@ -61,7 +61,7 @@ class FloatWeights(enum.Enum):
 
     AUTO = "auto"  # what the target takes best (its profile's float_weights, first entry)
     FP32 = "fp32"  # as the model has them
-    INT8 = "int8"  # int8 per output channel through DequantizeLinear (weight-only; passes.weight_only)
+    INT8 = "int8"  # int8 per output channel, widened by Cast + Mul(scale) (weight-only; passes.weight_only)
 
 
 @dataclass(frozen=True, kw_only=True)
