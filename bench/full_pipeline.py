@@ -2,7 +2,8 @@
 VAE, scheduler, a generated tokenizer) saved by the pipeline's own save_pretrained, calibrated
 through its own __call__, built as per-step W8A8 models with its text encoder and VAE as edge parts
 (W8A8 ASQ + TSW: one weight set stored once for all steps), and a subset of the step models verified. Time, peak host
-memory (RSS) and disk of each phase go to one JSON file.
+memory (RSS; the process's and, sampled every 2 s, the phase's own) and disk of each phase go to one JSON
+file; `--rss-log` keeps every sample, so a run killed for memory still shows where it went.
 
     python bench/full_pipeline.py --config pixart-alpha-512 --root /tmp/full --device cuda --json full.json
 
@@ -21,6 +22,7 @@ import faulthandler
 import importlib.util
 import json
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,38 @@ SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "la
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss() -> int:
+    """This process's resident memory now (Linux /proc), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler:
+    """Samples RSS every `every` s in a daemon thread: the peak since the last phase boundary (the
+    process-wide peak hides a later phase under an earlier one) and, if `log` is given, one line a
+    sample (seconds, GiB), so a run the kernel kills still shows where its memory went."""
+
+    def __init__(self, every: float, log: Path | None) -> None:
+        self.peak, self.every, self.log, self.start = 0, every, log, time.perf_counter()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        out = self.log.open("a", buffering=1) if self.log else None
+        while True:
+            rss = _rss()
+            self.peak = max(self.peak, rss)
+            if out:
+                out.write(f"{time.perf_counter() - self.start:.0f} {rss / 2**30:.2f}\n")
+            time.sleep(self.every)
+
+    def phase_peak(self) -> int:
+        """The peak since the last call (or the start), and a new window from now."""
+        peak, self.peak = max(self.peak, _rss()), 0
+        return peak
 
 
 def _disk(folder: Path) -> int:
@@ -180,7 +214,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--stop-after", choices=("export",), help="end after the build's FP export and prepare")
     parser.add_argument("--stack-every", type=float, default=0, help="dump the Python stack every N s (0: never)")
+    parser.add_argument("--rss-log", type=Path, help="a file for one RSS sample (seconds, GiB) every 2 s")
     a = parser.parse_args()
+    sampler = RssSampler(2.0, a.rss_log)
     if a.stack_every:
         faulthandler.dump_traceback_later(a.stack_every, repeat=True)
 
@@ -197,7 +233,12 @@ def main() -> None:
     result: dict[str, Any] = {"config": a.config, "device": a.device, "steps": a.steps, "random_init": True}
 
     def phase(name: str, start: float, **extra: Any) -> None:
-        result[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": _peak_rss() / 2**30, **extra}
+        result[name] = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_gib": _peak_rss() / 2**30,
+            "phase_peak_rss_gib": sampler.phase_peak() / 2**30,
+            **extra,
+        }
         print(name, json.dumps(result[name]), flush=True)
         a.json.write_text(json.dumps(result, indent=1))
 
