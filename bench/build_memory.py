@@ -48,11 +48,14 @@ def _where(frame: Any) -> str:
 
 
 class Sampler(threading.Thread):
-    """RSS and the main thread's place, every `every` seconds, until stopped."""
+    """RSS and the main thread's place, every `every` seconds, until stopped; each new timeline entry
+    also appended to `log` if given (so a process the kernel kills for memory leaves its trace)."""
 
-    def __init__(self, every: float) -> None:
+    def __init__(self, every: float, log: Path | None = None) -> None:
         super().__init__(daemon=True)
         self.every = every
+        self.log = log
+        self.window = 0  # the peak since the last `window_peak()`
         self.main = threading.main_thread().ident
         self.peak: dict[str, int] = {}
         self.timeline: list[tuple[float, int, str]] = []
@@ -61,14 +64,23 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         start = time.perf_counter()
+        out = self.log.open("a", buffering=1) if self.log else None
         while not self.stop.wait(self.every):
             frame = sys._current_frames().get(self.main or 0)
             where = _where(frame)
             rss = _rss()
             self.anonymous = max(self.anonymous, _anonymous())
+            self.window = max(self.window, rss)
             self.peak[where] = max(self.peak.get(where, 0), rss)
             if not self.timeline or self.timeline[-1][2] != where or rss > self.timeline[-1][1] * 1.05:
                 self.timeline.append((round(time.perf_counter() - start, 2), rss, where))
+                if out:
+                    out.write(f"{self.timeline[-1][0]:.1f} s  {rss / 2**30:.2f} GiB  {where}\n")
+
+    def window_peak(self) -> int:
+        """The peak RSS since the last call (or the start); a new window begins."""
+        peak, self.window = max(self.window, _rss()), 0
+        return peak
 
 
 def main() -> None:

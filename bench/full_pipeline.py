@@ -2,8 +2,8 @@
 VAE, scheduler, a generated tokenizer) saved by the pipeline's own save_pretrained, calibrated
 through its own __call__, built as per-step W8A8 models with its text encoder and VAE as edge parts
 (W8A8 ASQ + TSW: one weight set stored once for all steps), and a subset of the step models verified. Time, peak host
-memory (RSS; the process's and, sampled every 2 s, the phase's own) and disk of each phase go to one JSON
-file; `--rss-log` keeps every sample, so a run killed for memory still shows where it went.
+memory (RSS; the process's and, sampled every 0.5 s, the phase's own) and disk of each phase go to one JSON
+file; `--rss-log` keeps the RSS timeline by function, so a run killed for memory still shows where it went.
 
     python bench/full_pipeline.py --config pixart-alpha-512 --root /tmp/full --device cuda --json full.json
 
@@ -22,7 +22,6 @@ import faulthandler
 import importlib.util
 import json
 import resource
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -77,50 +76,23 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _rss() -> int:
-    """This process's resident memory now (Linux /proc), bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class RssSampler:
-    """Samples RSS every `every` s in a daemon thread: the peak since the last phase boundary (the
-    process-wide peak hides a later phase under an earlier one) and, if `log` is given, one line a
-    sample (seconds, GiB), so a run the kernel kills still shows where its memory went."""
-
-    def __init__(self, every: float, log: Path | None) -> None:
-        self.peak, self.every, self.log, self.start = 0, every, log, time.perf_counter()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        out = self.log.open("a", buffering=1) if self.log else None
-        while True:
-            rss = _rss()
-            self.peak = max(self.peak, rss)
-            if out:
-                out.write(f"{time.perf_counter() - self.start:.0f} {rss / 2**30:.2f}\n")
-            time.sleep(self.every)
-
-    def phase_peak(self) -> int:
-        """The peak since the last call (or the start), and a new window from now."""
-        peak, self.peak = max(self.peak, _rss()), 0
-        return peak
-
-
 def _disk(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _test_pipelines() -> Any:
-    """tests/pipelines.py: the generated tokenizers and the tiny folders the test suite uses."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "pipelines.py"
-    spec = importlib.util.spec_from_file_location("qexport_test_pipelines", path)
+def _load(relative: str, name: str) -> Any:
+    """A module of this repository by path (bench scripts run with -P, so not by import)."""
+    path = Path(__file__).resolve().parent.parent / relative
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _test_pipelines() -> Any:
+    """tests/pipelines.py: the generated tokenizers and the tiny folders the test suite uses."""
+    return _load("tests/pipelines.py", "qexport_test_pipelines")
 
 
 def _t5(tests: Any, tokenizer: Any, size: dict[str, Any], umt5: bool = False) -> Any:
@@ -214,9 +186,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--stop-after", choices=("export",), help="end after the build's FP export and prepare")
     parser.add_argument("--stack-every", type=float, default=0, help="dump the Python stack every N s (0: never)")
-    parser.add_argument("--rss-log", type=Path, help="a file for one RSS sample (seconds, GiB) every 2 s")
+    parser.add_argument("--rss-log", type=Path, help="a file for the RSS timeline (seconds, GiB, qexport function)")
     a = parser.parse_args()
-    sampler = RssSampler(2.0, a.rss_log)
+    sampler = _load("bench/build_memory.py", "qexport_build_memory").Sampler(0.5, a.rss_log)
+    sampler.start()
     if a.stack_every:
         faulthandler.dump_traceback_later(a.stack_every, repeat=True)
 
@@ -236,7 +209,7 @@ def main() -> None:
         result[name] = {
             "seconds": round(time.perf_counter() - start, 1),
             "peak_rss_gib": _peak_rss() / 2**30,
-            "phase_peak_rss_gib": sampler.phase_peak() / 2**30,
+            "phase_peak_rss_gib": sampler.window_peak() / 2**30,
             **extra,
         }
         print(name, json.dumps(result[name]), flush=True)
@@ -274,6 +247,8 @@ def main() -> None:
              "max_lsb_sim": c.max_lsb_sim, "lsb_bound": c.lsb_bound, "sqnr_fp_db": c.sqnr_fp_db, "ok": c.ok}
             for c in v.models]  # fmt: skip
     phase("verify", start, ok=v.ok, models=rows, end_to_end=v.end_to_end)
+    result["peak_rss_gib_by_function"] = {k: v / 2**30 for k, v in sorted(sampler.peak.items(), key=lambda kv: -kv[1])}
+    a.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
