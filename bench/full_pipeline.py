@@ -11,7 +11,8 @@ Configs: ``pixart-alpha-512`` (PixArt-α 512 px, a T5-XXL-sized encoder, SD's VA
 (Latte-1, the same encoder and VAE; 512x512, 16 frames) and ``wan2.1-1.3b`` (Wan2.1-T2V-1.3B, a
 UMT5-XXL-sized encoder, Wan's 3-D VAE; 480x832, 17 frames). CPU rehearsals: ``tiny-pixart`` (the
 tests' tiny PixArt-α folder) and ``wan2.1-1.3b-cpu`` (Wan's full-size transformer, a one-layer
-encoder, a tiny VAE, 16x16 px; with ``--stop-after export`` it ends after the FP export and prepare).
+encoder, a tiny VAE, 16x16 px; with ``--stop-after export`` it ends after the FP export and prepare)
+and ``latte-1-cpu`` (Latte-1's full-size transformer the same way, 16 frames of 16x16 px).
 Weights are random ([random-init]): the figures are cost, not accuracy.
 """
 
@@ -36,6 +37,8 @@ CALLS: dict[str, dict[str, Any]] = {
     "wan2.1-1.3b-cpu": {"height": 16, "width": 16, "num_frames": 5, "guidance_scale": 5.0, "max_sequence_length": 16},
     "latte-1": {"height": 512, "width": 512, "video_length": 16, "guidance_scale": 7.5, "clean_caption": False,
                 "mask_feature": False},  # mask_feature=False: caption embeddings at their padded length (120)
+    "latte-1-cpu": {"height": 16, "width": 16, "video_length": 16, "guidance_scale": 7.5, "clean_caption": False,
+                    "mask_feature": False},
     "tiny-pixart": {"height": 8, "width": 8, "guidance_scale": 4.5, "use_resolution_binning": False,
                     "clean_caption": False, "max_sequence_length": 16},
 }  # fmt: skip
@@ -58,6 +61,7 @@ WAN_1_3B = {
 }
 UMT5_XXL = {**T5_XXL, "vocab_size": 256384}
 UMT5_CPU = {**T5_XXL, "num_layers": 1, "num_heads": 2, "d_ff": 64}  # XXL's width (Wan's text_dim), one small layer
+T5_CPU = {**UMT5_CPU, "vocab_size": 32128}  # the same for Latte's caption_channels
 WAN_VAE: dict[str, Any] = {}  # AutoencoderKLWan's defaults: the checkpoint's config
 TINY_WAN_VAE = {"base_dim": 3, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}  # the tests' Wan VAE
 LATTE_1 = {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
@@ -126,6 +130,10 @@ def _pipeline(config: str, tests: Any, tokenizer: Any) -> Any:
         return _wan(tests, tokenizer, UMT5_XXL, WAN_VAE)
     if config == "wan2.1-1.3b-cpu":  # the same transformer; a one-layer UMT5 of XXL width, a tiny VAE
         return _wan(tests, tokenizer, UMT5_CPU, TINY_WAN_VAE)
+    if config == "latte-1-cpu":  # Latte-1's transformer; a one-layer T5 of XXL width, the tests' tiny VAE
+        return diffusers.LattePipeline(tokenizer=tokenizer, text_encoder=_t5(tests, tokenizer, T5_CPU),
+                                       vae=tests.kl_vae(), scheduler=diffusers.DDIMScheduler(**LATTE_1_DDIM),
+                                       transformer=diffusers.LatteTransformer3DModel(**LATTE_1).eval())  # fmt: skip
     t5 = _t5(tests, tokenizer, {**T5_XXL, "vocab_size": 32128})
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **SD_VAE).eval()
     if config == "latte-1":  # Latte-1: T5-XXL, SD's VAE frame by frame, the checkpoint's DDIM

@@ -119,12 +119,15 @@ def check_shapes(trace: Trace, other: Trace, fixes: list[str]) -> None:
 
 
 def _is_timestep(v0: np.ndarray, v1: np.ndarray, block: dict[str, Any]) -> bool:
-    """One value broadcast over the batch, the same multiple of the block's timestep at steps 0 and 1."""
+    """One value broadcast over the batch, the same multiple of the block's timestep at steps 0 and 1
+    (zero at step 1 where that step's timestep is 0: two DDIM steps with leading spacing end there)."""
     t0, t1 = block["steps"][0]["timestep"], block["steps"][1]["timestep"]
     if not v0.size or v0.ndim > 1 or not t0 or not same(v0, np.full(v0.shape, float(v0.flat[0]))):
         return False
     f0 = float(v0.flat[0]) / t0
-    return bool(t1) and abs(float(v1.flat[0]) / t1 - f0) <= 1e-5 * max(abs(f0), 1e-12)
+    if not t1:
+        return bool(f0) and v1.shape == v0.shape and not np.any(v1)
+    return abs(float(v1.flat[0]) / t1 - f0) <= 1e-5 * max(abs(f0), 1e-12)
 
 
 def output_rule(trace: Trace, guidance: float | None) -> dict[str, Any]:

@@ -155,3 +155,16 @@ def test_export_fp_and_run_from_the_command_line(tmp_path):
     (tmp_path / "b" / "vae_decoder.onnx").unlink()
     broken = runner.invoke(cli, ["run", str(tmp_path / "b"), "--prompt", "a burger", "-o", str(png)])
     assert broken.exit_code != 0 and str(broken.exception).startswith("vae_decoder.onnx named in")
+
+
+def test_a_timestep_of_zero_at_the_second_step_is_still_the_timestep(tmp_path):
+    # DDIM with leading spacing over two steps samples at 500 then 0: the step-1 value is 0, the
+    # same multiple (1) of its timestep as 500 is of the first one
+    from qexport.exporter.pipeline_parts import bind_pipeline
+
+    folder = FAMILIES["latte"](tmp_path / "src")
+    call = {**{k: v for k, v in call_kwargs("latte").items() if k not in OWN}, **FIXED["latte"]}
+    binding = bind_pipeline(folder, PROMPT, 2, call)
+    assert [s["timestep"] for s in binding.block["steps"]] == [500, 0]
+    bound = {i["name"]: i for i in binding.calls[0]["inputs"]}
+    assert bound["timestep"]["source"] == "timestep" and bound["timestep"]["factor"] == 1.0
