@@ -26,7 +26,7 @@ from qexport.exporter.manifest import (
     target_record,
     write_manifest,
 )
-from qexport.exporter.pipeline_parts import Binding, bind_pipeline, write_parts
+from qexport.exporter.pipeline_parts import Binding, bind_pipeline, release_parts, write_parts
 from qexport.passes.plan import RangePlan
 from qexport.targets.legality import LegalityReport
 from qexport.targets.profile import TargetProfile
@@ -198,10 +198,13 @@ def build_pipeline(
     adapter.check_conditions(request.conditions)
     report(progress, "tracing the pipeline", 1, 1, adapter.description)
     with written_whole(out) as tmp:
+        report(progress, "exporting the text and VAE parts", 0, 1, adapter.description)
+        pipeline = write_parts(adapter.binding, tmp, config.recipe.parts.precision)
+        release_parts(adapter.binding)  # their weights are not held under the transformer's export
+        report(progress, "exporting the text and VAE parts", 1, 1, adapter.description)
         built, emit, legality = emit_models(
             adapter, stats, config, target, tmp, layer_ids(list(stats.layers)), progress
         )
-        pipeline = write_parts(adapter.binding, tmp, config.recipe.parts.precision)
         manifest = _manifest(adapter, stats, config, target, built, pipeline)
         manifest["files"] = files_record(emit)
         manifest["legality"] = legality_record(legality)

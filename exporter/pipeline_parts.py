@@ -266,6 +266,17 @@ def write_parts(binding: Binding, folder: Path, precision: PartPrecision = PartP
             "text": text_specs, **labels, "vae": vae}  # fmt: skip
 
 
+def release_parts(binding: Binding) -> None:
+    """Free the text encoders' and the VAE's weights once write_parts has exported them (each
+    module moved to the meta device: its structure stays, a later call of it fails loudly). A
+    pipeline's text encoder can be several times its transformer (T5-XXL: 4.8 B parameters)."""
+    for part in binding.parts:
+        part.encoder.to("meta")
+    vae = getattr(binding.pipe, "vae", None)
+    if isinstance(vae, torch.nn.Module):
+        vae.to("meta")
+
+
 @torch.no_grad()
 def export_fp_pipeline(
     folder: Path, out: Path, prompt: str, steps: int, call: dict[str, Any],
