@@ -253,14 +253,15 @@ AdapterLoader = Callable[[QStats, str, str], ModelAdapter]  # (statistics, their
 
 def replan(
     manifest: dict[str, Any], stats_path: Path | None, model: ModelRequest | None = None,
-    load_adapter: AdapterLoader | None = None, folder: Path | None = None,
+    load_adapter: AdapterLoader | None = None, folder: Path | None = None, device: str = "cpu",
 ) -> tuple[ModelAdapter, list[RangePlan], TargetProfile]:  # fmt: skip
     """The adapter, per-range plans and target of an emitted build (for ``qexport verify``): the
     plan is a pure function of the statistics, the model, the manifest's recipe and its choices.
     model: which model to load for the manifest's model id (a folder only with consent) and the
     conditions it must take; load_adapter(stats, source, model id) gives the model (default:
     models.registry.load_model); folder: the build's folder, whose weights file the plans' integer
-    weights then point into where it holds the same values.
+    weights then point into where it holds the same values; device: where the replay runs (as the
+    build's --device).
 
     Raises:
         QexportError: statistics not found, of another model or another calibration; a manifest
@@ -283,7 +284,7 @@ def replan(
         check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(path))
     else:
         adapter = load_adapter(stats, str(path), model_id)  # it checks the conditions it can
-    config, target = BuildConfig(recipe=recipe), get_profile(recipe.target)
+    config, target = BuildConfig(recipe=recipe, device=device), get_profile(recipe.target)
     layer_bits = [dict.fromkeys(c.w_bits_raised, MIXED_HIGH_BITS) for c in choices]
     views: Views = {}
     ids = manifest.get("layer_ids", {})
@@ -375,7 +376,7 @@ def plan_models(
         prompts = list(stats.header.get("prompt_texts", []))
         prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
         log.info("replaying %d calibration prompt(s) (searches, observers, rotations, attention, GPTQ)", len(prompts))
-        replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"])
+        replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"], config.device)
     bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
     kept = kept if config.recipe.float_weights() == FloatWeights.INT8 else {}
     alpha_scores: dict[float, float] = {}
@@ -626,8 +627,8 @@ def _build_range(
     sites = find_attention(graph, attention_scopes(adapter.transformer)) if quant.quantize_attention else {}
     grams = _grams(replay, quant, steps, groups, stats.steps)
 
-    def make(alpha: float, shrink: float) -> RangePlan:
-        config = replace(quant, alpha=alpha, act_shrink=shrink)
+    def make(alpha: float, shrink: float, rounding: Rounding = quant.weight_rounding) -> RangePlan:
+        config = replace(quant, alpha=alpha, act_shrink=shrink, weight_rounding=rounding)
         plan = plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
                           head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits, grams=grams,
                           gptq_memo=gptq_memo)  # fmt: skip
@@ -641,13 +642,19 @@ def _build_range(
 
     alpha, shrink = quant.alpha, quant.act_shrink
     scores = {}
+    found: RangePlan | None = None  # the last search's choice: made with (alpha, shrink), kv merged in
     if searches[0] and quant.smooth != Smooth.NONE:
         assert replay is not None
-        alpha, _, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink), kv))
+        # with GPTQ, alpha's candidates are scored with nearest rounding and GPTQ runs for the chosen one
+        # only: one solve per layer instead of one per candidate (docs/techniques/gptq.md)
+        rounding = Rounding.NEAREST if gptq(quant) else quant.weight_rounding
+        alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv))
+        found = found if rounding == quant.weight_rounding else None
     if searches[1]:
         assert replay is not None
-        shrink, _, scores["act_shrink"] = best(replay, SHRINKS, lambda r: with_kv(make(alpha, r), kv))
-    plan = make(alpha, shrink)
+        known = None if found is None else (shrink, scores["alpha"][alpha], found)  # the alpha search ran it
+        shrink, found, scores["act_shrink"] = best(replay, SHRINKS, lambda r: with_kv(make(alpha, r), kv), known)
+    plan = found if found is not None and kv is None else make(alpha, shrink)
     plan.scores = scores
     if target.closed_linears:  # output quantizers from the replay, the plan's linears simulated
         assert replay is not None

@@ -23,6 +23,7 @@ class BuildConfig:
 
     recipe: Recipe = field(default_factory=Recipe)
     force: bool = False
+    device: str = "cpu"  # where torch replays calibration prompts (searches, observers, GPTQ inputs, ranges)
 
     @cached_property
     def quant(self) -> QuantConfig:

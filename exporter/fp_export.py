@@ -216,6 +216,7 @@ class StepGraphs:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.add_session_config_entry("session.disable_prepacking", "1")
+            options.log_severity_level = 3  # onnxruntime's notes on the cone's Unsqueezes are not the user's
             self.session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
 
     def at(self, timestep: float) -> gs.Graph:

@@ -7,7 +7,9 @@ emitted graph's activation ranges, ``step_feeds`` and ``tensor_ranges``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -42,23 +44,49 @@ def replay_count(asked: int | None, recorded: int, source: str) -> int:
     return asked
 
 
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Within the block, CUDA matmuls and convolutions in full fp32 (TF32 off), so that a GPU's
+    FP passes and simulations match the CPU's to float rounding."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def on_device(adapter: ModelAdapter, device: str) -> ModelAdapter:
+    """The adapter itself on the CPU; elsewhere the same adapter with a copy of its transformer
+    moved to `device` (the build's FP graph holds views of the CPU transformer's weights, so that
+    one stays where it is)."""
+    if torch.device(device).type == "cpu":
+        return adapter
+    return replace(adapter, transformer=copy.deepcopy(adapter.transformer).to(device).eval())
+
+
 class CalibrationReplay:
     """FP denoiser inputs per step for the given calibration prompts (the build passes the first
-    replay.prompts of them, PROMPTS by default), seed 0."""
+    replay.prompts of them, PROMPTS by default), seed 0; torch runs on `device` (`build --device`),
+    in full fp32 where that is a GPU (see exact_fp32); what it returns is numpy on the CPU."""
 
-    def __init__(self, adapter: ModelAdapter, prompts: list[str], timesteps: list[int], cfg: float) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, prompts: list[str], timesteps: list[int], cfg: float, device: str = "cpu"
+    ) -> None:
         if not prompts:
             raise QexportError("this build option needs statistics that record their prompts; recalibrate")
-        self.adapter = adapter
+        self.device = torch.device(device)
+        self.adapter = adapter = on_device(adapter, device)
         self.denoiser = adapter.denoiser()
         self.timesteps = timesteps
-        self.cond = torch.cat([adapter.conditioner.encode(prompts), adapter.conditioner.null(len(prompts))])
+        cond = torch.cat([adapter.conditioner.encode(prompts), adapter.conditioner.null(len(prompts))])
+        self.cond = cond.to(self.device)
         self.prompts = prompts
         self.cfg = cfg
         xs: list[torch.Tensor] = []
         handle = adapter.transformer.register_forward_pre_hook(lambda m, args: xs.append(args[0].detach().clone()))
         try:
-            self.final = self.sample().numpy()  # FP final latents
+            self.final = self.sample().cpu().numpy()  # FP final latents
         finally:
             handle.remove()
         self.inputs = xs
@@ -70,13 +98,14 @@ class CalibrationReplay:
         """The whole sampling loop on the replayed prompts (seed 0), as the transformer computes."""
         cond = self.adapter.conditioner.encode(self.prompts)
         config = SamplingConfig(steps=len(self.timesteps), cfg=self.cfg)
-        return sample(self.adapter, cond, [0] * len(self.prompts), config, on_step=on_step)
+        with exact_fp32():
+            return sample(self.adapter, cond, [0] * len(self.prompts), config, on_step=on_step, device=self.device)
 
     def run(self, k: int) -> np.ndarray:
         """The denoiser output at step k (as the transformer currently computes)."""
-        t = torch.full((len(self.cond),), self.timesteps[k], dtype=torch.long)
-        with torch.no_grad():
-            return self.denoiser(self.inputs[k], t, self.cond).numpy()
+        t = torch.full((len(self.cond),), self.timesteps[k], dtype=torch.long, device=self.device)
+        with torch.no_grad(), exact_fp32():
+            return self.denoiser(self.inputs[k], t, self.cond).cpu().numpy()
 
     def reference(self, k: int) -> np.ndarray:
         """The FP denoiser output at step k."""
@@ -85,7 +114,7 @@ class CalibrationReplay:
     def layer_inputs(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
         """Inputs [rows, features] of the named linears over the given steps, FP."""
         seen: dict[str, list[np.ndarray]] = {name: [] for name in layers}
-        self._watch(steps, layers, lambda name, x: seen[name].append(x.numpy().copy()))
+        self._watch(steps, layers, lambda name, x: seen[name].append(x.cpu().numpy().copy()))
         out = {}
         for name, parts in seen.items():
             rows = np.concatenate(parts)
@@ -101,7 +130,7 @@ class CalibrationReplay:
             grams = {name: np.zeros((0, 0)) for name in layers}
 
             def add(name: str, x: torch.Tensor) -> None:
-                gram = (x.T @ x).double().numpy()  # float32 products, summed over steps in float64
+                gram = (x.T @ x).double().cpu().numpy()  # float32 products, summed over steps in float64
                 grams[name] = gram if grams[name].size == 0 else grams[name] + gram
 
             self._watch(steps, layers, add)
@@ -173,7 +202,7 @@ class CalibrationReplay:
         for k in steps:
             for i in range(count):
                 rows = [i, count + i]
-                feeds.append({"latents": self.inputs[k][rows].numpy(), "cond": self.cond[rows].numpy(),
+                feeds.append({"latents": self.inputs[k][rows].cpu().numpy(), "cond": self.cond[rows].cpu().numpy(),
                               "timestep": np.full((2,), self.timesteps[k], dtype=np.int64)})  # fmt: skip
         return feeds
 

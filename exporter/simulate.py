@@ -26,8 +26,10 @@ def fake_quant(x: torch.Tensor, lp: LayerPlan, output: bool = False) -> torch.Te
     scale_of, zero_of = (lp.o_scale, lp.o_zero) if output else (lp.a_scale, lp.a_zero)
     assert scale_of is not None and zero_of is not None
     scale, zero = float(scale_of), float(zero_of)
-    q = torch.clamp(torch.round(x / scale) + zero, lp.a_grid.qmin, lp.a_grid.qmax)
-    return (q - zero) * scale
+    q = (x / scale).round_()  # one new tensor, then in place: the values of clamp(round(x/s) + z) - z, times s
+    if zero:
+        return q.add_(zero).clamp_(lp.a_grid.qmin, lp.a_grid.qmax).sub_(zero).mul_(scale)
+    return q.clamp_(lp.a_grid.qmin, lp.a_grid.qmax).mul_(scale)
 
 
 def requantize(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, lp: LayerPlan) -> torch.Tensor:

@@ -337,9 +337,17 @@ def recipes() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the verification run at the end.")
 @click.option("--prompt", "verify_prompt", help="Prompt / label for verification (default: a built-in one).")
-@click.option("--verify-device", default="cpu", show_default=True,
+@click.option(
+    "--device",
+    "device",
+    default="cpu",
+    show_default=True,
+    help="Where torch runs the build's replay of calibration prompts (searches, observers, GPTQ's "
+    "inputs, rotations, attention ranges): cpu or cuda.",
+)
+@click.option("--verify-device", default=None,
               help="Where torch runs verification's FP and simulated passes, and traces a pipeline (cuda for "
-              "full-size models).")  # fmt: skip
+              "full-size models); default: --device.")  # fmt: skip
 @model_options
 @alias_options
 def build(
@@ -352,7 +360,8 @@ def build(
     force: bool,
     no_verify: bool,
     verify_prompt: str | None,
-    verify_device: str,
+    device: str,
+    verify_device: str | None,
     model: str | None,
     trust_model_path: bool,
     **old: object,
@@ -377,10 +386,11 @@ def build(
     if output is None:
         raise QexportError("give -o FOLDER for the build (or only --dump-recipe FILE to write the recipe)")
     existing_file(stats_file, "statistics file", "make one with qexport calibrate")
-    check_device(verify_device, "--verify-device")
+    check_device(device, "--device")
+    verify_device = check_device(verify_device or device, "--verify-device")
     conditions = () if no_verify or verify_prompt is None else (verify_prompt,)
     request = ModelRequest(model=model, trust_model_path=trust_model_path, conditions=conditions)
-    config = BuildConfig(recipe=recipe, force=force)
+    config = BuildConfig(recipe=recipe, force=force, device=device)
     printer = ProgressPrinter()
     if _from_pipeline(stats_file):
         from qexport.exporter.pipeline_build import build_pipeline
@@ -497,7 +507,7 @@ def verify(
 
         adapter, plans = replan_pipeline(manifest, stats_file, device, model=request, folder=folder)
     else:
-        adapter, plans, _ = replan(manifest, stats_file, model=request, folder=folder)  # type: ignore[assignment]
+        adapter, plans, _ = replan(manifest, stats_file, model=request, folder=folder, device=device)  # type: ignore[assignment]
     _verify_and_report(folder, adapter, plans, manifest, prompt, indexes, runtime, device, threads)
     click.echo(f"time: {duration(time.perf_counter() - start)} in all")
 

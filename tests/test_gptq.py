@@ -258,3 +258,21 @@ def test_tiny_latte_gptq_with_asq_alpha_auto_rounds_every_candidate_with_h(latte
     assert len(alphas) == 1 and alphas <= set(ALPHAS)  # one alpha for all ranges: weights still shared
     first, second = (r.plan.layers for r in result.ranges)
     assert all(np.array_equal(first[n].w_q, second[n].w_q) for n in first)
+
+
+@pytest.mark.slow
+def test_tsq_alpha_auto_scores_nearest_rounding_and_rounds_the_chosen_alpha_by_gptq(latte_stats, tmp_path):
+    # the per-range alpha search scores each candidate with nearest rounding; the plan it emits is
+    # GPTQ's for the chosen alpha, as a build with that alpha fixed makes it
+    from qexport.exporter.build import BuildConfig, build
+
+    searched = build(latte_stats, tmp_path / "auto", BuildConfig(recipe=recipe_of(
+        "smoothquant.mode=tsq", "smoothquant.alpha=auto", "gptq=on", "granularity.time_ranges=1")))  # fmt: skip
+    (chosen,) = {r["alpha"] for r in searched.manifest["ranges"]}
+    fixed = build(latte_stats, tmp_path / "fixed", BuildConfig(recipe=recipe_of(
+        "smoothquant.mode=tsq", f"smoothquant.alpha={chosen}", "gptq=on", "granularity.time_ranges=1")))  # fmt: skip
+    nearest = build(latte_stats, tmp_path / "nearest", BuildConfig(recipe=recipe_of(
+        "smoothquant.mode=tsq", f"smoothquant.alpha={chosen}", "granularity.time_ranges=1")))  # fmt: skip
+    got, want, plain = (b.ranges[0].plan.layers for b in (searched, fixed, nearest))
+    assert all(np.array_equal(got[n].w_q, want[n].w_q) for n in want)
+    assert any(not np.array_equal(got[n].w_q, plain[n].w_q) for n in plain)

@@ -218,6 +218,10 @@ def test_a_device_torch_cannot_see_is_refused_before_the_build(path_stats, tmp_p
     out = tmp_path / "out"
     message = _refused(["build", str(path_stats), "--trust-model-path", "--verify-device", "cuda", "-o", str(out)])
     assert message == "--verify-device cuda: torch sees no CUDA device here; use --verify-device cpu"
+    message = _refused(["build", str(path_stats), "--trust-model-path", "--device", "cuda", "-o", str(out)])
+    assert message == "--device cuda: torch sees no CUDA device here; use --device cpu"
+    message = _refused(["build", str(path_stats), "--trust-model-path", "--device", "tpu9", "-o", str(out)])
+    assert message == "--device 'tpu9' is not a torch device; give cpu or cuda"
     assert not list(tmp_path.iterdir())
 
 

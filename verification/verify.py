@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from qexport.exporter.replay import exact_fp32
 from qexport.exporter.simulate import simulated
 from qexport.passes.attention import AttentionPlan
 from qexport.passes.plan import RangePlan
@@ -254,14 +255,12 @@ def torch_on(adapter: ModelAdapter, device: str) -> Iterator[torch.device]:
     where = torch.device(device)
     if where.type == "cuda" and not torch.cuda.is_available():
         raise QexportError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     adapter.transformer.to(where)
     try:
-        yield where
+        with exact_fp32():
+            yield where
     finally:
         adapter.transformer.to("cpu")
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def trajectory(

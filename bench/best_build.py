@@ -1,0 +1,83 @@
+"""Build time and peak memory of the most accurate recipe beside the plain one: each build of the
+same statistics in its own process (its own peak host RSS; peak GPU memory where --device is a
+GPU), one after the other, so the figures are side by side from one run.
+
+    python bench/best_build.py --stats calib.qstats --device cpu --json best.json
+    python bench/best_build.py --stats dit.qstats --device cuda --builds plain=w8a8-tsq-tsw best=w8a8-best
+
+A build is NAME=RECIPE[,KEY=VALUE...] (recipe settings as `qexport build --set` takes them). The
+default compares the plain TSQ + TSW build, w8a8-best, and w8a8-best with GPTQ. Nothing is
+verified; each build's choices (alpha, shrink per range) go to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT = ("plain=w8a8-tsq-tsw", "best=w8a8-best", "best+gptq=w8a8-best,gptq=on")
+
+
+def _child(stats: Path, out: Path, spec: str, device: str) -> None:
+    import onnxruntime as ort
+    import torch
+    from qexport.exporter.build import BuildConfig, build
+
+    from qexport.recipe import load_recipe, with_settings
+
+    ort.set_default_logger_severity(3)
+    name, *settings = spec.split(",")
+    config = BuildConfig(recipe=with_settings(load_recipe(name), settings), force=True, device=device)
+    start = time.perf_counter()
+    result = build(stats, out, config)
+    seconds = time.perf_counter() - start
+    gpu = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
+    choices = [{"alpha": c["alpha"], "act_shrink": c["act_shrink"]} for c in result.manifest["choices"]]
+    print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "peak_gpu": gpu, "models": len(result.ranges), "choices": choices}))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stats", type=Path, required=True, help="a .qstats of a built-in model")
+    parser.add_argument("--builds", nargs="+", default=list(DEFAULT), help="NAME=RECIPE[,KEY=VALUE...]")
+    parser.add_argument("--device", default="cpu", help="build --device: where the replay runs")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qexport-best-build"))
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.child:
+        _child(a.stats, Path(a.child[0]), a.child[1], a.device)
+        return
+    rows: dict[str, dict[str, Any]] = {}
+    for build in a.builds:
+        name, _, spec = build.partition("=")
+        out = a.work / name.replace("+", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-P", __file__, "--stats", str(a.stats), "--device", a.device, "--json", str(a.json),
+               "--child", str(out), spec]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{name}: the build failed:\n{done.stderr[-3000:]}")
+        rows[name] = {"recipe": spec, **json.loads(done.stdout.strip().splitlines()[-1])}
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
+    a.json.write_text(json.dumps({"stats": str(a.stats), "device": a.device, "builds": rows}, indent=1))
+    first = next(iter(rows.values()))
+    print(f"\n{a.stats.name} on {a.device}, each build in its own process")
+    print(f"{'build':<12} {'recipe':<30} {'models':>6} {'wall s':>8} {'x first':>8} {'RSS GiB':>8} {'GPU GiB':>8}")
+    for name, r in rows.items():
+        ratio = r["seconds"] / first["seconds"]
+        print(f"{name:<12} {r['recipe']:<30} {r['models']:>6} {r['seconds']:>8.1f} {ratio:>8.2f}"
+              f" {r['peak_rss'] / 2**30:>8.2f} {r['peak_gpu'] / 2**30:>8.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
