@@ -63,6 +63,7 @@ from qexport.models.adapter import ModelAdapter
 from qexport.models.registry import ModelRequest, check_conditions, load_model
 from qexport.progress import Progress, report
 from qexport.recipe import FloatWeights, Recipe
+from qexport.stages import stage
 
 log = logging.getLogger(__name__)
 LEGALITY_FILE = "legality.json"
@@ -144,6 +145,9 @@ def build(
     Raises:
         QexportError: bad request, a model folder loaded without consent, statistics from another
             model, a condition the model does not take, an unmappable layer.
+
+    Its stages (load, FP export, FP replay, searches, GPTQ, passes, legality and write) are timed on
+    the caller's qexport.stages clock, if one runs.
     """
     request = model or ModelRequest()
     start = time.perf_counter()
@@ -162,7 +166,8 @@ def build(
     replays = replay_count(config.quant.replay_prompts, recorded, str(stats_path)) if replayed else 0
     model_id = request.model_id(stats.model_id, str(stats_path), "calibrated there")
     check_conditions(model_id, request.conditions)  # verification's prompt, before the weights load
-    adapter = load_model(model_id)
+    with stage("load"):
+        adapter = load_model(model_id)
     check_matches(stats, adapter.model_id, adapter.config_hash(), source=str(stats_path))
     with written_whole(out) as tmp:
         ids = layer_ids(list(stats.layers))
@@ -209,10 +214,11 @@ def emit_models(
     def sink(name: str, model: onnx.ModelProto, plan: RangePlan | None) -> None:
         # legality before emission renames nodes and tensors; each model is then written at
         # once, so a full-size build never holds them all
-        legality.extend(check_legality([(name, model)], target))
-        writer.add(name, model)
-        if plan is not None:
-            point_into_file(plan, writer.written(), ids)
+        with stage("legality and write"):
+            legality.extend(check_legality([(name, model)], target))
+            writer.add(name, model)
+            if plan is not None:
+                point_into_file(plan, writer.written(), ids)
 
     try:
         built, _ = plan_models(adapter, stats, config, target, progress, sink=sink)
@@ -377,21 +383,25 @@ def plan_models(
         prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
         log.info("replaying %d calibration prompt(s) (searches, observers, rotations, attention, GPTQ)", len(prompts))
         replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"], config.device)
-    bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
+    with stage("FP export"):
+        bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
     kept = kept if config.recipe.float_weights() == FloatWeights.INT8 else {}
     alpha_scores: dict[float, float] = {}
     allocations: list[Allocation] | None = None
     memo = Memo()  # GPTQ integers reused by the plans whose weight and H repeat (shared weights, searches)
     if shared_alpha_search or layer_search or mixed:
         assert replay is not None
-        first = graph_of(ranges[0])
+        with stage("FP export"):
+            first = graph_of(ranges[0])
         if shared_alpha_search or layer_search:
-            alphas, group_alphas, alpha_scores = _choose_alphas(
-                first, bindings, adapter, stats, q, target, replay, ranges, progress, memo
-            )
+            with stage("alpha search"):
+                alphas, group_alphas, alpha_scores = _choose_alphas(
+                    first, bindings, adapter, stats, q, target, replay, ranges, progress, memo
+                )
         if mixed:
-            allocations = _choose_mixed(first, bindings, adapter, stats, config, target, replay, ranges, alphas,
-                                        group_alphas, progress, memo)  # fmt: skip
+            with stage("mixed precision"):
+                allocations = _choose_mixed(first, bindings, adapter, stats, config, target, replay, ranges, alphas,
+                                            group_alphas, progress, memo)  # fmt: skip
             layer_bits = [a.bits for a in allocations]
         del first
     kv, kv_model = None, None
@@ -406,7 +416,8 @@ def plan_models(
     gc.freeze()  # what lives now lives through the build: the collections after each range skip it
     try:
         for index, steps in enumerate(ranges):
-            graph, range_bindings = graph_of(steps), bindings
+            with stage("FP export"):
+                graph, range_bindings = graph_of(steps), bindings
             if config.precompute_kv:
                 whole = FPExport(model=gs.export_onnx(graph), input_names=[t.name for t in graph.inputs],
                                  bindings=bindings)  # fmt: skip
@@ -648,13 +659,16 @@ def _build_range(
         # with GPTQ, alpha's candidates are scored with nearest rounding and GPTQ runs for the chosen one
         # only: one solve per layer instead of one per candidate (docs/techniques/gptq.md)
         rounding = Rounding.NEAREST if gptq(quant) else quant.weight_rounding
-        alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv))
+        with stage("alpha search"):
+            alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv))
         found = found if rounding == quant.weight_rounding else None
     if searches[1]:
         assert replay is not None
         known = None if found is None else (shrink, scores["alpha"][alpha], found)  # the alpha search ran it
-        shrink, found, scores["act_shrink"] = best(replay, SHRINKS, lambda r: with_kv(make(alpha, r), kv), known)
-    plan = found if found is not None and kv is None else make(alpha, shrink)
+        with stage("observer search"):
+            shrink, found, scores["act_shrink"] = best(replay, SHRINKS, lambda r: with_kv(make(alpha, r), kv), known)
+    with stage("plan"):
+        plan = found if found is not None and kv is None else make(alpha, shrink)
     plan.scores = scores
     if target.closed_linears:  # output quantizers from the replay, the plan's linears simulated
         assert replay is not None
@@ -662,11 +676,12 @@ def _build_range(
     cost = lowrank_cost(graph, nodes, plan)
     turns = rotation_macs(graph, nodes, groups, plan)
     passes = PassConfig(plan=plan, groups=groups, nodes=nodes, attention=sites, kept=kept or {})
-    graph = run_passes(graph, passes, target)
-    if target.integer_activations:
-        assert replay is not None
-        graph = _integer_only(graph, steps, target, replay)
-    model = pack_low_bit(gs.export_onnx(graph), plan)
+    with stage("passes"):
+        graph = run_passes(graph, passes, target)
+        if target.integer_activations:
+            assert replay is not None
+            graph = _integer_only(graph, steps, target, replay)
+        model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
     return with_kv(plan, kv), model, cost, turns
 

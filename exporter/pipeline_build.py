@@ -41,6 +41,7 @@ from qexport.models.families import Family, family_for
 from qexport.models.pipeline import check_condition
 from qexport.models.registry import ModelRequest
 from qexport.progress import Progress, report
+from qexport.stages import stage
 
 
 class TextPartsOnly:
@@ -194,13 +195,15 @@ def build_pipeline(
     check_pipeline_stats(stats, str(stats_path))
     model_id = request.model_id(stats.model_id, str(stats_path), "calibrated there")
     report(progress, "tracing the pipeline", 0, 1, model_id)
-    adapter = pipeline_adapter(stats, str(stats_path), model_id, device)
+    with stage("load"):
+        adapter = pipeline_adapter(stats, str(stats_path), model_id, device)
     adapter.check_conditions(request.conditions)
     report(progress, "tracing the pipeline", 1, 1, adapter.description)
     with written_whole(out) as tmp:
         report(progress, "exporting the text and VAE parts", 0, 1, adapter.description)
-        pipeline = write_parts(adapter.binding, tmp, config.recipe.parts.precision)
-        release_parts(adapter.binding)  # their weights are not held under the transformer's export
+        with stage("text and VAE parts"):
+            pipeline = write_parts(adapter.binding, tmp, config.recipe.parts.precision)
+            release_parts(adapter.binding)  # their weights are not held under the transformer's export
         report(progress, "exporting the text and VAE parts", 1, 1, adapter.description)
         built, emit, legality = emit_models(
             adapter, stats, config, target, tmp, layer_ids(list(stats.layers)), progress

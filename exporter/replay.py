@@ -23,6 +23,7 @@ from qexport.passes.plan import RangePlan
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
+from qexport.stages import stage
 
 PROMPTS = 2  # calibration prompts replayed by default (each with its unconditional twin); --replay-prompts
 MAX_ROWS = 65536  # samples kept per layer and range (evenly strided tokens beyond that)
@@ -75,24 +76,25 @@ class CalibrationReplay:
     ) -> None:
         if not prompts:
             raise QexportError("this build option needs statistics that record their prompts; recalibrate")
-        self.device = torch.device(device)
-        self.adapter = adapter = on_device(adapter, device)
-        self.denoiser = adapter.denoiser()
-        self.timesteps = timesteps
-        cond = torch.cat([adapter.conditioner.encode(prompts), adapter.conditioner.null(len(prompts))])
-        self.cond = cond.to(self.device)
-        self.prompts = prompts
-        self.cfg = cfg
-        xs: list[torch.Tensor] = []
-        handle = adapter.transformer.register_forward_pre_hook(lambda m, args: xs.append(args[0].detach().clone()))
-        try:
-            self.final = self.sample().cpu().numpy()  # FP final latents
-        finally:
-            handle.remove()
-        self.inputs = xs
-        # FP outputs, computed now: a lazy cache filled inside a simulation would hold quantized ones
-        self.references = [self.run(k) for k in range(len(timesteps))]
-        self._grams: dict[tuple[tuple[int, ...], tuple[str, ...]], dict[str, np.ndarray]] = {}
+        with stage("FP replay"):  # the FP trajectories and outputs
+            self.device = torch.device(device)
+            self.adapter = adapter = on_device(adapter, device)
+            self.denoiser = adapter.denoiser()
+            self.timesteps = timesteps
+            cond = torch.cat([adapter.conditioner.encode(prompts), adapter.conditioner.null(len(prompts))])
+            self.cond = cond.to(self.device)
+            self.prompts = prompts
+            self.cfg = cfg
+            xs: list[torch.Tensor] = []
+            handle = adapter.transformer.register_forward_pre_hook(lambda m, args: xs.append(args[0].detach().clone()))
+            try:
+                self.final = self.sample().cpu().numpy()  # FP final latents
+            finally:
+                handle.remove()
+            self.inputs = xs
+            # FP outputs, computed now: a lazy cache filled inside a simulation would hold quantized ones
+            self.references = [self.run(k) for k in range(len(timesteps))]
+            self._grams: dict[tuple[tuple[int, ...], tuple[str, ...]], dict[str, np.ndarray]] = {}
 
     def sample(self, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """The whole sampling loop on the replayed prompts (seed 0), as the transformer computes."""
@@ -114,7 +116,8 @@ class CalibrationReplay:
     def layer_inputs(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
         """Inputs [rows, features] of the named linears over the given steps, FP."""
         seen: dict[str, list[np.ndarray]] = {name: [] for name in layers}
-        self._watch(steps, layers, lambda name, x: seen[name].append(x.cpu().numpy().copy()))
+        with stage("FP replay"):
+            self._watch(steps, layers, lambda name, x: seen[name].append(x.cpu().numpy().copy()))
         out = {}
         for name, parts in seen.items():
             rows = np.concatenate(parts)
@@ -133,7 +136,8 @@ class CalibrationReplay:
                 gram = (x.T @ x).double().cpu().numpy()  # float32 products, summed over steps in float64
                 grams[name] = gram if grams[name].size == 0 else grams[name] + gram
 
-            self._watch(steps, layers, add)
+            with stage("FP replay"):
+                self._watch(steps, layers, add)
             self._grams[key] = grams
         return self._grams[key]
 
@@ -175,7 +179,7 @@ class CalibrationReplay:
         # registered before the simulation's own hooks, so they run first (before a low-rank branch)
         handles = [modules[name].register_forward_hook(grab(name)) for name in plan.layers]
         try:
-            with simulated(self.adapter.transformer, plan):
+            with stage("simulated ranges"), simulated(self.adapter.transformer, plan):
                 for k in plan.steps:
                     self.run(k)
         finally:
@@ -188,7 +192,11 @@ class CalibrationReplay:
         value) over the plan's steps, with the plan's linears simulated (folds, rotations,
         quantization): the tensors the emitted graph's attention matmuls read."""
         transformer = self.adapter.transformer
-        with simulated(transformer, replace(plan, attention={})), recording(transformer, modules) as seen:
+        with (
+            stage("simulated ranges"),
+            simulated(transformer, replace(plan, attention={})),
+            recording(transformer, modules) as seen,
+        ):
             for k in plan.steps:
                 self.run(k)
         return {name: {op: (lo, hi) for op, (lo, hi) in ops.items()} for name, ops in seen.items()}

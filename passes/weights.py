@@ -9,6 +9,8 @@ from qexport.passes.quant import Grid, mse_clipped_qparams, qparams
 from qexport.passes.rangeplan import QuantConfig
 from qexport.targets.profile import TargetProfile
 
+from qexport.stages import stage
+
 
 def weight_qparams(
     w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile, hessian: np.ndarray | None = None
@@ -37,12 +39,13 @@ def gptq_weight(
     memo: Memo | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scale, zero point and GPTQ integers of W^T, from memo where an earlier plan had the same inputs."""
-    key = digest(w, hessian, repr(grid), config.weight_clip, repr((target.pow2_scales, target.weight_per_channel)))
-    found = None if memo is None else memo.get(layer, key)
-    if found is not None:
-        return found
-    scale, zero = weight_qparams(w, grid, config, target, hessian)
-    result = (scale, zero, gptq_quantize(w, hessian, scale, zero, grid))
+    with stage("GPTQ"):
+        key = digest(w, hessian, repr(grid), config.weight_clip, repr((target.pow2_scales, target.weight_per_channel)))
+        found = None if memo is None else memo.get(layer, key)
+        if found is not None:
+            return found
+        scale, zero = weight_qparams(w, grid, config, target, hessian)
+        result = (scale, zero, gptq_quantize(w, hessian, scale, zero, grid))
     if memo is not None:
         memo.put(layer, key, result)
     return result

@@ -372,7 +372,8 @@ def build(
     from qexport.models.registry import ModelRequest
     from qexport.recipe import Recipe, load_recipe, with_settings
     from qexport.recipe import dump_recipe as write_recipe
-    from qexport.summaries import build_lines, legality_lines
+    from qexport.stages import stage_clock
+    from qexport.summaries import build_lines, legality_lines, stage_lines
 
     start = time.perf_counter()
     base = load_recipe(recipe_name) if recipe_name else Recipe()
@@ -392,15 +393,17 @@ def build(
     request = ModelRequest(model=model, trust_model_path=trust_model_path, conditions=conditions)
     config = BuildConfig(recipe=recipe, force=force, device=device)
     printer = ProgressPrinter()
-    if _from_pipeline(stats_file):
-        from qexport.exporter.pipeline_build import build_pipeline
+    with stage_clock() as clock:
+        if _from_pipeline(stats_file):
+            from qexport.exporter.pipeline_build import build_pipeline
 
-        # the pipeline traced where verification runs
-        result = build_pipeline(stats_file, output, config, progress=printer, device=verify_device, model=request)
-    else:
-        result = run_build(stats_file, output, config, progress=printer, model=request)  # type: ignore[assignment]
+            # the pipeline traced where verification runs
+            result = build_pipeline(stats_file, output, config, progress=printer, device=verify_device, model=request)
+        else:
+            result = run_build(stats_file, output, config, progress=printer, model=request)  # type: ignore[assignment]
     printer.close()
-    for line in [*build_lines(result.manifest, result.seconds, str(output)), *legality_lines(result.manifest)]:
+    lines = [*build_lines(result.manifest, result.seconds, str(output)), *stage_lines(clock.seconds, result.seconds)]
+    for line in [*lines, *legality_lines(result.manifest)]:
         click.echo(line)
     if not no_verify:
         plans = [r.plan for r in result.ranges]

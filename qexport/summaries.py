@@ -317,3 +317,14 @@ def recipes_lines() -> list[str]:
     for cls in ORDER:
         lines.append(f"  {cls.kind:<20}{cls.summary}")
     return lines
+
+
+def stage_lines(stages: dict[str, float], seconds: float) -> list[str]:
+    """The build's time by stage (exclusive: a stage nested in another counts for itself only),
+    largest first; what no stage covers is 'other'."""
+    from qexport.progress import duration
+
+    rest = seconds - sum(stages.values())
+    parts = sorted(((name, s) for name, s in stages.items() if s >= 0.05), key=lambda p: -p[1])
+    parts += [("other", rest)] if rest >= 0.05 else []
+    return [f"  time       {' · '.join(f'{name} {duration(s)}' for name, s in parts)}"] if parts else []

@@ -1,0 +1,63 @@
+"""Where a long job's time goes, by stage. Library code marks its stages with ``with stage(name):``
+(a no-op unless a clock is running); the job opens ``with stage_clock() as clock:`` around its work
+and reads ``clock.seconds`` at the end. Accounting is exclusive: time inside a nested stage counts
+for the inner stage only (GPTQ run while the alpha search makes a plan is GPTQ's, not the search's),
+so the stages add up to the time spent in any of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+
+class StageClock:
+    """Exclusive seconds per stage name, in the order the stages first ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._open: list[list[float]] = []  # per open stage: [start, seconds spent in stages nested in it]
+        self._names: list[str] = []
+
+    def enter(self, name: str) -> None:
+        self.seconds.setdefault(name, 0.0)
+        self._names.append(name)
+        self._open.append([time.perf_counter(), 0.0])
+
+    def leave(self) -> None:
+        start, nested = self._open.pop()
+        name = self._names.pop()
+        spent = time.perf_counter() - start
+        self.seconds[name] += spent - nested
+        if self._open:
+            self._open[-1][1] += spent
+
+
+_CLOCK: ContextVar[StageClock | None] = ContextVar("qexport_stage_clock", default=None)
+
+
+@contextmanager
+def stage_clock() -> Iterator[StageClock]:
+    """Run a clock for the block: the stages marked inside it (in this thread or context) add to it."""
+    clock = StageClock()
+    token = _CLOCK.set(clock)
+    try:
+        yield clock
+    finally:
+        _CLOCK.reset(token)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Count the block's time for stage `name` on the running clock, if there is one."""
+    clock = _CLOCK.get()
+    if clock is None:
+        yield
+        return
+    clock.enter(name)
+    try:
+        yield
+    finally:
+        clock.leave()
