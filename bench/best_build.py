@@ -7,7 +7,7 @@ GPU), one after the other, so the figures are side by side from one run.
 
 A build is NAME=RECIPE[,KEY=VALUE...] (recipe settings as `qexport build --set` takes them). The
 default compares the plain TSQ + TSW build, w8a8-best, and w8a8-best with GPTQ. Nothing is
-verified; each build's choices (alpha, shrink per range) go to the JSON.
+verified; each build's choices (alpha, shrink per range) and its seconds by stage go to the JSON.
 """
 
 from __future__ import annotations
@@ -31,17 +31,20 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     from qexport.exporter.build import BuildConfig, build
 
     from qexport.recipe import load_recipe, with_settings
+    from qexport.stages import stage_clock
 
     ort.set_default_logger_severity(3)
     name, *settings = spec.split(",")
     config = BuildConfig(recipe=with_settings(load_recipe(name), settings), force=True, device=device)
     start = time.perf_counter()
-    result = build(stats, out, config)
+    with stage_clock() as clock:
+        result = build(stats, out, config)
     seconds = time.perf_counter() - start
     gpu = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
     choices = [{"alpha": c["alpha"], "act_shrink": c["act_shrink"]} for c in result.manifest["choices"]]
     print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "peak_gpu": gpu, "models": len(result.ranges), "choices": choices}))  # fmt: skip
+                      "peak_gpu": gpu, "models": len(result.ranges), "choices": choices,
+                      "stages": clock.seconds}))  # fmt: skip
 
 
 def main() -> None:
@@ -77,6 +80,9 @@ def main() -> None:
         ratio = r["seconds"] / first["seconds"]
         print(f"{name:<12} {r['recipe']:<30} {r['models']:>6} {r['seconds']:>8.1f} {ratio:>8.2f}"
               f" {r['peak_rss'] / 2**30:>8.2f} {r['peak_gpu'] / 2**30:>8.2f}")  # fmt: skip
+    print("\nseconds by stage (exclusive; qexport build prints the same line)")
+    for name, r in rows.items():
+        print(f"{name:<12} " + " · ".join(f"{k} {v:.0f}" for k, v in sorted(r["stages"].items(), key=lambda p: -p[1])))
 
 
 if __name__ == "__main__":

@@ -86,14 +86,27 @@ class CalibrationReplay:
             self.prompts = prompts
             self.cfg = cfg
             xs: list[torch.Tensor] = []
-            handle = adapter.transformer.register_forward_pre_hook(lambda m, args: xs.append(args[0].detach().clone()))
+            ys: list[np.ndarray] = []
+            width = self.denoiser.in_channels  # the denoiser's output: the prediction half of the transformer's
+
+            def output(module: torch.nn.Module, args: Any, out: Any) -> None:
+                ys.append(out[0][:, :width].detach().cpu().numpy().copy())
+
+            transformer = adapter.transformer
+            handles = [transformer.register_forward_pre_hook(lambda m, args: xs.append(args[0].detach().clone())),
+                       transformer.register_forward_hook(output)]  # fmt: skip
             try:
                 self.final = self.sample().cpu().numpy()  # FP final latents
             finally:
-                handle.remove()
+                for handle in handles:
+                    handle.remove()
+            if len(xs) != len(timesteps) or len(ys) != len(timesteps):
+                raise QexportError(f"the replayed sampling loop called the transformer {len(xs)} times for "
+                                   f"{len(timesteps)} steps; report this model")  # fmt: skip
             self.inputs = xs
-            # FP outputs, computed now: a lazy cache filled inside a simulation would hold quantized ones
-            self.references = [self.run(k) for k in range(len(timesteps))]
+            # the FP outputs, recorded by the loop (the same call as run(k) makes); kept now: a lazy
+            # cache filled inside a simulation would hold quantized ones
+            self.references = ys
             self._grams: dict[tuple[tuple[int, ...], tuple[str, ...]], dict[str, np.ndarray]] = {}
 
     def sample(self, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:

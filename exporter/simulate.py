@@ -26,10 +26,9 @@ def fake_quant(x: torch.Tensor, lp: LayerPlan, output: bool = False) -> torch.Te
     scale_of, zero_of = (lp.o_scale, lp.o_zero) if output else (lp.a_scale, lp.a_zero)
     assert scale_of is not None and zero_of is not None
     scale, zero = float(scale_of), float(zero_of)
-    q = (x / scale).round_()  # one new tensor, then in place: the values of clamp(round(x/s) + z) - z, times s
-    if zero:
-        return q.add_(zero).clamp_(lp.a_grid.qmin, lp.a_grid.qmax).sub_(zero).mul_(scale)
-    return q.clamp_(lp.a_grid.qmin, lp.a_grid.qmax).mul_(scale)
+    # clamp(round(x/s) + z, qmin, qmax) - z is clamp(round(x/s), qmin - z, qmax - z): integers, exact in
+    # float32; one new tensor, then in place
+    return (x / scale).round_().clamp_(lp.a_grid.qmin - zero, lp.a_grid.qmax - zero).mul_(scale)
 
 
 def requantize(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, lp: LayerPlan) -> torch.Tensor:
@@ -78,7 +77,8 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
                 z: Any = shift,
             ) -> Any:
                 x = args[0] if d is None else args[0] * (1.0 / d)
-                x = x if z is None else x - z  # channel shift (its bias is already b + z·W)
+                if z is not None:  # channel shift (its bias is already b + z·W); in place on a new tensor
+                    x = x - z if d is None else x.sub_(z)
                 x = x if r is None else x @ r  # online rotation (its weights are already Rᵀ·W)
                 return (fake_quant(x, lp), *args[1:])
 

@@ -48,3 +48,23 @@ def test_one_replayed_prompt_gives_other_ranges_and_replans_exactly(latte_stats,
     assert "  replay     1 calibration prompt(s) replayed" in "\n".join(build_lines(one.manifest, 1.0, "r1"))
     _, plans, _ = replan(one.manifest, latte_stats)
     assert {n: float(lp.a_scale) for n, lp in plans[0].layers.items()} == scales
+
+
+@pytest.mark.parametrize(("model_id", "prompts"), [("tiny-latte", ["a red circle", "a blue square"]),
+                                                   ("tiny-dit", ["red circle", "blue square"])])  # fmt: skip
+def test_the_replay_keeps_the_loops_own_outputs_which_are_the_denoisers(model_id, prompts):
+    """The FP references are recorded while the replay samples (no second pass): each is what the
+    denoiser returns on that step's recorded input (tiny-dit learns sigma: the prediction half)."""
+    import numpy as np
+    from qexport.exporter.replay import CalibrationReplay
+
+    from qexport.models.registry import load_model
+    from qexport.models.sampler import timesteps
+
+    adapter = load_model(model_id)
+    replay = CalibrationReplay(adapter, prompts, timesteps(adapter, 3), cfg=4.0)
+    assert len(replay.references) == len(replay.inputs) == 3
+    for k in range(3):
+        again = replay.run(k)
+        assert again.shape == replay.references[k].shape == (4, *adapter.latent_shape)
+        assert np.array_equal(again, replay.references[k]), k
