@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="build --device: where the replay runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qexport-best-build"))
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--keep", action="store_true", help="keep the builds (WORK/NAME) for qexport eval")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
@@ -70,7 +71,8 @@ def main() -> None:
         if done.returncode:
             sys.exit(f"{name}: the build failed:\n{done.stderr[-3000:]}")
         rows[name] = {"recipe": spec, **json.loads(done.stdout.strip().splitlines()[-1])}
-        shutil.rmtree(out, ignore_errors=True)
+        if not a.keep:
+            shutil.rmtree(out, ignore_errors=True)
         print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
     a.json.write_text(json.dumps({"stats": str(a.stats), "device": a.device, "builds": rows}, indent=1))
     first = next(iter(rows.values()))

@@ -432,9 +432,10 @@ def plan_models(
             group_alpha = group_alphas[index] if group_alphas else None
             kv_plan = None if kv is None else kv.plan
             bits = layer_bits[index] if layer_bits else None
+            start = None if not built else built[-1].plan.alpha  # the alpha search's start
             plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
                                                     replay, searches, kv_plan, group_alpha, bits, memo,
-                                                    kept)  # fmt: skip
+                                                    kept, start)  # fmt: skip
             del graph  # the model holds what emission needs: free the graph's arrays before the model is written
             gc.collect()
             share_arrays(plan, built[-1].plan if built else None)
@@ -627,7 +628,10 @@ def _build_range(
     layer_bits: dict[str, int] | None = None,
     gptq_memo: Memo | None = None,
     kept: dict[str, KeptBinding] | None = None,
+    start: float | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
+    """One range's plan and emitted model; the alpha search climbs from `start` (the previous
+    range's alpha) where given, the activation range search goes coarse to fine (exporter.search)."""
     nodes, groups, weights, biases = range_inputs(graph, bindings, adapter)
     weight_only = tuple(surviving(graph, kept)) if kept else ()
     samples = None
@@ -660,7 +664,8 @@ def _build_range(
         # only: one solve per layer instead of one per candidate (docs/techniques/gptq.md)
         rounding = Rounding.NEAREST if gptq(quant) else quant.weight_rounding
         with stage("alpha search"):
-            alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv))
+            alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv),
+                                                 start=start)  # fmt: skip
         found = found if rounding == quant.weight_rounding else None
     if searches[1]:
         assert replay is not None

@@ -216,6 +216,14 @@ def test_alpha_auto_searches_per_range_and_replans(latte_stats, tmp_path):
     result = build(latte_stats, tmp_path / "auto", BuildConfig(recipe=recipe))
     alphas = [r["alpha"] for r in result.manifest["ranges"]]
     assert result.manifest["quantization"]["alpha"] == "auto" and all(0.1 <= a <= 1.0 for a in alphas)
+    # the first range's search goes coarse to fine; the second climbs from the first's alpha: the
+    # alphas it scored are a run of neighbours around that start, no coarse points beyond them
+    from qexport.exporter.search import ALPHAS
+
+    first, second = (sorted(map(float, r["search_sqnr_db"]["alpha"])) for r in result.manifest["ranges"])
+    assert {0.1, 0.4, 0.7, 1.0} <= set(first)
+    tried = [ALPHAS.index(a) for a in second]
+    assert alphas[0] in second and tried == list(range(tried[0], tried[-1] + 1)) and len(tried) < len(ALPHAS)
     _, plans, _ = replan(result.manifest, latte_stats)
     for old, new in zip(result.ranges, plans, strict=True):
         assert new.alpha == old.plan.alpha

@@ -67,3 +67,25 @@ def test_on_recorded_scores_the_loss_is_small(values):
 
 def test_the_grids_are_ordered_for_a_climb():
     assert list(ALPHAS) == sorted(ALPHAS) and list(SHRINKS) == sorted(SHRINKS, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("start", "peak", "runs"),
+    [(0, 0, {0, 1}), (2, 4, {1, 2, 3, 4, 5}), (6, 4, {3, 4, 5, 6, 7}), (9, 7, {6, 7, 8, 9})],
+)
+def test_a_warm_start_climbs_from_the_previous_choice_without_the_coarse_pass(monkeypatch, start, peak, runs):
+    values = [-abs(i - peak) for i in range(10)]
+    monkeypatch.setattr(search, "score", lambda replay, plan: values[plan])
+    made = []
+    value, plan, scores = search.best(None, tuple(range(10)), lambda v: made.append(v) or v, start=start)
+    assert (value, plan) == (peak, peak)
+    # the start, each step of the climb and the neighbours that ended it, each once: no coarse points
+    assert sorted(made) == sorted(runs) == sorted(scores)
+
+
+def test_a_start_that_is_no_candidate_falls_back_to_the_coarse_pass(monkeypatch):
+    values = [-abs(i - 5) for i in range(10)]
+    monkeypatch.setattr(search, "score", lambda replay, plan: values[plan])
+    made = []
+    assert search.best(None, tuple(range(10)), lambda v: made.append(v) or v, start=0.5)[0] == 5
+    assert {0, 3, 6, 9} <= set(made)
