@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 from qexport.passes.weight_only import quantize
 
 from qexport.recipe import PartPrecision
@@ -41,8 +42,11 @@ def export_part(write: Callable[[Path], None], path: Path, precision: PartPrecis
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         exported = Path(tmp) / path.name
         write(exported)
-        model = onnx.load(str(exported), load_external_data=True)
-    STORES[precision](model)
+        # a large part's weights stay in the export's external data until each is converted: its
+        # FP32 weights are never held whole beside the converted ones (a T5-XXL part: 19 GB)
+        model = onnx.load(str(exported), load_external_data=False)
+        STORES[precision](model, tmp)
+        load_external_data_for_model(model, tmp)  # what stays FP32, before the folder goes
     data = save_part(model, path)
     onnx.checker.check_model(str(path))
     return {"precision": precision.value, "data": data}
@@ -68,17 +72,18 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in tensors)
 
 
-def fp16_storage(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) -> onnx.ModelProto:
+def fp16_storage(model: onnx.ModelProto, base_dir: str = "", keep: frozenset[str] = frozenset()) -> onnx.ModelProto:
     """Each FP32 initializer of MIN_ELEMENTS or more (but those named in `keep`, those beyond FP16's
     range, graph inputs) stored in FP16 as ``<name>.fp16``, a Cast to FP32 giving ``<name>`` back to
-    its readers; in place, returns model."""
+    its readers; in place, returns model. base_dir: where external data, if any, is read from (each
+    converted tensor is read alone; the others stay external)."""
     graph = model.graph
     skip = keep | {i.name for i in graph.input}
     casts, wide = [], 0
     for init in graph.initializer:
         if init.name in skip or init.data_type != TensorProto.FLOAT or np.prod(init.dims) < MIN_ELEMENTS:
             continue
-        values = numpy_helper.to_array(init)
+        values = numpy_helper.to_array(init, base_dir)
         if not np.abs(values).max() <= FP16_MAX:  # also NaN
             wide += 1
             continue
@@ -90,11 +95,11 @@ def fp16_storage(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) -> 
     return model
 
 
-def int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+def int8_weights(model: onnx.ModelProto, base_dir: str = "") -> onnx.ModelProto:
     """Each FP32 initializer of MIN_ELEMENTS or more that is read only as the weight of MatMul (2-D),
     Gemm or Conv stored as int8 per output channel (``<name>.int8``, ``.scale``, ``.zero``), a
     DequantizeLinear giving ``<name>`` back to its readers; the other weights as fp16_storage; in
-    place, returns model."""
+    place, returns model. base_dir: as fp16_storage's."""
     graph = model.graph
     axes = weight_axes(graph)
     scales, dequantize = set(), []
@@ -103,7 +108,7 @@ def int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         if axis is None or init.data_type != TensorProto.FLOAT or np.prod(init.dims) < MIN_ELEMENTS:
             continue
         name = init.name
-        q, scale = quantize(numpy_helper.to_array(init), axis)
+        q, scale = quantize(numpy_helper.to_array(init, base_dir), axis)
         init.CopyFrom(numpy_helper.from_array(q, f"{name}.int8"))
         zero = np.zeros(scale.shape, np.int8)
         graph.initializer.extend([numpy_helper.from_array(scale, f"{name}.scale"),
@@ -113,7 +118,7 @@ def int8_weights(model: onnx.ModelProto) -> onnx.ModelProto:
                                            [name], name=f"{name}.dequantize", axis=axis))  # fmt: skip
     _prepend(graph, dequantize)
     log.info("%s: %d weights stored in int8", graph.name, len(dequantize))
-    return fp16_storage(model, keep=frozenset(scales))
+    return fp16_storage(model, base_dir, keep=frozenset(scales))
 
 
 def weight_axes(graph: onnx.GraphProto) -> dict[str, int]:
@@ -149,8 +154,8 @@ def _prepend(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
         graph.node.extend([*nodes, *rest])
 
 
-STORES: dict[PartPrecision, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
-    PartPrecision.FP32: lambda model: model,
+STORES: dict[PartPrecision, Callable[[onnx.ModelProto, str], onnx.ModelProto]] = {
+    PartPrecision.FP32: lambda model, base_dir: model,
     PartPrecision.FP16: fp16_storage,
     PartPrecision.INT8_WEIGHTS: int8_weights,
 }

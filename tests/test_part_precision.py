@@ -162,3 +162,58 @@ def test_an_edge_loop_with_fp16_parts_stays_within_fp16s_error(tmp_path):
     # measured: latents 0.22 UNIT, pixels 0.15 UNIT (FP32 parts: 5e-7 and 2e-7)
     assert _relative(latents, trace.results[-1]) <= 2 * UNIT, _relative(latents, trace.results[-1])
     assert _relative(images, want.reshape(images.shape)) <= 2 * UNIT, _relative(images, want.reshape(images.shape))
+
+
+def _hand_part() -> onnx.ModelProto:
+    """x [1, 64] -> MatMul W1 -> Add b (too small to convert) -> MatMul W2 -> Add C (beyond fp16's range)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * scale, name)
+             for name, shape, scale in (("W1", (64, 64), 0.1), ("b", (64,), 1.0), ("W2", (64, 1024), 0.1),
+                                        ("C", (1, 1024), 1e5))]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Add", ["h", "b"], ["g"]),
+             helper.make_node("MatMul", ["g", "W2"], ["z"]), helper.make_node("Add", ["z", "C"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "part", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("precision", list(PartPrecision))
+def test_an_export_with_external_weights_converts_them_from_the_file_alike(tmp_path, precision, monkeypatch):
+    """A large part's export keeps its weights in external data; each precision reads them tensor by
+    tensor from there (the FP32 weights are never loaded whole) and stores what an inline export gives."""
+    model = _hand_part()
+
+    def inline(path):
+        onnx.save_model(model, str(path))
+
+    def external(path):
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=0)  # fmt: skip
+
+    still_external = []  # initializers still in the export's file when the rest is loaded: none converted
+
+    def load_rest(model, base_dir, load=part_precision.load_external_data_for_model):
+        still_external.append({i.name for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL})
+        load(model, base_dir)
+
+    monkeypatch.setattr(part_precision, "load_external_data_for_model", load_rest)
+    paths = {}
+    for name, write in (("inline", inline), ("external", external)):
+        (tmp_path / name).mkdir()
+        paths[name] = tmp_path / name / "part.onnx"
+        spec = part_precision.export_part(write, paths[name], precision)
+        assert spec == {"precision": precision.value, "data": None}  # under the limit: saved inline
+        assert [p.name for p in (tmp_path / name).iterdir()] == ["part.onnx"]  # the export's folder is gone
+    a, b = (onnx.load(str(p)) for p in paths.values())
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    for x, y in zip(a.graph.initializer, b.graph.initializer, strict=True):  # equal, not byte-identical
+        assert (x.name, x.data_type, list(x.dims)) == (y.name, y.data_type, list(y.dims))  # (data_location set)
+        assert np.array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y)), x.name
+    stored = {i.name: i.data_type for i in b.graph.initializer}
+    if precision != PartPrecision.FP32:  # C stays FP32 (beyond fp16), b stays (too small)
+        assert stored["C"] == stored["b"] == onnx.TensorProto.FLOAT and "W1" not in stored and "W2" not in stored
+    assert still_external == [set(), {"W1", "W2", "b", "C"} if precision == PartPrecision.FP32 else {"b", "C"}]
+    x = {"x": np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)}
+    assert np.array_equal(_session(paths["external"]).run(None, x)[0], _session(paths["inline"]).run(None, x)[0])
