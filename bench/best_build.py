@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qexport.summaries import stage_lines
+
 DEFAULT = ("plain=w8a8-tsq-tsw", "best=w8a8-best", "best+gptq=w8a8-best,gptq=on")
 
 
@@ -82,9 +84,9 @@ def main() -> None:
         ratio = r["seconds"] / first["seconds"]
         print(f"{name:<12} {r['recipe']:<30} {r['models']:>6} {r['seconds']:>8.1f} {ratio:>8.2f}"
               f" {r['peak_rss'] / 2**30:>8.2f} {r['peak_gpu'] / 2**30:>8.2f}")  # fmt: skip
-    print("\nseconds by stage (exclusive; qexport build prints the same line)")
+    print("\ntime by stage (exclusive), as qexport build prints it")
     for name, r in rows.items():
-        print(f"{name:<12} " + " · ".join(f"{k} {v:.0f}" for k, v in sorted(r["stages"].items(), key=lambda p: -p[1])))
+        print(name, *stage_lines(r["stages"], r["seconds"]), sep="\n")
 
 
 if __name__ == "__main__":

@@ -129,8 +129,7 @@ class CalibrationReplay:
     def layer_inputs(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
         """Inputs [rows, features] of the named linears over the given steps, FP."""
         seen: dict[str, list[np.ndarray]] = {name: [] for name in layers}
-        with stage("FP replay"):
-            self._watch(steps, layers, lambda name, x: seen[name].append(x.cpu().numpy().copy()))
+        self._watch(steps, layers, lambda name, x: seen[name].append(x.cpu().numpy().copy()))
         out = {}
         for name, parts in seen.items():
             rows = np.concatenate(parts)
@@ -149,13 +148,13 @@ class CalibrationReplay:
                 gram = (x.T @ x).double().cpu().numpy()  # float32 products, summed over steps in float64
                 grams[name] = gram if grams[name].size == 0 else grams[name] + gram
 
-            with stage("FP replay"):
-                self._watch(steps, layers, add)
+            self._watch(steps, layers, add)
             self._grams[key] = grams
         return self._grams[key]
 
     def _watch(self, steps: list[int], layers: list[str], take: Callable[[str, torch.Tensor], None]) -> None:
-        """Run the given steps, handing each named linear's input [rows, features] to take."""
+        """Run the given steps in FP (stage "FP replay"), handing each named linear's input [rows,
+        features] to take."""
         modules = dict(self.adapter.transformer.named_modules())
 
         def grab(name: str) -> Any:
@@ -167,8 +166,9 @@ class CalibrationReplay:
 
         handles = [modules[name].register_forward_pre_hook(grab(name)) for name in layers]
         try:
-            for k in steps:
-                self.run(k)
+            with stage("FP replay"):
+                for k in steps:
+                    self.run(k)
         finally:
             for h in handles:
                 h.remove()

@@ -18,21 +18,18 @@ class StageClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._open: list[list[float]] = []  # per open stage: [start, seconds spent in stages nested in it]
-        self._names: list[str] = []
+        self._open: list[tuple[str, float, list[float]]] = []  # per open stage: name, start, [nested seconds]
 
     def enter(self, name: str) -> None:
         self.seconds.setdefault(name, 0.0)
-        self._names.append(name)
-        self._open.append([time.perf_counter(), 0.0])
+        self._open.append((name, time.perf_counter(), [0.0]))
 
     def leave(self) -> None:
-        start, nested = self._open.pop()
-        name = self._names.pop()
+        name, start, nested = self._open.pop()
         spent = time.perf_counter() - start
-        self.seconds[name] += spent - nested
+        self.seconds[name] += spent - nested[0]
         if self._open:
-            self._open[-1][1] += spent
+            self._open[-1][2][0] += spent
 
 
 _CLOCK: ContextVar[StageClock | None] = ContextVar("qexport_stage_clock", default=None)
