@@ -32,6 +32,7 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     import torch
     from qexport.exporter.build import BuildConfig, build
 
+    from qexport.progress import ProgressPrinter
     from qexport.recipe import load_recipe, with_settings
     from qexport.stages import stage_clock
 
@@ -39,8 +40,10 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     name, *settings = spec.split(",")
     config = BuildConfig(recipe=with_settings(load_recipe(name), settings), force=True, device=device)
     start = time.perf_counter()
+    printer = ProgressPrinter()  # progress on stderr, passed through to the parent's
     with stage_clock() as clock:
-        result = build(stats, out, config)
+        result = build(stats, out, config, progress=printer)
+    printer.close()
     seconds = time.perf_counter() - start
     gpu = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
     choices = [{"alpha": c["alpha"], "act_shrink": c["act_shrink"]} for c in result.manifest["choices"]]
@@ -69,14 +72,15 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-P", __file__, "--stats", str(a.stats), "--device", a.device, "--json", str(a.json),
                "--child", str(out), spec]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if done.returncode:
-            sys.exit(f"{name}: the build failed:\n{done.stderr[-3000:]}")
+            sys.exit(f"{name}: the build failed (its error is above)")
         rows[name] = {"recipe": spec, **json.loads(done.stdout.strip().splitlines()[-1])}
+        # written after every build, so a run stopped midway keeps the builds that finished
+        a.json.write_text(json.dumps({"stats": str(a.stats), "device": a.device, "builds": rows}, indent=1))
         if not a.keep:
             shutil.rmtree(out, ignore_errors=True)
         print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
-    a.json.write_text(json.dumps({"stats": str(a.stats), "device": a.device, "builds": rows}, indent=1))
     first = next(iter(rows.values()))
     print(f"\n{a.stats.name} on {a.device}, each build in its own process")
     print(f"{'build':<12} {'recipe':<30} {'models':>6} {'wall s':>8} {'x first':>8} {'RSS GiB':>8} {'GPU GiB':>8}")
