@@ -8,15 +8,60 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 from qexport.passes.graph import consumers
+
+from qexport.errors import QexportError
 
 ELEMENTWISE = ("Add", "Mul", "Sub", "Div")
 
 
-def fold_constants(graph: gs.Graph) -> gs.Graph:
+FOLD_BYTES = 1 << 30
+"""Constant bytes one folding evaluation may take in: graphsurgeon serializes the constant-only
+part of the graph for onnxruntime, and protobuf refuses a message over 2 GiB. A full-size video
+model's rotary tables alone pass that (Wan2.1-1.3B at 480x832, 17 frames: 2.9 GB), so such a
+graph is folded one constant-only output at a time."""
+
+
+def fold_constants(graph: gs.Graph, limit: int = FOLD_BYTES) -> gs.Graph:
     """Fold every constant-only path. The nodes left keep their order (the exporter's, which is
-    topological), so a graph cut from this one sorts (toposort) as if it had been folded whole."""
-    return graph.fold_constants().cleanup()
+    topological), so a graph cut from this one sorts (toposort) as if it had been folded whole.
+
+    A path that cannot be evaluated is an error, not a graph left unfolded: the shape paths left
+    behind keep onnxruntime from fusing the linears after them into integer kernels.
+
+    Args:
+        graph: the graph.
+        limit: the constant bytes above which the constant-only part is evaluated in pieces
+            (one per output) instead of in one go.
+    """
+    pieces = "basic" if foldable_bytes(graph) > limit else None
+    try:
+        graph.fold_constants(partitioning=pieces, error_ok=False)
+    except Exception as err:  # onnxruntime's or protobuf's, whatever the op
+        raise QexportError(f"constant folding of the exported graph failed: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}; the op is not one onnxruntime "
+                           "evaluates, or the constant part is too large to serialize") from err  # fmt: skip
+    return graph.cleanup()
+
+
+def foldable_bytes(graph: gs.Graph) -> int:
+    """Bytes of the constants that feed constant-only nodes: what one folding evaluation serializes."""
+    known: set[str] = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    taken: set[str] = set()
+    for node in graph.nodes:  # topological: a node's constant inputs are known before it
+        if node.inputs and all(t.name in known or not t.name for t in node.inputs):
+            known.update(t.name for t in node.outputs)
+            taken.update(t.name for t in node.inputs if isinstance(t, gs.Constant))
+    tensors = graph.tensors()
+    return sum(_nbytes(tensors[name]) for name in taken)
+
+
+def _nbytes(tensor: gs.Constant) -> int:
+    """A constant's size from its shape and type, without loading values kept in external data."""
+    dtype = tensor.dtype  # a numpy type, or an ONNX type number where numpy has none (bfloat16)
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(dtype) if isinstance(dtype, int) else dtype).itemsize
+    return int(np.prod(tensor.shape, dtype=np.int64)) * itemsize
 
 
 def _aligned(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
