@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from qexport.passes.graph import node_named
 from qexport.passes.integer_only import integer_only, observed_tensors
 from qexport.passes.lowrank import BranchCost, branch_cost
 from qexport.passes.observe import Observer
-from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range
+from qexport.passes.plan import MIXED_HIGH_BITS, QuantConfig, RangePlan, Smooth, plan_range, with_shrink
 from qexport.passes.rewrite import KeptBinding, PassConfig
 from qexport.passes.smoothing import smoothing_steps
 from qexport.passes.specialise import copy_graph
@@ -642,12 +643,19 @@ def _build_range(
     sites = find_attention(graph, attention_scopes(adapter.transformer)) if quant.quantize_attention else {}
     grams = _grams(replay, quant, steps, groups, stats.steps)
 
-    def make(alpha: float, shrink: float, rounding: Rounding = quant.weight_rounding) -> RangePlan:
-        config = replace(quant, alpha=alpha, act_shrink=shrink, weight_rounding=rounding)
-        plan = plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
-                          head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits, grams=grams,
-                          gptq_memo=gptq_memo)  # fmt: skip
-        plan.weight_only = weight_only  # before any replay: the simulation rounds these weights too
+    def make(
+        alpha: float, shrink: float, rounding: Rounding = quant.weight_rounding, base: RangePlan | None = None
+    ) -> RangePlan:
+        """The plan at (alpha, shrink); from `base` (the same settings, another shrink) without planning
+        its weights again where given."""
+        if base is not None:
+            plan = with_shrink(base, shrink, target, skip=kv.layers if kv is not None else ())
+        else:
+            config = replace(quant, alpha=alpha, act_shrink=shrink, weight_rounding=rounding)
+            plan = plan_range(steps, groups, stats.layers, weights, biases, config, target, samples=samples,
+                              head_dims=heads, group_alpha=group_alpha, layer_bits=layer_bits, grams=grams,
+                              gptq_memo=gptq_memo)  # fmt: skip
+            plan.weight_only = weight_only  # before any replay: the simulation rounds these weights too
         if sites:  # Q/K/V ranges as the emitted attention reads them: measured under this plan's linears
             assert replay is not None
             ranges = replay.attention_ranges(plan, list(sites))
@@ -671,7 +679,10 @@ def _build_range(
         assert replay is not None
         known = None if found is None else (shrink, scores["alpha"][alpha], found)  # the alpha search ran it
         with stage("observer search"):
-            shrink, found, scores["act_shrink"] = best(replay, SHRINKS, lambda r: with_kv(make(alpha, r), kv), known)
+            # the ratios share one plan's weights (with GPTQ, one solve per layer for all of them)
+            base = found if found is not None else make(alpha, shrink)
+            shrunk = partial(make, alpha, base=base)
+            shrink, found, scores["act_shrink"] = best(replay, SHRINKS, lambda r: with_kv(shrunk(r), kv), known)
     with stage("plan"):
         plan = found if found is not None and kv is None else make(alpha, shrink)
     plan.scores = scores

@@ -8,6 +8,7 @@ weight quantization (GPTQ where a step left a Hessian), then their layer steps."
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 
 import numpy as np
@@ -68,7 +69,8 @@ def _plan_layer(rng: RangeStep, layer: str, step: GroupStep, bits: int, keep_flo
     folded = step.s is None or step.g.fold == "value"
     lp = LayerPlan(w_q=w_q, w_scale=w_scale, w_zero=w_zero, w_grid=grid, a_scale=a_scale, a_zero=a_zero,
                    a_grid=rng.a_grid, divisor=None if folded else step.s,
-                   w_float=w.astype(np.float32) if keep_float else None, rotation=step.online)  # fmt: skip
+                   w_float=w.astype(np.float32) if keep_float else None, rotation=step.online,
+                   a_range=step.unshrunk)  # fmt: skip
     assert step.magnitude is not None
     done = LayerStep(rng=rng, layer=layer, w=w, lp=lp, hessian=step.hessian, magnitude=step.magnitude)
     for technique in ORDER:
@@ -152,3 +154,27 @@ def plan_range(
         if layer in rng.changed_bias:
             lp.bias = _changed(rng.final_b[layer])
     return plan
+
+
+def with_shrink(plan: RangePlan, shrink: float, target: TargetProfile, skip: Collection[str] = ()) -> RangePlan:
+    """The plan that planning with act_shrink=shrink gives, from a plan of the same settings and
+    another shrink: the shrink moves only the activation quantizers, so the weights (GPTQ's
+    among them) and everything else are shared instead of planned again.
+
+    Args:
+        plan: a plan_range result.
+        shrink: the new ratio of every activation range.
+        target: the plan's target (power-of-two scales).
+        skip: layers left as they are (those of another plan merged in, exporter.kv).
+    """
+    layers = {}
+    for layer, lp in plan.layers.items():
+        if layer in skip:
+            layers[layer] = lp
+            continue
+        if lp.a_range is None:
+            raise ValueError(f"{layer}'s plan has no activation range before the shrink")
+        lo, hi = lp.a_range
+        a_scale, a_zero = qparams(np.asarray(lo * shrink), np.asarray(hi * shrink), lp.a_grid, target.pow2_scales)
+        layers[layer] = replace(lp, a_scale=a_scale, a_zero=a_zero)
+    return replace(plan, layers=layers, act_shrink=shrink, scores={}, attention={})

@@ -103,6 +103,7 @@ class LayerPlan:
     rotation: np.ndarray | None = None  # online Hadamard R [in, in]: the input is x·R before quantizing
     o_scale: np.ndarray | None = None  # output quantizer (closed linears): scalar, on the grid a_grid
     o_zero: np.ndarray | None = None
+    a_range: tuple[Any, Any] | None = None  # the input range before the shrink (passes.plan.with_shrink)
 
     def weight(self) -> np.ndarray:
         return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
@@ -187,6 +188,7 @@ class GroupStep:
     s: np.ndarray | None = None  # smoothing vector
     lo: float = 0.0
     hi: float = 0.0
+    unshrunk: tuple[Any, Any] | None = None  # (lo, hi) before the observer's shrink
     magnitude: np.ndarray | None = None  # per input channel |X/s| (weights the low-rank SVD)
     subtract: np.ndarray | None = None  # z subtracted from X/s before the quantizer
     rotation: np.ndarray | None = None  # R folded around the group (head rotation)

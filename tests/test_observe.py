@@ -85,7 +85,7 @@ def test_searches_score_quantized_plans_against_fp_and_replan(latte_stats, tmp_p
     from qexport.exporter.search import SHRINKS
 
     recipe = recipe_of("smoothquant.mode=tsq", "smoothquant.alpha=auto", "activation_observer.method=search",
-                       "granularity.time_ranges=2")  # fmt: skip
+                       "granularity.time_ranges=2", "gptq=on")  # fmt: skip
     result = build(latte_stats, tmp_path / "search", BuildConfig(recipe=recipe))
     ranges = result.manifest["ranges"]
     for index, r in enumerate(ranges):
@@ -99,6 +99,9 @@ def test_searches_score_quantized_plans_against_fp_and_replan(latte_stats, tmp_p
         scores = [v for s in tried.values() for v in s.values()]
         assert 6 <= len(scores) <= 20 and all(0 < v < 80 for v in scores)  # quantized vs FP: finite, not identical
     _, plans, _ = replan(result.manifest, latte_stats)
-    for old, new in zip(result.ranges, plans, strict=True):
-        assert (new.alpha, new.act_shrink) == (old.plan.alpha, old.plan.act_shrink)
-        assert all(float(new.layers[n].a_scale) == float(old.plan.layers[n].a_scale) for n in new.layers)
+    for old, new in zip(result.ranges, plans, strict=True):  # planned afresh at the chosen alpha and ratio:
+        assert (new.alpha, new.act_shrink) == (old.plan.alpha, old.plan.act_shrink)  # the same as the search's
+        for n, lp in new.layers.items():  # plan, whose weights the ratios shared (GPTQ's integers included)
+            built = old.plan.layers[n]
+            assert float(lp.a_scale) == float(built.a_scale) and float(lp.a_zero) == float(built.a_zero)
+            assert np.array_equal(lp.w_q, built.w_q) and np.array_equal(lp.w_scale, built.w_scale)

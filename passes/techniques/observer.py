@@ -35,4 +35,5 @@ class ActivationObserver(Technique):
         if config.act_observer.samples:
             step.lo, step.hi = observe(step.values, step.lo, step.hi, step.rng.a_grid, config.act_observer,
                                        target.pow2_scales)  # fmt: skip
+        step.unshrunk = (step.lo, step.hi)
         step.lo, step.hi = step.lo * config.act_shrink, step.hi * config.act_shrink
