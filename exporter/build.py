@@ -389,7 +389,7 @@ def plan_models(
     kept = kept if config.recipe.float_weights() == FloatWeights.INT8 else {}
     alpha_scores: dict[float, float] = {}
     allocations: list[Allocation] | None = None
-    memo = Memo()  # GPTQ integers reused by the plans whose weight and H repeat (shared weights, searches)
+    memo = Memo(config.device)  # GPTQ integers reused where weight and H repeat (shared weights); solves there
     if shared_alpha_search or layer_search or mixed:
         assert replay is not None
         with stage("FP export"):

@@ -1,5 +1,5 @@
 """Error-compensating weight rounding (``build --weight-rounding gptq``; GPTQ, Frantar et al. 2022),
-numpy only.
+numpy in and out, the solve in torch float64 on the build's device (``build --device``).
 
 W^T [in, out] is rounded one input channel (row) at a time onto the plan's per-output-channel grid
 (the scales and zero points nearest rounding uses, unchanged); each row's rounding error is spread
@@ -14,7 +14,8 @@ import hashlib
 from enum import StrEnum
 
 import numpy as np
-from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, quantize
+import torch
+from qexport.passes.quant import STORAGE, Grid, dequantize, qparams
 
 DAMP = 0.01  # λ = DAMP · mean diagonal of H
 BLOCK = 128  # rows rounded between two lazy updates of the rest (same result, fewer passes over W)
@@ -37,9 +38,10 @@ class Memo:
     candidate: those plans get the integers back instead of repeating the rounding. One result per
     layer is kept (about one model's integers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self._last: dict[str, tuple[bytes, Rounded]] = {}
         self.hits = 0
+        self.device = device  # where the solves of the plans that use this memo run
 
     def get(self, layer: str, key: bytes) -> Rounded | None:
         last = self._last.get(layer)
@@ -84,13 +86,11 @@ def damped(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     return np.asarray(h, dtype=np.float64) + np.eye(len(h)) * (damp * mean if mean > 0 else 1.0)
 
 
-def _inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper-triangular U with (H + λI)⁻¹ = UᵀU."""
-    h = damped(h, damp)
-    lower = np.linalg.cholesky(h)
-    inv_lower = np.linalg.solve(lower, np.eye(len(h)))
-    hinv = inv_lower.T @ inv_lower
-    return np.linalg.cholesky((hinv + hinv.T) / 2).T
+    mean = float(torch.diagonal(h).mean())
+    h = h + torch.eye(len(h), dtype=h.dtype, device=h.device) * (damp * mean if mean > 0 else 1.0)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
 def gptq_quantize(
@@ -101,6 +101,7 @@ def gptq_quantize(
     grid: Grid,
     act_order: bool = ACT_ORDER,
     damp: float = DAMP,
+    device: str = "cpu",
 ) -> np.ndarray:
     """The integers of W^T [in, out] on the given grid, rounded with error compensation.
 
@@ -111,31 +112,38 @@ def gptq_quantize(
         grid: the weight grid (bits, storage, symmetry).
         act_order: round rows in order of decreasing H diagonal.
         damp: λ as a fraction of H's mean diagonal.
+        device: where torch solves (float64 everywhere; each row rounded as ``quant.quantize`` does).
 
     Returns:
         [in, out] integers in the storage dtype, inside [grid.qmin, grid.qmax].
     """
-    n = w.shape[0]
+    n, dev = w.shape[0], torch.device(device)
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
-    rest = np.asarray(w, dtype=np.float64)[order].copy()
-    u = _inverse_factor(np.asarray(h, dtype=np.float64)[np.ix_(order, order)], damp)
-    q = np.empty(rest.shape, dtype=STORAGE[grid.storage][0])
+    u = _inverse_factor(torch.from_numpy(np.asarray(h, dtype=np.float64)[np.ix_(order, order)]).to(dev), damp)
+    rest = torch.from_numpy(np.asarray(w, dtype=np.float64)[order]).to(dev)
+    s32 = torch.from_numpy(np.asarray(scale, dtype=np.float32)).to(dev)
+    z32 = torch.from_numpy(np.asarray(zero).astype(np.float32)).to(dev)
+    q = torch.empty(rest.shape, dtype=torch.float32, device=dev)
+    diag = torch.diagonal(u).tolist()
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
-        errs = np.empty((b1 - b0, rest.shape[1]))
-        for i in range(b0, b1):
-            q[i] = quantize(rest[i], scale, zero, grid)
-            err = (rest[i] - dequantize(q[i], scale, zero)) / u[i, i]
-            rest[i + 1 : b1] -= np.outer(u[i, i + 1 : b1], err)
-            errs[i - b0] = err
-        rest[b1:] -= u[b0:b1, b1:].T @ errs
-    out = np.empty_like(q)
-    out[order] = q
+        block, errs = rest[b0:b1], torch.empty((b1 - b0, rest.shape[1]), dtype=torch.float64, device=dev)
+        for i in range(b1 - b0):
+            qi = q[b0 + i]
+            torch.round(block[i].float() / s32, out=qi)
+            qi.add_(z32).clamp_(grid.qmin, grid.qmax)  # quant.quantize: rint(x / s) + z, saturated, in float32
+            err = errs[i]
+            torch.sub(block[i], ((qi - z32) * s32).double(), out=err)  # minus quant.dequantize
+            err.div_(diag[b0 + i])
+            block[i + 1 :].addr_(u[b0 + i, b0 + i + 1 : b1], err, alpha=-1)
+        rest[b1:].addmm_(u[b0:b1, b1:].T, errs, alpha=-1)
+    out = np.empty(q.shape, dtype=STORAGE[grid.storage][0])
+    out[order] = q.cpu().numpy()
     return out
 
 
 def output_clipped_qparams(
-    w: np.ndarray, h: np.ndarray, grid: Grid, pow2: bool = False, per_channel: bool = True
+    w: np.ndarray, h: np.ndarray, grid: Grid, pow2: bool = False, per_channel: bool = True, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point [out] whose GPTQ rounding leaves the least layer-output error eᵀHe: per
     output channel, the clip ratio of its min-max range from CLIP_RATIOS (one ratio for the whole
@@ -148,7 +156,9 @@ def output_clipped_qparams(
     best_scale, best_zero = qparams(lo, hi, grid, pow2)
     for r in CLIP_RATIOS:
         scale, zero = qparams(r * lo, r * hi, grid, pow2)
-        e = np.asarray(w, dtype=np.float64) - dequantize(gptq_quantize(w, h, scale, zero, grid), scale, zero)
+        e = np.asarray(w, dtype=np.float64) - dequantize(
+            gptq_quantize(w, h, scale, zero, grid, device=device), scale, zero
+        )
         err = ((h @ e) * e).sum(axis=0)
         err = err if per_channel else np.full(n_out, err.sum())
         better = err < best_err

@@ -13,14 +13,19 @@ from qexport.stages import stage
 
 
 def weight_qparams(
-    w: np.ndarray, grid: Grid, config: QuantConfig, target: TargetProfile, hessian: np.ndarray | None = None
+    w: np.ndarray,
+    grid: Grid,
+    config: QuantConfig,
+    target: TargetProfile,
+    hessian: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per output channel of W^T [in, out]; a per-tensor target gets one value,
     repeated per channel (the whole matrix quantized as one column). With GPTQ (a hessian), the MSE
-    clip is scored on the layer output after GPTQ rounding, not on the weight."""
+    clip is scored on the layer output after GPTQ rounding (solved on `device`), not on the weight."""
     cols = w if target.weight_per_channel else w.reshape(-1, 1)
     if config.weight_clip == "mse" and hessian is not None:
-        return output_clipped_qparams(w, hessian, grid, target.pow2_scales, target.weight_per_channel)
+        return output_clipped_qparams(w, hessian, grid, target.pow2_scales, target.weight_per_channel, device)
     if config.weight_clip == "mse":
         scale, zero = mse_clipped_qparams(cols, grid, pow2=target.pow2_scales)
     else:
@@ -38,14 +43,16 @@ def gptq_weight(
     target: TargetProfile,
     memo: Memo | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale, zero point and GPTQ integers of W^T, from memo where an earlier plan had the same inputs."""
+    """Scale, zero point and GPTQ integers of W^T, from memo where an earlier plan had the same inputs;
+    solved on the memo's device."""
     with stage("GPTQ"):
         key = digest(w, hessian, repr(grid), config.weight_clip, repr((target.pow2_scales, target.weight_per_channel)))
         found = None if memo is None else memo.get(layer, key)
         if found is not None:
             return found
-        scale, zero = weight_qparams(w, grid, config, target, hessian)
-        result = (scale, zero, gptq_quantize(w, hessian, scale, zero, grid))
+        device = "cpu" if memo is None else memo.device
+        scale, zero = weight_qparams(w, grid, config, target, hessian, device)
+        result = (scale, zero, gptq_quantize(w, hessian, scale, zero, grid, device=device))
     if memo is not None:
         memo.put(layer, key, result)
     return result

@@ -61,6 +61,27 @@ def test_gptq_lowers_the_layer_output_error_and_stays_on_the_grid(grid, act_orde
     assert error(q, held_out) < 0.9 * error(nearest, held_out)  # not only on the rows it saw
 
 
+@pytest.mark.parametrize("grid", GRIDS[2:], ids=lambda g: f"{g.storage}-{g.bits}")
+def test_the_blocked_solve_rounds_as_the_textbook_loop(grid):
+    """Rows over three blocks (BLOCK 128): the blocked torch solve's integers equal the textbook
+    one-row-at-a-time loop's in numpy, with the inverse factor from numpy's Cholesky and inverse."""
+    rng = np.random.default_rng(3)
+    n_in, n_out = 300, 24
+    x = _inputs(rng, 900, np.eye(n_in) + 0.2 * rng.standard_normal((n_in, n_in)), np.exp(rng.normal(0, 1, n_in)))
+    h, w = x.T @ x, rng.standard_normal((n_in, n_out)) * 0.05
+    scale, zero = qparams(w.min(0), w.max(0), grid)
+    order = np.argsort(-np.diag(h), kind="stable")
+    damped_h = h[np.ix_(order, order)] + np.eye(n_in) * 0.01 * np.mean(np.diag(h))
+    u = np.linalg.cholesky(np.linalg.inv(damped_h)).T  # upper, (H + λI)⁻¹ = UᵀU
+    rest, want = w[order].copy(), np.empty(w.shape, dtype=STORAGE[grid.storage][0])
+    for i in range(n_in):
+        want[order[i]] = quantize(rest[i], scale, zero, grid)
+        err = (rest[i] - dequantize(want[order[i]], scale, zero)) / u[i, i]
+        rest[i + 1 :] -= np.outer(u[i, i + 1 :], err)
+    got = gptq_quantize(w, h, scale, zero, grid, device="cpu")
+    assert np.array_equal(got, want), int((got != want).sum())
+
+
 def test_gptq_on_silent_channels_and_a_zero_hessian_is_finite():
     grid = GRIDS[0]
     rng = np.random.default_rng(1)
