@@ -87,9 +87,10 @@ def damped(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
 
 
 def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper-triangular U with (H + λI)⁻¹ = UᵀU."""
-    mean = float(torch.diagonal(h).mean())
-    h = h + torch.eye(len(h), dtype=h.dtype, device=h.device) * (damp * mean if mean > 0 else 1.0)
+    """Upper-triangular U with (H + λI)⁻¹ = UᵀU, for each H of a batch [B, n, n]."""
+    mean = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)
+    lam = torch.where(mean > 0, damp * mean, torch.ones_like(mean))
+    h = h + torch.eye(h.shape[-1], dtype=h.dtype, device=h.device) * lam[:, None, None]
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
@@ -117,28 +118,53 @@ def gptq_quantize(
     Returns:
         [in, out] integers in the storage dtype, inside [grid.qmin, grid.qmax].
     """
-    n, dev = w.shape[0], torch.device(device)
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
-    u = _inverse_factor(torch.from_numpy(np.asarray(h, dtype=np.float64)[np.ix_(order, order)]).to(dev), damp)
-    rest = torch.from_numpy(np.asarray(w, dtype=np.float64)[order]).to(dev)
-    s32 = torch.from_numpy(np.asarray(scale, dtype=np.float32)).to(dev)
-    z32 = torch.from_numpy(np.asarray(zero).astype(np.float32)).to(dev)
+    return gptq_quantize_many([(w, h, scale, zero)], grid, act_order, damp, device)[0]
+
+
+Problem = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # W^T, H, scale, zero point
+
+
+def gptq_quantize_many(
+    problems: list[Problem],
+    grid: Grid,
+    act_order: bool = ACT_ORDER,
+    damp: float = DAMP,
+    device: str = "cpu",
+) -> list[np.ndarray]:
+    """``gptq_quantize`` of layers of one shape and grid, solved together: one row loop over a batch
+    of them (on a GPU, one kernel per operation for the whole batch instead of one per layer)."""
+    dev = torch.device(device)
+    n, m = problems[0][0].shape
+    orders = [np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n) for _, h, _, _ in problems]
+
+    def stacked(arrays: list[np.ndarray], dtype: type) -> torch.Tensor:
+        return torch.from_numpy(np.stack([np.asarray(a, dtype=dtype) for a in arrays])).to(dev)
+
+    pairs = list(zip(problems, orders, strict=True))
+    u = _inverse_factor(stacked([h[np.ix_(o, o)] for (_, h, _, _), o in pairs], np.float64), damp)
+    rest = stacked([np.asarray(w)[o] for (w, _, _, _), o in pairs], np.float64)
+    s32 = stacked([p[2] for p in problems], np.float32)
+    z32 = stacked([p[3] for p in problems], np.float32)
     q = torch.empty(rest.shape, dtype=torch.float32, device=dev)
-    diag = torch.diagonal(u).tolist()
+    diag = torch.diagonal(u, dim1=-2, dim2=-1)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
-        block, errs = rest[b0:b1], torch.empty((b1 - b0, rest.shape[1]), dtype=torch.float64, device=dev)
+        block = rest[:, b0:b1]
+        errs = torch.empty(block.shape, dtype=torch.float64, device=dev)
         for i in range(b1 - b0):
-            qi = q[b0 + i]
-            torch.round(block[i].float() / s32, out=qi)
-            qi.add_(z32).clamp_(grid.qmin, grid.qmax)  # quant.quantize: rint(x / s) + z, saturated, in float32
-            err = errs[i]
-            torch.sub(block[i], ((qi - z32) * s32).double(), out=err)  # minus quant.dequantize
-            err.div_(diag[b0 + i])
-            block[i + 1 :].addr_(u[b0 + i, b0 + i + 1 : b1], err, alpha=-1)
-        rest[b1:].addmm_(u[b0:b1, b1:].T, errs, alpha=-1)
-    out = np.empty(q.shape, dtype=STORAGE[grid.storage][0])
-    out[order] = q.cpu().numpy()
+            r = b0 + i
+            qi = torch.round(block[:, i].float() / s32).add_(z32).clamp_(grid.qmin, grid.qmax)  # quant.quantize
+            q[:, r] = qi
+            err = (block[:, i] - ((qi - z32) * s32).double()) / diag[:, r, None]  # minus quant.dequantize
+            errs[:, i] = err
+            block[:, i + 1 :] -= u[:, r, r + 1 : b1, None] * err[:, None, :]
+        rest[:, b1:] -= u[:, b0:b1, b1:].transpose(-1, -2) @ errs
+    ints = q.cpu().numpy().astype(STORAGE[grid.storage][0])
+    out = []
+    for k, o in enumerate(orders):
+        unordered = np.empty((n, m), dtype=ints.dtype)
+        unordered[o] = ints[k]
+        out.append(unordered)
     return out
 
 

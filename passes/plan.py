@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
-from qexport.passes.gptq import Memo
+from qexport.passes.gptq import Memo, Rounded
 from qexport.passes.quant import Grid, qparams, quantize
 from qexport.passes.rangeplan import (
     MIXED_HIGH_BITS,
@@ -29,7 +29,7 @@ from qexport.passes.rangeplan import (
 )
 from qexport.passes.smoothing import act_stat, smoothing_steps
 from qexport.passes.techniques import ORDER
-from qexport.passes.weights import gptq_weight, weight_qparams
+from qexport.passes.weights import gptq_weights, weight_qparams
 from qexport.targets.profile import TargetProfile
 
 __all__ = ["MIXED_HIGH_BITS", "LayerPlan", "QuantConfig", "RangePlan", "Smooth", "plan_range"]
@@ -54,15 +54,23 @@ def _plan_group(rng: RangeStep, g: Group, stats: LayerStats) -> GroupStep:
     return step
 
 
-def _plan_layer(rng: RangeStep, layer: str, step: GroupStep, bits: int, keep_float: bool) -> LayerPlan:
-    """One linear: its weight quantized (by GPTQ where its group has a Hessian), its input's
-    quantizer, then the techniques' layer steps."""
+def _grid(rng: RangeStep, bits: int) -> Grid:
+    """The weight grid of a linear with these bits (mixed precision raises some)."""
+    target = rng.target
+    return rng.w_grid if bits == rng.config.w_bits else replace(rng.w_grid, bits=bits, storage=target.weight_type(bits))
+
+
+def _plan_layer(
+    rng: RangeStep, layer: str, step: GroupStep, bits: int, keep_float: bool, rounded: Rounded | None = None
+) -> LayerPlan:
+    """One linear: its weight quantized (rounded: GPTQ's result where its group has a Hessian), its
+    input's quantizer, then the techniques' layer steps."""
     config, target = rng.config, rng.target
     w = rng.final_w[layer]
-    grid = rng.w_grid if bits == config.w_bits else replace(rng.w_grid, bits=bits, storage=target.weight_type(bits))
+    grid = _grid(rng, bits)
     a_scale, a_zero = qparams(np.asarray(step.lo), np.asarray(step.hi), rng.a_grid, target.pow2_scales)
-    if step.hessian is not None:
-        w_scale, w_zero, w_q = gptq_weight(layer, w, step.hessian, grid, config, target, rng.memo)
+    if rounded is not None:
+        w_scale, w_zero, w_q = rounded
     else:
         w_scale, w_zero = weight_qparams(w, grid, config, target)
         w_q = quantize(w, w_scale[None, :], w_zero[None, :], grid)
@@ -76,6 +84,16 @@ def _plan_layer(rng: RangeStep, layer: str, step: GroupStep, bits: int, keep_flo
     for technique in ORDER:
         technique.plan_layer(done)
     return lp
+
+
+GPTQ_BATCH_BYTES = 1 << 30
+"""Float64 weights and Hessians of the linears that wait to be solved by GPTQ together: the bound
+on what batching holds beyond one layer's."""
+
+
+def _bytes(rng: RangeStep, waiting: list[tuple[str, GroupStep, int]]) -> int:
+    hessians = {id(owner.hessian): owner.hessian.nbytes for _, owner, _ in waiting if owner.hessian is not None}
+    return sum(rng.final_w[layer].nbytes for layer, _, _ in waiting) + sum(hessians.values())
 
 
 def plan_range(
@@ -137,6 +155,18 @@ def plan_range(
     if missing:
         raise ValueError(f"layers in no group: {sorted(missing)}")
     planned: dict[str, LayerPlan] = {}
+    waiting: list[tuple[str, GroupStep, int]] = []  # linears whose GPTQ is solved with others
+
+    def settle() -> None:
+        """GPTQ for the waiting linears (those of one shape together), then their plans."""
+        rounded = gptq_weights([(layer, rng.final_w[layer], owner.hessian, _grid(rng, bits))
+                                for layer, owner, bits in waiting if owner.hessian is not None],
+                               config, target, gptq_memo)  # fmt: skip
+        for layer, owner, bits in waiting:
+            planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float, rounded[layer])
+            rng.final_w.release(layer)
+        waiting.clear()
+
     for g in groups:
         step = _plan_group(rng, g, stats[g.layers[0]])
         done = [*g.layers, *([g.value_layer] if g.value_layer in pending else [])]
@@ -146,9 +176,15 @@ def plan_range(
             if pending[layer] == 0 and layer in weights:
                 owner = step if layer in g.layers else of_layer[layer]
                 bits = (layer_bits or {}).get(layer, config.w_bits)
-                planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float)
-                rng.final_w.release(layer)
+                if owner.hessian is not None:
+                    waiting.append((layer, owner, bits))
+                else:
+                    planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float)
+                    rng.final_w.release(layer)
         of_layer.update(dict.fromkeys(g.layers, step))
+        if _bytes(rng, waiting) > GPTQ_BATCH_BYTES:
+            settle()
+    settle()
     plan.layers.update((layer, planned[layer]) for layer in weights)  # in the weights' order, as before
     for layer, lp in plan.layers.items():
         if layer in rng.changed_bias:

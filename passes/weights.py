@@ -1,10 +1,13 @@
 """One linear's weight quantization: scale and zero point per output channel (min-max or the
-MSE clip, per tensor where the target asks), and GPTQ rounding reused across plans by a memo."""
+MSE clip, per tensor where the target asks), and GPTQ rounding: reused across plans by a memo,
+solved for several layers at once."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
-from qexport.passes.gptq import Memo, digest, gptq_quantize, output_clipped_qparams
+from qexport.passes.gptq import Memo, Problem, Rounded, digest, gptq_quantize_many, output_clipped_qparams
 from qexport.passes.quant import Grid, mse_clipped_qparams, qparams
 from qexport.passes.rangeplan import QuantConfig
 from qexport.targets.profile import TargetProfile
@@ -34,25 +37,33 @@ def weight_qparams(
     return np.broadcast_to(scale, shape).copy(), np.broadcast_to(zero, shape).copy()
 
 
-def gptq_weight(
-    layer: str,
-    w: np.ndarray,
-    hessian: np.ndarray,
-    grid: Grid,
-    config: QuantConfig,
-    target: TargetProfile,
-    memo: Memo | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale, zero point and GPTQ integers of W^T, from memo where an earlier plan had the same inputs;
-    solved on the memo's device."""
+Request = tuple[str, np.ndarray, np.ndarray, Grid]  # layer, W^T [in, out], H [in, in], its grid
+
+
+def gptq_weights(
+    requests: list[Request], config: QuantConfig, target: TargetProfile, memo: Memo | None
+) -> dict[str, Rounded]:
+    """Scale, zero point and GPTQ integers of each layer's W^T: from the memo where an earlier plan had
+    the same inputs, else solved on the memo's device, the layers of one shape and grid together."""
+    device = "cpu" if memo is None else memo.device
+    out: dict[str, Rounded] = {}
+    keys: dict[str, bytes] = {}
+    batches: dict[str, list[tuple[str, Problem]]] = defaultdict(list)
     with stage("GPTQ"):
-        key = digest(w, hessian, repr(grid), config.weight_clip, repr((target.pow2_scales, target.weight_per_channel)))
-        found = None if memo is None else memo.get(layer, key)
-        if found is not None:
-            return found
-        device = "cpu" if memo is None else memo.device
-        scale, zero = weight_qparams(w, grid, config, target, hessian, device)
-        result = (scale, zero, gptq_quantize(w, hessian, scale, zero, grid, device=device))
-    if memo is not None:
-        memo.put(layer, key, result)
-    return result
+        for layer, w, hessian, grid in requests:
+            keys[layer] = digest(w, hessian, repr(grid), config.weight_clip,
+                                 repr((target.pow2_scales, target.weight_per_channel)))  # fmt: skip
+            found = None if memo is None else memo.get(layer, keys[layer])
+            if found is not None:
+                out[layer] = found
+                continue
+            scale, zero = weight_qparams(w, grid, config, target, hessian, device)
+            batches[repr((w.shape, grid))].append((layer, (w, hessian, scale, zero)))
+        for batch in batches.values():
+            grid = next(g for layer, _, _, g in requests if layer == batch[0][0])
+            ints = gptq_quantize_many([problem for _, problem in batch], grid, device=device)
+            for (layer, (_, _, scale, zero)), q in zip(batch, ints, strict=True):
+                out[layer] = (scale, zero, q)
+                if memo is not None:
+                    memo.put(layer, keys[layer], out[layer])
+    return out

@@ -12,7 +12,14 @@ from qexport.exporter.fp_export import stamp
 from qexport.exporter.simulate import simulated
 from qexport.passes.analyze import find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
-from qexport.passes.gptq import Memo, Rounding, gptq_quantize, input_hessian, output_clipped_qparams
+from qexport.passes.gptq import (
+    Memo,
+    Rounding,
+    gptq_quantize,
+    gptq_quantize_many,
+    input_hessian,
+    output_clipped_qparams,
+)
 from qexport.passes.lowrank import lowrank_factors
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, quantize
@@ -80,6 +87,22 @@ def test_the_blocked_solve_rounds_as_the_textbook_loop(grid):
         rest[i + 1 :] -= np.outer(u[i, i + 1 :], err)
     got = gptq_quantize(w, h, scale, zero, grid, device="cpu")
     assert np.array_equal(got, want), int((got != want).sum())
+
+
+def test_layers_solved_together_round_as_each_alone():
+    """A batch of three layers of one shape (their own W, H and grid parameters, one with a zero H)
+    gives each the integers it gets solved alone."""
+    rng = np.random.default_rng(4)
+    grid = Grid(bits=8, storage="int8", symmetric=True)
+    problems = []
+    for k in range(3):
+        x = _inputs(rng, 400, np.eye(160) + 0.3 * rng.standard_normal((160, 160)), np.exp(rng.normal(0, 1, 160)))
+        w = rng.standard_normal((160, 12)) * 0.05
+        scale, zero = qparams(w.min(0), w.max(0), grid)
+        problems.append((w, x.T @ x if k != 1 else np.zeros((160, 160)), scale, zero))
+    together = gptq_quantize_many(problems, grid)
+    for problem, got in zip(problems, together, strict=True):
+        assert np.array_equal(got, gptq_quantize(*problem, grid))
 
 
 def test_gptq_on_silent_channels_and_a_zero_hessian_is_finite():
