@@ -18,6 +18,7 @@ import torch
 from qexport.passes.quant import STORAGE, Grid, dequantize, qparams
 
 DAMP = 0.01  # λ = DAMP · mean diagonal of H
+HOLD_BYTES = 1 << 30  # see Memo.hold
 BLOCK = 128  # rows rounded between two lazy updates of the rest (same result, fewer passes over W)
 ACT_ORDER = True  # round the rows in order of decreasing H diagonal (measured: docs/lab/w8a8-study.md)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # of the min-max range, tried by --weight-clip mse
@@ -38,10 +39,13 @@ class Memo:
     candidate: those plans get the integers back instead of repeating the rounding. One result per
     layer is kept (about one model's integers)."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", hold: int | None = None) -> None:
         self._last: dict[str, tuple[bytes, Rounded]] = {}
         self.hits = 0
         self.device = device  # where the solves of the plans that use this memo run
+        # float64 weights and Hessians a plan may hold back to solve more linears of one shape together:
+        # on a GPU, HOLD_BYTES; on the CPU none beyond a group's own (no faster there: docs/benchmarks.md)
+        self.hold = hold if hold is not None else (0 if torch.device(device).type == "cpu" else HOLD_BYTES)
 
     def get(self, layer: str, key: bytes) -> Rounded | None:
         last = self._last.get(layer)

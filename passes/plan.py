@@ -86,11 +86,6 @@ def _plan_layer(
     return lp
 
 
-GPTQ_BATCH_BYTES = 1 << 30
-"""Float64 weights and Hessians of the linears that wait to be solved by GPTQ together: the bound
-on what batching holds beyond one layer's."""
-
-
 def _bytes(rng: RangeStep, waiting: list[tuple[str, GroupStep, int]]) -> int:
     hessians = {id(owner.hessian): owner.hessian.nbytes for _, owner, _ in waiting if owner.hessian is not None}
     return sum(rng.final_w[layer].nbytes for layer, _, _ in waiting) + sum(hessians.values())
@@ -182,7 +177,7 @@ def plan_range(
                     planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float)
                     rng.final_w.release(layer)
         of_layer.update(dict.fromkeys(g.layers, step))
-        if _bytes(rng, waiting) > GPTQ_BATCH_BYTES:
+        if _bytes(rng, waiting) > (0 if gptq_memo is None else gptq_memo.hold):
             settle()
     settle()
     plan.layers.update((layer, planned[layer]) for layer in weights)  # in the weights' order, as before

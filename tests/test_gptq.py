@@ -246,6 +246,9 @@ def test_gptq_memo_gives_back_the_integers_of_the_same_weight_and_h_only():
     _, other, _, _ = _tiny_plan(Rounding.GPTQ, memo=memo, alpha=0.9)  # another s, so another weight and H
     assert memo.hits == 2
     assert any(not np.array_equal(other.layers[n].w_q, first.layers[n].w_q) for n in first.layers)
+    _, held, _, _ = _tiny_plan(Rounding.GPTQ, memo=Memo(hold=1 << 30))  # both linears solved at the end
+    for n, lp in first.layers.items():
+        assert np.array_equal(held.layers[n].w_q, lp.w_q) and float(held.layers[n].a_scale) == float(lp.a_scale)
 
 
 def test_gptq_build_needs_recorded_prompts(bare_stats, tmp_path):
