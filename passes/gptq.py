@@ -35,9 +35,10 @@ Rounded = tuple[np.ndarray, np.ndarray, np.ndarray]  # per-channel scale, zero p
 class Memo:
     """The last GPTQ result of each layer with a digest of everything it depends on (the planned
     weight, H, the grid, the clip rule). A build with weights shared between ranges (ASQ, no
-    smoothing) plans the same weight and H for every step, and a search plans them for every
-    candidate: those plans get the integers back instead of repeating the rounding. One result per
-    layer is kept (about one model's integers)."""
+    smoothing) plans the same weight and H for every step, and a plan made again (the chosen one,
+    or a mixed-precision allocation's unchanged layers) repeats them: those plans get the integers
+    back instead of repeating the rounding. One result per layer is kept (about one model's
+    integers). It also says where the solves run and how much a plan holds back to batch them."""
 
     def __init__(self, device: str = "cpu", hold: int | None = None) -> None:
         self._last: dict[str, tuple[bytes, Rounded]] = {}
@@ -90,11 +91,8 @@ def damped(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     return np.asarray(h, dtype=np.float64) + np.eye(len(h)) * (damp * mean if mean > 0 else 1.0)
 
 
-def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper-triangular U with (H + λI)⁻¹ = UᵀU, for each H of a batch [B, n, n]."""
-    mean = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)
-    lam = torch.where(mean > 0, damp * mean, torch.ones_like(mean))
-    h = h + torch.eye(h.shape[-1], dtype=h.dtype, device=h.device) * lam[:, None, None]
+def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """Upper-triangular U with H⁻¹ = UᵀU, for each (damped) H of a batch [B, n, n]."""
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
@@ -145,7 +143,7 @@ def gptq_quantize_many(
         return torch.from_numpy(np.stack([np.asarray(a, dtype=dtype) for a in arrays])).to(dev)
 
     pairs = list(zip(problems, orders, strict=True))
-    u = _inverse_factor(stacked([h[np.ix_(o, o)] for (_, h, _, _), o in pairs], np.float64), damp)
+    u = _inverse_factor(stacked([damped(h[np.ix_(o, o)], damp) for (_, h, _, _), o in pairs], np.float64))
     rest = stacked([np.asarray(w)[o] for (w, _, _, _), o in pairs], np.float64)
     s32 = stacked([p[2] for p in problems], np.float32)
     z32 = stacked([p[3] for p in problems], np.float32)

@@ -86,9 +86,12 @@ def _plan_layer(
     return lp
 
 
-def _bytes(rng: RangeStep, waiting: list[tuple[str, GroupStep, int]]) -> int:
-    hessians = {id(owner.hessian): owner.hessian.nbytes for _, owner, _ in waiting if owner.hessian is not None}
-    return sum(rng.final_w[layer].nbytes for layer, _, _ in waiting) + sum(hessians.values())
+Waiting = list[tuple[str, GroupStep, int, np.ndarray]]  # linear, its group's step, its bits, the H it rounds with
+
+
+def _bytes(rng: RangeStep, waiting: Waiting) -> int:
+    hessians = {id(h): h.nbytes for _, _, _, h in waiting}  # one H per group
+    return sum(rng.final_w[layer].nbytes for layer, _, _, _ in waiting) + sum(hessians.values())
 
 
 def plan_range(
@@ -150,14 +153,13 @@ def plan_range(
     if missing:
         raise ValueError(f"layers in no group: {sorted(missing)}")
     planned: dict[str, LayerPlan] = {}
-    waiting: list[tuple[str, GroupStep, int]] = []  # linears whose GPTQ is solved with others
+    waiting: Waiting = []  # linears whose GPTQ is solved with others
 
     def settle() -> None:
         """GPTQ for the waiting linears (those of one shape together), then their plans."""
-        rounded = gptq_weights([(layer, rng.final_w[layer], owner.hessian, _grid(rng, bits))
-                                for layer, owner, bits in waiting if owner.hessian is not None],
-                               config, target, gptq_memo)  # fmt: skip
-        for layer, owner, bits in waiting:
+        requests = [(layer, rng.final_w[layer], hessian, _grid(rng, bits)) for layer, _, bits, hessian in waiting]
+        rounded = gptq_weights(requests, config, target, gptq_memo)
+        for layer, owner, bits, _ in waiting:
             planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float, rounded[layer])
             rng.final_w.release(layer)
         waiting.clear()
@@ -172,7 +174,7 @@ def plan_range(
                 owner = step if layer in g.layers else of_layer[layer]
                 bits = (layer_bits or {}).get(layer, config.w_bits)
                 if owner.hessian is not None:
-                    waiting.append((layer, owner, bits))
+                    waiting.append((layer, owner, bits, owner.hessian))
                 else:
                     planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float)
                     rng.final_w.release(layer)

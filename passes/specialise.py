@@ -47,13 +47,13 @@ def fold_constants(graph: gs.Graph, limit: int = FOLD_BYTES) -> gs.Graph:
 
 def foldable_bytes(graph: gs.Graph) -> int:
     """Bytes of the constants that feed constant-only nodes: what one folding evaluation serializes."""
-    known: set[str] = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    tensors = graph.tensors()
+    known: set[str] = {name for name, t in tensors.items() if isinstance(t, gs.Constant)}
     taken: set[str] = set()
     for node in graph.nodes:  # topological: a node's constant inputs are known before it
         if node.inputs and all(t.name in known or not t.name for t in node.inputs):
             known.update(t.name for t in node.outputs)
             taken.update(t.name for t in node.inputs if isinstance(t, gs.Constant))
-    tensors = graph.tensors()
     return sum(_nbytes(tensors[name]) for name in taken)
 
 

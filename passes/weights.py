@@ -4,8 +4,6 @@ solved for several layers at once."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 from qexport.passes.gptq import Memo, Problem, Rounded, digest, gptq_quantize_many, output_clipped_qparams
 from qexport.passes.quant import Grid, mse_clipped_qparams, qparams
@@ -48,7 +46,7 @@ def gptq_weights(
     device = "cpu" if memo is None else memo.device
     out: dict[str, Rounded] = {}
     keys: dict[str, bytes] = {}
-    batches: dict[str, list[tuple[str, Problem]]] = defaultdict(list)
+    batches: dict[str, tuple[Grid, list[tuple[str, Problem]]]] = {}
     with stage("GPTQ"):
         for layer, w, hessian, grid in requests:
             keys[layer] = digest(w, hessian, repr(grid), config.weight_clip,
@@ -58,9 +56,8 @@ def gptq_weights(
                 out[layer] = found
                 continue
             scale, zero = weight_qparams(w, grid, config, target, hessian, device)
-            batches[repr((w.shape, grid))].append((layer, (w, hessian, scale, zero)))
-        for batch in batches.values():
-            grid = next(g for layer, _, _, g in requests if layer == batch[0][0])
+            batches.setdefault(repr((w.shape, grid)), (grid, []))[1].append((layer, (w, hessian, scale, zero)))
+        for grid, batch in batches.values():
             ints = gptq_quantize_many([problem for _, problem in batch], grid, device=device)
             for (layer, (_, _, scale, zero)), q in zip(batch, ints, strict=True):
                 out[layer] = (scale, zero, q)
