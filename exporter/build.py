@@ -52,8 +52,9 @@ from qexport.passes.rewrite import KeptBinding, PassConfig
 from qexport.passes.smoothing import smoothing_steps
 from qexport.passes.specialise import copy_graph
 from qexport.passes.techniques import ORDER
+from qexport.passes.techniques.dynamic import DynamicActivations
 from qexport.passes.weight_only import surviving
-from qexport.targets.catalog import get_profile
+from qexport.targets.catalog import PROFILES, get_profile
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile
 
@@ -118,6 +119,12 @@ def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     target.activation_type(config.recipe.bits.activations)
     if config.recipe.technique("mixed_precision") is not None:
         target.weight_type(MIXED_HIGH_BITS)
+    dynamic = config.recipe.technique(DynamicActivations.kind)
+    if isinstance(dynamic, DynamicActivations) and dynamic.granularity not in target.dynamic_activations:
+        takes = [p.name for p in PROFILES.values() if dynamic.granularity in p.dynamic_activations]
+        raise QexportError(f"target {target.name} fixes every activation scale at build time; dynamic_activations "
+                           f"(a reference, not NPU-static) needs a runtime that computes them: target "
+                           f"{' or '.join(takes)}")  # fmt: skip
     if target.integer_activations and config.precompute_kv:
         raise QexportError(f"target {target.name} (integer-only) cannot be built with precompute_kv: its kv.onnx "
                            "is not quantized end to end; drop precompute_kv or pick target qnn-htp")  # fmt: skip

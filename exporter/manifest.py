@@ -117,6 +117,16 @@ def ranges_record(ranges: list[BuiltRange], q: QuantConfig) -> list[dict[str, An
     ]
 
 
+def _activations(q: QuantConfig, target: TargetProfile) -> str:
+    """How the quantized linears' inputs are stored and where their scales come from."""
+    dynamic = q.techniques.get("dynamic_activations")
+    if dynamic is not None:  # passes.techniques.dynamic: DynamicQuantizeLinear's rule, uint8 codes
+        return f"uint8 per {dynamic.granularity}, asymmetric, dynamic (computed at run time)"
+    pow2 = ", power-of-two scales" if target.pow2_scales else ""
+    return (f"{target.activation_type(q.a_bits)} per tensor, "
+            f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static{pow2}")  # fmt: skip
+
+
 def quantization_record(
     config: BuildConfig, target: TargetProfile, stats: QStats, ranges: list[BuiltRange]
 ) -> dict[str, Any]:
@@ -130,8 +140,7 @@ def quantization_record(
         "a_bits": q.a_bits,
         "weights": f"{target.weight_type(q.w_bits)} {w_axis}, "
         f"{'symmetric' if target.weight_symmetric else 'asymmetric'}{pow2}",
-        "activations": f"{target.activation_type(q.a_bits)} per tensor, "
-        f"{'symmetric' if target.activation_symmetric else 'asymmetric'}, static{pow2}",
+        "activations": _activations(q, target),
         "smooth": q.smooth.value,
         **({"asq_stat": q.asq_stat} if q.smooth == Smooth.ASQ else {}),
         "weight_clip": q.weight_clip,

@@ -21,8 +21,23 @@ from qexport.passes.weight_only import rounded
 from torch import nn
 
 
+def dynamic_quant(x: torch.Tensor, lp: LayerPlan) -> torch.Tensor:
+    """x through a run-time quantizer (passes.techniques.dynamic): DynamicQuantizeLinear's rule over
+    each token's channels ("token") or the whole tensor ("tensor"), in the graph's float32 op order."""
+    qmax = float(lp.a_grid.qmax)
+    if lp.dynamic == "token":
+        lo, hi = x.amin(dim=-1, keepdim=True).clamp(max=0.0), x.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    else:
+        lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+    scale = ((hi - lo) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    zero = (-lo / scale).round().clamp(0.0, qmax)
+    return (x / scale).round_().add_(zero).clamp_(0.0, qmax).sub_(zero).mul_(scale)
+
+
 def fake_quant(x: torch.Tensor, lp: LayerPlan, output: bool = False) -> torch.Tensor:
     """x through the layer's input quantizer (output: its output quantizer, same grid)."""
+    if lp.dynamic is not None and not output:
+        return dynamic_quant(x, lp)
     scale_of, zero_of = (lp.o_scale, lp.o_zero) if output else (lp.a_scale, lp.a_zero)
     assert scale_of is not None and zero_of is not None
     scale, zero = float(scale_of), float(zero_of)

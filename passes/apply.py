@@ -108,6 +108,7 @@ STAGES: tuple[str | GraphPass, ...] = (
     "operands",  # quantizers on other operands (attention)
     legalize_bias,
     "branch",  # FP branches added to the outputs
+    "dynamic",  # static activation quantizers replaced by run-time ones (a reference, not NPU-static)
     close_linears,  # output Q -> DQ on each quantized linear, where the target runs only closed units
     legalize_layout,  # rank-limited / one-input-Einsum-free layout ops, where the target asks
 )

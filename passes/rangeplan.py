@@ -104,6 +104,7 @@ class LayerPlan:
     o_scale: np.ndarray | None = None  # output quantizer (closed linears): scalar, on the grid a_grid
     o_zero: np.ndarray | None = None
     a_range: tuple[Any, Any] | None = None  # the input range before the shrink (passes.plan.with_shrink)
+    dynamic: str | None = None  # "token" / "tensor": the input is quantized at run time (a_scale unused)
 
     def weight(self) -> np.ndarray:
         return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])

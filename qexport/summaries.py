@@ -215,8 +215,8 @@ def build_lines(manifest: dict[str, Any], seconds: float, folder: str) -> list[s
         f"built {len(manifest['ranges'])} model(s) in {folder} ({seconds:.1f}s): W{q['w_bits']}A{q['a_bits']}, "
         f"smooth {q['smooth']} (alpha {_alphas(manifest)}), {q['granularity']}, target {manifest['target']}",
         f"  weights    {q['weights']} (clip {q.get('weight_clip', 'minmax')}, rounding "
-        f"{q.get('weight_rounding', 'nearest')}); activations {q['activations']} "
-        f"(range {q.get('act_observer', 'minmax')})",
+        f"{q.get('weight_rounding', 'nearest')}); activations {q['activations']}"
+        + ("" if q.get("dynamic_activations") else f" (range {q.get('act_observer', 'minmax')})"),
         f"  layers     {q['layers']} quantized, {len(q['kept_fp'])} kept in FP",
         f"  smoothing  groups folded/explicit: {folds}",
         f"  disk       shared weights {shared:.2f} MiB (without sharing {unshared:.2f} MiB)",

@@ -16,12 +16,15 @@ from qexport.progress import Progress, report
 from qexport.recipe import Recipe, with_settings
 from qexport.verification.evaluate import EvalResult, evaluate
 
-# method -> (smoothing, timestep-wise); "ranges" replaces timestep-wise when given
-METHODS: dict[str, tuple[Smooth, bool]] = {
-    "CW+TW": (Smooth.NONE, False),
-    "+TSW": (Smooth.NONE, True),
-    "+ASQ": (Smooth.ASQ, True),
-    "+TSQ+TSW": (Smooth.TSQ, True),
+# method -> (smoothing, timestep-wise, other recipe settings); "ranges" replaces timestep-wise when given.
+# "Dynamic" is the seed paper's baseline row (ViDiT-Q): per-channel weights, activations quantized per
+# token at run time, one model for every step; not NPU-static
+METHODS: dict[str, tuple[Smooth, bool, tuple[str, ...]]] = {
+    "Dynamic": (Smooth.NONE, False, ("dynamic_activations=on",)),
+    "CW+TW": (Smooth.NONE, False, ()),
+    "+TSW": (Smooth.NONE, True, ()),
+    "+ASQ": (Smooth.ASQ, True, ()),
+    "+TSQ+TSW": (Smooth.TSQ, True, ()),
 }
 BITS = ("W8A8", "W6A8", "W4A8", "W8A16", "W6A6", "W4A6", "W4A4")
 
@@ -46,15 +49,34 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 
 def grid(methods: list[str], bits: list[str], ranges: list[int] | None) -> list[Cell]:
-    """Every requested cell; unknown methods / bits are refused before any work."""
+    """Every requested cell; unknown methods / bits and cells no recipe can express are refused
+    before any work."""
     for m in methods:
         if m not in METHODS:
             raise QexportError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     for b in bits:
         parse_bits(b)
     if not ranges:
-        return [Cell(method=m, bits=b, ranges=None) for m in methods for b in bits]
-    return [Cell(method=m, bits=b, ranges=r) for m in methods for b in bits for r in ranges]
+        cells = [Cell(method=m, bits=b, ranges=None) for m in methods for b in bits]
+    else:
+        cells = [Cell(method=m, bits=b, ranges=r) for m in methods for b in bits for r in ranges]
+    for cell in cells:
+        try:
+            cell_recipe(cell, 0.5)
+        except QexportError as exc:
+            raise QexportError(f"sweep cell {cell.name}: {exc}") from None
+    return cells
+
+
+def cell_recipe(cell: Cell, alpha: float) -> Recipe:
+    """The recipe one cell builds."""
+    w, a = parse_bits(cell.bits)
+    smooth, tsw, extra = METHODS[cell.method]
+    ranges = cell.ranges if cell.ranges is not None else (None if tsw else 1)
+    smoothing = [] if smooth == Smooth.NONE else [f"smoothquant.mode={smooth.value}", f"smoothquant.alpha={alpha}"]
+    return with_settings(Recipe(), [f"bits.weights={w}", f"bits.activations={a}",
+                                    f"granularity.time_ranges={'null' if ranges is None else ranges}",
+                                    *smoothing, *extra])  # fmt: skip
 
 
 def sweep(
@@ -75,15 +97,8 @@ def sweep(
     folders: dict[str, Cell] = {}
     for n, cell in enumerate(cells):
         report(progress, "sweep builds", n, len(cells), f"building {cell.name}")
-        w, a = parse_bits(cell.bits)
-        smooth, tsw = METHODS[cell.method]
-        ranges = cell.ranges if cell.ranges is not None else (None if tsw else 1)
         out = work / re.sub(r"[^A-Za-z0-9]+", "_", cell.name).strip("_")
-        smoothing = [] if smooth == Smooth.NONE else [f"smoothquant.mode={smooth.value}", f"smoothquant.alpha={alpha}"]
-        recipe = with_settings(Recipe(), [f"bits.weights={w}", f"bits.activations={a}",
-                                          f"granularity.time_ranges={'null' if ranges is None else ranges}",
-                                          *smoothing])  # fmt: skip
-        build(stats_path, out, BuildConfig(recipe=recipe, force=True), model=model)
+        build(stats_path, out, BuildConfig(recipe=cell_recipe(cell, alpha), force=True), model=model)
         folders[str(out)] = cell
         report(progress, "sweep builds", n + 1, len(cells), f"built {cell.name}")
     return evaluate([Path(f) for f in folders], prompts, seeds, progress=progress, model=model), folders

@@ -39,6 +39,12 @@ ORT_CPU = TargetProfile(
     # to MatMulIntegerToFloat, or to QLinearMatMul where a QuantizeLinear follows it (PV: QDQ propagation
     # moves the output linear's QuantizeLinear up through Transpose/Reshape); 16-bit ones stay float
     native_attention=("uint8", "int8"),
+    # measured with onnxruntime 1.31.1: DynamicQuantizeLinear -> DequantizeLinear -> MatMul with an int8
+    # per-channel weight fuses to DynamicQuantizeMatMul (one reader) or MatMulIntegerToFloat (q/k/v sharing
+    # it); per token qexport emits MatMulInteger itself (a blocked per-token Q/DQ pair before a MatMul with a
+    # bias is fused into MatMulIntegerToFloat, which then fails at run time: "a zero point must be a scalar")
+    dynamic_activations=("token", "tensor"),
+    native_dynamic=("token", "tensor"),
     # measured with onnxruntime 1.31.1 (x86, 2 threads): a float-kept weight stored int8 and widened by
     # Cast + Mul(scale) is folded at load into a float32 Gemm / MatMul (768 x 4608 at 2 rows: 0.17 ms, the
     # float model's 0.22; equal to numpy's q * s product within float summation order)

@@ -123,7 +123,9 @@ def check_model(model: onnx.ModelProto, target: TargetProfile, name: str = "") -
             continue
         dq = [t for t in node.input if t in producer and producer[t].op_type == "DequantizeLinear"]
         status, reason = "float", ""
-        if dq and target.integer_activations:
+        if node.op_type == "MatMulInteger":
+            status = "quantized"  # an explicit integer product (run-time quantized input, passes.techniques.dynamic)
+        elif dq and target.integer_activations:
             status = "quantized"  # an integer-only unit (integer_only_rules name any float tensor it touches)
         elif dq and target.closed_linears and not any(producer[t].input[0] in inits for t in dq):
             reason = "reads dequantized activations and runs as float"  # a float island after a closed unit
@@ -308,6 +310,8 @@ def _qdq_rules(
     zero_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
     tensor = node.input[0]
     if scale_name not in inits or (zero_name and zero_name not in inits):
+        if not weight and _dynamic(node, producer, target):
+            return []  # a run-time quantizer the target computes (passes.techniques.dynamic)
         return [Violation(node=label, tensor=tensor, rule="static qparams",
                           detail="scale and zero point must be initializers (static quantization)")]  # fmt: skip
     scale = numpy_helper.to_array(inits[scale_name]).astype(np.float64)
@@ -338,6 +342,17 @@ def _qdq_rules(
             worst = float(np.ravel(scale)[np.argmax(np.ravel(mantissa) != 0.5)])
             bad("power-of-two scales", f"{kind} scale {worst!r} is not an exact power of two")
     return found
+
+
+def _dynamic(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto], target: TargetProfile) -> bool:
+    """Whether a Q / DQ node with computed parameters is a run-time activation quantizer the target runs:
+    DequantizeLinear of DynamicQuantizeLinear's outputs (per tensor), or a blocked pair (per token)."""
+    if node.op_type == "DequantizeLinear" and node.input[0] in producer:
+        source = producer[node.input[0]]
+        if source.op_type == "DynamicQuantizeLinear":
+            return "tensor" in target.dynamic_activations and list(source.output) == list(node.input)
+    blocked = any(a.name == "block_size" and a.i > 0 for a in node.attribute)
+    return blocked and "token" in target.dynamic_activations
 
 
 def _reads_as_weight(dq: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]], target: TargetProfile) -> bool:
@@ -434,7 +449,7 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     b = shapes.get(node.input[1]) if len(node.input) > 1 else None
     if out is None or a is None or b is None:
         return 0
-    if node.op_type == "MatMul":
+    if node.op_type in ("MatMul", "MatMulInteger"):
         return int(np.prod(out)) * a[-1]
     if node.op_type == "Gemm":
         trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)

@@ -48,6 +48,10 @@ class TargetProfile:
     native: tuple[tuple[str, str], ...] = ()
     native_shared: tuple[tuple[str, str], ...] = ()  # of those, pairs that fuse when several MatMuls share the input
     native_attention: tuple[str, ...] = ()  # activation storages whose activation x activation MatMul runs integer
+    # run-time activation quantizers (passes.techniques.dynamic) the runtime computes: "token", "tensor"; none
+    # on an NPU, which fixes every scale at build time. native_dynamic: those it runs on an integer kernel
+    dynamic_activations: tuple[str, ...] = ()
+    native_dynamic: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     source: str
 
@@ -91,6 +95,9 @@ class TargetProfile:
             out["norm_gamma"] = "a quantized LayerNormalization scale is stored unsigned (uint8)"
         if self.fp16_soc:
             out["fp16_soc"] = ", ".join(f"{k}={v}" for k, v in self.fp16_soc.items())
+        if self.dynamic_activations:
+            out["dynamic_activations"] = list(self.dynamic_activations)
+            out["integer_if_dynamic"] = list(self.native_dynamic)
         if self.integer_activations:
             out["integer_only"] = f"every float activation quantized ({self.integer_activations}, per tensor)"
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qexport.passes.techniques.attention import AttentionQuant
 from qexport.passes.techniques.base import Shape, Technique
+from qexport.passes.techniques.dynamic import DynamicActivations
 from qexport.passes.techniques.gptq import Gptq
 from qexport.passes.techniques.head_rotation import HeadRotation
 from qexport.passes.techniques.kv import PrecomputeKV
@@ -26,6 +27,7 @@ ORDER: tuple[type[Technique], ...] = (
     LowRank,
     MixedPrecision,
     ActivationObserver,
+    DynamicActivations,
     AttentionQuant,
     PrecomputeKV,
 )
