@@ -1,4 +1,5 @@
-"""Fidelity metrics on numpy arrays: SQNR, PSNR, SSIM, cosine similarity."""
+"""Fidelity metrics on numpy arrays: SQNR, PSNR, SSIM, cosine similarity, the temporal relation
+divergence of a video against FP's."""
 
 from __future__ import annotations
 
@@ -45,3 +46,23 @@ def ssim(reference: np.ndarray, test: np.ndarray, peak: float = 255.0, window: i
     cov = _box(a * b, window) - ma * mb
     s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
     return float(s.mean())
+
+
+def frame_relations(clip: np.ndarray) -> np.ndarray:
+    """D [F, F]: each frame's relation distribution over the video's frames (Q-VDiT, Eqs. 13-14):
+    T_ij = ρ(frame_i, frame_j), D_i = softmax_j(T_ij). The paper leaves ρ, "the similarity between two
+    sequences", unnamed; here it is the cosine of the two frames centred on the video's mean frame (so
+    the static background does not make every pair alike)."""
+    frames = np.asarray(clip, dtype=np.float64).reshape(len(clip), -1)
+    frames = frames - frames.mean(axis=0, keepdims=True)
+    unit = frames / np.maximum(np.linalg.norm(frames, axis=1, keepdims=True), 1e-12)
+    t = unit @ unit.T
+    e = np.exp(t - t.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def temporal_kl(reference: np.ndarray, test: np.ndarray) -> float:
+    """Q-VDiT's temporal maintenance objective as a metric (Eq. 15): Σ_i KL(D_i^FP ‖ D_i^Q) over the
+    frames of a clip [F, ...] (0 when the quantized video keeps FP's frame-to-frame relations)."""
+    p, q = frame_relations(reference), frame_relations(test)
+    return float((p * (np.log(p) - np.log(q))).sum())

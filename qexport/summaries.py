@@ -90,7 +90,7 @@ def eval_table(result: dict[str, Any]) -> list[str]:
         return "-" if v is None else format(v, fmt)
 
     lines = [f"{'build':<28}{'PSNR':>7}{'±s.e.':>6}{'SSIM':>7}{'adher.':>8}{'colour':>8}{'shape':>7}{'dir':>6}"
-             f"{'temp':>6}{'SQNR/step':>10}{'MiB':>7}{'ms/step':>8}"]  # fmt: skip
+             f"{'temp':>6}{'tKL e-3':>8}{'SQNR/step':>10}{'MiB':>7}{'ms/step':>8}"]  # fmt: skip
     rows = [("FP (torch)", result["fp"]), *result["builds"].items()]
     for name, s in rows:
         acc = s["accuracy"]
@@ -99,10 +99,15 @@ def eval_table(result: dict[str, Any]) -> list[str]:
             f"{name[-28:]:<28}{f(s['psnr_db'], '.2f'):>7}{f(s.get('psnr_se_db'), '.2f'):>6}{f(s['ssim'], '.3f'):>7}"
             f"{f(s['adherence'], '.3f'):>8}"
             f"{f(acc.get('colour'), '.3f'):>8}{f(acc.get('shape'), '.3f'):>7}{f(acc.get('direction'), '.3f'):>6}"
-            f"{f(s['temporal_consistency'], '.3f'):>6}{f(float(sum(sq) / len(sq)) if sq else None, '.1f'):>10}"
+            f"{f(s['temporal_consistency'], '.3f'):>6}{f(_milli(s.get('temporal_kl')), '.3f'):>8}"
+            f"{f(float(sum(sq) / len(sq)) if sq else None, '.1f'):>10}"
             f"{f(s['model_mib'], '.2f'):>7}{f(s['step_ms'], '.0f'):>8}"
         )
     return lines + _paired(result["builds"])
+
+
+def _milli(value: float | None) -> float | None:
+    return None if value is None else 1e3 * value
 
 
 def _paired(builds: dict[str, Any]) -> list[str]:

@@ -1,6 +1,6 @@
 """``eval``: run FP (torch) and each build's emitted models (the numpy + onnxruntime loop) from the
 same noise over prompts x seeds, and measure the difference: final PSNR / SSIM vs FP, judge
-adherence and temporal consistency, per-step SQNR of the denoiser output on the FP trajectory,
+adherence and temporal consistency, the frame relations' divergence from FP's (Q-VDiT), per-step SQNR of the denoiser output on the FP trajectory,
 model size and per-step latency."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from qexport.errors import QexportError
-from qexport.metrics import psnr_db, sqnr_db, ssim, standard_error
+from qexport.metrics import psnr_db, sqnr_db, ssim, standard_error, temporal_kl
 from qexport.models.adapter import ModelAdapter
 from qexport.models.judge import score
 from qexport.models.registry import ModelRequest, check_conditions, load_model
@@ -37,6 +37,8 @@ class Scores:
     adherence: float | None = None
     accuracy: dict[str, float] = field(default_factory=dict)
     temporal_consistency: float | None = None
+    temporal_kl: float | None = None  # vs FP, mean over samples (videos only; metrics.temporal_kl)
+    temporal_kl_se: float | None = None
     step_sqnr_db: list[float] = field(default_factory=list)  # per step, mean over samples
     model_mib: float | None = None
     step_ms: float | None = None
@@ -208,6 +210,9 @@ def _eval_build(
     scores.psnr_db = float(np.mean(scores.psnr_samples))
     scores.psnr_se_db = standard_error(scores.psnr_samples)
     scores.ssim = float(np.mean([ssim(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]))
+    if np.asarray(fp_pixels[0]).ndim == 4 and len(fp_pixels[0]) > 1:  # clips [F, H, W, C]
+        kls = [temporal_kl(a, b) for a, b in zip(fp_pixels, pixels, strict=True)]
+        scores.temporal_kl, scores.temporal_kl_se = float(np.mean(kls)), standard_error(kls)
     scores.step_sqnr_db = _step_sqnr(folder, manifest, adapter, pairs, trajectories, units, threads)
     scores.model_mib = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".bin")) / 2**20
     scores.step_ms = 1e3 * float(np.median(step_times))
