@@ -14,7 +14,6 @@ from qexport.exporter.simulate import dynamic_quant
 from qexport.passes.quant import Grid
 from qexport.passes.rangeplan import LayerPlan
 from qexport.passes.techniques.dynamic import _per_token
-from qexport.sweep import grid
 from qexport.targets.catalog import ORT_CPU
 from qexport.targets.legality import check_model
 from qexport.verification.verify import verify
@@ -22,6 +21,7 @@ from sessions import cpu_session
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
+from qexport.sweep import grid
 
 RNG = np.random.default_rng(0)
 
@@ -127,7 +127,7 @@ def test_what_a_dynamic_recipe_cannot_express_is_refused(settings, message):
 
 def test_an_npu_target_refuses_dynamic_activations_before_any_work(latte_stats, tmp_path):
     recipe = recipe_of("dynamic_activations=on", "target=qnn-htp")
-    with pytest.raises(QexportError, match="fixes every activation scale at build time.*target ort-cpu"):
+    with pytest.raises(QexportError, match=r"fixes every activation scale at build time.*target ort-cpu"):
         build(latte_stats, tmp_path / "out", BuildConfig(recipe=recipe))
     assert not (tmp_path / "out").exists()
 

@@ -35,6 +35,8 @@ def test_eval_measures_every_build_against_fp_and_reports(two_builds, latte_stat
         assert s.psnr_se_db == pytest.approx(abs(s.psnr_samples[0] - s.psnr_samples[1]) / 2)  # sd/sqrt(2), n = 2
         assert len(s.step_sqnr_db) == 4 and all(v > 10 for v in s.step_sqnr_db)
         assert s.model_mib > 1 and s.step_ms > 0
+        assert s.temporal_kl is not None and 0 < s.temporal_kl < 0.1 and s.temporal_kl_se is not None
+    assert fp.temporal_kl is None  # FP against itself is not measured
     write_json(result, tmp_path / "eval.json")
     data = json.loads((tmp_path / "eval.json").read_text())
     assert set(data["builds"]) == {str(tsq.folder), str(plain.folder)}
@@ -99,3 +101,19 @@ def test_sweep_builds_the_grid_and_writes_paper_tables(latte_stats, tmp_path):
         grid(["+XYZ"], ["W8A8"], None)
     with pytest.raises(QexportError, match="bit widths look like"):
         grid(["CW+TW"], ["8bit"], None)
+
+
+def test_temporal_kl_is_zero_for_fp_and_grows_with_the_frames_relations_disturbed():
+    from qexport.metrics import frame_relations, temporal_kl
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1, 16, 16, 3))
+    drift = np.linspace(0, 1, 16)[:, None, None, None] * rng.standard_normal((1, 16, 16, 3))
+    clip = np.clip(128 + 40 * (base + drift), 0, 255)  # 16 frames that change smoothly
+    d = frame_relations(clip)
+    assert d.shape == (16, 16) and np.allclose(d.sum(axis=1), 1.0)
+    assert np.argmax(d[0]) == 0 and d[0, 1] > d[0, 15]  # each frame is most like itself and its neighbours
+    noisy = clip + rng.normal(0, 2, clip.shape)
+    shuffled = clip[rng.permutation(16)]
+    assert temporal_kl(clip, clip) == 0.0
+    assert 0 < temporal_kl(clip, noisy) < temporal_kl(clip, shuffled)

@@ -1,7 +1,7 @@
 """``eval``: run FP (torch) and each build's emitted models (the numpy + onnxruntime loop) from the
 same noise over prompts x seeds, and measure the difference: final PSNR / SSIM vs FP, judge
-adherence and temporal consistency, the frame relations' divergence from FP's (Q-VDiT), per-step SQNR of the denoiser output on the FP trajectory,
-model size and per-step latency."""
+adherence and temporal consistency, the divergence of the frame relations from FP's (Q-VDiT),
+per-step SQNR of the denoiser output on the FP trajectory, model size and per-step latency."""
 
 from __future__ import annotations
 
