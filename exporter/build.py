@@ -110,6 +110,29 @@ def gptq(quant: QuantConfig) -> bool:
     return quant.weight_rounding == Rounding.GPTQ
 
 
+def check_widths(quant: QuantConfig, stats: QStats) -> None:
+    """The techniques' checks of the quantized linears' input widths, before the weights load."""
+    widths = {layer: s.channels for layer, s in stats.layers.items()}
+    for technique in ORDER:
+        technique.check_widths(quant, widths)
+
+
+def _check_runtime_techniques(config: BuildConfig, target: TargetProfile) -> None:
+    """Refuse techniques whose emitted form the target does not run: run-time activation quantizers,
+    group-wise (blocked) weights."""
+    dynamic = config.recipe.technique(DynamicActivations.kind)
+    if isinstance(dynamic, DynamicActivations) and dynamic.granularity not in target.dynamic_activations:
+        names = [p.name for p in PROFILES.values() if dynamic.granularity in p.dynamic_activations]
+        raise QexportError(f"target {target.name} fixes every activation scale at build time; dynamic_activations "
+                           f"(a reference, not NPU-static) needs a runtime that computes them: target "
+                           f"{' or '.join(names)}")  # fmt: skip
+    storage = target.weight_type(config.recipe.bits.weights)
+    if config.quant.w_group and storage not in target.blocked_weights:
+        runs = ", ".join(target.blocked_weights) or "none"
+        raise QexportError(f"target {target.name} does not run group-wise (blocked) {storage} weights (it runs: "
+                           f"{runs}); drop group_weights or change bits.weights")  # fmt: skip
+
+
 def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     """Everything that can be refused before loading weights (the recipe's own rules are checked
     when it is made)."""
@@ -119,12 +142,7 @@ def check_request(config: BuildConfig, out: Path) -> TargetProfile:
     target.activation_type(config.recipe.bits.activations)
     if config.recipe.technique("mixed_precision") is not None:
         target.weight_type(MIXED_HIGH_BITS)
-    dynamic = config.recipe.technique(DynamicActivations.kind)
-    if isinstance(dynamic, DynamicActivations) and dynamic.granularity not in target.dynamic_activations:
-        takes = [p.name for p in PROFILES.values() if dynamic.granularity in p.dynamic_activations]
-        raise QexportError(f"target {target.name} fixes every activation scale at build time; dynamic_activations "
-                           f"(a reference, not NPU-static) needs a runtime that computes them: target "
-                           f"{' or '.join(takes)}")  # fmt: skip
+    _check_runtime_techniques(config, target)
     if target.integer_activations and config.precompute_kv:
         raise QexportError(f"target {target.name} (integer-only) cannot be built with precompute_kv: its kv.onnx "
                            "is not quantized end to end; drop precompute_kv or pick target qnn-htp")  # fmt: skip
@@ -161,6 +179,7 @@ def build(
     start = time.perf_counter()
     target = check_request(config, out)
     stats = load(stats_path)
+    check_widths(config.quant, stats)
     split_ranges(stats.steps, config.ranges)  # refuse a bad time range count before loading weights
     if config.quant.smooth_ranges:
         smoothing_steps([0], stats.steps, config.quant.smooth_ranges)  # refuse K above the calibrated steps

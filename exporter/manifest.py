@@ -135,6 +135,8 @@ def quantization_record(
     q = config.quant
     pow2 = ", power-of-two scales" if target.pow2_scales else ""
     w_axis = "per output channel" if target.weight_per_channel else "per tensor"
+    if q.w_group:
+        w_axis = f"per output channel and group of {q.w_group} input channels"
     return {
         "w_bits": q.w_bits,
         "a_bits": q.a_bits,

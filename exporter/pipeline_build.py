@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from qexport.calib.store import QStats, check_matches, load
-from qexport.exporter.build import check_request, choices_of, emit_models, legality_record, replan
+from qexport.exporter.build import check_request, check_widths, choices_of, emit_models, legality_record, replan
 from qexport.exporter.built import BuildConfig, BuiltRange
 from qexport.exporter.denoiser_export import BoundTransformer
 from qexport.exporter.emit import layer_ids
@@ -193,6 +193,7 @@ def build_pipeline(
         )
     stats = load(stats_path)
     check_pipeline_stats(stats, str(stats_path))
+    check_widths(config.quant, stats)
     model_id = request.model_id(stats.model_id, str(stats_path), "calibrated there")
     report(progress, "tracing the pipeline", 0, 1, model_id)
     with stage("load"):

@@ -40,19 +40,22 @@ def pack_low_bit(model: onnx.ModelProto, plan: RangePlan) -> onnx.ModelProto:
 
 def quantize_weights(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
     """Replace each linear's weight by integer W^T + DequantizeLinear(axis=1), per output channel
-    (a scalar scale and zero point where the target quantizes weights per tensor)."""
+    (a scalar scale and zero point where the target quantizes weights per tensor; blocked along the
+    input axis where the plan has groups of input channels)."""
     for layer, node_name in config.nodes.items():
         lp = config.plan.layers[layer]
         node = node_named(graph, node_name)
         out = gs.Variable(f"{layer}::w_dq", dtype=np.float32)
-        per_channel = target.weight_per_channel
-        scale, zero = (lp.w_scale, lp.w_zero) if per_channel else (lp.w_scale[0], lp.w_zero[0])
+        per_channel, grouped = target.weight_per_channel, lp.w_scale.ndim == 2
+        scale, zero = (lp.w_scale, lp.w_zero) if per_channel or grouped else (lp.w_scale[0], lp.w_zero[0])
         inputs = [
             const(f"{layer}::w_q", lp.w_q),
             const(f"{layer}::w_scale", np.asarray(scale)),
             const(f"{layer}::w_zero", np.asarray(zero)),
         ]
-        attrs = {"axis": 1} if per_channel else {}
+        # a group of g input channels per scale: opset 21's blocked DequantizeLinear along the input axis
+        block = {"axis": 0, "block_size": lp.w_q.shape[0] // lp.w_scale.shape[0]} if grouped else None
+        attrs = block or ({"axis": 1} if per_channel else {})
         graph.nodes.append(
             gs.Node("DequantizeLinear", f"{layer}::w_dequant", attrs=attrs, inputs=inputs, outputs=[out])
         )

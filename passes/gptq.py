@@ -15,7 +15,7 @@ from enum import StrEnum
 
 import numpy as np
 import torch
-from qexport.passes.quant import STORAGE, Grid, dequantize, qparams
+from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, rows
 
 DAMP = 0.01  # λ = DAMP · mean diagonal of H
 HOLD_BYTES = 1 << 30  # see Memo.hold
@@ -111,7 +111,8 @@ def gptq_quantize(
     Args:
         w: the FP weight W^T [in, out] as planned (smoothing folded in).
         h: [in, in] Gram matrix of the input the layer quantizes (``input_hessian``).
-        scale, zero: [out] per-output-channel quantization parameters (kept as they are).
+        scale, zero: [out] per-output-channel quantization parameters, or [in / g, out] per group of g
+            input channels (group_weights; fixed before rounding, "static groups"), kept as they are.
         grid: the weight grid (bits, storage, symmetry).
         act_order: round rows in order of decreasing H diagonal.
         damp: λ as a fraction of H's mean diagonal.
@@ -145,8 +146,10 @@ def gptq_quantize_many(
     pairs = list(zip(problems, orders, strict=True))
     u = _inverse_factor(stacked([damped(h[np.ix_(o, o)], damp) for (_, h, _, _), o in pairs], np.float64))
     rest = stacked([np.asarray(w)[o] for (w, _, _, _), o in pairs], np.float64)
-    s32 = stacked([p[2] for p in problems], np.float32)
-    z32 = stacked([p[3] for p in problems], np.float32)
+    # per output channel [batch, m]; per group of input channels each row's own [batch, n, m], in row order
+    grouped = np.ndim(problems[0][2]) == 2
+    s32 = stacked([rows(p[2], n)[o] if grouped else p[2] for p, o in pairs], np.float32)
+    z32 = stacked([rows(p[3], n)[o] if grouped else p[3] for p, o in pairs], np.float32)
     q = torch.empty(rest.shape, dtype=torch.float32, device=dev)
     diag = torch.diagonal(u, dim1=-2, dim2=-1)
     for b0 in range(0, n, BLOCK):
@@ -155,9 +158,10 @@ def gptq_quantize_many(
         errs = torch.empty(block.shape, dtype=torch.float64, device=dev)
         for i in range(b1 - b0):
             r = b0 + i
-            qi = torch.round(block[:, i].float() / s32).add_(z32).clamp_(grid.qmin, grid.qmax)  # quant.quantize
+            s, z = (s32[:, r], z32[:, r]) if grouped else (s32, z32)
+            qi = torch.round(block[:, i].float() / s).add_(z).clamp_(grid.qmin, grid.qmax)  # quant.quantize
             q[:, r] = qi
-            err = (block[:, i] - ((qi - z32) * s32).double()) / diag[:, r, None]  # minus quant.dequantize
+            err = (block[:, i] - ((qi - z) * s).double()) / diag[:, r, None]  # minus quant.dequantize
             errs[:, i] = err
             block[:, i + 1 :] -= u[:, r, r + 1 : b1, None] * err[:, None, :]
         rest[:, b1:] -= u[:, b0:b1, b1:].transpose(-1, -2) @ errs

@@ -15,7 +15,7 @@ import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.gptq import Memo, Rounded
-from qexport.passes.quant import Grid, qparams, quantize
+from qexport.passes.quant import Grid, qparams, quantize, rows
 from qexport.passes.rangeplan import (
     MIXED_HIGH_BITS,
     FinalWeights,
@@ -73,7 +73,7 @@ def _plan_layer(
         w_scale, w_zero, w_q = rounded
     else:
         w_scale, w_zero = weight_qparams(w, grid, config, target)
-        w_q = quantize(w, w_scale[None, :], w_zero[None, :], grid)
+        w_q = quantize(w, rows(w_scale, w.shape[0]), rows(w_zero, w.shape[0]), grid)
     folded = step.s is None or step.g.fold == "value"
     lp = LayerPlan(w_q=w_q, w_scale=w_scale, w_zero=w_zero, w_grid=grid, a_scale=a_scale, a_zero=a_zero,
                    a_grid=rng.a_grid, divisor=None if folded else step.s,

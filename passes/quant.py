@@ -82,6 +82,22 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray
     return ((q.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
 
 
+def rows(scale: np.ndarray, n: int) -> np.ndarray:
+    """A weight's scale (or zero point) as it broadcasts over W^T [n, out]: per output channel [out]
+    -> [1, out]; per input-channel group [n / g, out] -> each group's row repeated g times [n, out]."""
+    if scale.ndim == 2:
+        return np.repeat(scale, n // scale.shape[0], axis=0)
+    return scale[None, :]
+
+
+def group_qparams(w: np.ndarray, grid: Grid, size: int, pow2: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point [n / size, out] of W^T [n, out] per group of `size` input channels and
+    output channel (min-max of each group)."""
+    n, m = w.shape
+    blocks = w.reshape(n // size, size, m)
+    return qparams(blocks.min(axis=1), blocks.max(axis=1), grid, pow2)
+
+
 CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
 
 

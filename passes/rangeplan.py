@@ -14,7 +14,7 @@ from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.gptq import Memo, Rounding
 from qexport.passes.observe import Observer
-from qexport.passes.quant import Grid, dequantize
+from qexport.passes.quant import Grid, dequantize, rows
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -42,6 +42,7 @@ class QuantConfig:
     alpha_layer: bool = False  # alpha per input-sharing group, by layer-output error (exporter.alpha)
     asq_stat: str = "ema"  # ASQ's per-channel activation statistic: the running average, or the max over steps
     weight_clip: str = "minmax"  # or "mse": per-channel clip ratio searched for least squared error
+    w_group: int = 0  # weights per group of this many input channels and output channel (0: per channel)
     act_observer: Observer = Observer.MINMAX  # per-tensor activation range rule (see passes.observe)
     act_shrink: float = 1.0  # every activation range is scaled by this (the search observer picks it)
     lowrank: int = 0  # rank of the FP error-compensation branch per linear (0 = none; see passes.lowrank)
@@ -88,8 +89,8 @@ class LayerPlan:
     """One linear, as built: final weight (W^T [in, out]) in integers, and how its input is treated."""
 
     w_q: np.ndarray
-    w_scale: np.ndarray  # [out]
-    w_zero: np.ndarray  # [out]
+    w_scale: np.ndarray  # [out], or [in / g, out] per group of g input channels (group_weights)
+    w_zero: np.ndarray  # the same shape
     w_grid: Grid
     a_scale: np.ndarray  # scalar
     a_zero: np.ndarray  # scalar
@@ -107,7 +108,8 @@ class LayerPlan:
     dynamic: str | None = None  # "token" / "tensor": the input is quantized at run time (a_scale unused)
 
     def weight(self) -> np.ndarray:
-        return dequantize(self.w_q, self.w_scale[None, :], self.w_zero[None, :])
+        n = self.w_q.shape[0]
+        return dequantize(self.w_q, rows(self.w_scale, n), rows(self.w_zero, n))
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 from qexport.passes.gptq import Memo, Problem, Rounded, digest, gptq_quantize_many, output_clipped_qparams
-from qexport.passes.quant import Grid, mse_clipped_qparams, qparams
+from qexport.passes.quant import Grid, group_qparams, mse_clipped_qparams, qparams
 from qexport.passes.rangeplan import QuantConfig
 from qexport.targets.profile import TargetProfile
 
@@ -22,8 +22,11 @@ def weight_qparams(
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per output channel of W^T [in, out]; a per-tensor target gets one value,
-    repeated per channel (the whole matrix quantized as one column). With GPTQ (a hessian), the MSE
+    repeated per channel (the whole matrix quantized as one column); with groups ([in / g, out]) per
+    group of g input channels and output channel. With GPTQ (a hessian), the MSE
     clip is scored on the layer output after GPTQ rounding (solved on `device`), not on the weight."""
+    if config.w_group:  # group_weights: min-max per group (the recipe refuses the clip with groups)
+        return group_qparams(w, grid, config.w_group, pow2=target.pow2_scales)
     cols = w if target.weight_per_channel else w.reshape(-1, 1)
     if config.weight_clip == "mse" and hessian is not None:
         return output_clipped_qparams(w, hessian, grid, target.pow2_scales, target.weight_per_channel, device)
@@ -49,7 +52,7 @@ def gptq_weights(
     batches: dict[str, tuple[Grid, list[tuple[str, Problem]]]] = {}
     with stage("GPTQ"):
         for layer, w, hessian, grid in requests:
-            keys[layer] = digest(w, hessian, repr(grid), config.weight_clip,
+            keys[layer] = digest(w, hessian, repr(grid), config.weight_clip, repr(config.w_group),
                                  repr((target.pow2_scales, target.weight_per_channel)))  # fmt: skip
             found = None if memo is None else memo.get(layer, keys[layer])
             if found is not None:

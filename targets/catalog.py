@@ -45,6 +45,11 @@ ORT_CPU = TargetProfile(
     # bias is fused into MatMulIntegerToFloat, which then fails at run time: "a zero point must be a scalar")
     dynamic_activations=("token", "tensor"),
     native_dynamic=("token", "tensor"),
+    # measured with onnxruntime 1.31.1: a blocked int4 weight DequantizeLinear (opset 21) before a MatMul runs
+    # as DequantizeLinear + float MatMul; a blocked int8 one after a uint8 activation Q/DQ is fused into
+    # MatMulIntegerToFloat, which then fails at run time ("per-column quantization parameter ... should
+    # have same dimension"), so group-wise weights are 4-bit (or fewer) here
+    blocked_weights=("int4",),
     # measured with onnxruntime 1.31.1 (x86, 2 threads): a float-kept weight stored int8 and widened by
     # Cast + Mul(scale) is folded at load into a float32 Gemm / MatMul (768 x 4608 at 2 rows: 0.17 ms, the
     # float model's 0.22; equal to numpy's q * s product within float summation order)
@@ -75,6 +80,9 @@ QNN_HTP = TargetProfile(
     # refuses; Reshape/Transpose of rank 6 fail validation (error 3110); Einsum needs two inputs;
     # a QDQ LayerNormalization needs an unsigned gamma; float ops need an FP16-capable SoC (v73+)
     closed_linears=True,
+    # measured (the same simulator): a MatMul reading a blocked int4 or int8 DequantizeLinear (opset 21) is
+    # refused ("Unsupported nodes in QNN EP: MatMul"), a per-channel int4 one runs: no group-wise weights
+    blocked_weights=(),
     max_rank=5,
     single_input_einsum=False,
     unsigned_norm_gamma=True,

@@ -388,7 +388,15 @@ def _weight_rules(
     def bad(rule: str, detail: str) -> None:
         found.append(Violation(node=label, tensor=init.name, rule=rule, detail=detail))
 
-    if not target.weight_per_channel and scale.ndim != 0:
+    if scale.ndim == 2:
+        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        if storage not in target.blocked_weights:
+            bad("blocked weights", f"{storage} weights per group of input channels; {target.name} runs "
+                f"{', '.join(target.blocked_weights) or 'none'} blocked")  # fmt: skip
+        elif not block or list(scale.shape) != [init.dims[0] // block, init.dims[1]]:
+            bad("blocked weights", f"scale shape {list(scale.shape)} is not [in / block_size, out] for block_size "
+                f"{block} along the input axis")  # fmt: skip
+    elif not target.weight_per_channel and scale.ndim != 0:
         bad("per-tensor weights", f"{target.name} takes one weight scale per tensor, got shape {list(scale.shape)}")
     if scale.ndim == 1:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)

@@ -52,6 +52,7 @@ class TargetProfile:
     # on an NPU, which fixes every scale at build time. native_dynamic: those it runs on an integer kernel
     dynamic_activations: tuple[str, ...] = ()
     native_dynamic: tuple[str, ...] = ()
+    blocked_weights: tuple[str, ...] = ()  # weight storages whose blocked (group-wise) DequantizeLinear it runs
     notes: tuple[str, ...] = ()
     source: str
 
@@ -98,6 +99,8 @@ class TargetProfile:
         if self.dynamic_activations:
             out["dynamic_activations"] = list(self.dynamic_activations)
             out["integer_if_dynamic"] = list(self.native_dynamic)
+        if self.blocked_weights:
+            out["blocked_weights"] = list(self.blocked_weights)
         if self.integer_activations:
             out["integer_only"] = f"every float activation quantized ({self.integer_activations}, per tensor)"
         return out

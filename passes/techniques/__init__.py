@@ -7,6 +7,7 @@ from qexport.passes.techniques.attention import AttentionQuant
 from qexport.passes.techniques.base import Shape, Technique
 from qexport.passes.techniques.dynamic import DynamicActivations
 from qexport.passes.techniques.gptq import Gptq
+from qexport.passes.techniques.group_weights import GroupWeights
 from qexport.passes.techniques.head_rotation import HeadRotation
 from qexport.passes.techniques.kv import PrecomputeKV
 from qexport.passes.techniques.lowrank import LowRank
@@ -23,6 +24,7 @@ ORDER: tuple[type[Technique], ...] = (
     HeadRotation,
     OnlineRotation,
     WeightClip,
+    GroupWeights,
     Gptq,
     LowRank,
     MixedPrecision,

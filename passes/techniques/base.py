@@ -5,6 +5,7 @@ Steps run for every registered technique, in the registry's order, and act only 
 build's settings (a QuantConfig: the technique's own config under ``config.techniques``, or the
 settings it turned on) ask for it:
 
+- ``check_widths(config, widths)``: refuse what the linears' input widths do not allow (before loading);
 - ``wants_samples(config, fold)``: whether a group of that fold kind needs replayed inputs;
 - ``plan_fold(step)``: per input-sharing group, before the quantizer's range is taken (smoothing);
 - ``plan_group(step)``: per group, refining what the quantizer sees (shifts, rotations, observers);
@@ -68,6 +69,10 @@ class Technique:
     def wants_samples(cls, config: QuantConfig, fold: str) -> bool:
         """Whether planning a group of this fold kind needs its replayed inputs."""
         return False
+
+    @classmethod
+    def check_widths(cls, config: QuantConfig, widths: Mapping[str, int]) -> None:
+        """Refuse, before the weights load, what the quantized linears' input widths do not allow."""
 
     @classmethod
     def plan_fold(cls, step: GroupStep) -> None:
