@@ -2,10 +2,10 @@
 consecutive input channels, instead of one per output channel, so an outlier input channel widens
 the step of its own group only.
 
-Q-DiT (Chen et al., 2024, "Q-DiT: Accurate Post-Training Quantization for Diffusion Transformers",
-§3.2 "fine-grained group quantization", Eq. 4) quantizes each group of a weight row with its own
-min-max parameters and searches the group size per layer; here one size for every linear (its
-search is not implemented). Emitted as opset 21's blocked DequantizeLinear (``axis`` 0, the input
+Q-DiT (Chen et al., "Q-DiT: Accurate Post-Training Quantization for Diffusion Transformers"; its
+paper is not among this project's seeds, so no section is cited) quantizes each group of a weight
+row with its own min-max parameters and searches the group size per layer; here one size for every
+linear (the search is not implemented). Emitted as opset 21's blocked DequantizeLinear (``axis`` 0, the input
 channels of W^T, ``block_size`` g). With GPTQ the groups' parameters are fixed from the weight
 before rounding ("static groups") and each row rounds on its own group's grid.
 """
