@@ -48,7 +48,7 @@ def _plan_group(rng: RangeStep, g: Group, stats: LayerStats) -> GroupStep:
         technique.plan_fold(step)
     div = step.divisor
     step.set_range(float((stats.channel_min[steps] / div).min()), float((stats.channel_max[steps] / div).max()))
-    step.magnitude = act / div
+    step.magnitude = step.act / div  # the group's statistic as its fold step left it
     for technique in ORDER:
         technique.plan_group(step)
     return step

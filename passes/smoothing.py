@@ -45,6 +45,41 @@ def smoothing_steps(steps: list[int], total: int, ranges: int) -> list[int]:
     return next([int(i) for i in part] for part in parts if steps[0] in part)
 
 
+def ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (as Spearman's correlation ranks them)."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    out = np.empty(len(values), dtype=np.float64)
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or sorted_values[end] != sorted_values[start]:
+            out[order[start:end]] = (start + end + 1) / 2.0
+            start = end
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two vectors (0 where either is constant)."""
+    ra, rb = ranks(np.asarray(a, np.float64)), ranks(np.asarray(b, np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    norm = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum()) / norm if norm > 0 else 0.0
+
+
+def salience_calibrated(stats: LayerStats, steps: list[int], wmax: np.ndarray) -> np.ndarray:
+    """PTQ4DiT's Spearman's-rho-guided salience calibration: the per-step activation salience a_t (the
+    mean over the step's samples of max over tokens |x|, per channel) aggregated over the steps with
+    weights softmax_t(-rho_t), rho_t the Spearman correlation of a_t with the weight salience max_i|W_ij|:
+    steps whose activation and weight outliers fall on different channels (low rho: where balancing
+    helps most) weigh more. PTQ4DiT weighs calibration samples; here each step's mean stands for its
+    samples."""
+    rows = [t for t in steps if stats.count[t] > 0]
+    per_step = stats.absmax_sum[rows] / stats.count[rows][:, None]
+    rho = np.array([spearman(a, wmax) for a in per_step])
+    weights = np.exp(-(rho - rho.min()))
+    return (weights[:, None] * per_step).sum(axis=0) / weights.sum()
+
+
 def act_stat(stats: LayerStats, steps: list[int], smooth: Smooth, asq_stat: str = "ema") -> np.ndarray:
     """The per-channel activation magnitude a_j that s is computed from: for ASQ one vector for all
     steps (the running average of the per-batch means of max|x|, the largest per-step mean, or the

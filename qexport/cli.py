@@ -795,7 +795,8 @@ def demo(output: Path, force: bool, threads: int | None) -> None:
     "--methods",
     default="CW+TW,+TSW,+ASQ,+TSQ+TSW",
     show_default=True,
-    help="Also: Dynamic (activations quantized per token at run time: the seed paper's baseline, not NPU-static).",
+    help="Also: Dynamic (activations quantized per token at run time: the seed paper's baseline, not NPU-static), "
+    "PTQ4DiT (its salience balancing).",
 )
 @click.option("--bits", default="W8A8,W4A8", show_default=True, help="e.g. W8A8,W6A8,W4A8,W8A16,W6A6,W4A6,W4A4")
 @click.option("--time-ranges", "ranges", default="", help="e.g. 1,2,4,10,20 (instead of per step)")

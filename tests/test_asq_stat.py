@@ -7,13 +7,13 @@ from qexport.calib.store import load
 from qexport.exporter.build import BuildConfig, build, replan
 
 from qexport.errors import QexportError
-from qexport.recipe import recipe_of
+from qexport.recipe import load_recipe, recipe_of
 
 
 def test_asq_stat_is_checked():
     with pytest.raises(QexportError, match=r"'smoothquant.statistic' 'max' is ASQ's; it needs mode 'asq'"):
         recipe_of("smoothquant.mode=tsq", "smoothquant.statistic=max")
-    with pytest.raises(QexportError, match=r"statistic' must be one of 'ema', 'max', 'range', got 'mean'"):
+    with pytest.raises(QexportError, match=r"statistic' must be one of 'ema', 'max', 'range', 'spearman', got 'mean'"):
         recipe_of("smoothquant.mode=asq", "smoothquant.statistic=mean")
 
 
@@ -37,3 +37,39 @@ def test_max_smooths_by_each_channels_largest_step_and_replans(latte_stats, tmp_
     s_max = top.ranges[0].plan.smooth
     _, plans, _ = replan(top.manifest, latte_stats)
     assert all(np.array_equal(plans[0].smooth[g], s_max[g]) for g in s_max)
+
+
+def test_spearman_ranks_ties_by_their_mean_rank():
+    from qexport.passes.smoothing import ranks, spearman
+
+    assert ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert spearman(np.arange(6.0), np.arange(6.0) ** 3) == pytest.approx(1.0)
+    assert spearman(np.arange(6.0), -np.arange(6.0)) == pytest.approx(-1.0)
+    assert spearman(np.ones(4), np.arange(4.0)) == 0.0
+
+
+def test_salience_calibration_weighs_steps_by_softmax_of_minus_rho(latte_stats):
+    from qexport.passes.smoothing import salience_calibrated, spearman
+
+    stats = load(latte_stats)
+    layer = next(iter(stats.layers.values()))
+    per_step = layer.absmax_sum / layer.count[:, None]
+    wmax = per_step[0]  # step 0's salience: rho 1 for it, lower for the others
+    rho = np.array([spearman(a, wmax) for a in per_step])
+    w = np.exp(-rho) / np.exp(-rho).sum()
+    np.testing.assert_allclose(salience_calibrated(layer, list(range(layer.steps)), wmax), w @ per_step)
+    assert rho[0] == pytest.approx(1.0) and w[0] == w.min()
+
+
+def test_ptq4dit_preset_is_csb_at_half_with_the_calibrated_salience(latte_stats, tmp_path):
+    from qexport.passes.smoothing import salience_calibrated, smoothing_vector
+
+    result = build(latte_stats, tmp_path / "p", BuildConfig(recipe=load_recipe("w8a8-ptq4dit")))
+    stats, plan = load(latte_stats), result.ranges[0].plan
+    layer = "transformer_blocks.0.attn1.to_q"
+    weights = [result.adapter.transformer.get_submodule(f"transformer_blocks.0.attn1.to_{k}").weight for k in "qkv"]
+    wmax = np.max([w.detach().abs().numpy().max(axis=0) for w in weights], axis=0)
+    want = smoothing_vector(salience_calibrated(stats.layers[layer], list(range(stats.layers[layer].steps)), wmax),
+                            wmax, 0.5)  # fmt: skip
+    np.testing.assert_allclose(plan.layers[layer].divisor, want, rtol=1e-6)  # q, k, v share it
+    assert result.manifest["quantization"]["asq_stat"] == "spearman"

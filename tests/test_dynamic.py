@@ -133,6 +133,7 @@ def test_an_npu_target_refuses_dynamic_activations_before_any_work(latte_stats, 
 
 
 def test_sweep_has_the_dynamic_row_and_refuses_a_cell_it_cannot_build():
-    assert [c.name for c in grid(["Dynamic", "+TSQ+TSW"], ["W8A8"], None)] == ["W8A8 Dynamic", "W8A8 +TSQ+TSW"]
+    cells = grid(["Dynamic", "PTQ4DiT", "+TSQ+TSW"], ["W8A8"], None)
+    assert [c.name for c in cells] == ["W8A8 Dynamic", "W8A8 PTQ4DiT", "W8A8 +TSQ+TSW"]
     with pytest.raises(QexportError, match="sweep cell W8A16 Dynamic"):
         grid(["Dynamic"], ["W8A16"], None)

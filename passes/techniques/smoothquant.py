@@ -13,7 +13,7 @@ from qexport.passes.graph import const, consumers, node_named, write_bias
 from qexport.passes.rangeplan import GroupStep, Smooth
 from qexport.passes.rewrite import PassConfig
 from qexport.passes.sink import sink_smoothing
-from qexport.passes.smoothing import smoothing_vector
+from qexport.passes.smoothing import salience_calibrated, smoothing_vector
 from qexport.passes.techniques.base import GraphPass, Shape, Technique
 from qexport.targets.profile import TargetProfile
 
@@ -55,7 +55,8 @@ class SmoothQuant(Technique):
 
     mode: Literal["asq", "tsq"]
     alpha: float | Literal["auto", "layer"] = 0.5  # auto: searched per range (ASQ: one for all); layer: per group
-    statistic: Literal["ema", "max", "range"] = "ema"  # ASQ's per-channel aggregate over the steps
+    # ASQ's per-channel aggregate over the steps; spearman: PTQ4DiT's salience calibration (passes.smoothing)
+    statistic: Literal["ema", "max", "range", "spearman"] = "ema"
     shared_ranges: int = 0  # TSQ per step: one s per this many contiguous step ranges (0 = per model)
 
     def replays(self) -> bool:
@@ -92,6 +93,8 @@ class SmoothQuant(Technique):
         if rng.config.smooth == Smooth.NONE:
             return
         wmax = np.max([np.abs(rng.weights[layer]).max(axis=1) for layer in g.layers], axis=0)
+        if rng.config.smooth == Smooth.ASQ and rng.config.asq_stat == "spearman":
+            step.act = salience_calibrated(step.stats, list(range(step.stats.steps)), wmax)
         s = smoothing_vector(step.act, wmax, rng.plan.group_alpha.get(g.tensor, rng.config.alpha))
         step.s = rng.plan.smooth[g.tensor] = s
         rng.plan.folds[g.fold] = rng.plan.folds.get(g.fold, 0) + 1
