@@ -61,6 +61,7 @@ def test_salience_calibration_weighs_steps_by_softmax_of_minus_rho(latte_stats):
     assert rho[0] == pytest.approx(1.0) and w[0] == w.min()
 
 
+@pytest.mark.slow  # a build
 def test_ptq4dit_preset_is_csb_at_half_with_the_calibrated_salience(latte_stats, tmp_path):
     from qexport.passes.smoothing import salience_calibrated, smoothing_vector
 

@@ -83,6 +83,7 @@ def test_per_tensor_simulation_is_dynamic_quantize_linear():
     np.testing.assert_allclose(got, want, rtol=0, atol=float(np.ptp(x)) / 255 * 1e-5)
 
 
+@pytest.mark.slow  # two builds with verification, about a minute
 @pytest.mark.parametrize(("granularity", "bits"), [("token", "4,6"), ("tensor", "8,8")])
 def test_tiny_latte_dynamic_build_verifies_on_integer_kernels(latte_stats, tmp_path, granularity, bits):
     w_bits, a_bits = bits.split(",")

@@ -61,6 +61,7 @@ def test_gptq_with_one_group_is_per_channel_gptq_and_groups_lower_the_output_err
     assert output_error(rounded) < 0.5 * output_error(nearest)  # correlated inputs: the error is compensated
 
 
+@pytest.mark.slow  # a GPTQ build with verification
 def test_tiny_latte_w4_group_build_is_blocked_and_verifies(latte_stats, tmp_path):
     recipe = recipe_of("group_weights.size=64", "bits.weights=4", "granularity.time_ranges=1", "gptq=on")
     result = build(latte_stats, tmp_path / "g", BuildConfig(recipe=recipe))
