@@ -754,7 +754,7 @@ def lowrank_cost(graph: gs.Graph, nodes: dict[str, str], plan: RangePlan) -> Bra
     for layer, lp in plan.layers.items():
         shape = node_named(graph, nodes[layer]).inputs[0].shape or []
         rows = int(np.prod(shape[:-1])) if shape and all(isinstance(d, int) for d in shape) else 0
-        n_in, n_out = lp.w_q.shape
+        n_in, n_out = lp.shape
         total = total + branch_cost(rows, lp.lowrank_a, lp.lowrank_b, out_features=n_out, in_features=n_in)
     return total
 

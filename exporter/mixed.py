@@ -142,7 +142,7 @@ def mixed_manifest(
     """quantization.mixed_precision of the manifest, from each range's (index, plan, measured
     allocation): the rule, per range the layers per width and the weight bytes against all-low and
     all-high, and each distinct measured allocation."""
-    params = {layer: int(lp.w_q.size) for layer, lp in ranges[0][1].layers.items()}
+    params = {layer: int(np.prod(lp.shape)) for layer, lp in ranges[0][1].layers.items()}
     rows = []
     for _, plan, _ in ranges:
         bits = {layer: lp.w_grid.bits for layer, lp in plan.layers.items()}

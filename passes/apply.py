@@ -28,7 +28,7 @@ def pack_low_bit(model: onnx.ModelProto, plan: RangePlan) -> onnx.ModelProto:
     names = {
         f"{layer}::{role}": PACKED[lp.w_grid.storage]
         for layer, lp in plan.layers.items()
-        if lp.w_grid.storage in PACKED
+        if lp.w_grid.storage in PACKED and lp.codebook is None
         for role in ("w_q", "w_zero")
     }
     for init in model.graph.initializer:
@@ -44,6 +44,8 @@ def quantize_weights(graph: gs.Graph, config: PassConfig, target: TargetProfile)
     input axis where the plan has groups of input channels)."""
     for layer, node_name in config.nodes.items():
         lp = config.plan.layers[layer]
+        if lp.codebook is not None:  # indices into a codebook: the "codebook" stage writes it
+            continue
         node = node_named(graph, node_name)
         out = gs.Variable(f"{layer}::w_dq", dtype=np.float32)
         per_channel, grouped = target.weight_per_channel, lp.w_scale.ndim == 2
@@ -106,6 +108,7 @@ STAGES: tuple[str | GraphPass, ...] = (
     "sink",  # explicit scalings moved onto small operands
     "rotate",  # online transforms before the quantizer
     quantize_weights,
+    "codebook",  # weights as indices into a codebook, decoded by Gather (not expressible as DequantizeLinear)
     store_float_weights,  # the float-kept layers' weights as int8 (weight-only), where the plan says
     quantize_activations,
     "operands",  # quantizers on other operands (attention)

@@ -1,6 +1,8 @@
-"""Small onnx-graphsurgeon helpers shared by the passes: producers, consumers, constants."""
+"""Small onnx-graphsurgeon helpers shared by the passes: producers, consumers, constants, appending nodes."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -74,3 +76,20 @@ def quantize_after(
     for user in users:
         swap_input(user, t, dq)
     return dq
+
+
+class Appender:
+    """Appends one-output nodes to a graph, named ``<prefix><key>`` (tensor) and ``<prefix><key>_op`` (node)."""
+
+    def __init__(self, graph: gs.Graph, prefix: str) -> None:
+        self.graph, self.prefix = graph, prefix
+
+    def const(self, key: str, value: Any, dtype: Any = np.float32) -> gs.Constant:
+        return const(f"{self.prefix}{key}", np.asarray(value, dtype=dtype))
+
+    def __call__(
+        self, op: str, key: str, inputs: list[gs.Tensor], dtype: Any = np.float32, **attrs: Any
+    ) -> gs.Variable:
+        out = gs.Variable(f"{self.prefix}{key}", dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, f"{self.prefix}{key}_op", attrs=attrs, inputs=inputs, outputs=[out]))
+        return out

@@ -90,6 +90,13 @@ def rows(scale: np.ndarray, n: int) -> np.ndarray:
     return scale[None, :]
 
 
+def decode_codebook(codebook: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """W^T [in, out] from a codebook [k, d] and indices [in / d, out]: each index stands for d
+    consecutive input channels of one output column (passes.techniques.codebook)."""
+    blocks = codebook[codes.astype(np.int64)]  # [in / d, out, d]
+    return np.ascontiguousarray(blocks.transpose(0, 2, 1).reshape(codes.shape[0] * codebook.shape[1], codes.shape[1]))
+
+
 def group_qparams(w: np.ndarray, grid: Grid, size: int, pow2: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point [n / size, out] of W^T [n, out] per group of `size` input channels and
     output channel (min-max of each group)."""

@@ -14,7 +14,7 @@ from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.gptq import Memo, Rounding
 from qexport.passes.observe import Observer
-from qexport.passes.quant import Grid, dequantize, rows
+from qexport.passes.quant import Grid, decode_codebook, dequantize, rows
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
@@ -106,8 +106,17 @@ class LayerPlan:
     o_zero: np.ndarray | None = None
     a_range: tuple[Any, Any] | None = None  # the input range before the shrink (passes.plan.with_shrink)
     dynamic: str | None = None  # "token" / "tensor": the input is quantized at run time (a_scale unused)
+    codebook: np.ndarray | None = None  # [k, d]: w_q holds indices [in / d, out] into it (codebook_weights)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """W^T's (in, out)."""
+        rows, cols = self.w_q.shape
+        return rows * (1 if self.codebook is None else self.codebook.shape[1]), cols
 
     def weight(self) -> np.ndarray:
+        if self.codebook is not None:
+            return decode_codebook(self.codebook, self.w_q)
         n = self.w_q.shape[0]
         return dequantize(self.w_q, rows(self.w_scale, n), rows(self.w_zero, n))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qexport.passes.techniques.attention import AttentionQuant
 from qexport.passes.techniques.base import Shape, Technique
+from qexport.passes.techniques.codebook import CodebookWeights
 from qexport.passes.techniques.dynamic import DynamicActivations
 from qexport.passes.techniques.gptq import Gptq
 from qexport.passes.techniques.group_weights import GroupWeights
@@ -20,6 +21,7 @@ from qexport.passes.techniques.weight_clip import WeightClip
 
 ORDER: tuple[type[Technique], ...] = (
     SmoothQuant,
+    CodebookWeights,
     ChannelShift,
     HeadRotation,
     OnlineRotation,

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from qexport.passes.graph import const, node_named
+from qexport.passes.graph import Appender, node_named
 from qexport.passes.rangeplan import LayerStep, QuantConfig, RangePlan
 from qexport.passes.rewrite import PassConfig
 from qexport.passes.techniques.base import GraphPass, Shape, Technique
@@ -37,27 +37,10 @@ from qexport.errors import QexportError
 GRANULARITIES = ("token", "tensor")
 
 
-class _Nodes:
-    """Appends nodes named ``<prefix>::dyn_<key>`` to a graph, one output each."""
-
-    def __init__(self, graph: gs.Graph, prefix: str) -> None:
-        self.graph, self.prefix = graph, prefix
-
-    def const(self, key: str, value: Any, dtype: Any = np.float32) -> gs.Constant:
-        return const(f"{self.prefix}::dyn_{key}", np.asarray(value, dtype=dtype))
-
-    def __call__(
-        self, op: str, key: str, inputs: list[gs.Tensor], dtype: Any = np.float32, **attrs: Any
-    ) -> gs.Variable:
-        out = gs.Variable(f"{self.prefix}::dyn_{key}", dtype=dtype)
-        self.graph.nodes.append(gs.Node(op, f"{self.prefix}::dyn_{key}_op", attrs=attrs, inputs=inputs, outputs=[out]))
-        return out
-
-
 def _per_token(graph: gs.Graph, x: gs.Tensor, prefix: str, qmax: int) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor]:
     """Nodes quantizing x per token (DynamicQuantizeLinear's rule over the last axis): the codes
     (uint8), each token's scale [..., 1] (float) and zero point [..., 1] (int32)."""
-    node = _Nodes(graph, prefix)
+    node = Appender(graph, f"{prefix}::dyn_")
     last, zero, top = node.const("axis", [-1], np.int64), node.const("nought", 0.0), node.const("qmax", float(qmax))
     lo = node("Min", "lo", [node("ReduceMin", "min", [x, last], keepdims=1), zero])
     hi = node("Max", "hi", [node("ReduceMax", "max", [x, last], keepdims=1), zero])
@@ -75,7 +58,7 @@ def _integer_linear(graph: gs.Graph, matmul: gs.Node, layer: str, codes: gs.Tens
                     point: gs.Tensor, w_q: gs.Constant, w_scale: np.ndarray) -> None:  # fmt: skip
     """matmul's output as (MatMulInteger(codes, W_q) - z · colsum(W_q)) · s · s_w: integer products of
     the token codes and the symmetric weight, the zero point's term subtracted in int32."""
-    node = _Nodes(graph, layer)
+    node = Appender(graph, f"{layer}::dyn_")
     colsum = node.const("colsum", np.asarray(w_q.values, dtype=np.int64).sum(axis=0), np.int32)
     products = node("MatMulInteger", "products", [codes, w_q], dtype=np.int32)
     centred = node("Sub", "centred", [products, node("Mul", "offset", [point, colsum], dtype=np.int32)], dtype=np.int32)
