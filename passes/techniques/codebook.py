@@ -150,9 +150,9 @@ class CodebookWeights(Technique):
     @classmethod
     def record(cls, config: QuantConfig, plans: list[RangePlan]) -> dict[str, Any]:
         chosen = config.techniques.get(cls.kind)
-        return {
-            cls.kind: None if chosen is None else {"dim": chosen.dim, "codewords": 2 ** (config.w_bits * chosen.dim)}
-        }
+        if chosen is None:
+            return {}  # absent: a build's record as before
+        return {cls.kind: {"dim": chosen.dim, "codewords": 2 ** (config.w_bits * chosen.dim)}}
 
     @classmethod
     def describe(cls, quantization: Mapping[str, Any]) -> list[str]:

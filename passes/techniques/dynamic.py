@@ -130,7 +130,7 @@ class DynamicActivations(Technique):
     @classmethod
     def record(cls, config: QuantConfig, plans: list[RangePlan]) -> dict[str, Any]:
         chosen = config.techniques.get(cls.kind)
-        return {cls.kind: None if chosen is None else chosen.granularity}
+        return {} if chosen is None else {cls.kind: chosen.granularity}  # absent: a build's record as before
 
     @classmethod
     def describe(cls, quantization: Mapping[str, Any]) -> list[str]:

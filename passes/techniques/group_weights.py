@@ -53,7 +53,7 @@ class GroupWeights(Technique):
 
     @classmethod
     def record(cls, config: QuantConfig, plans: list[RangePlan]) -> dict[str, Any]:
-        return {cls.kind: config.w_group or None}
+        return {cls.kind: config.w_group} if config.w_group else {}  # absent: a build's record as before
 
     @classmethod
     def describe(cls, quantization: Mapping[str, Any]) -> list[str]:
