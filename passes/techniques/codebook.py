@@ -94,13 +94,11 @@ def emit_codebooks(graph: gs.Graph, config: PassConfig, target: TargetProfile) -
         if lp.codebook is None:
             continue
         matmul = node_named(graph, config.nodes[layer])
-        rows, cols = lp.w_q.shape
-        dim = lp.codebook.shape[1]
         node = Appender(graph, f"{layer}::")
         index = node("Cast", "indices", [const(f"{layer}::w_q", lp.w_q)], np.int32, to=onnx.TensorProto.INT32)
         picked = node("Gather", "picked", [const(f"{layer}::codebook", lp.codebook), index])  # [in/d, out, d]
         turned = node("Transpose", "turned", [picked], perm=[0, 2, 1])
-        shape = const(f"{layer}::w_shape", np.array([rows * dim, cols], dtype=np.int64))
+        shape = const(f"{layer}::w_shape", np.array(lp.shape, dtype=np.int64))  # W^T [in, out]
         matmul.inputs[1] = node("Reshape", "w_decoded", [turned, shape])
     return graph
 
