@@ -11,7 +11,9 @@ Configs: ``pixart-alpha-512`` (PixArt-α 512 px, a T5-XXL-sized encoder, SD's VA
 (Latte-1, the same encoder and VAE; 512x512, 16 frames) and ``wan2.1-1.3b`` (Wan2.1-T2V-1.3B, a
 UMT5-XXL-sized encoder, Wan's 3-D VAE; 480x832, 17 frames). CPU rehearsals: ``tiny-pixart`` (the
 tests' tiny PixArt-α folder) and ``wan2.1-1.3b-cpu`` (Wan's full-size transformer, a one-layer
-encoder, a tiny VAE, 16x16 px; with ``--stop-after export`` it ends after the FP export and prepare)
+encoder, a tiny VAE, 16x16 px; with ``--stop-after export`` it ends after the FP export and prepare),
+``wan2.1-1.3b-steps`` (the same small encoder and VAE at Wan's full 480x832, 17 frames: the step
+models at full size without the UMT5-XXL part's build time and memory)
 and ``latte-1-cpu`` (Latte-1's full-size transformer the same way, 16 frames of 16x16 px).
 Weights are random ([random-init]): the figures are cost, not accuracy.
 """
@@ -34,6 +36,8 @@ CALLS: dict[str, dict[str, Any]] = {
     "pixart-alpha-512": {"height": 512, "width": 512, "guidance_scale": 4.5, "use_resolution_binning": False,
                          "clean_caption": False, "max_sequence_length": 120},
     "wan2.1-1.3b": {"height": 480, "width": 832, "num_frames": 17, "guidance_scale": 5.0, "max_sequence_length": 512},
+    "wan2.1-1.3b-steps": {"height": 480, "width": 832, "num_frames": 17, "guidance_scale": 5.0,
+                          "max_sequence_length": 512},
     "wan2.1-1.3b-cpu": {"height": 16, "width": 16, "num_frames": 5, "guidance_scale": 5.0, "max_sequence_length": 16},
     "latte-1": {"height": 512, "width": 512, "video_length": 16, "guidance_scale": 7.5, "clean_caption": False,
                 "mask_feature": False},  # mask_feature=False: caption embeddings at their padded length (120)
@@ -128,8 +132,8 @@ def _pipeline(config: str, tests: Any, tokenizer: Any) -> Any:
 
     if config == "wan2.1-1.3b":  # Wan2.1-T2V-1.3B: its transformer, UMT5-XXL, the 3-D causal VAE
         return _wan(tests, tokenizer, UMT5_XXL, WAN_VAE)
-    if config == "wan2.1-1.3b-cpu":  # the same transformer; a one-layer UMT5 of XXL width, a tiny VAE
-        return _wan(tests, tokenizer, UMT5_CPU, TINY_WAN_VAE)
+    if config in ("wan2.1-1.3b-cpu", "wan2.1-1.3b-steps"):  # the same transformer; a one-layer UMT5 of XXL
+        return _wan(tests, tokenizer, UMT5_CPU, TINY_WAN_VAE)  # width, a tiny VAE
     if config == "latte-1-cpu":  # Latte-1's transformer; a one-layer T5 of XXL width, the tests' tiny VAE
         return diffusers.LattePipeline(tokenizer=tokenizer, text_encoder=_t5(tests, tokenizer, T5_CPU),
                                        vae=tests.kl_vae(), scheduler=diffusers.DDIMScheduler(**LATTE_1_DDIM),
