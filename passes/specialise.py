@@ -6,7 +6,11 @@ small vectors only. Leaves every node that reads a non-constant input alone."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 from qexport.passes.graph import consumers
@@ -17,10 +21,14 @@ ELEMENTWISE = ("Add", "Mul", "Sub", "Div")
 
 
 FOLD_BYTES = 1 << 30
-"""Constant bytes one folding evaluation may take in: graphsurgeon serializes the constant-only
-part of the graph for onnxruntime, and protobuf refuses a message over 2 GiB. A full-size video
-model's rotary tables alone pass that (Wan2.1-1.3B at 480x832, 17 frames: 2.9 GB), so such a
-graph is folded one constant-only output at a time."""
+"""Constant bytes one in-memory folding evaluation may take in: graphsurgeon serializes the
+constant-only part of the graph for onnxruntime, and protobuf refuses a message over 2 GiB. A
+full-size video model's rotary tables alone pass that (Wan2.1-1.3B at 480x832, 17 frames: 2.9 GB),
+so such a graph's constant-only part is written to a folder, its constants as external data, and
+evaluated from there in one session."""
+
+NO_FOLD = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")  # as graphsurgeon's folding
+EXTERNAL_BYTES = 1024  # constants this large go to the folder as external data
 
 
 def fold_constants(graph: gs.Graph, limit: int = FOLD_BYTES) -> gs.Graph:
@@ -32,17 +40,83 @@ def fold_constants(graph: gs.Graph, limit: int = FOLD_BYTES) -> gs.Graph:
 
     Args:
         graph: the graph.
-        limit: the constant bytes above which the constant-only part is evaluated in pieces
-            (one per output) instead of in one go.
+        limit: the constant bytes above which the constant-only part is evaluated from a folder
+            (constants as external data) instead of serialized in memory.
     """
-    pieces = "basic" if foldable_bytes(graph) > limit else None
+    large = foldable_bytes(graph) > limit
     try:
-        graph.fold_constants(partitioning=pieces, error_ok=False)
+        if large:  # graphsurgeon's shape folding alone, then one evaluation from a folder
+            graph.fold_constants(error_ok=False, should_exclude_node=lambda node: True).cleanup()
+            _evaluate_from_folder(graph)
+        else:
+            graph.fold_constants(error_ok=False)
     except Exception as err:  # onnxruntime's or protobuf's, whatever the op
         raise QexportError(f"constant folding of the exported graph failed: {type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}; the op is not one onnxruntime "
                            "evaluates, or the constant part is too large to serialize") from err  # fmt: skip
     return graph.cleanup()
+
+
+def constant_part(graph: gs.Graph) -> tuple[list[gs.Node], list[gs.Tensor]]:
+    """The nodes that read constants only (directly or through other such nodes; graph in
+    topological order), and their outputs that the rest of the graph or its outputs read."""
+    known: set[str] = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    nodes = []
+    for node in graph.nodes:
+        if not node.outputs or node.op in NO_FOLD or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            continue
+        if all(t.name in known for t in node.inputs if not t.is_empty()):
+            nodes.append(node)
+            known.update(t.name for t in node.outputs)
+    inside = {id(n) for n in nodes}
+    graph_outputs = {t.name for t in graph.outputs}
+    frontier: dict[str, gs.Tensor] = {}
+    for node in nodes:
+        for t in node.outputs:
+            if t.name in graph_outputs or any(id(c) not in inside for c in t.outputs):
+                frontier[t.name] = t
+    return nodes, list(frontier.values())
+
+
+def _evaluate_from_folder(graph: gs.Graph) -> None:
+    """Replace the outputs of graph's constant-only part by their values: the part (a copy, its
+    arrays shared) written to a temporary folder with its constants as external data, so no
+    protobuf message holds them, and run once by onnxruntime from there."""
+    import onnxruntime as ort
+
+    nodes, frontier = constant_part(graph)
+    if not frontier:
+        return
+    part = gs.Graph(
+        nodes=nodes,
+        outputs=frontier,
+        opset=graph.opset,
+        import_domains=graph.import_domains,
+        ir_version=graph.ir_version or 10,
+    ).copy()  # onnxruntime reads IR <= 13
+    with tempfile.TemporaryDirectory(prefix="qexport-fold-") as tmp:
+        folder = Path(tmp)
+        for i, tensor in enumerate(t for t in part.tensors().values() if isinstance(t, gs.Constant)):
+            values = np.asarray(tensor.values)
+            if values.nbytes < EXTERNAL_BYTES:
+                continue
+            np.ascontiguousarray(values).tofile(folder / f"c{i}.bin")
+            stub = onnx.TensorProto()
+            stub.name, stub.data_type = tensor.name, helper.np_dtype_to_tensor_dtype(values.dtype)
+            stub.dims.extend(values.shape)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            entry = stub.external_data.add()
+            entry.key, entry.value = "location", f"c{i}.bin"
+            tensor._values = gs.ir.tensor.LazyValues(stub)  # exported as the stub (no array copy)
+        onnx.save(gs.export_onnx(part, do_type_check=False), folder / "part.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(folder / "part.onnx"), options, providers=["CPUExecutionProvider"])
+        values = session.run([t.name for t in frontier], {})
+        del session
+    for tensor, value in zip(frontier, values, strict=True):
+        tensor.to_constant(np.asarray(value))
+        tensor.inputs.clear()
 
 
 def foldable_bytes(graph: gs.Graph) -> int:

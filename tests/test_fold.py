@@ -1,9 +1,13 @@
-"""Constant folding of the exported graph: every constant-only path evaluated, in one go or one
-output at a time where its constants are too large for one serialized evaluation, and a path that
+"""Constant folding of the exported graph: every constant-only path evaluated, in memory or, where
+its constants are too large for one serialized evaluation, from a folder with the constants as
+external data; and a path that
 cannot be evaluated an error rather than a graph left unfolded (the shape paths such a graph keeps
 stop onnxruntime from fusing the linears after them into integer kernels)."""
 
+import functools
+
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from qexport.passes.specialise import FOLD_BYTES, fold_constants, foldable_bytes
@@ -30,12 +34,12 @@ def _folded(graph: gs.Graph) -> list[np.ndarray]:
     return [np.asarray(n.inputs[1].values) for n in graph.nodes]
 
 
-def test_a_constant_path_folds_the_same_in_one_go_and_in_pieces():
+def test_a_constant_path_folds_the_same_in_memory_and_from_a_folder():
     rng = np.random.default_rng(0)
     values = [rng.standard_normal((3, 5)).astype(np.float32) for _ in range(3)]
     assert foldable_bytes(_graph(values)) == sum(v.nbytes for v in values) + 3 * 4  # the c_i and the 2s
     whole = _folded(fold_constants(_graph(values)))
-    pieces = _folded(fold_constants(_graph(values), limit=0))  # over the limit: one output at a time
+    pieces = _folded(fold_constants(_graph(values), limit=0))  # over the limit: from a folder
     for got_whole, got_pieces, value in zip(whole, pieces, values, strict=True):
         assert np.array_equal(got_whole, value * 2) and np.array_equal(got_pieces, value * 2)
 
@@ -48,12 +52,59 @@ def test_a_constant_path_onnxruntime_cannot_evaluate_is_an_error():
 
 
 @pytest.mark.slow
-def test_constants_past_protobufs_two_gib_fold_in_pieces():
+def test_constants_past_protobufs_two_gib_fold_from_a_folder():
     """Two constant paths of 1.1 GiB each: one evaluation of both cannot be serialized (protobuf's
-    2 GiB), the default limit folds them one at a time (as a full-size Wan's rotary tables)."""
+    2 GiB), the default limit evaluates them from a folder (as a full-size Wan's rotary tables)."""
     values = [np.full((1, 295_000_000), i + 1, np.float32) for i in range(2)]
     assert foldable_bytes(_graph(values)) > 2**31 > FOLD_BYTES
     with pytest.raises(QexportError, match="failed: EncodeError: Failed to serialize proto"):
-        fold_constants(_graph(values), limit=2**40)  # in one go
+        fold_constants(_graph(values), limit=2**40)  # in memory
     folded = _folded(fold_constants(_graph(values)))
     assert [float(f.min()) for f in folded] == [float(f.max()) for f in folded] == [2.0, 4.0]
+
+
+def test_tiny_latte_folds_to_the_same_model_from_a_folder(latte_stats, monkeypatch):
+    """The whole FP export of the built-in model, prepared (shape inference and folding rounds)
+    with every evaluation from a folder, is byte for byte the model prepared in memory: the
+    shape folding and the values are the same."""
+    from qexport.calib.store import load
+    from qexport.exporter import fp_export
+
+    from qexport.models.registry import load_model
+
+    exported = fp_export.export_fp(load_model("tiny-latte"), list(load(latte_stats).layers))
+    raw = exported.model.SerializeToString()
+    want = fp_export.prepare(exported).model
+    monkeypatch.setattr(fp_export, "fold_constants", functools.partial(fold_constants, limit=0))
+    again = fp_export.FPExport(model=onnx.ModelProto.FromString(raw), input_names=exported.input_names,
+                               bindings=exported.bindings)  # fmt: skip
+    got = fp_export.prepare(again).model
+    assert len(got.graph.node) == len(want.graph.node) < len(exported.model.graph.node)
+    assert got.SerializeToString() == want.SerializeToString()
+
+
+def test_a_tiny_wan_pipeline_folds_to_the_same_model_from_a_folder(tmp_path, monkeypatch):
+    """The same for Wan2.1's transformer (rotary tables, the graph whose full-size constants pass
+    protobuf's limit), traced through its own pipeline."""
+    pytest.importorskip("transformers", minversion="5", reason="the tiny pipelines need transformers>=5")
+    from pipelines import FAMILIES, call_kwargs
+    from qexport.calib.pipeline import PipelineCalibConfig, calibrate_pipeline
+    from qexport.calib.store import save
+    from qexport.exporter import fp_export
+    from qexport.exporter.pipeline_build import pipeline_adapter
+
+    folder = FAMILIES["wan2.1"](tmp_path / "src")
+    own = ("prompt", "num_inference_steps", "generator", "output_type")  # set by the calibration
+    call = {k: v for k, v in call_kwargs("wan2.1").items() if k not in own}
+    calibrated = calibrate_pipeline(folder, PipelineCalibConfig(prompts=("a red circle",), steps=2, call=call))
+    save(calibrated.stats, tmp_path / "run.qstats")
+    adapter = pipeline_adapter(calibrated.stats, str(tmp_path / "run.qstats"), calibrated.stats.model_id)
+    exported = fp_export.export_fp(adapter, list(calibrated.stats.layers))
+    raw = exported.model.SerializeToString()
+    want = fp_export.prepare(exported).model
+    monkeypatch.setattr(fp_export, "fold_constants", functools.partial(fold_constants, limit=0))
+    again = fp_export.FPExport(model=onnx.ModelProto.FromString(raw), input_names=exported.input_names,
+                               bindings=exported.bindings)  # fmt: skip
+    got = fp_export.prepare(again).model
+    assert len(got.graph.node) == len(want.graph.node) < len(exported.model.graph.node)
+    assert got.SerializeToString() == want.SerializeToString()
