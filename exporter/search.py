@@ -19,7 +19,7 @@ from contextlib import ExitStack
 
 import numpy as np
 from qexport.exporter.replay import CalibrationReplay
-from qexport.exporter.simulate import simulated
+from qexport.exporter.simulate import Uploads, simulated
 from qexport.passes.plan import RangePlan
 
 from qexport.metrics import sqnr_db
@@ -29,9 +29,9 @@ SHRINKS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8, 0.75)
 STRIDE = 3  # the coarse pass of `best`: 0.1, 0.4, 0.7, 1.0 of ALPHAS; 1.0, 0.94, 0.87, 0.75 of SHRINKS
 
 
-def score(replay: CalibrationReplay, plan: RangePlan) -> float:
-    """Mean denoiser-output SQNR (dB) of a plan over its range's steps."""
-    with simulated(replay.adapter.transformer, plan):
+def score(replay: CalibrationReplay, plan: RangePlan, uploads: Uploads | None = None) -> float:
+    """Mean denoiser-output SQNR (dB) of a plan over its range's steps (uploads: as simulated's)."""
+    with simulated(replay.adapter.transformer, plan, uploads):
         return float(np.mean([sqnr_db(replay.reference(k), replay.run(k)) for k in plan.steps]))
 
 
@@ -80,6 +80,7 @@ def best(
     known: a candidate already scored (value, score, plan), not run again.
     start: where to climb from instead of the coarse pass (the previous range's choice)."""
     scores: dict[float, float] = {}
+    uploads = Uploads()  # the candidates' shared weights sent to the device once
     chosen: tuple[int, RangePlan] | None = None
     if known is not None and known[0] in candidates:
         scores[known[0]] = known[1]
@@ -90,7 +91,7 @@ def best(
         value = candidates[i]
         if value not in scores:
             plan = make_plan(value)
-            scores[value] = score(replay, plan)
+            scores[value] = score(replay, plan, uploads)
             if (
                 chosen is None
                 or scores[value] > scores[candidates[chosen[0]]]

@@ -14,11 +14,52 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from qexport.exporter.attention import ExportOrderAttention, attention_processors
 from qexport.passes.plan import LayerPlan, RangePlan
-from qexport.passes.weight_only import rounded
+from qexport.passes.quant import rows
+from qexport.passes.weight_only import INT8_MAX
 from torch import nn
+
+
+def rounded_rows(w: torch.Tensor) -> torch.Tensor:
+    """passes.weight_only.rounded(w, 0) in torch where w is: the int8 storage of each row given
+    back as q · s, by the same float32 operations (bit for bit)."""
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    return (w / scale).round_().clamp_(-INT8_MAX, INT8_MAX).mul_(scale)
+
+
+def device_weight(lp: LayerPlan, device: torch.device) -> torch.Tensor:
+    """lp.weight() as the linear's [out, in] weight on `device`: the integers sent there and
+    dequantized by quant.dequantize's float32 operations (bit for bit), not sent as float32."""
+    if lp.codebook is not None:
+        return torch.from_numpy(lp.weight().T.copy()).to(device)
+    n = lp.w_q.shape[0]
+    q = torch.from_numpy(lp.w_q.copy()).to(device)  # a copy: the plan's arrays are read-only
+    zero = torch.from_numpy(np.array(rows(lp.w_zero, n), dtype=np.float32)).to(device)
+    scale = torch.from_numpy(np.array(rows(lp.w_scale, n), dtype=np.float32)).to(device)
+    return ((q.float() - zero) * scale).T.contiguous()
+
+
+class Uploads:
+    """The device weight of each linear of the last plan simulated, kept while the candidate plans
+    of one search are scored: candidates that share a layer's weight arrays (a range search's
+    ratios move only the activation quantizers) send it once."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[tuple[object, ...], torch.Tensor]] = {}
+
+    def weight(self, name: str, lp: LayerPlan, device: torch.device) -> torch.Tensor:
+        sources = (lp.w_q, lp.w_scale, lp.w_zero, lp.codebook)
+        last = self._last.get(name)
+        if last is not None and all(a is b for a, b in zip(last[0], sources, strict=True)):
+            return last[1]
+        self._last.pop(name, None)  # the old one freed before the new one is made
+        w = device_weight(lp, device)
+        self._last[name] = (sources, w)
+        return w
 
 
 def dynamic_quant(x: torch.Tensor, lp: LayerPlan) -> torch.Tensor:
@@ -55,9 +96,9 @@ def requantize(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Ten
 
 
 @contextmanager
-def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
+def simulated(transformer: nn.Module, plan: RangePlan, uploads: Uploads | None = None) -> Iterator[None]:
     """Within the block, the transformer's planned linears (and attentions) compute as the emitted
-    model does."""
+    model does. uploads: device weights kept between the candidate plans of a search."""
     modules = dict(transformer.named_modules())
     saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
     handles: list[Any] = []
@@ -69,14 +110,13 @@ def simulated(transformer: nn.Module, plan: RangePlan) -> Iterator[None]:
         for name in plan.weight_only:  # nn.Linear [out, in] or nn.Embedding [rows, dim]: per row
             m = modules[name]
             saved.append((m, m.weight.data, None))
-            w = m.weight.detach().float().cpu().numpy()
-            m.weight.data = torch.from_numpy(rounded(w, 0)).to(m.weight.device)
+            m.weight.data = rounded_rows(m.weight.detach().float())
         for name, lp in plan.layers.items():
             m = modules[name]
             assert isinstance(m, nn.Linear)
             saved.append((m, m.weight.data, None if m.bias is None else m.bias.data))
             on = m.weight.device  # the simulation runs where the transformer is (verify --device cuda)
-            m.weight.data = torch.from_numpy(lp.weight().T.copy()).to(on)
+            m.weight.data = device_weight(lp, on) if uploads is None else uploads.weight(name, lp, on)
             if lp.bias is not None and m.bias is not None:
                 m.bias.data = torch.from_numpy(lp.bias.reshape(-1).copy()).to(on)
             divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32")).to(on)

@@ -144,8 +144,17 @@ def gptq_quantize_many(
         return torch.from_numpy(np.stack([np.asarray(a, dtype=dtype) for a in arrays])).to(dev)
 
     pairs = list(zip(problems, orders, strict=True))
-    u = _inverse_factor(stacked([damped(h[np.ix_(o, o)], damp) for (_, h, _, _), o in pairs], np.float64))
-    rest = stacked([np.asarray(w)[o] for (w, _, _, _), o in pairs], np.float64)
+    # H and W^T sent as they are and put in row order on the device; λ from the ordered diagonal as
+    # damped() takes it (the same float64 values as damped(h[np.ix_(o, o)]))
+    index = torch.from_numpy(np.stack(orders)).to(dev)
+    h = stacked([h for _, h, _, _ in problems], np.float64)
+    h = h.gather(1, index[:, :, None].expand(-1, -1, n)).gather(2, index[:, None, :].expand(-1, n, -1))
+    lam = [damp * mean if (mean := float(np.mean(np.diag(p[1])[o]))) > 0 else 1.0 for p, o in pairs]
+    h.diagonal(dim1=-2, dim2=-1).add_(torch.tensor(lam, dtype=torch.float64, device=dev)[:, None])
+    u = _inverse_factor(h)
+    del h
+    rest = stacked([w for w, _, _, _ in problems], np.float64)
+    rest = rest.gather(1, index[:, :, None].expand(-1, -1, m))
     # per output channel [batch, m]; per group of input channels each row's own [batch, n, m], in row order
     grouped = np.ndim(problems[0][2]) == 2
     s32 = stacked([rows(p[2], n)[o] if grouped else p[2] for p, o in pairs], np.float32)

@@ -30,7 +30,7 @@ def test_equal_scores_keep_the_first(monkeypatch):
     assert _run(values)[0] == 3  # the coarse best; its equal neighbour 2 is no step up
     assert _run([5.0] * 10)[0] == 0
     # best() returns the first of the equal scores it tried (2), with that candidate's own plan
-    monkeypatch.setattr(search, "score", lambda replay, plan: values[plan])
+    monkeypatch.setattr(search, "score", lambda replay, plan, uploads=None: values[plan])
     made = []
     value, plan, scores = search.best(None, tuple(range(10)), lambda v: made.append(v) or v)
     assert (value, plan) == (2, 2) and set(scores) == set(made) == {0, 2, 3, 4, 6, 9}
@@ -38,7 +38,7 @@ def test_equal_scores_keep_the_first(monkeypatch):
 
 def test_a_known_candidate_is_not_run_again(monkeypatch):
     values = [-abs(i - 4) for i in range(10)]
-    monkeypatch.setattr(search, "score", lambda replay, plan: values[plan])
+    monkeypatch.setattr(search, "score", lambda replay, plan, uploads=None: values[plan])
     made = []
     value, plan, _ = search.best(None, tuple(range(10)), lambda v: made.append(v) or v, known=(0, -4, 0))
     assert (value, plan) == (4, 4) and 0 not in made
@@ -75,7 +75,7 @@ def test_the_grids_are_ordered_for_a_climb():
 )
 def test_a_warm_start_climbs_from_the_previous_choice_without_the_coarse_pass(monkeypatch, start, peak, runs):
     values = [-abs(i - peak) for i in range(10)]
-    monkeypatch.setattr(search, "score", lambda replay, plan: values[plan])
+    monkeypatch.setattr(search, "score", lambda replay, plan, uploads=None: values[plan])
     made = []
     value, plan, scores = search.best(None, tuple(range(10)), lambda v: made.append(v) or v, start=start)
     assert (value, plan) == (peak, peak)
@@ -85,7 +85,7 @@ def test_a_warm_start_climbs_from_the_previous_choice_without_the_coarse_pass(mo
 
 def test_a_start_that_is_no_candidate_falls_back_to_the_coarse_pass(monkeypatch):
     values = [-abs(i - 5) for i in range(10)]
-    monkeypatch.setattr(search, "score", lambda replay, plan: values[plan])
+    monkeypatch.setattr(search, "score", lambda replay, plan, uploads=None: values[plan])
     made = []
     assert search.best(None, tuple(range(10)), lambda v: made.append(v) or v, start=0.5)[0] == 5
     assert {0, 3, 6, 9} <= set(made)
