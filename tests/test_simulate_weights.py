@@ -17,9 +17,10 @@ CPU = torch.device("cpu")
 
 def _plan(w_scale: np.ndarray, w_zero: np.ndarray, n: int = 64) -> LayerPlan:
     out = w_scale.shape[-1]
-    return LayerPlan(w_q=RNG.integers(-128, 128, (n, out)).astype(np.int8), w_scale=w_scale, w_zero=w_zero,
-                     w_grid=Grid(bits=8, storage="int8", symmetric=False), a_scale=np.float32(1),
-                     a_zero=np.uint8(0), a_grid=Grid(bits=8, storage="uint8", symmetric=False), divisor=None)  # fmt: skip
+    w_q = RNG.integers(-128, 128, (n, out)).astype(np.int8)
+    return LayerPlan(w_q=w_q, w_scale=w_scale, w_zero=w_zero, w_grid=Grid(bits=8, storage="int8", symmetric=False),
+                     a_scale=np.float32(1), a_zero=np.uint8(0), a_grid=Grid(bits=8, storage="uint8", symmetric=False),
+                     divisor=None)  # fmt: skip
 
 
 def test_rounded_rows_is_the_int8_storage_bit_for_bit():
