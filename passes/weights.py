@@ -4,6 +4,9 @@ solved for several layers at once."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from qexport.passes.gptq import Memo, Problem, Rounded, digest, gptq_quantize_many, output_clipped_qparams
 from qexport.passes.quant import Grid, group_qparams, mse_clipped_qparams, qparams
@@ -48,12 +51,13 @@ def gptq_weights(
     the same inputs, else solved on the memo's device, the layers of one shape and grid together."""
     device = "cpu" if memo is None else memo.device
     out: dict[str, Rounded] = {}
-    keys: dict[str, bytes] = {}
     batches: dict[str, tuple[Grid, list[tuple[str, Problem]]]] = {}
     with stage("GPTQ"):
+        rule = (config.weight_clip, repr(config.w_group), repr((target.pow2_scales, target.weight_per_channel)))
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # hashing runs without the GIL
+            digests = pool.map(lambda r: digest(r[1], r[2], repr(r[3]), *rule), requests)
+            keys = {layer: key for (layer, *_), key in zip(requests, digests, strict=True)}
         for layer, w, hessian, grid in requests:
-            keys[layer] = digest(w, hessian, repr(grid), config.weight_clip, repr(config.w_group),
-                                 repr((target.pow2_scales, target.weight_per_channel)))  # fmt: skip
             found = None if memo is None else memo.get(layer, keys[layer])
             if found is not None:
                 out[layer] = found
