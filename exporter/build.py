@@ -53,6 +53,7 @@ from qexport.passes.smoothing import smoothing_steps
 from qexport.passes.specialise import copy_graph
 from qexport.passes.techniques import ORDER
 from qexport.passes.techniques.dynamic import DynamicActivations
+from qexport.passes.techniques.online_rotation import equal_blocks
 from qexport.passes.weight_only import surviving
 from qexport.targets.catalog import PROFILES, get_profile
 from qexport.targets.legality import LegalityReport, check_model
@@ -738,13 +739,14 @@ def _integer_only(graph: gs.Graph, steps: list[int], target: TargetProfile, repl
 
 
 def rotation_macs(graph: gs.Graph, nodes: dict[str, str], groups: list[Group], plan: RangePlan) -> int:
-    """MACs one model call spends in online rotations: rows x channels x block per rotated group."""
+    """MACs one model call spends in online rotations: rows x channels x block per rotated group
+    (the whole width for a rotation that is not block-diagonal)."""
     total = 0
     for g in groups:
         rot = plan.online.get(g.tensor)
         shape = node_named(graph, nodes[g.layers[0]]).inputs[0].shape or []
         if rot is not None and shape and all(isinstance(d, int) for d in shape):
-            total += int(np.prod(shape[:-1])) * rot.shape[0] * int(np.count_nonzero(rot[0]))
+            total += int(np.prod(shape[:-1])) * rot.shape[0] * equal_blocks(rot)
     return total
 
 

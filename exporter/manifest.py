@@ -160,6 +160,7 @@ def quantization_record(
         "online_rotation": {
             "block": q.online_rotation,
             "choice": q.rotation_choice,
+            **({"transform": q.rotation_transform} if q.rotation_transform != "hadamard" else {}),
             "groups_rotated": len(ranges[0].plan.online),
             "groups_considered": len(ranges[0].plan.online_report),
             "macs_per_call": ranges[0].rotation_macs,

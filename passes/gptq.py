@@ -68,7 +68,7 @@ def digest(*parts: np.ndarray | str) -> bytes:
         else:
             a = np.ascontiguousarray(part)
             h.update(f"{a.dtype}{a.shape}".encode())
-            h.update(a.reshape(-1).view(np.uint8))  # the bytes without a copy (tobytes' bytes)
+            h.update(a.reshape(-1).view(np.uint8).data)  # the bytes without a copy (tobytes' bytes)
     return h.digest()
 
 

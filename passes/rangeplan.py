@@ -49,6 +49,7 @@ class QuantConfig:
     rotate: bool = False  # per-head Hadamard folded into value projection / attention output (passes.rotate)
     online_rotation: int = 0  # block size of an online block-diagonal Hadamard before other groups (0 = off)
     rotation_choice: str = "adaptive"  # online rotation: "adaptive" (outliers and lower error) or "all"
+    rotation_transform: str = "hadamard"  # online rotation: "hadamard" blocks, or DuQuant's "duquant"
     quantize_attention: bool = False  # Q/DQ on both operands of QK^T and PV (passes.attention)
     mixed_precision: float = 0.0  # budget in weight bits per parameter: layers at w_bits or 8 (0 = off)
     weight_rounding: Rounding = Rounding.NEAREST  # or GPTQ: error-compensating rounding (passes.gptq)

@@ -67,3 +67,72 @@ def rotated_range(
     rotated = values @ rot
     widen = max(1.0, max(hi, -lo) / max(float(np.abs(values).max()), 1e-12))
     return widen * float(rotated.min()), widen * float(rotated.max()), np.abs(rotated).max(axis=0), rotated
+
+
+DUQUANT_STEPS = 64  # greedy rotation steps per block rotation (the best prefix is kept)
+DUQUANT_ROWS = 1024  # input rows the greedy steps look at (evenly spaced)
+
+
+def _spreading(block: int, rng: np.random.Generator) -> np.ndarray:
+    """DuQuant's base rotation R̃·Q: an orthonormal Hadamard (its first row uniform, so the first
+    channel's value is spread evenly over the block) times diag(1, Q') with Q' a random orthogonal
+    matrix (QR of a Gaussian one, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((block - 1, block - 1)))
+    mix = np.eye(block)
+    mix[1:, 1:] = q * np.sign(np.diag(r))
+    return hadamard(block) @ mix
+
+
+def _greedy_block_rotation(x: np.ndarray, base: np.ndarray, steps: int) -> np.ndarray:
+    """The block rotation R [B, B] applied to every block of x [rows, C] (as x reshaped [-1, B]):
+    step by step, the channel d holding the largest magnitude is moved to the first place of the
+    base rotation (E_d·R̃Q·E_d, E_d swapping channels 0 and d), which spreads it over the block; of
+    the products of the first k steps, the one with the smallest peak (max − min) is kept."""
+    block = base.shape[0]
+    y = x.reshape(-1, block)
+    rotation, best, best_peak = np.eye(block), np.eye(block), float(y.max() - y.min())
+    for _ in range(steps):
+        d = int(np.unravel_index(np.argmax(np.abs(y)), y.shape)[1])
+        swap = np.arange(block)
+        swap[[0, d]] = swap[[d, 0]]
+        step = base[np.ix_(swap, swap)]
+        y, rotation = y @ step, rotation @ step
+        peak = float(y.max() - y.min())
+        if peak < best_peak:
+            best, best_peak = rotation.copy(), peak
+    return best
+
+
+def _zigzag(magnitude: np.ndarray, block: int) -> np.ndarray:
+    """DuQuant's zigzag permutation: channels by decreasing magnitude dealt to the blocks in the
+    order 0, 1, …, n−1, n−1, …, 1, 0, 0, 1, …, so every block gets a like share of the outliers;
+    returns the channel order (block after block)."""
+    count = len(magnitude) // block
+    blocks: list[list[int]] = [[] for _ in range(count)]
+    for i, channel in enumerate(np.argsort(-magnitude, kind="stable")):
+        turn, pos = divmod(i, count)
+        blocks[pos if turn % 2 == 0 else count - 1 - pos].append(int(channel))
+    return np.array([c for b in blocks for c in sorted(b, key=lambda c: -magnitude[c])])
+
+
+def duquant_rotation(values: np.ndarray, block: int, steps: int = DUQUANT_STEPS, seed: int = 0) -> np.ndarray:
+    """DuQuant's dual transformation (Lin et al., NeurIPS 2024, Sec. 3.2) of an input X [rows, C]
+    as one orthogonal matrix M [C, C]: a block rotation found greedily on X (the same B×B rotation
+    in every block), the zigzag permutation of the rotated channels, and a second greedy block
+    rotation: X·M = ((X·diag(R1, …, R1))[:, π])·diag(R2, …, R2).
+
+    Raises:
+        QexportError: C not a multiple of B, or no Hadamard of order B.
+    """
+    channels = values.shape[1]
+    if block < 2 or channels % block:
+        raise QexportError(f"DuQuant rotation: {channels} channels do not split into blocks of {block}")
+    rng = np.random.default_rng(seed)
+    base = _spreading(block, rng)
+    values = values[:: -(-len(values) // DUQUANT_ROWS)]
+    eye = np.eye(channels // block)
+    first = np.kron(eye, _greedy_block_rotation(values, base, steps))
+    order = _zigzag(np.abs(values @ first).max(axis=0), block)
+    moved = first[:, order]
+    second = np.kron(eye, _greedy_block_rotation(values @ moved, base, steps))
+    return moved @ second

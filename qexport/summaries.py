@@ -172,8 +172,9 @@ def _rotation(q: dict[str, Any]) -> list[str]:
     online = q.get("online_rotation", {})
     if online.get("block"):
         share = 100 * online["macs_per_call"] / max(online["linear_macs_per_call"], 1)
+        kind = "DuQuant rotation" if online.get("transform") == "duquant" else "Hadamard"
         lines.append(
-            f"  rotation   online Hadamard (block {online['block']}, {online['choice']}) on "
+            f"  rotation   online {kind} (block {online['block']}, {online['choice']}) on "
             f"{online['groups_rotated']} of {online['groups_considered']} inputs (first model): "
             f"+{online['macs_per_call'] / 1e6:.0f} M FP MACs per call ({share:.1f}% of the quantized linears')"
         )

@@ -19,10 +19,17 @@ from qexport.verification.evaluate import EvalResult, evaluate
 # method -> (smoothing, timestep-wise, other recipe settings); "ranges" replaces timestep-wise when given.
 # "Dynamic" is the seed paper's baseline row (ViDiT-Q): per-channel weights, activations quantized per
 # token at run time, one model for every step; not NPU-static. "PTQ4DiT": its salience balancing (SmoothQuant
-# at --alpha, PTQ4DiT's 0.5, from the Spearman-weighted salience over the steps), one model
+# at --alpha, PTQ4DiT's 0.5, from the Spearman-weighted salience over the steps), one model. "DuQuant":
+# SmoothQuant at --alpha, then DuQuant's rotation, permutation and rotation online before every
+# quantized input that has no offline rotation, one model
 METHODS: dict[str, tuple[Smooth, bool, tuple[str, ...]]] = {
     "Dynamic": (Smooth.NONE, False, ("dynamic_activations=on",)),
     "PTQ4DiT": (Smooth.ASQ, False, ("smoothquant.statistic=spearman",)),
+    "DuQuant": (
+        Smooth.ASQ,
+        False,
+        ("online_rotation=on", "online_rotation.transform=duquant", "online_rotation.choice=all"),
+    ),
     "CW+TW": (Smooth.NONE, False, ()),
     "+TSW": (Smooth.NONE, True, ()),
     "+ASQ": (Smooth.ASQ, True, ()),

@@ -323,3 +323,25 @@ def test_tsq_alpha_auto_scores_nearest_rounding_and_rounds_the_chosen_alpha_by_g
     got, want, plain = (b.ranges[0].plan.layers for b in (searched, fixed, nearest))
     assert all(np.array_equal(got[n].w_q, want[n].w_q) for n in want)
     assert any(not np.array_equal(got[n].w_q, plain[n].w_q) for n in plain)
+
+
+def test_digest_hashes_dtype_shape_and_the_arrays_bytes():
+    """The memo's key: the same as hashing tobytes() (any layout, empty arrays), and it tells apart
+    equal bytes of another shape or dtype."""
+    import hashlib
+
+    from qexport.passes.gptq import digest
+
+    def by_copy(*parts):
+        h = hashlib.blake2b(digest_size=20)
+        for part in parts:
+            a = np.ascontiguousarray(part) if not isinstance(part, str) else None
+            h.update(part.encode() if a is None else f"{a.dtype}{a.shape}".encode() + a.tobytes())
+        return h.digest()
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.standard_normal((5, 7)), "x"), (rng.standard_normal((8, 8))[:, ::2],), (np.zeros((0, 3)),),
+             (rng.integers(0, 9, (3, 4)).astype(np.int8).T, np.float32(2.5))]  # fmt: skip
+    assert all(digest(*c) == by_copy(*c) for c in cases)
+    a = np.arange(6, dtype=np.float32)
+    assert len({digest(a), digest(a.reshape(2, 3)), digest(a.view(np.int32))}) == 3

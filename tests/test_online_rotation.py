@@ -1,5 +1,5 @@
-"""Online Hadamard rotation (build --online-rotation): exact in FP, integer kernels kept, the
-adaptive choice follows its criterion."""
+"""Online Hadamard rotation (build --online-rotation) and DuQuant's dual transformation in its
+place: exact in FP, integer kernels kept, the adaptive choice follows its criterion."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import onnx_graphsurgeon as gs
 import pytest
 from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.quant import Grid
-from qexport.passes.rotate import hadamard
-from qexport.passes.techniques.online_rotation import choose_online
+from qexport.passes.rotate import _zigzag, duquant_rotation, hadamard
+from qexport.passes.techniques.online_rotation import choose_online, equal_blocks
 from qexport.targets.catalog import get_profile
 from sessions import cpu_session
 
@@ -28,8 +28,11 @@ def _inputs(outlier: float, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]
     return x, [rng.normal(size=(128, 96)) * 0.05]
 
 
-def _choose(x: np.ndarray, ws: list[np.ndarray], choice: str) -> tuple[np.ndarray | None, dict[str, float]]:
-    config = QuantConfig(smooth=Smooth.NONE, online_rotation=64, rotation_choice=choice, a_bits=8)
+def _choose(
+    x: np.ndarray, ws: list[np.ndarray], choice: str, transform: str = "hadamard"
+) -> tuple[np.ndarray | None, dict[str, float]]:
+    config = QuantConfig(smooth=Smooth.NONE, online_rotation=64, rotation_choice=choice, a_bits=8,
+                         rotation_transform=transform)  # fmt: skip
     magnitude = np.abs(x).max(axis=0)
     return choose_online(x, magnitude, ws, (float(x.min()), float(x.max())), W8, A8, config, TARGET)
 
@@ -63,8 +66,37 @@ def test_block_must_divide_channels_and_be_a_power_of_two() -> None:
         recipe_of("online_rotation.choice=some")
 
 
-def test_rotation_pass_is_exact_in_fp() -> None:
-    """The graph pass computes x·R blockwise: compare with the dense product in onnxruntime."""
+def test_duquant_rotation_is_orthogonal_spreads_outliers_and_balances_blocks() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 256))
+    x[:, [5, 6, 7, 130]] *= [60.0, 45.0, 30.0, 20.0]  # outliers crowded into the first block
+    m = duquant_rotation(x, 64)
+    np.testing.assert_allclose(m @ m.T, np.eye(256), atol=1e-12)
+    assert equal_blocks(m) == 256  # the permutation between the two block rotations: not block-diagonal
+    assert np.array_equal(m, duquant_rotation(x, 64))  # deterministic (seed 0)
+    peak = np.abs(x @ m).max()
+    hadamard_peak = np.abs(x @ np.kron(np.eye(4), hadamard(64))).max()
+    assert peak < np.abs(x).max() / 4 and peak <= 1.1 * hadamard_peak
+    order = _zigzag(np.arange(8.0)[::-1], 2)  # channel 0 largest: dealt 0 1 2 3 3 2 1 0 to 4 blocks
+    assert sorted(order) == list(range(8)) and [set(order[i : i + 2]) for i in range(0, 8, 2)] == [
+        {0, 7}, {1, 6}, {2, 5}, {3, 4}]  # fmt: skip
+    with pytest.raises(QexportError, match="do not split into blocks of 64"):
+        duquant_rotation(x[:, :96], 64)
+
+
+def test_duquant_is_chosen_where_it_lowers_the_error() -> None:
+    x, ws = _inputs(outlier=40.0)
+    rot, report = _choose(x, ws, "adaptive", "duquant")
+    assert rot is not None and report["error_rotated"] < report["error_plain"]
+    np.testing.assert_allclose(rot @ rot.T, np.eye(128), atol=1e-12)
+    with pytest.raises(QexportError, match=r"'online_rotation.transform' must be one of 'hadamard', 'duquant'"):
+        recipe_of("online_rotation.transform=other")
+
+
+@pytest.mark.parametrize("transform", ["hadamard", "duquant"])
+def test_rotation_pass_is_exact_in_fp(transform: str) -> None:
+    """The graph pass computes x·R (blockwise for equal blocks): compare with the dense product in
+    onnxruntime."""
     import onnx
     from qexport.passes.analyze import Group
     from qexport.passes.plan import RangePlan
@@ -75,7 +107,8 @@ def test_rotation_pass_is_exact_in_fp() -> None:
     w = gs.Constant("w", np.random.default_rng(1).normal(size=(128, 32)).astype(np.float32))
     y = gs.Variable("y", dtype=np.float32, shape=(2, 7, 32))
     graph = gs.Graph(nodes=[gs.Node("MatMul", "mm", inputs=[x, w], outputs=[y])], inputs=[x], outputs=[y], opset=21)
-    rot = np.kron(np.eye(2), hadamard(64))
+    xs = np.random.default_rng(4).normal(size=(512, 128)) * np.linspace(1, 30, 128)
+    rot = np.kron(np.eye(2), hadamard(64)) if transform == "hadamard" else duquant_rotation(xs, 64)
     plan = RangePlan(steps=[0], online={"x": rot})
     group = Group(tensor="x", layers=("fc",), channels=128, fold="explicit")
     graph = insert_online_rotation(graph, PassConfig(plan=plan, groups=[group], nodes={"fc": "mm"}), TARGET)
@@ -91,16 +124,20 @@ def test_rotation_pass_is_exact_in_fp() -> None:
 
 
 @pytest.mark.slow
-def test_tiny_latte_online_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path):
+@pytest.mark.parametrize("transform", ["hadamard", "duquant"])
+def test_tiny_latte_online_rotated_build_fuses_verifies_and_replans(latte_stats, tmp_path, transform):
     from qexport.exporter.build import BuildConfig, build, replan
     from qexport.targets.catalog import ORT_CPU
     from qexport.verification.verify import verify
 
-    recipe = recipe_of("smoothquant.mode=asq", "online_rotation.choice=all", "granularity.time_ranges=1")
+    recipe = recipe_of("smoothquant.mode=asq", "online_rotation.choice=all", "granularity.time_ranges=1",
+                       f"online_rotation.transform={transform}")  # fmt: skip
     result = build(latte_stats, tmp_path / "online", BuildConfig(recipe=recipe))
     online = result.manifest["quantization"]["online_rotation"]
     assert online["groups_rotated"] == online["groups_considered"] > 0
-    assert 0 < online["macs_per_call"] < 0.2 * online["linear_macs_per_call"]
+    assert online.get("transform", "hadamard") == transform
+    dense = transform == "duquant"  # C x C per row instead of C x 64
+    assert 0 < online["macs_per_call"] < (2.0 if dense else 0.2) * online["linear_macs_per_call"]
     plan = result.ranges[0].plan
     v = verify(result.folder, result.adapter, [plan], result.manifest, ORT_CPU, "a red circle moving left")
     assert v.ok and all(len(m.integer) == 64 and not m.float_ for m in v.models), v.to_json()

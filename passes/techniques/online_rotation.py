@@ -1,4 +1,6 @@
-"""A block-diagonal Hadamard applied online before the quantizer of the other linears' inputs.
+"""A block-diagonal Hadamard applied online before the quantizer of the other linears' inputs, or
+DuQuant's dual transformation (greedy block rotations around a zigzag permutation, found on the
+replayed input: passes.rotate.duquant_rotation) in its place.
 
 Adaptive: rotate only where the input has outlier channels (max / median of the per-channel
 magnitude >= OUTLIER_RATIO) and where rotation lowers the group's output error on the samples."""
@@ -15,7 +17,7 @@ from qexport.passes.graph import const, node_named
 from qexport.passes.quant import Grid, dequantize, qparams, quantize, relative_error
 from qexport.passes.rangeplan import GroupStep, QuantConfig
 from qexport.passes.rewrite import PassConfig
-from qexport.passes.rotate import hadamard, rotated_range
+from qexport.passes.rotate import duquant_rotation, hadamard, rotated_range
 from qexport.passes.techniques.base import GraphPass, Shape, Technique
 from qexport.passes.weights import weight_qparams
 from qexport.targets.profile import TargetProfile
@@ -60,8 +62,11 @@ def choose_online(
         return None, {**report, "skipped_block": float(block)}
     if config.rotation_choice == "adaptive" and ratio < OUTLIER_RATIO:
         return None, report
-    rot = np.kron(np.eye(channels // block), hadamard(block))
     x = values[:: -(-len(values) // ERROR_ROWS)]
+    if config.rotation_transform == "duquant":
+        rot = duquant_rotation(x, block)
+    else:
+        rot = np.kron(np.eye(channels // block), hadamard(block))
     plain = _output_error(x, *bounds, ws, w_grid, a_grid, config, target)
     rlo, rhi, _, xr = rotated_range(x, rot, *bounds)
     rotated = _output_error(xr, rlo, rhi, [rot.T @ w for w in ws], w_grid, a_grid, config, target)
@@ -71,16 +76,24 @@ def choose_online(
     return rot, report
 
 
+def equal_blocks(rot: np.ndarray) -> int:
+    """B where rot is diag(R_B, …, R_B), else rot's whole width."""
+    block = int(np.count_nonzero(rot[0]))
+    if len(rot) % block == 0 and np.array_equal(rot, np.kron(np.eye(len(rot) // block), rot[:block, :block])):
+        return block
+    return len(rot)
+
+
 def insert_online_rotation(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
     """x -> x·R before the quantizer of each group the plan rotates online (its weights come as Rᵀ·W
-    from the plan). R is block-diagonal, so it runs as Reshape(x, [-1, B]) · H_B, reshaped back to
-    x's shape: C·B MACs per row, not C²."""
+    from the plan). A block-diagonal R of equal blocks runs as Reshape(x, [-1, B]) · H_B, reshaped
+    back to x's shape: C·B MACs per row, not C²; any other (DuQuant's) as one C×C MatMul."""
     for g in config.groups:
         rot = config.plan.online.get(g.tensor)
         if rot is None:
             continue
         x = node_named(graph, config.nodes[g.layers[0]]).inputs[0]
-        block = int(np.count_nonzero(rot[0]))
+        block = equal_blocks(rot)
         name = f"{g.tensor}::rotate"
         rows, turned = gs.Variable(f"{name}_rows", dtype=np.float32), gs.Variable(f"{name}_out", dtype=np.float32)
         shape = gs.Variable(f"{name}_shape", dtype=np.int64)
@@ -104,6 +117,7 @@ class OnlineRotation(Technique):
 
     block: int = 64
     choice: Literal["adaptive", "all"] = "adaptive"
+    transform: Literal["hadamard", "duquant"] = "hadamard"
 
     def replays(self) -> bool:
         return True
@@ -114,7 +128,7 @@ class OnlineRotation(Technique):
             raise QexportError(f"recipe key 'online_rotation.block' must be a power of two >= 2, got {self.block}")
 
     def settings(self) -> dict[str, Any]:
-        return {"online_rotation": self.block, "rotation_choice": self.choice}
+        return {"online_rotation": self.block, "rotation_choice": self.choice, "rotation_transform": self.transform}
 
     @classmethod
     def wants_samples(cls, config: QuantConfig, fold: str) -> bool:
