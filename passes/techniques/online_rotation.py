@@ -112,7 +112,7 @@ def insert_online_rotation(graph: gs.Graph, config: PassConfig, target: TargetPr
 @dataclass(frozen=True, kw_only=True)
 class OnlineRotation(Technique):
     kind = "online_rotation"
-    summary = "block-diagonal Hadamard before other inputs' quantizers (adaptive: where it lowers the error)"
+    summary = "block-diagonal Hadamard (or DuQuant's rotation, permutation, rotation) before other inputs' quantizers"
     rewrites: ClassVar[Mapping[str, GraphPass]] = {"rotate": insert_online_rotation}
 
     block: int = 64
