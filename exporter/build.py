@@ -746,7 +746,11 @@ def rotation_macs(graph: gs.Graph, nodes: dict[str, str], groups: list[Group], p
         rot = plan.online.get(g.tensor)
         shape = node_named(graph, nodes[g.layers[0]]).inputs[0].shape or []
         if rot is not None and shape and all(isinstance(d, int) for d in shape):
-            total += int(np.prod(shape[:-1])) * rot.shape[0] * equal_blocks(rot)
+            factors = plan.online_factors.get(g.tensor)
+            per_channel = (
+                2 * len(factors[0]) if factors is not None else equal_blocks(rot)
+            )  # DuQuant: two block MatMuls
+            total += int(np.prod(shape[:-1])) * rot.shape[0] * per_channel
     return total
 
 

@@ -134,6 +134,8 @@ class RangePlan:
     folds: dict[str, int] = field(default_factory=dict)  # fold kind -> groups
     rotations: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R folded around it
     online: dict[str, np.ndarray] = field(default_factory=dict)  # group tensor -> R applied online
+    # group tensor -> DuQuant's (R1, channel order, R2) whose product is online's R (emitted factored)
+    online_factors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     online_report: dict[str, dict[str, float]] = field(default_factory=dict)  # group tensor -> criterion, errors
     attention: dict[str, AttentionPlan] = field(default_factory=dict)  # attention module -> operand quantizers
     value_folds: set[str] = field(default_factory=set)  # value projections whose output a fold changes

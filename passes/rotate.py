@@ -115,11 +115,13 @@ def _zigzag(magnitude: np.ndarray, block: int) -> np.ndarray:
     return np.array([c for b in blocks for c in sorted(b, key=lambda c: -magnitude[c])])
 
 
-def duquant_rotation(values: np.ndarray, block: int, steps: int = DUQUANT_STEPS, seed: int = 0) -> np.ndarray:
-    """DuQuant's dual transformation (Lin et al., NeurIPS 2024, Sec. 3.2) of an input X [rows, C]
-    as one orthogonal matrix M [C, C]: a block rotation found greedily on X (the same B×B rotation
-    in every block), the zigzag permutation of the rotated channels, and a second greedy block
-    rotation: X·M = ((X·diag(R1, …, R1))[:, π])·diag(R2, …, R2).
+def duquant_factors(
+    values: np.ndarray, block: int, steps: int = DUQUANT_STEPS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DuQuant's dual transformation (Lin et al., NeurIPS 2024, Sec. 3.2) of an input X [rows, C]:
+    a block rotation R1 [B, B] found greedily on X (the same rotation in every block), the zigzag
+    channel order π [C] of the rotated input, and a second greedy block rotation R2 [B, B]:
+    X ↦ ((X·diag(R1, …, R1))[:, π])·diag(R2, …, R2).
 
     Raises:
         QexportError: C not a multiple of B, or no Hadamard of order B.
@@ -131,8 +133,19 @@ def duquant_rotation(values: np.ndarray, block: int, steps: int = DUQUANT_STEPS,
     base = _spreading(block, rng)
     values = values[:: -(-len(values) // DUQUANT_ROWS)]
     eye = np.eye(channels // block)
-    first = np.kron(eye, _greedy_block_rotation(values, base, steps))
-    order = _zigzag(np.abs(values @ first).max(axis=0), block)
-    moved = first[:, order]
-    second = np.kron(eye, _greedy_block_rotation(values @ moved, base, steps))
-    return moved @ second
+    r1 = _greedy_block_rotation(values, base, steps)
+    rotated = values @ np.kron(eye, r1)
+    order = _zigzag(np.abs(rotated).max(axis=0), block)
+    r2 = _greedy_block_rotation(rotated[:, order], base, steps)
+    return r1, order, r2
+
+
+def compose_duquant(r1: np.ndarray, order: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """The orthogonal matrix M [C, C] with X·M = ((X·diag(R1, …))[:, π])·diag(R2, …)."""
+    eye = np.eye(len(order) // len(r1))
+    return np.kron(eye, r1)[:, order] @ np.kron(eye, r2)
+
+
+def duquant_rotation(values: np.ndarray, block: int, steps: int = DUQUANT_STEPS, seed: int = 0) -> np.ndarray:
+    """duquant_factors as one matrix (compose_duquant)."""
+    return compose_duquant(*duquant_factors(values, block, steps, seed))

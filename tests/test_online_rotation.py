@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from qexport.passes.plan import QuantConfig, Smooth
 from qexport.passes.quant import Grid
-from qexport.passes.rotate import _zigzag, duquant_rotation, hadamard
+from qexport.passes.rotate import _zigzag, compose_duquant, duquant_factors, duquant_rotation, hadamard
 from qexport.passes.techniques.online_rotation import choose_online, equal_blocks
 from qexport.targets.catalog import get_profile
 from sessions import cpu_session
@@ -34,7 +34,8 @@ def _choose(
     config = QuantConfig(smooth=Smooth.NONE, online_rotation=64, rotation_choice=choice, a_bits=8,
                          rotation_transform=transform)  # fmt: skip
     magnitude = np.abs(x).max(axis=0)
-    return choose_online(x, magnitude, ws, (float(x.min()), float(x.max())), W8, A8, config, TARGET)
+    rot, report, _ = choose_online(x, magnitude, ws, (float(x.min()), float(x.max())), W8, A8, config, TARGET)
+    return rot, report
 
 
 def test_outlier_channel_is_rotated_and_error_falls() -> None:
@@ -58,7 +59,7 @@ def test_flat_input_is_left_alone_unless_all() -> None:
 def test_block_must_divide_channels_and_be_a_power_of_two() -> None:
     x, ws = _inputs(outlier=40.0)
     config = QuantConfig(online_rotation=256)
-    rot, report = choose_online(x, np.abs(x).max(0), ws, (-1.0, 1.0), W8, A8, config, TARGET)
+    rot, report, _ = choose_online(x, np.abs(x).max(0), ws, (-1.0, 1.0), W8, A8, config, TARGET)
     assert rot is None and report["skipped_block"] == 256
     with pytest.raises(QexportError, match="power of two"):
         recipe_of("online_rotation.block=48")
@@ -93,10 +94,10 @@ def test_duquant_is_chosen_where_it_lowers_the_error() -> None:
         recipe_of("online_rotation.transform=other")
 
 
-@pytest.mark.parametrize("transform", ["hadamard", "duquant"])
-def test_rotation_pass_is_exact_in_fp(transform: str) -> None:
-    """The graph pass computes x·R (blockwise for equal blocks): compare with the dense product in
-    onnxruntime."""
+@pytest.mark.parametrize(("transform", "matmuls"), [("hadamard", 2), ("duquant", 3), ("dense", 2)])
+def test_rotation_pass_is_exact_in_fp(transform: str, matmuls: int) -> None:
+    """The graph pass computes x·R (blockwise for equal blocks, DuQuant's from its factors, any other
+    matrix whole): compare with the dense product in onnxruntime."""
     import onnx
     from qexport.passes.analyze import Group
     from qexport.passes.plan import RangePlan
@@ -108,8 +109,10 @@ def test_rotation_pass_is_exact_in_fp(transform: str) -> None:
     y = gs.Variable("y", dtype=np.float32, shape=(2, 7, 32))
     graph = gs.Graph(nodes=[gs.Node("MatMul", "mm", inputs=[x, w], outputs=[y])], inputs=[x], outputs=[y], opset=21)
     xs = np.random.default_rng(4).normal(size=(512, 128)) * np.linspace(1, 30, 128)
-    rot = np.kron(np.eye(2), hadamard(64)) if transform == "hadamard" else duquant_rotation(xs, 64)
-    plan = RangePlan(steps=[0], online={"x": rot})
+    factors = duquant_factors(xs, 64)
+    rot = np.kron(np.eye(2), hadamard(64)) if transform == "hadamard" else compose_duquant(*factors)
+    parts = {"x": factors} if transform == "duquant" else {}
+    plan = RangePlan(steps=[0], online={"x": rot}, online_factors=parts)
     group = Group(tensor="x", layers=("fc",), channels=128, fold="explicit")
     graph = insert_online_rotation(graph, PassConfig(plan=plan, groups=[group], nodes={"fc": "mm"}), TARGET)
     graph.cleanup().toposort()
@@ -120,7 +123,7 @@ def test_rotation_pass_is_exact_in_fp(transform: str) -> None:
     xv = np.random.default_rng(2).normal(size=(2, 7, 128)).astype(np.float32)
     (out,) = sess.run(None, {"x": xv})
     np.testing.assert_allclose(out, (xv @ rot.astype(np.float32)) @ w.values, rtol=1e-4, atol=1e-4)
-    assert sum(n.op_type == "MatMul" for n in model.graph.node) == 2
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) == matmuls
 
 
 @pytest.mark.slow
@@ -136,8 +139,7 @@ def test_tiny_latte_online_rotated_build_fuses_verifies_and_replans(latte_stats,
     online = result.manifest["quantization"]["online_rotation"]
     assert online["groups_rotated"] == online["groups_considered"] > 0
     assert online.get("transform", "hadamard") == transform
-    dense = transform == "duquant"  # C x C per row instead of C x 64
-    assert 0 < online["macs_per_call"] < (2.0 if dense else 0.2) * online["linear_macs_per_call"]
+    assert 0 < online["macs_per_call"] < (0.4 if transform == "duquant" else 0.2) * online["linear_macs_per_call"]
     plan = result.ranges[0].plan
     v = verify(result.folder, result.adapter, [plan], result.manifest, ORT_CPU, "a red circle moving left")
     assert v.ok and all(len(m.integer) == 64 and not m.float_ for m in v.models), v.to_json()

@@ -17,7 +17,7 @@ from qexport.passes.graph import const, node_named
 from qexport.passes.quant import Grid, dequantize, qparams, quantize, relative_error
 from qexport.passes.rangeplan import GroupStep, QuantConfig
 from qexport.passes.rewrite import PassConfig
-from qexport.passes.rotate import duquant_rotation, hadamard, rotated_range
+from qexport.passes.rotate import compose_duquant, duquant_factors, hadamard, rotated_range
 from qexport.passes.techniques.base import GraphPass, Shape, Technique
 from qexport.passes.weights import weight_qparams
 from qexport.targets.profile import TargetProfile
@@ -26,6 +26,7 @@ from qexport.errors import QexportError
 
 OUTLIER_RATIO = 3.0  # adaptive online rotation: max / median of the per-channel input magnitude
 ERROR_ROWS = 8192  # sample rows used to compare a group's output error with and without rotation
+Factors = tuple[np.ndarray, np.ndarray, np.ndarray]  # DuQuant's R1 [B, B], channel order [C], R2 [B, B]
 
 
 def _output_error(
@@ -53,27 +54,26 @@ def choose_online(
     a_grid: Grid,
     config: QuantConfig,
     target: TargetProfile,
-) -> tuple[np.ndarray | None, dict[str, float]]:
-    """The online rotation of one group's (smoothed) input, or None, and why (see the module doc)."""
+) -> tuple[np.ndarray | None, dict[str, float], Factors | None]:
+    """The online rotation of one group's (smoothed) input, or None, and why (see the module doc);
+    DuQuant's factors (R1, channel order, R2) of the rotation where it is DuQuant's."""
     block, channels = config.online_rotation, values.shape[1]
     ratio = float(np.max(magnitude) / max(float(np.median(magnitude)), 1e-12))
     report = {"outlier_ratio": round(ratio, 3)}
     if channels % block:
-        return None, {**report, "skipped_block": float(block)}
+        return None, {**report, "skipped_block": float(block)}, None
     if config.rotation_choice == "adaptive" and ratio < OUTLIER_RATIO:
-        return None, report
+        return None, report, None
     x = values[:: -(-len(values) // ERROR_ROWS)]
-    if config.rotation_transform == "duquant":
-        rot = duquant_rotation(x, block)
-    else:
-        rot = np.kron(np.eye(channels // block), hadamard(block))
+    factors = duquant_factors(x, block) if config.rotation_transform == "duquant" else None
+    rot = np.kron(np.eye(channels // block), hadamard(block)) if factors is None else compose_duquant(*factors)
     plain = _output_error(x, *bounds, ws, w_grid, a_grid, config, target)
     rlo, rhi, _, xr = rotated_range(x, rot, *bounds)
     rotated = _output_error(xr, rlo, rhi, [rot.T @ w for w in ws], w_grid, a_grid, config, target)
     report.update(error_plain=plain, error_rotated=rotated)
     if config.rotation_choice == "adaptive" and rotated >= plain:
-        return None, report
-    return rot, report
+        return None, report, None
+    return rot, report, factors
 
 
 def equal_blocks(rot: np.ndarray) -> int:
@@ -84,15 +84,50 @@ def equal_blocks(rot: np.ndarray) -> int:
     return len(rot)
 
 
+def _blockwise(graph: gs.Graph, name: str, x: gs.Variable, shape: gs.Variable, r: np.ndarray) -> gs.Variable:
+    """x·diag(r, …, r) as Reshape(x, [-1, B]) · r, reshaped back to `shape`."""
+    rows, turned = gs.Variable(f"{name}_rows", dtype=np.float32), gs.Variable(f"{name}_turned", dtype=np.float32)
+    out = gs.Variable(f"{name}_out", dtype=np.float32, shape=x.shape)
+    blocks = const(f"{name}_blocks", np.array([-1, len(r)], dtype=np.int64))
+    graph.nodes.append(gs.Node("Reshape", f"{name}_split", inputs=[x, blocks], outputs=[rows]))
+    graph.nodes.append(
+        gs.Node("MatMul", name, inputs=[rows, const(f"{name}_r", r.astype(np.float32))], outputs=[turned])
+    )
+    graph.nodes.append(gs.Node("Reshape", f"{name}_join", inputs=[turned, shape], outputs=[out]))
+    return out
+
+
+def _insert_factored(graph: gs.Graph, tensor: str, x: gs.Variable, factors: Factors, readers: list[gs.Node]) -> None:
+    """x·M for DuQuant's M = diag(R1, …)·P·diag(R2, …) as two block MatMuls around a Gather of the
+    channels: 2·C·B MACs per row instead of C²."""
+    r1, order, r2 = factors
+    name = f"{tensor}::duquant"
+    shape = gs.Variable(f"{name}_shape", dtype=np.int64)
+    graph.nodes.append(gs.Node("Shape", f"{name}_of", inputs=[x], outputs=[shape]))
+    first = _blockwise(graph, f"{name}_1", x, shape, r1)
+    moved = gs.Variable(f"{name}_moved", dtype=np.float32, shape=x.shape)
+    index = const(f"{name}_order", order.astype(np.int64))
+    graph.nodes.append(gs.Node("Gather", f"{name}_permute", attrs={"axis": -1}, inputs=[first, index], outputs=[moved]))
+    y = _blockwise(graph, f"{name}_2", moved, shape, r2)
+    y.name = f"{tensor}::rotated"
+    for node in readers:
+        node.inputs[0] = y
+
+
 def insert_online_rotation(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
     """x -> x·R before the quantizer of each group the plan rotates online (its weights come as Rᵀ·W
     from the plan). A block-diagonal R of equal blocks runs as Reshape(x, [-1, B]) · H_B, reshaped
-    back to x's shape: C·B MACs per row, not C²; any other (DuQuant's) as one C×C MatMul."""
+    back to x's shape: C·B MACs per row, not C²; DuQuant's from its factors (two block MatMuls around
+    a Gather); any other as one C×C MatMul."""
     for g in config.groups:
         rot = config.plan.online.get(g.tensor)
         if rot is None:
             continue
         x = node_named(graph, config.nodes[g.layers[0]]).inputs[0]
+        factors = config.plan.online_factors.get(g.tensor)
+        if factors is not None:
+            _insert_factored(graph, g.tensor, x, factors, [node_named(graph, config.nodes[n]) for n in g.layers])
+            continue
         block = equal_blocks(rot)
         name = f"{g.tensor}::rotate"
         rows, turned = gs.Variable(f"{name}_rows", dtype=np.float32), gs.Variable(f"{name}_out", dtype=np.float32)
@@ -142,12 +177,14 @@ class OnlineRotation(Technique):
         assert step.magnitude is not None
         ws = [rng.final_w[layer] for layer in g.layers]
         values = step.values
-        online, rng.plan.online_report[g.tensor] = choose_online(
+        online, rng.plan.online_report[g.tensor], factors = choose_online(
             values, step.magnitude, ws, (step.lo, step.hi), rng.w_grid, rng.a_grid, rng.config, rng.target
         )
         if online is None:
             return
         step.online = rng.plan.online[g.tensor] = online
+        if factors is not None:
+            rng.plan.online_factors[g.tensor] = factors
         for layer in g.layers:
             rng.final_w[layer] = online.T @ rng.final_w[layer]
         step.lo, step.hi, step.magnitude, step.values = rotated_range(values, online, step.lo, step.hi)
