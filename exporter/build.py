@@ -120,13 +120,18 @@ def check_widths(quant: QuantConfig, stats: QStats) -> None:
 
 def _check_runtime_techniques(config: BuildConfig, target: TargetProfile) -> None:
     """Refuse techniques whose emitted form the target does not run: run-time activation quantizers,
-    group-wise (blocked) weights."""
+    group-wise (blocked) weights, an online rotation transform."""
     dynamic = config.recipe.technique(DynamicActivations.kind)
     if isinstance(dynamic, DynamicActivations) and dynamic.granularity not in target.dynamic_activations:
         names = [p.name for p in PROFILES.values() if dynamic.granularity in p.dynamic_activations]
         raise QexportError(f"target {target.name} fixes every activation scale at build time; dynamic_activations "
                            f"(a reference, not NPU-static) needs a runtime that computes them: target "
                            f"{' or '.join(names)}")  # fmt: skip
+    transform = config.quant.rotation_transform
+    if config.quant.online_rotation and transform not in target.online_transforms:
+        runs = ", ".join(target.online_transforms)
+        raise QexportError(f"target {target.name} does not run the online rotation transform '{transform}' "
+                           f"(it runs: {runs}); set online_rotation.transform=hadamard")  # fmt: skip
     storage = target.weight_type(config.recipe.bits.weights)
     if config.quant.w_group and storage not in target.blocked_weights:
         runs = ", ".join(target.blocked_weights) or "none"

@@ -83,6 +83,10 @@ QNN_HTP = TargetProfile(
     # measured (the same simulator): a MatMul reading a blocked int4 or int8 DequantizeLinear (opset 21) is
     # refused ("Unsupported nodes in QNN EP: MatMul"), a per-channel int4 one runs: no group-wise weights
     blocked_weights=(),
+    # measured (the same simulator, tiny-latte W8A8 ASQ, every input rotated): the Hadamard online rotation
+    # runs (64 / 64 linears, verify PASS); DuQuant's (two block MatMuls around a Gather of the channels) is
+    # refused when the graph is finalized ("QNN_COMMON_ERROR_MEM_ALLOC", code 1002)
+    online_transforms=("hadamard",),
     max_rank=5,
     single_input_einsum=False,
     unsigned_norm_gamma=True,

@@ -53,6 +53,7 @@ class TargetProfile:
     dynamic_activations: tuple[str, ...] = ()
     native_dynamic: tuple[str, ...] = ()
     blocked_weights: tuple[str, ...] = ()  # weight storages whose blocked (group-wise) DequantizeLinear it runs
+    online_transforms: tuple[str, ...] = ("hadamard", "duquant")  # online_rotation.transform values it runs
     notes: tuple[str, ...] = ()
     source: str
 

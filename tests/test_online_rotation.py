@@ -85,6 +85,17 @@ def test_duquant_rotation_is_orthogonal_spreads_outliers_and_balances_blocks() -
         duquant_rotation(x[:, :96], 64)
 
 
+def test_the_htp_target_refuses_duquant_before_any_work(tmp_path) -> None:
+    """Measured: the HTP backend refuses DuQuant's factored transform when it finalizes the graph."""
+    from qexport.exporter.build import BuildConfig, check_request
+
+    duquant = ("online_rotation=on", "online_rotation.transform=duquant")
+    with pytest.raises(QexportError, match="target qnn-htp does not run the online rotation transform 'duquant'"):
+        check_request(BuildConfig(recipe=recipe_of(*duquant, "target=qnn-htp")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    check_request(BuildConfig(recipe=recipe_of(*duquant, "target=ort-cpu")), tmp_path / "out")  # the CPU runs it
+
+
 def test_duquant_is_chosen_where_it_lowers_the_error() -> None:
     x, ws = _inputs(outlier=40.0)
     rot, report = _choose(x, ws, "adaptive", "duquant")
