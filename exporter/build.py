@@ -53,7 +53,6 @@ from qexport.passes.smoothing import smoothing_steps
 from qexport.passes.specialise import copy_graph
 from qexport.passes.techniques import ORDER
 from qexport.passes.techniques.dynamic import DynamicActivations
-from qexport.passes.techniques.online_rotation import equal_blocks
 from qexport.passes.weight_only import surviving
 from qexport.targets.catalog import PROFILES, get_profile
 from qexport.targets.legality import LegalityReport, check_model
@@ -745,16 +744,14 @@ def _integer_only(graph: gs.Graph, steps: list[int], target: TargetProfile, repl
 
 def rotation_macs(graph: gs.Graph, nodes: dict[str, str], groups: list[Group], plan: RangePlan) -> int:
     """MACs one model call spends in online rotations: rows x channels x block per rotated group
-    (the whole width for a rotation that is not block-diagonal)."""
+    (twice that for DuQuant's two block rotations)."""
     total = 0
     for g in groups:
         rot = plan.online.get(g.tensor)
         shape = node_named(graph, nodes[g.layers[0]]).inputs[0].shape or []
         if rot is not None and shape and all(isinstance(d, int) for d in shape):
-            factors = plan.online_factors.get(g.tensor)
-            per_channel = (
-                2 * len(factors[0]) if factors is not None else equal_blocks(rot)
-            )  # DuQuant: two block MatMuls
+            factors = plan.online_factors.get(g.tensor)  # DuQuant's: two block MatMuls
+            per_channel = 2 * len(factors[0]) if factors is not None else int(np.count_nonzero(rot[0]))
             total += int(np.prod(shape[:-1])) * rot.shape[0] * per_channel
     return total
 

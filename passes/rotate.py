@@ -144,8 +144,3 @@ def compose_duquant(r1: np.ndarray, order: np.ndarray, r2: np.ndarray) -> np.nda
     """The orthogonal matrix M [C, C] with X·M = ((X·diag(R1, …))[:, π])·diag(R2, …)."""
     eye = np.eye(len(order) // len(r1))
     return np.kron(eye, r1)[:, order] @ np.kron(eye, r2)
-
-
-def duquant_rotation(values: np.ndarray, block: int, steps: int = DUQUANT_STEPS, seed: int = 0) -> np.ndarray:
-    """duquant_factors as one matrix (compose_duquant)."""
-    return compose_duquant(*duquant_factors(values, block, steps, seed))

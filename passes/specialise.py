@@ -121,14 +121,8 @@ def _evaluate_from_folder(graph: gs.Graph) -> None:
 
 def foldable_bytes(graph: gs.Graph) -> int:
     """Bytes of the constants that feed constant-only nodes: what one folding evaluation serializes."""
-    tensors = graph.tensors()
-    known: set[str] = {name for name, t in tensors.items() if isinstance(t, gs.Constant)}
-    taken: set[str] = set()
-    for node in graph.nodes:  # topological: a node's constant inputs are known before it
-        if node.inputs and all(t.name in known or not t.name for t in node.inputs):
-            known.update(t.name for t in node.outputs)
-            taken.update(t.name for t in node.inputs if isinstance(t, gs.Constant))
-    return sum(_nbytes(tensors[name]) for name in taken)
+    taken = {t.name: t for node in constant_part(graph)[0] for t in node.inputs if isinstance(t, gs.Constant)}
+    return sum(_nbytes(t) for t in taken.values())
 
 
 def _nbytes(tensor: gs.Constant) -> int:

@@ -1,6 +1,6 @@
 """A block-diagonal Hadamard applied online before the quantizer of the other linears' inputs, or
 DuQuant's dual transformation (greedy block rotations around a zigzag permutation, found on the
-replayed input: passes.rotate.duquant_rotation) in its place.
+replayed input: passes.rotate.duquant_factors) in its place.
 
 Adaptive: rotate only where the input has outlier channels (max / median of the per-channel
 magnitude >= OUTLIER_RATIO) and where rotation lowers the group's output error on the samples."""
@@ -76,69 +76,48 @@ def choose_online(
     return rot, report, factors
 
 
-def equal_blocks(rot: np.ndarray) -> int:
-    """B where rot is diag(R_B, …, R_B), else rot's whole width."""
-    block = int(np.count_nonzero(rot[0]))
-    if len(rot) % block == 0 and np.array_equal(rot, np.kron(np.eye(len(rot) // block), rot[:block, :block])):
-        return block
-    return len(rot)
-
-
-def _blockwise(graph: gs.Graph, name: str, x: gs.Variable, shape: gs.Variable, r: np.ndarray) -> gs.Variable:
-    """x·diag(r, …, r) as Reshape(x, [-1, B]) · r, reshaped back to `shape`."""
-    rows, turned = gs.Variable(f"{name}_rows", dtype=np.float32), gs.Variable(f"{name}_turned", dtype=np.float32)
-    out = gs.Variable(f"{name}_out", dtype=np.float32, shape=x.shape)
+def _blockwise(
+    graph: gs.Graph, name: str, x: gs.Variable, r: np.ndarray, label: str, y: gs.Variable,
+    shape: gs.Variable | None = None,
+) -> gs.Variable:  # fmt: skip
+    """y = x·diag(r, …, r) as Reshape(x, [-1, B]) · r, reshaped back by `shape` (Shape(x), made here
+    when None): C·B MACs per row, not C². Returns the shape tensor."""
+    rows, turned = gs.Variable(f"{name}_rows", dtype=np.float32), gs.Variable(f"{name}_out", dtype=np.float32)
     blocks = const(f"{name}_blocks", np.array([-1, len(r)], dtype=np.int64))
     graph.nodes.append(gs.Node("Reshape", f"{name}_split", inputs=[x, blocks], outputs=[rows]))
-    graph.nodes.append(
-        gs.Node("MatMul", name, inputs=[rows, const(f"{name}_r", r.astype(np.float32))], outputs=[turned])
-    )
-    graph.nodes.append(gs.Node("Reshape", f"{name}_join", inputs=[turned, shape], outputs=[out]))
-    return out
-
-
-def _insert_factored(graph: gs.Graph, tensor: str, x: gs.Variable, factors: Factors, readers: list[gs.Node]) -> None:
-    """x·M for DuQuant's M = diag(R1, …)·P·diag(R2, …) as two block MatMuls around a Gather of the
-    channels: 2·C·B MACs per row instead of C²."""
-    r1, order, r2 = factors
-    name = f"{tensor}::duquant"
-    shape = gs.Variable(f"{name}_shape", dtype=np.int64)
-    graph.nodes.append(gs.Node("Shape", f"{name}_of", inputs=[x], outputs=[shape]))
-    first = _blockwise(graph, f"{name}_1", x, shape, r1)
-    moved = gs.Variable(f"{name}_moved", dtype=np.float32, shape=x.shape)
-    index = const(f"{name}_order", order.astype(np.int64))
-    graph.nodes.append(gs.Node("Gather", f"{name}_permute", attrs={"axis": -1}, inputs=[first, index], outputs=[moved]))
-    y = _blockwise(graph, f"{name}_2", moved, shape, r2)
-    y.name = f"{tensor}::rotated"
-    for node in readers:
-        node.inputs[0] = y
+    graph.nodes.append(gs.Node("MatMul", name, inputs=[rows, const(f"{name}_{label}", r.astype(np.float32))],
+                               outputs=[turned]))  # fmt: skip
+    if shape is None:
+        shape = gs.Variable(f"{name}_shape", dtype=np.int64)
+        graph.nodes.append(gs.Node("Shape", f"{name}_of", inputs=[x], outputs=[shape]))
+    graph.nodes.append(gs.Node("Reshape", f"{name}_join", inputs=[turned, shape], outputs=[y]))
+    return shape
 
 
 def insert_online_rotation(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
     """x -> x·R before the quantizer of each group the plan rotates online (its weights come as Rᵀ·W
-    from the plan). A block-diagonal R of equal blocks runs as Reshape(x, [-1, B]) · H_B, reshaped
-    back to x's shape: C·B MACs per row, not C²; DuQuant's from its factors (two block MatMuls around
-    a Gather); any other as one C×C MatMul."""
+    from the plan). The Hadamard R = diag(H_B, …) runs blockwise; DuQuant's R = diag(R1, …)·P·diag(R2, …)
+    from its factors, two blockwise MatMuls around a Gather of the channels (2·C·B MACs per row)."""
     for g in config.groups:
         rot = config.plan.online.get(g.tensor)
         if rot is None:
             continue
         x = node_named(graph, config.nodes[g.layers[0]]).inputs[0]
-        factors = config.plan.online_factors.get(g.tensor)
-        if factors is not None:
-            _insert_factored(graph, g.tensor, x, factors, [node_named(graph, config.nodes[n]) for n in g.layers])
-            continue
-        block = equal_blocks(rot)
-        name = f"{g.tensor}::rotate"
-        rows, turned = gs.Variable(f"{name}_rows", dtype=np.float32), gs.Variable(f"{name}_out", dtype=np.float32)
-        shape = gs.Variable(f"{name}_shape", dtype=np.int64)
         y = gs.Variable(f"{g.tensor}::rotated", dtype=np.float32, shape=x.shape)
-        blocks = const(f"{name}_blocks", np.array([-1, block], dtype=np.int64))
-        h = const(f"{name}_hadamard", rot[:block, :block].astype(np.float32))
-        graph.nodes.append(gs.Node("Reshape", f"{name}_split", inputs=[x, blocks], outputs=[rows]))
-        graph.nodes.append(gs.Node("MatMul", name, inputs=[rows, h], outputs=[turned]))
-        graph.nodes.append(gs.Node("Shape", f"{name}_of", inputs=[x], outputs=[shape]))
-        graph.nodes.append(gs.Node("Reshape", f"{name}_join", inputs=[turned, shape], outputs=[y]))
+        factors = config.plan.online_factors.get(g.tensor)
+        if factors is None:
+            block = int(np.count_nonzero(rot[0]))
+            _blockwise(graph, f"{g.tensor}::rotate", x, rot[:block, :block], "hadamard", y)
+        else:
+            r1, order, r2 = factors
+            name = f"{g.tensor}::duquant"
+            first = gs.Variable(f"{name}_first", dtype=np.float32, shape=x.shape)
+            moved = gs.Variable(f"{name}_moved", dtype=np.float32, shape=x.shape)
+            shape = _blockwise(graph, f"{name}_1", x, r1, "r", first)
+            index = const(f"{name}_order", order.astype(np.int64))
+            graph.nodes.append(gs.Node("Gather", f"{name}_permute", attrs={"axis": -1}, inputs=[first, index],
+                                       outputs=[moved]))  # fmt: skip
+            _blockwise(graph, f"{name}_2", moved, r2, "r", y, shape)
         for layer in g.layers:
             node_named(graph, config.nodes[layer]).inputs[0] = y
     return graph
