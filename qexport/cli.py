@@ -867,7 +867,11 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        # not sys.exit: under `python -m`, CPython turns the exit into a SIGINT death when the
+        # interrupt first surfaced inside a C extension's PyRun_* call, and the status is then -2
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

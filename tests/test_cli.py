@@ -63,3 +63,22 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path):
         assert len(errors) == 1 and message in errors[0], proc.stderr
         assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_an_interrupt_exits_130_with_one_line_even_after_one_inside_c_code(tmp_path):
+    """An interrupt that first surfaced inside a C extension's PyRun_* call leaves CPython's 'unhandled
+    KeyboardInterrupt' flag set; under `python -m` a plain sys.exit(130) then dies of SIGINT (-2)."""
+    (tmp_path / "interrupted.py").write_text(
+        "import ctypes, sys\n"
+        "import click\n"
+        "from qexport import cli\n"
+        "ctypes.pythonapi.PyRun_SimpleString(b'raise KeyboardInterrupt')  # sets the flag, as C code can\n"
+        "@click.command()\n"
+        "def stopped():\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.cli = stopped\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "interrupted"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.rstrip().endswith("aborted") and proc.stderr.count("Traceback") == 1, proc.stderr
