@@ -34,7 +34,7 @@ def rounded_rows(w: torch.Tensor) -> torch.Tensor:
 def device_weight(lp: LayerPlan, device: torch.device) -> torch.Tensor:
     """lp.weight() as the linear's [out, in] weight on `device`: the integers sent there and
     dequantized by quant.dequantize's float32 operations (bit for bit), not sent as float32."""
-    if lp.codebook is not None:
+    if lp.coded:
         return torch.from_numpy(lp.weight().T.copy()).to(device)
     n = lp.w_q.shape[0]
     q = torch.from_numpy(lp.w_q.copy()).to(device)  # a copy: the plan's arrays are read-only
@@ -52,7 +52,7 @@ class Uploads:
         self._last: dict[str, tuple[tuple[object, ...], torch.Tensor]] = {}
 
     def weight(self, name: str, lp: LayerPlan, device: torch.device) -> torch.Tensor:
-        sources = (lp.w_q, lp.w_scale, lp.w_zero, lp.codebook)
+        sources = (lp.w_q, lp.w_scale, lp.w_zero, lp.codebook, lp.levels)
         last = self._last.get(name)
         if last is not None and all(a is b for a, b in zip(last[0], sources, strict=True)):
             return last[1]

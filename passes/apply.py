@@ -28,9 +28,12 @@ def pack_low_bit(model: onnx.ModelProto, plan: RangePlan) -> onnx.ModelProto:
     names = {
         f"{layer}::{role}": PACKED[lp.w_grid.storage]
         for layer, lp in plan.layers.items()
-        if lp.w_grid.storage in PACKED and lp.codebook is None
+        if lp.w_grid.storage in PACKED and not lp.coded
         for role in ("w_q", "w_zero")
     }
+    # per-channel level codes of 16 levels or fewer: unsigned 4-bit (passes.techniques.twin_log)
+    names |= {f"{layer}::w_q": onnx.TensorProto.UINT4 for layer, lp in plan.layers.items()
+              if lp.levels is not None and lp.levels.shape[0] <= 16}  # fmt: skip
     for init in model.graph.initializer:
         if init.name in names:
             values = onnx.numpy_helper.to_array(init)
@@ -44,7 +47,7 @@ def quantize_weights(graph: gs.Graph, config: PassConfig, target: TargetProfile)
     input axis where the plan has groups of input channels)."""
     for layer, node_name in config.nodes.items():
         lp = config.plan.layers[layer]
-        if lp.codebook is not None:  # indices into a codebook: the "codebook" stage writes it
+        if lp.coded:  # codes into a lookup: the "codebook" stage writes it
             continue
         node = node_named(graph, node_name)
         out = gs.Variable(f"{layer}::w_dq", dtype=np.float32)
@@ -108,7 +111,7 @@ STAGES: tuple[str | GraphPass, ...] = (
     "sink",  # explicit scalings moved onto small operands
     "rotate",  # online transforms before the quantizer
     quantize_weights,
-    "codebook",  # weights as indices into a codebook, decoded by Gather (not expressible as DequantizeLinear)
+    "codebook",  # weights as codes into a lookup, decoded by a Gather (not expressible as DequantizeLinear)
     store_float_weights,  # the float-kept layers' weights as int8 (weight-only), where the plan says
     quantize_activations,
     "operands",  # quantizers on other operands (attention)

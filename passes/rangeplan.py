@@ -108,6 +108,13 @@ class LayerPlan:
     a_range: tuple[Any, Any] | None = None  # the input range before the shrink (passes.plan.with_shrink)
     dynamic: str | None = None  # "token" / "tensor": the input is quantized at run time (a_scale unused)
     codebook: np.ndarray | None = None  # [k, d]: w_q holds indices [in / d, out] into it (codebook_weights)
+    levels: np.ndarray | None = None  # [k, out]: w_q holds each column's codes [in, out] into it (twin_log_weights)
+
+    @property
+    def coded(self) -> bool:
+        """The weight is codes into a lookup (a codebook or per-channel levels), which no
+        DequantizeLinear expresses: the graph decodes it with a Gather the runtime folds at load."""
+        return self.codebook is not None or self.levels is not None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -118,6 +125,8 @@ class LayerPlan:
     def weight(self) -> np.ndarray:
         if self.codebook is not None:
             return decode_codebook(self.codebook, self.w_q)
+        if self.levels is not None:
+            return np.take_along_axis(self.levels, self.w_q.astype(np.int64), axis=0)
         n = self.w_q.shape[0]
         return dequantize(self.w_q, rows(self.w_scale, n), rows(self.w_zero, n))
 

@@ -166,7 +166,7 @@ def expected_by_width(
     run-time quantized input only where the runtime runs that granularity on an integer kernel."""
     found: set[str] = set()
     layers = [layer for layer in layers if plan.layers[layer].dynamic in (None, *runtime.native_dynamic)
-              and plan.layers[layer].codebook is None]  # fmt: skip
+              and not plan.layers[layer].coded]  # fmt: skip
     for storage in sorted({plan.layers[layer].w_grid.storage for layer in layers}):
         mine = [layer for layer in layers if plan.layers[layer].w_grid.storage == storage]
         if runtime.runs_integer(storage, activation, shared_input=True):

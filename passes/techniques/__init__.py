@@ -17,11 +17,13 @@ from qexport.passes.techniques.observer import ActivationObserver
 from qexport.passes.techniques.online_rotation import OnlineRotation
 from qexport.passes.techniques.shift import ChannelShift
 from qexport.passes.techniques.smoothquant import SmoothQuant
+from qexport.passes.techniques.twin_log import TwinLogWeights
 from qexport.passes.techniques.weight_clip import WeightClip
 
 ORDER: tuple[type[Technique], ...] = (
     SmoothQuant,
     CodebookWeights,
+    TwinLogWeights,
     ChannelShift,
     HeadRotation,
     OnlineRotation,
