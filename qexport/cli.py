@@ -796,7 +796,8 @@ def demo(output: Path, force: bool, threads: int | None) -> None:
     default="CW+TW,+TSW,+ASQ,+TSQ+TSW",
     show_default=True,
     help="Also: Dynamic (activations quantized per token at run time: the seed paper's baseline, not NPU-static), "
-    "PTQ4DiT (its salience balancing).",
+    "PTQ4DiT (its salience balancing), ASQ and DuQuant (one model each), and the weight formats on CW+TW: "
+    "Q-DiT (group-wise), VQ4DiT (codebook), TwinLog (LRQ-DiT's twin-log weights).",
 )
 @click.option("--bits", default="W8A8,W4A8", show_default=True, help="e.g. W8A8,W6A8,W4A8,W8A16,W6A6,W4A6,W4A4")
 @click.option("--time-ranges", "ranges", default="", help="e.g. 1,2,4,10,20 (instead of per step)")

@@ -21,7 +21,9 @@ from qexport.verification.evaluate import EvalResult, evaluate
 # token at run time, one model for every step; not NPU-static. "PTQ4DiT": its salience balancing (SmoothQuant
 # at --alpha, PTQ4DiT's 0.5, from the Spearman-weighted salience over the steps), one model. "DuQuant":
 # SmoothQuant at --alpha, then DuQuant's rotation, permutation and rotation online before every
-# quantized input that has no offline rotation, one model
+# quantized input that has no offline rotation, one model. "ASQ": SmoothQuant at --alpha, one model.
+# The weight formats, each on CW+TW (no smoothing, one model): "Q-DiT" group-wise weights (groups of 64
+# input channels), "VQ4DiT" codebook weights (vectors of 2), "TwinLog" LRQ-DiT's twin-log weights
 METHODS: dict[str, tuple[Smooth, bool, tuple[str, ...]]] = {
     "Dynamic": (Smooth.NONE, False, ("dynamic_activations=on",)),
     "PTQ4DiT": (Smooth.ASQ, False, ("smoothquant.statistic=spearman",)),
@@ -30,6 +32,10 @@ METHODS: dict[str, tuple[Smooth, bool, tuple[str, ...]]] = {
         False,
         ("online_rotation=on", "online_rotation.transform=duquant", "online_rotation.choice=all"),
     ),
+    "ASQ": (Smooth.ASQ, False, ()),
+    "Q-DiT": (Smooth.NONE, False, ("group_weights=on",)),
+    "VQ4DiT": (Smooth.NONE, False, ("codebook_weights=on",)),
+    "TwinLog": (Smooth.NONE, False, ("twin_log_weights=on",)),
     "CW+TW": (Smooth.NONE, False, ()),
     "+TSW": (Smooth.NONE, True, ()),
     "+ASQ": (Smooth.ASQ, True, ()),

@@ -91,3 +91,14 @@ def test_tiny_latte_twin_log_build_verifies(latte_stats, tmp_path):
     v = verify(result.folder, result.adapter, [plan], result.manifest, ORT_CPU, "a red circle moving left")
     assert v.ok, v.to_json()
     assert len(v.models[0].emulated) == len(plan.layers) and v.models[0].cosine_sim >= 0.9999
+
+
+def test_sweep_rows_of_the_weight_formats_build_on_cw_tw():
+    from qexport.sweep import cell_recipe, grid
+
+    cells = grid(["ASQ", "Q-DiT", "VQ4DiT", "TwinLog"], ["W4A8"], None)
+    kinds = [{t.kind for t in cell_recipe(c, 0.5).techniques} for c in cells]
+    assert kinds == [{"smoothquant"}, {"group_weights"}, {"codebook_weights"}, {"twin_log_weights"}]
+    assert all(cell_recipe(c, 0.5).granularity.time_ranges == 1 for c in cells)
+    with pytest.raises(QexportError, match="sweep cell W8A8 VQ4DiT"):  # 8 bits x 2 weights: no uint8 index
+        grid(["VQ4DiT"], ["W8A8"], None)
