@@ -33,6 +33,7 @@ from qexport.exporter.fp_export import (
     stamp,
 )
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
+from qexport.exporter.learn import Learned, learn, with_learned
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits, raised
 from qexport.exporter.replay import CalibrationReplay, replay_count, tensor_ranges
@@ -53,6 +54,7 @@ from qexport.passes.smoothing import smoothing_steps
 from qexport.passes.specialise import copy_graph
 from qexport.passes.techniques import ORDER
 from qexport.passes.techniques.dynamic import DynamicActivations
+from qexport.passes.techniques.learned import LearnedQuantizers
 from qexport.passes.weight_only import surviving
 from qexport.targets.catalog import PROFILES, get_profile
 from qexport.targets.legality import LegalityReport, check_model
@@ -283,7 +285,8 @@ def choices_of(built: BuiltRange, quant: QuantConfig) -> RangeChoices:
     """The resolved choices of one built range."""
     plan = built.plan
     bits = tuple(raised(plan, quant.w_bits)) if quant.mixed_precision else ()
-    return RangeChoices(alpha=plan.alpha, act_shrink=plan.act_shrink, group_alpha=plan.group_alpha, w_bits_raised=bits)
+    return RangeChoices(alpha=plan.alpha, act_shrink=plan.act_shrink, group_alpha=plan.group_alpha, w_bits_raised=bits,
+                        learned=dict(plan.parts.get("learned", {})))  # fmt: skip
 
 
 AdapterLoader = Callable[[QStats, str, str], ModelAdapter]  # (statistics, their file, model id) -> the model
@@ -334,7 +337,8 @@ def replan(
     built, _ = plan_models(adapter, stats, config, target, alphas=[c.alpha for c in choices],
                            shrinks=[c.act_shrink for c in choices], sink=sink,
                            group_alphas=[c.group_alpha for c in choices] if recipe_alpha(recipe) == "layer" else None,
-                           layer_bits=layer_bits if recipe.technique("mixed_precision") else None)  # fmt: skip
+                           layer_bits=layer_bits if recipe.technique("mixed_precision") else None,
+                           learned=[c.learned for c in choices] if recipe.technique("learned") else None)  # fmt: skip
     return adapter, [b.plan for b in built], target
 
 
@@ -387,6 +391,7 @@ def plan_models(
     sink: Callable[[str, onnx.ModelProto, RangePlan | None], None] | None = None,
     group_alphas: list[dict[str, float]] | None = None,
     layer_bits: list[dict[str, int]] | None = None,
+    learned: list[Learned] | None = None,
 ) -> tuple[list[BuiltRange], list[tuple[str, onnx.ModelProto]]]:
     """Export, plan and transform every range; returns the plans and the (file name, model) pairs.
 
@@ -410,7 +415,16 @@ def plan_models(
         q.act_observer == Observer.SEARCH and not shrinks,
     )
     mixed = bool(q.mixed_precision) and layer_bits is None
-    if any(searches) or shared_alpha_search or layer_search or mixed or planning_replays(q) or target.closed_linears:
+    learning = "learned" in q.techniques and learned is None  # a re-plan sets what the build learned
+    if (
+        any(searches)
+        or shared_alpha_search
+        or layer_search
+        or mixed
+        or planning_replays(q)
+        or target.closed_linears
+        or learning
+    ):
         prompts = list(stats.header.get("prompt_texts", []))
         prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
         log.info("replaying %d calibration prompt(s) (searches, observers, rotations, attention, GPTQ)", len(prompts))
@@ -465,9 +479,10 @@ def plan_models(
             kv_plan = None if kv is None else kv.plan
             bits = layer_bits[index] if layer_bits else None
             start = None if not built else built[-1].plan.alpha  # the alpha search's start
+            given = learned[index] if learned else None
             plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
                                                     replay, searches, kv_plan, group_alpha, bits, memo,
-                                                    kept, start)  # fmt: skip
+                                                    kept, start, given)  # fmt: skip
             del graph  # the model holds what emission needs: free the graph's arrays before the model is written
             gc.collect()
             share_arrays(plan, built[-1].plan if built else None)
@@ -661,9 +676,11 @@ def _build_range(
     gptq_memo: Memo | None = None,
     kept: dict[str, KeptBinding] | None = None,
     start: float | None = None,
+    learned: Learned | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
     """One range's plan and emitted model; the alpha search climbs from `start` (the previous
-    range's alpha) where given, the activation range search goes coarse to fine (exporter.search)."""
+    range's alpha) where given, the activation range search goes coarse to fine (exporter.search);
+    `learned`: the input quantizers a build trained (a re-plan's), set instead of training."""
     nodes, groups, weights, biases = range_inputs(graph, bindings, adapter)
     weight_only = tuple(surviving(graph, kept)) if kept else ()
     samples = None
@@ -717,6 +734,7 @@ def _build_range(
     with stage("plan"):
         plan = found if found is not None and kv is None else make(alpha, shrink)
     plan.scores = scores
+    plan = _learned(plan, quant, target, replay, learned)
     if target.closed_linears:  # output quantizers from the replay, the plan's linears simulated
         assert replay is not None
         plan_outputs(plan, replay.output_ranges(with_kv(plan, kv)), target)
@@ -731,6 +749,23 @@ def _build_range(
         model = pack_low_bit(gs.export_onnx(graph), plan)
     stamp(model)
     return with_kv(plan, kv), model, cost, turns
+
+
+def _learned(
+    plan: RangePlan, quant: QuantConfig, target: TargetProfile, replay: CalibrationReplay | None, given: Learned | None
+) -> RangePlan:
+    """The plan with its blocks' input quantizers trained (technique 'learned'), or set from `given`."""
+    chosen = quant.techniques.get("learned")
+    if not isinstance(chosen, LearnedQuantizers):
+        return plan
+    if given is None:
+        assert replay is not None
+        with stage("learn"):
+            given, errors = learn(replay, plan, chosen.rows, chosen.iterations, chosen.lr, chosen.seed)
+        log.info("learned the input quantizers of %d linears in %d blocks: block output MSE %s", len(given),
+                 len(errors), ", ".join(f"{b:.3g}->{a:.3g}" for b, a in errors.values()))  # fmt: skip
+        plan.parts["learned_mse"] = errors
+    return with_learned(plan, given, target)
 
 
 def _integer_only(graph: gs.Graph, steps: list[int], target: TargetProfile, replay: CalibrationReplay) -> gs.Graph:

@@ -61,6 +61,7 @@ class RangeChoices:
     act_shrink: float = 1.0
     group_alpha: dict[str, float] = field(default_factory=dict)  # smoothquant alpha 'layer'
     w_bits_raised: tuple[str, ...] = ()  # mixed_precision: the layers at 8 bits
+    learned: dict[str, tuple[float, float]] = field(default_factory=dict)  # learned: linear -> input (scale, zero)
 
 
 @dataclass(kw_only=True)

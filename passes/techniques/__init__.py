@@ -11,6 +11,7 @@ from qexport.passes.techniques.gptq import Gptq
 from qexport.passes.techniques.group_weights import GroupWeights
 from qexport.passes.techniques.head_rotation import HeadRotation
 from qexport.passes.techniques.kv import PrecomputeKV
+from qexport.passes.techniques.learned import LearnedQuantizers
 from qexport.passes.techniques.lowrank import LowRank
 from qexport.passes.techniques.mixed_precision import MixedPrecision
 from qexport.passes.techniques.observer import ActivationObserver
@@ -36,6 +37,7 @@ ORDER: tuple[type[Technique], ...] = (
     DynamicActivations,
     AttentionQuant,
     PrecomputeKV,
+    LearnedQuantizers,
 )
 TECHNIQUES: dict[str, type[Technique]] = {t.kind: t for t in ORDER}
 

@@ -1,0 +1,72 @@
+"""Learned static activation quantizers (technique ``learned``, exporter.learn): a tiny-latte build
+trains its blocks' input quantizers for a few steps, each block's output error against FP falls,
+the values land in the plan and the manifest as plain per-tensor scales and zero points, a
+re-plan sets them without training, and the emitted QDQ model matches the simulation."""
+
+import numpy as np
+import pytest
+from qexport.exporter.build import BuildConfig, build, replan
+from qexport.passes.quant import STORAGE
+from qexport.targets.catalog import ORT_CPU
+from qexport.verification.verify import verify
+
+from qexport.errors import QexportError
+from qexport.recipe import recipe_of
+
+SETTINGS = ("learned=on", "learned.iterations=6", "learned.rows=4", "bits.activations=6",
+            "granularity.time_ranges=1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def learned_build(latte_stats, tmp_path_factory):
+    return build(latte_stats, tmp_path_factory.mktemp("learned") / "b", BuildConfig(recipe=recipe_of(*SETTINGS)))
+
+
+def test_training_lowers_every_blocks_output_error_and_sets_plain_scales(learned_build, latte_stats):
+    plan = learned_build.ranges[0].plan
+    errors = plan.parts["learned_mse"]
+    assert len(errors) == 8  # tiny-latte: 4 spatial and 4 temporal blocks
+    assert all(after < before for before, after in errors.values()), errors
+    learned = plan.parts["learned"]
+    assert set(learned) == set(plan.layers)  # every planned linear of tiny-latte is inside a block
+    untrained = build(latte_stats, learned_build.folder.parent / "plain",
+                      BuildConfig(recipe=recipe_of(*SETTINGS[3:]))).ranges[0].plan  # fmt: skip
+    moved = 0
+    for layer, (scale, zero) in learned.items():
+        lp = plan.layers[layer]
+        assert lp.a_scale.dtype == np.float32 and lp.a_scale.shape == () and float(lp.a_scale) == np.float32(scale)
+        assert lp.a_zero.dtype == STORAGE[lp.a_grid.storage][0] and int(lp.a_zero) == zero
+        assert lp.a_grid.qmin <= zero <= lp.a_grid.qmax
+        moved += float(lp.a_scale) != float(untrained.layers[layer].a_scale)
+    assert moved >= len(learned) // 2  # training moved most step sizes off the min-max ones
+    record = learned_build.manifest["quantization"]["learned"]
+    assert record["linears"] == len(learned) and record["iterations"] == 6
+    (before, after), = record["block_mse"]  # fmt: skip
+    assert after < before
+
+
+def test_a_replan_sets_the_learned_values_without_training(learned_build, latte_stats):
+    _, plans, _ = replan(learned_build.manifest, latte_stats, folder=learned_build.folder)
+    built = learned_build.ranges[0].plan
+    assert "learned_mse" not in plans[0].parts  # nothing trained
+    for layer, lp in built.layers.items():
+        assert float(plans[0].layers[layer].a_scale) == float(lp.a_scale)
+        assert int(plans[0].layers[layer].a_zero) == int(lp.a_zero)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (["learned.iterations=0"], "iterations >= 1"),
+    (["learned=on", "dynamic_activations=on"], "does not combine"),
+])  # fmt: skip
+def test_bad_learning_settings_are_refused(settings, message):
+    with pytest.raises(QexportError, match=message):
+        recipe_of(*settings)
+
+
+@pytest.mark.slow  # a verification on onnxruntime
+def test_the_emitted_qdq_model_matches_the_simulation(learned_build):
+    plan = learned_build.ranges[0].plan
+    v = verify(learned_build.folder, learned_build.adapter, [plan], learned_build.manifest, ORT_CPU,
+               "a red circle moving left")  # fmt: skip
+    assert v.ok, v.to_json()
+    assert v.models[0].cosine_sim >= 0.9999
