@@ -36,7 +36,7 @@ from torch import nn
 
 from qexport.errors import QexportError
 
-TOKENS = 8192  # tokens of a block's input per training minibatch (whole leading rows)
+TOKENS = 2048  # tokens of a block's input per training minibatch (whole leading rows)
 
 Learned = dict[str, tuple[float, float]]  # linear -> (input scale, input zero point)
 
