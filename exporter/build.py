@@ -121,7 +121,7 @@ def check_widths(quant: QuantConfig, stats: QStats) -> None:
 
 def _check_runtime_techniques(config: BuildConfig, target: TargetProfile) -> None:
     """Refuse techniques whose emitted form the target does not run: run-time activation quantizers,
-    group-wise (blocked) weights, an online rotation transform."""
+    group-wise (blocked) weights, weights decoded from a lookup, an online rotation transform."""
     dynamic = config.recipe.technique(DynamicActivations.kind)
     if isinstance(dynamic, DynamicActivations) and dynamic.granularity not in target.dynamic_activations:
         names = [p.name for p in PROFILES.values() if dynamic.granularity in p.dynamic_activations]
@@ -133,6 +133,11 @@ def _check_runtime_techniques(config: BuildConfig, target: TargetProfile) -> Non
         runs = ", ".join(target.online_transforms)
         raise QexportError(f"target {target.name} does not run the online rotation transform '{transform}' "
                            f"(it runs: {runs}); set online_rotation.transform=hadamard")  # fmt: skip
+    coded = [kind for kind in ("codebook_weights", "twin_log_weights") if config.recipe.technique(kind) is not None]
+    if coded and not target.lookup_weights:
+        raise QexportError(f"target {target.name} runs a linear whose weights are codes into a lookup ({coded[0]}) "
+                           "as a float MatMul, not as a quantized linear (measured on its backend); drop "
+                           f"{coded[0]} or build for target ort-cpu")  # fmt: skip
     storage = target.weight_type(config.recipe.bits.weights)
     if config.quant.w_group and storage not in target.blocked_weights:
         runs = ", ".join(target.blocked_weights) or "none"

@@ -87,6 +87,9 @@ QNN_HTP = TargetProfile(
     # runs (64 / 64 linears, verify PASS); DuQuant's (two block MatMuls around a Gather of the channels) is
     # refused when the graph is finalized ("QNN_COMMON_ERROR_MEM_ALLOC", code 1002)
     online_transforms=("hadamard",),
+    # measured (the same simulator, tiny-latte W4A8, one range): a codebook or twin-log build compiles whole
+    # (826 QNN ops, no CPU node) but each of its 64 linears runs as a float (FP16) MatMul on the decoded weight
+    lookup_weights=False,
     max_rank=5,
     single_input_einsum=False,
     unsigned_norm_gamma=True,

@@ -54,6 +54,9 @@ class TargetProfile:
     native_dynamic: tuple[str, ...] = ()
     blocked_weights: tuple[str, ...] = ()  # weight storages whose blocked (group-wise) DequantizeLinear it runs
     online_transforms: tuple[str, ...] = ("hadamard", "duquant")  # online_rotation.transform values it runs
+    # whether a linear whose weight is decoded from codes by a lookup (codebook_weights, twin_log_weights)
+    # still runs on its quantized input (onnxruntime CPU: a float MatMul on the QDQ input, counted emulated)
+    lookup_weights: bool = True
     notes: tuple[str, ...] = ()
     source: str
 

@@ -102,3 +102,17 @@ def test_sweep_rows_of_the_weight_formats_build_on_cw_tw():
     assert all(cell_recipe(c, 0.5).granularity.time_ranges == 1 for c in cells)
     with pytest.raises(QexportError, match="sweep cell W8A8 VQ4DiT"):  # 8 bits x 2 weights: no uint8 index
         grid(["VQ4DiT"], ["W8A8"], None)
+
+
+@pytest.mark.parametrize("kind", ["twin_log_weights", "codebook_weights"])
+@pytest.mark.parametrize("target", ["qnn-htp", "qnn-htp-integer"])
+def test_the_htp_targets_refuse_weights_decoded_from_a_lookup_before_any_work(tmp_path, kind, target):
+    """Measured: on the HTP backend such a build compiles whole, but every coded linear runs as a
+    float MatMul on the decoded weight, not as a quantized linear."""
+    from qexport.exporter.build import check_request
+
+    with pytest.raises(QexportError, match=f"target {target} runs a linear whose weights are codes into a lookup"):
+        check_request(BuildConfig(recipe=recipe_of(f"{kind}=on", "bits.weights=4", f"target={target}")),
+                      tmp_path / "out")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    check_request(BuildConfig(recipe=recipe_of(f"{kind}=on", "bits.weights=4")), tmp_path / "out")  # ort-cpu runs it
