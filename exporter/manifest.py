@@ -137,11 +137,18 @@ def quantization_record(
     w_axis = "per output channel" if target.weight_per_channel else "per tensor"
     if q.w_group:
         w_axis = f"per output channel and group of {q.w_group} input channels"
+    weights = (
+        f"{target.weight_type(q.w_bits)} {w_axis}, {'symmetric' if target.weight_symmetric else 'asymmetric'}{pow2}"
+    )
+    if "codebook_weights" in q.techniques:  # not a uniform grid: what the file holds instead
+        weights = "uint8 indices into a k-means codebook per layer, decoded to float at load"
+    elif "twin_log_weights" in q.techniques:
+        codes = "uint4" if q.w_bits <= 4 else "uint8"
+        weights = f"{codes} codes into {2**q.w_bits} levels per output channel, decoded to float at load"
     return {
         "w_bits": q.w_bits,
         "a_bits": q.a_bits,
-        "weights": f"{target.weight_type(q.w_bits)} {w_axis}, "
-        f"{'symmetric' if target.weight_symmetric else 'asymmetric'}{pow2}",
+        "weights": weights,
         "activations": _activations(q, target),
         "smooth": q.smooth.value,
         **({"asq_stat": q.asq_stat} if q.smooth == Smooth.ASQ else {}),
