@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from qexport.exporter.replay import CalibrationReplay, exact_fp32
-from qexport.exporter.simulate import device_weight, fake_quant, simulated
+from qexport.exporter.simulate import device_weight, fake_quant, simulated, transformed
 from qexport.passes.quant import STORAGE
 from qexport.passes.rangeplan import LayerPlan, RangePlan
 from qexport.targets.profile import TargetProfile
@@ -115,10 +115,7 @@ def _forward(m: nn.Linear, lp: LayerPlan, quantizer: _Quantizer) -> Any:
         lowrank = (torch.from_numpy(lp.lowrank_a).to(on), torch.from_numpy(lp.lowrank_b).to(on))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        x = x if divisor is None else x / divisor
-        x = x if shift is None else x - shift
-        x = x if rotation is None else x @ rotation
-        xq = quantizer(x)
+        xq = quantizer(transformed(x, divisor, shift, rotation))
         y = F.linear(xq, weight)
         if lp.o_scale is not None:  # a closed linear's output quantizer, fixed: the gradient passes straight
             y = y + (fake_quant(y.detach(), lp, output=True) - y).detach()

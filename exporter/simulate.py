@@ -87,6 +87,17 @@ def fake_quant(x: torch.Tensor, lp: LayerPlan, output: bool = False) -> torch.Te
     return (x / scale).round_().clamp_(lp.a_grid.qmin - zero, lp.a_grid.qmax - zero).mul_(scale)
 
 
+def transformed(
+    x: torch.Tensor, divisor: torch.Tensor | None, shift: torch.Tensor | None, rotation: torch.Tensor | None
+) -> torch.Tensor:
+    """A linear's input as its quantizer sees it in the emitted graph: divided (explicit smoothing),
+    shifted (channel shift; its bias is already b + z·W), rotated online (its weights are already Rᵀ·W)."""
+    x = x if divisor is None else x * (1.0 / divisor)
+    if shift is not None:  # in place where x is already a new tensor
+        x = x - shift if divisor is None else x.sub_(shift)
+    return x if rotation is None else x @ rotation
+
+
 def requantize(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, lp: LayerPlan) -> torch.Tensor:
     """A closed linear's output: the MatMul result (before the bias) through the output quantizer."""
     bias = getattr(module, "bias", None)
@@ -131,11 +142,7 @@ def simulated(transformer: nn.Module, plan: RangePlan, uploads: Uploads | None =
                 r: Any = rot,
                 z: Any = shift,
             ) -> Any:
-                x = args[0] if d is None else args[0] * (1.0 / d)
-                if z is not None:  # channel shift (its bias is already b + z·W); in place on a new tensor
-                    x = x - z if d is None else x.sub_(z)
-                x = x if r is None else x @ r  # online rotation (its weights are already Rᵀ·W)
-                return (fake_quant(x, lp), *args[1:])
+                return (fake_quant(transformed(args[0], d, z, r), lp), *args[1:])
 
             handles.append(m.register_forward_pre_hook(hook))
             if lp.o_scale is not None:  # before the low-rank branch, which the graph adds after the bias
