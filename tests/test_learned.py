@@ -68,5 +68,9 @@ def test_the_emitted_qdq_model_matches_the_simulation(learned_build):
     plan = learned_build.ranges[0].plan
     v = verify(learned_build.folder, learned_build.adapter, [plan], learned_build.manifest, ORT_CPU,
                "a red circle moving left")  # fmt: skip
-    assert v.ok, v.to_json()
-    assert v.models[0].cosine_sim >= 0.9999
+    assert v.ok, v.to_json()  # within the LSB bound verify derives from the simulation's own sensitivity
+    check = v.models[0]
+    assert check.max_lsb_sim <= check.lsb_bound and check.lsb_judged
+    # 6-bit activations: one flipped rounding moves an output by a 6-bit step, so the cosine is lower
+    # than at 8 bits (measured 0.99979 here, 0.99991 for the same build untrained); verify's floor
+    assert check.cosine_sim >= 0.999
