@@ -19,8 +19,6 @@ outside the blocks keep what planning chose.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from qexport.exporter.replay import CalibrationReplay, exact_fp32
-from qexport.exporter.simulate import device_weight, fake_quant, simulated, transformed
+from qexport.exporter.simulate import simulated
 from qexport.passes.quant import STORAGE
 from qexport.passes.rangeplan import LayerPlan, RangePlan
 from qexport.targets.profile import TargetProfile
@@ -80,51 +78,6 @@ def blocks(transformer: nn.Module, plan: RangePlan) -> dict[str, nn.Module]:
     return found
 
 
-@contextmanager
-def trainable(transformer: nn.Module, plan: RangePlan, quantizers: dict[str, _Quantizer]) -> Iterator[None]:
-    """Within the block, the planned linears compute as `simulated` has them, except that the
-    linears with a trainable quantizer quantize their input with it (gradients flow to it)."""
-    modules = dict(transformer.named_modules())
-    saved: list[tuple[nn.Module, Any]] = []
-    with simulated(transformer, replace(plan, layers={k: v for k, v in plan.layers.items() if k not in quantizers})):
-        try:
-            for name, quantizer in quantizers.items():
-                m, lp = modules[name], plan.layers[name]
-                assert isinstance(m, nn.Linear)
-                saved.append((m, m.forward))
-                m.forward = _forward(m, lp, quantizer)  # type: ignore[method-assign]
-            yield
-        finally:
-            for m, forward in saved:
-                m.forward = forward
-
-
-def _forward(m: nn.Linear, lp: LayerPlan, quantizer: _Quantizer) -> Any:
-    """The linear as the emitted graph computes it (exporter.simulate.simulated's hooks), its input
-    quantizer trainable."""
-    on = m.weight.device
-    weight = device_weight(lp, on)
-    bias = None if m.bias is None else m.bias.detach().clone()
-    if lp.bias is not None and bias is not None:
-        bias = torch.from_numpy(lp.bias.reshape(-1).copy()).to(on)
-    divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32")).to(on)
-    rotation = None if lp.rotation is None else torch.from_numpy(lp.rotation.astype("float32")).to(on)
-    shift = None if lp.subtract is None else torch.from_numpy(lp.subtract).to(on)
-    lowrank = None
-    if lp.lowrank_a is not None and lp.lowrank_b is not None:
-        lowrank = (torch.from_numpy(lp.lowrank_a).to(on), torch.from_numpy(lp.lowrank_b).to(on))
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        xq = quantizer(transformed(x, divisor, shift, rotation))
-        y = F.linear(xq, weight)
-        if lp.o_scale is not None:  # a closed linear's output quantizer, fixed: the gradient passes straight
-            y = y + (fake_quant(y.detach(), lp, output=True) - y).detach()
-        y = y if bias is None else y + bias
-        return y if lowrank is None else y + (xq @ lowrank[0]) @ lowrank[1]
-
-    return forward
-
-
 def _rows(replay: CalibrationReplay, steps: list[int], count: int) -> tuple[torch.Tensor, ...]:
     """The denoiser inputs (latents, timesteps, conditioning) of `count` replayed rows of the
     range's steps, evenly chosen over steps, prompts and the unconditional twins."""
@@ -151,7 +104,9 @@ def learn(
     replay: CalibrationReplay, plan: RangePlan, rows: int, iterations: int, lr: float, seed: int
 ) -> tuple[Learned, dict[str, tuple[float, float]]]:
     """The trained input quantizers of the planned linears inside the transformer's blocks, and
-    each block's output MSE before and after training (on its training input)."""
+    each block's output MSE before and after training (on its training input). The transformer
+    runs as `simulated` has the plan, these quantizers in place of the plan's input quantizers
+    (before a target's output quantizers exist: those are planned on the result)."""
     transformer = replay.adapter.transformer
     found = blocks(transformer, plan)
     if not found:
@@ -215,7 +170,7 @@ def learn(
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with torch.no_grad(), exact_fp32(), trainable(transformer, plan, quantizers):
+        with torch.no_grad(), exact_fp32(), simulated(transformer, plan, quantizers=quantizers):
             replay.denoiser(x, t, cond)
     finally:
         for h in hooks:

@@ -10,7 +10,7 @@ attention matmul operands (exporter.attention)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -107,9 +107,15 @@ def requantize(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Ten
 
 
 @contextmanager
-def simulated(transformer: nn.Module, plan: RangePlan, uploads: Uploads | None = None) -> Iterator[None]:
+def simulated(
+    transformer: nn.Module,
+    plan: RangePlan,
+    uploads: Uploads | None = None,
+    quantizers: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> Iterator[None]:
     """Within the block, the transformer's planned linears (and attentions) compute as the emitted
-    model does. uploads: device weights kept between the candidate plans of a search."""
+    model does. uploads: device weights kept between the candidate plans of a search; quantizers:
+    input quantizers that replace the plan's for the named linears (exporter.learn trains them)."""
     modules = dict(transformer.named_modules())
     saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
     handles: list[Any] = []
@@ -133,6 +139,7 @@ def simulated(transformer: nn.Module, plan: RangePlan, uploads: Uploads | None =
             divisor = None if lp.divisor is None else torch.from_numpy(lp.divisor.astype("float32")).to(on)
             rot = None if lp.rotation is None else torch.from_numpy(lp.rotation.astype("float32")).to(on)
             shift = None if lp.subtract is None else torch.from_numpy(lp.subtract).to(on)
+            chosen = None if quantizers is None else quantizers.get(name)
 
             def hook(
                 module: nn.Module,
@@ -141,8 +148,10 @@ def simulated(transformer: nn.Module, plan: RangePlan, uploads: Uploads | None =
                 d: Any = divisor,
                 r: Any = rot,
                 z: Any = shift,
+                quant: Any = chosen,
             ) -> Any:
-                return (fake_quant(transformed(args[0], d, z, r), lp), *args[1:])
+                x = transformed(args[0], d, z, r)
+                return (fake_quant(x, lp) if quant is None else quant(x), *args[1:])
 
             handles.append(m.register_forward_pre_hook(hook))
             if lp.o_scale is not None:  # before the low-rank branch, which the graph adds after the bias
