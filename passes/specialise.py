@@ -6,8 +6,10 @@ small vectors only. Leaves every node that reads a non-constant input alone."""
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,9 +31,16 @@ evaluated from there in one session."""
 
 NO_FOLD = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")  # as graphsurgeon's folding
 EXTERNAL_BYTES = 1024  # constants this large go to the folder as external data
+SHARE_BYTES = 1 << 20
+"""Folded values at least this large that a graph computes more than once by the same path (the
+same ops on equal constants) become one constant that all their readers share. Wan's rotary
+embedding writes each block's rotated query and key through ScatterND, whose int64 indices
+([1, tokens, heads, head size / 2, 4]) are [1, 7800, 12, 64, 4], 192 MB each, at 480x832 and 17
+frames: four a block, 30 blocks, 23 GB when each block's are folded apart, 768 MB shared."""
+HASHED_BYTES = 1 << 20  # constants up to this size are compared by value; larger ones by identity
 
 
-def fold_constants(graph: gs.Graph, limit: int = FOLD_BYTES) -> gs.Graph:
+def fold_constants(graph: gs.Graph, limit: int = FOLD_BYTES, share: int = SHARE_BYTES) -> gs.Graph:
     """Fold every constant-only path. The nodes left keep their order (the exporter's, which is
     topological), so a graph cut from this one sorts (toposort) as if it had been folded whole.
 
@@ -42,12 +51,14 @@ def fold_constants(graph: gs.Graph, limit: int = FOLD_BYTES) -> gs.Graph:
         graph: the graph.
         limit: the constant bytes above which the constant-only part is evaluated from a folder
             (constants as external data) instead of serialized in memory.
+        share: in that evaluation, values this large computed more than once by the same path
+            are evaluated once and shared (SHARE_BYTES).
     """
     large = foldable_bytes(graph) > limit
     try:
         if large:  # graphsurgeon's shape folding alone, then one evaluation from a folder
             graph.fold_constants(error_ok=False, should_exclude_node=lambda node: True).cleanup()
-            _evaluate_from_folder(graph)
+            _evaluate_from_folder(graph, share)
         else:
             graph.fold_constants(error_ok=False)
     except Exception as err:  # onnxruntime's or protobuf's, whatever the op
@@ -78,22 +89,72 @@ def constant_part(graph: gs.Graph) -> tuple[list[gs.Node], list[gs.Tensor]]:
     return nodes, list(frontier.values())
 
 
-def _evaluate_from_folder(graph: gs.Graph) -> None:
+def path_keys(nodes: list[gs.Node]) -> dict[str, Any]:
+    """A key per output of these nodes (topological order) that is equal only where two outputs are
+    the same op path on equal constants: constants up to HASHED_BYTES by value, larger ones by
+    identity (two large weights are never taken for equal)."""
+    keys: dict[str, Any] = {}
+
+    def key(value: object) -> Any:
+        if isinstance(value, gs.Constant):
+            if value.name in keys:
+                return keys[value.name]
+            if _nbytes(value) > HASHED_BYTES:
+                return ("constant", id(value))
+            return _value_key(np.asarray(value.values))
+        if isinstance(value, gs.Tensor):
+            return keys.get(value.name, ("tensor", value.name))
+        if isinstance(value, np.ndarray):
+            return _value_key(value)
+        return repr(value)
+
+    for node in nodes:
+        attrs = tuple(sorted((name, key(v)) for name, v in node.attrs.items()))
+        inputs = tuple(None if t.is_empty() else key(t) for t in node.inputs)
+        own = (node.op, node.domain, attrs, inputs)
+        for i, t in enumerate(node.outputs):
+            keys[t.name] = (own, i)
+    return keys
+
+
+def _value_key(values: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    a = np.ascontiguousarray(values)
+    return (str(a.dtype), a.shape, hashlib.blake2b(a.reshape(-1).view(np.uint8).data, digest_size=20).digest())
+
+
+def _first_alike(graph: gs.Graph, nodes: list[gs.Node], frontier: list[gs.Tensor]) -> dict[str, gs.Tensor]:
+    """Frontier tensors that an earlier frontier tensor computes by the same path: name -> that
+    earlier tensor (graph outputs excluded)."""
+    keys = path_keys(nodes)
+    outputs = {o.name for o in graph.outputs}
+    first: dict[Any, gs.Tensor] = {}
+    alike: dict[str, gs.Tensor] = {}
+    for t in frontier:
+        if t.name not in outputs and (same_as := first.setdefault(keys[t.name], t)) is not t:
+            alike[t.name] = same_as
+    return alike
+
+
+def _evaluate_from_folder(graph: gs.Graph, share: int = SHARE_BYTES) -> None:
     """Replace the outputs of graph's constant-only part by their values: the part (a copy, its
     arrays shared) written to a temporary folder with its constants as external data, so no
-    protobuf message holds them, and run once by onnxruntime from there."""
+    protobuf message holds them, and run once by onnxruntime from there. Large values the part
+    computes more than once by the same path are computed once, and their readers share them."""
     import onnxruntime as ort
 
     nodes, frontier = constant_part(graph)
     if not frontier:
         return
+    alike = _first_alike(graph, nodes, frontier)
+    unique = [t for t in frontier if t.name not in alike]
     part = gs.Graph(
         nodes=nodes,
-        outputs=frontier,
+        outputs=unique,
         opset=graph.opset,
         import_domains=graph.import_domains,
         ir_version=graph.ir_version or 10,
     ).copy()  # onnxruntime reads IR <= 13
+    part.cleanup()  # the paths of the values shared away
     with tempfile.TemporaryDirectory(prefix="qexport-fold-") as tmp:
         folder = Path(tmp)
         for i, tensor in enumerate(t for t in part.tensors().values() if isinstance(t, gs.Constant)):
@@ -112,11 +173,23 @@ def _evaluate_from_folder(graph: gs.Graph) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(folder / "part.onnx"), options, providers=["CPUExecutionProvider"])
-        values = session.run([t.name for t in frontier], {})
+        values = session.run([t.name for t in unique], {})
         del session
-    for tensor, value in zip(frontier, values, strict=True):
+    for tensor, value in zip(unique, values, strict=True):
         tensor.to_constant(np.asarray(value))
         tensor.inputs.clear()
+    for t in frontier:
+        if t.name not in alike:
+            continue
+        first = alike[t.name]
+        if first.values.nbytes < share:  # small: its own constant, as if evaluated apart
+            t.to_constant(np.array(first.values))
+            t.inputs.clear()
+            continue
+        for reader in list(t.outputs):  # large: its readers read the first one
+            for k, read in enumerate(reader.inputs):
+                if read is t:
+                    reader.inputs[k] = first
 
 
 def foldable_bytes(graph: gs.Graph) -> int:

@@ -107,4 +107,59 @@ def test_a_tiny_wan_pipeline_folds_to_the_same_model_from_a_folder(tmp_path, mon
     calibrated = calibrate_pipeline(folder, PipelineCalibConfig(prompts=("a red circle",), steps=2, call=call))
     save(calibrated.stats, tmp_path / "run.qstats")
     adapter = pipeline_adapter(calibrated.stats, str(tmp_path / "run.qstats"), calibrated.stats.model_id)
-    _assert_folds_the_same_from_a_folder(fp_export.export_fp(adapter, list(calibrated.stats.layers)), monkeypatch)
+    exported = fp_export.export_fp(adapter, list(calibrated.stats.layers))
+    raw = exported.model.SerializeToString()
+    _assert_folds_the_same_from_a_folder(exported, monkeypatch)
+    # every folded value shared where equal (share 0): the blocks' rotary ScatterND indices become
+    # one constant per distinct path, each ScatterND reading the same values as before
+    apart = gs.import_onnx(fp_export.prepare(_again(exported, raw)).model)
+    monkeypatch.setattr(fp_export, "fold_constants", functools.partial(fold_constants, limit=0, share=0))
+    shared = gs.import_onnx(fp_export.prepare(_again(exported, raw)).model)
+    scatters = [[n for n in g.nodes if n.op == "ScatterND"] for g in (apart, shared)]
+    assert len(scatters[0]) == len(scatters[1]) >= 8  # 4 a block, 2 blocks
+    for a, b in zip(*scatters, strict=True):
+        assert np.array_equal(a.inputs[1].values, b.inputs[1].values)
+    assert len({n.inputs[1].name for n in scatters[1]}) < len({n.inputs[1].name for n in scatters[0]})
+
+
+def _again(exported, raw: bytes):
+    from qexport.exporter import fp_export
+
+    return fp_export.FPExport(model=onnx.ModelProto.FromString(raw), input_names=exported.input_names,
+                              bindings=exported.bindings)  # fmt: skip
+
+
+def _twice(value: np.ndarray) -> gs.Graph:
+    """Two blocks that each expand the same small constant to a large table (Expand of equal
+    constants, as each block of Wan's transformer builds its rotary ScatterND indices) and add it to x."""
+    x = gs.Variable("x", np.float32, value.shape)
+    nodes, outputs = [], []
+    for i in range(2):
+        table, y = gs.Variable(f"t{i}", np.float32, value.shape), gs.Variable(f"y{i}", np.float32)
+        small = gs.Constant(f"row{i}", value[:1].copy())
+        shape = gs.Constant(f"shape{i}", np.array(value.shape, np.int64))
+        nodes += [gs.Node("Expand", inputs=[small, shape], outputs=[table]),
+                  gs.Node("Add", inputs=[x, table], outputs=[y])]  # fmt: skip
+        outputs.append(y)
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=outputs, opset=17, ir_version=10)
+
+
+def test_a_large_value_two_paths_compute_alike_is_folded_once_and_shared():
+    value = np.broadcast_to(np.arange(8, dtype=np.float32), (64, 8)).copy()
+    apart = fold_constants(_twice(value), limit=0, share=2**40)  # from a folder, nothing shared
+    shared = fold_constants(_twice(value), limit=0, share=value.nbytes)
+    assert [n.op for n in shared.nodes] == [n.op for n in apart.nodes] == ["Add", "Add"]
+    tables = [n.inputs[1] for n in shared.nodes]
+    assert tables[0] is tables[1] and np.array_equal(tables[0].values, value)
+    assert apart.nodes[0].inputs[1] is not apart.nodes[1].inputs[1]
+    small = fold_constants(_twice(value), limit=0, share=value.nbytes + 1)  # under the size: apart
+    assert small.nodes[0].inputs[1] is not small.nodes[1].inputs[1]
+
+
+def test_values_from_unequal_constants_are_not_shared():
+    value = np.broadcast_to(np.arange(8, dtype=np.float32), (64, 8)).copy()
+    graph = _twice(value)
+    graph.nodes[2].inputs[0].values = value[:1] + 1  # the second block's row differs
+    folded = fold_constants(graph, limit=0, share=0)
+    a, b = (n.inputs[1] for n in folded.nodes)
+    assert a is not b and np.array_equal(a.values, value) and np.array_equal(b.values, value + 1)
