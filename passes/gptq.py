@@ -18,7 +18,7 @@ import torch
 from qexport.passes.quant import STORAGE, Grid, dequantize, qparams, rows
 
 DAMP = 0.01  # λ = DAMP · mean diagonal of H
-HOLD_BYTES = 1 << 30  # see Memo.hold
+HOLD_BYTES = 4 << 30  # see Memo.hold
 BLOCK = 128  # rows rounded between two lazy updates of the rest (same result, fewer passes over W)
 ACT_ORDER = True  # round the rows in order of decreasing H diagonal (measured: docs/lab/w8a8-study.md)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # of the min-max range, tried by --weight-clip mse
@@ -141,7 +141,9 @@ def gptq_quantize_many(
     orders = [np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n) for _, h, _, _ in problems]
 
     def stacked(arrays: list[np.ndarray], dtype: type) -> torch.Tensor:
-        return torch.from_numpy(np.stack([np.asarray(a, dtype=dtype) for a in arrays])).to(dev)
+        """The arrays as one tensor on the device, each sent as it is and stacked there (no stacked
+        host copy of a batch's weights and Hessians)."""
+        return torch.stack([torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(dev) for a in arrays])
 
     pairs = list(zip(problems, orders, strict=True))
     # H and W^T sent as they are and put in row order on the device; λ from the ordered diagonal as

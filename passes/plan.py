@@ -8,7 +8,9 @@ weight quantization (GPTQ where a step left a Hessian), then their layer steps."
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -87,6 +89,11 @@ def _plan_layer(
 
 
 Waiting = list[tuple[str, GroupStep, int, np.ndarray]]  # linear, its group's step, its bits, the H it rounds with
+PLAN_THREADS = min(8, os.cpu_count() or 1)
+"""Threads that quantize linears while the next groups are planned. A linear's plan reads only its
+own final weight and its group's step, which no later group changes (it is quantized once no later
+group changes its weight), and numpy's array work runs without the GIL: the plans are the same
+as planned one after the other."""
 
 
 def _bytes(rng: RangeStep, waiting: Waiting) -> int:
@@ -152,37 +159,41 @@ def plan_range(
     missing = set(weights) - set(pending)
     if missing:
         raise ValueError(f"layers in no group: {sorted(missing)}")
-    planned: dict[str, LayerPlan] = {}
+    planned: dict[str, Future[LayerPlan]] = {}
     waiting: Waiting = []  # linears whose GPTQ is solved with others
+
+    def quantized(layer: str, owner: GroupStep, bits: int, rounded: Rounded | None = None) -> LayerPlan:
+        lp = _plan_layer(rng, layer, owner, bits, keep_float, rounded)
+        rng.final_w.release(layer)
+        return lp
 
     def settle() -> None:
         """GPTQ for the waiting linears (those of one shape together), then their plans."""
         requests = [(layer, rng.final_w[layer], hessian, _grid(rng, bits)) for layer, _, bits, hessian in waiting]
         rounded = gptq_weights(requests, config, target, gptq_memo)
         for layer, owner, bits, _ in waiting:
-            planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float, rounded[layer])
-            rng.final_w.release(layer)
+            planned[layer] = pool.submit(quantized, layer, owner, bits, rounded[layer])
         waiting.clear()
 
-    for g in groups:
-        step = _plan_group(rng, g, stats[g.layers[0]])
-        done = [*g.layers, *([g.value_layer] if g.value_layer in pending else [])]
-        for layer in done:
-            pending[layer] -= 1
-        for layer in dict.fromkeys(done):  # quantized as soon as no later group changes its weight
-            if pending[layer] == 0 and layer in weights:
-                owner = step if layer in g.layers else of_layer[layer]
-                bits = (layer_bits or {}).get(layer, config.w_bits)
-                if owner.hessian is not None:
-                    waiting.append((layer, owner, bits, owner.hessian))
-                else:
-                    planned[layer] = _plan_layer(rng, layer, owner, bits, keep_float)
-                    rng.final_w.release(layer)
-        of_layer.update(dict.fromkeys(g.layers, step))
-        if _bytes(rng, waiting) > (0 if gptq_memo is None else gptq_memo.hold):
-            settle()
-    settle()
-    plan.layers.update((layer, planned[layer]) for layer in weights)  # in the weights' order, as before
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="plan") as pool:
+        for g in groups:
+            step = _plan_group(rng, g, stats[g.layers[0]])
+            done = [*g.layers, *([g.value_layer] if g.value_layer in pending else [])]
+            for layer in done:
+                pending[layer] -= 1
+            for layer in dict.fromkeys(done):  # quantized as soon as no later group changes its weight
+                if pending[layer] == 0 and layer in weights:
+                    owner = step if layer in g.layers else of_layer[layer]
+                    bits = (layer_bits or {}).get(layer, config.w_bits)
+                    if owner.hessian is not None:
+                        waiting.append((layer, owner, bits, owner.hessian))
+                    else:
+                        planned[layer] = pool.submit(quantized, layer, owner, bits)
+            of_layer.update(dict.fromkeys(g.layers, step))
+            if _bytes(rng, waiting) > (0 if gptq_memo is None else gptq_memo.hold):
+                settle()
+        settle()
+    plan.layers.update((layer, planned[layer].result()) for layer in weights)  # in the weights' order, as before
     for layer, lp in plan.layers.items():
         if layer in rng.changed_bias:
             lp.bias = _changed(rng.final_b[layer])

@@ -74,12 +74,22 @@ def qparams(lo: np.ndarray, hi: np.ndarray, grid: Grid, pow2: bool = False) -> t
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: Grid) -> np.ndarray:
     """ONNX QuantizeLinear semantics: saturate(round_half_even(x / scale) + zero), restricted to the grid."""
-    q = np.rint(np.asarray(x, dtype=np.float32) / scale) + zero.astype(np.float32)
-    return np.clip(q, grid.qmin, grid.qmax).astype(STORAGE[grid.storage][0])
+    # in one buffer (a model's weights are large): x as float32, then in the type x / scale has
+    q = np.array(x, dtype=np.float32)
+    q = q.astype(np.result_type(q, scale), copy=False)
+    np.divide(q, scale, out=q)
+    np.rint(q, out=q)
+    q += np.asarray(zero).astype(np.float32)
+    np.clip(q, grid.qmin, grid.qmax, out=q)
+    return q.astype(STORAGE[grid.storage][0])
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    return ((q.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
+    """(q - zero) * scale in float32 (the product in the wider type where scale is wider)."""
+    out = q.astype(np.float32)
+    out -= np.asarray(zero).astype(np.float32)
+    np.multiply(out, scale, out=out, casting="same_kind")
+    return out
 
 
 def rows(scale: np.ndarray, n: int) -> np.ndarray:

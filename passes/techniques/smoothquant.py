@@ -3,6 +3,7 @@ ASQ: one s for all steps (aggregated statistics); TSQ: one s per time range (per
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -18,6 +19,19 @@ from qexport.passes.techniques.base import GraphPass, Shape, Technique
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
+
+_ROW_MAX: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = {}
+
+
+def row_abs_max(w: np.ndarray) -> np.ndarray:
+    """max |W| per input channel of an FP W^T [in, out], kept while the array lives: the plans of one
+    range (a search's candidates) smooth the same weights."""
+    hit = _ROW_MAX.get(id(w))
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    value, key = np.abs(w).max(axis=1), id(w)
+    _ROW_MAX[key] = (weakref.ref(w, lambda _: _ROW_MAX.pop(key, None)), value)
+    return value
 
 
 def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
@@ -92,16 +106,16 @@ class SmoothQuant(Technique):
         rng, g = step.rng, step.g
         if rng.config.smooth == Smooth.NONE:
             return
-        wmax = np.max([np.abs(rng.weights[layer]).max(axis=1) for layer in g.layers], axis=0)
+        wmax = np.max([row_abs_max(rng.weights[layer]) for layer in g.layers], axis=0)
         if rng.config.smooth == Smooth.ASQ and rng.config.asq_stat == "spearman":
             step.act = salience_calibrated(step.stats, list(range(step.stats.steps)), wmax)
         s = smoothing_vector(step.act, wmax, rng.plan.group_alpha.get(g.tensor, rng.config.alpha))
         step.s = rng.plan.smooth[g.tensor] = s
         rng.plan.folds[g.fold] = rng.plan.folds.get(g.fold, 0) + 1
-        for layer in g.layers:
-            rng.final_w[layer] = rng.final_w[layer] * s[:, None]
+        for layer in g.layers:  # in place: final weights are the plan's own arrays
+            rng.final_w[layer] *= s[:, None]
         if g.fold == "value" and g.value_layer is not None:
-            rng.final_w[g.value_layer] = rng.final_w[g.value_layer] / s[None, :]
+            rng.final_w[g.value_layer] /= s[None, :]
             rng.plan.value_folds.add(g.value_layer)
             bias = rng.final_b[g.value_layer]
             if bias is not None:
