@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 
 import numpy as np
@@ -93,7 +93,8 @@ PLAN_THREADS = min(8, os.cpu_count() or 1)
 """Threads that quantize linears while the next groups are planned. A linear's plan reads only its
 own final weight and its group's step, which no later group changes (it is quantized once no later
 group changes its weight), and numpy's array work runs without the GIL: the plans are the same
-as planned one after the other."""
+as planned one after the other. At most PLAN_THREADS linears wait or run beyond the group being
+planned, so a range holds the float64 weights of that many more linears, not of the model."""
 
 
 def _bytes(rng: RangeStep, waiting: Waiting) -> int:
@@ -192,6 +193,9 @@ def plan_range(
             of_layer.update(dict.fromkeys(g.layers, step))
             if _bytes(rng, waiting) > (0 if gptq_memo is None else gptq_memo.hold):
                 settle()
+            busy = [f for f in planned.values() if not f.done()]
+            while len(busy) > PLAN_THREADS:  # the next group waits for the linears in flight
+                busy = list(wait(busy, return_when=FIRST_COMPLETED).not_done)
         settle()
     plan.layers.update((layer, planned[layer].result()) for layer in weights)  # in the weights' order, as before
     for layer, lp in plan.layers.items():

@@ -130,6 +130,7 @@ def test_planning_holds_float64_weights_of_the_layers_in_flight_only(latte_stats
             live.append(len(self))
 
     monkeypatch.setattr(planning, "FinalWeights", Watched)
+    monkeypatch.setattr(planning, "PLAN_THREADS", 2)  # linears quantized beside the group being planned
     adapter = load_model("tiny-latte")
     stats = load(latte_stats)
     fp = prepare(export_fp(adapter, list(stats.layers)))
@@ -139,7 +140,7 @@ def test_planning_holds_float64_weights_of_the_layers_in_flight_only(latte_stats
     assert list(plan.layers) == list(weights)  # every layer planned, in the weights' order
     widest = max(len(g.layers) for g in groups)
     assert {g.fold for g in groups} >= {"value"}  # value projections wait for their attention's output group
-    assert max(live) <= widest + 1 < len(weights) / 4, (max(live), widest, len(weights))
+    assert max(live) <= widest + 1 + 2 < len(weights) / 4, (max(live), widest, len(weights))
 
 
 def test_tsw_without_tsq_costs_about_one_model_of_disk(latte_stats, tmp_path):
