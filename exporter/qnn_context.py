@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from qexport.targets.catalog import get_profile
 
 from qexport.errors import QexportError
 from qexport.media import written_whole
@@ -59,8 +60,9 @@ def compile_contexts(folder: Path, manifest: dict[str, Any], mode: str) -> dict[
     """
     if mode not in MODES:
         raise QexportError(f"context mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if manifest.get("target") != "qnn-htp":
-        raise QexportError(f"context binaries are for qnn-htp builds; this one is for {manifest.get('target')}")
+    if not get_profile(str(manifest.get("target"))).qnn_htp:
+        raise QexportError(f"context binaries are for builds for Qualcomm's HTP (qnn-htp, qnn-htp-integer); "
+                           f"this one is for {manifest.get('target')}")  # fmt: skip
     soc = soc_of(manifest)
     models = [str(r["model"]) for r in manifest["ranges"]]
     out = folder / FOLDER

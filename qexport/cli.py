@@ -616,9 +616,11 @@ def run(
     opener = None
     if runtime == "qnn-htp":
         from qexport.runtime.qnn import model_opener
+        from qexport.targets.catalog import get_profile
 
-        if manifest.get("target") != "qnn-htp":
-            raise QexportError(f"{folder} is a {manifest.get('target')} build; build with --target qnn-htp for HTP")
+        if not get_profile(str(manifest.get("target"))).qnn_htp:
+            raise QexportError(f"{folder} is a {manifest.get('target')} build; build with --target qnn-htp (or "
+                               "qnn-htp-integer) for HTP")  # fmt: skip
         opener = model_opener(folder, manifest)
     pipeline = Pipeline(folder, threads=check_threads(threads), manifest=manifest, open_model=opener)
     m = pipeline.manifest

@@ -65,6 +65,7 @@ ORT_CPU = TargetProfile(
 QNN_HTP = TargetProfile(
     name="qnn-htp",
     description="Qualcomm Hexagon NPU through QNN (HTP backend), e.g. onnxruntime's QNN execution provider",
+    qnn_htp=True,
     weight_storage={4: "int4", 8: "int8"},
     weight_symmetric=True,
     activation_storage={8: "uint8", 16: "uint16"},

@@ -41,6 +41,7 @@ class TargetProfile:
     single_input_einsum: bool = True  # whether a one-input Einsum (a permutation) runs on the target
     unsigned_norm_gamma: bool = False  # a quantized LayerNormalization scale must be stored unsigned
     fp16_soc: dict[str, str] = field(default_factory=dict)  # runtime options of the FP16-capable SoC assumed
+    qnn_htp: bool = False  # compiled by Qualcomm's HTP backend: qexport contexts, run / verify --runtime qnn-htp
     integer_activations: str | None = None  # integer-only: every float activation quantized to this storage
     # how the weights of layers kept in float may be stored ("fp32"; "int8": Mul(Cast(q), scale), constants
     # a runtime folds at load); the first is what a recipe's float_layers.weights auto picks

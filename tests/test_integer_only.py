@@ -124,6 +124,34 @@ def test_integer_build_runs_on_htp_without_fp16(integer_build, tmp_path):
     assert float_ops == {"Quantize", "Dequantize"}  # only the graph's inputs and output are float
 
 
+@HTP
+def test_an_integer_build_compiles_to_contexts_and_runs_from_them_on_htp(integer_build, tmp_path):
+    """qexport contexts takes an integer-only build (an HTP without FP16); the edge loop runs from them."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from qexport.cli import cli
+    from qexport.metrics import cosine
+    from qexport.runtime.conditioning import Conditioning
+    from qexport.runtime.loop import Pipeline
+    from qexport.runtime.qnn import model_opener
+
+    folder = tmp_path / "b"
+    shutil.copytree(integer_build.folder, folder)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["contexts", str(folder), "--mode", "per-model"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((folder / "manifest.json").read_text())["contexts"]
+    assert entry["loaded"] is True and set(entry["max_abs_diff"].values()) == {0.0}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    conditioning = Conditioning(folder, manifest)
+    cond, null = conditioning.encode("a red circle moving left"), conditioning.null()
+    on_htp = Pipeline(folder, manifest=manifest, open_model=model_opener(folder, manifest)).run(cond, null, 0)
+    on_cpu = Pipeline(folder, manifest=manifest).run(cond, null, 0)
+    assert cosine(on_htp.latents, on_cpu.latents) >= 0.999  # the loop from the contexts agrees with onnxruntime CPU
+
+
 def test_integer_only_refuses_precompute_kv(tiny_build, tmp_path):  # noqa: F811
     recipe = recipe_of("target=qnn-htp-integer", "precompute_kv=on")
     with pytest.raises(QexportError, match="cannot be built with precompute_kv"):
