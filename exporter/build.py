@@ -33,7 +33,7 @@ from qexport.exporter.fp_export import (
     stamp,
 )
 from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifest, kv_quant, split_export, with_kv
-from qexport.exporter.learn import Learned, learn, with_learned
+from qexport.exporter.learn import Learned, learn, warm_start, with_learned
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits, raised
 from qexport.exporter.replay import CalibrationReplay, replay_count, tensor_ranges
@@ -485,9 +485,10 @@ def plan_models(
             bits = layer_bits[index] if layer_bits else None
             start = None if not built else built[-1].plan.alpha  # the alpha search's start
             given = learned[index] if learned else None
+            previous = built[-1].plan if built else None  # the learned quantizers' warm start
             plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
                                                     replay, searches, kv_plan, group_alpha, bits, memo,
-                                                    kept, start, given)  # fmt: skip
+                                                    kept, start, given, previous)  # fmt: skip
             del graph  # the model holds what emission needs: free the graph's arrays before the model is written
             gc.collect()
             share_arrays(plan, built[-1].plan if built else None)
@@ -682,10 +683,12 @@ def _build_range(
     kept: dict[str, KeptBinding] | None = None,
     start: float | None = None,
     learned: Learned | None = None,
+    previous: RangePlan | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
     """One range's plan and emitted model; the alpha search climbs from `start` (the previous
     range's alpha) where given, the activation range search goes coarse to fine (exporter.search);
-    `learned`: the input quantizers a build trained (a re-plan's), set instead of training."""
+    `learned`: the input quantizers a build trained (a re-plan's), set instead of training;
+    `previous`: the range before's plan (the learned quantizers' warm start)."""
     nodes, groups, weights, biases = range_inputs(graph, bindings, adapter)
     weight_only = tuple(surviving(graph, kept)) if kept else ()
     samples = None
@@ -739,7 +742,7 @@ def _build_range(
     with stage("plan"):
         plan = found if found is not None and kv is None else make(alpha, shrink)
     plan.scores = scores
-    plan = _learned(plan, quant, target, replay, learned)
+    plan = _learned(plan, quant, target, replay, learned, previous)
     if target.closed_linears:  # output quantizers from the replay, the plan's linears simulated
         assert replay is not None
         plan_outputs(plan, replay.output_ranges(with_kv(plan, kv)), target)
@@ -757,16 +760,25 @@ def _build_range(
 
 
 def _learned(
-    plan: RangePlan, quant: QuantConfig, target: TargetProfile, replay: CalibrationReplay | None, given: Learned | None
+    plan: RangePlan,
+    quant: QuantConfig,
+    target: TargetProfile,
+    replay: CalibrationReplay | None,
+    given: Learned | None,
+    previous: RangePlan | None = None,
 ) -> RangePlan:
-    """The plan with its blocks' input quantizers trained (technique 'learned'), or set from `given`."""
+    """The plan with its blocks' input quantizers trained (technique 'learned'), or set from `given`;
+    with warm_iterations, started from `previous` (the range before) where there is one."""
     chosen = quant.techniques.get("learned")
     if not isinstance(chosen, LearnedQuantizers):
         return plan
     if given is None:
         assert replay is not None
+        warm = chosen.warm_iterations is not None and previous is not None
+        start = warm_start(previous) if warm and previous is not None else None
+        iterations = chosen.warm_iterations if warm and chosen.warm_iterations is not None else chosen.iterations
         with stage("learn"):
-            given, errors = learn(replay, plan, chosen.rows, chosen.iterations, chosen.lr, chosen.seed)
+            given, errors = learn(replay, plan, chosen.rows, iterations, chosen.lr, chosen.seed, start)
         log.info("learned the input quantizers of %d linears in %d blocks: block output MSE %s", len(given),
                  len(errors), ", ".join(f"{b:.3g}->{a:.3g}" for b, a in errors.values()))  # fmt: skip
         plan.parts["learned_mse"] = errors

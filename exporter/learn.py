@@ -47,10 +47,11 @@ def _round(x: torch.Tensor) -> torch.Tensor:
 class _Quantizer(nn.Module):
     """A linear's input quantizer with a trainable step size (as its log) and zero point."""
 
-    def __init__(self, lp: LayerPlan) -> None:
+    def __init__(self, lp: LayerPlan, start: tuple[float, float] = (0.0, 0.0)) -> None:
+        """start: added to the planned log step size and zero point (a warm start)."""
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(float(lp.a_scale)), dtype=torch.float64))
-        self.zero = nn.Parameter(torch.tensor(float(lp.a_zero), dtype=torch.float64))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(float(lp.a_scale)) + start[0], dtype=torch.float64))
+        self.zero = nn.Parameter(torch.tensor(float(lp.a_zero) + start[1], dtype=torch.float64))
         self.zero.requires_grad_(not lp.a_grid.symmetric)  # a symmetric grid keeps its zero point
         self.qmin, self.qmax = float(lp.a_grid.qmin), float(lp.a_grid.qmax)
 
@@ -101,12 +102,19 @@ def _take(value: Any, index: torch.Tensor, rows: int) -> Any:
 
 
 def learn(
-    replay: CalibrationReplay, plan: RangePlan, rows: int, iterations: int, lr: float, seed: int
+    replay: CalibrationReplay,
+    plan: RangePlan,
+    rows: int,
+    iterations: int,
+    lr: float,
+    seed: int,
+    start: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[Learned, dict[str, tuple[float, float]]]:
     """The trained input quantizers of the planned linears inside the transformer's blocks, and
     each block's output MSE before and after training (on its training input). The transformer
     runs as `simulated` has the plan, these quantizers in place of the plan's input quantizers
-    (before a target's output quantizers exist: those are planned on the result)."""
+    (before a target's output quantizers exist: those are planned on the result). `start`: per
+    linear, what to add to its planned log step size and zero point before training (warm_start)."""
     transformer = replay.adapter.transformer
     found = blocks(transformer, plan)
     if not found:
@@ -123,8 +131,8 @@ def learn(
     finally:
         for h in record:
             h.remove()
-    quantizers = {layer: _Quantizer(plan.layers[layer]).to(replay.device) for layer in plan.layers
-                  if any(layer.startswith(f"{b}.") for b in found)}  # fmt: skip
+    quantizers = {layer: _Quantizer(plan.layers[layer], (start or {}).get(layer, (0.0, 0.0))).to(replay.device)
+                  for layer in plan.layers if any(layer.startswith(f"{b}.") for b in found)}  # fmt: skip
     errors: dict[str, tuple[float, float]] = {}
     generator = torch.Generator().manual_seed(seed)
 
@@ -180,8 +188,18 @@ def learn(
     return {layer: q.value() for layer, q in quantizers.items()}, errors
 
 
+def warm_start(previous: RangePlan) -> dict[str, tuple[float, float]]:
+    """Per linear, how far the range before moved its planned input quantizer by learning: the log
+    of the learned over the planned step size, and the learned less the planned zero point."""
+    planned = previous.parts.get("learned_from", {})
+    return {layer: (math.log(scale / planned[layer][0]), zero - planned[layer][1])
+            for layer, (scale, zero) in previous.parts.get("learned", {}).items() if layer in planned}  # fmt: skip
+
+
 def with_learned(plan: RangePlan, learned: Learned, target: TargetProfile) -> RangePlan:
-    """The plan with the learned input quantizers (pow2 targets: each scale rounded up to a power of two)."""
+    """The plan with the learned input quantizers (pow2 targets: each scale rounded up to a power of
+    two); what planning had chosen stays in parts["learned_from"] (the next range's warm start)."""
+    planned = {layer: (float(plan.layers[layer].a_scale), float(plan.layers[layer].a_zero)) for layer in learned}
     layers = dict(plan.layers)
     for layer, (scale, zero) in learned.items():
         lp = layers[layer]
@@ -189,4 +207,4 @@ def with_learned(plan: RangePlan, learned: Learned, target: TargetProfile) -> Ra
             scale = 2.0 ** math.ceil(math.log2(scale))
         dtype = STORAGE[lp.a_grid.storage][0]
         layers[layer] = replace(lp, a_scale=np.asarray(scale, dtype=np.float32), a_zero=np.asarray(zero, dtype=dtype))
-    return replace(plan, layers=layers, parts={**plan.parts, "learned": dict(learned)})
+    return replace(plan, layers=layers, parts={**plan.parts, "learned": dict(learned), "learned_from": planned})

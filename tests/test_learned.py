@@ -54,8 +54,32 @@ def test_a_replan_sets_the_learned_values_without_training(learned_build, latte_
         assert int(plans[0].layers[layer].a_zero) == int(lp.a_zero)
 
 
+def test_later_ranges_start_from_what_the_range_before_learned(latte_stats, tmp_path):
+    """warm_iterations 0: each range after the first keeps the first range's learned moves (ratio of
+    step sizes, offset of zero points) on its own planned quantizers, untrained; the record says so."""
+    import math
+
+    settings = (*SETTINGS[:-1], "granularity.time_ranges=2", "learned.warm_iterations=0")
+    built = build(latte_stats, tmp_path / "warm", BuildConfig(recipe=recipe_of(*settings)))
+    first, second = (r.plan for r in built.ranges)
+    assert "learned_from" in first.parts and "learned_mse" in second.parts
+    moved = 0
+    for layer, (scale, zero) in second.parts["learned"].items():
+        learned0, planned0 = first.parts["learned"][layer], first.parts["learned_from"][layer]
+        planned1 = second.parts["learned_from"][layer]
+        want = math.exp(math.log(planned1[0]) + math.log(learned0[0] / planned0[0]))
+        assert math.isclose(scale, want, rel_tol=1e-9), (layer, scale, want)
+        lp = second.layers[layer]
+        grid_zero = min(max(round(planned1[1] + learned0[1] - planned0[1]), lp.a_grid.qmin), lp.a_grid.qmax)
+        assert zero == grid_zero
+        moved += scale != planned1[0]
+    assert moved >= len(second.parts["learned"]) // 2
+    assert built.manifest["quantization"]["learned"]["warm_iterations"] == 0
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     (["learned.iterations=0"], "iterations >= 1"),
+    (["learned=on", "learned.warm_iterations=-1"], "warm_iterations must be >= 0"),
     (["learned=on", "dynamic_activations=on"], "does not combine"),
 ])  # fmt: skip
 def test_bad_learning_settings_are_refused(settings, message):
