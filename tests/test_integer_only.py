@@ -17,7 +17,7 @@ from qexport.targets.catalog import get_profile
 from qexport.targets.legality import check_model
 from qexport.verification import qnn_run
 from sessions import cpu_session
-from test_qnn_htp import TRUSTED, htp_vs_cpu, tiny_build  # noqa: F401  (the random tiny Latte and its statistics)
+from test_qnn_htp import TRUSTED, htp_vs_cpu, per_model_contexts, tiny_build  # noqa: F401  (the random tiny Latte and its statistics)
 
 from qexport.errors import QexportError
 from qexport.recipe import recipe_of
@@ -127,23 +127,12 @@ def test_integer_build_runs_on_htp_without_fp16(integer_build, tmp_path):
 @HTP
 def test_an_integer_build_compiles_to_contexts_and_runs_from_them_on_htp(integer_build, tmp_path):
     """qexport contexts takes an integer-only build (an HTP without FP16); the edge loop runs from them."""
-    import shutil
-
-    from click.testing import CliRunner
-
-    from qexport.cli import cli
     from qexport.metrics import cosine
     from qexport.runtime.conditioning import Conditioning
     from qexport.runtime.loop import Pipeline
     from qexport.runtime.qnn import model_opener
 
-    folder = tmp_path / "b"
-    shutil.copytree(integer_build.folder, folder)
-    runner = CliRunner()
-    result = runner.invoke(cli, ["contexts", str(folder), "--mode", "per-model"])
-    assert result.exit_code == 0, result.output
-    entry = json.loads((folder / "manifest.json").read_text())["contexts"]
-    assert entry["loaded"] is True and set(entry["max_abs_diff"].values()) == {0.0}
+    folder, _ = per_model_contexts(integer_build.folder, tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
     conditioning = Conditioning(folder, manifest)
     cond, null = conditioning.encode("a red circle moving left"), conditioning.null()

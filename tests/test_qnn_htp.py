@@ -134,8 +134,25 @@ def test_an_open_build_is_refused_by_the_backend(tiny_build, tmp_path):
 
 
 @pytest.mark.skipif(not qnn_run.available(), reason="onnxruntime-qnn is not installed (pip install 'qexport[qnn]')")
-def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
+def per_model_contexts(build_folder, tmp_path):
+    """A copy of the build with `qexport contexts --mode per-model` run on it, and its manifest's
+    contexts entry, checked: loaded back, outputs equal to the compiling session's."""
     import shutil
+
+    from click.testing import CliRunner
+
+    from qexport.cli import cli
+
+    folder = tmp_path / "b"
+    shutil.copytree(build_folder, folder)
+    result = CliRunner().invoke(cli, ["contexts", str(folder), "--mode", "per-model"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((folder / "manifest.json").read_text())["contexts"]
+    assert entry["loaded"] is True and set(entry["max_abs_diff"].values()) == {0.0}  # the same compiled graph
+    return folder, entry
+
+
+def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
 
     from click.testing import CliRunner
     from qexport.exporter.manifest import write_manifest
@@ -145,13 +162,8 @@ def test_context_binaries_load_and_run_the_edge_loop(tiny_build, tmp_path):
     from qexport.runtime.loop import Pipeline
     from qexport.runtime.qnn import model_opener
 
-    folder = tmp_path / "b"
-    shutil.copytree(tiny_build.folder, folder)
+    folder, entry = per_model_contexts(tiny_build.folder, tmp_path)
     runner = CliRunner()
-    result = runner.invoke(cli, ["contexts", str(folder), "--mode", "per-model"])
-    assert result.exit_code == 0, result.output
-    entry = json.loads((folder / "manifest.json").read_text())["contexts"]
-    assert entry["loaded"] is True and set(entry["max_abs_diff"].values()) == {0.0}  # the same compiled graph
     assert len(entry["binaries"]) == len(entry["models"]) == 2
 
     def loop(on_htp: bool) -> np.ndarray:
