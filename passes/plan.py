@@ -9,8 +9,9 @@ weight quantization (GPTQ where a step left a Hessian), then their layer steps."
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -102,6 +103,17 @@ def _bytes(rng: RangeStep, waiting: Waiting) -> int:
     return sum(rng.final_w[layer].nbytes for layer, _, _, _ in waiting) + sum(hessians.values())
 
 
+@contextmanager
+def _cancelled_on_error(futures: dict[str, Future[LayerPlan]]) -> Iterator[None]:
+    """On an error or an interrupt, the linears not yet started are dropped, not quantized first."""
+    try:
+        yield
+    except BaseException:
+        for future in futures.values():
+            future.cancel()
+        raise
+
+
 def plan_range(
     steps: list[int],
     groups: list[Group],
@@ -176,7 +188,7 @@ def plan_range(
             planned[layer] = pool.submit(quantized, layer, owner, bits, rounded[layer])
         waiting.clear()
 
-    with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="plan") as pool:
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="plan") as pool, _cancelled_on_error(planned):
         for g in groups:
             step = _plan_group(rng, g, stats[g.layers[0]])
             done = [*g.layers, *([g.value_layer] if g.value_layer in pending else [])]
