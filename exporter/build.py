@@ -774,9 +774,9 @@ def _learned(
         return plan
     if given is None:
         assert replay is not None
-        warm = chosen.warm_iterations is not None and previous is not None
-        start = warm_start(previous) if warm and previous is not None else None
-        iterations = chosen.warm_iterations if warm and chosen.warm_iterations is not None else chosen.iterations
+        start, iterations = None, chosen.iterations
+        if chosen.warm_iterations is not None and previous is not None:
+            start, iterations = warm_start(previous), chosen.warm_iterations
         with stage("learn"):
             given, errors = learn(replay, plan, chosen.rows, iterations, chosen.lr, chosen.seed, start)
         log.info("learned the input quantizers of %d linears in %d blocks: block output MSE %s", len(given),

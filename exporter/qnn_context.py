@@ -60,9 +60,7 @@ def compile_contexts(folder: Path, manifest: dict[str, Any], mode: str) -> dict[
     """
     if mode not in MODES:
         raise QexportError(f"context mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if not get_profile(str(manifest.get("target"))).qnn_htp:
-        raise QexportError(f"context binaries are for builds for Qualcomm's HTP (qnn-htp, qnn-htp-integer); "
-                           f"this one is for {manifest.get('target')}")  # fmt: skip
+    get_profile(str(manifest.get("target"))).check_htp()
     soc = soc_of(manifest)
     models = [str(r["model"]) for r in manifest["ranges"]]
     out = folder / FOLDER

@@ -6,7 +6,6 @@ small vectors only. Leaves every node that reads a non-constant input alone."""
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
+from qexport.passes.gptq import digest
 from qexport.passes.graph import consumers
 
 from qexport.errors import QexportError
@@ -101,11 +101,11 @@ def path_keys(nodes: list[gs.Node]) -> dict[str, Any]:
                 return keys[value.name]
             if _nbytes(value) > HASHED_BYTES:
                 return ("constant", id(value))
-            return _value_key(np.asarray(value.values))
+            return digest(np.asarray(value.values))
         if isinstance(value, gs.Tensor):
             return keys.get(value.name, ("tensor", value.name))
         if isinstance(value, np.ndarray):
-            return _value_key(value)
+            return digest(value)
         return repr(value)
 
     for node in nodes:
@@ -115,11 +115,6 @@ def path_keys(nodes: list[gs.Node]) -> dict[str, Any]:
         for i, t in enumerate(node.outputs):
             keys[t.name] = (own, i)
     return keys
-
-
-def _value_key(values: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
-    a = np.ascontiguousarray(values)
-    return (str(a.dtype), a.shape, hashlib.blake2b(a.reshape(-1).view(np.uint8).data, digest_size=20).digest())
 
 
 def _first_alike(graph: gs.Graph, nodes: list[gs.Node], frontier: list[gs.Tensor]) -> dict[str, gs.Tensor]:

@@ -618,9 +618,7 @@ def run(
         from qexport.runtime.qnn import model_opener
         from qexport.targets.catalog import get_profile
 
-        if not get_profile(str(manifest.get("target"))).qnn_htp:
-            raise QexportError(f"{folder} is a {manifest.get('target')} build; build with --target qnn-htp (or "
-                               "qnn-htp-integer) for HTP")  # fmt: skip
+        get_profile(str(manifest.get("target"))).check_htp()
         opener = model_opener(folder, manifest)
     pipeline = Pipeline(folder, threads=check_threads(threads), manifest=manifest, open_model=opener)
     m = pipeline.manifest

@@ -61,6 +61,13 @@ class TargetProfile:
     notes: tuple[str, ...] = ()
     source: str
 
+    def check_htp(self) -> None:
+        """Refuse a build for a target that Qualcomm's HTP backend does not compile (contexts, run and
+        verify on qnn-htp)."""
+        if not self.qnn_htp:
+            raise QexportError(f"a build for target {self.name} does not run on the HTP backend; build with "
+                               "--target qnn-htp (or qnn-htp-integer)")  # fmt: skip
+
     def weight_type(self, bits: int) -> str:
         return self._storage(self.weight_storage, bits, "weight", WEIGHT_WIDTHS)
 

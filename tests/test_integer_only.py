@@ -167,3 +167,13 @@ def test_integer_only_refuses_8_bit_activations(tiny_build, tmp_path):  # noqa: 
     with pytest.raises(QexportError, match=r"set bits\.activations=16"):
         build(tiny_build.folder.parent / "s.qstats", tmp_path / "a8", BuildConfig(recipe=recipe))
     assert not (tmp_path / "a8").exists()
+
+
+def test_only_builds_for_the_htp_backend_are_compiled_or_run_there(tmp_path):
+    from qexport.exporter.qnn_context import compile_contexts
+
+    INTEGER.check_htp()
+    get_profile("qnn-htp").check_htp()
+    with pytest.raises(QexportError, match="a build for target ort-cpu does not run on the HTP backend"):
+        compile_contexts(tmp_path, {"target": "ort-cpu"}, "per-model")
+    assert not (tmp_path / "context").exists()

@@ -300,9 +300,7 @@ def check_verify_request(manifest: dict[str, Any], runtime: str, only: list[int]
     if "pipeline" in manifest and runtime != "onnxruntime":
         raise QexportError(f"a pipeline build is verified on onnxruntime; --runtime {runtime} is not supported for it")
     if runtime == "qnn-htp":
-        target = get_profile(str(manifest["target"]))
-        if not target.closed_linears:
-            raise QexportError(f"a {target.name} build does not run on the HTP backend; build with --target qnn-htp")
+        get_profile(str(manifest["target"])).check_htp()
         if not available():
             raise QexportError("--runtime qnn-htp needs onnxruntime-qnn: pip install 'qexport[qnn]'")
     if runtime == "openvino" and importlib.util.find_spec("openvino") is None:
@@ -348,8 +346,8 @@ def verify(
     """
     if runtime not in (*RUNTIMES, "qnn-htp"):
         raise QexportError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}, qnn-htp")
-    if runtime == "qnn-htp" and not target.closed_linears:
-        raise QexportError(f"a {target.name} build does not run on the HTP backend; build with --target qnn-htp")
+    if runtime == "qnn-htp":
+        target.check_htp()
     chosen = range(len(plans)) if only is None else sorted(set(only))
     bad = [i for i in chosen if not 0 <= i < len(plans)]
     if bad:
