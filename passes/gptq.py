@@ -59,8 +59,37 @@ class Memo:
         self._last[layer] = (key, value)
 
 
+_WORDS = 1 << 18  # 8-byte words per chunk of an array's bytes (2 MiB)
+_MULTIPLIERS: np.ndarray | None = None  # [2, _WORDS] odd uint64, from a fixed seed, made on first use
+
+
+def _multipliers() -> np.ndarray:
+    global _MULTIPLIERS
+    if _MULTIPLIERS is None:
+        half = np.random.default_rng(0x5EED).integers(0, 2**63, (2, _WORDS), dtype=np.uint64)
+        _MULTIPLIERS = half * np.uint64(2) + np.uint64(1)
+    return _MULTIPLIERS
+
+
+def _folded(a: np.ndarray) -> bytes:
+    """An array's bytes folded to 16 bytes per 2 MiB chunk: the chunk as 8-byte words c, the sums
+    c·m1 and c·m2 modulo 2^64 over two fixed odd multipliers (numpy's unsigned dot, about 15 times
+    blake2b's speed on a weight); a tail under 8 bytes as it is. Chunks that differ in one word
+    always fold apart (an odd multiplier is invertible modulo 2^64); two that differ otherwise fold
+    alike only where both sums' differences vanish, which no natural pair of weights meets."""
+    raw = a.reshape(-1).view(np.uint8)
+    n = raw.size - raw.size % 8
+    words, m = raw[:n].view(np.uint64), _multipliers()
+    parts = []
+    for start in range(0, words.size, _WORDS):
+        chunk = words[start : start + _WORDS]
+        parts.append(np.array([np.dot(chunk, m[0, : chunk.size]), np.dot(chunk, m[1, : chunk.size])]).tobytes())
+    return b"".join(parts) + raw[n:].tobytes()
+
+
 def digest(*parts: np.ndarray | str) -> bytes:
-    """A content digest of arrays (dtype, shape and bytes) and strings."""
+    """A content key of arrays (dtype, shape and bytes, the bytes folded by ``_folded``) and strings:
+    the memo's and the fold's, which hash gigabytes of weights per range at full size."""
     h = hashlib.blake2b(digest_size=20)
     for part in parts:
         if isinstance(part, str):
@@ -68,7 +97,7 @@ def digest(*parts: np.ndarray | str) -> bytes:
         else:
             a = np.ascontiguousarray(part)
             h.update(f"{a.dtype}{a.shape}".encode())
-            h.update(a.reshape(-1).view(np.uint8).data)  # the bytes without a copy (tobytes' bytes)
+            h.update(_folded(a))
     return h.digest()
 
 

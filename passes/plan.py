@@ -99,8 +99,9 @@ planned, so a range holds the float64 weights of that many more linears, not of 
 
 
 def _bytes(rng: RangeStep, waiting: Waiting) -> int:
+    """Float64 bytes of the waiting linears' weights (made or not yet) and their Hessians."""
     hessians = {id(h): h.nbytes for _, _, _, h in waiting}  # one H per group
-    return sum(rng.final_w[layer].nbytes for layer, _, _, _ in waiting) + sum(hessians.values())
+    return sum(rng.weights[layer].size * 8 for layer, _, _, _ in waiting) + sum(hessians.values())
 
 
 @contextmanager
@@ -182,7 +183,8 @@ def plan_range(
 
     def settle() -> None:
         """GPTQ for the waiting linears (those of one shape together), then their plans."""
-        requests = [(layer, rng.final_w[layer], hessian, _grid(rng, bits)) for layer, _, bits, hessian in waiting]
+        made = list(pool.map(rng.final_w.__getitem__, [layer for layer, *_ in waiting]))  # smoothed in threads
+        requests = [(layer, w, h, _grid(rng, bits)) for (layer, _, bits, h), w in zip(waiting, made, strict=True)]
         rounded = gptq_weights(requests, config, target, gptq_memo)
         for layer, owner, bits, _ in waiting:
             planned[layer] = pool.submit(quantized, layer, owner, bits, rounded[layer])

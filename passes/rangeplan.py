@@ -155,21 +155,49 @@ class RangePlan:
 class FinalWeights(dict[str, np.ndarray]):
     """W^T per layer as the steps leave it, float64, made from the FP weight on first use and
     dropped once the layer is quantized (release), so a range holds float64 copies of the layers
-    in flight only, not of the whole model."""
+    in flight only, not of the whole model. Smoothing's scalings of a layer not yet made wait
+    (scale_rows, divide_columns) and are applied, in order, when it is made: by the thread that
+    quantizes it, not by the one planning the groups."""
 
     def __init__(self, weights: dict[str, np.ndarray]) -> None:
         super().__init__()
         self.weights = weights
         self.released: set[str] = set()
+        self.waiting: dict[str, list[tuple[bool, np.ndarray]]] = {}  # layer -> (by rows?, vector) in order
 
     def __missing__(self, layer: str) -> np.ndarray:
         if layer in self.released:
             raise KeyError(f"{layer}: its final weight was released after quantization")
-        self[layer] = value = self.weights[layer].astype(np.float64)
+        value = self.weights[layer].astype(np.float64)
+        for by_rows, vector in self.waiting.pop(layer, ()):
+            if by_rows:
+                value *= vector[:, None]
+            else:
+                value /= vector[None, :]
+        self[layer] = value
         return value
+
+    def scale_rows(self, layer: str, s: np.ndarray) -> None:
+        """W^T <- diag(s)·W^T (each input channel's row times its s)."""
+        if layer in self:
+            self[layer] *= s[:, None]
+        elif layer in self.released:
+            raise KeyError(f"{layer}: its final weight was released after quantization")
+        else:
+            self.waiting.setdefault(layer, []).append((True, s))
+
+    def divide_columns(self, layer: str, s: np.ndarray) -> None:
+        """W^T <- W^T·diag(1/s) (each output channel divided by its s)."""
+        if layer in self:
+            self[layer] /= s[None, :]
+        elif layer in self.released:
+            raise KeyError(f"{layer}: its final weight was released after quantization")
+        else:
+            self.waiting.setdefault(layer, []).append((False, s))
 
     def release(self, layer: str) -> None:
         self.pop(layer, None)
+        self.waiting.pop(layer, None)
         self.released.add(layer)
 
 

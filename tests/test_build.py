@@ -143,6 +143,28 @@ def test_planning_holds_float64_weights_of_the_layers_in_flight_only(latte_stats
     assert max(live) <= widest + 1 + 2 < len(weights) / 4, (max(live), widest, len(weights))
 
 
+def test_final_weights_apply_waiting_scalings_in_order_when_made():
+    """Scalings of a weight not yet made wait and are applied in order when it is made: the same
+    float64 array, bit for bit, as applying them in place on a made one; released weights refuse."""
+    from qexport.passes.rangeplan import FinalWeights
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    s_in, s_out, s_in2 = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 4), rng.uniform(0.1, 3, 6)
+    lazy, eager = FinalWeights({"a": w}), FinalWeights({"a": w})
+    eager["a"]  # made first: the scalings act in place
+    for final in (lazy, eager):
+        final.scale_rows("a", s_in)
+        final.divide_columns("a", s_out)
+        final.scale_rows("a", s_in2)
+    assert "a" not in lazy and "a" in eager
+    expected = w.astype(np.float64) * s_in[:, None] / s_out[None, :] * s_in2[:, None]
+    assert np.array_equal(lazy["a"], expected) and np.array_equal(eager["a"], expected)
+    lazy.release("a")
+    with pytest.raises(KeyError, match="released"):
+        lazy.scale_rows("a", s_in)
+
+
 def test_tsw_without_tsq_costs_about_one_model_of_disk(latte_stats, tmp_path):
     tsw = _build(latte_stats, tmp_path, "asq_tsw", smooth=Smooth.ASQ)
     one = _build(latte_stats, tmp_path, "asq_one", smooth=Smooth.ASQ, ranges=1)

@@ -325,23 +325,24 @@ def test_tsq_alpha_auto_scores_nearest_rounding_and_rounds_the_chosen_alpha_by_g
     assert any(not np.array_equal(got[n].w_q, plain[n].w_q) for n in plain)
 
 
-def test_digest_hashes_dtype_shape_and_the_arrays_bytes():
-    """The memo's key: the same as hashing tobytes() (any layout, empty arrays), and it tells apart
-    equal bytes of another shape or dtype."""
-    import hashlib
-
-    from qexport.passes.gptq import digest
-
-    def by_copy(*parts):
-        h = hashlib.blake2b(digest_size=20)
-        for part in parts:
-            a = np.ascontiguousarray(part) if not isinstance(part, str) else None
-            h.update(part.encode() if a is None else f"{a.dtype}{a.shape}".encode() + a.tobytes())
-        return h.digest()
+def test_digest_keys_dtype_shape_and_every_byte():
+    """The memo's key: equal for equal content in any layout, apart for another shape or dtype of
+    the same bytes, and apart when any one element of a multi-chunk array changes (each chunk, and
+    bytes that are not a whole 8-byte word)."""
+    from qexport.passes.gptq import _WORDS, digest
 
     rng = np.random.default_rng(0)
-    cases = [(rng.standard_normal((5, 7)), "x"), (rng.standard_normal((8, 8))[:, ::2],), (np.zeros((0, 3)),),
-             (rng.integers(0, 9, (3, 4)).astype(np.int8).T, np.float32(2.5))]  # fmt: skip
-    assert all(digest(*c) == by_copy(*c) for c in cases)
-    a = np.arange(6, dtype=np.float32)
-    assert len({digest(a), digest(a.reshape(2, 3)), digest(a.view(np.int32))}) == 3
+    a = rng.standard_normal((8, 8))
+    assert digest(a[:, ::2], "x") == digest(a[:, ::2].copy(), "x") != digest(a[:, ::2].copy(), "y")
+    assert digest(np.zeros((0, 3))) != digest(np.zeros((3, 0)))
+    b = np.arange(6, dtype=np.float32)
+    assert len({digest(b), digest(b.reshape(2, 3)), digest(b.view(np.int32))}) == 3
+    big = rng.standard_normal(2 * _WORDS + 3)  # float64: two whole chunks of words and part of a third
+    keys = {digest(big)}
+    for i in (0, _WORDS - 1, _WORDS, 2 * _WORDS, big.size - 1):
+        changed = big.copy()
+        changed[i] = np.nextafter(changed[i], np.inf)
+        keys.add(digest(changed))
+    assert len(keys) == 6
+    odd = np.frombuffer(rng.bytes(13), dtype=np.uint8)
+    assert digest(odd) != digest(np.concatenate([odd[:-1], odd[-1:] ^ np.uint8(1)]))

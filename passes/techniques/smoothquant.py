@@ -112,10 +112,10 @@ class SmoothQuant(Technique):
         s = smoothing_vector(step.act, wmax, rng.plan.group_alpha.get(g.tensor, rng.config.alpha))
         step.s = rng.plan.smooth[g.tensor] = s
         rng.plan.folds[g.fold] = rng.plan.folds.get(g.fold, 0) + 1
-        for layer in g.layers:  # in place: final weights are the plan's own arrays
-            rng.final_w[layer] *= s[:, None]
+        for layer in g.layers:  # in place, or when the weight is made (FinalWeights)
+            rng.final_w.scale_rows(layer, s)
         if g.fold == "value" and g.value_layer is not None:
-            rng.final_w[g.value_layer] /= s[None, :]
+            rng.final_w.divide_columns(g.value_layer, s)
             rng.plan.value_folds.add(g.value_layer)
             bias = rng.final_b[g.value_layer]
             if bias is not None:
