@@ -8,7 +8,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -43,7 +43,7 @@ from qexport.passes.analyze import FOLDS, Group, find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.close import plan_outputs
-from qexport.passes.gptq import Memo, Rounding
+from qexport.passes.gptq import Gram, Memo, Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.integer_only import integer_only, observed_tensors
 from qexport.passes.lowrank import BranchCost, branch_cost
@@ -655,7 +655,7 @@ def _equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _grams(
     replay: CalibrationReplay | None, quant: QuantConfig, steps: list[int], groups: list[Group], total: int
-) -> dict[str, np.ndarray] | None:
+) -> Mapping[str, Gram] | None:
     """The input Gram matrices GPTQ needs (None without it): over the steps that share the range's s
     with TSQ (its own, or its --smooth-ranges range), else over every calibrated step, so that
     weights shared between ranges stay shared."""

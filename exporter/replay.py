@@ -107,7 +107,7 @@ class CalibrationReplay:
             # the FP outputs, recorded by the loop (the same call as run(k) makes); kept now: a lazy
             # cache filled inside a simulation would hold quantized ones
             self.references = ys
-            self._grams: dict[tuple[tuple[int, ...], tuple[str, ...]], dict[str, np.ndarray]] = {}
+            self._grams: dict[tuple[tuple[int, ...], tuple[str, ...]], dict[str, torch.Tensor]] = {}
 
     def sample(self, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """The whole sampling loop on the replayed prompts (seed 0), as the transformer computes."""
@@ -137,19 +137,20 @@ class CalibrationReplay:
             out[name] = rows[::stride]
         return out
 
-    def input_grams(self, steps: list[int], layers: list[str]) -> dict[str, np.ndarray]:
+    def input_grams(self, steps: list[int], layers: list[str]) -> dict[str, torch.Tensor]:
         """XᵀX [features, features] (float64) of the named linears' FP inputs X, every token row of
-        the given steps; kept for the next call with the same (steps, layers), the last such set only:
-        a range's searches and its plan ask for the same one, the next range for another (dit-xl-2's
-        are 5.6 GB a range; keeping all of them grew a 20-range build by that much a range)."""
+        the given steps, kept on the replay's device (a GPU build's host memory holds only the H of
+        the linears being rounded: gptq.input_hessian); kept for the next call with the same
+        (steps, layers), the last such set only: a range's searches and its plan ask for the same
+        one, the next range for another (dit-xl-2's are 5.6 GB a range)."""
         key = (tuple(steps), tuple(layers))
         if key not in self._grams:
             self._grams.clear()
-            grams = {name: np.zeros((0, 0)) for name in layers}
+            grams: dict[str, torch.Tensor] = {}
 
             def add(name: str, x: torch.Tensor) -> None:
-                gram = (x.T @ x).double().cpu().numpy()  # float32 products, summed over steps in float64
-                grams[name] = gram if grams[name].size == 0 else grams[name] + gram
+                gram = (x.T @ x).double()  # float32 products, summed over steps in float64
+                grams[name] = gram if name not in grams else grams[name] + gram
 
             self._watch(steps, layers, add)
             self._grams[key] = grams

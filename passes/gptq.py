@@ -101,17 +101,30 @@ def digest(*parts: np.ndarray | str) -> bytes:
     return h.digest()
 
 
-def input_hessian(gram: np.ndarray, divisor: np.ndarray | float, rotation: np.ndarray | None = None) -> np.ndarray:
+Gram = np.ndarray | torch.Tensor  # XᵀX [in, in], float64: a build keeps it on its device (torch)
+
+
+def input_hessian(gram: Gram, divisor: np.ndarray | float, rotation: np.ndarray | None = None) -> np.ndarray:
     """H of the input a layer quantizes, (X/s)·R, from the Gram matrix XᵀX of its FP input X.
 
     Args:
-        gram: XᵀX [in, in] of the FP input.
+        gram: XᵀX [in, in] of the FP input; a tensor is divided where it lives and H sent to the host
+            (the same float64 products and quotients as numpy's), so only the H of the linears in
+            flight are in host memory, not every Gram matrix of the range.
         divisor: s per input channel (or 1.0 without smoothing).
         rotation: R folded after the division (``--rotate``), or None.
     """
     d = np.broadcast_to(np.asarray(divisor, dtype=np.float64), (gram.shape[0],))
-    h = np.asarray(gram, dtype=np.float64) / np.outer(d, d)
+    if isinstance(gram, torch.Tensor) and gram.device.type == "cpu":
+        gram = gram.numpy()  # a view: numpy divides faster than torch on the host
+    h = _divided(gram, d) if isinstance(gram, torch.Tensor) else np.asarray(gram, dtype=np.float64) / np.outer(d, d)
     return h if rotation is None else rotation.T.astype(np.float64) @ h @ rotation.astype(np.float64)
+
+
+def _divided(gram: torch.Tensor, d: np.ndarray) -> np.ndarray:
+    """gram / (d dᵀ) where the tensor lives, on the host: numpy's float64 products and quotients."""
+    dt = torch.tensor(d, dtype=torch.float64, device=gram.device)
+    return (gram.to(torch.float64) / torch.outer(dt, dt)).cpu().numpy()
 
 
 def damped(h: np.ndarray, damp: float = DAMP) -> np.ndarray:

@@ -9,7 +9,7 @@ weight quantization (GPTQ where a step left a Hessian), then their layer steps."
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import replace
@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
-from qexport.passes.gptq import Memo, Rounded
+from qexport.passes.gptq import Gram, Memo, Rounded
 from qexport.passes.quant import Grid, qparams, quantize, rows
 from qexport.passes.rangeplan import (
     MIXED_HIGH_BITS,
@@ -128,7 +128,7 @@ def plan_range(
     head_dims: dict[str, int] | None = None,
     group_alpha: dict[str, float] | None = None,
     layer_bits: dict[str, int] | None = None,
-    grams: dict[str, np.ndarray] | None = None,
+    grams: Mapping[str, Gram] | None = None,
     gptq_memo: Memo | None = None,
 ) -> RangePlan:
     """Plan one range (a list of step indices).

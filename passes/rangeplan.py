@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
-from qexport.passes.gptq import Memo, Rounding
+from qexport.passes.gptq import Gram, Memo, Rounding
 from qexport.passes.observe import Observer
 from qexport.passes.quant import Grid, decode_codebook, dequantize, rows
 from qexport.targets.profile import TargetProfile
@@ -216,7 +216,7 @@ class RangeStep:
     a_grid: Grid
     samples: dict[str, np.ndarray] | None  # FP inputs of each group's first layer over the range
     head_dims: dict[str, int]
-    grams: dict[str, np.ndarray] | None  # X^T X of each group's first layer's FP input
+    grams: Mapping[str, Gram] | None  # X^T X of each group's first layer's FP input
     memo: Memo | None
 
     def add_bias(self, layer: str, delta: np.ndarray) -> None:

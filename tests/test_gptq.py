@@ -15,6 +15,7 @@ from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.gptq import (
     Memo,
     Rounding,
+    _divided,
     gptq_quantize,
     gptq_quantize_many,
     input_hessian,
@@ -127,6 +128,9 @@ def test_input_hessian_is_the_gram_of_the_smoothed_rotated_input():
     xr = (x / s) @ rot
     assert np.allclose(input_hessian(x.T @ x, s, rot), xr.T @ xr)
     assert np.allclose(input_hessian(x.T @ x, 1.0), x.T @ x)
+    kept = torch.from_numpy(x.T @ x)  # a build's Gram matrix, kept as a tensor: the same H, bit for bit
+    assert np.array_equal(input_hessian(kept, s, rot), input_hessian(x.T @ x, s, rot))
+    assert np.array_equal(_divided(kept, s), (x.T @ x) / np.outer(s, s))  # a GPU's path, run on the host
 
 
 def _layer(seed=3, n_in=64, n_out=24):

@@ -72,8 +72,9 @@ def test_the_replay_keeps_the_loops_own_outputs_which_are_the_denoisers(model_id
 
 def test_the_replay_keeps_the_gram_matrices_of_one_range_only():
     """A range's searches and its plan share one set of XᵀX; the next range's replaces it (a 20-range
-    dit-xl-2 build grew by 5.6 GB a range while every range's were kept)."""
-    import numpy as np
+    dit-xl-2 build grew by 5.6 GB a range while every range's were kept); they stay on the replay's
+    device as float64 tensors."""
+    import torch
     from qexport.exporter.replay import CalibrationReplay
 
     from qexport.models.registry import load_model
@@ -83,8 +84,9 @@ def test_the_replay_keeps_the_gram_matrices_of_one_range_only():
     layer = next(name for name, m in adapter.transformer.named_modules() if m.__class__.__name__ == "Linear")
     replay = CalibrationReplay(adapter, ["red circle"], timesteps(adapter, 3), cfg=4.0)
     first = replay.input_grams([0], [layer])
+    assert first[layer].dtype == torch.float64 and first[layer].device == replay.device
     assert replay.input_grams([0], [layer]) is first  # the same range: kept, not recomputed
     second = replay.input_grams([1], [layer])
     assert len(replay._grams) == 1 and second is not first
     again = replay.input_grams([0], [layer])  # an earlier range again: recomputed, the same sums
-    assert again is not first and np.array_equal(again[layer], first[layer])
+    assert again is not first and torch.equal(again[layer], first[layer])
