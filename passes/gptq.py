@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from enum import StrEnum
+from functools import cache
 
 import numpy as np
 import torch
@@ -60,15 +61,13 @@ class Memo:
 
 
 _WORDS = 1 << 18  # 8-byte words per chunk of an array's bytes (2 MiB)
-_MULTIPLIERS: np.ndarray | None = None  # [2, _WORDS] odd uint64, from a fixed seed, made on first use
 
 
+@cache
 def _multipliers() -> np.ndarray:
-    global _MULTIPLIERS
-    if _MULTIPLIERS is None:
-        half = np.random.default_rng(0x5EED).integers(0, 2**63, (2, _WORDS), dtype=np.uint64)
-        _MULTIPLIERS = half * np.uint64(2) + np.uint64(1)
-    return _MULTIPLIERS
+    """[2, _WORDS] odd uint64 from a fixed seed, made on first use."""
+    half = np.random.default_rng(0x5EED).integers(0, 2**63, (2, _WORDS), dtype=np.uint64)
+    return half * np.uint64(2) + np.uint64(1)
 
 
 def _folded(a: np.ndarray) -> bytes:

@@ -152,6 +152,14 @@ class RangePlan:
     weight_only: tuple[str, ...] = ()  # float-kept modules whose weights are stored int8 (passes.weight_only)
 
 
+def _scaled(w: np.ndarray, by_rows: bool, s: np.ndarray) -> None:
+    """w <- diag(s)·w (by rows) or w·diag(1/s) (by columns), in place."""
+    if by_rows:
+        w *= s[:, None]
+    else:
+        w /= s[None, :]
+
+
 class FinalWeights(dict[str, np.ndarray]):
     """W^T per layer as the steps leave it, float64, made from the FP weight on first use and
     dropped once the layer is quantized (release), so a range holds float64 copies of the layers
@@ -170,30 +178,24 @@ class FinalWeights(dict[str, np.ndarray]):
             raise KeyError(f"{layer}: its final weight was released after quantization")
         value = self.weights[layer].astype(np.float64)
         for by_rows, vector in self.waiting.pop(layer, ()):
-            if by_rows:
-                value *= vector[:, None]
-            else:
-                value /= vector[None, :]
+            _scaled(value, by_rows, vector)
         self[layer] = value
         return value
 
     def scale_rows(self, layer: str, s: np.ndarray) -> None:
         """W^T <- diag(s)·W^T (each input channel's row times its s)."""
-        if layer in self:
-            self[layer] *= s[:, None]
-        elif layer in self.released:
-            raise KeyError(f"{layer}: its final weight was released after quantization")
-        else:
-            self.waiting.setdefault(layer, []).append((True, s))
+        self._scale(layer, True, s)
 
     def divide_columns(self, layer: str, s: np.ndarray) -> None:
         """W^T <- W^T·diag(1/s) (each output channel divided by its s)."""
-        if layer in self:
-            self[layer] /= s[None, :]
-        elif layer in self.released:
-            raise KeyError(f"{layer}: its final weight was released after quantization")
+        self._scale(layer, False, s)
+
+    def _scale(self, layer: str, by_rows: bool, s: np.ndarray) -> None:
+        """In place on a made weight (a released one refuses, as reading it does), else waiting."""
+        if layer in self or layer in self.released:
+            _scaled(self[layer], by_rows, s)
         else:
-            self.waiting.setdefault(layer, []).append((False, s))
+            self.waiting.setdefault(layer, []).append((by_rows, s))
 
     def release(self, layer: str) -> None:
         self.pop(layer, None)
