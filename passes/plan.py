@@ -204,7 +204,12 @@ def plan_range(
                         waiting.append((layer, owner, bits, owner.hessian))
                     else:
                         planned[layer] = pool.submit(quantized, layer, owner, bits)
-            of_layer.update(dict.fromkeys(g.layers, step))
+            # a later group may still fold into these (the value projection): the rest are dropped, with
+            # their group's Hessian, samples and divisors, once their linears are quantized
+            of_layer.update((layer, step) for layer in g.layers if pending[layer] > 0)
+            for layer in done:
+                if pending[layer] == 0:
+                    of_layer.pop(layer, None)
             if _bytes(rng, waiting) > (0 if gptq_memo is None else gptq_memo.hold):
                 settle()
             busy = [f for f in planned.values() if not f.done()]
