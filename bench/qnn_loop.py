@@ -4,7 +4,8 @@ beside the same loop on onnxruntime's CPU provider, both against FP from the sam
 
     python bench/qnn_loop.py BUILD --stats s20.qstats --prompts 3 --json loop.json
 
-Prompts are the first N of the built-in evaluation set that the calibration did not use. The
+Prompts are the first N of the built-in evaluation set that the calibration did not use (--skip K
+leaves out the first K of them, to run a long set in parts). The
 simulator is host emulation: its time per step says nothing about an NPU's.
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("build", type=Path)
     parser.add_argument("--stats", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--skip", type=int, default=0, help="start after this many of those prompts (a run split in parts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, required=True)
     a = parser.parse_args()
@@ -38,7 +40,7 @@ def main() -> None:
     manifest = read_manifest(a.build)
     config = SamplingConfig(steps=len(manifest["steps"]), cfg=float(manifest["cfg"]))
     used = set(header["prompt_texts"])
-    prompts = [p for p in default_prompts(adapter) if p not in used][: a.prompts]
+    prompts = [p for p in default_prompts(adapter) if p not in used][a.skip : a.prompts]
     opener = model_opener(a.build, manifest)
     rows = []
     for prompt in prompts:
