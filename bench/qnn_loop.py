@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("build", type=Path)
     parser.add_argument("--stats", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=3)
-    parser.add_argument("--skip", type=int, default=0, help="start after this many of those prompts (a run split in parts)")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first K of them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, required=True)
     a = parser.parse_args()

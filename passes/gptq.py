@@ -11,6 +11,8 @@ change. H comes from the build (replayed calibration inputs); this module sees a
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Iterator
 from enum import StrEnum
 from functools import cache
 
@@ -43,21 +45,26 @@ class Memo:
 
     def __init__(self, device: str = "cpu", hold: int | None = None) -> None:
         self._last: dict[str, tuple[bytes, Rounded]] = {}
+        self._lock = threading.Lock()  # plans look results up from several threads
         self.hits = 0
         self.device = device  # where the solves of the plans that use this memo run
         # float64 weights and Hessians a plan may hold back to solve more linears of one shape together:
         # on a GPU, HOLD_BYTES; on the CPU none beyond a group's own (no faster there: docs/benchmarks.md)
         self.hold = hold if hold is not None else (0 if torch.device(device).type == "cpu" else HOLD_BYTES)
+        # whether a weight waiting for its solve moves to the device (FinalWeights.park): on a GPU
+        self.park = torch.device(device).type != "cpu"
 
     def get(self, layer: str, key: bytes) -> Rounded | None:
-        last = self._last.get(layer)
-        if last is None or last[0] != key:
-            return None
-        self.hits += 1
-        return last[1]
+        with self._lock:
+            last = self._last.get(layer)
+            if last is None or last[0] != key:
+                return None
+            self.hits += 1
+            return last[1]
 
     def put(self, layer: str, key: bytes, value: Rounded) -> None:
-        self._last[layer] = (key, value)
+        with self._lock:
+            self._last[layer] = (key, value)
 
 
 _WORDS = 1 << 18  # 8-byte words per chunk of an array's bytes (2 MiB)
@@ -70,29 +77,50 @@ def _multipliers() -> np.ndarray:
     return half * np.uint64(2) + np.uint64(1)
 
 
-def _folded(a: np.ndarray) -> bytes:
+def _byte_chunks(a: np.ndarray | torch.Tensor) -> Iterator[np.ndarray]:
+    """An array's bytes as uint8 arrays of 2 MiB (the last one shorter); a tensor's copied to the
+    host one chunk at a time."""
+    step = 8 * _WORDS
+    if isinstance(a, torch.Tensor):
+        if not a.numel():
+            return
+        flat = a.contiguous().reshape(-1).view(torch.uint8)
+        for start in range(0, flat.numel(), step):
+            yield flat[start : start + step].cpu().numpy()
+    else:
+        raw = a.reshape(-1).view(np.uint8)
+        for start in range(0, raw.size, step):
+            yield raw[start : start + step]
+
+
+def _folded(a: np.ndarray | torch.Tensor) -> bytes:
     """An array's bytes folded to 16 bytes per 2 MiB chunk: the chunk as 8-byte words c, the sums
     c·m1 and c·m2 modulo 2^64 over two fixed odd multipliers (numpy's unsigned dot, about 7 times
     blake2b's speed on a weight); a tail under 8 bytes as it is. Chunks that differ in one word
     always fold apart (an odd multiplier is invertible modulo 2^64); two that differ otherwise fold
     alike only where both sums' differences vanish, which no natural pair of weights meets."""
-    raw = a.reshape(-1).view(np.uint8)
-    n = raw.size - raw.size % 8
-    words, m = raw[:n].view(np.uint64), _multipliers()
-    parts = []
-    for start in range(0, words.size, _WORDS):
-        chunk = words[start : start + _WORDS]
-        parts.append(np.array([np.dot(chunk, m[0, : chunk.size]), np.dot(chunk, m[1, : chunk.size])]).tobytes())
-    return b"".join(parts) + raw[n:].tobytes()
+    m, parts, tail = _multipliers(), [], b""
+    for chunk in _byte_chunks(a):
+        n = chunk.size - chunk.size % 8  # only the last chunk may end in a tail
+        words = chunk[:n].view(np.uint64)
+        if words.size:
+            parts.append(np.array([np.dot(words, m[0, : words.size]), np.dot(words, m[1, : words.size])]).tobytes())
+        tail = chunk[n:].tobytes()
+    return b"".join(parts) + tail
 
 
-def digest(*parts: np.ndarray | str) -> bytes:
-    """A content key of arrays (dtype, shape and bytes, the bytes folded by ``_folded``) and strings:
-    the memo's and the fold's, which hash gigabytes of weights per range at full size."""
+def digest(*parts: np.ndarray | torch.Tensor | str) -> bytes:
+    """A content key of arrays (dtype, shape and bytes, the bytes folded by ``_folded``), tensors
+    (a GPU build's H, folded without a host copy of the whole) and strings: the memo's and the
+    fold's, which hash gigabytes of weights per range at full size."""
     h = hashlib.blake2b(digest_size=20)
     for part in parts:
         if isinstance(part, str):
             h.update(part.encode())
+        elif isinstance(part, torch.Tensor):
+            t = part.contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(_folded(t))
         else:
             a = np.ascontiguousarray(part)
             h.update(f"{a.dtype}{a.shape}".encode())
@@ -101,29 +129,47 @@ def digest(*parts: np.ndarray | str) -> bytes:
 
 
 Gram = np.ndarray | torch.Tensor  # XᵀX [in, in], float64: a build keeps it on its device (torch)
+Hessian = np.ndarray | torch.Tensor  # H [in, in], float64: on a GPU build's device unless rotated
 
 
-def input_hessian(gram: Gram, divisor: np.ndarray | float, rotation: np.ndarray | None = None) -> np.ndarray:
+def input_hessian(gram: Gram, divisor: np.ndarray | float, rotation: np.ndarray | None = None) -> Hessian:
     """H of the input a layer quantizes, (X/s)·R, from the Gram matrix XᵀX of its FP input X.
 
     Args:
-        gram: XᵀX [in, in] of the FP input; a tensor is divided where it lives and H sent to the host
-            (the same float64 products and quotients as numpy's), so only the H of the linears in
-            flight are in host memory, not every Gram matrix of the range.
+        gram: XᵀX [in, in] of the FP input; a tensor on a GPU is divided there (the same float64
+            products and quotients as numpy's) and H stays there unless rotated, so a GPU build's
+            host memory holds neither the range's Gram matrices nor the H of the linears GPTQ holds
+            back; a tensor on the host goes through numpy.
         divisor: s per input channel (or 1.0 without smoothing).
-        rotation: R folded after the division (``--rotate``), or None.
+        rotation: R folded after the division (``--rotate``, on the host), or None.
     """
     d = np.broadcast_to(np.asarray(divisor, dtype=np.float64), (gram.shape[0],))
     if isinstance(gram, torch.Tensor) and gram.device.type == "cpu":
         gram = gram.numpy()  # a view: numpy divides faster than torch on the host
-    h = _divided(gram, d) if isinstance(gram, torch.Tensor) else np.asarray(gram, dtype=np.float64) / np.outer(d, d)
-    return h if rotation is None else rotation.T.astype(np.float64) @ h @ rotation.astype(np.float64)
+    if isinstance(gram, torch.Tensor):
+        h = _divided(gram, d)
+        if rotation is None:
+            return h
+        gram_h = on_host(h)
+    else:
+        gram_h = np.asarray(gram, dtype=np.float64) / np.outer(d, d)
+    return gram_h if rotation is None else rotation.T.astype(np.float64) @ gram_h @ rotation.astype(np.float64)
 
 
-def _divided(gram: torch.Tensor, d: np.ndarray) -> np.ndarray:
-    """gram / (d dᵀ) where the tensor lives, on the host: numpy's float64 products and quotients."""
+def _divided(gram: torch.Tensor, d: np.ndarray) -> torch.Tensor:
+    """gram / (d dᵀ) where the tensor lives: numpy's float64 products and quotients."""
     dt = torch.tensor(d, dtype=torch.float64, device=gram.device)
-    return (gram.to(torch.float64) / torch.outer(dt, dt)).cpu().numpy()
+    return gram.to(torch.float64) / torch.outer(dt, dt)
+
+
+def on_host(h: Hessian) -> np.ndarray:
+    """H as a float64 array on the host (a device tensor copied, an array as it is)."""
+    return h.cpu().numpy() if isinstance(h, torch.Tensor) else h
+
+
+def _diagonal(h: Hessian) -> np.ndarray:
+    """H's diagonal on the host (only it copied from a device)."""
+    return torch.diagonal(h).cpu().numpy() if isinstance(h, torch.Tensor) else np.diag(h)
 
 
 def damped(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
@@ -139,7 +185,7 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
 
 def gptq_quantize(
     w: np.ndarray,
-    h: np.ndarray,
+    h: Hessian,
     scale: np.ndarray,
     zero: np.ndarray,
     grid: Grid,
@@ -165,7 +211,7 @@ def gptq_quantize(
     return gptq_quantize_many([(w, h, scale, zero)], grid, act_order, damp, device)[0]
 
 
-Problem = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # W^T, H, scale, zero point
+Problem = tuple[np.ndarray | torch.Tensor, Hessian, np.ndarray, np.ndarray]  # W^T, H, scale, zero point
 
 
 def gptq_quantize_many(
@@ -179,12 +225,22 @@ def gptq_quantize_many(
     of them (on a GPU, one kernel per operation for the whole batch instead of one per layer)."""
     dev = torch.device(device)
     n, m = problems[0][0].shape
-    orders = [np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n) for _, h, _, _ in problems]
+    diagonals = [_diagonal(h) for _, h, _, _ in problems]
+    orders = [np.argsort(-d, kind="stable") if act_order else np.arange(n) for d in diagonals]
 
-    def stacked(arrays: list[np.ndarray], dtype: type) -> torch.Tensor:
-        """The arrays as one tensor on the device, each sent as it is and stacked there (no stacked
-        host copy of a batch's weights and Hessians)."""
-        return torch.stack([torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(dev) for a in arrays])
+    def stacked(arrays: list[np.ndarray] | list[Hessian], dtype: type) -> torch.Tensor:
+        """The arrays as one tensor on the device, each sent as it is (a tensor already there
+        stays) and stacked there: no stacked host copy of a batch's weights and Hessians."""
+        as_torch = torch.float64 if dtype is np.float64 else torch.float32
+
+        def sent(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+            return (
+                a.to(dev, as_torch)
+                if isinstance(a, torch.Tensor)
+                else torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(dev)
+            )
+
+        return torch.stack([sent(a) for a in arrays])
 
     pairs = list(zip(problems, orders, strict=True))
     # H and W^T sent as they are and put in row order on the device; λ from the ordered diagonal as
@@ -192,7 +248,7 @@ def gptq_quantize_many(
     index = torch.from_numpy(np.stack(orders)).to(dev)
     h = stacked([h for _, h, _, _ in problems], np.float64)
     h = h.gather(1, index[:, :, None].expand(-1, -1, n)).gather(2, index[:, None, :].expand(-1, n, -1))
-    lam = [damp * mean if (mean := float(np.mean(np.diag(p[1])[o]))) > 0 else 1.0 for p, o in pairs]
+    lam = [damp * mean if (mean := float(np.mean(d[o]))) > 0 else 1.0 for d, o in zip(diagonals, orders, strict=True)]
     h.diagonal(dim1=-2, dim2=-1).add_(torch.tensor(lam, dtype=torch.float64, device=dev)[:, None])
     u = _inverse_factor(h)
     del h
@@ -227,14 +283,14 @@ def gptq_quantize_many(
 
 
 def output_clipped_qparams(
-    w: np.ndarray, h: np.ndarray, grid: Grid, pow2: bool = False, per_channel: bool = True, device: str = "cpu"
+    w: np.ndarray, h: Hessian, grid: Grid, pow2: bool = False, per_channel: bool = True, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point [out] whose GPTQ rounding leaves the least layer-output error eᵀHe: per
     output channel, the clip ratio of its min-max range from CLIP_RATIOS (one ratio for the whole
     matrix where the target has one scale per tensor). GPTQ keeps the output channels apart, so each
     channel's error depends on its own ratio only.
     """
-    n_out = w.shape[1]
+    n_out, h_host = w.shape[1], on_host(h)
     lo, hi = (w.min(axis=0), w.max(axis=0)) if per_channel else (np.full(n_out, w.min()), np.full(n_out, w.max()))
     best_err = np.full(n_out, np.inf)
     best_scale, best_zero = qparams(lo, hi, grid, pow2)
@@ -243,7 +299,7 @@ def output_clipped_qparams(
         e = np.asarray(w, dtype=np.float64) - dequantize(
             gptq_quantize(w, h, scale, zero, grid, device=device), scale, zero
         )
-        err = ((h @ e) * e).sum(axis=0)
+        err = ((h_host @ e) * e).sum(axis=0)
         err = err if per_channel else np.full(n_out, err.sum())
         better = err < best_err
         best_err = np.where(better, err, best_err)

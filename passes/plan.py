@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
-from qexport.passes.gptq import Gram, Memo, Rounded
+from qexport.passes.gptq import Gram, Hessian, Memo, Rounded
 from qexport.passes.quant import Grid, qparams, quantize, rows
 from qexport.passes.rangeplan import (
     MIXED_HIGH_BITS,
@@ -89,7 +89,7 @@ def _plan_layer(
     return lp
 
 
-Waiting = list[tuple[str, GroupStep, int, np.ndarray]]  # linear, its group's step, its bits, the H it rounds with
+Waiting = list[tuple[str, GroupStep, int, Hessian]]  # linear, its group's step, its bits, the H it rounds with
 PLAN_THREADS = min(8, os.cpu_count() or 1)
 """Threads that quantize linears while the next groups are planned. A linear's plan reads only its
 own final weight and its group's step, which no later group changes (it is quantized once no later
@@ -183,9 +183,8 @@ def plan_range(
 
     def settle() -> None:
         """GPTQ for the waiting linears (those of one shape together), then their plans."""
-        made = list(pool.map(rng.final_w.__getitem__, [layer for layer, *_ in waiting]))  # smoothed in threads
-        requests = [(layer, w, h, _grid(rng, bits)) for (layer, _, bits, h), w in zip(waiting, made, strict=True)]
-        rounded = gptq_weights(requests, config, target, gptq_memo)
+        requests = [(layer, h, _grid(rng, bits)) for layer, _, bits, h in waiting]
+        rounded = gptq_weights(requests, rng.final_w, config, target, gptq_memo)  # weights made in its threads
         for layer, owner, bits, _ in waiting:
             planned[layer] = pool.submit(quantized, layer, owner, bits, rounded[layer])
         waiting.clear()

@@ -10,9 +10,10 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
+import torch
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
-from qexport.passes.gptq import Gram, Memo, Rounding
+from qexport.passes.gptq import Gram, Hessian, Memo, Rounding
 from qexport.passes.observe import Observer
 from qexport.passes.quant import Grid, decode_codebook, dequantize, rows
 from qexport.targets.profile import TargetProfile
@@ -172,15 +173,28 @@ class FinalWeights(dict[str, np.ndarray]):
         self.weights = weights
         self.released: set[str] = set()
         self.waiting: dict[str, list[tuple[bool, np.ndarray]]] = {}  # layer -> (by rows?, vector) in order
+        self.parked: dict[str, torch.Tensor] = {}  # made weights moved to a device (park)
 
     def __missing__(self, layer: str) -> np.ndarray:
         if layer in self.released:
             raise KeyError(f"{layer}: its final weight was released after quantization")
-        value = self.weights[layer].astype(np.float64)
-        for by_rows, vector in self.waiting.pop(layer, ()):
-            _scaled(value, by_rows, vector)
+        if layer in self.parked:
+            value = self.parked.pop(layer).cpu().numpy()
+        else:
+            value = self.weights[layer].astype(np.float64)
+            for by_rows, vector in self.waiting.pop(layer, ()):
+                _scaled(value, by_rows, vector)
         self[layer] = value
         return value
+
+    def park(self, layer: str, device: str) -> torch.Tensor:
+        """The made weight moved to `device` as a float64 tensor and its host copy dropped; read
+        again, it comes back from there: GPTQ's held-back weights wait on a GPU, not in host memory.
+        No scaling may follow (a layer is parked once no later group changes it)."""
+        tensor = torch.from_numpy(self[layer]).to(device)
+        del self[layer]
+        self.parked[layer] = tensor
+        return tensor
 
     def scale_rows(self, layer: str, s: np.ndarray) -> None:
         """W^T <- diag(s)·W^T (each input channel's row times its s)."""
@@ -192,6 +206,8 @@ class FinalWeights(dict[str, np.ndarray]):
 
     def _scale(self, layer: str, by_rows: bool, s: np.ndarray) -> None:
         """In place on a made weight (a released one refuses, as reading it does), else waiting."""
+        if layer in self.parked:
+            raise ValueError(f"{layer}: its final weight is parked for GPTQ and can no longer change")
         if layer in self or layer in self.released:
             _scaled(self[layer], by_rows, s)
         else:
@@ -200,6 +216,7 @@ class FinalWeights(dict[str, np.ndarray]):
     def release(self, layer: str) -> None:
         self.pop(layer, None)
         self.waiting.pop(layer, None)
+        self.parked.pop(layer, None)
         self.released.add(layer)
 
 
@@ -247,7 +264,7 @@ class GroupStep:
     subtract: np.ndarray | None = None  # z subtracted from X/s before the quantizer
     rotation: np.ndarray | None = None  # R folded around the group (head rotation)
     online: np.ndarray | None = None  # R applied online before the quantizer
-    hessian: np.ndarray | None = None  # H of the input it quantizes (GPTQ)
+    hessian: Hessian | None = None  # H of the input it quantizes (GPTQ; on a GPU build's device)
     _values: np.ndarray | None = None
 
     @property
@@ -281,5 +298,5 @@ class LayerStep:
     layer: str
     w: np.ndarray  # the final FP W^T that was quantized, float64
     lp: LayerPlan
-    hessian: np.ndarray | None
+    hessian: Hessian | None
     magnitude: np.ndarray

@@ -8,9 +8,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from qexport.passes.gptq import Memo, Problem, Rounded, digest, gptq_quantize_many, output_clipped_qparams
+from qexport.passes.gptq import Hessian, Memo, Problem, Rounded, digest, gptq_quantize_many, output_clipped_qparams
 from qexport.passes.quant import Grid, group_qparams, mse_clipped_qparams, qparams
-from qexport.passes.rangeplan import QuantConfig
+from qexport.passes.rangeplan import FinalWeights, QuantConfig
 from qexport.targets.profile import TargetProfile
 
 from qexport.stages import stage
@@ -21,7 +21,7 @@ def weight_qparams(
     grid: Grid,
     config: QuantConfig,
     target: TargetProfile,
-    hessian: np.ndarray | None = None,
+    hessian: Hessian | None = None,
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per output channel of W^T [in, out]; a per-tensor target gets one value,
@@ -41,33 +41,45 @@ def weight_qparams(
     return np.broadcast_to(scale, shape).copy(), np.broadcast_to(zero, shape).copy()
 
 
-Request = tuple[str, np.ndarray, np.ndarray, Grid]  # layer, W^T [in, out], H [in, in], its grid
+Request = tuple[str, Hessian, Grid]  # layer, H [in, in], its grid (its W^T: the plan's final weight)
 
 
 def gptq_weights(
-    requests: list[Request], config: QuantConfig, target: TargetProfile, memo: Memo | None
+    requests: list[Request], final: FinalWeights, config: QuantConfig, target: TargetProfile, memo: Memo | None
 ) -> dict[str, Rounded]:
     """Scale, zero point and GPTQ integers of each layer's W^T: from the memo where an earlier plan had
-    the same inputs, else solved on the memo's device, the layers of one shape and grid together."""
-    device = "cpu" if memo is None else memo.device
+    the same inputs, else solved on the memo's device, the layers of one shape and grid together.
+    Each weight is made, keyed and given its scale and zero point in a thread; on a GPU it then
+    waits for the solve there (FinalWeights.park), not in host memory, as a GPU build's H do."""
+    device, park = ("cpu", False) if memo is None else (memo.device, memo.park)
     out: dict[str, Rounded] = {}
-    batches: dict[str, tuple[Grid, list[tuple[str, Problem]]]] = {}
+    batches: dict[str, tuple[Grid, list[tuple[str, bytes, Problem]]]] = {}
     with stage("GPTQ"):
         rule = (config.weight_clip, repr(config.w_group), repr((target.pow2_scales, target.weight_per_channel)))
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # hashing runs without the GIL
-            digests = pool.map(lambda r: digest(r[1], r[2], repr(r[3]), *rule), requests)
-            keys = {layer: key for (layer, *_), key in zip(requests, digests, strict=True)}
-        for layer, w, hessian, grid in requests:
-            found = None if memo is None else memo.get(layer, keys[layer])
-            if found is not None:
-                out[layer] = found
-                continue
-            scale, zero = weight_qparams(w, grid, config, target, hessian, device)
-            batches.setdefault(repr((w.shape, grid)), (grid, []))[1].append((layer, (w, hessian, scale, zero)))
+            distinct = {id(h): h for _, h, _ in requests}  # a group's linears share one H: hashed once
+            h_keys = dict(zip(distinct, pool.map(lambda h: digest(h).hex(), distinct.values()), strict=True))
+
+            def prepared(request: Request) -> tuple[bytes, Rounded | None, Problem | None]:
+                layer, h, grid = request
+                w = final[layer]
+                key = digest(w, h_keys[id(h)], repr(grid), *rule)
+                found = None if memo is None else memo.get(layer, key)
+                if found is not None:
+                    return key, found, None
+                scale, zero = weight_qparams(w, grid, config, target, h, device)
+                return key, None, (final.park(layer, device) if park else w, h, scale, zero)
+
+            for (layer, _, grid), (key, found, problem) in zip(requests, pool.map(prepared, requests), strict=True):
+                if found is not None:
+                    out[layer] = found
+                else:
+                    assert problem is not None
+                    batches.setdefault(repr((problem[0].shape, grid)), (grid, []))[1].append((layer, key, problem))
         for grid, batch in batches.values():
-            ints = gptq_quantize_many([problem for _, problem in batch], grid, device=device)
-            for (layer, (_, _, scale, zero)), q in zip(batch, ints, strict=True):
+            ints = gptq_quantize_many([problem for _, _, problem in batch], grid, device=device)
+            for (layer, key, (_, _, scale, zero)), q in zip(batch, ints, strict=True):
                 out[layer] = (scale, zero, q)
                 if memo is not None:
-                    memo.put(layer, keys[layer], out[layer])
+                    memo.put(layer, key, out[layer])
     return out

@@ -251,8 +251,40 @@ def test_gptq_memo_gives_back_the_integers_of_the_same_weight_and_h_only():
     assert memo.hits == 2
     assert any(not np.array_equal(other.layers[n].w_q, first.layers[n].w_q) for n in first.layers)
     _, held, _, _ = _tiny_plan(Rounding.GPTQ, memo=Memo(hold=1 << 30))  # both linears solved at the end
+    parking = Memo(hold=1 << 30)
+    parking.park = True  # a GPU build's way: the weights wait for the solve as tensors (here on the host)
+    _, parked, _, _ = _tiny_plan(Rounding.GPTQ, memo=parking)
     for n, lp in first.layers.items():
         assert np.array_equal(held.layers[n].w_q, lp.w_q) and float(held.layers[n].a_scale) == float(lp.a_scale)
+        assert np.array_equal(parked.layers[n].w_q, lp.w_q) and float(parked.layers[n].a_scale) == float(lp.a_scale)
+
+
+def test_tensor_hessians_and_parked_weights_round_as_host_arrays():
+    """A GPU build's GPTQ inputs (H as device tensors, the weights parked on the device while they
+    wait) give the integers and scales of host arrays; a parked weight leaves the host dict and
+    comes back equal when the layer's plan reads it; it can no longer be scaled."""
+    from qexport.passes.rangeplan import FinalWeights
+    from qexport.passes.weights import gptq_weights
+
+    rng = np.random.default_rng(5)
+    weights = {f"l{i}": rng.standard_normal((24, 12)).astype(np.float32) for i in range(3)}
+    x = rng.standard_normal((100, 24)) * np.exp(rng.normal(size=24))
+    h = x.T @ x
+    config = QuantConfig(w_bits=4, weight_rounding=Rounding.GPTQ, weight_clip="mse")
+    grid = Grid(bits=4, storage=ORT_CPU.weight_type(4), symmetric=ORT_CPU.weight_symmetric)
+    on_host = gptq_weights([(n, h, grid) for n in weights], FinalWeights(weights), config, ORT_CPU, Memo())
+    memo, final = Memo(), FinalWeights(weights)
+    memo.park = True
+    tensor = torch.from_numpy(h.copy())
+    as_tensors = gptq_weights([(n, tensor, grid) for n in weights], final, config, ORT_CPU, memo)
+    for n in weights:
+        assert all(np.array_equal(a, b) for a, b in zip(as_tensors[n], on_host[n], strict=True))
+    assert set(final.parked) == set(weights) and not set(final) & set(weights)
+    with pytest.raises(ValueError, match="l0: its final weight is parked"):
+        final.scale_rows("l0", np.ones(24))
+    assert np.array_equal(final["l0"], weights["l0"].astype(np.float64)) and "l0" not in final.parked
+    again = gptq_weights([("l1", tensor, grid)], final, config, ORT_CPU, memo)  # the same weight and H: the memo's
+    assert memo.hits == 1 and again["l1"][2] is as_tensors["l1"][2]
 
 
 def test_gptq_build_needs_recorded_prompts(bare_stats, tmp_path):
@@ -333,7 +365,7 @@ def test_digest_keys_dtype_shape_and_every_byte():
     """The memo's key: equal for equal content in any layout, apart for another shape or dtype of
     the same bytes, and apart when any one element of a multi-chunk array changes (each chunk, and
     bytes that are not a whole 8-byte word)."""
-    from qexport.passes.gptq import _WORDS, digest
+    from qexport.passes.gptq import _WORDS, _folded, digest
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((8, 8))
@@ -348,5 +380,7 @@ def test_digest_keys_dtype_shape_and_every_byte():
         changed[i] = np.nextafter(changed[i], np.inf)
         keys.add(digest(changed))
     assert len(keys) == 6
+    assert _folded(torch.from_numpy(big)) == _folded(big)  # a tensor folds as its bytes do, chunk by chunk
+    assert _folded(torch.zeros(0)) == _folded(np.zeros(0)) == b""
     odd = np.frombuffer(rng.bytes(13), dtype=np.uint8)
     assert digest(odd) != digest(np.concatenate([odd[:-1], odd[-1:] ^ np.uint8(1)]))

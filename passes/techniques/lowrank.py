@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from qexport.passes.gptq import on_host
 from qexport.passes.graph import const, constant_input, consumers, node_named
 from qexport.passes.lowrank import MAX_RANK, lowrank_factors
 from qexport.passes.rangeplan import LayerStep
@@ -65,5 +66,5 @@ class LowRank(Technique):
         rank = step.rng.config.lowrank
         if rank:
             step.lp.lowrank_a, step.lp.lowrank_b = lowrank_factors(
-                step.w, step.lp.weight(), step.magnitude, rank, step.hessian
+                step.w, step.lp.weight(), step.magnitude, rank, None if step.hessian is None else on_host(step.hessian)
             )
