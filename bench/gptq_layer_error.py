@@ -16,6 +16,7 @@ from qexport.calib.store import load
 from qexport.exporter.build import _range_graphs, range_inputs
 from qexport.exporter.replay import PROMPTS, CalibrationReplay
 from qexport.passes import gptq, plan
+from qexport.passes import weights as weight_rounding
 from qexport.passes.plan import QuantConfig, Smooth, plan_range
 from qexport.targets.catalog import ORT_CPU
 
@@ -54,8 +55,9 @@ def main() -> None:
     ]
     for name, damp, act_order in variants:
         rounding = gptq.Rounding.NEAREST if damp is None else gptq.Rounding.GPTQ
-        if damp is not None:
-            plan.gptq_quantize = functools.partial(gptq.gptq_quantize, damp=damp, act_order=act_order)
+        if damp is not None:  # the solve planning calls, with this variant's settings
+            solve = functools.partial(gptq.gptq_quantize_many, damp=damp, act_order=act_order)
+            weight_rounding.gptq_quantize_many = solve
         config = QuantConfig(w_bits=args.w_bits, smooth=Smooth.ASQ, weight_rounding=rounding)
         p = plan_range(steps, groups, stats.layers, weights, biases, config, ORT_CPU, keep_float=True, grams=calib)
         (c_mean, c_min), (t_mean, t_min) = sqnr(p, calib), sqnr(p, held_out)
