@@ -41,6 +41,10 @@ def weight_qparams(
     return np.broadcast_to(scale, shape).copy(), np.broadcast_to(zero, shape).copy()
 
 
+THREADS = min(16, os.cpu_count() or 1)
+"""Threads that make, key and scale the linears GPTQ solves together: each holds one made float64
+weight at a time (a GPU build's are then parked on the device), so at most this many are in host memory."""
+
 Request = tuple[str, Hessian, Grid]  # layer, H [in, in], its grid (its W^T: the plan's final weight)
 
 
@@ -56,7 +60,7 @@ def gptq_weights(
     batches: dict[str, tuple[Grid, list[tuple[str, bytes, Problem]]]] = {}
     with stage("GPTQ"):
         rule = (config.weight_clip, repr(config.w_group), repr((target.pow2_scales, target.weight_per_channel)))
-        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # hashing runs without the GIL
+        with ThreadPoolExecutor(max_workers=THREADS) as pool:  # making, hashing: numpy, without the GIL
             distinct = {id(h): h for _, h, _ in requests}  # a group's linears share one H: hashed once
             h_keys = dict(zip(distinct, pool.map(lambda h: digest(h).hex(), distinct.values()), strict=True))
 
