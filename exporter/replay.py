@@ -139,8 +139,8 @@ class CalibrationReplay:
 
     def input_grams(self, steps: list[int], layers: list[str]) -> dict[str, torch.Tensor]:
         """XᵀX [features, features] (float64) of the named linears' FP inputs X, every token row of
-        the given steps, kept on the replay's device (a GPU build's host memory holds only the H of
-        the linears being rounded: gptq.input_hessian); kept for the next call with the same
+        the given steps, kept on the replay's device (a GPU build's H are made and kept there too:
+        gptq.input_hessian); kept for the next call with the same
         (steps, layers), the last such set only: a range's searches and its plan ask for the same
         one, the next range for another (dit-xl-2's are 5.6 GB a range)."""
         key = (tuple(steps), tuple(layers))
