@@ -118,9 +118,8 @@ def digest(*parts: np.ndarray | torch.Tensor | str) -> bytes:
         if isinstance(part, str):
             h.update(part.encode())
         elif isinstance(part, torch.Tensor):
-            t = part.contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(_folded(t))
+            h.update(f"{part.dtype}{tuple(part.shape)}".encode())
+            h.update(_folded(part))
         else:
             a = np.ascontiguousarray(part)
             h.update(f"{a.dtype}{a.shape}".encode())
@@ -147,13 +146,13 @@ def input_hessian(gram: Gram, divisor: np.ndarray | float, rotation: np.ndarray 
     if isinstance(gram, torch.Tensor) and gram.device.type == "cpu":
         gram = gram.numpy()  # a view: numpy divides faster than torch on the host
     if isinstance(gram, torch.Tensor):
-        h = _divided(gram, d)
+        divided = _divided(gram, d)
         if rotation is None:
-            return h
-        gram_h = on_host(h)
+            return divided  # stays on the device
+        h = on_host(divided)
     else:
-        gram_h = np.asarray(gram, dtype=np.float64) / np.outer(d, d)
-    return gram_h if rotation is None else rotation.T.astype(np.float64) @ gram_h @ rotation.astype(np.float64)
+        h = np.asarray(gram, dtype=np.float64) / np.outer(d, d)
+    return h if rotation is None else rotation.T.astype(np.float64) @ h @ rotation.astype(np.float64)
 
 
 def _divided(gram: torch.Tensor, d: np.ndarray) -> torch.Tensor:
