@@ -1,10 +1,15 @@
-"""One range's plan (plan_range) timed two ways, alternately in one process: the smoothing of each
-weight applied when the thread that quantizes it makes it (qexport's way), and applied at once by
-the thread planning the groups (how planning worked before). Prints the wall and the planning
-thread's own CPU time: on a machine with more cores than PLAN_THREADS' work needs, the planning
-thread is what a range waits for.
+"""One range's plan (plan_range) timed two ways, alternately in one process.
+
+--compare smoothing (the default): the smoothing of each weight applied when the thread that
+quantizes it makes it (qexport's way), and applied at once by the thread planning the groups (how
+planning worked before). --compare blas: numpy's BLAS kept to one thread while planning's pools
+run (qexport's way, passes.pool), and left to its own threads (OMP_NUM_THREADS each, how planning
+worked before); --threads sets the planning threads (PLAN_THREADS) for both. Prints the wall and
+the planning thread's own CPU time: on a machine with more cores than PLAN_THREADS' work needs,
+the planning thread is what a range waits for.
 
     python bench/plan_range.py --stats dxl2.qstats --repeats 3
+    OMP_NUM_THREADS=8 python bench/plan_range.py --stats dxl2.qstats --compare blas --threads 8
 
 The statistics may be of any built-in model; the plan is the w8a8-tsq-tsw recipe with the
 channel shift, for the first calibrated step.
@@ -14,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from qexport.calib.store import load
 from qexport.exporter.build import BuildConfig, range_inputs
 from qexport.exporter.fp_export import StepGraphs, export_fp, load_graph, prepare
+from qexport.passes import plan, weights
 from qexport.passes.plan import plan_range
+from qexport.passes.pool import planning_pool
 from qexport.passes.rangeplan import FinalWeights
 from qexport.targets.catalog import ORT_CPU
 
@@ -36,31 +46,52 @@ def _at_once_columns(self: FinalWeights, layer: str, s: np.ndarray) -> None:
     self[layer] /= s[None, :]
 
 
+@contextmanager
+def _own_blas_threads(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        yield pool
+
+
+def _pools(pool: Callable[[int, str], object]) -> None:
+    plan.planning_pool = weights.planning_pool = pool  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stats", type=Path, required=True, help="a .qstats of a built-in model")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare", choices=("smoothing", "blas"), default="smoothing")
+    parser.add_argument("--threads", type=int, help="planning threads (PLAN_THREADS; default: as qexport sets them)")
     a = parser.parse_args()
+    plan.PLAN_THREADS = a.threads or plan.PLAN_THREADS
     stats = load(a.stats)
     adapter = load_model(stats.header["model_id"])
     fp = prepare(export_fp(adapter, list(stats.layers)))
     graph = StepGraphs(load_graph(fp)).at(int(stats.header["timesteps"][0]))
     _, groups, weights, biases = range_inputs(graph, fp.bindings, adapter)
     quant = BuildConfig(recipe=with_settings(load_recipe("w8a8-tsq-tsw"), ["channel_shift=on"])).quant
-    ways = {"when made": (FinalWeights.scale_rows, FinalWeights.divide_columns),
-            "at once": (_at_once_rows, _at_once_columns)}  # fmt: skip
-    print(f"{stats.header['model_id']}: {len(weights)} linears, one range")
-    print(f"{'smoothing applied':<18} {'wall s':>8} {'planning thread CPU s':>22} {'all threads CPU s':>15}")
+    smoothing = {"when made": (FinalWeights.scale_rows, FinalWeights.divide_columns),
+                 "at once": (_at_once_rows, _at_once_columns)}  # fmt: skip
+    ways: dict[str, Callable[[], None]] = (
+        {name: (lambda r=r, c=c: setattr(FinalWeights, "scale_rows", r) or setattr(FinalWeights, "divide_columns", c))
+         for name, (r, c) in smoothing.items()}
+        if a.compare == "smoothing"
+        else {"one a planner": lambda: _pools(planning_pool), "its own threads": lambda: _pools(_own_blas_threads)}
+    )  # fmt: skip
+    print(f"{stats.header['model_id']}: {len(weights)} linears, one range, {plan.PLAN_THREADS} planning threads")
+    label = "smoothing applied" if a.compare == "smoothing" else "BLAS threads"
+    print(f"{label:<18} {'wall s':>8} {'planning thread CPU s':>22} {'all threads CPU s':>15}")
     try:
         for _ in range(a.repeats):
-            for name, (rows, columns) in ways.items():
-                FinalWeights.scale_rows, FinalWeights.divide_columns = rows, columns  # type: ignore[method-assign]
+            for name, chosen in ways.items():
+                chosen()
                 start, cpu, total = time.perf_counter(), time.thread_time(), time.process_time()
                 plan_range([0], groups, stats.layers, weights, biases, quant, ORT_CPU)
                 took = time.perf_counter() - start, time.thread_time() - cpu, time.process_time() - total
                 print(f"{name:<18} {took[0]:>8.2f} {took[1]:>22.2f} {took[2]:>15.2f}", flush=True)
     finally:
-        FinalWeights.scale_rows, FinalWeights.divide_columns = ways["when made"]  # type: ignore[method-assign]
+        FinalWeights.scale_rows, FinalWeights.divide_columns = smoothing["when made"]  # type: ignore[method-assign]
+        _pools(planning_pool)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -18,6 +18,7 @@ import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
 from qexport.passes.gptq import Gram, Hessian, Memo, Rounded
+from qexport.passes.pool import planning_pool
 from qexport.passes.quant import Grid, qparams, quantize, rows
 from qexport.passes.rangeplan import (
     MIXED_HIGH_BITS,
@@ -189,7 +190,7 @@ def plan_range(
             planned[layer] = pool.submit(quantized, layer, owner, bits, rounded[layer])
         waiting.clear()
 
-    with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="plan") as pool, _cancelled_on_error(planned):
+    with planning_pool(PLAN_THREADS, "plan") as pool, _cancelled_on_error(planned):
         for g in groups:
             step = _plan_group(rng, g, stats[g.layers[0]])
             done = [*g.layers, *([g.value_layer] if g.value_layer in pending else [])]

@@ -5,10 +5,10 @@ solved for several layers at once."""
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from qexport.passes.gptq import Hessian, Memo, Problem, Rounded, digest, gptq_quantize_many, output_clipped_qparams
+from qexport.passes.pool import planning_pool
 from qexport.passes.quant import Grid, group_qparams, mse_clipped_qparams, qparams
 from qexport.passes.rangeplan import FinalWeights, QuantConfig
 from qexport.targets.profile import TargetProfile
@@ -60,7 +60,7 @@ def gptq_weights(
     batches: dict[str, tuple[Grid, list[tuple[str, bytes, Problem]]]] = {}
     with stage("GPTQ"):
         rule = (config.weight_clip, repr(config.w_group), repr((target.pow2_scales, target.weight_per_channel)))
-        with ThreadPoolExecutor(max_workers=THREADS) as pool:  # making, hashing: numpy, without the GIL
+        with planning_pool(THREADS, "gptq") as pool:  # making, hashing: numpy, without the GIL
             distinct = {id(h): h for _, h, _ in requests}  # a group's linears share one H: hashed once
             h_keys = dict(zip(distinct, pool.map(lambda h: digest(h).hex(), distinct.values()), strict=True))
 
