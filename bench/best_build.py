@@ -8,6 +8,8 @@ GPU), one after the other, so the figures are side by side from one run.
 A build is NAME=RECIPE[,KEY=VALUE...] (recipe settings as `qexport build --set` takes them). The
 default compares the plain TSQ + TSW build, w8a8-best, and w8a8-best with GPTQ. Nothing is
 verified; each build's choices (alpha, shrink per range) and its seconds by stage go to the JSON.
+A GPU build also records the host memory its process holds once CUDA and cuBLAS are loaded, before
+the build starts (the plain build, which never touches the GPU, holds none of it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     from qexport.stages import stage_clock
 
     ort.set_default_logger_severity(3)
+    floor = 0  # host RSS of the process once CUDA and cuBLAS are loaded: what any GPU build holds first
+    if torch.device(device).type == "cuda":
+        (torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum().item()
+        floor = _rss()
     name, *settings = spec.split(",")
     config = BuildConfig(recipe=with_settings(load_recipe(name), settings), force=True, device=device)
     start = time.perf_counter()
@@ -48,8 +54,13 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     gpu = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
     choices = [{"alpha": c["alpha"], "act_shrink": c["act_shrink"]} for c in result.manifest["choices"]]
     print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "peak_gpu": gpu, "models": len(result.ranges), "choices": choices,
+                      "cuda_rss": floor, "peak_gpu": gpu, "models": len(result.ranges), "choices": choices,
                       "stages": clock.seconds}))  # fmt: skip
+
+
+def _rss() -> int:
+    """This process's resident bytes now."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
 def main() -> None:
@@ -83,11 +94,14 @@ def main() -> None:
         print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
     first = next(iter(rows.values()))
     print(f"\n{a.stats.name} on {a.device}, each build in its own process")
-    print(f"{'build':<12} {'recipe':<30} {'models':>6} {'wall s':>8} {'x first':>8} {'RSS GiB':>8} {'GPU GiB':>8}")
+    print(f"{'build':<12} {'recipe':<30} {'models':>6} {'wall s':>8} {'x first':>8} {'RSS GiB':>8} {'GPU GiB':>8}"
+          f" {'CUDA RSS':>9}")  # fmt: skip
     for name, r in rows.items():
         ratio = r["seconds"] / first["seconds"]
+        gib = {k: r.get(k, 0) / 2**30 for k in ("peak_rss", "peak_gpu", "cuda_rss")}
         print(f"{name:<12} {r['recipe']:<30} {r['models']:>6} {r['seconds']:>8.1f} {ratio:>8.2f}"
-              f" {r['peak_rss'] / 2**30:>8.2f} {r['peak_gpu'] / 2**30:>8.2f}")  # fmt: skip
+              f" {gib['peak_rss']:>8.2f} {gib['peak_gpu']:>8.2f} {gib['cuda_rss']:>9.2f}")  # fmt: skip
+    print("CUDA RSS: the process's host memory once CUDA and cuBLAS were loaded, before the build (GPU builds)")
     print("\ntime by stage (exclusive), as qexport build prints it")
     for name, r in rows.items():
         print(name, *stage_lines(r["stages"], r["seconds"]), sep="\n")

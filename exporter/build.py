@@ -498,7 +498,10 @@ def plan_models(
             mixed_of = allocations[index] if allocations else None
             built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost,
                                     rotation_macs=turns, kv=kv, mixed=mixed_of))  # fmt: skip
-            emit(name, model, plan)
+            integers = {layer: lp.w_q for layer, lp in plan.layers.items()}
+            emit(name, model, plan)  # a sink that writes the model points the plan's integers into the file
+            memo.follow({layer: (integers[layer], lp.w_q) for layer, lp in plan.layers.items()})
+            del integers
             if kv_model is not None:
                 emit(KV_FILE, kv_model, None)  # after the first range's model: legality's first row stays a step model
                 kv_model = None
@@ -728,9 +731,9 @@ def _build_range(
         # only: one solve per layer instead of one per candidate (docs/techniques/gptq.md)
         rounding = Rounding.NEAREST if gptq(quant) else quant.weight_rounding
         with stage("alpha search"):
+            # a candidate rounded otherwise is planned again: the search holds no plan beside the one it scores
             alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv),
-                                                 start=start)  # fmt: skip
-        found = found if rounding == quant.weight_rounding else None
+                                                 start=start, keep=rounding == quant.weight_rounding)  # fmt: skip
     if searches[1]:
         assert replay is not None
         known = None if found is None else (shrink, scores["alpha"][alpha], found)  # the alpha search ran it

@@ -72,19 +72,22 @@ def best(
     make_plan: Callable[[float], RangePlan],
     known: tuple[float, float, RangePlan] | None = None,
     start: float | None = None,
-) -> tuple[float, RangePlan, dict[float, float]]:
+    keep: bool = True,
+) -> tuple[float, RangePlan | None, dict[float, float]]:
     """The best candidate value, its plan, and the scores of the candidates tried. Coarse to fine:
     every STRIDE-th candidate (and the last) first, then a climb from the best of those to a
     better neighbour until none is better: the grid's maximum wherever the score rises then
     falls along the candidates, in about half the simulated runs. The first of equal scores wins.
     known: a candidate already scored (value, score, plan), not run again.
-    start: where to climb from instead of the coarse pass (the previous range's choice)."""
+    start: where to climb from instead of the coarse pass (the previous range's choice).
+    keep: hold the best plan so far and return it; without, no candidate's plan outlives its score
+    and None is returned (a caller that plans the chosen value again: one plan's weights less)."""
     scores: dict[float, float] = {}
     uploads = Uploads()  # the candidates' shared weights sent to the device once
-    chosen: tuple[int, RangePlan] | None = None
+    chosen: tuple[int, RangePlan | None] | None = None
     if known is not None and known[0] in candidates:
         scores[known[0]] = known[1]
-        chosen = (candidates.index(known[0]), known[2])
+        chosen = (candidates.index(known[0]), known[2] if keep else None)
 
     def at(i: int) -> float:
         nonlocal chosen
@@ -97,7 +100,8 @@ def best(
                 or scores[value] > scores[candidates[chosen[0]]]
                 or (scores[value] == scores[candidates[chosen[0]]] and i < chosen[0])
             ):
-                chosen = (i, plan)  # only the best plan so far is kept
+                chosen = (i, plan if keep else None)  # only the best plan so far is kept
+            del plan  # a candidate not kept is freed before the next one is made
         return scores[value]
 
     if start is not None and start in candidates:

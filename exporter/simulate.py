@@ -10,6 +10,7 @@ attention matmul operands (exporter.attention)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -46,19 +47,22 @@ def device_weight(lp: LayerPlan, device: torch.device) -> torch.Tensor:
 class Uploads:
     """The device weight of each linear of the last plan simulated, kept while the candidate plans
     of one search are scored: candidates that share a layer's weight arrays (a range search's
-    ratios move only the activation quantizers) send it once."""
+    ratios move only the activation quantizers) send it once. The host arrays it came from are
+    only weakly referred to: a candidate plan dropped after its score is freed, not held here."""
 
     def __init__(self) -> None:
-        self._last: dict[str, tuple[tuple[object, ...], torch.Tensor]] = {}
+        self._last: dict[str, tuple[tuple[weakref.ref[np.ndarray] | None, ...], torch.Tensor]] = {}
 
     def weight(self, name: str, lp: LayerPlan, device: torch.device) -> torch.Tensor:
         sources = (lp.w_q, lp.w_scale, lp.w_zero, lp.codebook, lp.levels)
         last = self._last.get(name)
-        if last is not None and all(a is b for a, b in zip(last[0], sources, strict=True)):
+        if last is not None and all(
+            a is b if a is None else a() is b for a, b in zip(last[0], sources, strict=True)
+        ):  # fmt: skip
             return last[1]
         self._last.pop(name, None)  # the old one freed before the new one is made
         w = device_weight(lp, device)
-        self._last[name] = (sources, w)
+        self._last[name] = (tuple(None if a is None else weakref.ref(a) for a in sources), w)
         return w
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from functools import cache
 
@@ -65,6 +65,16 @@ class Memo:
     def put(self, layer: str, key: bytes, value: Rounded) -> None:
         with self._lock:
             self._last[layer] = (key, value)
+
+    def follow(self, moved: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Where a layer's kept integers are `old` of moved[layer] = (old, new), keep `new` instead
+        (equal values: a written plan's integers as read-only views of the weights file, so the
+        memo holds no second copy of a written model's integers)."""
+        with self._lock:
+            for layer, (old, new) in moved.items():
+                last = self._last.get(layer)
+                if last is not None and last[1][2] is old:
+                    self._last[layer] = (last[0], (last[1][0], last[1][1], new))
 
 
 _WORDS = 1 << 18  # 8-byte words per chunk of an array's bytes (2 MiB)

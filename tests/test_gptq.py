@@ -234,6 +234,19 @@ def test_tiny_graph_with_gptq_weights_runs_as_simulated_and_nearer_fp(w_bits):
         assert np.linalg.norm(got - fp) < np.linalg.norm(near - fp)
 
 
+def test_gptq_memo_follows_integers_moved_into_the_file():
+    memo = Memo()
+    _, first, _, _ = _tiny_plan(Rounding.GPTQ, memo=memo)
+    views = {n: np.frombuffer(lp.w_q.tobytes(), lp.w_q.dtype).reshape(lp.w_q.shape) for n, lp in first.layers.items()}
+    stranger = first.layers["fc1"].w_q.copy()  # equal values, another array: not what the memo holds
+    memo.follow({"fc1": (stranger, views["fc1"])})
+    _, again, _, _ = _tiny_plan(Rounding.GPTQ, memo=memo)
+    assert again.layers["fc1"].w_q is first.layers["fc1"].w_q
+    memo.follow({n: (lp.w_q, views[n]) for n, lp in first.layers.items()})
+    _, moved, _, _ = _tiny_plan(Rounding.GPTQ, memo=memo)
+    assert memo.hits == 4 and all(moved.layers[n].w_q is views[n] for n in first.layers)
+
+
 def test_gptq_plan_without_grams_is_one_clear_error():
     with pytest.raises(QexportError, match="gptq has no input Gram matrix of fc1"):
         _tiny_plan(Rounding.GPTQ, with_grams=False)

@@ -2,6 +2,8 @@
 where the score rises then falls, tries about half of the candidates, keeps the first of equal
 scores, and on the scores a real build recorded (not all unimodal) stays within a small loss."""
 
+import weakref
+
 import pytest
 from qexport.exporter import search
 from qexport.exporter.search import ALPHAS, SHRINKS, coarse_to_fine
@@ -42,6 +44,27 @@ def test_a_known_candidate_is_not_run_again(monkeypatch):
     made = []
     value, plan, _ = search.best(None, tuple(range(10)), lambda v: made.append(v) or v, known=(0, -4, 0))
     assert (value, plan) == (4, 4) and 0 not in made
+
+
+def test_a_search_that_keeps_no_plan_frees_every_candidate(monkeypatch):
+    values = [-abs(i - 4) for i in range(10)]
+
+    class Candidate:
+        def __init__(self, v):
+            self.v = v
+
+    monkeypatch.setattr(search, "score", lambda replay, plan, uploads=None: values[plan.v])
+    alive = []
+
+    def make(v):
+        c = Candidate(v)
+        alive.append(weakref.ref(c))
+        assert sum(r() is not None for r in alive) == 1  # the one being scored, no earlier one
+        return c
+
+    value, plan, scores = search.best(None, tuple(range(10)), make, keep=False)
+    kept = search.best(None, tuple(range(10)), Candidate)
+    assert (value, plan, scores) == (kept[0], None, kept[2]) and kept[1].v == 4
 
 
 # alpha (0.1 .. 1.0) and shrink (1.0 .. 0.75) SQNRs (dB) of ranges of a tiny-latte w8a8-best build

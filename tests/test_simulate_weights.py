@@ -3,6 +3,8 @@ rounded in torch and the quantized linears' integers dequantized there give the 
 for bit, and a search's candidates that share a layer's arrays send its weight once."""
 
 import dataclasses
+import gc
+import weakref
 
 import numpy as np
 import torch
@@ -53,3 +55,17 @@ def test_uploads_send_a_shared_weight_once_and_a_new_one_again():
     again = uploads.weight("a", other, CPU)
     assert again is not first and torch.equal(again, first)
     assert np.array_equal(uploads.weight("b", lp, CPU).numpy(), lp.weight().T)
+
+
+def test_uploads_hold_no_plan_that_was_dropped():
+    out = 16
+    lp = _plan(np.full(out, 0.01, np.float32), np.zeros(out, np.int8))
+    uploads = Uploads()
+    first = uploads.weight("a", lp, CPU)
+    gone = weakref.ref(lp.w_q)
+    del lp
+    gc.collect()
+    assert gone() is None  # the device weight stays; the host integers it came from are freed
+    later = _plan(np.full(out, 0.01, np.float32), np.zeros(out, np.int8))
+    again = uploads.weight("a", later, CPU)
+    assert again is not first and np.array_equal(again.numpy(), later.weight().T)
