@@ -1,5 +1,5 @@
 # Source on a lent GPU machine (no network): install the carried wheels (.whl/: diffusers,
-# importlib_metadata, onnx-graphsurgeon) and this checkout into /tmp/site, then use it.
+# importlib_metadata, onnx-graphsurgeon, pydantic, threadpoolctl) and this checkout into /tmp/site, then use it.
 #   source bench/gpu_env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . &&
