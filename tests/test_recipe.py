@@ -17,6 +17,7 @@ PRESETS = {
     "w8a8-tsq-tsw",
     "w8a8-best",
     "w4a8-tsq-tsw-gptq",
+    "w4a8",
     "w8a16",
     "qnn-w8a16",
     "qnn-w4a16",
