@@ -18,6 +18,7 @@ PRESETS = {
     "w8a8-best",
     "w4a8-tsq-tsw-gptq",
     "w4a8",
+    "w4a6",
     "w8a16",
     "qnn-w8a16",
     "qnn-w4a16",
