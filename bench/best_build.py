@@ -39,8 +39,9 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     from qexport.stages import stage_clock
 
     ort.set_default_logger_severity(3)
+    on_gpu = torch.device(device).type == "cuda"
     floor = 0  # host RSS of the process once CUDA and cuBLAS are loaded: what any GPU build holds first
-    if torch.device(device).type == "cuda":
+    if on_gpu:
         (torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum().item()
         floor = _rss()
     name, *settings = spec.split(",")
@@ -51,7 +52,7 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
         result = build(stats, out, config, progress=printer)
     printer.close()
     seconds = time.perf_counter() - start
-    gpu = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
+    gpu = torch.cuda.max_memory_allocated() if on_gpu else 0
     choices = [{"alpha": c["alpha"], "act_shrink": c["act_shrink"]} for c in result.manifest["choices"]]
     print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "cuda_rss": floor, "peak_gpu": gpu, "models": len(result.ranges), "choices": choices,
@@ -98,7 +99,7 @@ def main() -> None:
           f" {'CUDA RSS':>9}")  # fmt: skip
     for name, r in rows.items():
         ratio = r["seconds"] / first["seconds"]
-        gib = {k: r.get(k, 0) / 2**30 for k in ("peak_rss", "peak_gpu", "cuda_rss")}
+        gib = {k: r[k] / 2**30 for k in ("peak_rss", "peak_gpu", "cuda_rss")}
         print(f"{name:<12} {r['recipe']:<30} {r['models']:>6} {r['seconds']:>8.1f} {ratio:>8.2f}"
               f" {gib['peak_rss']:>8.2f} {gib['peak_gpu']:>8.2f} {gib['cuda_rss']:>9.2f}")  # fmt: skip
     print("CUDA RSS: the process's host memory once CUDA and cuBLAS were loaded, before the build (GPU builds)")

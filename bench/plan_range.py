@@ -52,8 +52,22 @@ def _own_blas_threads(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
         yield pool
 
 
-def _pools(pool: Callable[[int, str], object]) -> None:
-    plan.planning_pool = weights.planning_pool = pool  # type: ignore[assignment]
+def _pools(pool: Callable[[int, str], object]) -> Callable[[], None]:
+    """Planning's and GPTQ's pools made by `pool`, when called."""
+
+    def chosen() -> None:
+        plan.planning_pool = weights.planning_pool = pool  # type: ignore[assignment]
+
+    return chosen
+
+
+def _smoothing(rows: Callable[..., None], columns: Callable[..., None]) -> Callable[[], None]:
+    """FinalWeights' smoothing done by `rows` and `columns`, when called."""
+
+    def chosen() -> None:
+        FinalWeights.scale_rows, FinalWeights.divide_columns = rows, columns  # type: ignore[method-assign]
+
+    return chosen
 
 
 def main() -> None:
@@ -70,14 +84,12 @@ def main() -> None:
     graph = StepGraphs(load_graph(fp)).at(int(stats.header["timesteps"][0]))
     _, groups, weights, biases = range_inputs(graph, fp.bindings, adapter)
     quant = BuildConfig(recipe=with_settings(load_recipe("w8a8-tsq-tsw"), ["channel_shift=on"])).quant
-    smoothing = {"when made": (FinalWeights.scale_rows, FinalWeights.divide_columns),
-                 "at once": (_at_once_rows, _at_once_columns)}  # fmt: skip
-    ways: dict[str, Callable[[], None]] = (
-        {name: (lambda r=r, c=c: setattr(FinalWeights, "scale_rows", r) or setattr(FinalWeights, "divide_columns", c))
-         for name, (r, c) in smoothing.items()}
+    qexports = _smoothing(FinalWeights.scale_rows, FinalWeights.divide_columns)
+    ways = (
+        {"when made": qexports, "at once": _smoothing(_at_once_rows, _at_once_columns)}
         if a.compare == "smoothing"
-        else {"one a planner": lambda: _pools(planning_pool), "its own threads": lambda: _pools(_own_blas_threads)}
-    )  # fmt: skip
+        else {"one a planner": _pools(planning_pool), "its own threads": _pools(_own_blas_threads)}
+    )
     print(f"{stats.header['model_id']}: {len(weights)} linears, one range, {plan.PLAN_THREADS} planning threads")
     label = "smoothing applied" if a.compare == "smoothing" else "BLAS threads"
     print(f"{label:<18} {'wall s':>8} {'planning thread CPU s':>22} {'all threads CPU s':>15}")
@@ -90,8 +102,8 @@ def main() -> None:
                 took = time.perf_counter() - start, time.thread_time() - cpu, time.process_time() - total
                 print(f"{name:<18} {took[0]:>8.2f} {took[1]:>22.2f} {took[2]:>15.2f}", flush=True)
     finally:
-        FinalWeights.scale_rows, FinalWeights.divide_columns = smoothing["when made"]  # type: ignore[method-assign]
-        _pools(planning_pool)
+        qexports()
+        _pools(planning_pool)()
 
 
 if __name__ == "__main__":
