@@ -433,7 +433,8 @@ def plan_models(
         prompts = list(stats.header.get("prompt_texts", []))
         prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
         log.info("replaying %d calibration prompt(s) (searches, observers, rotations, attention, GPTQ)", len(prompts))
-        replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"], config.device)
+        replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"], config.device,
+                                  config.recipe.replay.scoring)  # fmt: skip
     with stage("FP export"):
         bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
     kept = kept if config.recipe.float_weights() == FloatWeights.INT8 else {}

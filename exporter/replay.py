@@ -23,6 +23,7 @@ from qexport.passes.plan import RangePlan
 from qexport.errors import QexportError
 from qexport.models.adapter import ModelAdapter
 from qexport.models.sampler import SamplingConfig, sample
+from qexport.recipe import Scoring
 from qexport.stages import stage
 
 PROMPTS = 2  # calibration prompts replayed by default (each with its unconditional twin); --replay-prompts
@@ -57,6 +58,18 @@ def exact_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+@contextmanager
+def tf32_matmuls() -> Iterator[None]:
+    """Within the block, CUDA matmuls and convolutions on the tensor cores in TF32 (a search's
+    scoring forwards where the recipe's replay.scoring says so; nothing changes on the CPU)."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def on_device(adapter: ModelAdapter, device: str) -> ModelAdapter:
     """The adapter itself on the CPU; elsewhere the same adapter with a copy of its transformer
     moved to `device` (the build's FP graph holds views of the CPU transformer's weights, so that
@@ -72,12 +85,19 @@ class CalibrationReplay:
     in full fp32 where that is a GPU (see exact_fp32); what it returns is numpy on the CPU."""
 
     def __init__(
-        self, adapter: ModelAdapter, prompts: list[str], timesteps: list[int], cfg: float, device: str = "cpu"
+        self,
+        adapter: ModelAdapter,
+        prompts: list[str],
+        timesteps: list[int],
+        cfg: float,
+        device: str = "cpu",
+        scoring: Scoring = Scoring.FP32,
     ) -> None:
         if not prompts:
             raise QexportError("this build option needs statistics that record their prompts; recalibrate")
         with stage("FP replay"):  # the FP trajectories and outputs
             self.device = torch.device(device)
+            self.scoring = scoring  # the precision of scored() on a GPU
             self.adapter = adapter = on_device(adapter, device)
             self.denoiser = adapter.denoiser()
             self.timesteps = timesteps
@@ -120,6 +140,15 @@ class CalibrationReplay:
         """The denoiser output at step k (as the transformer currently computes)."""
         t = torch.full((len(self.cond),), self.timesteps[k], dtype=torch.long, device=self.device)
         with torch.no_grad(), exact_fp32():
+            return self.denoiser(self.inputs[k], t, self.cond).cpu().numpy()
+
+    def scored(self, k: int) -> np.ndarray:
+        """run(k) in the recipe's scoring precision: a search candidate's output, compared with the
+        exact FP reference (TF32 where replay.scoring is tf32 and the replay runs on a GPU)."""
+        if self.scoring is Scoring.FP32 or self.device.type != "cuda":
+            return self.run(k)
+        t = torch.full((len(self.cond),), self.timesteps[k], dtype=torch.long, device=self.device)
+        with torch.no_grad(), tf32_matmuls():
             return self.denoiser(self.inputs[k], t, self.cond).cpu().numpy()
 
     def reference(self, k: int) -> np.ndarray:

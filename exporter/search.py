@@ -32,7 +32,7 @@ STRIDE = 3  # the coarse pass of `best`: 0.1, 0.4, 0.7, 1.0 of ALPHAS; 1.0, 0.94
 def score(replay: CalibrationReplay, plan: RangePlan, uploads: Uploads | None = None) -> float:
     """Mean denoiser-output SQNR (dB) of a plan over its range's steps (uploads: as simulated's)."""
     with simulated(replay.adapter.transformer, plan, uploads):
-        return float(np.mean([sqnr_db(replay.reference(k), replay.run(k)) for k in plan.steps]))
+        return float(np.mean([sqnr_db(replay.reference(k), replay.scored(k)) for k in plan.steps]))
 
 
 def final_score(replay: CalibrationReplay, plan_of_step: Callable[[int], RangePlan]) -> float:

@@ -268,19 +268,8 @@ def gptq_quantize_many(
     s32 = stacked([rows(p[2], n)[o] if grouped else p[2] for p, o in pairs], np.float32)
     z32 = stacked([rows(p[3], n)[o] if grouped else p[3] for p, o in pairs], np.float32)
     q = torch.empty(rest.shape, dtype=torch.float32, device=dev)
-    diag = torch.diagonal(u, dim1=-2, dim2=-1)
-    for b0 in range(0, n, BLOCK):
-        b1 = min(b0 + BLOCK, n)
-        block = rest[:, b0:b1]
-        errs = torch.empty(block.shape, dtype=torch.float64, device=dev)
-        for i in range(b1 - b0):
-            r = b0 + i
-            s, z = (s32[:, r], z32[:, r]) if grouped else (s32, z32)
-            # quant.quantize written into q, the error into errs: the same operations, two copies fewer a row
-            qi = torch.div(block[:, i].float(), s, out=q[:, r]).round_().add_(z).clamp_(grid.qmin, grid.qmax)
-            err = torch.sub(block[:, i], ((qi - z) * s).double(), out=errs[:, i]).div_(diag[:, r, None])
-            block[:, i + 1 :] -= u[:, r, r + 1 : b1, None] * err[:, None, :]
-        rest[:, b1:] -= u[:, b0:b1, b1:].transpose(-1, -2) @ errs
+    rounder = _graphed_rounder if dev.type == "cuda" else _round_block
+    rounder(rest, u, q, s32, z32, grouped, grid)
     ints = q.cpu().numpy().astype(STORAGE[grid.storage][0])
     out = []
     for k, o in enumerate(orders):
@@ -288,6 +277,86 @@ def gptq_quantize_many(
         unordered[o] = ints[k]
         out.append(unordered)
     return out
+
+
+def _round_rows(
+    block: torch.Tensor, u: torch.Tensor, q: torch.Tensor, errs: torch.Tensor,
+    s: torch.Tensor, z: torch.Tensor, grouped: bool, grid: Grid,
+) -> None:  # fmt: skip
+    """One block's rows rounded in order, each row's error spread over the block's later rows.
+    block [B, L, m] float64 (updated in place), u [B, L, L] its part of the inverse factor, q and
+    errs [B, L, m] written (float32 integers, float64 errors), s / z [B, m] or [B, L, m] grouped."""
+    diag = torch.diagonal(u, dim1=-2, dim2=-1)
+    for i in range(block.shape[1]):
+        si, zi = (s[:, i], z[:, i]) if grouped else (s, z)
+        # quant.quantize written into q, the error into errs: the same operations, two copies fewer a row
+        qi = torch.div(block[:, i].float(), si, out=q[:, i]).round_().add_(zi).clamp_(grid.qmin, grid.qmax)
+        err = torch.sub(block[:, i], ((qi - zi) * si).double(), out=errs[:, i]).div_(diag[:, i, None])
+        block[:, i + 1 :] -= u[:, i, i + 1 :, None] * err[:, None, :]
+
+
+def _round_block(
+    rest: torch.Tensor, u: torch.Tensor, q: torch.Tensor,
+    s32: torch.Tensor, z32: torch.Tensor, grouped: bool, grid: Grid,
+) -> None:  # fmt: skip
+    """GPTQ's blocked row loop over W^T in row order (rest, [B, n, m] float64, consumed), the
+    integers into q: BLOCK rows at a time, then one lazy update of the rows after them."""
+    n = rest.shape[1]
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        errs = torch.empty(rest[:, b0:b1].shape, dtype=torch.float64, device=rest.device)
+        s, z = (s32[:, b0:b1], z32[:, b0:b1]) if grouped else (s32, z32)
+        _round_rows(rest[:, b0:b1], u[:, b0:b1, b0:b1], q[:, b0:b1], errs, s, z, grouped, grid)
+        rest[:, b1:] -= u[:, b0:b1, b1:].transpose(-1, -2) @ errs
+
+
+def _graphed_rounder(
+    rest: torch.Tensor, u: torch.Tensor, q: torch.Tensor,
+    s32: torch.Tensor, z32: torch.Tensor, grouped: bool, grid: Grid,
+) -> None:  # fmt: skip
+    """``_round_block`` on a GPU, its row loop replayed as one CUDA graph per block: the same
+    kernels on the same values (bit for bit), launched once a block instead of about ten times a
+    row (the row loop is launch-bound: docs/benchmarks.md). The rows are copied into static
+    buffers; the first full block runs eagerly on them (the warm-up capture needs) and is captured
+    after, a block shorter than BLOCK at the end runs eagerly."""
+    n = rest.shape[1]
+    full = n // BLOCK
+    if full < 2:  # a capture would not pay for itself
+        _round_block(rest, u, q, s32, z32, grouped, grid)
+        return
+    block = torch.empty_like(rest[:, :BLOCK])
+    ub = torch.empty_like(u[:, :BLOCK, :BLOCK])
+    qb = torch.empty_like(q[:, :BLOCK])
+    errs = torch.empty_like(block)
+    sb, zb = (torch.empty_like(s32[:, :BLOCK]), torch.empty_like(z32[:, :BLOCK])) if grouped else (s32, z32)
+    graph: torch.cuda.CUDAGraph | None = None
+    for k in range(full):
+        b0, b1 = k * BLOCK, (k + 1) * BLOCK
+        block.copy_(rest[:, b0:b1])
+        ub.copy_(u[:, b0:b1, b0:b1])
+        if grouped:
+            sb.copy_(s32[:, b0:b1])
+            zb.copy_(z32[:, b0:b1])
+        if graph is None:  # the first block: eagerly, on a side stream as capture asks, then captured
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                _round_rows(block, ub, qb, errs, sb, zb, grouped, grid)
+            torch.cuda.current_stream().wait_stream(side)
+            q[:, b0:b1].copy_(qb)
+            rest[:, b1:] -= u[:, b0:b1, b1:].transpose(-1, -2) @ errs
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the kernels without running them
+                _round_rows(block, ub, qb, errs, sb, zb, grouped, grid)
+            continue
+        graph.replay()
+        q[:, b0:b1].copy_(qb)
+        rest[:, b1:] -= u[:, b0:b1, b1:].transpose(-1, -2) @ errs
+    if full * BLOCK < n:
+        tail = slice(full * BLOCK, n)
+        s, z = (s32[:, tail], z32[:, tail]) if grouped else (s32, z32)
+        errs_t = torch.empty_like(rest[:, tail])
+        _round_rows(rest[:, tail], u[:, tail, tail], q[:, tail], errs_t, s, z, grouped, grid)
 
 
 def output_clipped_qparams(

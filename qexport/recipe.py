@@ -36,9 +36,19 @@ class Granularity:
     time_ranges: int | None = None  # None: one model per denoising step (TSW); K: K contiguous step ranges
 
 
+class Scoring(enum.Enum):
+    """The precision of the simulated forward passes that score a search's candidates (alpha,
+    activation ranges) on a GPU. The FP references, the layer inputs GPTQ and the observers read,
+    and every emitted value stay exact fp32 either way; on the CPU both are fp32."""
+
+    FP32 = "fp32"  # matmuls in full fp32 (TF32 off)
+    TF32 = "tf32"  # matmuls on the tensor cores in TF32 (10-bit mantissa inputs, fp32 sums)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Replay:
     prompts: int | None = None  # calibration prompts the replaying techniques replay (None: up to 2)
+    scoring: Scoring = Scoring.FP32  # the candidates' scoring forwards on a GPU build (build --device cuda)
 
 
 class PartPrecision(enum.Enum):
@@ -145,6 +155,11 @@ class Recipe:
                     f"({can}), or a target whose emission replays them (qnn-htp's output ranges); the recipe "
                     "has neither"
                 )
+        if self.replay.scoring is not Scoring.FP32 and not self.replaying():
+            raise QexportError(
+                "recipe key 'replay.scoring' sets the precision of the searches' scoring passes; the recipe has "
+                "no technique that replays calibration prompts (remove the key, or add a search)"
+            )
         return self
 
     def _check_float_weights(self) -> None:

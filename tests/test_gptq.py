@@ -16,6 +16,8 @@ from qexport.passes.gptq import (
     Memo,
     Rounding,
     _divided,
+    _graphed_rounder,
+    _round_block,
     gptq_quantize,
     gptq_quantize_many,
     input_hessian,
@@ -104,6 +106,28 @@ def test_layers_solved_together_round_as_each_alone():
     together = gptq_quantize_many(problems, grid)
     for problem, got in zip(problems, together, strict=True):
         assert np.array_equal(got, gptq_quantize(*problem, grid))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_graph_replayed_row_loop_rounds_as_the_eager_one_on_a_gpu(grouped):
+    """On a GPU the row loop runs as one CUDA graph a block: the same integers as the eager loop,
+    bit for bit, over full blocks and a shorter last one (n = 3.5 blocks)."""
+    rng = np.random.default_rng(7)
+    b, n, m = 3, 448, 40
+    grid = Grid(bits=4, storage="int4", symmetric=True)
+    x = rng.standard_normal((b, 900, n)) * np.exp(rng.normal(0, 1, n))
+    h = torch.from_numpy(np.einsum("bri,brj->bij", x, x) + np.eye(n)).cuda()
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w = torch.from_numpy(rng.standard_normal((b, n, m)) * 0.05).cuda()
+    amax = w.abs().amax(dim=1 if not grouped else (), keepdim=grouped).float() / grid.qmax
+    s = (amax.expand(b, n, m) if grouped else amax).contiguous()
+    z = torch.zeros_like(s)
+    eager, graphed = torch.empty(w.shape, device="cuda"), torch.empty(w.shape, device="cuda")
+    _round_block(w.clone(), u, eager, s, z, grouped, grid)
+    _graphed_rounder(w.clone(), u, graphed, s, z, grouped, grid)
+    assert torch.equal(eager, graphed)
+    assert float(eager.abs().max()) >= grid.qmax  # rows reached the grid's edge: real rounding
 
 
 def test_gptq_on_silent_channels_and_a_zero_hessian_is_finite():

@@ -58,6 +58,8 @@ def test_the_dict_names_each_technique_by_type_and_follows_the_registry_order():
         (["channel_shift=on", "lowrank.rank=4"], "'channel_shift' does not combine with 'lowrank'"),
         (["lowrank.rank=40"], "recipe key 'lowrank.rank' must be in 1..32, got 40"),
         (["replay.prompts=2"], "recipe key 'replay.prompts' sets how many"),
+        (["replay.scoring=tf32"], "recipe key 'replay.scoring' sets the precision of the searches' scoring"),
+        (["replay.scoring=bf16"], "recipe key 'replay.scoring' must be one of 'fp32', 'tf32', got 'bf16'"),
         (["smoothquant.statistic=max"], "it needs mode 'asq'"),
         (["smoothquant.shared_ranges=2", "granularity.time_ranges=2"], "'smoothquant.shared_ranges'"),
         (["mixed_precision.budget=6"], "it needs bits.weights 2..4, got 8"),

@@ -90,3 +90,30 @@ def test_the_replay_keeps_the_gram_matrices_of_one_range_only():
     assert len(replay._grams) == 1 and second is not first
     again = replay.input_grams([0], [layer])  # an earlier range again: recomputed, the same sums
     assert again is not first and torch.equal(again[layer], first[layer])
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif("not __import__('torch').cuda.is_available()"))],
+)
+def test_tf32_scoring_changes_only_the_scored_passes_and_only_on_a_gpu(device):
+    """replay.scoring=tf32: a candidate's scoring pass may run its matmuls in TF32 on a GPU, but the FP
+    references and run() (what observers and GPTQ read) stay exact; on the CPU nothing changes."""
+    import numpy as np
+    from qexport.exporter.replay import CalibrationReplay
+
+    from qexport.metrics import sqnr_db
+    from qexport.models.registry import load_model
+    from qexport.models.sampler import timesteps
+    from qexport.recipe import Scoring
+
+    adapter = load_model("tiny-dit")
+    replay = CalibrationReplay(adapter, ["red circle"], timesteps(adapter, 2), 4.0, device, Scoring.TF32)
+    for k in range(2):
+        exact = replay.run(k)
+        assert np.array_equal(exact, replay.references[k]) or device == "cuda"
+        scored = replay.scored(k)
+        if device == "cpu":
+            assert np.array_equal(scored, exact)
+        else:  # TF32 rounds the matmul inputs to 10 mantissa bits: near the exact output, not equal
+            assert 30.0 < sqnr_db(exact, scored) < float("inf")
