@@ -117,3 +117,20 @@ def test_tf32_scoring_changes_only_the_scored_passes_and_only_on_a_gpu(device):
             assert np.array_equal(scored, exact)
         else:  # TF32 rounds the matmul inputs to 10 mantissa bits: near the exact output, not equal
             assert 30.0 < sqnr_db(exact, scored) < float("inf")
+
+
+def test_the_replays_device_copy_makes_each_tensor_there_and_keeps_ties():
+    """on_device's copy: parameters and buffers made on the device one at a time (meta here), the
+    host model untouched, a parameter shared by two modules still shared."""
+    import torch
+    from qexport.exporter.replay import device_copy
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied
+    clone = device_copy(model, torch.device("meta"))
+    assert all(p.device.type == "meta" for p in clone.parameters())
+    assert all(b.device.type == "meta" for b in clone.buffers())
+    assert clone[2].weight is clone[0].weight and clone[0].weight is not model[0].weight
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert isinstance(clone[0].weight, nn.Parameter) and clone[0].weight.requires_grad
