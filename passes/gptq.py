@@ -268,8 +268,7 @@ def gptq_quantize_many(
     s32 = stacked([rows(p[2], n)[o] if grouped else p[2] for p, o in pairs], np.float32)
     z32 = stacked([rows(p[3], n)[o] if grouped else p[3] for p, o in pairs], np.float32)
     q = torch.empty(rest.shape, dtype=torch.float32, device=dev)
-    rounder = _graphed_rounder if dev.type == "cuda" else _round_block
-    rounder(rest, u, q, s32, z32, grouped, grid)
+    _round_block(rest, u, q, s32, z32, grouped, grid)  # on a GPU too: _graphed_rounder is not yet measured there
     ints = q.cpu().numpy().astype(STORAGE[grid.storage][0])
     out = []
     for k, o in enumerate(orders):
@@ -315,10 +314,11 @@ def _graphed_rounder(
     s32: torch.Tensor, z32: torch.Tensor, grouped: bool, grid: Grid,
 ) -> None:  # fmt: skip
     """``_round_block`` on a GPU, its row loop replayed as one CUDA graph per block: the same
-    kernels on the same values (bit for bit), launched once a block instead of about ten times a
-    row (the row loop is launch-bound: docs/benchmarks.md). The rows are copied into static
-    buffers; the first full block runs eagerly on them (the warm-up capture needs) and is captured
-    after, a block shorter than BLOCK at the end runs eagerly."""
+    kernels on the same values, launched once a block instead of about ten times a row (the row
+    loop is launch-bound: docs/benchmarks.md). The rows are copied into static buffers; the first
+    full block runs eagerly on them (the warm-up capture needs) and is captured after, a block
+    shorter than BLOCK at the end runs eagerly. Not yet used by builds: it has not run on a GPU
+    (tests/test_gptq.py's check and bench/gptq_rows.py are ready for the first machine that has one)."""
     n = rest.shape[1]
     full = n // BLOCK
     if full < 2:  # a capture would not pay for itself
