@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -47,27 +47,22 @@ def replay_count(asked: int | None, recorded: int, source: str) -> int:
 
 
 @contextmanager
-def exact_fp32() -> Iterator[None]:
-    """Within the block, CUDA matmuls and convolutions in full fp32 (TF32 off), so that a GPU's
-    FP passes and simulations match the CPU's to float rounding."""
+def cuda_matmuls(tf32: bool) -> Iterator[None]:
+    """Within the block, CUDA matmuls and convolutions on the tensor cores in TF32 (tf32: a search's
+    scoring forwards where the recipe's replay.scoring says so) or in full fp32; the CPU computes
+    in fp32 either way."""
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-@contextmanager
-def tf32_matmuls() -> Iterator[None]:
-    """Within the block, CUDA matmuls and convolutions on the tensor cores in TF32 (a search's
-    scoring forwards where the recipe's replay.scoring says so; nothing changes on the CPU)."""
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+def exact_fp32() -> AbstractContextManager[None]:
+    """CUDA matmuls and convolutions in full fp32 (TF32 off), so that a GPU's FP passes and
+    simulations match the CPU's to float rounding."""
+    return cuda_matmuls(tf32=False)
 
 
 def on_device(adapter: ModelAdapter, device: str) -> ModelAdapter:
@@ -160,7 +155,7 @@ class CalibrationReplay:
         if self.scoring is Scoring.FP32 or self.device.type != "cuda":
             return self.run(k)
         t = torch.full((len(self.cond),), self.timesteps[k], dtype=torch.long, device=self.device)
-        with torch.no_grad(), tf32_matmuls():
+        with torch.no_grad(), cuda_matmuls(tf32=True):
             return self.denoiser(self.inputs[k], t, self.cond).cpu().numpy()
 
     def reference(self, k: int) -> np.ndarray:
