@@ -729,8 +729,9 @@ def _build_range(
     if searches[0] and quant.smooth != Smooth.NONE:
         assert replay is not None
         # with GPTQ, alpha's candidates are scored with nearest rounding and GPTQ runs for the chosen one
-        # only: one solve per layer instead of one per candidate (docs/techniques/gptq.md)
-        rounding = Rounding.NEAREST if gptq(quant) else quant.weight_rounding
+        # only: one solve per layer instead of one per candidate (docs/techniques/gptq.md), unless the
+        # recipe scores them as they will be rounded (gptq.alpha_scoring gptq)
+        rounding = Rounding.NEAREST if gptq(quant) and quant.alpha_scoring == "nearest" else quant.weight_rounding
         with stage("alpha search"):
             # a candidate rounded otherwise is planned again: the search holds no plan beside the one it scores
             alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv),

@@ -54,6 +54,7 @@ class QuantConfig:
     quantize_attention: bool = False  # Q/DQ on both operands of QK^T and PV (passes.attention)
     mixed_precision: float = 0.0  # budget in weight bits per parameter: layers at w_bits or 8 (0 = off)
     weight_rounding: Rounding = Rounding.NEAREST  # or GPTQ: error-compensating rounding (passes.gptq)
+    alpha_scoring: str = "nearest"  # with GPTQ: how an alpha search rounds its candidates (nearest or gptq)
     replay_prompts: int | None = None  # calibration prompts the replaying options replay (None: up to 2)
     smooth_ranges: int = 0  # TSQ: one s per this many contiguous step ranges, not per model (0 = per model)
     techniques: Mapping[str, Any] = field(default_factory=dict)  # kind -> the recipe's technique config

@@ -398,6 +398,27 @@ def test_tsq_alpha_auto_scores_nearest_rounding_and_rounds_the_chosen_alpha_by_g
     assert any(not np.array_equal(got[n].w_q, plain[n].w_q) for n in plain)
 
 
+@pytest.mark.slow
+def test_alpha_scoring_gptq_scores_each_candidate_as_it_will_be_rounded(latte_stats, tmp_path):
+    # gptq.alpha_scoring gptq: each alpha candidate is scored with its GPTQ-rounded weights (other
+    # scores than nearest rounding gives), and the emitted plan is the chosen candidate's, the same
+    # integers as a build with that alpha fixed
+    from qexport.exporter.build import BuildConfig, build
+
+    base = ("smoothquant.mode=tsq", "smoothquant.alpha=auto", "gptq=on", "granularity.time_ranges=1")
+    nearest = build(latte_stats, tmp_path / "nearest", BuildConfig(recipe=recipe_of(*base)))
+    scored = build(latte_stats, tmp_path / "gptq", BuildConfig(recipe=recipe_of(*base, "gptq.alpha_scoring=gptq")))
+    by_nearest, by_gptq = (b.ranges[0].plan.scores["alpha"] for b in (nearest, scored))
+    both = set(by_nearest) & set(by_gptq)
+    assert both and all(by_nearest[a] != by_gptq[a] for a in both)
+    (chosen,) = {r["alpha"] for r in scored.manifest["ranges"]}
+    assert by_gptq[chosen] == max(by_gptq.values())
+    fixed = build(latte_stats, tmp_path / "fixed", BuildConfig(recipe=recipe_of(
+        "smoothquant.mode=tsq", f"smoothquant.alpha={chosen}", "gptq=on", "granularity.time_ranges=1")))  # fmt: skip
+    got, want = (b.ranges[0].plan.layers for b in (scored, fixed))
+    assert all(np.array_equal(got[n].w_q, want[n].w_q) for n in want)
+
+
 def test_digest_keys_dtype_shape_and_every_byte():
     """The memo's key: equal for equal content in any layout, apart for another shape or dtype of
     the same bytes, and apart when any one element of a multi-chunk array changes (each chunk, and

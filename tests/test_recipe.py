@@ -59,6 +59,7 @@ def test_the_dict_names_each_technique_by_type_and_follows_the_registry_order():
         (["lowrank.rank=40"], "recipe key 'lowrank.rank' must be in 1..32, got 40"),
         (["replay.prompts=2"], "recipe key 'replay.prompts' sets how many"),
         (["replay.scoring=tf32"], "recipe key 'replay.scoring' sets the precision of the searches' scoring"),
+        (["gptq.alpha_scoring=gptq"], "recipe key 'gptq.alpha_scoring' sets how an alpha search scores"),
         (["replay.scoring=bf16"], "recipe key 'replay.scoring' must be one of 'fp32', 'tf32', got 'bf16'"),
         (["smoothquant.statistic=max"], "it needs mode 'asq'"),
         (["smoothquant.shared_ranges=2", "granularity.time_ranges=2"], "'smoothquant.shared_ranges'"),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from qexport.passes.gptq import Rounding, input_hessian
 from qexport.passes.rangeplan import GroupStep
-from qexport.passes.techniques.base import Technique
+from qexport.passes.techniques.base import Shape, Technique
 
 from qexport.errors import QexportError
 
@@ -17,11 +17,25 @@ class Gptq(Technique):
     kind = "gptq"
     summary = "round weights column by column, compensating the error with the inputs' Gram matrix"
 
+    # how a per-range alpha search scores its candidates: their weights rounded to nearest (GPTQ then
+    # runs once, for the chosen alpha) or by GPTQ (one solve per layer and candidate; slower, and what
+    # the 4-bit presets use: docs/techniques/gptq.md)
+    alpha_scoring: Literal["nearest", "gptq"] = "nearest"
+
     def replays(self) -> bool:
         return True
 
+    def check(self, shape: Shape) -> None:
+        super().check(shape)
+        sq = shape.techniques.get("smoothquant")
+        if self.alpha_scoring == "gptq" and (sq is None or getattr(sq, "alpha", None) != "auto"):
+            raise QexportError(
+                "recipe key 'gptq.alpha_scoring' sets how an alpha search scores its candidates; it needs "
+                "smoothquant.alpha auto"
+            )
+
     def settings(self) -> dict[str, Any]:
-        return {"weight_rounding": "gptq"}
+        return {"weight_rounding": "gptq", "alpha_scoring": self.alpha_scoring}
 
     @classmethod
     def plan_group(cls, step: GroupStep) -> None:
