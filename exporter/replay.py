@@ -143,20 +143,17 @@ class CalibrationReplay:
         with exact_fp32():
             return sample(self.adapter, cond, [0] * len(self.prompts), config, on_step=on_step, device=self.device)
 
-    def run(self, k: int) -> np.ndarray:
-        """The denoiser output at step k (as the transformer currently computes)."""
+    def run(self, k: int, tf32: bool = False) -> np.ndarray:
+        """The denoiser output at step k (as the transformer currently computes), in exact fp32, or
+        with TF32 matmuls on a GPU (tf32)."""
         t = torch.full((len(self.cond),), self.timesteps[k], dtype=torch.long, device=self.device)
-        with torch.no_grad(), exact_fp32():
+        with torch.no_grad(), cuda_matmuls(tf32):
             return self.denoiser(self.inputs[k], t, self.cond).cpu().numpy()
 
     def scored(self, k: int) -> np.ndarray:
         """run(k) in the recipe's scoring precision: a search candidate's output, compared with the
         exact FP reference (TF32 where replay.scoring is tf32 and the replay runs on a GPU)."""
-        if self.scoring is Scoring.FP32 or self.device.type != "cuda":
-            return self.run(k)
-        t = torch.full((len(self.cond),), self.timesteps[k], dtype=torch.long, device=self.device)
-        with torch.no_grad(), cuda_matmuls(tf32=True):
-            return self.denoiser(self.inputs[k], t, self.cond).cpu().numpy()
+        return self.run(k, tf32=self.scoring is Scoring.TF32)
 
     def reference(self, k: int) -> np.ndarray:
         """The FP denoiser output at step k."""
