@@ -9,7 +9,9 @@ A build is NAME=RECIPE[,KEY=VALUE...] (recipe settings as `qexport build --set` 
 default compares the plain TSQ + TSW build, w8a8-best, and w8a8-best with GPTQ. Nothing is
 verified; each build's choices (alpha, shrink per range) and its seconds by stage go to the JSON.
 A GPU build also records the host memory its process holds once CUDA and cuBLAS are loaded, before
-the build starts (the plain build, which never touches the GPU, holds none of it).
+the build starts (the plain build, which never touches the GPU, holds none of it), and how much of
+it is the libraries' mapped files. Beside the peak RSS, the peak of its anonymous part (RssAnon,
+sampled every 0.2 s: the memory the build itself allocated, without mapped library and weight files).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,10 +43,19 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
 
     ort.set_default_logger_severity(3)
     on_gpu = torch.device(device).type == "cuda"
-    floor = 0  # host RSS of the process once CUDA and cuBLAS are loaded: what any GPU build holds first
+    floor = {"RssAnon": 0, "RssFile": 0}  # host RSS once CUDA and cuBLAS are loaded: what any GPU build holds first
     if on_gpu:
         (torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum().item()
-        floor = _rss()
+        floor = _status()
+    peak_anon = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            peak_anon[0] = max(peak_anon[0], _status()["RssAnon"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     name, *settings = spec.split(",")
     config = BuildConfig(recipe=with_settings(load_recipe(name), settings), force=True, device=device)
     start = time.perf_counter()
@@ -52,16 +64,20 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
         result = build(stats, out, config, progress=printer)
     printer.close()
     seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
     gpu = torch.cuda.max_memory_allocated() if on_gpu else 0
     choices = [{"alpha": c["alpha"], "act_shrink": c["act_shrink"]} for c in result.manifest["choices"]]
     print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "cuda_rss": floor, "peak_gpu": gpu, "models": len(result.ranges), "choices": choices,
-                      "stages": clock.seconds}))  # fmt: skip
+                      "peak_anon": peak_anon[0], "cuda_rss": floor["RssAnon"] + floor["RssFile"],
+                      "cuda_rss_file": floor["RssFile"], "peak_gpu": gpu, "models": len(result.ranges),
+                      "choices": choices, "stages": clock.seconds}))  # fmt: skip
 
 
-def _rss() -> int:
-    """This process's resident bytes now."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+def _status() -> dict[str, int]:
+    """This process's resident bytes now: anonymous and mapped files (/proc/self/status)."""
+    lines = (line.split() for line in Path("/proc/self/status").read_text().splitlines())
+    return {f[0].rstrip(":"): int(f[1]) * 1024 for f in lines if f and f[0] in ("RssAnon:", "RssFile:")}
 
 
 def main() -> None:
@@ -95,14 +111,16 @@ def main() -> None:
         print(f"{name}: {rows[name]['seconds']:.0f} s", flush=True)
     first = next(iter(rows.values()))
     print(f"\n{a.stats.name} on {a.device}, each build in its own process")
-    print(f"{'build':<12} {'recipe':<30} {'models':>6} {'wall s':>8} {'x first':>8} {'RSS GiB':>8} {'GPU GiB':>8}"
-          f" {'CUDA RSS':>9}")  # fmt: skip
+    print(f"{'build':<12} {'recipe':<30} {'models':>6} {'wall s':>8} {'x first':>8} {'RSS GiB':>8} {'anon GiB':>8}"
+          f" {'GPU GiB':>8} {'CUDA RSS':>9} {'of it files':>11}")  # fmt: skip
     for name, r in rows.items():
         ratio = r["seconds"] / first["seconds"]
-        gib = {k: r[k] / 2**30 for k in ("peak_rss", "peak_gpu", "cuda_rss")}
+        gib = {k: r[k] / 2**30 for k in ("peak_rss", "peak_anon", "peak_gpu", "cuda_rss", "cuda_rss_file")}
         print(f"{name:<12} {r['recipe']:<30} {r['models']:>6} {r['seconds']:>8.1f} {ratio:>8.2f}"
-              f" {gib['peak_rss']:>8.2f} {gib['peak_gpu']:>8.2f} {gib['cuda_rss']:>9.2f}")  # fmt: skip
-    print("CUDA RSS: the process's host memory once CUDA and cuBLAS were loaded, before the build (GPU builds)")
+              f" {gib['peak_rss']:>8.2f} {gib['peak_anon']:>8.2f} {gib['peak_gpu']:>8.2f} {gib['cuda_rss']:>9.2f}"
+              f" {gib['cuda_rss_file']:>11.2f}")  # fmt: skip
+    print("anon: peak anonymous RSS (0.2 s samples); CUDA RSS: the process's host memory once CUDA and cuBLAS")
+    print("were loaded, before the build (GPU builds), and of it the mapped library files")
     print("\ntime by stage (exclusive), as qexport build prints it")
     for name, r in rows.items():
         print(name, *stage_lines(r["stages"], r["seconds"]), sep="\n")

@@ -268,7 +268,8 @@ def gptq_quantize_many(
     s32 = stacked([rows(p[2], n)[o] if grouped else p[2] for p, o in pairs], np.float32)
     z32 = stacked([rows(p[3], n)[o] if grouped else p[3] for p, o in pairs], np.float32)
     q = torch.empty(rest.shape, dtype=torch.float32, device=dev)
-    _round_block(rest, u, q, s32, z32, grouped, grid)  # on a GPU too: _graphed_rounder is not yet measured there
+    rounder = _graphed_rounder if dev.type == "cuda" else _round_block
+    rounder(rest, u, q, s32, z32, grouped, grid)
     ints = q.cpu().numpy().astype(STORAGE[grid.storage][0])
     out = []
     for k, o in enumerate(orders):
@@ -317,8 +318,8 @@ def _graphed_rounder(
     kernels on the same values, launched once a block instead of about ten times a row (the row
     loop is launch-bound: docs/benchmarks.md). The rows are copied into static buffers; the first
     full block runs eagerly on them (the warm-up capture needs) and is captured after, a block
-    shorter than BLOCK at the end runs eagerly. Not yet used by builds: it has not run on a GPU
-    (tests/test_gptq.py's check and bench/gptq_rows.py are ready for the first machine that has one)."""
+    shorter than BLOCK at the end runs eagerly. The integers are the eager loop's, bit for bit
+    (tests/test_gptq.py's GPU check; bench/gptq_rows.py times the two)."""
     n = rest.shape[1]
     full = n // BLOCK
     if full < 2:  # a capture would not pay for itself
@@ -346,7 +347,8 @@ def _graphed_rounder(
             q[:, b0:b1].copy_(qb)
             rest[:, b1:] -= u[:, b0:b1, b1:].transpose(-1, -2) @ errs
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records the kernels without running them
+            # records the kernels without running them; other threads of the build may use the GPU meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 _round_rows(block, ub, qb, errs, sb, zb, grouped, grid)
             continue
         graph.replay()
