@@ -2,13 +2,16 @@
 flows by, so memory stays O(layers x channels x steps); no activation tensor is kept.
 
 A hook does one reduction (per-sample, per-channel extremes over the tokens, in the activation's
-own dtype); the rest of the update runs once per denoiser call for all layers of the same width
-together, so the number of device operations per step does not grow with the number of layers.
+own dtype), and none where the layer reads the very tensor the previous hooked layer of its width
+read (an attention's query, key and value projections of one input): it takes that reduction. The
+rest of the update runs once per denoiser call for all layers of the same width together, so the
+number of device operations per step does not grow with the number of layers.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -32,15 +35,22 @@ class _Group:
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (lo, hi) [samples, C]
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
         self.device = device
+        # the tensor the last reduction read (not kept alive), its version, its samples and the result
+        self._last: tuple[weakref.ref[torch.Tensor], int, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def observe(self, i: int, x: torch.Tensor, step: int, samples: int) -> None:
         if i in self.pending:  # a layer called twice in one denoiser call: keep the order of updates
             self.flush(step)
-        xs = x.detach().reshape(samples, -1, self.channels)  # in its own dtype: extremes are exact there
-        if xs.is_cuda:  # one pass over the activation
-            self.pending[i] = torch.aminmax(xs, dim=1)
-        else:  # two reductions are faster than aminmax on CPU
-            self.pending[i] = (xs.amin(dim=1), xs.amax(dim=1))
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version and last[2] == samples:
+            self.pending[i] = last[3]  # the same input, unchanged since: the same extremes
+        else:
+            xs = x.detach().reshape(samples, -1, self.channels)  # in its own dtype: extremes are exact there
+            if xs.is_cuda:  # one pass over the activation
+                self.pending[i] = torch.aminmax(xs, dim=1)
+            else:  # two reductions are faster than aminmax on CPU
+                self.pending[i] = (xs.amin(dim=1), xs.amax(dim=1))
+            self._last = (weakref.ref(x), x._version, samples, self.pending[i])
         self.count[i, step] += samples
         self.asq_n[i] += 1
 

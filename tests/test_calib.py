@@ -188,3 +188,45 @@ def test_autocast_dtype_is_recorded_and_close_to_fp32(latte):
 def test_unknown_autocast_dtype_is_refused():
     with pytest.raises(QexportError, match="--dtype must be one of"):
         CalibConfig(prompts=PROMPTS, dtype="fp8")
+
+
+def test_layers_reading_one_tensor_share_its_reduction_and_get_the_same_statistics(monkeypatch):
+    """q, k and v of one input are reduced once; their statistics equal those of three separate
+    copies of the input, and an input changed in place between two reads is reduced again."""
+    from qexport.calib.collect import Collector
+
+    torch.manual_seed(0)
+    qkv = {n: torch.nn.Linear(16, 8) for n in ("q", "k", "v")}
+    reductions = []
+    amin = torch.Tensor.amin
+
+    def counted(self: torch.Tensor, *a: object, **k: object) -> torch.Tensor:
+        reductions.extend([1] if self.shape[1:] == (5, 16) else [])  # over an activation [samples, 5 tokens, C]
+        return amin(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "amin", counted)
+
+    def collect(shared: bool, in_place: bool) -> dict:
+        collector = Collector(qkv, steps=2, histograms=False, device=torch.device("cpu"))
+        for step in range(2):
+            collector.samples, collector.step = 3, step
+            x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(step))
+            for name, layer in qkv.items():
+                layer(x if shared else x.clone())
+                if in_place and name == "q":
+                    x.mul_(2.0)
+        return collector.close()
+
+    reductions.clear()
+    shared = collect(shared=True, in_place=False)
+    assert len(reductions) == 2  # one a step
+    reductions.clear()
+    apart = collect(shared=False, in_place=False)
+    assert len(reductions) == 6
+    for name in qkv:
+        for field in ("channel_min", "channel_max", "absmax_sum", "asq_z"):
+            assert np.array_equal(getattr(shared[name], field), getattr(apart[name], field)), (name, field)
+    reductions.clear()
+    changed = collect(shared=True, in_place=True)
+    assert len(reductions) == 4  # q, then k and v after the in-place change
+    assert np.array_equal(changed["k"].channel_max, 2 * changed["q"].channel_max)
