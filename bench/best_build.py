@@ -8,8 +8,9 @@ GPU), one after the other, so the figures are side by side from one run.
 A build is NAME=RECIPE[,KEY=VALUE...] (recipe settings as `qexport build --set` takes them). The
 default compares the plain TSQ + TSW build, w8a8-best, and w8a8-best with GPTQ. Nothing is
 verified; each build's choices (alpha, shrink per range) and its seconds by stage go to the JSON.
-A GPU build also records the host memory its process holds once CUDA and cuBLAS are loaded, before
-the build starts (the plain build, which never touches the GPU, holds none of it), and how much of
+A GPU build (one whose recipe replays the model or solves GPTQ) also records the host memory its process holds
+once CUDA and cuBLAS are loaded, before the build starts; a build that replays nothing never loads
+CUDA, as a user's plain build does not (checked after it). Of CUDA's memory it records how much of
 it is the libraries' mapped files. Beside the peak RSS, the peak of its anonymous part (RssAnon,
 sampled every 0.2 s: the memory the build itself allocated, without mapped library and weight files).
 """
@@ -42,7 +43,12 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     from qexport.stages import stage_clock
 
     ort.set_default_logger_severity(3)
-    on_gpu = torch.device(device).type == "cuda"
+    name, *settings = spec.split(",")
+    recipe = with_settings(load_recipe(name), settings)
+    # a build that replays the model (or solves GPTQ) runs it on the device; one that does not (the plain build) never
+    # loads CUDA, and neither does this process for it: its memory is what a user's plain build holds
+    uses_device = recipe.replaying() or recipe.target_replays() or any(t.kind == "gptq" for t in recipe.techniques)
+    on_gpu = torch.device(device).type == "cuda" and bool(uses_device)
     floor = {"RssAnon": 0, "RssFile": 0}  # host RSS once CUDA and cuBLAS are loaded: what any GPU build holds first
     if on_gpu:
         (torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum().item()
@@ -56,8 +62,7 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    name, *settings = spec.split(",")
-    config = BuildConfig(recipe=with_settings(load_recipe(name), settings), force=True, device=device)
+    config = BuildConfig(recipe=recipe, force=True, device=device)
     start = time.perf_counter()
     printer = ProgressPrinter()  # progress on stderr, passed through to the parent's
     with stage_clock() as clock:
@@ -67,6 +72,8 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     stop.set()
     sampler.join()
     gpu = torch.cuda.max_memory_allocated() if on_gpu else 0
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and not on_gpu:
+        sys.exit(f"{spec}: the build loaded CUDA although its recipe replays nothing (not a plain build's memory)")
     choices = [{"alpha": c["alpha"], "act_shrink": c["act_shrink"]} for c in result.manifest["choices"]]
     print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "peak_anon": peak_anon[0], "cuda_rss": floor["RssAnon"] + floor["RssFile"],
