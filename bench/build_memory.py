@@ -5,6 +5,7 @@ main thread is in. Prints the peak RSS over the model's FP32 weight bytes (the s
 and, per function, the highest RSS seen while it ran.
 
     python bench/build_memory.py --stats dit.qstats --out /tmp/b --json mem.json
+    python bench/build_memory.py --stats dit.qstats --out b --recipe w8a8-best --set gptq=on --device cuda --json m.json
 
 One build per process (the peak is the process's own). Nothing is verified.
 """
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="w8a8-tsq-tsw")
     parser.add_argument("--set", action="append", default=[], help="a recipe setting (key=value), repeatable")
     parser.add_argument("--every", type=float, default=0.02, help="seconds between samples")
+    parser.add_argument("--device", default="cpu", help="build --device: where the replay and GPTQ run")
     parser.add_argument("--json", type=Path, required=True)
     a = parser.parse_args()
 
@@ -102,7 +104,7 @@ def main() -> None:
     sampler = Sampler(a.every)
     sampler.start()
     start = time.perf_counter()
-    built = build(a.stats, a.out, BuildConfig(recipe=recipe, force=True))
+    built = build(a.stats, a.out, BuildConfig(recipe=recipe, force=True, device=a.device))
     seconds = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
