@@ -33,6 +33,7 @@ class _Group:
         self.count = np.zeros((n, steps), dtype=np.int64)  # on the host: no device work per call
         self.asq_n = np.zeros(n, dtype=np.int64)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (lo, hi) [samples, C]
+        self.samples = 0  # of the pending reductions (one denoiser call's batch)
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
         self.device = device
         # the tensor the last reduction read (not kept alive), its version, its samples and the result
@@ -51,13 +52,15 @@ class _Group:
             else:  # two reductions are faster than aminmax on CPU
                 self.pending[i] = (xs.amin(dim=1), xs.amax(dim=1))
             self._last = (weakref.ref(x), x._version, samples, self.pending[i])
-        self.count[i, step] += samples
-        self.asq_n[i] += 1
+        self.samples = samples  # the counts are added at the flush: no host work per layer here
 
     def flush(self, step: int) -> None:
         """Fold the pending extremes of one denoiser call into the running statistics."""
         if not self.pending:
             return
+        seen = list(self.pending)  # each layer at most once (observe flushes before a second call)
+        self.count[seen, step] += self.samples
+        self.asq_n[seen] += 1
         buckets: dict[torch.dtype, list[int]] = {}  # one stack and one cast per activation dtype
         for i in sorted(self.pending):
             buckets.setdefault(self.pending[i][0].dtype, []).append(i)
