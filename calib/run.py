@@ -102,6 +102,7 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Progress | N
     cond_all = adapter.conditioner.encode(list(config.prompts))  # validates every prompt first
     pairs = [(i, s) for s in config.seeds for i in range(len(config.prompts))]
     batches = [pairs[i : i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
+    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     rank, world = _distributed()
     index, count = config.shard if config.shard else (rank, world)
     mine = _my_batches(len(batches), index, count)
@@ -131,6 +132,8 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Progress | N
         layers = collector.close()
     if world > 1 and config.shard is None:
         layers = reduce_layers(layers, device)
+    if created:  # the group this call made ends with it: no backend threads left for the interpreter's exit
+        dist.destroy_process_group()
     samples = len(pairs) if world > 1 and config.shard is None else sum(len(batches[b]) for b in mine)
     header = _header(adapter, config, selected.layers, selected.excluded, samples)
     header["autocast"] = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
