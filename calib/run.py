@@ -71,16 +71,18 @@ def _my_batches(n_batches: int, index: int, count: int) -> range:
     return range(index * n_batches // count, (index + 1) * n_batches // count)
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call made the process group) under torchrun; (0, 1, False) else."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
+        return 0, 1, False
+    created = not dist.is_initialized()
+    if created:
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("QEXPORT_BACKEND") != "gloo" else "gloo"
         if backend == "nccl":  # one GPU per rank, before NCCL picks one
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), created
 
 
 def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Progress | None = None) -> CalibResult:
@@ -102,8 +104,7 @@ def calibrate(adapter: ModelAdapter, config: CalibConfig, progress: Progress | N
     cond_all = adapter.conditioner.encode(list(config.prompts))  # validates every prompt first
     pairs = [(i, s) for s in config.seeds for i in range(len(config.prompts))]
     batches = [pairs[i : i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
-    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    rank, world = _distributed()
+    rank, world, created = _distributed()
     index, count = config.shard if config.shard else (rank, world)
     mine = _my_batches(len(batches), index, count)
     device = torch.device(config.device)
