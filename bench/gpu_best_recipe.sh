@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The best recipe's measurements on the GPU machine, each a part of its own, logs and JSON in OUTDIR.
 # Run from the repository root after `source bench/gpu_env.sh`:
-#   bash bench/gpu_best_recipe.sh OUTDIR latte      # latte-1: calibrate, best + GPTQ and plain builds (cores 0-11)
-#   bash bench/gpu_best_recipe.sh OUTDIR memory     # dit-xl-2: the best build's host memory by function (cores 12-15)
+#   bash bench/gpu_best_recipe.sh OUTDIR builds     # latte-1 and dit-xl-2 calibrated on the GPU, then side by side:
+#                                                   #   cores 0-9: latte-1's best + GPTQ build on the GPU;
+#                                                   #   cores 10-15: latte-1's plain build (CPU only), then dit-xl-2's
+#                                                   #   best + GPTQ (GPU) and plain (CPU) builds with host memory by function
 #   bash bench/gpu_best_recipe.sh OUTDIR speed      # dit-b-2 step latency at 2 and 8 threads, cores 0-7 (CPU only)
-# Parts may run side by side (they take disjoint cores); `latte` alone on the GPU gives its clean wall time.
+# Each build runs in its own process: its peak host memory is its own.
 set -uo pipefail
-out=$(realpath -m "${1:?outdir}") part=${2:?latte, memory or speed} root=$PWD
+out=$(realpath -m "${1:?outdir}") part=${2:?builds or speed} root=$PWD
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 work=$(mktemp -d)
@@ -14,21 +16,24 @@ cd "$work" || exit 1  # not the checkout: `-m qexport` must import the installed
 stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }
 python3 -c "import qexport.models.shapes as s; print('\n'.join(s.eval_prompts()[::3]))" > calib8.txt
 case $part in
-  latte)
-    export OMP_NUM_THREADS=12
-    { taskset -c 0-11 python3 -m qexport calibrate --model latte-1 --prompts calib8.txt --steps 20 --batch-size 4 \
+  builds)
+    { taskset -c 0-15 python3 -m qexport calibrate --model latte-1 --prompts calib8.txt --steps 20 --batch-size 4 \
         --device cuda -o latte.qstats &&
-      taskset -c 0-11 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cuda --work "$work/b" \
-        --builds best+gptq=w8a8-best,gptq=on plain=w8a8-tsq-tsw --json "$out/latte_best.json"; } 2>&1 | stamp > "$out/latte.log" ;;
-  memory)
-    export OMP_NUM_THREADS=4
-    { taskset -c 12-15 python3 -m qexport calibrate --model dit-xl-2 --labels 1,2,3,4,5,6,7,8 --batch-size 8 --steps 20 \
-        --device cuda -o dit.qstats &&
-      taskset -c 12-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/m" --recipe w8a8-best \
-        --set gptq=on --device cuda --every 0.2 --json "$out/dit_memory.json"; } 2>&1 | stamp > "$out/memory.log" ;;
+      taskset -c 0-15 python3 -m qexport calibrate --model dit-xl-2 --labels 1,2,3,4,5,6,7,8 --batch-size 8 \
+        --steps 20 --device cuda -o dit.qstats; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
+    { OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cuda \
+        --work "$work/b" --builds best+gptq=w8a8-best,gptq=on --json "$out/latte_best.json"; } 2>&1 | stamp > "$out/latte_best.log" &
+    { export OMP_NUM_THREADS=6
+      taskset -c 10-15 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cpu --work "$work/p" \
+        --builds plain=w8a8-tsq-tsw --json "$out/latte_plain.json"
+      taskset -c 10-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/m" --recipe w8a8-best \
+        --set gptq=on --device cuda --every 0.2 --json "$out/dit_memory_best.json"
+      taskset -c 10-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/m" \
+        --recipe w8a8-tsq-tsw --every 0.2 --json "$out/dit_memory_plain.json"; } 2>&1 | stamp > "$out/lane2.log" &
+    wait ;;
   speed)
     taskset -c 0-7 python3 "$root/bench/speed.py" --models dit-b-2 --bits 8 --repeats 10 --threads 2,8 \
       --work "$work/s" > "$out/speed.log" 2>&1 ;;
-  *) echo "unknown part $part: latte, memory or speed" >&2; exit 2 ;;
+  *) echo "unknown part $part: builds or speed" >&2; exit 2 ;;
 esac
 grep -h -v "building models\|evaluating" "$out"/*.log | tail -20

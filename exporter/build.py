@@ -60,7 +60,7 @@ from qexport.targets.catalog import PROFILES, get_profile
 from qexport.targets.legality import LegalityReport, check_model
 from qexport.targets.profile import TargetProfile
 
-from qexport import serial
+from qexport import heap, serial
 from qexport.errors import QexportError
 from qexport.media import atomic_write, written_whole
 from qexport.models.adapter import ModelAdapter
@@ -492,6 +492,7 @@ def plan_models(
                                                     kept, start, given, previous)  # fmt: skip
             del graph  # the model holds what emission needs: free the graph's arrays before the model is written
             gc.collect()
+            heap.release()  # the searches' dropped plans
             share_arrays(plan, built[-1].plan if built else None)
             if alpha_scores:
                 plan.scores = {"alpha": alpha_scores, **plan.scores}
@@ -508,6 +509,7 @@ def plan_models(
                 kv_model = None
             del model
             gc.collect()
+            heap.release()
             report(progress, "building models", index + 1, len(ranges), name)
     finally:
         gc.unfreeze()

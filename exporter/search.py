@@ -22,6 +22,7 @@ from qexport.exporter.replay import CalibrationReplay
 from qexport.exporter.simulate import Uploads, simulated
 from qexport.passes.plan import RangePlan
 
+from qexport import heap
 from qexport.metrics import sqnr_db
 
 ALPHAS = tuple(round(float(a), 1) for a in np.arange(0.1, 1.01, 0.1))
@@ -102,6 +103,7 @@ def best(
             ):
                 chosen = (i, plan if keep else None)  # only the best plan so far is kept
             del plan  # a candidate not kept is freed before the next one is made
+            heap.release()
         return scores[value]
 
     if start is not None and start in candidates:
