@@ -2,9 +2,9 @@
 its arenas (one per thread that allocated, up to 8 per core) and raises its mmap threshold after a
 mapped block is freed, so the float64 weights, Hessian parts and activations a build makes and
 drops stay resident as holes in its heaps. ``release`` asks malloc to return what is free
-(``malloc_trim``) where a build has just dropped a scored plan or a written model; elsewhere than
-glibc there is nothing to ask and it returns False. Measured numbers: docs/benchmarks.md ("Host
-memory and the allocator")."""
+(``malloc_trim``) where a build has just dropped a scored plan or a written model, and when a
+planning thread pool closes (passes.pool); elsewhere than glibc there is nothing to ask and it
+returns False. Measured: docs/benchmarks.md ("Host memory and the allocator")."""
 
 from __future__ import annotations
 
