@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from qexport.exporter.kv import KV_FILE, BuiltKV, KVExport, io_specs, kv_manifes
 from qexport.exporter.learn import Learned, learn, warm_start, with_learned
 from qexport.exporter.manifest import make_manifest, write_manifest
 from qexport.exporter.mixed import Allocation, choose_bits, raised
-from qexport.exporter.replay import CalibrationReplay, replay_count, tensor_ranges
+from qexport.exporter.replay import CalibrationReplay, on_device, overlapped, replay_count, tensor_ranges
 from qexport.exporter.search import ALPHAS, SHRINKS, best
 from qexport.exporter.shapes import infer_shapes
 from qexport.passes.analyze import FOLDS, Group, find_groups
@@ -412,6 +413,7 @@ def plan_models(
     ranges = split_ranges(stats.steps, config.ranges)
     report(progress, "building models", 0, len(ranges), "exporting the FP model and planning")
     replay = None
+    start_replay: Callable[[], CalibrationReplay] | None = None
     q = config.quant
     shared_alpha_search = q.alpha_auto and alphas is None and q.smooth == Smooth.ASQ  # one alpha for all ranges
     layer_search = q.alpha_layer and group_alphas is None
@@ -433,10 +435,21 @@ def plan_models(
         prompts = list(stats.header.get("prompt_texts", []))
         prompts = prompts[: replay_count(q.replay_prompts, len(prompts), "the statistics")]
         log.info("replaying %d calibration prompt(s) (searches, observers, rotations, attention, GPTQ)", len(prompts))
-        replay = CalibrationReplay(adapter, prompts, stats.header["timesteps"], stats.header["cfg"], config.device,
-                                  config.recipe.replay.scoring)  # fmt: skip
-    with stage("FP export"):
-        bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
+        # its own transformer on the device, copied before the export starts to trace the host's
+        start_replay = partial(CalibrationReplay, on_device(adapter, config.device), prompts,
+                               stats.header["timesteps"], stats.header["cfg"], config.device,
+                               config.recipe.replay.scoring)  # fmt: skip
+        if not overlapped(config.device):
+            replay = start_replay()
+    with ThreadPoolExecutor(1, thread_name_prefix="replay") as background:
+        # on a GPU the replay's sampling loop runs on that copy while the CPU exports the FP graph
+        # from the host's transformer; joined (and its errors raised) before any use
+        pending = background.submit(start_replay) if replay is None and start_replay is not None else None
+        with stage("FP export"):
+            bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
+        if pending is not None:
+            with stage("FP replay"):  # the part of the replay the export did not cover
+                replay = pending.result()
     kept = kept if config.recipe.float_weights() == FloatWeights.INT8 else {}
     alpha_scores: dict[float, float] = {}
     allocations: list[Allocation] | None = None

@@ -65,11 +65,19 @@ def exact_fp32() -> AbstractContextManager[None]:
     return cuda_matmuls(tf32=False)
 
 
+def overlapped(device: str) -> bool:
+    """Whether a build on `device` runs the replay's FP sampling loop beside its FP export (in
+    another thread): where the replay has a transformer of its own (on_device), not on the CPU,
+    whose replay runs the very module the export traces."""
+    return torch.device(device).type != "cpu"
+
+
 def on_device(adapter: ModelAdapter, device: str) -> ModelAdapter:
-    """The adapter itself on the CPU; elsewhere the same adapter with a copy of its transformer
-    moved to `device` (the build's FP graph holds views of the CPU transformer's weights, so that
-    one stays where it is)."""
-    if torch.device(device).type == "cpu":
+    """The adapter itself on the CPU or where its transformer already is (one on_device made);
+    elsewhere the same adapter with a copy of its transformer moved to `device` (the build's FP
+    graph holds views of the CPU transformer's weights, so that one stays where it is)."""
+    kind = torch.device(device).type
+    if kind == "cpu" or next(adapter.transformer.parameters()).device.type == kind:
         return adapter
     return replace(adapter, transformer=device_copy(adapter.transformer, torch.device(device)).eval())
 

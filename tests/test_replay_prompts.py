@@ -133,3 +133,44 @@ def test_the_replays_device_copy_makes_each_tensor_there_and_keeps_ties():
     assert clone[2].weight is clone[0].weight and clone[0].weight is not model[0].weight
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert isinstance(clone[0].weight, nn.Parameter) and clone[0].weight.requires_grad
+
+
+def test_a_replay_run_beside_the_fp_export_builds_the_same_files(latte_stats, tmp_path, monkeypatch):
+    """On a GPU the replay samples in a thread of its own, on its own transformer, while the FP
+    export traces the host's: the same thread layout on the CPU (the transformer copied as a GPU
+    build's is) gives the files the sequential build gives, byte for byte."""
+    import hashlib
+
+    import qexport.exporter.build as build_module
+    import torch
+    from qexport.exporter.replay import device_copy
+
+    recipe = recipe_of("smoothquant.mode=asq", "activation_observer.method=mse", "granularity.time_ranges=1")
+
+    def digests(out):
+        result = build(latte_stats, out, BuildConfig(recipe=recipe, force=True))
+        files = sorted(p for p in out.iterdir() if p.suffix in (".onnx", ".bin"))
+        return result, {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    _, sequential = digests(tmp_path / "seq")
+    threads = []
+
+    def copied(adapter, device):
+        from dataclasses import replace
+
+        return replace(adapter, transformer=device_copy(adapter.transformer, torch.device("cpu")).eval())
+
+    real = build_module.CalibrationReplay
+
+    def replay_in_thread(*args, **kwargs):
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "overlapped", lambda device: True)
+    monkeypatch.setattr(build_module, "on_device", copied)
+    monkeypatch.setattr(build_module, "CalibrationReplay", replay_in_thread)
+    _, overlapping = digests(tmp_path / "both")
+    assert threads and all(name.startswith("replay") for name in threads)  # it ran beside the export
+    assert len(sequential) > 2 and overlapping == sequential
