@@ -18,12 +18,15 @@ work=$(mktemp -d)
 cd "$work" || exit 1  # not the checkout: `-m qexport` must import the installed package
 stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }
 python3 -c "import qexport.models.shapes as s; print('\n'.join(s.eval_prompts()[::3]))" > calib8.txt
+calibrate_dit() {  # dit-xl-2 on 8 labels, 20 steps, on the GPU (cores: $1)
+  taskset -c "$1" python3 -m qexport calibrate --model dit-xl-2 --labels 1,2,3,4,5,6,7,8 --batch-size 8 --steps 20 \
+    --device cuda -o dit.qstats
+}
 case $part in
   builds)
     { taskset -c 0-15 python3 -m qexport calibrate --model latte-1 --prompts calib8.txt --steps 20 --batch-size 4 \
         --device cuda -o latte.qstats &&
-      taskset -c 0-15 python3 -m qexport calibrate --model dit-xl-2 --labels 1,2,3,4,5,6,7,8 --batch-size 8 \
-        --steps 20 --device cuda -o dit.qstats; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
+      calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
     { OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cuda \
         --work "$work/b" --builds best+gptq=w8a8-best,gptq=on --json "$out/latte_best.json"; } 2>&1 | stamp > "$out/latte_best.log" &
     { export OMP_NUM_THREADS=6
@@ -35,8 +38,7 @@ case $part in
         --recipe w8a8-tsq-tsw --every 0.2 --json "$out/dit_memory_plain.json"; } 2>&1 | stamp > "$out/lane2.log" &
     wait ;;
   allocator)
-    taskset -c 10-15 python3 -m qexport calibrate --model dit-xl-2 --labels 1,2,3,4,5,6,7,8 --batch-size 8 --steps 20 \
-      --device cuda -o dit.qstats > "$out/calibrate_dit.log" 2>&1 || exit 1
+    calibrate_dit 10-15 > "$out/calibrate_dit.log" 2>&1 || exit 1
     for setting in defaults MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=4194304; do
       env=(); [ "$setting" = defaults ] || env=("$setting")
       { env "${env[@]}" OMP_NUM_THREADS=6 taskset -c 10-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats \

@@ -439,12 +439,14 @@ def plan_models(
         start_replay = partial(CalibrationReplay, on_device(adapter, config.device), prompts,
                                stats.header["timesteps"], stats.header["cfg"], config.device,
                                config.recipe.replay.scoring)  # fmt: skip
-        if not overlapped(config.device):
-            replay = start_replay()
     with ThreadPoolExecutor(1, thread_name_prefix="replay") as background:
         # on a GPU the replay's sampling loop runs on that copy while the CPU exports the FP graph
         # from the host's transformer; joined (and its errors raised) before any use
-        pending = background.submit(start_replay) if replay is None and start_replay is not None else None
+        pending = None
+        if start_replay is not None and overlapped(config.device):
+            pending = background.submit(start_replay)
+        elif start_replay is not None:
+            replay = start_replay()
         with stage("FP export"):
             bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
         if pending is not None:
@@ -505,7 +507,7 @@ def plan_models(
                                                     kept, start, given, previous)  # fmt: skip
             del graph  # the model holds what emission needs: free the graph's arrays before the model is written
             gc.collect()
-            heap.release()  # the searches' dropped plans
+            heap.release()  # the graph's arrays, before the model is written
             share_arrays(plan, built[-1].plan if built else None)
             if alpha_scores:
                 plan.scores = {"alpha": alpha_scores, **plan.scores}
