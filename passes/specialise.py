@@ -54,6 +54,11 @@ def fold_constants(graph: gs.Graph, limit: int = FOLD_BYTES, share: int = SHARE_
         share: in that evaluation, values this large computed more than once by the same path
             are evaluated once and shared (SHARE_BYTES).
     """
+    import onnxruntime as ort
+
+    # graphsurgeon's folding sessions take onnxruntime's default logger: its notes on the
+    # Unsqueezes it cannot remove (hundreds a model) are not the user's
+    ort.set_default_logger_severity(3)
     large = foldable_bytes(graph) > limit
     try:
         if large:  # graphsurgeon's shape folding alone, then one evaluation from a folder

@@ -21,6 +21,11 @@ def verification_table(v: dict[str, Any]) -> list[str]:
             f"{m['cosine_sim']:>10.6f}{m['max_lsb_sim']:>10.2f}{m['lsb_bound']:>7.1f}{m['sqnr_fp_db']:>8.1f}dB"
             f"{'yes' if m['ok'] else 'NO':>4}"
         )
+        cap = v.get("cosine_floor", 0.999)
+        floor = m.get("cosine_floor", cap)
+        if floor < cap:
+            lines.append(f"  (cosine floor {floor:.6f}, not {cap}: the simulation itself moves this far when its "
+                         "input moves by 1e-6; each runtime's own rounding does the same)")  # fmt: skip
         if not m.get("lsb_judged", True):
             lines.append("  (LSB vs the simulation reported, cosine judged: every activation is requantized "
                          "to 16 bits, which the simulation does not model)")  # fmt: skip
