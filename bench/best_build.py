@@ -54,18 +54,22 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
         (torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum().item()
         floor = _status()
     peak_anon = [0]
+    by_stage: dict[str, int] = {}  # the highest RSS (anonymous and files) sampled in each stage
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.2):
-            peak_anon[0] = max(peak_anon[0], _status()["RssAnon"])
+            now = _status()
+            peak_anon[0] = max(peak_anon[0], now["RssAnon"])
+            where = clock.current or "(between stages)"
+            by_stage[where] = max(by_stage.get(where, 0), now["RssAnon"] + now["RssFile"])
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     config = BuildConfig(recipe=recipe, force=True, device=device)
     start = time.perf_counter()
     printer = ProgressPrinter()  # progress on stderr, passed through to the parent's
     with stage_clock() as clock:
+        sampler.start()  # it reads the clock's open stage
         result = build(stats, out, config, progress=printer)
     printer.close()
     seconds = time.perf_counter() - start
@@ -78,7 +82,8 @@ def _child(stats: Path, out: Path, spec: str, device: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "peak_anon": peak_anon[0], "cuda_rss": floor["RssAnon"] + floor["RssFile"],
                       "cuda_rss_file": floor["RssFile"], "peak_gpu": gpu, "models": len(result.ranges),
-                      "choices": choices, "stages": clock.seconds}))  # fmt: skip
+                      "choices": choices, "stages": clock.seconds,
+                      "peak_rss_by_stage": dict(sorted(by_stage.items(), key=lambda kv: -kv[1]))}))  # fmt: skip
 
 
 def _status() -> dict[str, int]:
@@ -131,6 +136,10 @@ def main() -> None:
     print("\ntime by stage (exclusive), as qexport build prints it")
     for name, r in rows.items():
         print(name, *stage_lines(r["stages"], r["seconds"]), sep="\n")
+    print("\nhighest RSS sampled in each stage (0.2 s samples; the top four), GiB")
+    for name, r in rows.items():
+        top = list(r.get("peak_rss_by_stage", {}).items())[:4]
+        print(f"{name:<12} " + " · ".join(f"{where} {rss / 2**30:.2f}" for where, rss in top))
 
 
 if __name__ == "__main__":

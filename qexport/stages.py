@@ -24,6 +24,15 @@ class StageClock:
         self.seconds.setdefault(name, 0.0)
         self._open.append((name, time.perf_counter(), [0.0]))
 
+    @property
+    def current(self) -> str | None:
+        """The innermost stage open now (None between stages); safe to read from another thread,
+        which may see the one just closed (a sampler's reading, not an account)."""
+        try:
+            return self._open[-1][0]
+        except IndexError:
+            return None
+
     def leave(self) -> None:
         name, start, nested = self._open.pop()
         spent = time.perf_counter() - start

@@ -25,15 +25,19 @@ def test_nested_stages_count_for_themselves_only(monkeypatch):
     with stage("outside any clock"):  # no clock: nothing is counted, nothing fails
         fake.now += 1
     with stage_clock() as clock:
+        assert clock.current is None
         with stage("search"):
             fake.now += 2
             with stage("GPTQ"):
+                assert clock.current == "GPTQ"  # the innermost open stage (what a memory sampler reads)
                 fake.now += 5
                 with stage("GPTQ"):  # the same stage nested in itself counts once
                     fake.now += 1
             fake.now += 3
+            assert clock.current == "search"
         with stage("GPTQ"):
             fake.now += 4
+        assert clock.current is None
     assert clock.seconds == {"search": 5.0, "GPTQ": 10.0}
     assert list(clock.seconds) == ["search", "GPTQ"]  # in the order they first ran
     with stage("after the clock"):
