@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=0.02, help="seconds between samples")
     parser.add_argument("--device", default="cpu", help="build --device: where the replay and GPTQ run")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--log", type=Path, help="append each timeline entry here as it is sampled (kept if stopped)")
     a = parser.parse_args()
 
     from qexport.exporter.build import BuildConfig, build
@@ -101,7 +102,7 @@ def main() -> None:
 
     recipe = with_settings(load_recipe(a.recipe), a.set)
     base = _rss()
-    sampler = Sampler(a.every)
+    sampler = Sampler(a.every, a.log)
     sampler.start()
     start = time.perf_counter()
     built = build(a.stats, a.out, BuildConfig(recipe=recipe, force=True, device=a.device))

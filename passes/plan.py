@@ -70,21 +70,28 @@ def _plan_layer(
     """One linear: its weight quantized (rounded: GPTQ's result where its group has a Hessian), its
     input's quantizer, then the techniques' layer steps."""
     config, target = rng.config, rng.target
-    w = rng.final_w[layer]
     grid = _grid(rng, bits)
     a_scale, a_zero = qparams(np.asarray(step.lo), np.asarray(step.hi), rng.a_grid, target.pow2_scales)
+    made: list[np.ndarray] = []  # the final weight, once read: GPTQ's integers need none here
+
+    def final() -> np.ndarray:
+        if not made:
+            made.append(rng.final_w[layer])
+        return made[0]
+
     if rounded is not None:
         w_scale, w_zero, w_q = rounded
     else:
+        w = final()
         w_scale, w_zero = weight_qparams(w, grid, config, target)
         w_q = quantize(w, rows(w_scale, w.shape[0]), rows(w_zero, w.shape[0]), grid)
     folded = step.s is None or step.g.fold == "value"
     lp = LayerPlan(w_q=w_q, w_scale=w_scale, w_zero=w_zero, w_grid=grid, a_scale=a_scale, a_zero=a_zero,
                    a_grid=rng.a_grid, divisor=None if folded else step.s,
-                   w_float=w.astype(np.float32) if keep_float else None, rotation=step.online,
+                   w_float=final().astype(np.float32) if keep_float else None, rotation=step.online,
                    a_range=step.unshrunk)  # fmt: skip
     assert step.magnitude is not None
-    done = LayerStep(rng=rng, layer=layer, w=w, lp=lp, hessian=step.hessian, magnitude=step.magnitude)
+    done = LayerStep(rng=rng, layer=layer, made=final, lp=lp, hessian=step.hessian, magnitude=step.magnitude)
     for technique in ORDER:
         technique.plan_layer(done)
     return lp

@@ -4,7 +4,8 @@ group and one layer carry through the technique steps of passes.plan (GroupStep,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -162,6 +163,23 @@ def _scaled(w: np.ndarray, by_rows: bool, s: np.ndarray) -> None:
         w /= s[None, :]
 
 
+def _made_on(source: np.ndarray, scalings: Any, device: torch.device) -> torch.Tensor:
+    """source.astype(float64) with _scaled applied for each (by rows?, s) in order, computed on
+    `device` (float32 → float64 is exact, and one IEEE product or quotient per element is the
+    same on any device: the values are numpy's, bit for bit)."""
+    with warnings.catch_warnings():  # a read-only array (the FP weight's view), only read
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(source)
+    t = t.to(device).to(torch.float64).contiguous()
+    for by_rows, s in scalings:
+        v = torch.from_numpy(np.asarray(s, dtype=np.float64)).to(device)
+        if by_rows:
+            t.mul_(v[:, None])
+        else:
+            t.div_(v[None, :])
+    return t
+
+
 class FinalWeights(dict[str, np.ndarray]):
     """W^T per layer as the steps leave it, float64, made from the FP weight on first use and
     dropped once the layer is quantized (release), so a range holds float64 copies of the layers
@@ -189,11 +207,18 @@ class FinalWeights(dict[str, np.ndarray]):
         return value
 
     def park(self, layer: str, device: str) -> torch.Tensor:
-        """The made weight moved to `device` as a float64 tensor and its host copy dropped; read
-        again, it comes back from there: GPTQ's held-back weights wait on a GPU, not in host memory.
-        No scaling may follow (a layer is parked once no later group changes it)."""
-        tensor = torch.from_numpy(self[layer]).to(device)
-        del self[layer]
+        """The weight as a float64 tensor on `device`, its host copy dropped; read again, it comes
+        back from there: GPTQ's held-back weights wait on a GPU, not in host memory. A layer not yet
+        made is made there: its FP weight sent as it is (float32), widened and scaled on the device
+        by the same float64 products and quotients as on the host, so no float64 copy of it is ever
+        made in host memory. No scaling may follow (a layer is parked once no later group changes it)."""
+        if layer in self.parked:
+            return self.parked[layer]
+        if layer in self or layer in self.released:  # made on the host (a released one refuses)
+            tensor = torch.from_numpy(self[layer]).to(device)
+            del self[layer]
+        else:
+            tensor = _made_on(self.weights[layer], self.waiting.pop(layer, ()), torch.device(device))
         self.parked[layer] = tensor
         return tensor
 
@@ -297,7 +322,16 @@ class LayerStep:
 
     rng: RangeStep
     layer: str
-    w: np.ndarray  # the final FP W^T that was quantized, float64
+    made: Callable[[], np.ndarray]  # the final FP W^T that was quantized, float64 (FinalWeights)
     lp: LayerPlan
     hessian: Hessian | None
     magnitude: np.ndarray
+    _w: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    @property
+    def w(self) -> np.ndarray:
+        """The final FP W^T, made (or brought back from a GPU build's device) when a step first reads
+        it: most techniques never do, and a GPTQ-rounded linear's host copy is then never made."""
+        if self._w is None:
+            self._w = self.made()
+        return self._w

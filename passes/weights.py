@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from qexport.passes.gptq import Hessian, Memo, Problem, Rounded, digest, gptq_quantize_many, output_clipped_qparams
 from qexport.passes.pool import planning_pool
 from qexport.passes.quant import Grid, group_qparams, mse_clipped_qparams, qparams
@@ -17,7 +18,7 @@ from qexport.stages import stage
 
 
 def weight_qparams(
-    w: np.ndarray,
+    w: np.ndarray | torch.Tensor,
     grid: Grid,
     config: QuantConfig,
     target: TargetProfile,
@@ -27,7 +28,17 @@ def weight_qparams(
     """Scale and zero point per output channel of W^T [in, out]; a per-tensor target gets one value,
     repeated per channel (the whole matrix quantized as one column); with groups ([in / g, out]) per
     group of g input channels and output channel. With GPTQ (a hessian), the MSE
-    clip is scored on the layer output after GPTQ rounding (solved on `device`), not on the weight."""
+    clip is scored on the layer output after GPTQ rounding (solved on `device`), not on the weight.
+    A tensor (a GPU build's weight, made there) gives its min-max ranges from there; the other
+    rules read a host copy."""
+    if isinstance(w, torch.Tensor):
+        if config.w_group or config.weight_clip == "mse":
+            return weight_qparams(w.cpu().numpy(), grid, config, target, hessian, device)
+        cols_t = w if target.weight_per_channel else w.reshape(-1, 1)
+        lo, hi = cols_t.amin(dim=0).cpu().numpy(), cols_t.amax(dim=0).cpu().numpy()
+        scale, zero = qparams(lo, hi, grid, pow2=target.pow2_scales)
+        shape = (w.shape[1],)
+        return np.broadcast_to(scale, shape).copy(), np.broadcast_to(zero, shape).copy()
     if config.w_group:  # group_weights: min-max per group (the recipe refuses the clip with groups)
         return group_qparams(w, grid, config.w_group, pow2=target.pow2_scales)
     cols = w if target.weight_per_channel else w.reshape(-1, 1)
@@ -66,13 +77,14 @@ def gptq_weights(
 
             def prepared(request: Request) -> tuple[bytes, Rounded | None, Problem | None]:
                 layer, h, grid = request
-                w = final[layer]
+                # on a GPU the weight is made there (FinalWeights.park), keyed and given its scale there
+                w = final.park(layer, device) if park else final[layer]
                 key = digest(w, h_keys[id(h)], repr(grid), *rule)
                 found = None if memo is None else memo.get(layer, key)
                 if found is not None:
                     return key, found, None
                 scale, zero = weight_qparams(w, grid, config, target, h, device)
-                return key, None, (final.park(layer, device) if park else w, h, scale, zero)
+                return key, None, (w, h, scale, zero)
 
             for (layer, _, grid), (key, found, problem) in zip(requests, pool.map(prepared, requests), strict=True):
                 if found is not None:

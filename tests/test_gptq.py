@@ -324,6 +324,42 @@ def test_tensor_hessians_and_parked_weights_round_as_host_arrays():
     assert memo.hits == 1 and again["l1"][2] is as_tensors["l1"][2]
 
 
+def test_weights_made_on_the_device_equal_the_host_ones():
+    """A GPU build makes a waiting weight on the device (FinalWeights.park: the float32 weight sent,
+    widened and scaled there), never as a host float64 copy: the values, the min-max scales and the
+    GPTQ integers are the host path's, bit for bit; a layer that only GPTQ reads is never made on
+    the host at all."""
+    from qexport.passes.rangeplan import FinalWeights
+    from qexport.passes.weights import gptq_weights
+
+    rng = np.random.default_rng(7)
+    weights = {f"l{i}": rng.standard_normal((24, 12)).astype(np.float32).T.copy().T for i in range(3)}  # strided
+    rows_s, cols_s = rng.uniform(0.3, 3.0, 24).astype(np.float32), rng.uniform(0.3, 3.0, 12)
+
+    def scaled(final: FinalWeights) -> FinalWeights:
+        for n in weights:
+            final.scale_rows(n, rows_s)
+            final.divide_columns(n, cols_s)
+        return final
+
+    host, device = scaled(FinalWeights(weights)), scaled(FinalWeights(weights))
+    for n in weights:
+        made = device.park(n, "cpu")
+        assert made.dtype == torch.float64 and np.array_equal(made.numpy(), host[n])
+        assert n not in device and not device.waiting.get(n)
+    x = rng.standard_normal((100, 24)) * np.exp(rng.normal(size=24))
+    h = x.T @ x
+    config = QuantConfig(w_bits=4, weight_rounding=Rounding.GPTQ)
+    grid = Grid(bits=4, storage=ORT_CPU.weight_type(4), symmetric=ORT_CPU.weight_symmetric)
+    on_host = gptq_weights([(n, h, grid) for n in weights], scaled(FinalWeights(weights)), config, ORT_CPU, Memo())
+    memo, final = Memo(), scaled(FinalWeights(weights))
+    memo.park = True
+    parked = gptq_weights([(n, torch.from_numpy(h.copy()), grid) for n in weights], final, config, ORT_CPU, memo)
+    for n in weights:
+        assert all(np.array_equal(a, b) for a, b in zip(parked[n], on_host[n], strict=True))
+    assert not set(final) & set(weights) and set(final.parked) == set(weights)  # never made on the host
+
+
 def test_gptq_build_needs_recorded_prompts(bare_stats, tmp_path):
     from qexport.exporter.build import BuildConfig, build
 
