@@ -8,13 +8,16 @@
 #   bash bench/gpu_best_recipe.sh OUTDIR latte      # latte-1 alone: calibrated on the GPU, then its best + GPTQ build (GPU,
 #                                                   #   cores 0-9) beside its plain build (CPU only, cores 10-15); the GPU
 #                                                   #   not shared
+#   bash bench/gpu_best_recipe.sh OUTDIR memory     # both models, the GPU never shared: cores 0-9, latte-1's best + GPTQ
+#                                                   #   build (GPU), then dit-xl-2's (GPU, timeline kept as it runs);
+#                                                   #   cores 10-15, latte-1's and dit-xl-2's plain builds (CPU only)
 #   bash bench/gpu_best_recipe.sh OUTDIR allocator  # dit-xl-2's best + GPTQ build (GPU, cores 10-15) with host memory by
 #                                                   #   function under glibc's defaults, MALLOC_ARENA_MAX=2 and
 #                                                   #   MALLOC_MMAP_THRESHOLD_=4194304, one after another
 #   bash bench/gpu_best_recipe.sh OUTDIR speed      # dit-b-2 step latency at 2 and 8 threads, cores 0-7 (CPU only)
 # Each build runs in its own process: its peak host memory is its own.
 set -uo pipefail
-out=$(realpath -m "${1:?outdir}") part=${2:?builds, latte, allocator or speed} root=$PWD
+out=$(realpath -m "${1:?outdir}") part=${2:?builds, latte, memory, allocator or speed} root=$PWD
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 work=$(mktemp -d)
@@ -49,6 +52,21 @@ case $part in
     { OMP_NUM_THREADS=6 taskset -c 10-15 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cpu \
         --work "$work/p" --builds plain=w8a8-tsq-tsw --json "$out/latte_plain.json"; } 2>&1 | stamp > "$out/latte_plain.log" &
     wait ;;
+  memory)
+    { taskset -c 0-15 python3 -m qexport calibrate --model latte-1 --prompts calib8.txt --steps 20 --batch-size 4 \
+        --device cuda -o latte.qstats && calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
+    { OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cuda \
+        --work "$work/b" --builds best+gptq=w8a8-best,gptq=on --json "$out/latte_best.json"
+      OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/m" \
+        --recipe w8a8-best --set gptq=on --device cuda --every 0.2 --json "$out/dit_memory_best.json" \
+        --log "$out/dit_best_timeline.log"; } 2>&1 | grep -v "building models" | stamp > "$out/lane1.log" &
+    { export OMP_NUM_THREADS=6
+      taskset -c 10-15 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cpu --work "$work/p" \
+        --builds plain=w8a8-tsq-tsw --json "$out/latte_plain.json"
+      taskset -c 10-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/q" \
+        --recipe w8a8-tsq-tsw --every 0.2 --json "$out/dit_memory_plain.json"; } 2>&1 |
+      grep -v "building models" | stamp > "$out/lane2.log" &
+    wait ;;
   allocator)
     calibrate_dit 10-15 > "$out/calibrate_dit.log" 2>&1 || exit 1
     for setting in defaults MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=4194304; do
@@ -60,6 +78,6 @@ case $part in
   speed)
     taskset -c 0-7 python3 "$root/bench/speed.py" --models dit-b-2 --bits 8 --repeats 10 --threads 2,8 \
       --work "$work/s" > "$out/speed.log" 2>&1 ;;
-  *) echo "unknown part $part: builds, latte, allocator or speed" >&2; exit 2 ;;
+  *) echo "unknown part $part: builds, latte, memory, allocator or speed" >&2; exit 2 ;;
 esac
 grep -h -v "building models\|evaluating" "$out"/*.log | tail -20
