@@ -24,56 +24,54 @@ work=$(mktemp -d)
 cd "$work" || exit 1  # not the checkout: `-m qexport` must import the installed package
 stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }
 python3 -c "import qexport.models.shapes as s; print('\n'.join(s.eval_prompts()[::3]))" > calib8.txt
+calibrate_latte() {  # latte-1 on the 8 captions, 20 steps, on the GPU
+  taskset -c 0-15 python3 -m qexport calibrate --model latte-1 --prompts calib8.txt --steps 20 --batch-size 4 \
+    --device cuda -o latte.qstats
+}
 calibrate_dit() {  # dit-xl-2 on 8 labels, 20 steps, on the GPU (cores: $1)
   taskset -c "$1" python3 -m qexport calibrate --model dit-xl-2 --labels 1,2,3,4,5,6,7,8 --batch-size 8 --steps 20 \
     --device cuda -o dit.qstats
 }
+latte_best() {  # latte-1's best + GPTQ build on the GPU, cores 0-9
+  OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cuda \
+    --work "$work/b" --builds best+gptq=w8a8-best,gptq=on --json "$out/latte_best.json"
+}
+latte_plain() {  # latte-1's plain build, CPU only, cores 10-15
+  OMP_NUM_THREADS=6 taskset -c 10-15 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cpu \
+    --work "$work/p" --builds plain=w8a8-tsq-tsw --json "$out/latte_plain.json"
+}
+dit_memory() {  # dit-xl-2's build with host memory by function: cores, JSON name, then build_memory.py's options
+  local cores=$1 name=$2; shift 2
+  OMP_NUM_THREADS=$(( ${cores#*-} - ${cores%-*} + 1 )) taskset -c "$cores" python3 -P "$root/bench/build_memory.py" \
+    --stats dit.qstats --out "$work/m_$name" --every 0.2 --json "$out/dit_memory_$name.json" "$@"
+}
 case $part in
   builds)
-    { taskset -c 0-15 python3 -m qexport calibrate --model latte-1 --prompts calib8.txt --steps 20 --batch-size 4 \
-        --device cuda -o latte.qstats &&
-      calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
-    { OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cuda \
-        --work "$work/b" --builds best+gptq=w8a8-best,gptq=on --json "$out/latte_best.json"; } 2>&1 | stamp > "$out/latte_best.log" &
-    { export OMP_NUM_THREADS=6
-      taskset -c 10-15 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cpu --work "$work/p" \
-        --builds plain=w8a8-tsq-tsw --json "$out/latte_plain.json"
-      taskset -c 10-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/m" --recipe w8a8-best \
-        --set gptq=on --device cuda --every 0.2 --json "$out/dit_memory_best.json"
-      taskset -c 10-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/m" \
-        --recipe w8a8-tsq-tsw --every 0.2 --json "$out/dit_memory_plain.json"; } 2>&1 | stamp > "$out/lane2.log" &
+    { calibrate_latte && calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
+    latte_best 2>&1 | stamp > "$out/latte_best.log" &
+    { latte_plain
+      dit_memory 10-15 best --recipe w8a8-best --set gptq=on --device cuda
+      dit_memory 10-15 plain --recipe w8a8-tsq-tsw; } 2>&1 | stamp > "$out/lane2.log" &
     wait ;;
   latte)
-    taskset -c 0-15 python3 -m qexport calibrate --model latte-1 --prompts calib8.txt --steps 20 --batch-size 4 \
-      --device cuda -o latte.qstats 2>&1 | stamp > "$out/calibrate.log" || exit 1
-    { OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cuda \
-        --work "$work/b" --builds best+gptq=w8a8-best,gptq=on --json "$out/latte_best.json"; } 2>&1 |
-      stamp > "$out/latte_best.log" &
-    { OMP_NUM_THREADS=6 taskset -c 10-15 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cpu \
-        --work "$work/p" --builds plain=w8a8-tsq-tsw --json "$out/latte_plain.json"; } 2>&1 | stamp > "$out/latte_plain.log" &
+    calibrate_latte 2>&1 | stamp > "$out/calibrate.log" || exit 1
+    latte_best 2>&1 | stamp > "$out/latte_best.log" &
+    latte_plain 2>&1 | stamp > "$out/latte_plain.log" &
     wait ;;
   memory)
-    { taskset -c 0-15 python3 -m qexport calibrate --model latte-1 --prompts calib8.txt --steps 20 --batch-size 4 \
-        --device cuda -o latte.qstats && calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
-    { OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cuda \
-        --work "$work/b" --builds best+gptq=w8a8-best,gptq=on --json "$out/latte_best.json"
-      OMP_NUM_THREADS=10 taskset -c 0-9 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/m" \
-        --recipe w8a8-best --set gptq=on --device cuda --every 0.2 --json "$out/dit_memory_best.json" \
-        --log "$out/dit_best_timeline.log"; } 2>&1 | grep -v "building models" | stamp > "$out/lane1.log" &
-    { export OMP_NUM_THREADS=6
-      taskset -c 10-15 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cpu --work "$work/p" \
-        --builds plain=w8a8-tsq-tsw --json "$out/latte_plain.json"
-      taskset -c 10-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats --out "$work/q" \
-        --recipe w8a8-tsq-tsw --every 0.2 --json "$out/dit_memory_plain.json"; } 2>&1 |
-      grep -v "building models" | stamp > "$out/lane2.log" &
+    { calibrate_latte && calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
+    { latte_best
+      dit_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/dit_best_timeline.log"; } 2>&1 |
+      grep -v "building models" | stamp > "$out/lane1.log" &
+    { latte_plain
+      dit_memory 10-15 plain --recipe w8a8-tsq-tsw; } 2>&1 | grep -v "building models" | stamp > "$out/lane2.log" &
     wait ;;
   allocator)
     calibrate_dit 10-15 > "$out/calibrate_dit.log" 2>&1 || exit 1
     for setting in defaults MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=4194304; do
-      env=(); [ "$setting" = defaults ] || env=("$setting")
-      { env "${env[@]}" OMP_NUM_THREADS=6 taskset -c 10-15 python3 -P "$root/bench/build_memory.py" --stats dit.qstats \
-          --out "$work/m" --recipe w8a8-best --set gptq=on --device cuda --every 0.2 \
-          --json "$out/dit_memory_${setting%%=*}.json"; } 2>&1 | grep -v "building models" | stamp > "$out/allocator_${setting%%=*}.log"
+      ( [ "$setting" = defaults ] || export "${setting?}"  # the allocator setting for this build's process only
+        dit_memory 10-15 "${setting%%=*}" --recipe w8a8-best --set gptq=on --device cuda ) 2>&1 |
+        grep -v "building models" | stamp > "$out/allocator_${setting%%=*}.log"
     done ;;
   speed)
     taskset -c 0-7 python3 "$root/bench/speed.py" --models dit-b-2 --bits 8 --repeats 10 --threads 2,8 \

@@ -72,12 +72,11 @@ def _plan_layer(
     config, target = rng.config, rng.target
     grid = _grid(rng, bits)
     a_scale, a_zero = qparams(np.asarray(step.lo), np.asarray(step.hi), rng.a_grid, target.pow2_scales)
-    made: list[np.ndarray] = []  # the final weight, once read: GPTQ's integers need none here
 
+    # the final weight, read only where it is needed (FinalWeights keeps it once made): GPTQ's
+    # integers need none here
     def final() -> np.ndarray:
-        if not made:
-            made.append(rng.final_w[layer])
-        return made[0]
+        return rng.final_w[layer]
 
     if rounded is not None:
         w_scale, w_zero, w_q = rounded

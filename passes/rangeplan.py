@@ -326,12 +326,10 @@ class LayerStep:
     lp: LayerPlan
     hessian: Hessian | None
     magnitude: np.ndarray
-    _w: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def w(self) -> np.ndarray:
         """The final FP W^T, made (or brought back from a GPU build's device) when a step first reads
-        it: most techniques never do, and a GPTQ-rounded linear's host copy is then never made."""
-        if self._w is None:
-            self._w = self.made()
-        return self._w
+        it and kept by FinalWeights after: most techniques never do, and a GPTQ-rounded linear's
+        host copy is then never made."""
+        return self.made()

@@ -32,13 +32,11 @@ def weight_qparams(
     A tensor (a GPU build's weight, made there) gives its min-max ranges from there; the other
     rules read a host copy."""
     if isinstance(w, torch.Tensor):
-        if config.w_group or config.weight_clip == "mse":
-            return weight_qparams(w.cpu().numpy(), grid, config, target, hessian, device)
-        cols_t = w if target.weight_per_channel else w.reshape(-1, 1)
-        lo, hi = cols_t.amin(dim=0).cpu().numpy(), cols_t.amax(dim=0).cpu().numpy()
-        scale, zero = qparams(lo, hi, grid, pow2=target.pow2_scales)
-        shape = (w.shape[1],)
-        return np.broadcast_to(scale, shape).copy(), np.broadcast_to(zero, shape).copy()
+        if not (config.w_group or config.weight_clip == "mse"):
+            cols_t = w if target.weight_per_channel else w.reshape(-1, 1)
+            lo, hi = cols_t.amin(dim=0).cpu().numpy(), cols_t.amax(dim=0).cpu().numpy()
+            return _per_channel(*qparams(lo, hi, grid, pow2=target.pow2_scales), w.shape[1])
+        w = w.cpu().numpy()
     if config.w_group:  # group_weights: min-max per group (the recipe refuses the clip with groups)
         return group_qparams(w, grid, config.w_group, pow2=target.pow2_scales)
     cols = w if target.weight_per_channel else w.reshape(-1, 1)
@@ -48,8 +46,12 @@ def weight_qparams(
         scale, zero = mse_clipped_qparams(cols, grid, pow2=target.pow2_scales)
     else:
         scale, zero = qparams(cols.min(axis=0), cols.max(axis=0), grid, pow2=target.pow2_scales)
-    shape = (w.shape[1],)
-    return np.broadcast_to(scale, shape).copy(), np.broadcast_to(zero, shape).copy()
+    return _per_channel(scale, zero, w.shape[1])
+
+
+def _per_channel(scale: np.ndarray, zero: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point as [n] arrays (one per output channel; a per-tensor value repeated)."""
+    return np.broadcast_to(scale, (n,)).copy(), np.broadcast_to(zero, (n,)).copy()
 
 
 THREADS = min(16, os.cpu_count() or 1)
