@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/census.py (the script runs with -P)
+import census
+
 PACKAGES = ("/qexport/", "/exporter/", "/passes/", "/calib/", "/targets/", "/verification/")
 
 
@@ -52,10 +55,13 @@ class Sampler(threading.Thread):
     """RSS and the main thread's place, every `every` seconds, until stopped; each new timeline entry
     also appended to `log` if given (so a process the kernel kills for memory leaves its trace)."""
 
-    def __init__(self, every: float, log: Path | None = None) -> None:
+    def __init__(self, every: float, log: Path | None = None, census_step: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.every = every
         self.log = log
+        self.census_step = int(census_step * 2**30)  # a census each time RSS passes the last one's by this
+        self.census_rss = _rss()
+        self.censuses: list[dict[str, Any]] = []
         self.window = 0  # the peak since the last `window_peak()`
         self.main = threading.main_thread().ident
         self.peak: dict[str, int] = {}
@@ -77,6 +83,19 @@ class Sampler(threading.Thread):
                 self.timeline.append((round(time.perf_counter() - start, 2), rss, where))
                 if out:
                     out.write(f"{self.timeline[-1][0]:.1f} s  {rss / 2**30:.2f} GiB  {where}\n")
+            if self.census_step and rss > self.census_rss + self.census_step:
+                self._census(rss, where, round(time.perf_counter() - start, 2), out)
+
+    def _census(self, rss: int, where: str, at: float, out: Any) -> None:
+        """Who holds the arrays now (bench/census.py); the main thread waits on the GIL meanwhile."""
+        found = census.take()
+        self.census_rss = rss
+        self.censuses.append({"seconds": at, "rss": rss, "where": where, **found})
+        if out:
+            gib = 2**30
+            out.write(f"census at {at:.1f} s, RSS {rss / gib:.2f} GiB in {where}: numpy "
+                      f"{found['numpy_anonymous'] / gib:.2f} GiB (+{found['numpy_mapped'] / gib:.2f} mapped), "
+                      f"CPU tensors {found['torch_cpu'] / gib:.2f} GiB\n")  # fmt: skip
 
     def window_peak(self) -> int:
         """The peak RSS since the last call (or the start); a new window begins."""
@@ -93,6 +112,13 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=0.02, help="seconds between samples")
     parser.add_argument("--device", default="cpu", help="build --device: where the replay and GPTQ run")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument(
+        "--census",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="a census of who holds the arrays (bench/census.py) each time RSS passes the last by GIB",
+    )
     parser.add_argument("--log", type=Path, help="append each timeline entry here as it is sampled (kept if stopped)")
     a = parser.parse_args()
 
@@ -102,7 +128,7 @@ def main() -> None:
 
     recipe = with_settings(load_recipe(a.recipe), a.set)
     base = _rss()
-    sampler = Sampler(a.every, a.log)
+    sampler = Sampler(a.every, a.log, a.census)
     sampler.start()
     start = time.perf_counter()
     built = build(a.stats, a.out, BuildConfig(recipe=recipe, force=True, device=a.device))
@@ -125,6 +151,7 @@ def main() -> None:
         "peak_anonymous_over_fp32": round(sampler.anonymous / fp32, 2),
         "peak_by_function": dict(sorted(sampler.peak.items(), key=lambda kv: -kv[1])),
         "timeline": sampler.timeline,
+        "censuses": sampler.censuses,
     }
     a.json.write_text(json.dumps(result, indent=1))
     shutil.rmtree(a.out, ignore_errors=True)
@@ -136,6 +163,15 @@ def main() -> None:
     print("highest RSS while in (top 12):")
     for where, rss in list(result["peak_by_function"].items())[:12]:
         print(f"  {rss / gib:6.2f} GiB  {where}")
+    if sampler.censuses:
+        last = sampler.censuses[-1]
+        print(f"census at the highest RSS taken ({last['rss'] / gib:.2f} GiB, {last['seconds']} s, {last['where']}): "
+              f"numpy {last['numpy_anonymous'] / gib:.2f} GiB (+{last['numpy_mapped'] / gib:.2f} GiB mapped files), "
+              f"CPU tensors {last['torch_cpu'] / gib:.2f} GiB; the rest is native or Python objects")  # fmt: skip
+        for kind in ("anonymous_by_holder", "torch_by_holder", "mapped_by_holder"):
+            print(f"  {kind.replace('_', ' ')}:")
+            for holder, size in last[kind][:10]:
+                print(f"    {size / gib:6.2f} GiB  {holder}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,13 @@
 #   bash bench/gpu_best_recipe.sh OUTDIR allocator  # dit-xl-2's best + GPTQ build (GPU, cores 10-15) with host memory by
 #                                                   #   function under glibc's defaults, MALLOC_ARENA_MAX=2 and
 #                                                   #   MALLOC_MMAP_THRESHOLD_=4194304, one after another
+#   bash bench/gpu_best_recipe.sh OUTDIR census     # dit-xl-2's best + GPTQ build (GPU, cores 0-9) beside its plain build
+#                                                   #   (CPU only, cores 10-15), each with a census of who holds the arrays
+#                                                   #   (bench/census.py) each time its RSS rises 0.25 GiB
 #   bash bench/gpu_best_recipe.sh OUTDIR speed      # dit-b-2 step latency at 2 and 8 threads, cores 0-7 (CPU only)
 # Each build runs in its own process: its peak host memory is its own.
 set -uo pipefail
-out=$(realpath -m "${1:?outdir}") part=${2:?builds, latte, memory, allocator or speed} root=$PWD
+out=$(realpath -m "${1:?outdir}") part=${2:?builds, latte, memory, allocator, census or speed} root=$PWD
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 work=$(mktemp -d)
@@ -73,9 +76,16 @@ case $part in
         dit_memory 10-15 "${setting%%=*}" --recipe w8a8-best --set gptq=on --device cuda ) 2>&1 |
         grep -v "building models" | stamp > "$out/allocator_${setting%%=*}.log"
     done ;;
+  census)
+    calibrate_dit 0-15 > "$out/calibrate_dit.log" 2>&1 || exit 1
+    dit_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --census 0.25 \
+      --log "$out/dit_best_timeline.log" 2>&1 | grep -v "building models" | stamp > "$out/lane1.log" &
+    dit_memory 10-15 plain --recipe w8a8-tsq-tsw --census 0.25 --log "$out/dit_plain_timeline.log" 2>&1 |
+      grep -v "building models" | stamp > "$out/lane2.log" &
+    wait ;;
   speed)
     taskset -c 0-7 python3 "$root/bench/speed.py" --models dit-b-2 --bits 8 --repeats 10 --threads 2,8 \
       --work "$work/s" > "$out/speed.log" 2>&1 ;;
-  *) echo "unknown part $part: builds, latte, memory, allocator or speed" >&2; exit 2 ;;
+  *) echo "unknown part $part: builds, latte, memory, allocator, census or speed" >&2; exit 2 ;;
 esac
 grep -h -v "building models\|evaluating" "$out"/*.log | tail -20
