@@ -77,11 +77,12 @@ def _walk(roots: list[tuple[Any, str]], sums: _Sums, labelled: set[int]) -> None
         if sums.take(value, label) or not isinstance(value, CONTAINERS) or id(value) in labelled:
             continue
         labelled.add(id(value))
-        items = value.values() if isinstance(value, dict) else value
-        try:
-            queue.extend((item, label) for item in list(items))
-        except RuntimeError:  # changed by another thread while listed
+        try:  # the base type's own storage: a subclass's values() may compute (lazy mappings)
+            base = next(kind for kind in CONTAINERS if isinstance(value, kind))
+            items = list(dict.values(value) if base is dict else base.__iter__(value))
+        except Exception:  # changed by another thread while listed
             continue
+        queue.extend((item, label) for item in items)
 
 
 def _attributes(value: Any) -> list[tuple[str, Any]]:
