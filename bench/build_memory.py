@@ -95,7 +95,8 @@ class Sampler(threading.Thread):
             gib = 2**30
             out.write(f"census at {at:.1f} s, RSS {rss / gib:.2f} GiB in {where}: numpy "
                       f"{found['numpy_anonymous'] / gib:.2f} GiB (+{found['numpy_mapped'] / gib:.2f} mapped), "
-                      f"CPU tensors {found['torch_cpu'] / gib:.2f} GiB\n")  # fmt: skip
+                      f"CPU tensors {found['torch_cpu'] / gib:.2f} GiB, ONNX messages and bytes "
+                      f"{found['messages_and_bytes'] / gib:.2f} GiB\n")  # fmt: skip
 
     def window_peak(self) -> int:
         """The peak RSS since the last call (or the start); a new window begins."""
@@ -167,8 +168,9 @@ def main() -> None:
         last = sampler.censuses[-1]
         print(f"census at the highest RSS taken ({last['rss'] / gib:.2f} GiB, {last['seconds']} s, {last['where']}): "
               f"numpy {last['numpy_anonymous'] / gib:.2f} GiB (+{last['numpy_mapped'] / gib:.2f} GiB mapped files), "
-              f"CPU tensors {last['torch_cpu'] / gib:.2f} GiB; the rest is native or Python objects")  # fmt: skip
-        for kind in ("anonymous_by_holder", "torch_by_holder", "mapped_by_holder"):
+              f"CPU tensors {last['torch_cpu'] / gib:.2f} GiB, ONNX messages and bytes "
+              f"{last['messages_and_bytes'] / gib:.2f} GiB; the rest is native or Python objects")  # fmt: skip
+        for kind in ("anonymous_by_holder", "torch_by_holder", "messages_and_bytes_by_holder", "mapped_by_holder"):
             print(f"  {kind.replace('_', ' ')}:")
             for holder, size in last[kind][:10]:
                 print(f"    {size / gib:6.2f} GiB  {holder}")

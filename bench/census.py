@@ -1,5 +1,6 @@
 """Who holds a process's arrays: every numpy array and CPU torch tensor reachable from the
-interpreter's objects and the threads' stack frames, summed by what holds it (a frame's local
+interpreter's objects and the threads' stack frames, and ONNX model / graph / tensor messages (their
+serialized size) and bytes objects of 1 MiB or more, summed by what holds it (a frame's local
 `function:name`, an object's attribute `Type.attr`, or the container that reached it), each buffer
 counted once (views go to the array that owns the memory). Arrays whose memory is a mapped file are
 summed apart: their pages can be dropped by the kernel. What the census finds against the process's
@@ -44,15 +45,39 @@ def _tensor_bytes(value: Any) -> tuple[int, int] | None:
     return storage.data_ptr(), storage.nbytes()
 
 
+def _message_bytes(value: Any) -> int | None:
+    """The serialized size of an ONNX model, graph or tensor message (the protobuf objects hold their
+    tensors' bytes outside any array), or None."""
+    if type(value).__name__ not in ("ModelProto", "GraphProto", "TensorProto"):
+        return None
+    try:
+        return int(value.ByteSize())
+    except Exception:  # not a protobuf message after all
+        return None
+
+
 class _Sums:
     def __init__(self) -> None:
         self.seen: set[int] = set()
         self.anonymous: Counter[str] = Counter()
         self.mapped: Counter[str] = Counter()
         self.torch: Counter[str] = Counter()
+        self.other: Counter[str] = Counter()  # ONNX messages and large bytes objects
 
     def take(self, value: Any, label: str) -> bool:
-        """Count value if it is an array or CPU tensor; whether it was one."""
+        """Count value if it is an array, a CPU tensor, an ONNX model or graph message or a bytes
+        object of 1 MiB or more; whether it was one."""
+        if isinstance(value, (bytes, bytearray)) and len(value) >= 2**20:
+            if id(value) not in self.seen:
+                self.seen.add(id(value))
+                self.other[f"{label} (bytes)"] += len(value)
+            return True
+        size = _message_bytes(value)
+        if size is not None:
+            if id(value) not in self.seen:
+                self.seen.add(id(value))
+                self.other[f"{label} ({type(value).__name__})"] += size
+            return True
         if isinstance(value, np.ndarray):
             owner, mapped = _owner(value)
             if id(owner) not in self.seen:
@@ -124,7 +149,9 @@ def take(top: int = 25) -> dict[str, Any]:
         "numpy_anonymous": sum(sums.anonymous.values()),
         "numpy_mapped": sum(sums.mapped.values()),
         "torch_cpu": sum(sums.torch.values()),
+        "messages_and_bytes": sum(sums.other.values()),
         "anonymous_by_holder": ranked(sums.anonymous),
         "mapped_by_holder": ranked(sums.mapped),
         "torch_by_holder": ranked(sums.torch),
+        "messages_and_bytes_by_holder": ranked(sums.other),
     }

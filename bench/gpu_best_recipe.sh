@@ -15,7 +15,8 @@
 #                                                   #   function under glibc's defaults, MALLOC_ARENA_MAX=2 and
 #                                                   #   MALLOC_MMAP_THRESHOLD_=4194304, one after another
 #   bash bench/gpu_best_recipe.sh OUTDIR census     # dit-xl-2's best + GPTQ build (GPU, cores 0-9) beside its plain build
-#                                                   #   (CPU only, cores 10-15), each with a census of who holds the arrays
+#                                                   #   (CPU only, cores 10-15) then its best build with MALLOC_ARENA_MAX=2
+#                                                   #   (GPU, cores 10-15), each with a census of who holds the arrays
 #                                                   #   (bench/census.py) each time its RSS rises 0.25 GiB
 #   bash bench/gpu_best_recipe.sh OUTDIR speed      # dit-b-2 step latency at 2 and 8 threads, cores 0-7 (CPU only)
 # Each build runs in its own process: its peak host memory is its own.
@@ -80,8 +81,10 @@ case $part in
     calibrate_dit 0-15 > "$out/calibrate_dit.log" 2>&1 || exit 1
     dit_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --census 0.25 \
       --log "$out/dit_best_timeline.log" 2>&1 | grep -v "building models" | stamp > "$out/lane1.log" &
-    dit_memory 10-15 plain --recipe w8a8-tsq-tsw --census 0.25 --log "$out/dit_plain_timeline.log" 2>&1 |
-      grep -v "building models" | stamp > "$out/lane2.log" &
+    { dit_memory 10-15 plain --recipe w8a8-tsq-tsw --census 0.25 --log "$out/dit_plain_timeline.log"
+      ( export MALLOC_ARENA_MAX=2  # glibc's arenas limited, this build's process only
+        dit_memory 10-15 arenas2 --recipe w8a8-best --set gptq=on --device cuda --census 0.25 \
+          --log "$out/dit_arenas2_timeline.log" ); } 2>&1 | grep -v "building models" | stamp > "$out/lane2.log" &
     wait ;;
   speed)
     taskset -c 0-7 python3 "$root/bench/speed.py" --models dit-b-2 --bits 8 --repeats 10 --threads 2,8 \
