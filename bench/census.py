@@ -13,6 +13,7 @@ Used by bench/build_memory.py --census; on its own: `census.take()` returns a di
 from __future__ import annotations
 
 import gc
+import inspect
 import mmap
 import sys
 from collections import Counter
@@ -130,8 +131,11 @@ def take(top: int = 25) -> dict[str, Any]:
     for frame in sys._current_frames().values():  # locals first: the most specific labels
         while frame is not None:
             name = frame.f_code.co_name
-            roots.extend((value, f"{name}:{var}") for var, value in list(frame.f_locals.items()))
-            frame = frame.f_back
+            snapshot = frame.f_locals
+            roots.extend((value, f"{name}:{var}") for var, value in list(snapshot.items()))
+            if frame.f_code.co_flags & inspect.CO_OPTIMIZED:  # a function's: a copy the frame caches until
+                snapshot.clear()  # its next read, which would keep dropped locals alive (a module's or
+            frame = frame.f_back  # class body's is the namespace itself, never cleared)
     _walk(roots, sums, labelled)
     for obj in gc.get_objects():
         if isinstance(obj, CONTAINERS) or type(obj).__name__ in ("frame", "function", "code", "cell"):

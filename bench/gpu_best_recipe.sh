@@ -82,7 +82,7 @@ case $part in
     dit_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --census 0.25 \
       --log "$out/dit_best_timeline.log" 2>&1 | grep -v "building models" | stamp > "$out/lane1.log" &
     { dit_memory 10-15 plain --recipe w8a8-tsq-tsw --census 0.25 --log "$out/dit_plain_timeline.log"
-      ( export MALLOC_ARENA_MAX=2  # glibc's arenas limited, this build's process only
+      [ -n "${CENSUS_ONLY:-}" ] || ( export MALLOC_ARENA_MAX=2  # glibc's arenas limited, this build's process only
         dit_memory 10-15 arenas2 --recipe w8a8-best --set gptq=on --device cuda --census 0.25 \
           --log "$out/dit_arenas2_timeline.log" ); } 2>&1 | grep -v "building models" | stamp > "$out/lane2.log" &
     wait ;;
