@@ -16,7 +16,9 @@ import gc
 import inspect
 import mmap
 import sys
-from collections import Counter
+import threading
+import warnings
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
@@ -97,9 +99,9 @@ class _Sums:
 
 def _walk(roots: list[tuple[Any, str]], sums: _Sums, labelled: set[int]) -> None:
     """Breadth first from (object, label) through containers, each container labelled once."""
-    queue = list(roots)
+    queue = deque(roots)
     while queue:
-        value, label = queue.pop()
+        value, label = queue.popleft()
         if sums.take(value, label) or not isinstance(value, CONTAINERS) or id(value) in labelled:
             continue
         labelled.add(id(value))
@@ -126,10 +128,17 @@ def _attributes(value: Any) -> list[tuple[str, Any]]:
 
 def take(top: int = 25) -> dict[str, Any]:
     """The census now: totals in bytes and the `top` holders of each kind."""
+    with warnings.catch_warnings():  # reading odd modules' attributes warns of deprecations
+        warnings.simplefilter("ignore")
+        return _take(top)
+
+
+def _take(top: int) -> dict[str, Any]:
     sums, labelled = _Sums(), set()
     roots: list[tuple[Any, str]] = []
-    for frame in sys._current_frames().values():  # locals first: the most specific labels
-        while frame is not None:
+    me = threading.get_ident()  # the census's own thread: reading its running frames' locals leaks them
+    for thread, frame in sys._current_frames().items():  # locals first: the most specific labels
+        while frame is not None and thread != me:
             name = frame.f_code.co_name
             snapshot = frame.f_locals
             roots.extend((value, f"{name}:{var}") for var, value in list(snapshot.items()))
