@@ -17,6 +17,7 @@ import inspect
 import mmap
 import sys
 import threading
+import types
 import warnings
 from collections import Counter, deque
 from typing import Any
@@ -113,6 +114,13 @@ def _walk(roots: list[tuple[Any, str]], sums: _Sums, labelled: set[int]) -> None
         queue.extend((item, label) for item in items)
 
 
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return None
+
+
 def _attributes(value: Any) -> list[tuple[str, Any]]:
     """An object's instance attributes (its __dict__ and slots); none where reading them fails
     (proxies and mocks that raise on any attribute)."""
@@ -147,7 +155,11 @@ def _take(top: int) -> dict[str, Any]:
             frame = frame.f_back  # class body's is the namespace itself, never cleared)
     _walk(roots, sums, labelled)
     for obj in gc.get_objects():
-        if isinstance(obj, CONTAINERS) or type(obj).__name__ in ("frame", "function", "code", "cell"):
+        if isinstance(obj, CONTAINERS) or type(obj).__name__ in ("frame", "code", "cell"):
+            continue
+        if isinstance(obj, types.FunctionType):  # what a closure holds: by the function's name
+            cells = zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False)
+            _walk([(_contents(cell), f"{obj.__qualname__}:{name}") for name, cell in cells], sums, labelled)
             continue
         kind = type(obj).__name__
         _walk([(value, f"{kind}.{attr}") for attr, value in _attributes(obj)], sums, labelled)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +47,19 @@ def test_the_census_keeps_nothing_alive() -> None:
     _from_thread()
     census.take()  # from this thread too
     assert sys.getrefcount(array) == before
+
+
+def _closure() -> Callable[[], int]:
+    captured = np.zeros(2 << 20, dtype=np.uint8)  # held by the returned function alone
+
+    def reader() -> int:
+        return int(captured[0])
+
+    return reader
+
+
+def test_what_a_closure_holds_is_counted() -> None:
+    reader = _closure()
+    found = _from_thread()
+    assert reader() == 0
+    assert dict(found["anonymous_by_holder"])["_closure.<locals>.reader:captured"] == 2 << 20
