@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     stats = load(args.stats)
     adapter = load_model(stats.model_id)
-    bindings, _, graph_of = _range_graphs(adapter, stats, per_step=False)
+    bindings, _, graph_of, _ = _range_graphs(adapter, stats, per_step=False)
     _, groups, weights, biases = range_inputs(graph_of([0]), bindings, adapter)
     steps, firsts, h = list(range(stats.steps)), [g.layers[0] for g in groups], stats.header
     replay = functools.partial(CalibrationReplay, adapter, timesteps=h["timesteps"], cfg=h["cfg"])

@@ -8,8 +8,9 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -44,6 +45,7 @@ from qexport.passes.analyze import FOLDS, Group, find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.close import plan_outputs
+from qexport.passes.fp_weights import graph_weights, release, restore
 from qexport.passes.gptq import Gram, Memo, Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.integer_only import integer_only, observed_tensors
@@ -448,86 +450,89 @@ def plan_models(
         elif start_replay is not None:
             replay = start_replay()
         with stage("FP export"):
-            bindings, kept, graph_of = _range_graphs(adapter, stats, per_step=config.ranges is None)
+            bindings, kept, graph_of, base = _range_graphs(adapter, stats, per_step=config.ranges is None)
         if pending is not None:
             with stage("FP replay"):  # the part of the replay the export did not cover
                 replay = pending.result()
-    kept = kept if config.recipe.float_weights() == FloatWeights.INT8 else {}
-    alpha_scores: dict[float, float] = {}
-    allocations: list[Allocation] | None = None
-    memo = Memo(config.device)  # GPTQ integers reused where weight and H repeat (shared weights); solves there
-    if shared_alpha_search or layer_search or mixed:
-        assert replay is not None
-        with stage("FP export"):
-            first = graph_of(ranges[0])
-        if shared_alpha_search or layer_search:
-            with stage("alpha search"):
-                alphas, group_alphas, alpha_scores = _choose_alphas(
-                    first, bindings, adapter, stats, q, target, replay, ranges, progress, memo
-                )
-        if mixed:
-            with stage("mixed precision"):
-                allocations = _choose_mixed(first, bindings, adapter, stats, config, target, replay, ranges, alphas,
-                                            group_alphas, progress, memo)  # fmt: skip
-            layer_bits = [a.bits for a in allocations]
-        del first
-    kv, kv_model = None, None
-
-    def emit(name: str, model: onnx.ModelProto, plan: RangePlan | None) -> None:
-        if sink is not None:
-            sink(name, model, plan)
-        else:
-            models.append((name, model))
-
-    gc.collect()
-    gc.freeze()  # what lives now lives through the build: the collections after each range skip it
-    try:
-        for index, steps in enumerate(ranges):
+    # a GPU build's replay holds the transformer on the device: the host's copies of the weights it
+    # quantizes go until the models are built (passes.fp_weights); planning reads the device's
+    with _released_host_weights(adapter, base, bindings, replay, config):
+        kept = kept if config.recipe.float_weights() == FloatWeights.INT8 else {}
+        alpha_scores: dict[float, float] = {}
+        allocations: list[Allocation] | None = None
+        memo = Memo(config.device)  # GPTQ integers reused where weight and H repeat (shared weights); solves there
+        if shared_alpha_search or layer_search or mixed:
+            assert replay is not None
             with stage("FP export"):
-                graph, range_bindings = graph_of(steps), bindings
-            if config.precompute_kv:
-                whole = FPExport(model=gs.export_onnx(graph), input_names=[t.name for t in graph.inputs],
-                                 bindings=bindings)  # fmt: skip
-                parts = split_export(whole, adapter.model_id)
-                if kv is None:
-                    kv, kv_model = _build_kv(parts, adapter, stats, config.quant, target, replay, kept)
-                graph, range_bindings = load_graph(parts.step), parts.step.bindings
-                graph.toposort()
-                del whole, parts
-            quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
-            quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
-            group_alpha = group_alphas[index] if group_alphas else None
-            kv_plan = None if kv is None else kv.plan
-            bits = layer_bits[index] if layer_bits else None
-            start = None if not built else built[-1].plan.alpha  # the alpha search's start
-            given = learned[index] if learned else None
-            previous = built[-1].plan if built else None  # the learned quantizers' warm start
-            plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
-                                                    replay, searches, kv_plan, group_alpha, bits, memo,
-                                                    kept, start, given, previous)  # fmt: skip
-            del graph  # the model holds what emission needs: free the graph's arrays before the model is written
-            gc.collect()
-            heap.release()  # the graph's arrays, before the model is written
-            share_arrays(plan, built[-1].plan if built else None)
-            if alpha_scores:
-                plan.scores = {"alpha": alpha_scores, **plan.scores}
-            name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
-            mixed_of = allocations[index] if allocations else None
-            built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost,
-                                    rotation_macs=turns, kv=kv, mixed=mixed_of))  # fmt: skip
-            integers = {layer: lp.w_q for layer, lp in plan.layers.items()}
-            emit(name, model, plan)  # a sink that writes the model points the plan's integers into the file
-            memo.follow({layer: (integers[layer], lp.w_q) for layer, lp in plan.layers.items()})
-            del integers
-            if kv_model is not None:
-                emit(KV_FILE, kv_model, None)  # after the first range's model: legality's first row stays a step model
-                kv_model = None
-            del model
-            gc.collect()
-            heap.release()
-            report(progress, "building models", index + 1, len(ranges), name)
-    finally:
-        gc.unfreeze()
+                first = graph_of(ranges[0])
+            if shared_alpha_search or layer_search:
+                with stage("alpha search"):
+                    alphas, group_alphas, alpha_scores = _choose_alphas(
+                        first, bindings, adapter, stats, q, target, replay, ranges, progress, memo
+                    )
+            if mixed:
+                with stage("mixed precision"):
+                    allocations = _choose_mixed(first, bindings, adapter, stats, config, target, replay, ranges, alphas,
+                                                group_alphas, progress, memo)  # fmt: skip
+                layer_bits = [a.bits for a in allocations]
+            del first
+        kv, kv_model = None, None
+
+        def emit(name: str, model: onnx.ModelProto, plan: RangePlan | None) -> None:
+            if sink is not None:
+                sink(name, model, plan)
+            else:
+                models.append((name, model))
+
+        gc.collect()
+        gc.freeze()  # what lives now lives through the build: the collections after each range skip it
+        try:
+            for index, steps in enumerate(ranges):
+                with stage("FP export"):
+                    graph, range_bindings = graph_of(steps), bindings
+                if config.precompute_kv:
+                    whole = FPExport(model=gs.export_onnx(graph), input_names=[t.name for t in graph.inputs],
+                                     bindings=bindings)  # fmt: skip
+                    parts = split_export(whole, adapter.model_id)
+                    if kv is None:
+                        kv, kv_model = _build_kv(parts, adapter, stats, config.quant, target, replay, kept)
+                    graph, range_bindings = load_graph(parts.step), parts.step.bindings
+                    graph.toposort()
+                    del whole, parts
+                quant = config.quant if alphas is None else replace(config.quant, alpha=alphas[index])
+                quant = quant if not shrinks else replace(quant, act_shrink=shrinks[index])
+                group_alpha = group_alphas[index] if group_alphas else None
+                kv_plan = None if kv is None else kv.plan
+                bits = layer_bits[index] if layer_bits else None
+                start = None if not built else built[-1].plan.alpha  # the alpha search's start
+                given = learned[index] if learned else None
+                previous = built[-1].plan if built else None  # the learned quantizers' warm start
+                plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
+                                                        replay, searches, kv_plan, group_alpha, bits, memo,
+                                                        kept, start, given, previous)  # fmt: skip
+                del graph  # the model holds what emission needs: free the graph's arrays before the model is written
+                gc.collect()
+                heap.release()  # the graph's arrays, before the model is written
+                share_arrays(plan, built[-1].plan if built else None)
+                if alpha_scores:
+                    plan.scores = {"alpha": alpha_scores, **plan.scores}
+                name = f"step_{index:02d}.onnx" if config.ranges is None else f"range_{index:02d}.onnx"
+                mixed_of = allocations[index] if allocations else None
+                built.append(BuiltRange(index=index, steps=steps, model_file=name, plan=plan, lowrank=cost,
+                                        rotation_macs=turns, kv=kv, mixed=mixed_of))  # fmt: skip
+                integers = {layer: lp.w_q for layer, lp in plan.layers.items()}
+                emit(name, model, plan)  # a sink that writes the model points the plan's integers into the file
+                memo.follow({layer: (integers[layer], lp.w_q) for layer, lp in plan.layers.items()})
+                del integers
+                if kv_model is not None:  # after the first range's model: legality's first row stays a step model
+                    emit(KV_FILE, kv_model, None)
+                    kv_model = None
+                del model
+                gc.collect()
+                heap.release()
+                report(progress, "building models", index + 1, len(ranges), name)
+        finally:
+            gc.unfreeze()
     return built, models
 
 
@@ -634,21 +639,45 @@ def _build_kv(
 
 def _range_graphs(
     adapter: ModelAdapter, stats: QStats, per_step: bool
-) -> tuple[dict[str, LinearBinding], dict[str, KeptBinding], Callable[[list[int]], gs.Graph]]:
+) -> tuple[dict[str, LinearBinding], dict[str, KeptBinding], Callable[[list[int]], gs.Graph], gs.Graph]:
     """One FP export with the timestep an input, folded once; returns its bindings (calibrated
-    linears, float-kept layers) and a function giving a range's graph, a copy that shares the folded
-    graph's weights (per step: the timestep of the range's step fixed)."""
+    linears, float-kept layers), a function giving a range's graph, a copy that shares the folded
+    graph's weights (per step: the timestep of the range's step fixed), and that folded graph."""
     exported = prepare_graph(export_graph(adapter, list(stats.layers)))
     bindings, kept, base = exported.bindings, exported.kept, exported.graph
     if not per_step:
         base.toposort()
-        return bindings, kept, lambda steps: copy_graph(base)
+        return bindings, kept, lambda steps: copy_graph(base), base
     timesteps = stats.header["timesteps"]
     step_graphs = StepGraphs(base, adapter.step_input(timesteps[0])[0])
-    return bindings, kept, lambda steps: step_graphs.at(adapter.step_input(timesteps[steps[0]])[1])
+    return bindings, kept, lambda steps: step_graphs.at(adapter.step_input(timesteps[steps[0]])[1]), base
 
 
 SHARED_FIELDS = ("w_q", "w_scale", "w_zero", "lowrank_a", "lowrank_b")
+
+
+@contextmanager
+def _released_host_weights(
+    adapter: ModelAdapter,
+    base: gs.Graph,
+    bindings: dict[str, LinearBinding],
+    replay: CalibrationReplay | None,
+    config: BuildConfig,
+) -> Iterator[None]:
+    """The host copies of the quantized linears' FP weights released for the block and made
+    again after it, where the replay has its own transformer on a device and nothing exports the
+    whole FP graph again (precomputed KV splits it): passes.fp_weights."""
+    if replay is None or replay.adapter is adapter or config.precompute_kv:
+        yield
+        return
+    device = replay.adapter.transformer
+    emptied = release(base.tensors(), {layer: b.weight for layer, b in bindings.items()}, adapter.transformer, device)
+    log.info("%d quantized linears' FP weights read from %s while planning (host copies released)", len(emptied),
+             config.device)  # fmt: skip
+    try:
+        yield
+    finally:
+        restore(emptied, device)
 
 
 def share_arrays(plan: RangePlan, previous: RangePlan | None) -> None:
@@ -843,15 +872,16 @@ def lowrank_cost(graph: gs.Graph, nodes: dict[str, str], plan: RangePlan) -> Bra
 
 def range_inputs(
     graph: gs.Graph, bindings: dict[str, LinearBinding], adapter: ModelAdapter
-) -> tuple[dict[str, str], list[Group], dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+) -> tuple[dict[str, str], list[Group], Mapping[str, np.ndarray], dict[str, np.ndarray | None]]:
     """What planning a range reads off a prepared FP graph: each layer's MatMul node, the
-    input-sharing groups with their folds, FP weights (W^T) and biases."""
+    input-sharing groups with their folds, FP weights (W^T; read from the device where a GPU build
+    released the host's: passes.fp_weights) and biases."""
     nodes = {layer: b.node for layer, b in bindings.items()}
     names = adapter.family.attention
     values = {layer: v for layer in nodes if (v := names.value_of(layer)) is not None}
     groups = find_groups(graph, nodes, {layer: b.in_features for layer, b in bindings.items()}, values)
     constants = graph.tensors()
-    weights = {layer: np.asarray(constants[b.weight].values) for layer, b in bindings.items()}
+    weights = graph_weights(constants, {layer: b.weight for layer, b in bindings.items()})
     modules = dict(adapter.transformer.named_modules())
     biases = {layer: _bias(modules[layer]) for layer in bindings}
     return nodes, groups, weights, biases

@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.fp_weights import weight_size
 from qexport.passes.gptq import Gram, Hessian, Memo, Rounded
 from qexport.passes.pool import planning_pool
 from qexport.passes.quant import Grid, qparams, quantize, rows
@@ -108,7 +109,7 @@ planned, so a range holds the float64 weights of that many more linears, not of 
 def _bytes(rng: RangeStep, waiting: Waiting) -> int:
     """Float64 bytes of the waiting linears' weights (made or not yet) and their Hessians."""
     hessians = {id(h): h.nbytes for _, _, _, h in waiting}  # one H per group
-    return sum(rng.weights[layer].size * 8 for layer, _, _, _ in waiting) + sum(hessians.values())
+    return sum(weight_size(rng.weights, layer) * 8 for layer, _, _, _ in waiting) + sum(hessians.values())
 
 
 @contextmanager
@@ -126,7 +127,7 @@ def plan_range(
     steps: list[int],
     groups: list[Group],
     stats: dict[str, LayerStats],
-    weights: dict[str, np.ndarray],
+    weights: Mapping[str, np.ndarray],
     biases: dict[str, np.ndarray | None],
     config: QuantConfig,
     target: TargetProfile,

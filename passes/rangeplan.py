@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
+from qexport.passes.fp_weights import FPWeights
 from qexport.passes.gptq import Gram, Hessian, Memo, Rounding
 from qexport.passes.observe import Observer
 from qexport.passes.quant import Grid, decode_codebook, dequantize, rows
@@ -163,13 +164,16 @@ def _scaled(w: np.ndarray, by_rows: bool, s: np.ndarray) -> None:
         w /= s[None, :]
 
 
-def _made_on(source: np.ndarray, scalings: Any, device: torch.device) -> torch.Tensor:
+def _made_on(source: np.ndarray | torch.Tensor, scalings: Any, device: torch.device) -> torch.Tensor:
     """source.astype(float64) with _scaled applied for each (by rows?, s) in order, computed on
     `device` (float32 → float64 is exact, and one IEEE product or quotient per element is the
     same on any device: the values are numpy's, bit for bit)."""
-    with warnings.catch_warnings():  # a read-only array (the FP weight's view), only read
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(source)
+    if isinstance(source, torch.Tensor):
+        t = source
+    else:
+        with warnings.catch_warnings():  # a read-only array (the FP weight's view), only read
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(source)
     t = t.to(device).to(torch.float64).contiguous()
     for by_rows, s in scalings:
         v = torch.from_numpy(np.asarray(s, dtype=np.float64)).to(device)
@@ -187,7 +191,7 @@ class FinalWeights(dict[str, np.ndarray]):
     (scale_rows, divide_columns) and are applied, in order, when it is made: by the thread that
     quantizes it, not by the one planning the groups."""
 
-    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+    def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
         super().__init__()
         self.weights = weights
         self.released: set[str] = set()
@@ -217,8 +221,10 @@ class FinalWeights(dict[str, np.ndarray]):
         if layer in self or layer in self.released:  # made on the host (a released one refuses)
             tensor = torch.from_numpy(self[layer]).to(device)
             del self[layer]
-        else:
-            tensor = _made_on(self.weights[layer], self.waiting.pop(layer, ()), torch.device(device))
+        else:  # from the device-held FP weight where a GPU build released the host's (passes.fp_weights)
+            held = self.weights.device_weight(layer) if isinstance(self.weights, FPWeights) else None
+            source = held if held is not None else self.weights[layer]
+            tensor = _made_on(source, self.waiting.pop(layer, ()), torch.device(device))
         self.parked[layer] = tensor
         return tensor
 
@@ -253,7 +259,7 @@ class RangeStep:
     plan: RangePlan
     config: QuantConfig
     target: TargetProfile
-    weights: dict[str, np.ndarray]  # FP W^T [in, out]
+    weights: Mapping[str, np.ndarray]  # FP W^T [in, out] (passes.fp_weights)
     final_w: FinalWeights  # W^T as the steps leave it (smoothed, rotated), float64
     final_b: dict[str, np.ndarray | None]  # biases as the steps leave them, float64
     changed_bias: set[str]  # layers whose bias the build writes

@@ -329,6 +329,7 @@ def test_weights_made_on_the_device_equal_the_host_ones():
     widened and scaled there), never as a host float64 copy: the values, the min-max scales and the
     GPTQ integers are the host path's, bit for bit; a layer that only GPTQ reads is never made on
     the host at all."""
+    from qexport.passes.fp_weights import FPWeights, OnDevice
     from qexport.passes.rangeplan import FinalWeights
     from qexport.passes.weights import gptq_weights
 
@@ -358,6 +359,12 @@ def test_weights_made_on_the_device_equal_the_host_ones():
     for n in weights:
         assert all(np.array_equal(a, b) for a, b in zip(parked[n], on_host[n], strict=True))
     assert not set(final) & set(weights) and set(final.parked) == set(weights)  # never made on the host
+    # a GPU build that released the host's FP weights: made from the device-held weight, the same
+    held = FPWeights({n: OnDevice(torch.from_numpy(np.ascontiguousarray(w.T))) for n, w in weights.items()})
+    from_device = scaled(FinalWeights(held))
+    for n in weights:
+        assert np.array_equal(from_device.park(n, "cpu").numpy(), host[n])
+        assert np.array_equal(held[n], weights[n]) and held.size(n) == weights[n].size
 
 
 def test_gptq_build_needs_recorded_prompts(bare_stats, tmp_path):

@@ -135,17 +135,29 @@ def test_the_replays_device_copy_makes_each_tensor_there_and_keeps_ties():
     assert isinstance(clone[0].weight, nn.Parameter) and clone[0].weight.requires_grad
 
 
-def test_a_replay_run_beside_the_fp_export_builds_the_same_files(latte_stats, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("smoothquant.mode=asq", "activation_observer.method=mse"),  # per step: the step graphs' copies
+        ("smoothquant.mode=tsq", "smoothquant.alpha=auto", "gptq=on", "replay.prompts=2", "granularity.time_ranges=1"),
+    ],
+    ids=["asq-mse-per-step", "tsq-alpha-gptq"],
+)
+def test_a_replay_run_beside_the_fp_export_builds_the_same_files(latte_stats, tmp_path, monkeypatch, settings):
     """On a GPU the replay samples in a thread of its own, on its own transformer, while the FP
-    export traces the host's: the same thread layout on the CPU (the transformer copied as a GPU
-    build's is) gives the files the sequential build gives, byte for byte."""
+    export traces the host's, and the host's copies of the quantized linears' FP weights are
+    released while the ranges are planned (read from the replay's transformer instead, then made
+    again): the same layout on the CPU (the transformer copied as a GPU build's is) gives the files
+    the sequential build gives, byte for byte, never loads a released weight into the graph, and
+    leaves the host transformer as it was."""
     import hashlib
 
     import qexport.exporter.build as build_module
     import torch
     from qexport.exporter.replay import device_copy
+    from qexport.passes.fp_weights import OnDevice
 
-    recipe = recipe_of("smoothquant.mode=asq", "activation_observer.method=mse", "granularity.time_ranges=1")
+    recipe = recipe_of(*settings)
 
     def digests(out):
         result = build(latte_stats, out, BuildConfig(recipe=recipe, force=True))
@@ -168,9 +180,27 @@ def test_a_replay_run_beside_the_fp_export_builds_the_same_files(latte_stats, tm
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
+    released = []
+
+    def release(*args):
+        emptied = real_release(*args)
+        released.append(len(emptied))
+        assert all(p.numel() == 0 for p in emptied.values())  # the host copies are gone while planning
+        return emptied
+
+    def loaded(self):
+        raise AssertionError(f"a released FP weight was loaded into the graph: {self}")
+
+    real_release = build_module.release
     monkeypatch.setattr(build_module, "overlapped", lambda device: True)
     monkeypatch.setattr(build_module, "on_device", copied)
     monkeypatch.setattr(build_module, "CalibrationReplay", replay_in_thread)
-    _, overlapping = digests(tmp_path / "both")
+    monkeypatch.setattr(build_module, "release", release)
+    monkeypatch.setattr(OnDevice, "load", loaded)
+    result, overlapping = digests(tmp_path / "both")
     assert threads and all(name.startswith("replay") for name in threads)  # it ran beside the export
+    assert released and released[0] == len(result.stats.layers)  # every quantized linear's
     assert len(sequential) > 2 and overlapping == sequential
+    first = build_module.load_model("tiny-latte").transformer.state_dict()
+    after = result.adapter.transformer.state_dict()
+    assert after.keys() == first.keys() and all(torch.equal(after[k], first[k]) for k in first)

@@ -1,0 +1,139 @@
+"""Where a range's FP weights come from: the FP graph's constants (views of the host transformer's
+parameters), or, in a build on a GPU, the replay's copy of the transformer on that device.
+
+A GPU build holds every weight twice: on the host, the FP graph's constants; on the GPU, the
+replay's transformer. The host copies of the linears it quantizes are read only while a range is
+planned (each layer's W^T, its largest |W| per input channel), so such a build can let them go
+after the FP export (`release`): each constant then holds an `OnDevice` (its shape and type, and
+the device weight), planning reads a layer through `FPWeights` when it needs it, and the host
+parameters are made again from the device when the models are built (`restore`). The values are
+the same float32 numbers either way (a copy between devices is exact), so the build's bytes are too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import torch
+from torch import nn
+
+
+class OnDevice(gs.ir.tensor.LazyValues):
+    """A released FP weight constant: W^T [in, out] of a linear whose weight [out, in] is on a
+    device. Loaded (graphsurgeon's `Constant.values`), it is read back to the host, and graphsurgeon
+    keeps that copy: planning reads it through FPWeights instead, which keeps none."""
+
+    def __init__(self, weight: torch.Tensor) -> None:  # graphsurgeon's TensorProto is not needed
+        self.weight = weight
+        self.shape = (int(weight.shape[1]), int(weight.shape[0]))
+        self.dtype = np.dtype(np.float32)
+        self.nbytes = weight.numel() * 4
+
+    def load(self) -> np.ndarray:
+        return _host(self.weight)
+
+    def __str__(self) -> str:
+        return f"OnDevice (shape={self.shape}, device={self.weight.device})"
+
+
+def _host(weight: torch.Tensor) -> np.ndarray:
+    """W^T of a device weight as a read-only host array (a transposed view of the copy)."""
+    values = weight.detach().T.cpu().numpy()
+    values.flags.writeable = False
+    return values
+
+
+class FPWeights(Mapping[str, np.ndarray]):
+    """FP W^T [in, out] per layer: the graph's array where it holds one, else read back from the
+    device on each use and not kept (a range's planning holds the layers in flight, not the model).
+    Each layer's largest |W| per input channel is computed on the device once and kept."""
+
+    def __init__(self, values: dict[str, np.ndarray | OnDevice]) -> None:
+        self._values = values
+        self._row_max: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, layer: str) -> np.ndarray:
+        value = self._values[layer]
+        return _host(value.weight) if isinstance(value, OnDevice) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def device_weight(self, layer: str) -> torch.Tensor | None:
+        """W^T [in, out] on the device (a view), or None where the host holds the layer."""
+        value = self._values[layer]
+        return value.weight.detach().T if isinstance(value, OnDevice) else None
+
+    def size(self, layer: str) -> int:
+        value = self._values[layer]
+        return value.weight.numel() if isinstance(value, OnDevice) else value.size
+
+    def row_abs_max(self, layer: str) -> np.ndarray | None:
+        """max |W| per input channel of a device-held layer (the same float32 values as numpy's on
+        the host copy: a maximum is exact), or None where the host holds the layer."""
+        value = self._values[layer]
+        if not isinstance(value, OnDevice):
+            return None
+        if layer not in self._row_max:
+            self._row_max[layer] = value.weight.detach().abs().amax(dim=0).cpu().numpy()
+        return self._row_max[layer]
+
+
+def graph_weights(constants: Mapping[str, gs.Tensor], names: Mapping[str, str]) -> Mapping[str, np.ndarray]:
+    """Each layer's W^T from the graph's constants (names: layer -> constant name): a plain dict
+    of the arrays where none is released, else FPWeights (a released one is not loaded into the
+    graph: graphsurgeon would keep the copy)."""
+    values = {layer: constants[name]._values for layer, name in names.items()}
+    if not any(isinstance(v, OnDevice) for v in values.values()):
+        return {layer: np.asarray(constants[name].values) for layer, name in names.items()}
+    return FPWeights({layer: v if isinstance(v, OnDevice) else np.asarray(v) for layer, v in values.items()})
+
+
+def weight_size(weights: Mapping[str, np.ndarray], layer: str) -> int:
+    """A layer's weight count, without reading a device-held one back."""
+    return weights.size(layer) if isinstance(weights, FPWeights) else weights[layer].size
+
+
+def release(
+    constants: Mapping[str, gs.Tensor], names: Mapping[str, str], host: nn.Module, device: nn.Module
+) -> dict[str, nn.Parameter]:
+    """Let the host copies of the named layers' weights go: each constant that is exactly a view
+    W^T of its host parameter gets an OnDevice of the device module's weight instead, and the host
+    parameter's storage is emptied. Returns the emptied parameters (for restore). A constant that
+    is anything else (another layout, a copy) is left as it is."""
+    host_modules, device_modules = dict(host.named_modules()), dict(device.named_modules())
+    emptied: dict[str, nn.Parameter] = {}
+    for layer, name in names.items():
+        constant, param = constants[name], host_modules[layer].weight
+        values = constant._values
+        if not isinstance(constant, gs.Constant) or not _is_transposed_view(values, param):
+            continue
+        constant._values = OnDevice(device_modules[layer].weight)
+        param.data = torch.empty(0, dtype=param.dtype)  # its storage goes with the last view
+        emptied[layer] = param
+    return emptied
+
+
+def restore(emptied: dict[str, nn.Parameter], device: nn.Module) -> None:
+    """Make the emptied host parameters again from the device module's weights."""
+    modules = dict(device.named_modules())
+    for layer, param in emptied.items():
+        param.data = modules[layer].weight.detach().to("cpu", copy=True)
+
+
+def _is_transposed_view(values: object, param: torch.Tensor) -> bool:
+    """Whether values is param's memory read as W^T (the FP export's constants are such views)."""
+    if not isinstance(values, np.ndarray) or param.device.type != "cpu" or param.dim() != 2:
+        return False
+    host = param.detach().numpy().T
+    return (
+        values.shape == host.shape
+        and values.strides == host.strides
+        and values.dtype == host.dtype
+        and values.__array_interface__["data"][0] == host.__array_interface__["data"][0]
+    )

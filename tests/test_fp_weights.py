@@ -1,0 +1,60 @@
+"""passes.fp_weights: a GPU build's host copies of the quantized linears' FP weights released while
+planning, read from the device copy with the same values, and made again afterwards."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+from qexport.exporter.replay import device_copy
+from qexport.passes.fp_weights import FPWeights, OnDevice, graph_weights, release, restore, weight_size
+from qexport.passes.techniques.smoothquant import layer_row_max, row_abs_max
+from torch import nn
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+
+
+def _constants(model: nn.Module) -> dict[str, gs.Constant]:
+    """The FP export's constants: W^T views of the parameters (layer 0), and a copy (layer 1)."""
+    first = model[0].weight.detach().numpy().T
+    second = model[1].weight.detach().numpy().T.copy()
+    return {"w0": gs.Constant("w0", first), "w1": gs.Constant("w1", second)}
+
+
+def test_release_reads_the_device_copy_and_restore_makes_the_host_weights_again() -> None:
+    host = _model()
+    expected = {name: p.detach().clone() for name, p in host.named_parameters()}
+    device = device_copy(host, torch.device("cpu"))  # the replay's own transformer
+    constants, names = _constants(host), {"0": "w0", "1": "w1"}
+    before = {layer: np.array(constants[name].values) for layer, name in names.items()}
+    emptied = release(constants, names, host, device)
+    assert list(emptied) == ["0"]  # the copy (not a view of the parameter) is left as it was
+    assert host[0].weight.numel() == 0 and host[1].weight.numel() == 12
+    assert isinstance(constants["w0"]._values, OnDevice) and constants["w0"].shape == (6, 4)
+    weights = graph_weights(constants, names)
+    assert isinstance(weights, FPWeights) and list(weights) == ["0", "1"]
+    assert isinstance(constants["w0"]._values, OnDevice)  # read through FPWeights, not loaded into the graph
+    for layer in names:
+        assert np.array_equal(weights[layer], before[layer]) and weight_size(weights, layer) == before[layer].size
+        assert np.array_equal(layer_row_max(weights, layer), row_abs_max(before[layer]))
+    assert weights.device_weight("1") is None and torch.equal(weights.device_weight("0"), device[0].weight.T)
+    restore(emptied, device)
+    assert all(torch.equal(p, expected[name]) for name, p in host.named_parameters())
+
+
+def test_nothing_released_leaves_plain_arrays() -> None:
+    host = _model()
+    constants = _constants(host)
+    weights = graph_weights(constants, {"0": "w0", "1": "w1"})
+    assert isinstance(weights, dict) and weights["0"] is constants["w0"].values
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (1, 3)])
+def test_a_loaded_released_constant_gives_the_weight(shape: tuple[int, int]) -> None:
+    weight = torch.randn(*shape)
+    loaded = gs.Constant("w", OnDevice(weight)).values  # graphsurgeon's own load
+    assert np.array_equal(loaded, weight.numpy().T) and not loaded.flags.writeable
