@@ -3,6 +3,8 @@ planning, read from the device copy with the same values, and made again afterwa
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
@@ -31,7 +33,9 @@ def test_release_reads_the_device_copy_and_restore_makes_the_host_weights_again(
     device = device_copy(host, torch.device("cpu"))  # the replay's own transformer
     constants, names = _constants(host), {"0": "w0", "1": "w1"}
     before = {layer: np.array(constants[name].values) for layer, name in names.items()}
+    view = weakref.ref(constants["w0"].values)
     emptied = release(constants, names, host, device)
+    assert view() is None  # nothing holds the host weight's memory any more
     assert list(emptied) == ["0"]  # the copy (not a view of the parameter) is left as it was
     assert host[0].weight.numel() == 0 and host[1].weight.numel() == 12
     assert isinstance(constants["w0"]._values, OnDevice) and constants["w0"].shape == (6, 4)
