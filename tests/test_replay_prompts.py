@@ -139,7 +139,16 @@ def test_the_replays_device_copy_makes_each_tensor_there_and_keeps_ties():
     "settings",
     [
         ("smoothquant.mode=asq", "activation_observer.method=mse"),  # per step: the step graphs' copies
-        ("smoothquant.mode=tsq", "smoothquant.alpha=auto", "gptq=on", "replay.prompts=2", "granularity.time_ranges=1"),
+        pytest.param(
+            (
+                "smoothquant.mode=tsq",
+                "smoothquant.alpha=auto",
+                "gptq=on",
+                "replay.prompts=2",
+                "granularity.time_ranges=1",
+            ),
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["asq-mse-per-step", "tsq-alpha-gptq"],
 )
