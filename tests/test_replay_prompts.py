@@ -159,7 +159,9 @@ def test_a_replay_run_beside_the_fp_export_builds_the_same_files(latte_stats, tm
     again): the same layout on the CPU (the transformer copied as a GPU build's is) gives the files
     the sequential build gives, byte for byte, never loads a released weight into the graph, and
     leaves the host transformer as it was."""
+    import gc
     import hashlib
+    import weakref
 
     import qexport.exporter.build as build_module
     import torch
@@ -191,10 +193,13 @@ def test_a_replay_run_beside_the_fp_export_builds_the_same_files(latte_stats, tm
 
     released = []
 
-    def release(*args):
-        emptied = real_release(*args)
+    def release(constants, names, host, device):
+        views = [weakref.ref(constants[name]._values) for name in names.values()]
+        emptied = real_release(constants, names, host, device)
         released.append(len(emptied))
-        assert all(p.numel() == 0 for p in emptied.values())  # the host copies are gone while planning
+        gc.collect()
+        assert all(p.numel() == 0 for p in emptied.values())  # the host copies are gone while planning:
+        assert not any(view() is not None for view in views)  # nothing else holds their memory
         return emptied
 
     def loaded(self):
