@@ -8,9 +8,9 @@
 #   bash bench/gpu_best_recipe.sh OUTDIR latte      # latte-1 alone: calibrated on the GPU, then its best + GPTQ build (GPU,
 #                                                   #   cores 0-9) beside its plain build (CPU only, cores 10-15); the GPU
 #                                                   #   not shared
-#   bash bench/gpu_best_recipe.sh OUTDIR memory     # both models, the GPU never shared: cores 0-9, latte-1's best + GPTQ
-#                                                   #   build (GPU), then dit-xl-2's (GPU, timeline kept as it runs);
-#                                                   #   cores 10-15, latte-1's and dit-xl-2's plain builds (CPU only)
+#   bash bench/gpu_best_recipe.sh OUTDIR memory     # both models, the GPU never shared: cores 0-9, dit-xl-2's best + GPTQ
+#                                                   #   build (GPU), then latte-1's; cores 10-15, their plain builds (CPU
+#                                                   #   only); every build with host memory by function, timeline kept
 #   bash bench/gpu_best_recipe.sh OUTDIR allocator  # dit-xl-2's best + GPTQ build (GPU, cores 10-15) with host memory by
 #                                                   #   function under glibc's defaults, MALLOC_ARENA_MAX=2 and
 #                                                   #   MALLOC_MMAP_THRESHOLD_=4194304, one after another
@@ -44,11 +44,13 @@ latte_plain() {  # latte-1's plain build, CPU only, cores 10-15
   OMP_NUM_THREADS=6 taskset -c 10-15 python3 -P "$root/bench/best_build.py" --stats latte.qstats --device cpu \
     --work "$work/p" --builds plain=w8a8-tsq-tsw --json "$out/latte_plain.json"
 }
-dit_memory() {  # dit-xl-2's build with host memory by function: cores, JSON name, then build_memory.py's options
-  local cores=$1 name=$2; shift 2
+build_memory() {  # a build with host memory by function: model, cores, JSON name, then build_memory.py's options
+  local model=$1 cores=$2 name=$3; shift 3
   OMP_NUM_THREADS=$(( ${cores#*-} - ${cores%-*} + 1 )) taskset -c "$cores" python3 -P "$root/bench/build_memory.py" \
-    --stats dit.qstats --out "$work/m_$name" --every 0.2 --json "$out/dit_memory_$name.json" "$@"
+    --stats "$model.qstats" --out "$work/m_${model}_$name" --every 0.2 --json "$out/${model}_memory_$name.json" "$@"
 }
+dit_memory() { build_memory dit "$@"; }
+latte_memory() { build_memory latte "$@"; }
 case $part in
   builds)
     { calibrate_latte && calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
@@ -63,12 +65,13 @@ case $part in
     latte_plain 2>&1 | stamp > "$out/latte_plain.log" &
     wait ;;
   memory)
-    { calibrate_latte && calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
-    { latte_best
-      dit_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/dit_best_timeline.log"; } 2>&1 |
-      grep -v "building models" | stamp > "$out/lane1.log" &
-    { latte_plain
-      dit_memory 10-15 plain --recipe w8a8-tsq-tsw; } 2>&1 | grep -v "building models" | stamp > "$out/lane2.log" &
+    { calibrate_dit 0-15 && calibrate_latte; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
+    { dit_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/dit_best_timeline.log"
+      latte_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/latte_best_timeline.log"
+    } 2>&1 | grep -v "building models" | stamp > "$out/lane1.log" &
+    { dit_memory 10-15 plain --recipe w8a8-tsq-tsw --log "$out/dit_plain_timeline.log"
+      latte_memory 10-15 plain --recipe w8a8-tsq-tsw --log "$out/latte_plain_timeline.log"
+    } 2>&1 | grep -v "building models" | stamp > "$out/lane2.log" &
     wait ;;
   allocator)
     calibrate_dit 10-15 > "$out/calibrate_dit.log" 2>&1 || exit 1
