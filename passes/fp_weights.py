@@ -46,13 +46,19 @@ def _host(weight: torch.Tensor) -> np.ndarray:
 
 
 class FPWeights(Mapping[str, np.ndarray]):
-    """FP W^T [in, out] per layer: the graph's array where it holds one, else read back from the
-    device on each use and not kept (a range's planning holds the layers in flight, not the model).
-    Each layer's largest |W| per input channel is computed on the device once and kept."""
+    """FP W^T [in, out] per layer, as planning reads it: the host's array where it holds one, else
+    read back from the device on each use and not kept (a range's planning holds the layers in
+    flight, not the model). Each layer's largest |W| per input channel is computed where the weight
+    is, once, and kept: a range's plans (a search's candidates) smooth the same weights."""
 
-    def __init__(self, values: dict[str, np.ndarray | OnDevice]) -> None:
-        self._values = values
+    def __init__(self, values: Mapping[str, np.ndarray | OnDevice]) -> None:
+        self._values = dict(values)
         self._row_max: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def of(cls, weights: Mapping[str, np.ndarray]) -> FPWeights:
+        """weights as FPWeights: itself if it is one, else its host arrays."""
+        return weights if isinstance(weights, FPWeights) else cls(weights)
 
     def __getitem__(self, layer: str) -> np.ndarray:
         value = self._values[layer]
@@ -70,33 +76,30 @@ class FPWeights(Mapping[str, np.ndarray]):
         return value.weight.detach().T if isinstance(value, OnDevice) else None
 
     def size(self, layer: str) -> int:
+        """The layer's weight count, without reading a device-held one back."""
         value = self._values[layer]
         return value.weight.numel() if isinstance(value, OnDevice) else value.size
 
-    def row_abs_max(self, layer: str) -> np.ndarray | None:
-        """max |W| per input channel of a device-held layer (the same float32 values as numpy's on
-        the host copy: a maximum is exact), or None where the host holds the layer."""
-        value = self._values[layer]
-        if not isinstance(value, OnDevice):
-            return None
+    def row_abs_max(self, layer: str) -> np.ndarray:
+        """max |W| per input channel (float32; the same values on either device: a maximum is exact)."""
         if layer not in self._row_max:
-            self._row_max[layer] = value.weight.detach().abs().amax(dim=0).cpu().numpy()
+            value = self._values[layer]
+            if isinstance(value, OnDevice):
+                self._row_max[layer] = value.weight.detach().abs().amax(dim=0).cpu().numpy()
+            else:
+                self._row_max[layer] = np.abs(value).max(axis=1)
         return self._row_max[layer]
 
 
-def graph_weights(constants: Mapping[str, gs.Tensor], names: Mapping[str, str]) -> Mapping[str, np.ndarray]:
-    """Each layer's W^T from the graph's constants (names: layer -> constant name): a plain dict
-    of the arrays where none is released, else FPWeights (a released one is not loaded into the
-    graph: graphsurgeon would keep the copy)."""
-    values = {layer: constants[name]._values for layer, name in names.items()}
-    if not any(isinstance(v, OnDevice) for v in values.values()):
-        return {layer: np.asarray(constants[name].values) for layer, name in names.items()}
-    return FPWeights({layer: v if isinstance(v, OnDevice) else np.asarray(v) for layer, v in values.items()})
+def graph_weights(constants: Mapping[str, gs.Tensor], names: Mapping[str, str]) -> FPWeights:
+    """Each layer's W^T from the graph's constants (names: layer -> constant name); a released one
+    is not loaded into the graph (graphsurgeon would keep the copy)."""
+    return FPWeights({layer: _graph_value(constants[name]) for layer, name in names.items()})
 
 
-def weight_size(weights: Mapping[str, np.ndarray], layer: str) -> int:
-    """A layer's weight count, without reading a device-held one back."""
-    return weights.size(layer) if isinstance(weights, FPWeights) else weights[layer].size
+def _graph_value(constant: gs.Tensor) -> np.ndarray | OnDevice:
+    value = constant._values
+    return value if isinstance(value, OnDevice) else np.asarray(constant.values)
 
 
 def release(

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 from qexport.calib.stats import LayerStats
 from qexport.passes.analyze import Group
-from qexport.passes.fp_weights import weight_size
+from qexport.passes.fp_weights import FPWeights
 from qexport.passes.gptq import Gram, Hessian, Memo, Rounded
 from qexport.passes.pool import planning_pool
 from qexport.passes.quant import Grid, qparams, quantize, rows
@@ -109,7 +109,7 @@ planned, so a range holds the float64 weights of that many more linears, not of 
 def _bytes(rng: RangeStep, waiting: Waiting) -> int:
     """Float64 bytes of the waiting linears' weights (made or not yet) and their Hessians."""
     hessians = {id(h): h.nbytes for _, _, _, h in waiting}  # one H per group
-    return sum(weight_size(rng.weights, layer) * 8 for layer, _, _, _ in waiting) + sum(hessians.values())
+    return sum(rng.weights.size(layer) * 8 for layer, _, _, _ in waiting) + sum(hessians.values())
 
 
 @contextmanager
@@ -169,6 +169,7 @@ def plan_range(
     plan = RangePlan(steps=list(steps), alpha=config.alpha, act_shrink=config.act_shrink)
     plan.group_alpha = dict(group_alpha or {})
     of_layer: dict[str, GroupStep] = {}
+    weights = FPWeights.of(weights)
     rng = RangeStep(plan=plan, config=config, target=target, weights=weights,
                     final_w=FinalWeights(weights),
                     final_b={k: (None if v is None else v.astype(np.float64)) for k, v in biases.items()},

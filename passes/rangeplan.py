@@ -193,7 +193,7 @@ class FinalWeights(dict[str, np.ndarray]):
 
     def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
         super().__init__()
-        self.weights = weights
+        self.weights = FPWeights.of(weights)
         self.released: set[str] = set()
         self.waiting: dict[str, list[tuple[bool, np.ndarray]]] = {}  # layer -> (by rows?, vector) in order
         self.parked: dict[str, torch.Tensor] = {}  # made weights moved to a device (park)
@@ -222,7 +222,7 @@ class FinalWeights(dict[str, np.ndarray]):
             tensor = torch.from_numpy(self[layer]).to(device)
             del self[layer]
         else:  # from the device-held FP weight where a GPU build released the host's (passes.fp_weights)
-            held = self.weights.device_weight(layer) if isinstance(self.weights, FPWeights) else None
+            held = self.weights.device_weight(layer)
             source = held if held is not None else self.weights[layer]
             tensor = _made_on(source, self.waiting.pop(layer, ()), torch.device(device))
         self.parked[layer] = tensor
@@ -259,7 +259,7 @@ class RangeStep:
     plan: RangePlan
     config: QuantConfig
     target: TargetProfile
-    weights: Mapping[str, np.ndarray]  # FP W^T [in, out] (passes.fp_weights)
+    weights: FPWeights  # FP W^T [in, out]
     final_w: FinalWeights  # W^T as the steps leave it (smoothed, rotated), float64
     final_b: dict[str, np.ndarray | None]  # biases as the steps leave them, float64
     changed_bias: set[str]  # layers whose bias the build writes

@@ -10,8 +10,7 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 from qexport.exporter.replay import device_copy
-from qexport.passes.fp_weights import FPWeights, OnDevice, graph_weights, release, restore, weight_size
-from qexport.passes.techniques.smoothquant import layer_row_max, row_abs_max
+from qexport.passes.fp_weights import FPWeights, OnDevice, graph_weights, release, restore
 from torch import nn
 
 
@@ -43,18 +42,20 @@ def test_release_reads_the_device_copy_and_restore_makes_the_host_weights_again(
     assert isinstance(weights, FPWeights) and list(weights) == ["0", "1"]
     assert isinstance(constants["w0"]._values, OnDevice)  # read through FPWeights, not loaded into the graph
     for layer in names:
-        assert np.array_equal(weights[layer], before[layer]) and weight_size(weights, layer) == before[layer].size
-        assert np.array_equal(layer_row_max(weights, layer), row_abs_max(before[layer]))
+        assert np.array_equal(weights[layer], before[layer]) and weights.size(layer) == before[layer].size
+        assert np.array_equal(weights.row_abs_max(layer), np.abs(before[layer]).max(axis=1))
     assert weights.device_weight("1") is None and torch.equal(weights.device_weight("0"), device[0].weight.T)
     restore(emptied, device)
     assert all(torch.equal(p, expected[name]) for name, p in host.named_parameters())
 
 
-def test_nothing_released_leaves_plain_arrays() -> None:
+def test_nothing_released_reads_the_graph_arrays() -> None:
     host = _model()
     constants = _constants(host)
     weights = graph_weights(constants, {"0": "w0", "1": "w1"})
-    assert isinstance(weights, dict) and weights["0"] is constants["w0"].values
+    assert weights["0"] is constants["w0"].values and weights.device_weight("0") is None
+    assert weights.row_abs_max("1") is weights.row_abs_max("1")  # computed once, kept
+    assert FPWeights.of(weights) is weights and FPWeights.of({"0": weights["0"]})["0"] is weights["0"]
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (1, 3)])

@@ -3,14 +3,12 @@ ASQ: one s for all steps (aggregated statistics); TSQ: one s per time range (per
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from qexport.passes.fp_weights import FPWeights
 from qexport.passes.graph import const, consumers, node_named, write_bias
 from qexport.passes.rangeplan import GroupStep, Smooth
 from qexport.passes.rewrite import PassConfig
@@ -20,26 +18,6 @@ from qexport.passes.techniques.base import GraphPass, Shape, Technique
 from qexport.targets.profile import TargetProfile
 
 from qexport.errors import QexportError
-
-_ROW_MAX: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = {}
-
-
-def layer_row_max(weights: Mapping[str, np.ndarray], layer: str) -> np.ndarray:
-    """row_abs_max of a layer's FP W^T, computed where the weight is (a GPU build's released ones
-    on the device: passes.fp_weights)."""
-    found = weights.row_abs_max(layer) if isinstance(weights, FPWeights) else None
-    return found if found is not None else row_abs_max(weights[layer])
-
-
-def row_abs_max(w: np.ndarray) -> np.ndarray:
-    """max |W| per input channel of an FP W^T [in, out], kept while the array lives: the plans of one
-    range (a search's candidates) smooth the same weights."""
-    hit = _ROW_MAX.get(id(w))
-    if hit is not None and hit[0]() is w:
-        return hit[1]
-    value, key = np.abs(w).max(axis=1), id(w)
-    _ROW_MAX[key] = (weakref.ref(w, lambda _: _ROW_MAX.pop(key, None)), value)
-    return value
 
 
 def fold_smoothing(graph: gs.Graph, config: PassConfig, target: TargetProfile) -> gs.Graph:
@@ -114,7 +92,7 @@ class SmoothQuant(Technique):
         rng, g = step.rng, step.g
         if rng.config.smooth == Smooth.NONE:
             return
-        wmax = np.max([layer_row_max(rng.weights, layer) for layer in g.layers], axis=0)
+        wmax = np.max([rng.weights.row_abs_max(layer) for layer in g.layers], axis=0)
         if rng.config.smooth == Smooth.ASQ and rng.config.asq_stat == "spearman":
             step.act = salience_calibrated(step.stats, list(range(step.stats.steps)), wmax)
         s = smoothing_vector(step.act, wmax, rng.plan.group_alpha.get(g.tensor, rng.config.alpha))
