@@ -12,6 +12,7 @@ the same float32 numbers either way (a copy between devices is exact), so the bu
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -49,11 +50,10 @@ class FPWeights(Mapping[str, np.ndarray]):
     """FP W^T [in, out] per layer, as planning reads it: the host's array where it holds one, else
     read back from the device on each use and not kept (a range's planning holds the layers in
     flight, not the model). Each layer's largest |W| per input channel is computed where the weight
-    is, once, and kept: a range's plans (a search's candidates) smooth the same weights."""
+    is, once a build: every range's plans (a search's candidates) smooth the same FP weights."""
 
     def __init__(self, values: Mapping[str, np.ndarray | OnDevice]) -> None:
         self._values = dict(values)
-        self._row_max: dict[str, np.ndarray] = {}
 
     @classmethod
     def of(cls, weights: Mapping[str, np.ndarray]) -> FPWeights:
@@ -82,13 +82,25 @@ class FPWeights(Mapping[str, np.ndarray]):
 
     def row_abs_max(self, layer: str) -> np.ndarray:
         """max |W| per input channel (float32; the same values on either device: a maximum is exact)."""
-        if layer not in self._row_max:
-            value = self._values[layer]
-            if isinstance(value, OnDevice):
-                self._row_max[layer] = value.weight.detach().abs().amax(dim=0).cpu().numpy()
-            else:
-                self._row_max[layer] = np.abs(value).max(axis=1)
-        return self._row_max[layer]
+        return _row_abs_max(self._values[layer])
+
+
+_ROW_MAX: dict[int, tuple[weakref.ref[object], np.ndarray]] = {}
+
+
+def _row_abs_max(value: np.ndarray | OnDevice) -> np.ndarray:
+    """max |W| per input channel of W^T, kept while the array (or released weight) lives: every
+    range's graph shares the FP export's constants, so a build computes each layer's once."""
+    hit = _ROW_MAX.get(id(value))
+    if hit is not None and hit[0]() is value:
+        return hit[1]
+    if isinstance(value, OnDevice):
+        found = value.weight.detach().abs().amax(dim=0).cpu().numpy()
+    else:
+        found = np.abs(value).max(axis=1)
+    key = id(value)
+    _ROW_MAX[key] = (weakref.ref(value, lambda _: _ROW_MAX.pop(key, None)), found)
+    return found
 
 
 def graph_weights(constants: Mapping[str, gs.Tensor], names: Mapping[str, str]) -> FPWeights:

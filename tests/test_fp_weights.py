@@ -45,6 +45,8 @@ def test_release_reads_the_device_copy_and_restore_makes_the_host_weights_again(
         assert np.array_equal(weights[layer], before[layer]) and weights.size(layer) == before[layer].size
         assert np.array_equal(weights.row_abs_max(layer), np.abs(before[layer]).max(axis=1))
     assert weights.device_weight("1") is None and torch.equal(weights.device_weight("0"), device[0].weight.T)
+    again = graph_weights({name: c.copy() for name, c in constants.items()}, names)  # another range's graph
+    assert again.row_abs_max("0") is weights.row_abs_max("0")  # the released weight's, computed once
     restore(emptied, device)
     assert all(torch.equal(p, expected[name]) for name, p in host.named_parameters())
 
@@ -54,7 +56,8 @@ def test_nothing_released_reads_the_graph_arrays() -> None:
     constants = _constants(host)
     weights = graph_weights(constants, {"0": "w0", "1": "w1"})
     assert weights["0"] is constants["w0"].values and weights.device_weight("0") is None
-    assert weights.row_abs_max("1") is weights.row_abs_max("1")  # computed once, kept
+    again = graph_weights({name: c.copy() for name, c in constants.items()}, {"0": "w0", "1": "w1"})  # another range
+    assert again.row_abs_max("1") is weights.row_abs_max("1")  # computed once a build, kept
     assert FPWeights.of(weights) is weights and FPWeights.of({"0": weights["0"]})["0"] is weights["0"]
 
 
