@@ -7,7 +7,7 @@
 #                                                   #   best + GPTQ (GPU) and plain (CPU) builds with host memory by function
 #   bash bench/gpu_best_recipe.sh OUTDIR latte      # latte-1 alone: calibrated on the GPU, then its best + GPTQ build (GPU,
 #                                                   #   cores 0-9) beside its plain build (CPU only, cores 10-15); the GPU
-#                                                   #   not shared
+#                                                   #   not shared; both with host memory by function, timeline kept
 #   bash bench/gpu_best_recipe.sh OUTDIR memory     # both models, the GPU never shared: cores 0-9, dit-xl-2's best + GPTQ
 #                                                   #   build (GPU), then latte-1's; cores 10-15, their plain builds (CPU
 #                                                   #   only); every build with host memory by function, timeline kept
@@ -61,8 +61,10 @@ case $part in
     wait ;;
   latte)
     calibrate_latte 2>&1 | stamp > "$out/calibrate.log" || exit 1
-    latte_best 2>&1 | stamp > "$out/latte_best.log" &
-    latte_plain 2>&1 | stamp > "$out/latte_plain.log" &
+    latte_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/latte_best_timeline.log" 2>&1 |
+      stamp > "$out/latte_best.log" &
+    latte_memory 10-15 plain --recipe w8a8-tsq-tsw --log "$out/latte_plain_timeline.log" 2>&1 |
+      stamp > "$out/latte_plain.log" &
     wait ;;
   memory)
     { calibrate_dit 0-15 && calibrate_latte; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
