@@ -27,7 +27,7 @@ class OnDevice(gs.ir.tensor.LazyValues):
     keeps that copy: planning reads it through FPWeights instead, which keeps none."""
 
     def __init__(self, weight: torch.Tensor) -> None:  # graphsurgeon's TensorProto is not needed
-        self.weight = weight
+        self.weight = weight.detach()  # the storage itself: a simulation swaps the parameter's .data
         self.shape = (int(weight.shape[1]), int(weight.shape[0]))
         self.dtype = np.dtype(np.float32)
         self.nbytes = weight.numel() * 4

@@ -66,3 +66,19 @@ def test_a_loaded_released_constant_gives_the_weight(shape: tuple[int, int]) -> 
     weight = torch.randn(*shape)
     loaded = gs.Constant("w", OnDevice(weight)).values  # graphsurgeon's own load
     assert np.array_equal(loaded, weight.numpy().T) and not loaded.flags.writeable
+
+
+def test_a_released_weight_reads_the_fp_values_while_a_simulation_swaps_the_parameter() -> None:
+    host = _model()
+    device = device_copy(host, torch.device("cpu"))
+    constants, names = _constants(host), {"0": "w0"}
+    fp = device[0].weight.detach().clone()
+    release(constants, names, host, device)
+    weights = graph_weights(constants, names)
+    saved = device[0].weight.data
+    device[0].weight.data = torch.zeros_like(fp)  # what exporter.simulate.simulated does for a scored plan
+    try:
+        assert np.array_equal(weights["0"], fp.numpy().T)
+        assert torch.equal(weights.device_weight("0"), fp.T)
+    finally:
+        device[0].weight.data = saved
