@@ -45,7 +45,7 @@ from qexport.passes.analyze import FOLDS, Group, find_groups
 from qexport.passes.apply import pack_low_bit, run_passes
 from qexport.passes.attention import find_attention, plan_attention
 from qexport.passes.close import plan_outputs
-from qexport.passes.fp_weights import graph_weights, release, restore
+from qexport.passes.fp_weights import FPWeights, graph_weights, release, restore
 from qexport.passes.gptq import Gram, Memo, Rounding
 from qexport.passes.graph import node_named
 from qexport.passes.integer_only import integer_only, observed_tensors
@@ -604,7 +604,7 @@ def _choose_mixed(
                           head_dims=heads, group_alpha=group_alpha, layer_bits=bits, grams=grams,
                           gptq_memo=memo)  # fmt: skip
 
-    params = {layer: int(w.size) for layer, w in weights.items()}
+    params = {layer: weights.size(layer) for layer in weights}  # not read back where a GPU holds them
     shared = config.ranges is None or q.smooth != Smooth.TSQ
     return choose_bits(replay, ranges, shared, make, params, q.w_bits, q.mixed_precision, target, progress)
 
@@ -872,7 +872,7 @@ def lowrank_cost(graph: gs.Graph, nodes: dict[str, str], plan: RangePlan) -> Bra
 
 def range_inputs(
     graph: gs.Graph, bindings: dict[str, LinearBinding], adapter: ModelAdapter
-) -> tuple[dict[str, str], list[Group], Mapping[str, np.ndarray], dict[str, np.ndarray | None]]:
+) -> tuple[dict[str, str], list[Group], FPWeights, dict[str, np.ndarray | None]]:
     """What planning a range reads off a prepared FP graph: each layer's MatMul node, the
     input-sharing groups with their folds, FP weights (W^T; read from the device where a GPU build
     released the host's: passes.fp_weights) and biases."""

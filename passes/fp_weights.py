@@ -70,6 +70,9 @@ class FPWeights(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._values)
 
+    def __contains__(self, layer: object) -> bool:  # Mapping's own would read the weight
+        return layer in self._values
+
     def device_weight(self, layer: str) -> torch.Tensor | None:
         """W^T [in, out] on the device (a view), or None where the host holds the layer."""
         value = self._values[layer]

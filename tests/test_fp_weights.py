@@ -82,3 +82,22 @@ def test_a_released_weight_reads_the_fp_values_while_a_simulation_swaps_the_para
         assert torch.equal(weights.device_weight("0"), fp.T)
     finally:
         device[0].weight.data = saved
+
+
+def test_membership_size_and_row_maxima_read_no_released_weight_back(monkeypatch) -> None:
+    import qexport.passes.fp_weights as fp_weights
+
+    host = _model()
+    device = device_copy(host, torch.device("cpu"))
+    constants, names = _constants(host), {"0": "w0", "1": "w1"}
+    release(constants, names, host, device)
+    weights = graph_weights(constants, names)
+
+    def read_back(weight: torch.Tensor) -> np.ndarray:
+        raise AssertionError("a released weight was read back to the host")
+
+    monkeypatch.setattr(fp_weights, "_host", read_back)
+    assert "0" in weights and "2" not in weights and set(weights) == {"0", "1"}
+    assert weights.size("0") == 24 and weights.row_abs_max("0").shape == (6,)
+    with pytest.raises(AssertionError, match="read back"):
+        weights["0"]
