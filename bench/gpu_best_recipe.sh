@@ -50,7 +50,12 @@ build_memory() {  # a build with host memory by function: model, cores, JSON nam
     --stats "$model.qstats" --out "$work/m_${model}_$name" --every 0.2 --json "$out/${model}_memory_$name.json" "$@"
 }
 dit_memory() { build_memory dit "$@"; }
-latte_memory() { build_memory latte "$@"; }
+best_memory() {  # a model's best + GPTQ build on the GPU, cores 0-9, its timeline kept
+  build_memory "$1" 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/$1_best_timeline.log"
+}
+plain_memory() {  # a model's plain build, CPU only, cores 10-15, its timeline kept
+  build_memory "$1" 10-15 plain --recipe w8a8-tsq-tsw --log "$out/$1_plain_timeline.log"
+}
 case $part in
   builds)
     { calibrate_latte && calibrate_dit 0-15; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
@@ -61,35 +66,29 @@ case $part in
     wait ;;
   latte)
     calibrate_latte 2>&1 | stamp > "$out/calibrate.log" || exit 1
-    latte_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/latte_best_timeline.log" 2>&1 |
-      stamp > "$out/latte_best.log" &
-    latte_memory 10-15 plain --recipe w8a8-tsq-tsw --log "$out/latte_plain_timeline.log" 2>&1 |
-      stamp > "$out/latte_plain.log" &
+    best_memory latte 2>&1 | stamp > "$out/latte_best.log" &
+    plain_memory latte 2>&1 | stamp > "$out/latte_plain.log" &
     wait ;;
   memory)
     { calibrate_dit 0-15 && calibrate_latte; } 2>&1 | stamp > "$out/calibrate.log" || exit 1
-    { dit_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/dit_best_timeline.log"
-      latte_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --log "$out/latte_best_timeline.log"
-    } 2>&1 | grep -v "building models" | stamp > "$out/lane1.log" &
-    { dit_memory 10-15 plain --recipe w8a8-tsq-tsw --log "$out/dit_plain_timeline.log"
-      latte_memory 10-15 plain --recipe w8a8-tsq-tsw --log "$out/latte_plain_timeline.log"
-    } 2>&1 | grep -v "building models" | stamp > "$out/lane2.log" &
+    { best_memory dit; best_memory latte; } 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/lane1.log" &
+    { plain_memory dit; plain_memory latte; } 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/lane2.log" &
     wait ;;
   allocator)
     calibrate_dit 10-15 > "$out/calibrate_dit.log" 2>&1 || exit 1
     for setting in defaults MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=4194304; do
       ( [ "$setting" = defaults ] || export "${setting?}"  # the allocator setting for this build's process only
         dit_memory 10-15 "${setting%%=*}" --recipe w8a8-best --set gptq=on --device cuda ) 2>&1 |
-        grep -v "building models" | stamp > "$out/allocator_${setting%%=*}.log"
+        grep --line-buffered -v "building models" | stamp > "$out/allocator_${setting%%=*}.log"
     done ;;
   census)
     calibrate_dit 0-15 > "$out/calibrate_dit.log" 2>&1 || exit 1
     dit_memory 0-9 best --recipe w8a8-best --set gptq=on --device cuda --census 0.25 \
-      --log "$out/dit_best_timeline.log" 2>&1 | grep -v "building models" | stamp > "$out/lane1.log" &
+      --log "$out/dit_best_timeline.log" 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/lane1.log" &
     { dit_memory 10-15 plain --recipe w8a8-tsq-tsw --census 0.25 --log "$out/dit_plain_timeline.log"
       [ -n "${CENSUS_ONLY:-}" ] || ( export MALLOC_ARENA_MAX=2  # glibc's arenas limited, this build's process only
         dit_memory 10-15 arenas2 --recipe w8a8-best --set gptq=on --device cuda --census 0.25 \
-          --log "$out/dit_arenas2_timeline.log" ); } 2>&1 | grep -v "building models" | stamp > "$out/lane2.log" &
+          --log "$out/dit_arenas2_timeline.log" ); } 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/lane2.log" &
     wait ;;
   speed)
     taskset -c 0-7 python3 "$root/bench/speed.py" --models dit-b-2 --bits 8 --repeats 10 --threads 2,8 \
