@@ -41,7 +41,7 @@ class OnDevice(gs.ir.tensor.LazyValues):
 
 def _host(weight: torch.Tensor) -> np.ndarray:
     """W^T of a device weight as a read-only host array (a transposed view of the copy)."""
-    values = weight.detach().T.cpu().numpy()
+    values = weight.T.cpu().numpy()
     values.flags.writeable = False
     return values
 
@@ -76,7 +76,7 @@ class FPWeights(Mapping[str, np.ndarray]):
     def device_weight(self, layer: str) -> torch.Tensor | None:
         """W^T [in, out] on the device (a view), or None where the host holds the layer."""
         value = self._values[layer]
-        return value.weight.detach().T if isinstance(value, OnDevice) else None
+        return value.weight.T if isinstance(value, OnDevice) else None
 
     def size(self, layer: str) -> int:
         """The layer's weight count, without reading a device-held one back."""
@@ -94,14 +94,11 @@ _ROW_MAX: dict[int, tuple[weakref.ref[object], np.ndarray]] = {}
 def _row_abs_max(value: np.ndarray | OnDevice) -> np.ndarray:
     """max |W| per input channel of W^T, kept while the array (or released weight) lives: every
     range's graph shares the FP export's constants, so a build computes each layer's once."""
-    hit = _ROW_MAX.get(id(value))
+    key = id(value)
+    hit = _ROW_MAX.get(key)
     if hit is not None and hit[0]() is value:
         return hit[1]
-    if isinstance(value, OnDevice):
-        found = value.weight.detach().abs().amax(dim=0).cpu().numpy()
-    else:
-        found = np.abs(value).max(axis=1)
-    key = id(value)
+    found = value.weight.abs().amax(dim=0).cpu().numpy() if isinstance(value, OnDevice) else np.abs(value).max(axis=1)
     _ROW_MAX[key] = (weakref.ref(value, lambda _: _ROW_MAX.pop(key, None)), found)
     return found
 
