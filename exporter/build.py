@@ -778,10 +778,14 @@ def _build_range(
         # only: one solve per layer instead of one per candidate (docs/techniques/gptq.md), unless the
         # recipe scores them as they will be rounded (gptq.alpha_scoring gptq)
         rounding = Rounding.NEAREST if gptq(quant) and quant.alpha_scoring == "nearest" else quant.weight_rounding
+        # on a GPU the next candidate is planned on the CPU while the device scores one; not where a plan
+        # replays attention ranges (the scoring holds the transformer), nor on the CPU (its cores score)
+        ahead = replay.device.type != "cpu" and not sites
         with stage("alpha search"):
             # a candidate rounded otherwise is planned again: the search holds no plan beside the one it scores
             alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv),
-                                                 start=start, keep=rounding == quant.weight_rounding)  # fmt: skip
+                                                 start=start, keep=rounding == quant.weight_rounding,
+                                                 ahead=ahead)  # fmt: skip
     if searches[1]:
         assert replay is not None
         known = None if found is None else (shrink, scores["alpha"][alpha], found)  # the alpha search ran it

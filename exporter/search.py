@@ -10,11 +10,16 @@ on the scores of 20 ranges searched over the whole grid this took 3.8 simulated 
 6.5, at a mean loss of 0.017 dB step SQNR against the grid's maximum (the coarse pass: 0.028 dB).
 Started the same way, the range search lost more (0.041 dB against 0.026), and both together
 lost 0.37 +- 0.16 dB of final PSNR on tiny-latte's 24 evaluation prompts; it stays coarse to fine.
+
+Both walks say which candidates they will score next (the coarse points; a climb's two neighbours),
+none of them a guess: with ``ahead``, the next one is planned on a thread of its own while the one
+before is scored, so a GPU build's device scores while its CPU plans (at most one plan ahead).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 
 import numpy as np
@@ -49,19 +54,26 @@ def final_score(replay: CalibrationReplay, plan_of_step: Callable[[int], RangePl
     return sqnr_db(replay.final, final)
 
 
-def coarse_to_fine(count: int, at: Callable[[int], float]) -> int:
+def coarse_to_fine(count: int, at: Callable[[int], float], ahead: Callable[[list[int]], None] | None = None) -> int:
     """Where a coarse-to-fine search over `count` candidates ends: the best of every STRIDE-th
     index (and the last), then steps to a strictly better neighbour until there is none. `at`
-    scores an index (the caller caches)."""
+    scores an index (the caller caches); `ahead`, if given, is told the indices about to be scored."""
     last = count - 1
-    return climb(count, at, max(sorted({*range(0, last + 1, STRIDE), last}), key=at))  # max: the first of equals
+    coarse = sorted({*range(0, last + 1, STRIDE), last})
+    if ahead is not None:
+        ahead(coarse)
+    return climb(count, at, max(coarse, key=at), ahead)  # max: the first of equals
 
 
-def climb(count: int, at: Callable[[int], float], i: int) -> int:
-    """From index i, step to the better neighbour while it is strictly better; the index it ends at."""
+def climb(count: int, at: Callable[[int], float], i: int, ahead: Callable[[list[int]], None] | None = None) -> int:
+    """From index i, step to the better neighbour while it is strictly better; the index it ends at.
+    `ahead`, if given, is told the indices about to be scored, in the order they are (the neighbours, then i)."""
     last = count - 1
     while True:
-        j = max((k for k in (i - 1, i + 1) if 0 <= k <= last), key=at)
+        neighbours = [k for k in (i - 1, i + 1) if 0 <= k <= last]
+        if ahead is not None:
+            ahead([*neighbours, i])
+        j = max(neighbours, key=at)
         if at(j) <= at(i):
             return i
         i = j
@@ -74,6 +86,7 @@ def best(
     known: tuple[float, float, RangePlan] | None = None,
     start: float | None = None,
     keep: bool = True,
+    ahead: bool = False,
 ) -> tuple[float, RangePlan | None, dict[float, float]]:
     """The best candidate value, its plan, and the scores of the candidates tried. Coarse to fine:
     every STRIDE-th candidate (and the last) first, then a climb from the best of those to a
@@ -82,19 +95,37 @@ def best(
     known: a candidate already scored (value, score, plan), not run again.
     start: where to climb from instead of the coarse pass (the previous range's choice).
     keep: hold the best plan so far and return it; without, no candidate's plan outlives its score
-    and None is returned (a caller that plans the chosen value again: one plan's weights less)."""
+    and None is returned (a caller that plans the chosen value again: one plan's weights less).
+    ahead: plan the next candidate on a thread of its own while one is scored (make_plan must then
+    leave the replay's transformer alone: it is scoring meanwhile); the same plans and scores."""
     scores: dict[float, float] = {}
     uploads = Uploads()  # the candidates' shared weights sent to the device once
     chosen: tuple[int, RangePlan | None] | None = None
     if known is not None and known[0] in candidates:
         scores[known[0]] = known[1]
         chosen = (candidates.index(known[0]), known[2] if keep else None)
+    upcoming: list[int] = []  # the indices the walk said it scores next
+    pending: dict[int, Future[RangePlan]] = {}  # at most one plan in the making
 
-    def at(i: int) -> float:
+    def plan_next(pool: ThreadPoolExecutor) -> None:
+        if not pending:
+            nxt = next((k for k in upcoming if candidates[k] not in scores), None)
+            if nxt is not None:
+                pending[nxt] = pool.submit(make_plan, candidates[nxt])
+
+    def at(i: int, pool: ThreadPoolExecutor | None) -> float:
         nonlocal chosen
         value = candidates[i]
         if value not in scores:
-            plan = make_plan(value)
+            if pool is None:
+                plan = make_plan(value)
+            else:
+                for k in [k for k in pending if k != i]:  # another's plan: finished first, one planning at a time
+                    pending[k].result()
+                plan = pending.pop(i).result() if i in pending else make_plan(value)
+                if i in upcoming:
+                    upcoming.remove(i)
+                plan_next(pool)  # the next candidate's plan is made while this one is scored
             scores[value] = score(replay, plan, uploads)
             if (
                 chosen is None
@@ -106,9 +137,26 @@ def best(
             heap.release()
         return scores[value]
 
-    if start is not None and start in candidates:
-        climb(len(candidates), at, candidates.index(start))
+    def walk(pool: ThreadPoolExecutor | None) -> None:
+        def told(indices: list[int]) -> None:
+            upcoming[:] = indices
+            if pool is not None:
+                plan_next(pool)
+
+        if start is not None and start in candidates:
+            climb(len(candidates), lambda i: at(i, pool), candidates.index(start), told)
+        else:
+            coarse_to_fine(len(candidates), lambda i: at(i, pool), told)
+
+    if ahead:
+        with ThreadPoolExecutor(1, thread_name_prefix="candidate") as pool:
+            try:
+                walk(pool)
+            finally:
+                for future in pending.values():  # none is left by a finished walk; an error's is dropped
+                    future.cancel()
+                pending.clear()
     else:
-        coarse_to_fine(len(candidates), at)
+        walk(None)
     assert chosen is not None  # the best of those tried (the climb's end, or an equal one before it)
     return candidates[chosen[0]], chosen[1], scores

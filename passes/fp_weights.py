@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -39,9 +40,24 @@ class OnDevice(gs.ir.tensor.LazyValues):
         return f"OnDevice (shape={self.shape}, device={self.weight.device})"
 
 
+_READERS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _reading(weight: torch.Tensor) -> AbstractContextManager[object]:
+    """Where a released weight is read back: a CUDA stream of its own, so that a plan made while the
+    device scores another (exporter.search's planning ahead) does not wait behind that work in the
+    default stream. The weights are not written after the release, so no order between them is needed."""
+    if weight.device.type != "cuda":
+        return nullcontext()
+    if weight.device not in _READERS:
+        _READERS[weight.device] = torch.cuda.Stream(weight.device)
+    return torch.cuda.stream(_READERS[weight.device])
+
+
 def _host(weight: torch.Tensor) -> np.ndarray:
     """W^T of a device weight as a read-only host array (a transposed view of the copy)."""
-    values = weight.T.cpu().numpy()
+    with _reading(weight):
+        values = weight.T.cpu().numpy()
     values.flags.writeable = False
     return values
 
@@ -98,7 +114,11 @@ def _row_abs_max(value: np.ndarray | OnDevice) -> np.ndarray:
     hit = _ROW_MAX.get(key)
     if hit is not None and hit[0]() is value:
         return hit[1]
-    found = value.weight.abs().amax(dim=0).cpu().numpy() if isinstance(value, OnDevice) else np.abs(value).max(axis=1)
+    if isinstance(value, OnDevice):
+        with _reading(value.weight):
+            found = value.weight.abs().amax(dim=0).cpu().numpy()
+    else:
+        found = np.abs(value).max(axis=1)
     _ROW_MAX[key] = (weakref.ref(value, lambda _: _ROW_MAX.pop(key, None)), found)
     return found
 
@@ -131,6 +151,9 @@ def release(
         constant._values = OnDevice(device_modules[layer].weight)
         param.data = torch.empty(0, dtype=param.dtype)  # its storage goes with the last view
         emptied[layer] = param
+    for on in {device_modules[layer].weight.device for layer in emptied}:
+        if on.type == "cuda":  # the weights written before they are read on a stream of their own
+            torch.cuda.synchronize(on)
     return emptied
 
 

@@ -301,3 +301,26 @@ def test_verify_a_subset_of_models_skips_the_loop_and_refuses_bad_indexes(latte_
     if not torch.cuda.is_available():  # --device cuda on a machine without one: one clear error
         with pytest.raises(QexportError, match="torch sees no CUDA device here; use --device cpu"):
             verify(result.folder, result.adapter, plans, result.manifest, ORT_CPU, "a circle", only=[0], device="cuda")
+
+
+@pytest.mark.slow
+def test_planning_alpha_candidates_ahead_builds_the_same_files(latte_stats, tmp_path, monkeypatch):
+    # a GPU build plans the next alpha candidate on a thread of its own while one is scored; forced
+    # here on the CPU, the plans, choices and written files are those of planning one at a time
+    from qexport.exporter import build as build_module
+
+    recipe = recipe_of("smoothquant.mode=tsq", "smoothquant.alpha=auto", "granularity.time_ranges=2",
+                       "channel_shift=on")  # fmt: skip
+    alone = build(latte_stats, tmp_path / "alone", BuildConfig(recipe=recipe))
+    searched = build_module.best
+    monkeypatch.setattr(build_module, "best", lambda *a, **k: searched(*a, **{**k, "ahead": True}))
+    ahead = build(latte_stats, tmp_path / "ahead", BuildConfig(recipe=recipe))
+    searches = [[r["search_sqnr_db"] for r in result.manifest["ranges"]] for result in (alone, ahead)]
+    assert searches[0] == searches[1]
+
+    def files(name):
+        return sorted(p.name for p in (tmp_path / name).iterdir() if p.suffix in (".onnx", ".bin"))
+
+    assert files("alone") and files("alone") == files("ahead")
+    for name in files("alone"):
+        assert (tmp_path / "alone" / name).read_bytes() == (tmp_path / "ahead" / name).read_bytes(), name

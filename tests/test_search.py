@@ -112,3 +112,71 @@ def test_a_start_that_is_no_candidate_falls_back_to_the_coarse_pass(monkeypatch)
     made = []
     assert search.best(None, tuple(range(10)), lambda v: made.append(v) or v, start=0.5)[0] == 5
     assert {0, 3, 6, 9} <= set(made)
+
+
+def _walks(monkeypatch, values, ahead, **kwargs):
+    """best() over `values` (scores by index): its result and the order candidates were planned in."""
+    monkeypatch.setattr(search, "score", lambda replay, plan, uploads=None: values[plan])
+    made = []
+    found = search.best(None, tuple(range(len(values))), lambda v: made.append(v) or v, ahead=ahead, **kwargs)
+    return found, made
+
+
+@pytest.mark.parametrize("start", [None, 0, 2, 6, 9])
+@pytest.mark.parametrize("values", [*RECORDED, [-abs(i - 4) for i in range(10)], [5.0] * 10])
+def test_planning_ahead_plans_and_chooses_the_same(monkeypatch, values, start):
+    # the same candidates in the same order, the same choice and scores: nothing planned on a guess
+    assert _walks(monkeypatch, values, True, start=start) == _walks(monkeypatch, values, False, start=start)
+
+
+def test_the_next_candidate_is_planned_while_one_is_scored(monkeypatch):
+    import threading
+
+    values = [-abs(i - 4) for i in range(10)]
+    second = threading.Event()
+    threads, made, overlapped = set(), [], []
+
+    def make(v):
+        threads.add(threading.get_ident())
+        made.append(v)
+        if len(made) == 2:
+            second.set()
+        return v
+
+    def score(replay, plan, uploads=None):
+        if plan == made[0]:  # the first candidate's score waits for the second's plan to begin
+            overlapped.append(second.wait(timeout=30))
+        return values[plan]
+
+    monkeypatch.setattr(search, "score", score)
+    assert search.best(None, tuple(range(10)), make, keep=False, ahead=True)[0] == 4
+    assert overlapped == [True] and threading.get_ident() not in threads
+
+
+def test_planning_ahead_holds_at_most_two_plans(monkeypatch):
+    values = [-abs(i - 7) for i in range(10)]
+    alive = []
+
+    class Candidate:
+        def __init__(self, v):
+            self.v = v
+            alive.append(weakref.ref(self))
+
+    def score(replay, plan, uploads=None):
+        assert sum(r() is not None for r in alive) <= 2  # the one scored and the one in the making
+        return values[plan.v]
+
+    monkeypatch.setattr(search, "score", score)
+    assert search.best(None, tuple(range(10)), Candidate, keep=False, ahead=True)[0] == 7
+
+
+def test_an_error_planning_ahead_reaches_the_caller(monkeypatch):
+    monkeypatch.setattr(search, "score", lambda replay, plan, uploads=None: -abs(plan - 4))
+
+    def make(v):
+        if v == 3:
+            raise ValueError("no plan for 3")
+        return v
+
+    with pytest.raises(ValueError, match="no plan for 3"):
+        search.best(None, tuple(range(10)), make, ahead=True)
