@@ -507,9 +507,11 @@ def plan_models(
                 start = None if not built else built[-1].plan.alpha  # the alpha search's start
                 given = learned[index] if learned else None
                 previous = built[-1].plan if built else None  # the learned quantizers' warm start
+                following = ranges[index + 1] if index + 1 < len(ranges) else None
+                ahead = _grams_ahead(replay, config.quant, following, stats.steps, config.device)
                 plan, model, cost, turns = _build_range(graph, range_bindings, steps, adapter, stats, quant, target,
                                                         replay, searches, kv_plan, group_alpha, bits, memo,
-                                                        kept, start, given, previous)  # fmt: skip
+                                                        kept, start, given, previous, ahead)  # fmt: skip
                 del graph  # the model holds what emission needs: free the graph's arrays before the model is written
                 gc.collect()
                 heap.release()  # the graph's arrays, before the model is written
@@ -712,8 +714,23 @@ def _grams(
     if not gptq(quant):
         return None
     assert replay is not None
-    shared = smoothing_steps(steps, total, quant.smooth_ranges) if quant.smooth == Smooth.TSQ else list(range(total))
-    return replay.input_grams(shared, [g.layers[0] for g in groups])
+    return replay.input_grams(_gram_steps(quant, steps, total), [g.layers[0] for g in groups])
+
+
+def _gram_steps(quant: QuantConfig, steps: list[int], total: int) -> list[int]:
+    """The steps whose layer inputs make a range's Gram matrices (see _grams)."""
+    return smoothing_steps(steps, total, quant.smooth_ranges) if quant.smooth == Smooth.TSQ else list(range(total))
+
+
+def _grams_ahead(
+    replay: CalibrationReplay | None, quant: QuantConfig, steps: list[int] | None, total: int, device: str
+) -> Callable[[list[Group]], None] | None:
+    """What starts the next range's Gram matrices (its `steps`) once a range's plan is final, so that
+    a GPU build's device makes them while the CPU runs the passes and writes the model; None where
+    there is no next range, no GPTQ, or the replay runs on the CPU (whose cores do that work)."""
+    if replay is None or steps is None or not gptq(quant) or not overlapped(device):
+        return None
+    return lambda groups: replay.grams_ahead(_gram_steps(quant, steps, total), [g.layers[0] for g in groups])
 
 
 def _build_range(
@@ -734,11 +751,13 @@ def _build_range(
     start: float | None = None,
     learned: Learned | None = None,
     previous: RangePlan | None = None,
+    ahead: Callable[[list[Group]], None] | None = None,
 ) -> tuple[RangePlan, onnx.ModelProto, BranchCost, int]:
     """One range's plan and emitted model; the alpha search climbs from `start` (the previous
     range's alpha) where given, the activation range search goes coarse to fine (exporter.search);
     `learned`: the input quantizers a build trained (a re-plan's), set instead of training;
-    `previous`: the range before's plan (the learned quantizers' warm start)."""
+    `previous`: the range before's plan (the learned quantizers' warm start); `ahead`: called with
+    the groups once the plan is final, before the passes (the next range's replay work starts)."""
     nodes, groups, weights, biases = range_inputs(graph, bindings, adapter)
     weight_only = tuple(surviving(graph, kept)) if kept else ()
     samples = None
@@ -780,12 +799,12 @@ def _build_range(
         rounding = Rounding.NEAREST if gptq(quant) and quant.alpha_scoring == "nearest" else quant.weight_rounding
         # on a GPU the next candidate is planned on the CPU while the device scores one; not where a plan
         # replays attention ranges (the scoring holds the transformer), nor on the CPU (its cores score)
-        ahead = replay.device.type != "cpu" and not sites
+        planned_ahead = replay.device.type != "cpu" and not sites
         with stage("alpha search"):
             # a candidate rounded otherwise is planned again: the search holds no plan beside the one it scores
             alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv),
                                                  start=start, keep=rounding == quant.weight_rounding,
-                                                 ahead=ahead)  # fmt: skip
+                                                 ahead=planned_ahead)  # fmt: skip
     if searches[1]:
         assert replay is not None
         known = None if found is None else (shrink, scores["alpha"][alpha], found)  # the alpha search ran it
@@ -801,6 +820,8 @@ def _build_range(
     if target.closed_linears:  # output quantizers from the replay, the plan's linears simulated
         assert replay is not None
         plan_outputs(plan, replay.output_ranges(with_kv(plan, kv)), target)
+    if ahead is not None:
+        ahead(groups)
     cost = lowrank_cost(graph, nodes, plan)
     turns = rotation_macs(graph, nodes, groups, plan)
     passes = PassConfig(plan=plan, groups=groups, nodes=nodes, attention=sites, kept=kept or {})

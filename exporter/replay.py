@@ -8,8 +8,10 @@ emitted graph's activation ranges, ``step_feeds`` and ``tensor_ranges``)."""
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -110,11 +112,14 @@ class CalibrationReplay:
     ) -> None:
         if not prompts:
             raise QexportError("this build option needs statistics that record their prompts; recalibrate")
+        # Gram matrices being made ahead on a thread of their own (grams_ahead): their key and result
+        self._ahead: tuple[tuple[tuple[int, ...], tuple[str, ...]], Future[dict[str, torch.Tensor]]] | None = None
+        self._local = threading.local()  # .ahead: set on the thread that makes them
         with stage("FP replay"):  # the FP trajectories and outputs
             self.device = torch.device(device)
             self.scoring = scoring  # the precision of scored() on a GPU
-            self.adapter = adapter = on_device(adapter, device)
-            self.denoiser = adapter.denoiser()
+            self._adapter = adapter = on_device(adapter, device)
+            self._denoiser = adapter.denoiser()
             self.timesteps = timesteps
             cond = torch.cat([adapter.conditioner.encode(prompts), adapter.conditioner.null(len(prompts))])
             self.cond = cond.to(self.device)
@@ -143,6 +148,29 @@ class CalibrationReplay:
             # cache filled inside a simulation would hold quantized ones
             self.references = ys
             self._grams: dict[tuple[tuple[int, ...], tuple[str, ...]], dict[str, torch.Tensor]] = {}
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """The replay's model; its transformer is free to use (Gram matrices made ahead are waited for)."""
+        self._settle()
+        return self._adapter
+
+    @property
+    def denoiser(self) -> Any:
+        """The replay's denoiser (the transformer as the sampling loop calls it), free to use."""
+        self._settle()
+        return self._denoiser
+
+    def _settle(self) -> None:
+        """Wait for the Gram matrices being made ahead, if any (raising their error), and keep them as the
+        last set; on the thread that makes them, nothing."""
+        if self._ahead is None or getattr(self._local, "ahead", False):
+            return
+        key, future = self._ahead
+        self._ahead = None
+        grams = future.result()
+        self._grams.clear()
+        self._grams[key] = grams
 
     def sample(self, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """The whole sampling loop on the replayed prompts (seed 0), as the transformer computes."""
@@ -184,18 +212,50 @@ class CalibrationReplay:
         gptq.input_hessian); kept for the next call with the same
         (steps, layers), the last such set only: a range's searches and its plan ask for the same
         one, the next range for another (dit-xl-2's are 5.6 GB a range)."""
+        self._settle()
         key = (tuple(steps), tuple(layers))
         if key not in self._grams:
             self._grams.clear()
-            grams: dict[str, torch.Tensor] = {}
-
-            def add(name: str, x: torch.Tensor) -> None:
-                gram = (x.T @ x).double()  # float32 products, summed over steps in float64
-                grams[name] = gram if name not in grams else grams[name] + gram
-
-            self._watch(steps, layers, add)
-            self._grams[key] = grams
+            self._grams[key] = self._gram_set(steps, layers)
         return self._grams[key]
+
+    def grams_ahead(self, steps: list[int], layers: list[str]) -> None:
+        """Start making input_grams(steps, layers) on a thread of its own: a GPU build's next range's,
+        while the CPU writes this range's model. Whatever next uses the transformer (input_grams,
+        run, the adapter or denoiser) waits for them first; the last set made before is let go."""
+        self._settle()
+        key = (tuple(steps), tuple(layers))
+        if key in self._grams:
+            return
+        self._grams.clear()
+
+        # on a GPU, a stream of their own (after the work queued so far, which may still read the last
+        # set): the CPU's reads of other device tensors meanwhile do not wait behind them
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+
+        def made() -> dict[str, torch.Tensor]:
+            self._local.ahead = True
+            with nullcontext() if stream is None else torch.cuda.stream(stream):
+                grams = self._gram_set(steps, layers)
+            if stream is not None:
+                stream.synchronize()  # done before any other stream uses them
+            return grams
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="grams")
+        self._ahead = (key, pool.submit(made))
+        pool.shutdown(wait=False)  # the thread ends with its one job
+
+    def _gram_set(self, steps: list[int], layers: list[str]) -> dict[str, torch.Tensor]:
+        grams: dict[str, torch.Tensor] = {}
+
+        def add(name: str, x: torch.Tensor) -> None:
+            gram = (x.T @ x).double()  # float32 products, summed over steps in float64
+            grams[name] = gram if name not in grams else grams[name] + gram
+
+        self._watch(steps, layers, add)
+        return grams
 
     def _watch(self, steps: list[int], layers: list[str], take: Callable[[str, torch.Tensor], None]) -> None:
         """Run the given steps in FP (stage "FP replay"), handing each named linear's input [rows,

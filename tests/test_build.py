@@ -304,17 +304,25 @@ def test_verify_a_subset_of_models_skips_the_loop_and_refuses_bad_indexes(latte_
 
 
 @pytest.mark.slow
-def test_planning_alpha_candidates_ahead_builds_the_same_files(latte_stats, tmp_path, monkeypatch):
-    # a GPU build plans the next alpha candidate on a thread of its own while one is scored; forced
-    # here on the CPU, the plans, choices and written files are those of planning one at a time
+def test_work_done_ahead_on_a_gpu_builds_the_same_files_on_the_cpu(latte_stats, tmp_path, monkeypatch):
+    # a GPU build plans the next alpha candidate while one is scored, and makes the next range's GPTQ
+    # Gram matrices while a model is written, each on a thread of its own; forced here on the CPU,
+    # the plans, choices and written files are those of doing one thing at a time
     from qexport.exporter import build as build_module
 
     recipe = recipe_of("smoothquant.mode=tsq", "smoothquant.alpha=auto", "granularity.time_ranges=2",
-                       "channel_shift=on")  # fmt: skip
+                       "channel_shift=on", "gptq=on")  # fmt: skip
     alone = build(latte_stats, tmp_path / "alone", BuildConfig(recipe=recipe))
-    searched = build_module.best
+    searched, grams_ahead, started = build_module.best, build_module._grams_ahead, []
     monkeypatch.setattr(build_module, "best", lambda *a, **k: searched(*a, **{**k, "ahead": True}))
+
+    def on_a_gpu(replay, quant, steps, total, device):
+        ahead = grams_ahead(replay, quant, steps, total, "cuda")
+        return None if ahead is None else lambda groups: started.append(steps) or ahead(groups)
+
+    monkeypatch.setattr(build_module, "_grams_ahead", on_a_gpu)
     ahead = build(latte_stats, tmp_path / "ahead", BuildConfig(recipe=recipe))
+    assert started == [ahead.ranges[1].steps]  # the second range's, while the first's model was written
     searches = [[r["search_sqnr_db"] for r in result.manifest["ranges"]] for result in (alone, ahead)]
     assert searches[0] == searches[1]
 

@@ -92,6 +92,53 @@ def test_the_replay_keeps_the_gram_matrices_of_one_range_only():
     assert again is not first and torch.equal(again[layer], first[layer])
 
 
+def test_gram_matrices_made_ahead_are_those_made_when_asked_and_the_transformer_waits_for_them(monkeypatch):
+    """A GPU build starts the next range's XᵀX on a thread of its own while the CPU writes a model:
+    the same sums as made when asked, taken by the next input_grams, and whatever next uses the
+    transformer (run, adapter, denoiser) waits for them; their error reaches that caller."""
+    import threading
+
+    import numpy as np
+    import torch
+    from qexport.exporter.replay import CalibrationReplay
+
+    from qexport.models.registry import load_model
+    from qexport.models.sampler import timesteps
+
+    adapter = load_model("tiny-dit")
+    layers = [name for name, m in adapter.transformer.named_modules() if m.__class__.__name__ == "Linear"][:3]
+    replay = CalibrationReplay(adapter, ["red circle"], timesteps(adapter, 3), cfg=4.0)
+    asked = {k: v.clone() for k, v in replay.input_grams([1, 2], layers).items()}
+    replay.input_grams([0], layers)
+    release, started, threads = threading.Event(), threading.Event(), []
+    made = replay._gram_set
+
+    def held(steps, names):  # the job waits until the main thread has asked for the transformer
+        threads.append(threading.get_ident())
+        started.set()
+        assert release.wait(timeout=30)
+        return made(steps, names)
+
+    monkeypatch.setattr(replay, "_gram_set", held)
+    replay.grams_ahead([1, 2], layers)
+    assert started.wait(timeout=30) and replay._ahead is not None and not replay._grams  # the last set let go
+    threading.Timer(0.2, release.set).start()
+    out = replay.run(0)  # waits for the job (released 0.2 s later), then runs
+    assert replay._ahead is None and np.array_equal(out, replay.references[0])
+    ahead = replay.input_grams([1, 2], layers)  # taken as made, not made again
+    assert threads and threads[0] != threading.get_ident() and len(threads) == 1
+    assert set(ahead) == set(asked) and all(torch.equal(ahead[n], asked[n]) for n in layers)
+
+    def broken(steps, names):
+        raise RuntimeError("out of device memory")
+
+    monkeypatch.setattr(replay, "_gram_set", broken)
+    replay.grams_ahead([0, 1], layers)
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        replay.adapter  # noqa: B018 (the property waits for the job)
+    assert replay._ahead is None
+
+
 @pytest.mark.parametrize(
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif("not __import__('torch').cuda.is_available()"))],
