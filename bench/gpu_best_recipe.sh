@@ -11,6 +11,8 @@
 #   bash bench/gpu_best_recipe.sh OUTDIR memory     # both models, the GPU never shared: cores 0-9, dit-xl-2's best + GPTQ
 #                                                   #   build (GPU), then latte-1's; cores 10-15, their plain builds (CPU
 #                                                   #   only); every build with host memory by function, timeline kept
+#   bash bench/gpu_best_recipe.sh OUTDIR dit        # dit-xl-2 alone: calibrated on the GPU, then its best + GPTQ build (GPU,
+#                                                   #   cores 0-9) with host memory by function, timeline kept
 #   bash bench/gpu_best_recipe.sh OUTDIR profile    # latte-1's best + GPTQ build (GPU, cores 0-9) alone, every thread's
 #                                                   #   Python stacks sampled by py-spy (pip install py-spy; on PATH), 20
 #                                                   #   a second, idle ones too, for PROFILE_SECONDS (default 1500)
@@ -24,7 +26,7 @@
 #   bash bench/gpu_best_recipe.sh OUTDIR speed      # dit-b-2 step latency at 2 and 8 threads, cores 0-7 (CPU only)
 # Each build runs in its own process: its peak host memory is its own.
 set -uo pipefail
-out=$(realpath -m "${1:?outdir}") part=${2:?builds, latte, memory, profile, allocator, census or speed} root=$PWD
+out=$(realpath -m "${1:?outdir}") part=${2:?builds, latte, dit, memory, profile, allocator, census or speed} root=$PWD
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 work=$(mktemp -d)
@@ -77,6 +79,9 @@ case $part in
     { best_memory dit; best_memory latte; } 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/lane1.log" &
     { plain_memory dit; plain_memory latte; } 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/lane2.log" &
     wait ;;
+  dit)
+    calibrate_dit 0-15 2>&1 | stamp > "$out/calibrate.log" || exit 1
+    best_memory dit 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/dit_best.log" ;;
   profile)  # latte-1's best build with every thread's stacks sampled by py-spy (on PATH) for PROFILE_SECONDS
     calibrate_latte 2>&1 | stamp > "$out/calibrate.log" || exit 1
     best_memory latte 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/latte_best.log" &
@@ -103,6 +108,6 @@ case $part in
   speed)
     taskset -c 0-7 python3 "$root/bench/speed.py" --models dit-b-2 --bits 8 --repeats 10 --threads 2,8 \
       --work "$work/s" > "$out/speed.log" 2>&1 ;;
-  *) echo "unknown part $part: builds, latte, memory, profile, allocator, census or speed" >&2; exit 2 ;;
+  *) echo "unknown part $part: builds, latte, dit, memory, profile, allocator, census or speed" >&2; exit 2 ;;
 esac
 grep -h -v "building models\|evaluating" "$out"/*.log | tail -20
