@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import cache
 
@@ -87,36 +87,52 @@ def _multipliers() -> np.ndarray:
     return half * np.uint64(2) + np.uint64(1)
 
 
-def _byte_chunks(a: np.ndarray | torch.Tensor) -> Iterator[np.ndarray]:
-    """An array's bytes as uint8 arrays of 2 MiB (the last one shorter); a tensor's copied to the
-    host one chunk at a time."""
-    step = 8 * _WORDS
-    if isinstance(a, torch.Tensor):
-        if not a.numel():
-            return
-        flat = a.contiguous().reshape(-1).view(torch.uint8)
-        for start in range(0, flat.numel(), step):
-            yield flat[start : start + step].cpu().numpy()
-    else:
-        raw = a.reshape(-1).view(np.uint8)
-        for start in range(0, raw.size, step):
-            yield raw[start : start + step]
-
-
 def _folded(a: np.ndarray | torch.Tensor) -> bytes:
     """An array's bytes folded to 16 bytes per 2 MiB chunk: the chunk as 8-byte words c, the sums
     c·m1 and c·m2 modulo 2^64 over two fixed odd multipliers (numpy's unsigned dot, about 7 times
     blake2b's speed on a weight); a tail under 8 bytes as it is. Chunks that differ in one word
     always fold apart (an odd multiplier is invertible modulo 2^64); two that differ otherwise fold
-    alike only where both sums' differences vanish, which no natural pair of weights meets."""
+    alike only where both sums' differences vanish, which no natural pair of weights meets. A
+    device's tensor is folded there (_folded_tensor): the same bytes, no host copy of it."""
+    if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+        return _folded_tensor(a)
     m, parts, tail = _multipliers(), [], b""
-    for chunk in _byte_chunks(a):
+    raw = (a.detach().contiguous().reshape(-1).view(torch.uint8).numpy() if isinstance(a, torch.Tensor)
+           else a.reshape(-1).view(np.uint8))  # fmt: skip
+    step = 8 * _WORDS
+    for start in range(0, raw.size, step):
+        chunk = raw[start : start + step]
         n = chunk.size - chunk.size % 8  # only the last chunk may end in a tail
         words = chunk[:n].view(np.uint64)
         if words.size:
             parts.append(np.array([np.dot(words, m[0, : words.size]), np.dot(words, m[1, : words.size])]).tobytes())
         tail = chunk[n:].tobytes()
     return b"".join(parts) + tail
+
+
+FOLD_CHUNKS = 16  # chunks (2 MiB each) a device tensor's fold multiplies at once: 32 MiB int64 products
+
+
+def _folded_tensor(t: torch.Tensor) -> bytes:
+    """_folded of a tensor's bytes, computed on its device (a GPU build's parked weights and H are
+    keyed without reading them back): the words as int64, whose products and sums wrap modulo 2^64
+    exactly as uint64 ones do, so the 16 bytes per chunk are numpy's; only they and the tail come back."""
+    if not t.numel():
+        return b""
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    whole = flat.numel() // 8
+    words = flat[: whole * 8].view(torch.int64)
+    m = torch.from_numpy(_multipliers().view(np.int64)).to(t.device)
+    sums = []
+    for start in range(0, whole, FOLD_CHUNKS * _WORDS):
+        part = words[start : start + FOLD_CHUNKS * _WORDS]
+        count = -(-part.numel() // _WORDS)
+        padded = torch.zeros(count * _WORDS, dtype=torch.int64, device=t.device)  # zero words add nothing
+        padded[: part.numel()] = part
+        rows = padded.view(count, _WORDS)
+        sums.append(torch.stack([(rows * m[0]).sum(dim=1), (rows * m[1]).sum(dim=1)], dim=1))
+    folded = torch.cat(sums).cpu().numpy().view(np.uint64) if sums else np.zeros((0, 2), np.uint64)
+    return folded.tobytes() + flat[whole * 8 :].cpu().numpy().tobytes()
 
 
 def digest(*parts: np.ndarray | torch.Tensor | str) -> bytes:

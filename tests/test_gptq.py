@@ -485,3 +485,27 @@ def test_digest_keys_dtype_shape_and_every_byte():
     assert _folded(torch.zeros(0)) == _folded(np.zeros(0)) == b""
     odd = np.frombuffer(rng.bytes(13), dtype=np.uint8)
     assert digest(odd) != digest(np.concatenate([odd[:-1], odd[-1:] ^ np.uint8(1)]))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])  # fmt: skip
+def test_a_tensor_folds_on_its_device_to_the_bytes_numpy_folds(monkeypatch, device):
+    """A GPU build keys its parked weights and H where they are: int64 products and sums there wrap
+    as numpy's uint64 ones do, in any batch of chunks, with a tail, from a strided view."""
+    from qexport.passes import gptq
+    from qexport.passes.gptq import _WORDS, _folded
+
+    rng = np.random.default_rng(1)
+    words = rng.integers(0, 2**64, 3 * _WORDS + 5, dtype=np.uint64)  # every bit pattern: the sums wrap
+    odd = rng.standard_normal(2 * _WORDS * 2 + 3).astype(np.float32)  # a 4-byte tail after the words
+    wide = rng.standard_normal((64, 2 * _WORDS // 32))
+    cases = (
+        (words, torch.from_numpy(words)),
+        (odd, torch.from_numpy(odd)),
+        (wide[:, ::2], torch.from_numpy(wide)[:, ::2]),
+    )
+    for chunks in (16, 1):  # several at once, one chunk at a time
+        monkeypatch.setattr(gptq, "FOLD_CHUNKS", chunks)
+        for host, tensor in cases:
+            assert _folded(tensor.to(device)) == _folded(np.ascontiguousarray(host))
+            assert gptq._folded_tensor(tensor) == _folded(np.ascontiguousarray(host))  # its device code, on the CPU
