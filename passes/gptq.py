@@ -113,6 +113,12 @@ def _folded(a: np.ndarray | torch.Tensor) -> bytes:
 FOLD_CHUNKS = 16  # chunks (2 MiB each) a device tensor's fold multiplies at once: 32 MiB int64 products
 
 
+@cache
+def _device_multipliers(device: torch.device) -> torch.Tensor:
+    """_multipliers as int64 on a device, sent there once."""
+    return torch.from_numpy(_multipliers().view(np.int64)).to(device)
+
+
 def _folded_tensor(t: torch.Tensor) -> bytes:
     """_folded of a tensor's bytes, computed on its device (a GPU build's parked weights and H are
     keyed without reading them back): the words as int64, whose products and sums wrap modulo 2^64
@@ -122,7 +128,7 @@ def _folded_tensor(t: torch.Tensor) -> bytes:
     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
     whole = flat.numel() // 8
     words = flat[: whole * 8].view(torch.int64)
-    m = torch.from_numpy(_multipliers().view(np.int64)).to(t.device)
+    m = _device_multipliers(t.device)
     sums = []
     for start in range(0, whole, FOLD_CHUNKS * _WORDS):
         part = words[start : start + FOLD_CHUNKS * _WORDS]
