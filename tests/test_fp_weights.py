@@ -26,10 +26,16 @@ def _constants(model: nn.Module) -> dict[str, gs.Constant]:
     return {"w0": gs.Constant("w0", first), "w1": gs.Constant("w1", second)}
 
 
-def test_release_reads_the_device_copy_and_restore_makes_the_host_weights_again() -> None:
+GPU = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.mark.parametrize("where", ["cpu", GPU])
+def test_release_reads_the_device_copy_and_restore_makes_the_host_weights_again(where: str) -> None:
     host = _model()
     expected = {name: p.detach().clone() for name, p in host.named_parameters()}
-    device = device_copy(host, torch.device("cpu"))  # the replay's own transformer
+    device = device_copy(
+        host, torch.device(where)
+    )  # the replay's own transformer (a GPU's: read on a stream of its own)
     constants, names = _constants(host), {"0": "w0", "1": "w1"}
     before = {layer: np.array(constants[name].values) for layer, name in names.items()}
     view = weakref.ref(constants["w0"].values)

@@ -92,7 +92,9 @@ def test_the_replay_keeps_the_gram_matrices_of_one_range_only():
     assert again is not first and torch.equal(again[layer], first[layer])
 
 
-def test_gram_matrices_made_ahead_are_those_made_when_asked_and_the_transformer_waits_for_them(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a GPU"))])  # fmt: skip
+def test_gram_matrices_made_ahead_are_those_made_when_asked_and_the_transformer_waits_for_them(monkeypatch, device):
     """A GPU build starts the next range's XᵀX on a thread of its own while the CPU writes a model:
     the same sums as made when asked, taken by the next input_grams, and whatever next uses the
     transformer (run, adapter, denoiser) waits for them; their error reaches that caller."""
@@ -107,7 +109,7 @@ def test_gram_matrices_made_ahead_are_those_made_when_asked_and_the_transformer_
 
     adapter = load_model("tiny-dit")
     layers = [name for name, m in adapter.transformer.named_modules() if m.__class__.__name__ == "Linear"][:3]
-    replay = CalibrationReplay(adapter, ["red circle"], timesteps(adapter, 3), cfg=4.0)
+    replay = CalibrationReplay(adapter, ["red circle"], timesteps(adapter, 3), 4.0, device)  # a GPU's: their own stream
     asked = {k: v.clone() for k, v in replay.input_grams([1, 2], layers).items()}
     replay.input_grams([0], layers)
     release, started, threads = threading.Event(), threading.Event(), []
