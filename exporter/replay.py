@@ -168,7 +168,8 @@ class CalibrationReplay:
             return
         key, future = self._ahead
         self._ahead = None
-        grams = future.result()
+        with stage("FP replay"):  # the wait for what the device has not finished
+            grams = future.result()
         self._grams.clear()
         self._grams[key] = grams
 
