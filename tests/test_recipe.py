@@ -19,6 +19,7 @@ PRESETS = {
     "w4a8-tsq-tsw-gptq",
     "w4a8",
     "w4a6",
+    "w3a8",
     "w8a16",
     "qnn-w8a16",
     "qnn-w4a16",
