@@ -85,8 +85,8 @@ case $part in
   profile)  # latte-1's best build with every thread's stacks sampled by py-spy (on PATH) for PROFILE_SECONDS
     calibrate_latte 2>&1 | stamp > "$out/calibrate.log" || exit 1
     best_memory latte 2>&1 | grep --line-buffered -v "building models" | stamp > "$out/latte_best.log" &
-    sleep 3
-    py-spy record --pid "$(pgrep -n -f "build_memory.py --stats latte.qstats")" --threads --idle --rate 20 \
+    until pid=$(pgrep -n -f "build_memory.py --stats latte.qstats"); do sleep 1; done  # the build's process
+    py-spy record --pid "$pid" --threads --idle --rate 20 \
       --format raw -o "$out/latte_best_profile.txt" --duration "${PROFILE_SECONDS:-1500}" > "$out/py-spy.log" 2>&1
     wait ;;
   allocator)

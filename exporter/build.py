@@ -799,7 +799,7 @@ def _build_range(
         rounding = Rounding.NEAREST if gptq(quant) and quant.alpha_scoring == "nearest" else quant.weight_rounding
         # on a GPU the next candidate is planned on the CPU while the device scores one; not where a plan
         # replays attention ranges (the scoring holds the transformer), nor on the CPU (its cores score)
-        planned_ahead = replay.device.type != "cpu" and not sites
+        planned_ahead = overlapped(str(replay.device)) and not sites
         with stage("alpha search"):
             # a candidate rounded otherwise is planned again: the search holds no plan beside the one it scores
             alpha, found, scores["alpha"] = best(replay, ALPHAS, lambda a: with_kv(make(a, shrink, rounding), kv),

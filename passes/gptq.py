@@ -132,10 +132,9 @@ def _folded_tensor(t: torch.Tensor) -> bytes:
     sums = []
     for start in range(0, whole, FOLD_CHUNKS * _WORDS):
         part = words[start : start + FOLD_CHUNKS * _WORDS]
-        count = -(-part.numel() // _WORDS)
-        padded = torch.zeros(count * _WORDS, dtype=torch.int64, device=t.device)  # zero words add nothing
-        padded[: part.numel()] = part
-        rows = padded.view(count, _WORDS)
+        if part.numel() % _WORDS:  # the last chunk, padded with zero words (which add nothing)
+            part = torch.nn.functional.pad(part, (0, _WORDS - part.numel() % _WORDS))
+        rows = part.view(-1, _WORDS)
         sums.append(torch.stack([(rows * m[0]).sum(dim=1), (rows * m[1]).sum(dim=1)], dim=1))
     folded = torch.cat(sums).cpu().numpy().view(np.uint64) if sums else np.zeros((0, 2), np.uint64)
     return folded.tobytes() + flat[whole * 8 :].cpu().numpy().tobytes()
